@@ -1,0 +1,227 @@
+//! Command-line definitions (clap derive): one struct per subcommand, the
+//! shared scan options flattened into each. No behaviour lives here.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "backfill",
+    version,
+    about = "Find unprocessed, missing and conflicting events in a Parquet archive; replay or dead-letter them.",
+    long_about = None,
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Detect, decide, write replays / DLQ / gaps, and commit the run.
+    Run(RunArgs),
+    /// Print the gap report alone.
+    Gaps(GapsArgs),
+    /// Ad-hoc SQL over the archive (`events`, `unprocessed`, `gaps`, `conflicts`).
+    Sql(SqlArgs),
+    /// Print the physical plans of the detection.
+    Explain(ExplainArgs),
+    /// Write a synthetic archive with injected gaps, failures, duplicates and conflicts.
+    Generate(GenerateArgs),
+    /// Inspect or clean the state (ledger and manifests).
+    State(StateArgs),
+}
+
+/// Output formats for tabular results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+    Ndjson,
+}
+
+/// Whether to draw progress on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Progress {
+    /// Only when stderr is a terminal.
+    Auto,
+    On,
+    Off,
+}
+
+/// Options of every command that reads the archive.
+#[derive(Debug, Clone, Args, Default)]
+pub struct ScanArgs {
+    /// TOML job file; flags override its settings.
+    #[arg(long, value_name = "FILE")]
+    pub job: Option<PathBuf>,
+    /// The archive (path, file://, s3://, gs://, az://, kafka://HOST:PORT/TOPIC); repeat for a union.
+    #[arg(long, value_name = "LOC")]
+    pub source: Vec<String>,
+    /// Window start on event_time, RFC 3339, inclusive.
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    pub from: Option<String>,
+    /// Window end on event_time, RFC 3339, exclusive.
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    pub to: Option<String>,
+    /// Remap an input-contract column: NAME=SOURCE_COLUMN (repeatable).
+    #[arg(long, value_name = "NAME=SOURCE_COLUMN")]
+    pub column: Vec<String>,
+    /// A status value that means done (repeatable; default: processed).
+    #[arg(long, value_name = "STATUS")]
+    pub done_status: Vec<String>,
+    /// Do not detect sequence gaps (key and seq become optional).
+    #[arg(long)]
+    pub no_gaps: bool,
+    /// Do not detect (key, seq) conflicts.
+    #[arg(long)]
+    pub no_conflicts: bool,
+    /// Memory for the query engine before it spills to disk (e.g. 4G).
+    #[arg(long, value_name = "SIZE")]
+    pub memory_limit: Option<String>,
+    /// Progress on stderr.
+    #[arg(long, value_enum, default_value_t = Progress::Auto)]
+    pub progress: Progress,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress::Auto
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub scan: ScanArgs,
+    /// Output root: DIR/replay, DIR/dlq, DIR/gaps, DIR/_state.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<String>,
+    /// Ledger and manifests (default OUT/_state).
+    #[arg(long, value_name = "LOC")]
+    pub state: Option<String>,
+    /// Where replays go: a folder, kafka://HOST:PORT/TOPIC, or - for stdout.
+    #[arg(long, value_name = "LOC")]
+    pub replay_sink: Option<String>,
+    /// Where dead letters go.
+    #[arg(long, value_name = "LOC")]
+    pub dlq_sink: Option<String>,
+    /// Where gap records go.
+    #[arg(long, value_name = "LOC")]
+    pub gaps_sink: Option<String>,
+    /// Retries before the dead-letter queue (default 3).
+    #[arg(long, value_name = "N")]
+    pub max_attempts: Option<i64>,
+    /// Errors matching this regex go to the DLQ at once (repeatable).
+    #[arg(long, value_name = "REGEX")]
+    pub permanent_error: Vec<String>,
+    /// Name of this run (default: run-<UTC time>); a committed id is never run twice.
+    #[arg(long, value_name = "ID")]
+    pub run_id: Option<String>,
+    /// Also write the report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<String>,
+    /// Decide and report; write and commit nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Exit 3 when this run dead-lettered anything.
+    #[arg(long)]
+    pub fail_on_dlq: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GapsArgs {
+    #[command(flatten)]
+    pub scan: ScanArgs,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SqlArgs {
+    #[command(flatten)]
+    pub scan: ScanArgs,
+    /// The query (or use -f).
+    #[arg(value_name = "QUERY", conflicts_with = "file")]
+    pub query: Option<String>,
+    /// Read the query (or several, separated by ';') from a file.
+    #[arg(short = 'f', long = "file", value_name = "FILE.sql")]
+    pub file: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub scan: ScanArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// Where to write the archive (path or object-store URL).
+    #[arg(long, value_name = "DIR")]
+    pub out: String,
+    /// Events to generate.
+    #[arg(long, default_value_t = 100_000)]
+    pub events: u64,
+    /// Distinct keys (sequences are per key).
+    #[arg(long, default_value_t = 100)]
+    pub keys: u64,
+    /// Seed: the same seed gives the same archive.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Days spanned, one dt=YYYY-MM-DD folder each.
+    #[arg(long, default_value_t = 3)]
+    pub days: u32,
+    /// First day (YYYY-MM-DD).
+    #[arg(long, default_value = "2024-01-01")]
+    pub start: String,
+    /// Files per day folder.
+    #[arg(long, default_value_t = 2)]
+    pub files_per_day: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    #[command(subcommand)]
+    pub command: StateCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum StateCommand {
+    /// List committed runs.
+    Runs(StateLocArgs),
+    /// Remove what uncommitted runs left behind.
+    Gc(GcArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StateLocArgs {
+    /// Job file (for `state`, `out`, `[sinks]`, `[storage]`).
+    #[arg(long, value_name = "FILE")]
+    pub job: Option<PathBuf>,
+    /// State location (default OUT/_state).
+    #[arg(long, value_name = "LOC")]
+    pub state: Option<String>,
+    /// Output root, to find the sinks' folders.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub loc: StateLocArgs,
+    /// Extra sink folders to clean (repeatable).
+    #[arg(long, value_name = "LOC")]
+    pub sink: Vec<String>,
+    /// Only remove leftovers older than this many minutes (protects running jobs).
+    #[arg(long, default_value_t = 60)]
+    pub min_age_minutes: u64,
+    /// List what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}

@@ -1,0 +1,182 @@
+//! Detection as DataFusion plans. The SQL lives in `sql/*.sql` (compiled
+//! into the binary with `include_str!`, tested on its own with
+//! sqllogictest); this module registers those views over `events` and builds
+//! the two queries a run executes: the candidates for the policy (with the
+//! output projection back to source names and types) and the gap report.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema};
+use datafusion::dataframe::DataFrame;
+use datafusion::logical_expr::{Expr, cast, col};
+use datafusion::prelude::SessionContext;
+
+use crate::job::Scan;
+use crate::source::{Archive, quoted};
+
+pub const UNPROCESSED_SQL: &str = include_str!("../../sql/unprocessed.sql");
+pub const CONFLICTS_SQL: &str = include_str!("../../sql/conflicts.sql");
+pub const GAPS_SQL: &str = include_str!("../../sql/gaps.sql");
+pub const LEDGER_SQL: &str = include_str!("../../sql/ledger.sql");
+pub const CANDIDATES_SQL: &str = include_str!("../../sql/candidates.sql");
+
+/// Internal columns the candidates query adds for the policy; stripped
+/// before anything is written.
+pub mod internal {
+    pub const EVENT_ID: &str = "__bf_event_id";
+    pub const ERROR: &str = "__bf_error";
+    pub const ARCHIVED_ATTEMPTS: &str = "__bf_archived_attempts";
+    pub const IN_CONFLICT: &str = "__bf_in_conflict";
+    pub const LEDGER_REPLAYS: &str = "__bf_ledger_replays";
+    pub const LEDGER_DEAD: &str = "__bf_ledger_dead";
+    pub const PREFIX: &str = "__bf_";
+}
+
+/// The schema of ledger entries (one row per event a committed run
+/// replayed or dead-lettered).
+pub fn ledger_entries_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new("event_id", DataType::Utf8, false),
+        Field::new("outcome", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("attempt", DataType::Int32, false),
+    ]))
+}
+
+/// Register `unprocessed`, `conflicts`, `gaps`, `ledger` and `candidates`
+/// over `events`. With detection switched off, `conflicts`/`gaps` are empty
+/// views of the same shape, so every query still plans. An empty
+/// `ledger_entries` is registered unless the caller already did.
+pub async fn register_views(ctx: &SessionContext, scan: &Scan) -> datafusion::error::Result<()> {
+    if !ctx.table_exist("ledger_entries")? {
+        let empty =
+            datafusion::datasource::MemTable::try_new(ledger_entries_schema(), vec![vec![]])?;
+        ctx.register_table("ledger_entries", Arc::new(empty))?;
+    }
+    exec(ctx, LEDGER_SQL).await?;
+    exec(ctx, UNPROCESSED_SQL).await?;
+    if scan.detect_conflicts {
+        exec(ctx, CONFLICTS_SQL).await?;
+    } else {
+        exec(ctx, &format!("{} ", empty_view(CONFLICTS_SQL))).await?;
+    }
+    if scan.detect_gaps {
+        exec(ctx, GAPS_SQL).await?;
+    } else {
+        exec(ctx, &empty_view(GAPS_SQL)).await?;
+    }
+    exec(ctx, CANDIDATES_SQL).await?;
+    Ok(())
+}
+
+/// The same view with no rows: `... WHERE false` wrapped around it keeps
+/// the column names and types without scanning (the optimizer removes it).
+fn empty_view(sql: &str) -> String {
+    let body = sql
+        .split_once(" AS\n")
+        .map(|(head, body)| (head.rsplit_once("VIEW ").map(|h| h.1).unwrap_or(""), body))
+        .map(|(name, body)| {
+            format!(
+                "CREATE OR REPLACE VIEW {} AS SELECT * FROM ({}) WHERE false",
+                name.trim(),
+                body.trim().trim_end_matches(';')
+            )
+        });
+    body.unwrap_or_default()
+}
+
+async fn exec(ctx: &SessionContext, sql: &str) -> datafusion::error::Result<()> {
+    ctx.sql(sql).await?.collect().await?;
+    Ok(())
+}
+
+/// The candidates in output shape: every source column under its source
+/// name and type, then the internal columns, ordered by key, seq, event_id
+/// (the order replays must reach Kafka in).
+pub async fn candidates(
+    ctx: &SessionContext,
+    scan: &Scan,
+    archive: &Archive,
+) -> datafusion::error::Result<DataFrame> {
+    let df = ctx.table("candidates").await?;
+    let mut exprs = output_projection(scan, archive);
+    exprs.extend([
+        col("event_id").alias(internal::EVENT_ID),
+        col("error").alias(internal::ERROR),
+        col("archived_attempts").alias(internal::ARCHIVED_ATTEMPTS),
+        col("backfill_in_conflict").alias(internal::IN_CONFLICT),
+        col("backfill_ledger_replays").alias(internal::LEDGER_REPLAYS),
+        col("backfill_ledger_dead").alias(internal::LEDGER_DEAD),
+    ]);
+    // Sort on the canonical columns before projecting them away.
+    let df = df.sort(vec![
+        col("key").sort(true, true),
+        col("seq").sort(true, true),
+        col("event_id").sort(true, true),
+    ])?;
+    df.select(exprs)
+}
+
+/// Columns of `events`/`candidates` back to the archive's names and types.
+fn output_projection(scan: &Scan, archive: &Archive) -> Vec<Expr> {
+    let pairs = scan.columns.pairs();
+    let canonical_names: Vec<&str> = crate::job::Columns::default()
+        .pairs()
+        .iter()
+        .map(|(k, _)| *k)
+        .collect::<Vec<_>>();
+    archive
+        .schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let name = f.name().as_str();
+            let view_name = match pairs.iter().find(|(_, s)| *s == name) {
+                Some((canonical, _)) => canonical.to_string(),
+                None if canonical_names.contains(&name) => format!("source_{name}"),
+                None => name.to_string(),
+            };
+            cast(col(quoted(&view_name)), f.data_type().clone()).alias(name)
+        })
+        .collect()
+}
+
+/// The gap report, ordered by key and first missing seq.
+pub async fn gaps(ctx: &SessionContext) -> datafusion::error::Result<DataFrame> {
+    ctx.sql("SELECT * FROM gaps ORDER BY key, first_missing_seq")
+        .await
+}
+
+/// Physical plans of the detection, as text.
+pub async fn explain(
+    ctx: &SessionContext,
+    scan: &Scan,
+    archive: &Archive,
+) -> datafusion::error::Result<String> {
+    use datafusion::physical_plan::displayable;
+    let mut out = String::new();
+    let plans = [
+        ("candidates (unprocessed + conflicts + ledger)", candidates(ctx, scan, archive).await?),
+        ("gaps", gaps(ctx).await?),
+    ];
+    for (name, df) in plans {
+        let plan = df.create_physical_plan().await?;
+        out.push_str(&format!("== {name} ==\n"));
+        out.push_str(&displayable(plan.as_ref()).indent(true).to_string());
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_view_keeps_the_name() {
+        let s = empty_view(GAPS_SQL);
+        assert!(s.starts_with("CREATE OR REPLACE VIEW gaps AS SELECT * FROM ("), "{s}");
+        assert!(s.ends_with("WHERE false"));
+    }
+}

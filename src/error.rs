@@ -1,0 +1,81 @@
+//! The crate's top-level error: every module's error, and the one mapping
+//! from error to exit code (used by `main` alone). Messages are single
+//! lines naming the thing at fault; `Display` never includes a secret.
+
+use crate::job::JobError;
+use crate::location::LocationError;
+use crate::policy::PolicyError;
+use crate::sink::SinkError;
+use crate::source::SourceError;
+use crate::state::StateError;
+
+/// Exit codes, as documented in the README.
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_RUNTIME: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_DLQ: u8 = 3;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error(transparent)]
+    Job(#[from] JobError),
+    #[error(transparent)]
+    Location(#[from] LocationError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Generate(#[from] crate::generate::GenerateError),
+    #[error("{}", datafusion_line(.0))]
+    DataFusion(#[from] datafusion::error::DataFusionError),
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    #[error("{what}: {message}")]
+    Io { what: String, message: String },
+    #[error("{0}")]
+    Usage(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Job(_) | Error::Location(_) | Error::Usage(_) => EXIT_USAGE,
+            Error::Source(e) if e.is_config() => EXIT_USAGE,
+            Error::Sink(e) if e.is_config() => EXIT_USAGE,
+            Error::Generate(crate::generate::GenerateError::Invalid { .. }) => EXIT_USAGE,
+            Error::DataFusion(e) if is_plan_error(e) => EXIT_USAGE,
+            _ => EXIT_RUNTIME,
+        }
+    }
+}
+
+/// SQL typed by the user that does not parse or plan is a usage error.
+fn is_plan_error(e: &datafusion::error::DataFusionError) -> bool {
+    use datafusion::error::DataFusionError as D;
+    match e {
+        D::SQL(..) | D::Plan(_) | D::SchemaError(..) => true,
+        D::Context(_, inner) => is_plan_error(inner),
+        D::Diagnostic(_, inner) => is_plan_error(inner),
+        _ => false,
+    }
+}
+
+/// DataFusion errors can span lines and repeat their wrappers; keep one line.
+fn datafusion_line(e: &datafusion::error::DataFusionError) -> String {
+    let s = e.to_string();
+    let s = s.replace('\n', " ");
+    let s = s.trim().to_string();
+    if s.starts_with("Error during planning") || s.starts_with("SQL error") {
+        format!("query: {s}")
+    } else {
+        format!("query engine: {s}")
+    }
+}

@@ -1,0 +1,682 @@
+//! Job settings: the TOML job file, `${ENV}` interpolation, flag overrides
+//! and validation, layered in that order. The result ([`Scan`], [`RunSettings`])
+//! is fully validated: nothing downstream re-checks user input, and every
+//! error here names the key, flag or value at fault and says how to fix it.
+
+use std::collections::BTreeMap;
+use std::path::Path as FsPath;
+
+use chrono::{DateTime, Utc};
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+use crate::cli::{RunArgs, ScanArgs};
+use crate::kafka::KafkaSettings;
+use crate::location::StorageSettings;
+
+/// Errors in settings: all are usage/configuration errors (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JobError {
+    #[error("job file {file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("job file {file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("job file {file}: key `{key}`: environment variable ${{{var}}} is not set")]
+    UnsetVariable {
+        file: String,
+        key: String,
+        var: String,
+    },
+    #[error("{what}: {message}")]
+    Invalid { what: String, message: String },
+}
+
+fn invalid(what: impl Into<String>, message: impl Into<String>) -> JobError {
+    JobError::Invalid {
+        what: what.into(),
+        message: message.into(),
+    }
+}
+
+/// The job file, as written. Every field is optional: flags may supply it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFile {
+    /// The archive: a location (path, file://, s3://, gs://, az://,
+    /// kafka://HOST:PORT/TOPIC) or a list of them, read as one union.
+    pub source: Option<OneOrMany>,
+    /// Output root: replay/, dlq/, gaps/ and _state/ go below it.
+    pub out: Option<String>,
+    /// Where the ledger and run manifests live (default `<out>/_state`).
+    pub state: Option<String>,
+    /// Window start, RFC 3339, inclusive.
+    pub from: Option<String>,
+    /// Window end, RFC 3339, exclusive.
+    pub to: Option<String>,
+    /// The run id (default generated from the time).
+    pub run_id: Option<String>,
+    /// Write the JSON report to this local file.
+    pub report: Option<String>,
+    /// Retries before an event goes to the DLQ (default 3).
+    pub max_attempts: Option<i64>,
+    /// Regexes (Rust syntax) of errors that go to the DLQ at once.
+    pub permanent_errors: Option<Vec<String>>,
+    /// Status values that mean done (default ["processed"]).
+    pub done_statuses: Option<Vec<String>>,
+    /// Detect per-key sequence gaps (default true; needs key and seq).
+    pub detect_gaps: Option<bool>,
+    /// Detect (key, seq) conflicts (default true; needs key and seq).
+    pub detect_conflicts: Option<bool>,
+    /// Exit 3 when the run dead-lettered anything.
+    pub fail_on_dlq: Option<bool>,
+    /// Memory pool for the query engine, e.g. "4G", "512M".
+    pub memory_limit: Option<String>,
+    /// Source column names for the input contract's columns.
+    pub columns: Option<ColumnNames>,
+    /// Sink locations overriding `<out>/replay`, `<out>/dlq`, `<out>/gaps`.
+    pub sinks: Option<SinkTargets>,
+    /// Hive partition folders to prune by the window, outermost first.
+    pub partitions: Option<Vec<PartitionSpec>>,
+    /// Object-store settings (endpoint, credentials, retries).
+    pub storage: Option<StorageSettings>,
+    /// Kafka settings for kafka:// sinks and sources.
+    pub kafka: Option<KafkaSettings>,
+}
+
+/// A string or a list of strings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// `[columns]`: the source's name for each input-contract column.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnNames {
+    pub event_id: Option<String>,
+    pub key: Option<String>,
+    pub seq: Option<String>,
+    pub event_time: Option<String>,
+    pub status: Option<String>,
+    pub attempts: Option<String>,
+    pub error: Option<String>,
+    pub payload: Option<String>,
+}
+
+/// `[sinks]`: where each output goes.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkTargets {
+    pub replay: Option<String>,
+    pub dlq: Option<String>,
+    pub gaps: Option<String>,
+}
+
+/// `[[partitions]]`: one hive folder level, e.g. `name = "dt"`,
+/// `format = "%Y-%m-%d"`; with `hour` as `%H` below it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionSpec {
+    /// The folder's key: `dt` in `dt=2024-01-31/`.
+    pub name: String,
+    /// chrono format of the value: `%Y-%m-%d`, `%H`, `%Y-%m-%dT%H`, ...
+    pub format: String,
+}
+
+/// The input-contract columns, mapped to source column names.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Columns {
+    pub event_id: String,
+    pub key: String,
+    pub seq: String,
+    pub event_time: String,
+    pub status: String,
+    pub attempts: String,
+    pub error: String,
+    pub payload: String,
+}
+
+impl Default for Columns {
+    fn default() -> Self {
+        Columns {
+            event_id: "event_id".into(),
+            key: "key".into(),
+            seq: "seq".into(),
+            event_time: "event_time".into(),
+            status: "status".into(),
+            attempts: "attempts".into(),
+            error: "error".into(),
+            payload: "payload".into(),
+        }
+    }
+}
+
+impl Columns {
+    /// (canonical name, source name) pairs.
+    pub fn pairs(&self) -> [(&'static str, &str); 8] {
+        [
+            ("event_id", &self.event_id),
+            ("key", &self.key),
+            ("seq", &self.seq),
+            ("event_time", &self.event_time),
+            ("status", &self.status),
+            ("attempts", &self.attempts),
+            ("error", &self.error),
+            ("payload", &self.payload),
+        ]
+    }
+
+    fn set(&mut self, canonical: &str, source: String) -> bool {
+        let slot = match canonical {
+            "event_id" => &mut self.event_id,
+            "key" => &mut self.key,
+            "seq" => &mut self.seq,
+            "event_time" => &mut self.event_time,
+            "status" => &mut self.status,
+            "attempts" => &mut self.attempts,
+            "error" => &mut self.error,
+            "payload" => &mut self.payload,
+            _ => return false,
+        };
+        *slot = source;
+        true
+    }
+}
+
+/// Validated settings for reading and detecting (every subcommand but generate).
+#[derive(Debug, Clone)]
+pub struct Scan {
+    pub sources: Vec<String>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    pub columns: Columns,
+    pub done_statuses: Vec<String>,
+    pub detect_gaps: bool,
+    pub detect_conflicts: bool,
+    pub memory_limit: usize,
+    pub partitions: Vec<PartitionSpec>,
+    pub storage: StorageSettings,
+    pub kafka: Option<KafkaSettings>,
+}
+
+/// Validated settings of `backfill run`.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    pub scan: Scan,
+    pub out: Option<String>,
+    pub state: String,
+    pub replay_sink: Option<String>,
+    pub dlq_sink: Option<String>,
+    pub gaps_sink: Option<String>,
+    pub max_attempts: i64,
+    pub permanent_errors: Vec<String>,
+    pub run_id: String,
+    pub report: Option<String>,
+    pub dry_run: bool,
+    pub fail_on_dlq: bool,
+}
+
+/// Read, interpolate and parse a job file.
+pub fn load_job_file(path: &FsPath) -> Result<JobFile, JobError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| JobError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    parse_job_text(&file, &text, &|v| std::env::var(v).ok())
+}
+
+/// Parse job-file text; `env` looks variables up (a parameter for tests).
+pub fn parse_job_text(
+    file: &str,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<JobFile, JobError> {
+    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| JobError::Parse {
+        file: file.to_string(),
+        message: one_line_toml_error(text, &e),
+    })?;
+    for (k, v) in table.iter_mut() {
+        interpolate(file, k, v, env)?;
+    }
+    JobFile::deserialize(toml::Value::Table(table)).map_err(|e| JobError::Parse {
+        file: file.to_string(),
+        message: e.message().replace('\n', " "),
+    })
+}
+
+fn one_line_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {msg}")
+        }
+        None => msg,
+    }
+}
+
+/// Replace `${VAR}` in every string value; `$${` stays a literal `${`.
+fn interpolate(
+    file: &str,
+    key: &str,
+    v: &mut toml::Value,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), JobError> {
+    match v {
+        toml::Value::String(s) => {
+            *s = interpolate_str(s, &|var| {
+                env(var).ok_or_else(|| JobError::UnsetVariable {
+                    file: file.to_string(),
+                    key: key.to_string(),
+                    var: var.to_string(),
+                })
+            })?;
+        }
+        toml::Value::Array(a) => {
+            for (i, x) in a.iter_mut().enumerate() {
+                interpolate(file, &format!("{key}[{i}]"), x, env)?;
+            }
+        }
+        toml::Value::Table(t) => {
+            for (k, x) in t.iter_mut() {
+                interpolate(file, &format!("{key}.{k}"), x, env)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn interpolate_str(
+    s: &str,
+    lookup: &dyn Fn(&str) -> Result<String, JobError>,
+) -> Result<String, JobError> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if tail.starts_with("$${") {
+            out.push_str("${");
+            rest = &tail[3..];
+        } else if let Some(body) = tail.strip_prefix("${") {
+            match body.find('}') {
+                Some(end) => {
+                    out.push_str(&lookup(&body[..end])?);
+                    rest = &body[end + 1..];
+                }
+                None => {
+                    out.push_str(tail);
+                    rest = "";
+                }
+            }
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Parse an RFC 3339 timestamp (a date alone means its midnight UTC).
+pub fn parse_time(what: &str, s: &str) -> Result<DateTime<Utc>, JobError> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).map(|t| t.and_utc()).unwrap_or_default());
+    }
+    Err(invalid(
+        what,
+        format!("'{s}' is not an RFC 3339 timestamp (e.g. 2024-01-31T00:00:00Z)"),
+    ))
+}
+
+/// Parse "4G", "512M", "1073741824".
+pub fn parse_size(what: &str, s: &str) -> Result<usize, JobError> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = t[i..].to_ascii_uppercase();
+            let m: usize = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(invalid(what, format!("'{s}': unknown unit (use K, M, G)"))),
+            };
+            (&t[..i], m)
+        }
+        None => (t, 1),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| invalid(what, format!("'{s}' is not a size (e.g. 4G, 512M)")))?;
+    if n <= 0.0 {
+        return Err(invalid(what, format!("'{s}' must be positive")));
+    }
+    Ok((n * mult as f64) as usize)
+}
+
+/// A run id names folders and objects: keep it to a safe alphabet.
+pub fn validate_run_id(id: &str) -> Result<(), JobError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "--run-id",
+            format!(
+                "'{id}' is not a valid run id: use letters, digits, '.', '_' and '-', starting with a letter or digit, at most 128 characters"
+            ),
+        ))
+    }
+}
+
+/// The default run id: the start time, to the second, UTC.
+pub fn default_run_id(now: DateTime<Utc>) -> String {
+    format!("run-{}", now.format("%Y%m%dT%H%M%SZ"))
+}
+
+fn job_of(args: &ScanArgs) -> Result<JobFile, JobError> {
+    match &args.job {
+        Some(p) => load_job_file(p),
+        None => Ok(JobFile::default()),
+    }
+}
+
+/// Layer flags over the job file into validated scan settings.
+pub fn scan_settings(args: &ScanArgs) -> Result<(Scan, JobFile), JobError> {
+    let job = job_of(args)?;
+    let scan = build_scan(args, &job)?;
+    Ok((scan, job))
+}
+
+fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
+    let sources = if !args.source.is_empty() {
+        args.source.clone()
+    } else {
+        job.source.clone().map(OneOrMany::into_vec).unwrap_or_default()
+    };
+    if sources.is_empty() {
+        return Err(invalid(
+            "--source",
+            "no source given: pass --source LOCATION or set `source` in the job file",
+        ));
+    }
+    let from = match args.from.as_deref().or(job.from.as_deref()) {
+        Some(s) => Some(parse_time("--from", s)?),
+        None => None,
+    };
+    let to = match args.to.as_deref().or(job.to.as_deref()) {
+        Some(s) => Some(parse_time("--to", s)?),
+        None => None,
+    };
+    if let (Some(f), Some(t)) = (from, to)
+        && f >= t
+    {
+        return Err(invalid(
+            "--from/--to",
+            format!("the window is empty: --from {f} is not before --to {t}"),
+        ));
+    }
+    let mut columns = Columns::default();
+    if let Some(c) = &job.columns {
+        for (canonical, v) in [
+            ("event_id", &c.event_id),
+            ("key", &c.key),
+            ("seq", &c.seq),
+            ("event_time", &c.event_time),
+            ("status", &c.status),
+            ("attempts", &c.attempts),
+            ("error", &c.error),
+            ("payload", &c.payload),
+        ] {
+            if let Some(v) = v {
+                columns.set(canonical, v.clone());
+            }
+        }
+    }
+    for m in &args.column {
+        let (canonical, source) = m.split_once('=').ok_or_else(|| {
+            invalid(
+                "--column",
+                format!("'{m}' is not NAME=SOURCE_COLUMN (e.g. event_id=id)"),
+            )
+        })?;
+        if source.is_empty() || !columns.set(canonical.trim(), source.trim().to_string()) {
+            return Err(invalid(
+                "--column",
+                format!(
+                    "'{m}': NAME must be one of event_id, key, seq, event_time, status, attempts, error, payload, and SOURCE_COLUMN not empty"
+                ),
+            ));
+        }
+    }
+    let mut seen = BTreeMap::new();
+    for (canonical, source) in columns.pairs() {
+        if let Some(other) = seen.insert(source.to_string(), canonical) {
+            return Err(invalid(
+                "columns",
+                format!("source column '{source}' is mapped to both {other} and {canonical}"),
+            ));
+        }
+    }
+    let done_statuses = if !args.done_status.is_empty() {
+        args.done_status.clone()
+    } else {
+        job.done_statuses
+            .clone()
+            .unwrap_or_else(|| vec!["processed".into()])
+    };
+    if done_statuses.is_empty() {
+        return Err(invalid(
+            "done_statuses",
+            "at least one done status is needed",
+        ));
+    }
+    let memory_limit = parse_size(
+        "--memory-limit",
+        args.memory_limit
+            .as_deref()
+            .or(job.memory_limit.as_deref())
+            .unwrap_or("4G"),
+    )?;
+    let partitions = job.partitions.clone().unwrap_or_default();
+    for (i, p) in partitions.iter().enumerate() {
+        if p.name.is_empty() || p.name.contains(['/', '=']) {
+            return Err(invalid(
+                format!("partitions[{i}].name"),
+                format!("'{}' is not a folder key", p.name),
+            ));
+        }
+        crate::source::partition_granularity(&p.format).map_err(|m| {
+            invalid(format!("partitions[{i}].format"), format!("'{}': {m}", p.format))
+        })?;
+    }
+    Ok(Scan {
+        sources,
+        from,
+        to,
+        columns,
+        done_statuses,
+        detect_gaps: !args.no_gaps && job.detect_gaps.unwrap_or(true),
+        detect_conflicts: !args.no_conflicts && job.detect_conflicts.unwrap_or(true),
+        memory_limit,
+        partitions,
+        storage: job.storage.clone().unwrap_or_default(),
+        kafka: job.kafka.clone(),
+    })
+}
+
+/// Layer flags over the job file into validated run settings.
+pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, JobError> {
+    let (scan, job) = scan_settings(&args.scan)?;
+    let sinks = job.sinks.clone().unwrap_or_default();
+    let out = args.out.clone().or(job.out.clone());
+    let replay_sink = args.replay_sink.clone().or(sinks.replay);
+    let dlq_sink = args.dlq_sink.clone().or(sinks.dlq);
+    let gaps_sink = args.gaps_sink.clone().or(sinks.gaps);
+    let state = args.state.clone().or(job.state.clone());
+    let state = match (state, &out) {
+        (Some(s), _) => s,
+        (None, Some(o)) => format!("{}/_state", o.trim_end_matches('/')),
+        (None, None) => {
+            return Err(invalid(
+                "--state",
+                "no state location: pass --out DIR (state goes to DIR/_state) or --state LOCATION",
+            ));
+        }
+    };
+    if out.is_none() {
+        for (flag, s) in [
+            ("--replay-sink", &replay_sink),
+            ("--dlq-sink", &dlq_sink),
+            ("--gaps-sink", &gaps_sink),
+        ] {
+            if s.is_none() && !(flag == "--gaps-sink" && !scan.detect_gaps) {
+                return Err(invalid(
+                    flag,
+                    format!("no location for this output: pass --out DIR or {flag} LOCATION"),
+                ));
+            }
+        }
+    }
+    let max_attempts = args.max_attempts.or(job.max_attempts).unwrap_or(3);
+    if max_attempts < 0 {
+        return Err(invalid(
+            "--max-attempts",
+            format!("{max_attempts} must be 0 or more"),
+        ));
+    }
+    let permanent_errors = if !args.permanent_error.is_empty() {
+        args.permanent_error.clone()
+    } else {
+        job.permanent_errors.clone().unwrap_or_default()
+    };
+    for re in &permanent_errors {
+        Regex::new(re).map_err(|e| {
+            invalid(
+                "--permanent-error",
+                format!(
+                    "'{re}' is not a valid regex: {}",
+                    e.to_string().lines().last().unwrap_or("invalid")
+                ),
+            )
+        })?;
+    }
+    let run_id = args
+        .run_id
+        .clone()
+        .or(job.run_id.clone())
+        .unwrap_or_else(|| default_run_id(now));
+    validate_run_id(&run_id)?;
+    Ok(RunSettings {
+        scan,
+        out,
+        state,
+        replay_sink,
+        dlq_sink,
+        gaps_sink,
+        max_attempts,
+        permanent_errors,
+        run_id,
+        report: args.report.clone().or(job.report.clone()),
+        dry_run: args.dry_run,
+        fail_on_dlq: args.fail_on_dlq || job.fail_on_dlq.unwrap_or(false),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(v: &str) -> Option<String> {
+        (v == "BUCKET").then(|| "lake".to_string())
+    }
+
+    #[test]
+    fn interpolates_env_and_escapes() {
+        let j = parse_job_text(
+            "j.toml",
+            "source = \"s3://${BUCKET}/events\"\nout = \"$${literal}\"\n",
+            &env,
+        )
+        .unwrap();
+        assert!(matches!(j.source, Some(OneOrMany::One(ref s)) if s == "s3://lake/events"));
+        assert_eq!(j.out.as_deref(), Some("${literal}"));
+    }
+
+    #[test]
+    fn unset_variable_names_key_and_variable() {
+        let e = parse_job_text("j.toml", "[storage]\nendpoint = \"${NOPE}\"\n", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("storage.endpoint") && e.contains("${NOPE}"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse_job_text("j.toml", "sorce = \"x\"\n", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sorce"), "{e}");
+        assert!(!e.contains('\n'));
+        let e = parse_job_text("j.toml", "[columns]\nevent = \"x\"\n", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("event"), "{e}");
+    }
+
+    #[test]
+    fn times_and_sizes() {
+        assert_eq!(
+            parse_time("--from", "2024-01-02T03:04:05+01:00")
+                .unwrap()
+                .to_rfc3339(),
+            "2024-01-02T02:04:05+00:00"
+        );
+        assert!(parse_time("--from", "2024-01-02").is_ok());
+        let e = parse_time("--from", "yesterday").unwrap_err().to_string();
+        assert!(e.contains("--from") && e.contains("yesterday"));
+        assert_eq!(parse_size("m", "4G").unwrap(), 4 << 30);
+        assert_eq!(parse_size("m", "512MiB").unwrap(), 512 << 20);
+        assert!(parse_size("m", "lots").is_err());
+    }
+
+    #[test]
+    fn run_ids() {
+        assert!(validate_run_id("2024-01-31.nightly_1").is_ok());
+        for bad in ["", "../x", "a/b", "-x", "a b"] {
+            assert!(validate_run_id(bad).is_err(), "{bad}");
+        }
+    }
+}

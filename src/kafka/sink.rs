@@ -1,0 +1,671 @@
+//! The Kafka sink: replays, dead letters and gap records as messages on a
+//! topic, behind the same [`Sink`] trait as the Parquet sink.
+//!
+//! Why it is shaped this way:
+//! - Throughput comes from never awaiting one message: `write` enqueues a
+//!   whole batch into librdkafka, backs off while the local queue is full, and
+//!   keeps every delivery future; `finish` awaits them all. Completed futures
+//!   are drained after each batch, so memory stays bounded by what is in
+//!   flight and a failed delivery stops the run early.
+//! - Nothing is lost silently: a message that librdkafka gives up on (after its
+//!   own retries, `message.timeout.ms`) makes `finish` fail, so the run
+//!   commits nothing and a rerun sends everything again (at-least-once).
+//!   With `transactional_id`, `publish` commits the transaction and `abort`
+//!   aborts it (exactly-once for `read_committed` consumers).
+//! - Within a key, messages are produced in the order the rows arrive (the run
+//!   sorts by key and seq) and idempotent production keeps that order on the
+//!   broker. This sink never reorders rows.
+//!
+//! This sink must never commit the run, print a secret property, or panic on
+//! the content of a row.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, StringArray, StringBuilder};
+use arrow::compute::{CastOptions, cast_with_options};
+use arrow::datatypes::{DataType, Schema, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType};
+use arrow::json::writer::{LineDelimited, WriterBuilder};
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat};
+use futures::FutureExt;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+use super::{KafkaSettings, KafkaUrl, Role, TimestampSource, ValueFormat, client_config, parse_url};
+use crate::sink::{RowColumns, Sink, SinkContext, SinkError, SinkKind, SinkReceipt};
+
+/// How long the health check waits for broker metadata: long enough for a
+/// slow broker, short enough that a wrong address fails before the scan.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(8);
+/// How long `init_transactions`, `commit_transaction` and `abort_transaction`
+/// may take.
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Header names, in our namespace (the conventions of Kafka Connect's DLQ and
+/// Spring's DLT). Documented in the README's header reference.
+pub mod headers {
+    pub const RUN_ID: &str = "backfill.run_id";
+    pub const REASON: &str = "backfill.reason";
+    pub const ATTEMPT: &str = "backfill.attempt";
+    pub const EVENT_ID: &str = "backfill.event_id";
+    pub const KEY: &str = "backfill.key";
+    pub const SEQ: &str = "backfill.seq";
+    pub const DETECTED_AT: &str = "backfill.detected_at";
+    pub const ERROR: &str = "backfill.error";
+    pub const ORIGINAL_TOPIC: &str = "backfill.original.topic";
+    pub const ORIGINAL_PARTITION: &str = "backfill.original.partition";
+    pub const ORIGINAL_OFFSET: &str = "backfill.original.offset";
+    pub const ORIGINAL_TIMESTAMP: &str = "backfill.original.timestamp";
+}
+
+/// The `backfill_*` columns the run adds to every replay and DLQ row.
+const RUN_ID_COLUMN: &str = "backfill_run_id";
+const REASON_COLUMN: &str = "backfill_reason";
+const ATTEMPT_COLUMN: &str = "backfill_attempt";
+const DETECTED_AT_COLUMN: &str = "backfill_detected_at";
+
+/// How a header's column becomes a UTF-8 string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeaderFormat {
+    /// The value's text (Arrow's cast to Utf8).
+    Text,
+    /// A timestamp as RFC 3339 in UTC (`2024-05-01T12:00:00.250Z`).
+    Rfc3339,
+    /// A timestamp as milliseconds since the epoch, Kafka's own unit.
+    EpochMillis,
+}
+
+/// Where each part of a message comes from in a batch; resolved by column
+/// name so a batch whose columns are in another order still maps right.
+#[derive(Debug)]
+struct Layout {
+    key: Option<usize>,
+    /// `Some(payload column)` for raw values; `None` for JSON rows.
+    payload: Option<usize>,
+    event_time: Option<usize>,
+    run_id: Option<usize>,
+    headers: Vec<(&'static str, usize, HeaderFormat)>,
+}
+
+impl Layout {
+    fn resolve(
+        schema: &Schema,
+        kind: SinkKind,
+        columns: &RowColumns,
+        settings: &KafkaSettings,
+    ) -> Result<Layout, String> {
+        let idx = |name: &str| schema.index_of(name).ok();
+        let payload = match (kind, settings.value) {
+            (SinkKind::Gaps, _) | (_, Some(ValueFormat::Json)) => None,
+            (_, Some(ValueFormat::Payload)) => Some(idx(&columns.payload).ok_or_else(|| {
+                format!(
+                    "value = \"payload\" but the rows have no payload column '{}' \
+                     (map one with --column payload=..., or set value = \"json\")",
+                    columns.payload
+                )
+            })?),
+            (_, None) => idx(&columns.payload),
+        };
+        let event_time = match settings.timestamp {
+            TimestampSource::EventTime => idx(&columns.event_time),
+            TimestampSource::ProduceTime => None,
+        };
+        let is_time = |i: usize| {
+            matches!(
+                schema.field(i).data_type(),
+                DataType::Timestamp(_, _) | DataType::Date32 | DataType::Date64
+            )
+        };
+        let mut headers = Vec::new();
+        let mut add = |header: &'static str, column: &str, time: HeaderFormat| {
+            if let Some(i) = idx(column) {
+                let f = if time != HeaderFormat::Text && is_time(i) {
+                    time
+                } else {
+                    HeaderFormat::Text
+                };
+                headers.push((header, i, f));
+            }
+        };
+        add(headers::REASON, REASON_COLUMN, HeaderFormat::Text);
+        add(headers::ATTEMPT, ATTEMPT_COLUMN, HeaderFormat::Text);
+        add(headers::EVENT_ID, &columns.event_id, HeaderFormat::Text);
+        add(headers::KEY, &columns.key, HeaderFormat::Text);
+        add(headers::SEQ, &columns.seq, HeaderFormat::Text);
+        add(headers::DETECTED_AT, DETECTED_AT_COLUMN, HeaderFormat::Rfc3339);
+        if kind == SinkKind::Dlq {
+            add(headers::ERROR, &columns.error, HeaderFormat::Text);
+        }
+        add(
+            headers::ORIGINAL_TOPIC,
+            &settings.original_topic_column,
+            HeaderFormat::Text,
+        );
+        add(
+            headers::ORIGINAL_PARTITION,
+            &settings.original_partition_column,
+            HeaderFormat::Text,
+        );
+        add(
+            headers::ORIGINAL_OFFSET,
+            &settings.original_offset_column,
+            HeaderFormat::Text,
+        );
+        add(
+            headers::ORIGINAL_TIMESTAMP,
+            &settings.original_timestamp_column,
+            HeaderFormat::EpochMillis,
+        );
+        Ok(Layout {
+            key: idx(&columns.key),
+            payload,
+            event_time,
+            run_id: idx(RUN_ID_COLUMN),
+            headers,
+        })
+    }
+}
+
+/// A Kafka topic as a replay, DLQ or gaps sink.
+pub struct KafkaSink {
+    url: KafkaUrl,
+    ctx: SinkContext,
+    settings: KafkaSettings,
+    producer: FutureProducer,
+    transactional: bool,
+    /// `init_transactions` has succeeded (in `check`, or lazily).
+    transactions_ready: bool,
+    in_transaction: bool,
+    pending: FuturesUnordered<DeliveryFuture>,
+    enqueued: u64,
+    acked: u64,
+    failed: u64,
+    first_failure: Option<String>,
+    /// Per partition, the first and last acknowledged offsets.
+    spans: BTreeMap<i32, (i64, i64)>,
+    receipt: Option<SinkReceipt>,
+}
+
+impl std::fmt::Debug for KafkaSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSink")
+            .field("url", &self.url.original)
+            .field("kind", &self.ctx.kind)
+            .field("enqueued", &self.enqueued)
+            .field("acked", &self.acked)
+            .finish()
+    }
+}
+
+impl KafkaSink {
+    /// Parse the URL, validate the row layout against `ctx.schema` and create
+    /// the producer (which contacts no broker yet). Errors are configuration
+    /// errors naming the URL, the column or the property.
+    pub fn new(target: &str, ctx: SinkContext) -> Result<KafkaSink, SinkError> {
+        let kind = ctx.kind.name();
+        let config_err = |message: String| SinkError::Config {
+            kind,
+            target: target.to_string(),
+            message,
+        };
+        let url = parse_url(target).map_err(|e| config_err(e.to_string()))?;
+        let settings = ctx.kafka.clone().unwrap_or_default();
+        Layout::resolve(&ctx.schema, ctx.kind, &ctx.columns, &settings).map_err(&config_err)?;
+        let mut cfg =
+            client_config(&url, &settings, Role::Producer).map_err(|e| config_err(e.to_string()))?;
+        let transactional = match &settings.transactional_id {
+            Some(id) if id.trim().is_empty() => {
+                return Err(config_err("transactional_id is empty".into()));
+            }
+            Some(id) => {
+                cfg.set("transactional.id", format!("{id}.{kind}"));
+                true
+            }
+            None => false,
+        };
+        let producer: FutureProducer = cfg.create().map_err(|e| {
+            // librdkafka names the property at fault ("No such configuration
+            // property: ..."; "Invalid value for configuration property ...").
+            config_err(format!("invalid Kafka configuration: {e}"))
+        })?;
+        Ok(KafkaSink {
+            url,
+            ctx,
+            settings,
+            producer,
+            transactional,
+            transactions_ready: false,
+            in_transaction: false,
+            pending: FuturesUnordered::new(),
+            enqueued: 0,
+            acked: 0,
+            failed: 0,
+            first_failure: None,
+            spans: BTreeMap::new(),
+            receipt: None,
+        })
+    }
+
+    fn io(&self, operation: &'static str, message: String) -> SinkError {
+        SinkError::Io {
+            kind: self.ctx.kind.name(),
+            target: self.url.original.clone(),
+            operation,
+            message,
+        }
+    }
+
+    fn config(&self, message: String) -> SinkError {
+        SinkError::Config {
+            kind: self.ctx.kind.name(),
+            target: self.url.original.clone(),
+            message,
+        }
+    }
+
+    /// Record one delivery outcome.
+    fn settle(
+        &mut self,
+        outcome: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
+    ) {
+        match outcome {
+            Ok(Ok(d)) => {
+                self.acked += 1;
+                let span = self.spans.entry(d.partition).or_insert((d.offset, d.offset));
+                span.0 = span.0.min(d.offset);
+                span.1 = span.1.max(d.offset);
+            }
+            Ok(Err((e, _message))) => {
+                self.failed += 1;
+                self.first_failure.get_or_insert_with(|| e.to_string());
+            }
+            Err(_canceled) => {
+                self.failed += 1;
+                self.first_failure
+                    .get_or_insert_with(|| "the producer was shut down before delivery".into());
+            }
+        }
+    }
+
+    /// Settle every delivery that has already completed, without waiting.
+    fn drain_ready(&mut self) {
+        while let Some(Some(outcome)) = self.pending.next().now_or_never() {
+            self.settle(outcome);
+        }
+    }
+
+    fn delivery_error(&self) -> Option<SinkError> {
+        let first = self.first_failure.as_ref()?;
+        Some(self.io(
+            "delivery",
+            format!(
+                "{} message(s) to topic '{}' were not acknowledged (brokers {}); first error: {first}",
+                self.failed, self.url.topic, self.url.bootstrap
+            ),
+        ))
+    }
+
+    fn receipt(&self) -> SinkReceipt {
+        SinkReceipt {
+            target: self.url.original.clone(),
+            rows: self.acked,
+            outputs: self
+                .spans
+                .iter()
+                .map(|(p, (a, b))| format!("{}/{p}:{a}-{b}", self.url.topic))
+                .collect(),
+        }
+    }
+
+    /// Register the transactional id with its coordinator (fencing any
+    /// earlier producer with the same id, such as a crashed run's). Once.
+    async fn init_transactions(&mut self) -> Result<(), SinkError> {
+        if self.transactional && !self.transactions_ready {
+            self.blocking("init transactions", |p| {
+                p.init_transactions(Timeout::After(TRANSACTION_TIMEOUT))
+            })
+            .await?;
+            self.transactions_ready = true;
+        }
+        Ok(())
+    }
+
+    /// Run a blocking producer call (transactions) off the async workers.
+    async fn blocking<F>(&self, operation: &'static str, f: F) -> Result<(), SinkError>
+    where
+        F: FnOnce(&FutureProducer) -> Result<(), RdKafkaError> + Send + 'static,
+    {
+        let producer = self.producer.clone();
+        match tokio::task::spawn_blocking(move || f(&producer)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.io(
+                operation,
+                format!("topic '{}' on {}: {e}", self.url.topic, self.url.bootstrap),
+            )),
+            Err(e) => Err(self.io(operation, format!("the Kafka call did not complete: {e}"))),
+        }
+    }
+}
+
+/// A column as bytes, for message keys and raw values.
+fn as_binary(col: &ArrayRef) -> Result<BinaryArray, String> {
+    let strict = CastOptions::default();
+    let binary = match col.data_type() {
+        DataType::Binary => col.clone(),
+        DataType::Utf8
+        | DataType::LargeUtf8
+        | DataType::Utf8View
+        | DataType::LargeBinary
+        | DataType::BinaryView
+        | DataType::FixedSizeBinary(_) => {
+            cast_with_options(col, &DataType::Binary, &strict).map_err(|e| e.to_string())?
+        }
+        _ => {
+            let text = cast_with_options(col, &DataType::Utf8, &strict).map_err(|e| e.to_string())?;
+            cast_with_options(&text, &DataType::Binary, &strict).map_err(|e| e.to_string())?
+        }
+    };
+    Ok(binary.as_binary::<i32>().clone())
+}
+
+/// A column as UTF-8 header values.
+fn as_header_strings(col: &ArrayRef, format: HeaderFormat) -> Result<StringArray, String> {
+    let strict = CastOptions::default();
+    let utc: Option<Arc<str>> = Some("UTC".into());
+    match format {
+        HeaderFormat::Text => {
+            let text = cast_with_options(col, &DataType::Utf8, &strict).map_err(|e| e.to_string())?;
+            Ok(text.as_string::<i32>().clone())
+        }
+        HeaderFormat::Rfc3339 => {
+            let t = cast_with_options(col, &DataType::Timestamp(TimeUnit::Microsecond, utc), &strict)
+                .map_err(|e| e.to_string())?;
+            let t = t.as_primitive::<TimestampMicrosecondType>();
+            let mut b = StringBuilder::with_capacity(t.len(), t.len() * 27);
+            for v in t.iter() {
+                match v.and_then(DateTime::from_timestamp_micros) {
+                    Some(d) => b.append_value(d.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+                    None => b.append_null(),
+                }
+            }
+            Ok(b.finish())
+        }
+        HeaderFormat::EpochMillis => {
+            let t = cast_with_options(col, &DataType::Timestamp(TimeUnit::Millisecond, utc), &strict)
+                .map_err(|e| e.to_string())?;
+            let t = t.as_primitive::<TimestampMillisecondType>();
+            Ok(t.iter().map(|v| v.map(|ms| ms.to_string())).collect())
+        }
+    }
+}
+
+/// Each row of a batch as one JSON object (arrow-json, nulls written out so
+/// consumers see every column). Returns the buffer and each row's span.
+fn json_rows(batch: &RecordBatch) -> Result<(Vec<u8>, Vec<(usize, usize)>), String> {
+    let mut buf = Vec::with_capacity(batch.num_rows() * 256);
+    {
+        let mut w = WriterBuilder::new()
+            .with_explicit_nulls(true)
+            .build::<_, LineDelimited>(&mut buf);
+        w.write(batch).map_err(|e| e.to_string())?;
+        w.finish().map_err(|e| e.to_string())?;
+    }
+    // JSON strings escape newlines, so each '\n' ends exactly one row.
+    let mut spans = Vec::with_capacity(batch.num_rows());
+    let mut start = 0;
+    for (i, b) in buf.iter().enumerate() {
+        if *b == b'\n' {
+            spans.push((start, i));
+            start = i + 1;
+        }
+    }
+    if spans.len() != batch.num_rows() {
+        return Err(format!(
+            "JSON encoding produced {} rows for {} input rows",
+            spans.len(),
+            batch.num_rows()
+        ));
+    }
+    Ok((buf, spans))
+}
+
+#[async_trait]
+impl Sink for KafkaSink {
+    async fn check(&mut self) -> Result<(), SinkError> {
+        let producer = self.producer.clone();
+        let topic = self.url.topic.clone();
+        // Metadata is not Send; reduce it to "does the topic exist" in place.
+        let exists = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), CHECK_TIMEOUT)
+                .map(|md| {
+                    md.topics().iter().any(|t| {
+                        t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
+                    })
+                })
+        })
+        .await
+        .map_err(|e| self.io("health check", format!("the metadata request did not complete: {e}")))?
+        .map_err(|e| {
+            self.io(
+                "health check",
+                format!(
+                    "brokers {} did not answer a metadata request within {} s: {e}",
+                    self.url.bootstrap,
+                    CHECK_TIMEOUT.as_secs()
+                ),
+            )
+        })?;
+        if !exists && !self.settings.allow_auto_create_topics {
+            return Err(self.config(format!(
+                "topic '{}' does not exist on {} (create it, or set allow_auto_create_topics = true \
+                 in [kafka] if the broker may create it)",
+                self.url.topic, self.url.bootstrap
+            )));
+        }
+        self.init_transactions().await
+    }
+
+    async fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
+        if let Some(e) = self.delivery_error() {
+            return Err(e);
+        }
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let layout = Layout::resolve(&batch.schema(), self.ctx.kind, &self.ctx.columns, &self.settings)
+            .map_err(|m| self.config(m))?;
+        let column_err = |i: usize, what: &str, e: String| {
+            self.config(format!(
+                "column '{}' cannot be used as {what}: {e}",
+                batch.schema().field(i).name()
+            ))
+        };
+        let keys = match layout.key {
+            Some(i) => Some(as_binary(batch.column(i)).map_err(|e| column_err(i, "the message key", e))?),
+            None => None,
+        };
+        let payloads = match layout.payload {
+            Some(i) => Some(as_binary(batch.column(i)).map_err(|e| column_err(i, "the message value", e))?),
+            None => None,
+        };
+        let json = if payloads.is_none() {
+            Some(json_rows(batch).map_err(|e| self.io("encode", format!("rows as JSON: {e}")))?)
+        } else {
+            None
+        };
+        let times = match layout.event_time {
+            Some(i) => {
+                let utc: Option<Arc<str>> = Some("UTC".into());
+                let t = cast_with_options(
+                    batch.column(i),
+                    &DataType::Timestamp(TimeUnit::Millisecond, utc),
+                    &CastOptions::default(),
+                )
+                .map_err(|e| column_err(i, "the message timestamp", e.to_string()))?;
+                Some(t.as_primitive::<TimestampMillisecondType>().clone())
+            }
+            None => None,
+        };
+        let run_ids = match layout.run_id {
+            Some(i) => Some(as_header_strings(batch.column(i), HeaderFormat::Text).map_err(|e| column_err(i, "a header", e))?),
+            None => None,
+        };
+        let mut header_cols = Vec::with_capacity(layout.headers.len());
+        for (name, i, format) in &layout.headers {
+            let values = as_header_strings(batch.column(*i), *format).map_err(|e| column_err(*i, "a header", e))?;
+            header_cols.push((*name, values));
+        }
+
+        if self.transactional && !self.in_transaction {
+            self.init_transactions().await?;
+            self.producer.begin_transaction().map_err(|e| {
+                self.io(
+                    "begin transaction",
+                    format!("topic '{}' on {}: {e}", self.url.topic, self.url.bootstrap),
+                )
+            })?;
+            self.in_transaction = true;
+        }
+
+        let backoff = Duration::from_millis(self.settings.queue_full_backoff_ms.max(1));
+        let topic = self.url.topic.clone();
+        let run_id = self.ctx.run_id.clone();
+        for row in 0..batch.num_rows() {
+            let mut hdrs = OwnedHeaders::new_with_capacity(header_cols.len() + 1);
+            let rid = match &run_ids {
+                Some(a) if a.is_valid(row) => a.value(row),
+                _ => run_id.as_str(),
+            };
+            hdrs = hdrs.insert(Header {
+                key: headers::RUN_ID,
+                value: Some(rid),
+            });
+            for (name, values) in &header_cols {
+                if values.is_valid(row) {
+                    hdrs = hdrs.insert(Header {
+                        key: name,
+                        value: Some(values.value(row)),
+                    });
+                }
+            }
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(hdrs);
+            if let Some(k) = &keys
+                && k.is_valid(row)
+            {
+                record = record.key(k.value(row));
+            }
+            match (&payloads, &json) {
+                (Some(p), _) => {
+                    if p.is_valid(row) {
+                        record = record.payload(p.value(row));
+                    }
+                }
+                (None, Some((buf, spans))) => {
+                    let (a, b) = spans[row];
+                    record = record.payload(&buf[a..b]);
+                }
+                (None, None) => {}
+            }
+            if let Some(t) = &times
+                && t.is_valid(row)
+            {
+                record = record.timestamp(t.value(row));
+            }
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        self.pending.push(delivery);
+                        self.enqueued += 1;
+                        break;
+                    }
+                    Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        self.drain_ready();
+                        if let Some(e) = self.delivery_error() {
+                            return Err(e);
+                        }
+                        tokio::time::sleep(backoff).await;
+                    }
+                    Err((e, _)) => {
+                        return Err(self.io(
+                            "produce",
+                            format!("topic '{}' on {}: {e}", self.url.topic, self.url.bootstrap),
+                        ));
+                    }
+                }
+            }
+        }
+        self.drain_ready();
+        match self.delivery_error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn finish(&mut self) -> Result<SinkReceipt, SinkError> {
+        if let Some(r) = &self.receipt {
+            return Ok(r.clone());
+        }
+        while let Some(outcome) = self.pending.next().await {
+            self.settle(outcome);
+        }
+        if let Some(e) = self.delivery_error() {
+            return Err(e);
+        }
+        if self.acked != self.enqueued {
+            return Err(self.io(
+                "delivery",
+                format!(
+                    "{} of {} message(s) to topic '{}' were acknowledged",
+                    self.acked, self.enqueued, self.url.topic
+                ),
+            ));
+        }
+        let receipt = self.receipt();
+        self.receipt = Some(receipt.clone());
+        Ok(receipt)
+    }
+
+    async fn publish(&mut self) -> Result<SinkReceipt, SinkError> {
+        let receipt = match &self.receipt {
+            Some(r) => r.clone(),
+            None => self.finish().await?,
+        };
+        if self.in_transaction {
+            self.blocking("commit transaction", |p| {
+                p.commit_transaction(Timeout::After(TRANSACTION_TIMEOUT))
+            })
+            .await?;
+            self.in_transaction = false;
+        }
+        Ok(receipt)
+    }
+
+    async fn abort(&mut self) {
+        // Stop sending what is still queued: the run failed, and whatever was
+        // already acknowledged is covered by at-least-once (or by the abort).
+        self.producer
+            .purge(rdkafka::producer::PurgeConfig::default().queue());
+        if self.in_transaction {
+            // Nothing to report to: the run is already failing with the
+            // original error, and an unfinished transaction is aborted by the
+            // broker at transaction.timeout.ms or fenced by the next run.
+            let _ = self
+                .blocking("abort transaction", |p| {
+                    p.abort_transaction(Timeout::After(TRANSACTION_TIMEOUT))
+                })
+                .await;
+            self.in_transaction = false;
+        }
+        self.pending = FuturesUnordered::new();
+    }
+}

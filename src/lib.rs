@@ -1,0 +1,22 @@
+//! `backfill`: detect unprocessed, missing and conflicting events in a
+//! Parquet archive, decide replay or dead-letter, write the results, and
+//! commit the run in a ledger kept in the lake.
+//!
+//! Data flows one way: [`job`] (settings) → [`source`] (the archive as
+//! tables) → [`detect`] (SQL views) → [`policy`] (the decision) → [`sink`]
+//! (outputs) → [`state`] (ledger + manifest, the commit) → [`report`].
+
+pub mod cli;
+pub mod commands;
+pub mod detect;
+pub mod error;
+pub mod generate;
+pub mod job;
+pub mod kafka;
+pub mod location;
+pub mod policy;
+pub mod report;
+pub mod run;
+pub mod sink;
+pub mod source;
+pub mod state;

@@ -1,0 +1,77 @@
+//! `backfill`: parse, run, and map the outcome to an exit code — in one
+//! place. 0 ok, 1 runtime failure, 2 usage/configuration, 3 DLQ not empty
+//! with --fail-on-dlq. Errors are one line on stderr, `error: ...`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use event_backfill::cli::{Cli, Command};
+use event_backfill::error::{EXIT_DLQ, EXIT_OK, EXIT_USAGE, Error};
+use event_backfill::{commands, job, run};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // --help and --version print to stdout and succeed.
+            let code = if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e.to_string()));
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+async fn dispatch(cmd: Command) -> Result<u8, Error> {
+    match cmd {
+        Command::Run(args) => {
+            let progress = args.scan.progress;
+            let settings = job::run_settings(&args, chrono::Utc::now())?;
+            let report_file = settings.report.clone();
+            let fail_on_dlq = settings.fail_on_dlq;
+            let outcome = run::run(settings, progress).await?;
+            let r = &outcome.report;
+            if let Some(f) = report_file {
+                let json = serde_json::to_string_pretty(r).unwrap_or_default();
+                std::fs::write(&f, json + "\n").map_err(|e| Error::Io {
+                    what: format!("report file {f}"),
+                    message: e.to_string(),
+                })?;
+            }
+            if outcome.stdout_taken {
+                eprint!("{}", r.human());
+            } else {
+                commands::write_stdout(r.human().as_bytes())?;
+            }
+            if fail_on_dlq && r.dead_lettered > 0 && !r.already_committed {
+                return Ok(EXIT_DLQ);
+            }
+            Ok(EXIT_OK)
+        }
+        Command::Gaps(a) => commands::gaps(a).await.map(|_| EXIT_OK),
+        Command::Sql(a) => commands::sql(a).await.map(|_| EXIT_OK),
+        Command::Explain(a) => commands::explain(a).await.map(|_| EXIT_OK),
+        Command::Generate(a) => commands::generate(a).await.map(|_| EXIT_OK),
+        Command::State(a) => commands::state(a.command).await.map(|_| EXIT_OK),
+    }
+}

@@ -1,0 +1,112 @@
+//! What a run did: one serializable struct, printed as a human summary on
+//! stdout and written as JSON with `--report`. Metrics are data, not log
+//! lines, so Airflow and scripts read the same numbers people see.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::sink::SinkReceipt;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub run_id: String,
+    pub dry_run: bool,
+    /// The run id was committed before; this invocation did nothing.
+    pub already_committed: bool,
+    pub window_from: Option<String>,
+    pub window_to: Option<String>,
+    /// Archive rows inside the window.
+    pub rows: u64,
+    pub files_scanned: u64,
+    pub files_pruned: u64,
+    pub partitions_pruned: u64,
+    pub row_groups_pruned: u64,
+    pub bytes_scanned: u64,
+    /// Distinct event_ids inside the window.
+    pub events: u64,
+    pub resolved: u64,
+    pub replayed: u64,
+    pub dead_lettered: u64,
+    pub dead_lettered_by_reason: BTreeMap<String, u64>,
+    pub skipped_dead_lettered: u64,
+    /// Gap ranges, and the events they miss.
+    pub gaps: u64,
+    pub missing_events: u64,
+    /// (key, seq) pairs carried by more than one event_id.
+    pub conflicts: u64,
+    /// Per sink kind: where its rows went.
+    pub outputs: BTreeMap<String, SinkReceipt>,
+    pub state: Option<String>,
+    pub elapsed_ms: u64,
+}
+
+impl Report {
+    /// The balance the README promises; checked before every commit.
+    pub fn balances(&self) -> bool {
+        self.events
+            == self.resolved + self.replayed + self.dead_lettered + self.skipped_dead_lettered
+    }
+
+    /// The human summary.
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        let head = if self.already_committed {
+            format!(
+                "run {} is already committed; nothing to do",
+                self.run_id
+            )
+        } else if self.dry_run {
+            format!("run {} (dry run: nothing written or committed)", self.run_id)
+        } else {
+            format!("run {} committed", self.run_id)
+        };
+        let _ = writeln!(s, "{head}");
+        if self.already_committed {
+            return s;
+        }
+        let window = match (&self.window_from, &self.window_to) {
+            (None, None) => "whole archive".to_string(),
+            (f, t) => format!(
+                "[{}, {})",
+                f.as_deref().unwrap_or("-inf"),
+                t.as_deref().unwrap_or("+inf")
+            ),
+        };
+        let _ = writeln!(s, "  window            {window}");
+        let _ = writeln!(
+            s,
+            "  scanned           {} rows in {} files ({} pruned), {} bytes",
+            self.rows, self.files_scanned, self.files_pruned, self.bytes_scanned
+        );
+        let _ = writeln!(s, "  events            {}", self.events);
+        let _ = writeln!(s, "  resolved          {}", self.resolved);
+        let _ = writeln!(s, "  replayed          {}", self.replayed);
+        let _ = writeln!(s, "  dead-lettered     {}", self.dead_lettered);
+        for (k, v) in &self.dead_lettered_by_reason {
+            let _ = writeln!(s, "    {k:<22}{v}");
+        }
+        let _ = writeln!(s, "  skipped (in DLQ)  {}", self.skipped_dead_lettered);
+        let _ = writeln!(
+            s,
+            "  gaps              {} ({} missing events)",
+            self.gaps, self.missing_events
+        );
+        let _ = writeln!(s, "  conflicts         {}", self.conflicts);
+        for (kind, r) in &self.outputs {
+            let first = r.outputs.first().map(String::as_str).unwrap_or("(no rows)");
+            let more = if r.outputs.len() > 1 {
+                format!(" (+{} more files)", r.outputs.len() - 1)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(s, "  {kind:<18}{} rows -> {first}{more}", r.rows);
+        }
+        if let Some(st) = &self.state {
+            let _ = writeln!(s, "  state             {st}");
+        }
+        let _ = writeln!(s, "  elapsed           {} ms", self.elapsed_ms);
+        s
+    }
+}

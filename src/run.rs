@@ -1,0 +1,422 @@
+//! `backfill run`: plan, decide, write, commit — in that order, following
+//! the commit protocol (DESIGN.md): every sink finishes (durable, not final)
+//! → every sink publishes (final names, Kafka transaction commit) → the
+//! ledger file is closed → the manifest is written create-only. Anything
+//! that fails before the manifest aborts the sinks and commits nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::{Field, Int64Type, Schema, SchemaRef};
+use chrono::Utc;
+use datafusion::physical_plan::{ExecutionPlan, execute_stream};
+use datafusion::prelude::SessionContext;
+use futures::StreamExt;
+
+use crate::cli::Progress;
+use crate::detect;
+use crate::error::Error;
+use crate::job::RunSettings;
+use crate::location::{self, Location};
+use crate::policy::{Decisions, Policy};
+use crate::report::Report;
+use crate::sink::{self, RowColumns, Sink, SinkContext, SinkKind, SinkReceipt};
+use crate::source;
+use crate::state::{Manifest, State};
+
+/// The outcome of `run`, for main to print and map to an exit code.
+pub struct RunOutcome {
+    pub report: Report,
+    /// Some sink writes to stdout: the summary goes to stderr instead.
+    pub stdout_taken: bool,
+}
+
+/// A spinner on stderr, drawn only when asked or when stderr is a terminal.
+pub struct Phases {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Phases {
+    pub fn new(progress: Progress) -> Self {
+        use std::io::IsTerminal;
+        let on = match progress {
+            Progress::On => true,
+            Progress::Off => false,
+            Progress::Auto => std::io::stderr().is_terminal(),
+        };
+        let bar = on.then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.enable_steady_tick(std::time::Duration::from_millis(120));
+            b
+        });
+        Phases { bar }
+    }
+
+    pub fn set(&self, msg: impl Into<String>) {
+        if let Some(b) = &self.bar {
+            b.set_message(msg.into());
+        }
+    }
+
+    pub fn done(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// A unique id for this attempt: time and pid, so that racing attempts at
+/// one run id never share a temporary or ledger file.
+fn nonce() -> String {
+    let now = Utc::now();
+    format!(
+        "{}{:09}-{}",
+        now.timestamp(),
+        now.timestamp_subsec_nanos(),
+        std::process::id()
+    )
+}
+
+struct OpenSink {
+    kind: SinkKind,
+    sink: Box<dyn Sink>,
+}
+
+pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome, Error> {
+    let started = Instant::now();
+    let phases = Phases::new(progress);
+    let scan = &settings.scan;
+    let mut report = Report {
+        run_id: settings.run_id.clone(),
+        dry_run: settings.dry_run,
+        window_from: scan.from.map(|t| t.to_rfc3339()),
+        window_to: scan.to.map(|t| t.to_rfc3339()),
+        ..Default::default()
+    };
+
+    let state = State::new(location::resolve(&settings.state, &scan.storage)?);
+    report.state = Some(state.loc.original.clone());
+    phases.set("reading state");
+    if state.committed(&settings.run_id).await?.is_some() {
+        report.already_committed = true;
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        phases.done();
+        return Ok(RunOutcome {
+            report,
+            stdout_taken: false,
+        });
+    }
+
+    phases.set("listing the archive");
+    let ctx = source::session(scan)?;
+    let archive = source::register(&ctx, scan).await?;
+    report.files_scanned = archive.stats.files_scanned;
+    report.files_pruned = archive.stats.files_pruned;
+    report.partitions_pruned = archive.stats.partitions_pruned;
+    let manifests = state.manifests().await?;
+    state.register_ledger(&ctx, &manifests).await?;
+    detect::register_views(&ctx, scan).await?;
+
+    let candidates = detect::candidates(&ctx, scan, &archive).await?;
+    let cand_schema: SchemaRef = Arc::new(candidates.schema().as_arrow().clone());
+    let out_schema = crate::policy::output_schema(&cand_schema);
+    let gaps_df = detect::gaps(&ctx).await?;
+    let gaps_schema = gaps_output_schema(gaps_df.schema().as_arrow());
+
+    // Open and check every sink before the scan: fail in seconds.
+    let out_loc: Option<Location> = match &settings.out {
+        Some(o) => Some(location::resolve(o, &scan.storage)?),
+        None => None,
+    };
+    let row_columns = Arc::new(row_columns(scan));
+    let run_nonce = nonce();
+    let mut sinks: Vec<OpenSink> = vec![];
+    let mut stdout_taken = false;
+    if !settings.dry_run {
+        for (kind, target, schema) in [
+            (SinkKind::Replay, &settings.replay_sink, out_schema.clone()),
+            (SinkKind::Dlq, &settings.dlq_sink, out_schema.clone()),
+            (SinkKind::Gaps, &settings.gaps_sink, gaps_schema.clone()),
+        ] {
+            if kind == SinkKind::Gaps && !scan.detect_gaps {
+                continue;
+            }
+            let target = match (target, &out_loc) {
+                (Some(t), _) => t.clone(),
+                (None, Some(o)) => sink::default_target(o, kind),
+                (None, None) => continue,
+            };
+            stdout_taken |= target == "-";
+            let ctx = SinkContext {
+                run_id: settings.run_id.clone(),
+                nonce: run_nonce.clone(),
+                kind,
+                schema,
+                columns: row_columns.clone(),
+                storage: scan.storage.clone(),
+                kafka: scan.kafka.clone(),
+            };
+            let mut s = sink::open(&target, ctx)?;
+            phases.set(format!("checking the {} sink", kind.name()));
+            s.check().await?;
+            sinks.push(OpenSink { kind, sink: s });
+        }
+    }
+
+    let result = execute(
+        &ctx,
+        &settings,
+        &state,
+        &run_nonce,
+        candidates,
+        gaps_df,
+        &mut sinks,
+        &mut report,
+        &phases,
+    )
+    .await;
+    if let Err(e) = result {
+        phases.set("aborting");
+        for s in sinks.iter_mut() {
+            s.sink.abort().await;
+        }
+        phases.done();
+        return Err(e);
+    }
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    phases.done();
+    Ok(RunOutcome {
+        report,
+        stdout_taken,
+    })
+}
+
+fn row_columns(scan: &crate::job::Scan) -> RowColumns {
+    let c = &scan.columns;
+    RowColumns {
+        event_id: c.event_id.clone(),
+        key: c.key.clone(),
+        seq: c.seq.clone(),
+        event_time: c.event_time.clone(),
+        error: c.error.clone(),
+        payload: c.payload.clone(),
+    }
+}
+
+fn gaps_output_schema(gaps: &Schema) -> SchemaRef {
+    let mut fields: Vec<Field> = gaps.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let bf = crate::policy::backfill_fields();
+    fields.push(bf[0].clone());
+    fields.push(bf[3].clone());
+    Arc::new(Schema::new(fields))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn execute(
+    ctx: &SessionContext,
+    settings: &RunSettings,
+    state: &State,
+    run_nonce: &str,
+    candidates: datafusion::dataframe::DataFrame,
+    gaps_df: datafusion::dataframe::DataFrame,
+    sinks: &mut [OpenSink],
+    report: &mut Report,
+    phases: &Phases,
+) -> Result<(), Error> {
+    let detected_at_us = Utc::now().timestamp_micros();
+    let policy = Policy {
+        max_attempts: settings.max_attempts,
+        permanent_errors: settings.permanent_errors.clone(),
+        run_id: settings.run_id.clone(),
+        detected_at_us,
+    };
+
+    phases.set("counting events in the window");
+    let counts = ctx
+        .sql("SELECT count(*) AS n_rows, count(DISTINCT event_id) AS n_events FROM events")
+        .await?;
+    let plan = counts.create_physical_plan().await?;
+    let batches = datafusion::physical_plan::collect(plan.clone(), ctx.task_ctx()).await?;
+    let mut scan_metrics = ScanMetrics::default();
+    scan_metrics.add(plan.as_ref());
+    if let Some(b) = batches.first()
+        && b.num_rows() == 1
+    {
+        report.rows = b.column(0).as_primitive::<Int64Type>().value(0) as u64;
+        report.events = b.column(1).as_primitive::<Int64Type>().value(0) as u64;
+    }
+
+    if settings.scan.detect_conflicts {
+        phases.set("counting conflicts");
+        let b = ctx
+            .sql("SELECT count(*) FROM conflicts")
+            .await?
+            .collect()
+            .await?;
+        report.conflicts = b
+            .first()
+            .map(|b| b.column(0).as_primitive::<Int64Type>().value(0) as u64)
+            .unwrap_or(0);
+    }
+
+    // Gaps: stream them to their sink.
+    if settings.scan.detect_gaps {
+        phases.set("detecting gaps");
+        let plan = gaps_df.create_physical_plan().await?;
+        let mut stream = execute_stream(plan.clone(), ctx.task_ctx())?;
+        while let Some(b) = stream.next().await {
+            let b = b?;
+            report.gaps += b.num_rows() as u64;
+            if let Some(c) = b.column_by_name("missing_count") {
+                let c = arrow::compute::cast(c, &arrow::datatypes::DataType::Int64)?;
+                report.missing_events += arrow::compute::sum(c.as_primitive::<Int64Type>())
+                    .unwrap_or(0) as u64;
+            }
+            let b = with_run_columns(&b, &settings.run_id, detected_at_us)?;
+            for s in sinks.iter_mut().filter(|s| s.kind == SinkKind::Gaps) {
+                s.sink.write(&b).await?;
+            }
+        }
+    }
+
+    // Candidates → policy → replay / DLQ / ledger.
+    phases.set("deciding");
+    let mut ledger = if settings.dry_run {
+        None
+    } else {
+        Some(state.ledger_writer(&settings.run_id, run_nonce)?)
+    };
+    let mut decisions = Decisions::default();
+    let plan = candidates.create_physical_plan().await?;
+    let mut stream = execute_stream(plan.clone(), ctx.task_ctx())?;
+    while let Some(b) = stream.next().await {
+        let b = b?;
+        let d = policy.decide(&b)?;
+        decisions.add(&d.counts);
+        phases.set(format!(
+            "deciding: {} replayed, {} dead-lettered",
+            decisions.replayed, decisions.dead_lettered
+        ));
+        for s in sinks.iter_mut() {
+            match s.kind {
+                SinkKind::Replay => s.sink.write(&d.replay).await?,
+                SinkKind::Dlq => s.sink.write(&d.dlq).await?,
+                SinkKind::Gaps => {}
+            }
+        }
+        if let Some(l) = ledger.as_mut() {
+            l.write(&d.ledger).await?;
+        }
+    }
+    scan_metrics.add(plan.as_ref());
+    report.bytes_scanned = scan_metrics.bytes_scanned;
+    report.row_groups_pruned = scan_metrics.row_groups_pruned;
+    report.replayed = decisions.replayed;
+    report.dead_lettered = decisions.dead_lettered;
+    report.skipped_dead_lettered = decisions.skipped_dead_lettered;
+    report.dead_lettered_by_reason = decisions.dead_lettered_by_reason.clone();
+    report.resolved = report.events.saturating_sub(decisions.candidates);
+    if !report.balances() {
+        return Err(Error::Internal(format!(
+            "the report does not balance: events {} != resolved {} + replayed {} + dead-lettered {} + skipped {}",
+            report.events,
+            report.resolved,
+            report.replayed,
+            report.dead_lettered,
+            report.skipped_dead_lettered
+        )));
+    }
+    if settings.dry_run {
+        return Ok(());
+    }
+
+    // Commit protocol: finish all → publish all → ledger → manifest.
+    phases.set("flushing outputs");
+    for s in sinks.iter_mut() {
+        s.sink.finish().await?;
+    }
+    phases.set("publishing outputs");
+    let mut outputs: BTreeMap<String, SinkReceipt> = BTreeMap::new();
+    for s in sinks.iter_mut() {
+        let r = s.sink.publish().await?;
+        outputs.insert(s.kind.name().to_string(), r);
+    }
+    report.outputs = outputs.clone();
+    let ledger_file = match ledger {
+        Some(l) => vec![l.finish().await?],
+        None => vec![],
+    };
+    phases.set("committing");
+    let manifest = Manifest {
+        format_version: 1,
+        run_id: settings.run_id.clone(),
+        nonce: run_nonce.to_string(),
+        committed_at: Utc::now(),
+        ledger_files: ledger_file,
+        outputs,
+        report: serde_json::to_value(&*report).unwrap_or_default(),
+    };
+    state.commit(&manifest).await?;
+    Ok(())
+}
+
+/// Append `backfill_run_id` and `backfill_detected_at` to a gaps batch.
+fn with_run_columns(
+    b: &RecordBatch,
+    run_id: &str,
+    detected_at_us: i64,
+) -> Result<RecordBatch, Error> {
+    let schema = gaps_output_schema(b.schema().as_ref());
+    let n = b.num_rows();
+    let mut cols: Vec<ArrayRef> = b.columns().to_vec();
+    cols.push(Arc::new(StringArray::from(vec![run_id; n])));
+    cols.push(Arc::new(
+        TimestampMicrosecondArray::from(vec![detected_at_us; n]).with_timezone("UTC"),
+    ));
+    Ok(RecordBatch::try_new(schema, cols)?)
+}
+
+/// Scan figures summed from DataFusion's Parquet metrics over a plan.
+#[derive(Debug, Default)]
+pub struct ScanMetrics {
+    pub bytes_scanned: u64,
+    pub row_groups_pruned: u64,
+}
+
+impl ScanMetrics {
+    pub fn add(&mut self, plan: &dyn ExecutionPlan) {
+        if let Some(m) = plan.metrics() {
+            for metric in m.iter() {
+                let v = metric.value();
+                match v.name() {
+                    "bytes_scanned" => self.bytes_scanned += v.as_usize() as u64,
+                    "row_groups_pruned_statistics" | "row_groups_pruned_bloom_filter" => {
+                        self.row_groups_pruned += pruned_count(v)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for c in plan.children() {
+            self.add(c.as_ref());
+        }
+    }
+}
+
+fn pruned_count(v: &datafusion::physical_plan::metrics::MetricValue) -> u64 {
+    use datafusion::physical_plan::metrics::MetricValue;
+    match v {
+        MetricValue::PruningMetrics {
+            pruning_metrics, ..
+        } => pruning_metrics.pruned() as u64,
+        other => other.as_usize() as u64,
+    }
+}
+
+/// Unused import guard for Array trait methods used via AsArray.
+#[allow(dead_code)]
+fn _uses(a: &dyn Array) -> usize {
+    a.len()
+}

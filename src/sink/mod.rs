@@ -1,0 +1,142 @@
+//! Where replays, dead letters and gap records go: Parquet on any object
+//! store, a Kafka topic, or stdout, all behind one [`Sink`] trait.
+//!
+//! A sink never commits the run. The run drives every sink through
+//! `check` → `write`* → `finish` (everything durable, not yet visible as
+//! final) → `publish` (final names / Kafka transaction commit), and only then
+//! writes its ledger and manifest. On any failure the run calls `abort`.
+
+pub mod parquet;
+pub mod stdout;
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::location::{Location, LocationError, StorageSettings};
+
+/// What a sink carries; decides the folder name and the message layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    Replay,
+    Dlq,
+    Gaps,
+}
+
+impl SinkKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SinkKind::Replay => "replay",
+            SinkKind::Dlq => "dlq",
+            SinkKind::Gaps => "gaps",
+        }
+    }
+}
+
+/// Errors of any sink; each names the sink's target.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SinkError {
+    #[error(transparent)]
+    Location(#[from] LocationError),
+    #[error("{kind} sink {target}: {operation} failed: {message}")]
+    Io {
+        kind: &'static str,
+        target: String,
+        operation: &'static str,
+        message: String,
+    },
+    #[error("{kind} sink {target}: {message}")]
+    Config {
+        kind: &'static str,
+        target: String,
+        message: String,
+    },
+}
+
+impl SinkError {
+    /// True when the user's settings are at fault (exit 2), not the run.
+    pub fn is_config(&self) -> bool {
+        matches!(self, SinkError::Config { .. } | SinkError::Location(_))
+    }
+}
+
+/// What a sink delivered, for the report and the manifest.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct SinkReceipt {
+    /// The sink's target, as the user wrote it (no secrets).
+    pub target: String,
+    /// Rows (or messages) acknowledged.
+    pub rows: u64,
+    /// Final object names (Parquet) or topic/partition spans (Kafka).
+    pub outputs: Vec<String>,
+}
+
+/// Names of the input-contract columns as they appear in the rows a sink
+/// receives (the source's own names, after the job's column mapping).
+#[derive(Debug, Clone)]
+pub struct RowColumns {
+    pub event_id: String,
+    pub key: String,
+    pub seq: String,
+    pub event_time: String,
+    pub error: String,
+    pub payload: String,
+}
+
+/// Everything a sink needs to know about the run it writes for.
+#[derive(Debug, Clone)]
+pub struct SinkContext {
+    pub run_id: String,
+    /// Unique per attempt: keeps temporaries of racing attempts apart.
+    pub nonce: String,
+    pub kind: SinkKind,
+    /// The schema of every batch `write` will receive.
+    pub schema: SchemaRef,
+    pub columns: Arc<RowColumns>,
+    pub storage: StorageSettings,
+    /// Kafka settings from the job file; `None` when no `[kafka]` section.
+    pub kafka: Option<crate::kafka::KafkaSettings>,
+}
+
+#[async_trait]
+pub trait Sink: Send {
+    /// Fail fast, before the scan: the target is reachable and writable.
+    async fn check(&mut self) -> Result<(), SinkError>;
+    /// Accept one batch. May buffer; must not make anything final.
+    async fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError>;
+    /// Make everything durable (files complete at temporary names, every
+    /// Kafka message acknowledged). Still nothing final.
+    async fn finish(&mut self) -> Result<SinkReceipt, SinkError>;
+    /// Make the output final: rename to final names, commit a transaction.
+    /// Called once, after every sink has finished.
+    async fn publish(&mut self) -> Result<SinkReceipt, SinkError>;
+    /// Undo what can be undone (delete temporaries, abort a transaction).
+    async fn abort(&mut self);
+}
+
+/// Open the sink for a target: `-` is stdout, `kafka://` a topic, anything
+/// else a Parquet folder (under which the run writes `run_id=<RUN>/`).
+pub fn open(target: &str, ctx: SinkContext) -> Result<Box<dyn Sink>, SinkError> {
+    if target == "-" {
+        return Ok(Box::new(stdout::StdoutSink::new(ctx)));
+    }
+    if target.starts_with("kafka://") {
+        return Err(SinkError::Config {
+            kind: ctx.kind.name(),
+            target: target.to_string(),
+            message: "Kafka sinks are not available in this build".into(),
+        });
+    }
+    let loc = crate::location::resolve(target, &ctx.storage)?;
+    Ok(Box::new(parquet::ParquetSink::new(loc, ctx)))
+}
+
+/// Where a Parquet sink writes by default: `<out>/<kind>`.
+pub fn default_target(out: &Location, kind: SinkKind) -> String {
+    out.child(kind.name()).original
+}

@@ -1,0 +1,354 @@
+//! Bad input: the exact exit code, one `error:` line on stderr naming the
+//! thing at fault, no panic, nothing committed.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use arrow::datatypes::DataType;
+
+use crate::archive::{Archive, Col, Layout, Row};
+use crate::cli::{Run, backfill, backfill_in};
+use crate::e2e::{Job, Target, manifests, snapshot};
+use crate::reference::{Config, Ledger, read_source};
+
+/// A small valid archive with everything in the contract.
+fn good_rows() -> Vec<Row> {
+    vec![
+        Row::new("a", "k", 1, "2024-01-01T00:00:00Z", Some("failed")),
+        Row::new("b", "k", 3, "2024-01-01T00:00:01Z", Some("processed")),
+    ]
+}
+
+fn archive_with(layout: &Layout) -> Archive {
+    let mut a = Archive::new();
+    a.file("dt=2024-01-01/part-0.parquet", layout, &good_rows());
+    a
+}
+
+/// Assert the failure shape, and that `out` holds no commit and no output.
+#[track_caller]
+fn assert_error(run: &Run, code: i32, names: &[&str], out: &Path) {
+    assert_eq!(run.code, Some(code), "exit code\n{}", run.describe());
+    assert!(
+        !run.stderr.contains("panicked"),
+        "the binary panicked\n{}",
+        run.describe()
+    );
+    let lines = run.stderr_lines();
+    assert_eq!(
+        lines.len(),
+        1,
+        "exactly one line on stderr\n{}",
+        run.describe()
+    );
+    assert!(
+        lines[0].starts_with("error:"),
+        "the line starts with `error:`\n{}",
+        run.describe()
+    );
+    for name in names {
+        assert!(
+            name.split('|').any(|n| lines[0].contains(n)),
+            "the error names `{name}`\n{}",
+            run.describe()
+        );
+    }
+    assert!(
+        manifests(&out.join("_state")).is_empty(),
+        "a failed run committed\n{}",
+        run.describe()
+    );
+    let outputs: Vec<PathBuf> = snapshot(out)
+        .into_keys()
+        .filter(|p| {
+            p.components()
+                .any(|c| c.as_os_str().to_string_lossy().starts_with("run_id="))
+        })
+        .collect();
+    assert!(
+        outputs.is_empty(),
+        "a failed run left final outputs: {outputs:?}\n{}",
+        run.describe()
+    );
+}
+
+/// `backfill run --source SRC --out OUT --run-id bad-1 EXTRA...`
+fn run_job(src: &str, out: &Path, extra: &[&str]) -> Run {
+    let out = out.display().to_string();
+    let mut args = vec!["run", "--source", src, "--out", &out, "--run-id", "bad-1"];
+    args.extend_from_slice(extra);
+    backfill(&args)
+}
+
+#[test]
+fn missing_source_path() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let missing = work.path().join("no-such-archive");
+    let src = missing.display().to_string();
+    let run = run_job(&src, &out, &[]);
+    assert_error(&run, 2, &[&src], &out);
+}
+
+#[test]
+fn garbage_parquet_file_is_a_runtime_failure() {
+    let mut archive = archive_with(&Layout::default());
+    archive.raw(
+        "dt=2024-01-01/x.parquet",
+        b"this is not a parquet file, not at all",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let run = run_job(&archive.source(), &out, &[]);
+    assert_error(&run, 1, &["x.parquet"], &out);
+}
+
+#[test]
+fn truncated_parquet_file_is_a_runtime_failure() {
+    let archive = archive_with(&Layout::default());
+    let good = archive.path().join("dt=2024-01-01/part-0.parquet");
+    let bytes = fs::read(&good).unwrap();
+    let broken = archive.path().join("dt=2024-01-01/truncated.parquet");
+    // keep the magic at both ends, lose the footer
+    let mut cut = bytes[..bytes.len() / 2].to_vec();
+    cut.extend_from_slice(b"PAR1");
+    fs::write(&broken, cut).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let run = run_job(&archive.source(), &out, &[]);
+    assert_error(&run, 1, &["truncated.parquet"], &out);
+}
+
+#[test]
+fn required_column_missing() {
+    for col in [
+        Col::EventId,
+        Col::Key,
+        Col::Seq,
+        Col::EventTime,
+        Col::Status,
+    ] {
+        let archive = archive_with(&Layout::default().without(col));
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("out");
+        let run = run_job(&archive.source(), &out, &[]);
+        assert_error(&run, 2, &[col.default_name()], &out);
+    }
+}
+
+#[test]
+fn remapped_column_missing() {
+    let archive = archive_with(&Layout::default());
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let run = run_job(&archive.source(), &out, &["--column", "event_id=nope"]);
+    assert_error(&run, 2, &["nope"], &out);
+}
+
+#[test]
+fn column_of_the_wrong_type() {
+    for col in [Col::Seq, Col::EventTime, Col::Attempts] {
+        let archive = archive_with(&Layout::default().override_type(col, DataType::Utf8));
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("out");
+        let run = run_job(&archive.source(), &out, &[]);
+        assert_error(&run, 2, &[col.default_name()], &out);
+    }
+}
+
+#[test]
+fn key_and_seq_are_optional_without_gaps_and_conflicts() {
+    let layout = Layout::default().without(Col::Key).without(Col::Seq);
+    let mut archive = Archive::new();
+    archive.file(
+        "part-0.parquet",
+        &layout,
+        &[
+            Row::new("a", "k", 1, "2024-01-01T00:00:00Z", Some("failed")).attempts(1),
+            Row::new("b", "k", 2, "2024-01-01T00:00:01Z", Some("processed")),
+            Row::new("c", "k", 3, "2024-01-01T00:00:02Z", None).attempts(3),
+        ],
+    );
+    // with either detection on, the missing column is an error
+    for flag in ["--no-gaps", "--no-conflicts"] {
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("out");
+        let run = run_job(&archive.source(), &out, &[flag]);
+        assert_error(&run, 2, &["key|seq"], &out);
+    }
+    let source = read_source(&archive.path());
+    let work = tempfile::tempdir().unwrap();
+    let job = Job {
+        source_dir: &archive.path(),
+        source: &source,
+        target: Target::under(&work.path().join("out")),
+        cfg: Config {
+            gaps: false,
+            conflicts: false,
+            ..Config::default()
+        },
+        flags: vec!["--no-gaps".into(), "--no-conflicts".into()],
+    };
+    let (_, exp) = job.run("nokey-1", &mut Ledger::default(), 0);
+    assert_eq!((exp.replay.len(), exp.dlq.len()), (1, 1));
+}
+
+#[test]
+fn invalid_regex() {
+    let archive = archive_with(&Layout::default());
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let run = run_job(&archive.source(), &out, &["--permanent-error", "(unclosed"]);
+    assert_error(&run, 2, &["(unclosed"], &out);
+}
+
+#[test]
+fn invalid_timestamps() {
+    let archive = archive_with(&Layout::default());
+    for (flag, value) in [("--from", "yesterday"), ("--to", "2024-13-45T00:00:00Z")] {
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("out");
+        let run = run_job(&archive.source(), &out, &[flag, value]);
+        assert_error(&run, 2, &[value], &out);
+    }
+}
+
+#[test]
+fn from_not_before_to() {
+    let archive = archive_with(&Layout::default());
+    for (from, to) in [
+        ("2024-01-02T00:00:00Z", "2024-01-01T00:00:00Z"),
+        ("2024-01-01T00:00:00Z", "2024-01-01T00:00:00Z"),
+    ] {
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("out");
+        let run = run_job(&archive.source(), &out, &["--from", from, "--to", to]);
+        assert_error(&run, 2, &[], &out);
+    }
+}
+
+#[test]
+fn invalid_run_ids() {
+    let archive = archive_with(&Layout::default());
+    let too_long = "r".repeat(129);
+    for id in ["../x", "a/b", "a b", ".hidden", "_tmp", too_long.as_str()] {
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("out");
+        let out_s = out.display().to_string();
+        let src = archive.source();
+        let run = backfill(&["run", "--source", &src, "--out", &out_s, "--run-id", id]);
+        assert_error(&run, 2, &[id], &out);
+        assert!(!work.path().join("x").exists(), "run id escaped OUT");
+    }
+    // 128 characters is fine
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let ok = format!("A{}", "b.-_9".repeat(25)) + "xx";
+    assert_eq!(ok.len(), 128);
+    let run = backfill(&[
+        "run",
+        "--source",
+        &archive.source(),
+        "--out",
+        &out.display().to_string(),
+        "--run-id",
+        &ok,
+    ]);
+    run.ok();
+}
+
+fn write_job(dir: &Path, text: &str) -> String {
+    let path = dir.join("job.toml");
+    fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn job_file_with_an_unknown_key() {
+    let archive = archive_with(&Layout::default());
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let job = write_job(
+        work.path(),
+        &format!(
+            "source = \"{}\"\nout = \"{}\"\nmax_attemps = 4\n",
+            archive.source(),
+            out.display()
+        ),
+    );
+    let run = backfill(&["run", "--job", &job]);
+    assert_error(&run, 2, &["max_attemps"], &out);
+
+    let job = write_job(
+        work.path(),
+        &format!(
+            "source = \"{}\"\nout = \"{}\"\n[columns]\nevent_idd = \"id\"\n",
+            archive.source(),
+            out.display()
+        ),
+    );
+    let run = backfill(&["run", "--job", &job]);
+    assert_error(&run, 2, &["event_idd"], &out);
+}
+
+#[test]
+fn job_file_with_an_unset_variable() {
+    let archive = archive_with(&Layout::default());
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let job = write_job(
+        work.path(),
+        &format!(
+            "source = \"{}\"\nout = \"{}\"\nrun_id = \"${{BACKFILL_IT_UNSET_VAR}}\"\n",
+            archive.source(),
+            out.display()
+        ),
+    );
+    let run = backfill_in(&["run", "--job", &job], &[], Some(work.path()));
+    assert_error(&run, 2, &["BACKFILL_IT_UNSET_VAR"], &out);
+}
+
+#[test]
+fn job_file_missing_or_malformed() {
+    let archive = archive_with(&Layout::default());
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let missing = work.path().join("nope.toml").display().to_string();
+    let run = backfill(&[
+        "run",
+        "--job",
+        &missing,
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert_error(&run, 2, &["nope.toml"], &out);
+
+    let job = write_job(
+        work.path(),
+        &format!(
+            "source = \"{}\"\nout = \"{}\"\nmax_attempts = = 3\n",
+            archive.source(),
+            out.display()
+        ),
+    );
+    let run = backfill(&["run", "--job", &job]);
+    assert_error(&run, 2, &["job.toml"], &out);
+}
+
+#[test]
+fn malformed_column_and_memory_flags() {
+    let archive = archive_with(&Layout::default());
+    for (extra, named) in [
+        (["--column", "event_id"], "event_id"),
+        (
+            ["--column", "no_such_contract_column=x"],
+            "no_such_contract_column",
+        ),
+        (["--memory-limit", "lots"], "lots"),
+    ] {
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("out");
+        let run = run_job(&archive.source(), &out, &extra);
+        assert_error(&run, 2, &[named], &out);
+    }
+}

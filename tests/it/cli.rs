@@ -1,0 +1,224 @@
+//! Running the `backfill` binary, and its command-line surface: help texts
+//! and flag errors.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The longest a single invocation may take before the test gives up.
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+/// What one invocation of the binary did.
+#[derive(Debug)]
+pub struct Run {
+    pub args: Vec<String>,
+    /// `None` when killed by a signal.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// Everything needed to understand a failed assertion.
+    pub fn describe(&self) -> String {
+        format!(
+            "backfill {}\nexit: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.args.join(" "),
+            self.code,
+            self.stdout,
+            self.stderr
+        )
+    }
+
+    /// Assert the exit code, showing the whole invocation when it differs.
+    #[track_caller]
+    pub fn expect_code(&self, code: i32) -> &Run {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "unexpected exit code\n{}",
+            self.describe()
+        );
+        assert!(
+            !self.stderr.contains("panicked"),
+            "the binary panicked\n{}",
+            self.describe()
+        );
+        self
+    }
+
+    /// Assert success.
+    #[track_caller]
+    pub fn ok(&self) -> &Run {
+        self.expect_code(0)
+    }
+
+    /// The non-empty lines of stderr.
+    pub fn stderr_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    }
+}
+
+/// Run the binary with `args`, extra environment variables, in `cwd`.
+pub fn backfill_in(args: &[&str], envs: &[(&str, &str)], cwd: Option<&Path>) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_backfill"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd.spawn().expect("spawn backfill");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for backfill") {
+            break status;
+        }
+        if start.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("backfill {} did not finish in {TIMEOUT:?}", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        code: status.code(),
+        stdout: t_out.join().expect("stdout reader"),
+        stderr: t_err.join().expect("stderr reader"),
+    }
+}
+
+/// Run the binary with `args`.
+pub fn backfill(args: &[&str]) -> Run {
+    backfill_in(args, &[], None)
+}
+
+#[test]
+fn top_level_help_lists_the_commands() {
+    let run = backfill(&["--help"]);
+    run.ok();
+    for cmd in ["run", "gaps", "sql", "explain", "generate", "state"] {
+        assert!(
+            run.stdout.contains(cmd),
+            "--help does not mention `{cmd}`\n{}",
+            run.describe()
+        );
+    }
+}
+
+#[test]
+fn run_help_lists_every_flag() {
+    let run = backfill(&["run", "--help"]);
+    run.ok();
+    for flag in [
+        "--job",
+        "--source",
+        "--from",
+        "--to",
+        "--column",
+        "--done-status",
+        "--no-gaps",
+        "--no-conflicts",
+        "--memory-limit",
+        "--progress",
+        "--out",
+        "--replay-sink",
+        "--dlq-sink",
+        "--gaps-sink",
+        "--state",
+        "--max-attempts",
+        "--permanent-error",
+        "--run-id",
+        "--report",
+        "--dry-run",
+        "--fail-on-dlq",
+    ] {
+        assert!(
+            run.stdout.contains(flag),
+            "`run --help` does not list {flag}\n{}",
+            run.describe()
+        );
+    }
+}
+
+#[test]
+fn other_commands_help_lists_their_flags() {
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["gaps", "--help"],
+            &["--source", "--format", "--from", "--to"],
+        ),
+        (&["sql", "--help"], &["--source", "--format", "-f"]),
+        (&["explain", "--help"], &["--source"]),
+        (
+            &["generate", "--help"],
+            &["--out", "--events", "--keys", "--seed"],
+        ),
+    ];
+    for (args, flags) in cases {
+        let run = backfill(args);
+        run.ok();
+        for flag in *flags {
+            assert!(
+                run.stdout.contains(flag),
+                "`{}` does not list {flag}\n{}",
+                args.join(" "),
+                run.describe()
+            );
+        }
+    }
+}
+
+#[test]
+fn unknown_flag_is_a_usage_error() {
+    let run = backfill(&["run", "--source", "/tmp", "--no-such-flag"]);
+    run.expect_code(2);
+    assert!(
+        run.stderr.contains("--no-such-flag"),
+        "the error does not name the flag\n{}",
+        run.describe()
+    );
+}
+
+#[test]
+fn unknown_command_and_no_command_are_usage_errors() {
+    backfill(&["frobnicate"]).expect_code(2);
+    backfill(&[]).expect_code(2);
+}
+
+#[test]
+fn bad_flag_values_are_usage_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().display().to_string();
+    for args in [
+        vec!["run", "--source", &src, "--max-attempts", "many"],
+        vec!["gaps", "--source", &src, "--format", "xml"],
+        vec!["run", "--source", &src, "--progress", "sometimes"],
+    ] {
+        let run = backfill(&args);
+        run.expect_code(2);
+    }
+}

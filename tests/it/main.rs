@@ -1,0 +1,10 @@
+//! The one integration-test binary: a module per area (link time matters on
+//! two cores).
+
+mod archive;
+mod bad_input;
+mod cli;
+mod e2e;
+mod kafka;
+mod reference;
+mod services;
