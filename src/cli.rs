@@ -43,9 +43,10 @@ pub enum Format {
 }
 
 /// Whether to draw progress on stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum Progress {
     /// Only when stderr is a terminal.
+    #[default]
     Auto,
     On,
     Off,
@@ -84,12 +85,6 @@ pub struct ScanArgs {
     /// Progress on stderr.
     #[arg(long, value_enum, default_value_t = Progress::Auto)]
     pub progress: Progress,
-}
-
-impl Default for Progress {
-    fn default() -> Self {
-        Progress::Auto
-    }
 }
 
 #[derive(Debug, Clone, Args)]

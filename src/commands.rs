@@ -48,9 +48,7 @@ pub async fn sql(args: SqlArgs) -> Result<(), Error> {
             message: e.to_string(),
         })?,
         _ => {
-            return Err(Error::Usage(
-                "sql: give a QUERY or -f FILE.sql".into(),
-            ));
+            return Err(Error::Usage("sql: give a QUERY or -f FILE.sql".into()));
         }
     };
     let (ctx, _, _) = prepare(&args.scan).await?;
@@ -212,10 +210,17 @@ async fn gc(args: GcArgs) -> Result<(), Error> {
         args.dry_run,
     )
     .await?;
-    let verb = if args.dry_run { "would remove" } else { "removed" };
+    let verb = if args.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
     let mut text = String::new();
     for l in &found {
-        text.push_str(&format!("{verb} {} ({}, {} bytes)\n", l.object, l.why, l.bytes));
+        text.push_str(&format!(
+            "{verb} {} ({}, {} bytes)\n",
+            l.object, l.why, l.bytes
+        ));
     }
     text.push_str(&format!("{verb} {} objects\n", found.len()));
     write_stdout(text.as_bytes())

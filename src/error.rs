@@ -22,8 +22,9 @@ pub enum Error {
     Job(#[from] JobError),
     #[error(transparent)]
     Location(#[from] LocationError),
+    /// Boxed: it carries two Arrow types in its largest variant.
     #[error(transparent)]
-    Source(#[from] SourceError),
+    Source(Box<SourceError>),
     #[error(transparent)]
     Sink(#[from] SinkError),
     #[error(transparent)]
@@ -32,8 +33,9 @@ pub enum Error {
     Policy(#[from] PolicyError),
     #[error(transparent)]
     Generate(#[from] crate::generate::GenerateError),
+    /// Boxed: DataFusion's error is large and would bloat every Result.
     #[error("{}", datafusion_line(.0))]
-    DataFusion(#[from] datafusion::error::DataFusionError),
+    DataFusion(Box<datafusion::error::DataFusionError>),
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
     #[error("{what}: {message}")]
@@ -42,6 +44,18 @@ pub enum Error {
     Usage(String),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<SourceError> for Error {
+    fn from(e: SourceError) -> Self {
+        Error::Source(Box::new(e))
+    }
+}
+
+impl From<datafusion::error::DataFusionError> for Error {
+    fn from(e: datafusion::error::DataFusionError) -> Self {
+        Error::DataFusion(Box::new(e))
+    }
 }
 
 impl Error {

@@ -300,7 +300,11 @@ impl Plan {
         if opts.events < 1 || opts.events > i64::MAX as u64 {
             return Err(invalid(
                 "--events",
-                format!("--events must be at least 1 (got {})", opts.events),
+                format!(
+                    "--events must be between 1 and {} (got {})",
+                    i64::MAX,
+                    opts.events
+                ),
             ));
         }
         if opts.keys < 1 || opts.keys > opts.events {
@@ -772,7 +776,6 @@ pub async fn generate(
     // row of event i is at or after base_time(i), which never decreases.
     let mut pending: BinaryHeap<Reverse<Row>> = BinaryHeap::new();
     let mut order = 0u64;
-    let mut summary = GenerateSummary::default();
     for i in 0..plan.events {
         let base = plan.base_time(i);
         while pending.peek().is_some_and(|r| r.0.time < base) {
@@ -780,7 +783,7 @@ pub async fn generate(
                 writer.emit(&row).await?;
             }
         }
-        plan.event_rows(i, &mut order, &mut summary, |row| {
+        plan.event_rows(i, &mut order, &mut writer.summary, |row| {
             pending.push(Reverse(row))
         });
     }
@@ -788,14 +791,7 @@ pub async fn generate(
         writer.emit(&row).await?;
     }
     writer.close().await?;
-    let mut result = writer.summary;
-    result.gaps_injected = summary.gaps_injected;
-    result.missing_events = summary.missing_events;
-    result.failed_events = summary.failed_events;
-    result.duplicate_rows = summary.duplicate_rows;
-    result.conflicts_injected = summary.conflicts_injected;
-    result.processed_events = summary.processed_events;
-    Ok(result)
+    Ok(writer.summary)
 }
 
 #[cfg(test)]

@@ -313,9 +313,9 @@ fn interpolate_str(
     while let Some(i) = rest.find('$') {
         out.push_str(&rest[..i]);
         let tail = &rest[i..];
-        if tail.starts_with("$${") {
+        if let Some(after) = tail.strip_prefix("$${") {
             out.push_str("${");
-            rest = &tail[3..];
+            rest = after;
         } else if let Some(body) = tail.strip_prefix("${") {
             match body.find('}') {
                 Some(end) => {
@@ -342,7 +342,10 @@ pub fn parse_time(what: &str, s: &str) -> Result<DateTime<Utc>, JobError> {
         return Ok(t.with_timezone(&Utc));
     }
     if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        return Ok(d.and_hms_opt(0, 0, 0).map(|t| t.and_utc()).unwrap_or_default());
+        return Ok(d
+            .and_hms_opt(0, 0, 0)
+            .map(|t| t.and_utc())
+            .unwrap_or_default());
     }
     Err(invalid(
         what,
@@ -382,10 +385,7 @@ pub fn parse_size(what: &str, s: &str) -> Result<usize, JobError> {
 pub fn validate_run_id(id: &str) -> Result<(), JobError> {
     let ok = !id.is_empty()
         && id.len() <= 128
-        && id
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
@@ -424,7 +424,10 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
     let sources = if !args.source.is_empty() {
         args.source.clone()
     } else {
-        job.source.clone().map(OneOrMany::into_vec).unwrap_or_default()
+        job.source
+            .clone()
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default()
     };
     if sources.is_empty() {
         return Err(invalid(
@@ -519,7 +522,10 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
             ));
         }
         crate::source::partition_granularity(&p.format).map_err(|m| {
-            invalid(format!("partitions[{i}].format"), format!("'{}': {m}", p.format))
+            invalid(
+                format!("partitions[{i}].format"),
+                format!("'{}': {m}", p.format),
+            )
         })?;
     }
     Ok(Scan {
@@ -562,7 +568,8 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
             ("--dlq-sink", &dlq_sink),
             ("--gaps-sink", &gaps_sink),
         ] {
-            if s.is_none() && !(flag == "--gaps-sink" && !scan.detect_gaps) {
+            let needed = flag != "--gaps-sink" || scan.detect_gaps;
+            if s.is_none() && needed {
                 return Err(invalid(
                     flag,
                     format!("no location for this output: pass --out DIR or {flag} LOCATION"),
@@ -640,7 +647,10 @@ mod tests {
         let e = parse_job_text("j.toml", "[storage]\nendpoint = \"${NOPE}\"\n", &env)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("storage.endpoint") && e.contains("${NOPE}"), "{e}");
+        assert!(
+            e.contains("storage.endpoint") && e.contains("${NOPE}"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -670,6 +680,23 @@ mod tests {
         assert_eq!(parse_size("m", "4G").unwrap(), 4 << 30);
         assert_eq!(parse_size("m", "512MiB").unwrap(), 512 << 20);
         assert!(parse_size("m", "lots").is_err());
+    }
+
+    /// Every example job file in jobs/ parses (with any variable set).
+    #[test]
+    fn example_job_files_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&p).unwrap();
+                parse_job_text(&p.display().to_string(), &text, &|_| Some("x".into()))
+                    .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 1);
     }
 
     #[test]

@@ -179,7 +179,11 @@ impl Location {
         for part in rel.split('/').filter(|p| !p.is_empty()) {
             prefix = prefix.clone().join(part);
         }
-        let sep = if self.original.ends_with('/') { "" } else { "/" };
+        let sep = if self.original.ends_with('/') {
+            ""
+        } else {
+            "/"
+        };
         Location {
             original: format!("{}{}{}", self.original, sep, rel.trim_matches('/')),
             store: self.store.clone(),
@@ -339,9 +343,12 @@ fn cloud(
                 .endpoint
                 .clone()
                 .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
-            let allow_http = storage
-                .allow_http
-                .unwrap_or(env_http || endpoint.as_deref().is_some_and(|e| e.starts_with("http://")));
+            let allow_http = storage.allow_http.unwrap_or(
+                env_http
+                    || endpoint
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with("http://")),
+            );
             if let Some(e) = endpoint {
                 b = b.with_endpoint(e);
             }

@@ -108,7 +108,8 @@ pub fn output_schema(candidates: &Schema) -> SchemaRef {
 }
 
 fn column<'a>(b: &'a RecordBatch, name: &'static str) -> Result<&'a ArrayRef, PolicyError> {
-    b.column_by_name(name).ok_or(PolicyError::MissingColumn(name))
+    b.column_by_name(name)
+        .ok_or(PolicyError::MissingColumn(name))
 }
 
 fn as_i64(a: &ArrayRef) -> Result<Int64Array, PolicyError> {
@@ -176,13 +177,14 @@ impl Policy {
         let rest = boolean::and_not(&rest, &is_permanent)?;
         let is_exceeded = boolean::and(&rest, &exceeded)?;
         let is_replay = boolean::and_not(&rest, &is_exceeded)?;
-        let is_dlq = boolean::or(
-            &boolean::or(&is_conflict, &is_permanent)?,
-            &is_exceeded,
-        )?;
+        let is_dlq = boolean::or(&boolean::or(&is_conflict, &is_permanent)?, &is_exceeded)?;
 
         let s = |v: &str| Scalar::new(StringArray::from(vec![v]));
-        let reason = zip::zip(&is_exceeded, &s(REASON_MAX_ATTEMPTS), &s(REASON_UNPROCESSED))?;
+        let reason = zip::zip(
+            &is_exceeded,
+            &s(REASON_MAX_ATTEMPTS),
+            &s(REASON_UNPROCESSED),
+        )?;
         let reason = zip::zip(&is_permanent, &s(REASON_PERMANENT), &reason)?;
         let reason = zip::zip(&is_conflict, &s(REASON_CONFLICT), &reason)?;
         let attempt_replay = numeric::add(&retries, &Int64Array::new_scalar(1))?;
@@ -262,7 +264,16 @@ mod tests {
 
     /// A candidate batch: (event_id, error, archived attempts, conflict,
     /// ledger replays, ledger dead) plus a passthrough column.
-    fn batch(rows: &[(&str, Option<&str>, Option<i64>, bool, Option<i64>, Option<bool>)]) -> RecordBatch {
+    fn batch(
+        rows: &[(
+            &str,
+            Option<&str>,
+            Option<i64>,
+            bool,
+            Option<i64>,
+            Option<bool>,
+        )],
+    ) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![
             Field::new("event_id", DataType::Utf8, false),
             Field::new("payload", DataType::Utf8, true),
@@ -278,13 +289,27 @@ mod tests {
             schema,
             vec![
                 Arc::new(StringArray::from(ids.clone())),
-                Arc::new(StringArray::from(ids.iter().map(|i| Some(format!("body-{i}"))).collect::<Vec<_>>())),
+                Arc::new(StringArray::from(
+                    ids.iter()
+                        .map(|i| Some(format!("body-{i}")))
+                        .collect::<Vec<_>>(),
+                )),
                 Arc::new(StringArray::from(ids)),
-                Arc::new(StringArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
-                Arc::new(Int64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
-                Arc::new(BooleanArray::from(rows.iter().map(|r| Some(r.3)).collect::<Vec<_>>())),
-                Arc::new(Int64Array::from(rows.iter().map(|r| r.4).collect::<Vec<_>>())),
-                Arc::new(BooleanArray::from(rows.iter().map(|r| r.5).collect::<Vec<_>>())),
+                Arc::new(StringArray::from(
+                    rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                )),
+                Arc::new(Int64Array::from(
+                    rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+                )),
+                Arc::new(BooleanArray::from(
+                    rows.iter().map(|r| Some(r.3)).collect::<Vec<_>>(),
+                )),
+                Arc::new(Int64Array::from(
+                    rows.iter().map(|r| r.4).collect::<Vec<_>>(),
+                )),
+                Arc::new(BooleanArray::from(
+                    rows.iter().map(|r| r.5).collect::<Vec<_>>(),
+                )),
             ],
         )
         .unwrap()
@@ -320,7 +345,14 @@ mod tests {
     fn first_match_wins_in_order() {
         let b = batch(&[
             // skipped even though it conflicts and is permanent
-            ("a", Some("schema invalid"), Some(9), true, Some(0), Some(true)),
+            (
+                "a",
+                Some("schema invalid"),
+                Some(9),
+                true,
+                Some(0),
+                Some(true),
+            ),
             // conflict beats permanent and exceeded
             ("b", Some("schema invalid"), Some(9), true, None, None),
             // permanent beats exceeded
@@ -335,7 +367,10 @@ mod tests {
         let d = policy(&["^schema"]).decide(&b).unwrap();
         assert_eq!(strings(&d.replay, "event_id"), ["e", "f"]);
         assert_eq!(ints(&d.replay, "backfill_attempt"), [1, 3]);
-        assert_eq!(strings(&d.replay, "backfill_reason"), ["unprocessed", "unprocessed"]);
+        assert_eq!(
+            strings(&d.replay, "backfill_reason"),
+            ["unprocessed", "unprocessed"]
+        );
         assert_eq!(strings(&d.dlq, "event_id"), ["b", "c", "d"]);
         assert_eq!(
             strings(&d.dlq, "backfill_reason"),
@@ -348,9 +383,18 @@ mod tests {
         assert_eq!(d.counts.dead_lettered_by_reason.len(), 3);
         // Ledger holds the acted-on events only, with their outcome.
         assert_eq!(strings(&d.ledger, "event_id"), ["b", "c", "d", "e", "f"]);
-        assert_eq!(strings(&d.ledger, "outcome"), ["dlq", "dlq", "dlq", "replay", "replay"]);
+        assert_eq!(
+            strings(&d.ledger, "outcome"),
+            ["dlq", "dlq", "dlq", "replay", "replay"]
+        );
         // Internal columns never leak; passthrough columns do.
-        assert!(d.replay.schema().fields().iter().all(|f| !f.name().starts_with("__bf_")));
+        assert!(
+            d.replay
+                .schema()
+                .fields()
+                .iter()
+                .all(|f| !f.name().starts_with("__bf_"))
+        );
         assert_eq!(strings(&d.replay, "payload"), ["body-e", "body-f"]);
         assert_eq!(strings(&d.replay, "backfill_run_id"), ["r1", "r1"]);
     }
@@ -370,6 +414,9 @@ mod tests {
     #[test]
     fn empty_batch() {
         let d = policy(&["x"]).decide(&batch(&[])).unwrap();
-        assert_eq!(d.replay.num_rows() + d.dlq.num_rows() + d.ledger.num_rows(), 0);
+        assert_eq!(
+            d.replay.num_rows() + d.dlq.num_rows() + d.ledger.num_rows(),
+            0
+        );
     }
 }

@@ -53,12 +53,12 @@ impl Report {
     pub fn human(&self) -> String {
         let mut s = String::new();
         let head = if self.already_committed {
+            format!("run {} is already committed; nothing to do", self.run_id)
+        } else if self.dry_run {
             format!(
-                "run {} is already committed; nothing to do",
+                "run {} (dry run: nothing written or committed)",
                 self.run_id
             )
-        } else if self.dry_run {
-            format!("run {} (dry run: nothing written or committed)", self.run_id)
         } else {
             format!("run {} committed", self.run_id)
         };

@@ -157,7 +157,10 @@ pub async fn explain(
     use datafusion::physical_plan::displayable;
     let mut out = String::new();
     let plans = [
-        ("candidates (unprocessed + conflicts + ledger)", candidates(ctx, scan, archive).await?),
+        (
+            "candidates (unprocessed + conflicts + ledger)",
+            candidates(ctx, scan, archive).await?,
+        ),
         ("gaps", gaps(ctx).await?),
     ];
     for (name, df) in plans {
@@ -176,7 +179,10 @@ mod tests {
     #[test]
     fn empty_view_keeps_the_name() {
         let s = empty_view(GAPS_SQL);
-        assert!(s.starts_with("CREATE OR REPLACE VIEW gaps AS SELECT * FROM ("), "{s}");
+        assert!(
+            s.starts_with("CREATE OR REPLACE VIEW gaps AS SELECT * FROM ("),
+            "{s}"
+        );
         assert!(s.ends_with("WHERE false"));
     }
 }

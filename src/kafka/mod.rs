@@ -324,9 +324,9 @@ pub fn parse_url(url: &str) -> Result<KafkaUrl, KafkaError> {
         url: url.to_string(),
         reason,
     };
-    let rest = url.strip_prefix("kafka://").ok_or_else(|| {
-        invalid("expected kafka://HOST:PORT[,HOST:PORT]/TOPIC".into())
-    })?;
+    let rest = url
+        .strip_prefix("kafka://")
+        .ok_or_else(|| invalid("expected kafka://HOST:PORT[,HOST:PORT]/TOPIC".into()))?;
     let Some((hosts, topic)) = rest.split_once('/') else {
         return Err(invalid(
             "missing topic: expected kafka://HOST:PORT[,HOST:PORT]/TOPIC".into(),
@@ -346,7 +346,9 @@ pub fn parse_url(url: &str) -> Result<KafkaUrl, KafkaError> {
     let mut brokers = Vec::new();
     for broker in hosts.split(',') {
         let Some((host, port)) = broker.rsplit_once(':') else {
-            return Err(invalid(format!("broker '{broker}' has no port (HOST:PORT)")));
+            return Err(invalid(format!(
+                "broker '{broker}' has no port (HOST:PORT)"
+            )));
         };
         let host_ok = if let Some(h) = host.strip_prefix('[') {
             h.strip_suffix(']').is_some_and(|h| !h.is_empty())
@@ -437,7 +439,10 @@ pub(crate) fn client_config(
                 // The Java client's partitioner: a key lands in the partition
                 // where a Java producer would have put the original event.
                 .set("partitioner", "murmur2_random")
-                .set("message.timeout.ms", settings.message_timeout_ms.to_string())
+                .set(
+                    "message.timeout.ms",
+                    settings.message_timeout_ms.to_string(),
+                )
                 .set(
                     "allow.auto.create.topics",
                     if settings.allow_auto_create_topics {
@@ -448,7 +453,18 @@ pub(crate) fn client_config(
                 );
         }
         Role::Consumer => {
+            // librdkafka wants a group id even for assigned partitions; a
+            // fresh one joins nothing and owns no committed offsets. A
+            // `group.id` property (for ACLs) wins.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default();
             cfg.set("client.id", "backfill-reader")
+                .set(
+                    "group.id",
+                    format!("backfill-reader-{}-{nanos}", std::process::id()),
+                )
                 // A backfill must not disturb live consumers: no group
                 // membership is used (partitions are assigned), and nothing is
                 // ever committed.
@@ -515,8 +531,7 @@ mod tests {
             .insert("sasl.password".into(), "hunter2".into());
         s.properties
             .insert("ssl.key.password".into(), "hunter3".into());
-        s.properties
-            .insert("sasl.username".into(), "alice".into());
+        s.properties.insert("sasl.username".into(), "alice".into());
         let r = s.redacted();
         assert_eq!(r["sasl.password"], REDACTED);
         assert_eq!(r["ssl.key.password"], REDACTED);
@@ -538,7 +553,10 @@ mod tests {
         let e = interpolate_env("sasl.password", "${BACKFILL_KAFKA_TEST_UNSET}")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("sasl.password") && e.contains("BACKFILL_KAFKA_TEST_UNSET"), "{e}");
+        assert!(
+            e.contains("sasl.password") && e.contains("BACKFILL_KAFKA_TEST_UNSET"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -571,6 +589,9 @@ mod tests {
         let e = client_config(&u, &s, Role::Producer)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("bootstrap.servers") && e.contains("kafka://a:1/t"), "{e}");
+        assert!(
+            e.contains("bootstrap.servers") && e.contains("kafka://a:1/t"),
+            "{e}"
+        );
     }
 }

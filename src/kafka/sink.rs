@@ -25,7 +25,9 @@ use std::time::Duration;
 
 use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, StringArray, StringBuilder};
 use arrow::compute::{CastOptions, cast_with_options};
-use arrow::datatypes::{DataType, Schema, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType};
+use arrow::datatypes::{
+    DataType, Schema, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType,
+};
 use arrow::json::writer::{LineDelimited, WriterBuilder};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
@@ -38,7 +40,9 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
-use super::{KafkaSettings, KafkaUrl, Role, TimestampSource, ValueFormat, client_config, parse_url};
+use super::{
+    KafkaSettings, KafkaUrl, Role, TimestampSource, ValueFormat, client_config, parse_url,
+};
 use crate::sink::{RowColumns, Sink, SinkContext, SinkError, SinkKind, SinkReceipt};
 
 /// How long the health check waits for broker metadata: long enough for a
@@ -139,7 +143,11 @@ impl Layout {
         add(headers::EVENT_ID, &columns.event_id, HeaderFormat::Text);
         add(headers::KEY, &columns.key, HeaderFormat::Text);
         add(headers::SEQ, &columns.seq, HeaderFormat::Text);
-        add(headers::DETECTED_AT, DETECTED_AT_COLUMN, HeaderFormat::Rfc3339);
+        add(
+            headers::DETECTED_AT,
+            DETECTED_AT_COLUMN,
+            HeaderFormat::Rfc3339,
+        );
         if kind == SinkKind::Dlq {
             add(headers::ERROR, &columns.error, HeaderFormat::Text);
         }
@@ -218,8 +226,8 @@ impl KafkaSink {
         let url = parse_url(target).map_err(|e| config_err(e.to_string()))?;
         let settings = ctx.kafka.clone().unwrap_or_default();
         Layout::resolve(&ctx.schema, ctx.kind, &ctx.columns, &settings).map_err(&config_err)?;
-        let mut cfg =
-            client_config(&url, &settings, Role::Producer).map_err(|e| config_err(e.to_string()))?;
+        let mut cfg = client_config(&url, &settings, Role::Producer)
+            .map_err(|e| config_err(e.to_string()))?;
         let transactional = match &settings.transactional_id {
             Some(id) if id.trim().is_empty() => {
                 return Err(config_err("transactional_id is empty".into()));
@@ -273,12 +281,18 @@ impl KafkaSink {
     /// Record one delivery outcome.
     fn settle(
         &mut self,
-        outcome: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
+        outcome: Result<
+            rdkafka::producer::future_producer::OwnedDeliveryResult,
+            futures::channel::oneshot::Canceled,
+        >,
     ) {
         match outcome {
             Ok(Ok(d)) => {
                 self.acked += 1;
-                let span = self.spans.entry(d.partition).or_insert((d.offset, d.offset));
+                let span = self
+                    .spans
+                    .entry(d.partition)
+                    .or_insert((d.offset, d.offset));
                 span.0 = span.0.min(d.offset);
                 span.1 = span.1.max(d.offset);
             }
@@ -368,7 +382,8 @@ fn as_binary(col: &ArrayRef) -> Result<BinaryArray, String> {
             cast_with_options(col, &DataType::Binary, &strict).map_err(|e| e.to_string())?
         }
         _ => {
-            let text = cast_with_options(col, &DataType::Utf8, &strict).map_err(|e| e.to_string())?;
+            let text =
+                cast_with_options(col, &DataType::Utf8, &strict).map_err(|e| e.to_string())?;
             cast_with_options(&text, &DataType::Binary, &strict).map_err(|e| e.to_string())?
         }
     };
@@ -381,12 +396,17 @@ fn as_header_strings(col: &ArrayRef, format: HeaderFormat) -> Result<StringArray
     let utc: Option<Arc<str>> = Some("UTC".into());
     match format {
         HeaderFormat::Text => {
-            let text = cast_with_options(col, &DataType::Utf8, &strict).map_err(|e| e.to_string())?;
+            let text =
+                cast_with_options(col, &DataType::Utf8, &strict).map_err(|e| e.to_string())?;
             Ok(text.as_string::<i32>().clone())
         }
         HeaderFormat::Rfc3339 => {
-            let t = cast_with_options(col, &DataType::Timestamp(TimeUnit::Microsecond, utc), &strict)
-                .map_err(|e| e.to_string())?;
+            let t = cast_with_options(
+                col,
+                &DataType::Timestamp(TimeUnit::Microsecond, utc),
+                &strict,
+            )
+            .map_err(|e| e.to_string())?;
             let t = t.as_primitive::<TimestampMicrosecondType>();
             let mut b = StringBuilder::with_capacity(t.len(), t.len() * 27);
             for v in t.iter() {
@@ -398,8 +418,12 @@ fn as_header_strings(col: &ArrayRef, format: HeaderFormat) -> Result<StringArray
             Ok(b.finish())
         }
         HeaderFormat::EpochMillis => {
-            let t = cast_with_options(col, &DataType::Timestamp(TimeUnit::Millisecond, utc), &strict)
-                .map_err(|e| e.to_string())?;
+            let t = cast_with_options(
+                col,
+                &DataType::Timestamp(TimeUnit::Millisecond, utc),
+                &strict,
+            )
+            .map_err(|e| e.to_string())?;
             let t = t.as_primitive::<TimestampMillisecondType>();
             Ok(t.iter().map(|v| v.map(|ms| ms.to_string())).collect())
         }
@@ -453,7 +477,12 @@ impl Sink for KafkaSink {
                 })
         })
         .await
-        .map_err(|e| self.io("health check", format!("the metadata request did not complete: {e}")))?
+        .map_err(|e| {
+            self.io(
+                "health check",
+                format!("the metadata request did not complete: {e}"),
+            )
+        })?
         .map_err(|e| {
             self.io(
                 "health check",
@@ -481,8 +510,13 @@ impl Sink for KafkaSink {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let layout = Layout::resolve(&batch.schema(), self.ctx.kind, &self.ctx.columns, &self.settings)
-            .map_err(|m| self.config(m))?;
+        let layout = Layout::resolve(
+            &batch.schema(),
+            self.ctx.kind,
+            &self.ctx.columns,
+            &self.settings,
+        )
+        .map_err(|m| self.config(m))?;
         let column_err = |i: usize, what: &str, e: String| {
             self.config(format!(
                 "column '{}' cannot be used as {what}: {e}",
@@ -490,11 +524,15 @@ impl Sink for KafkaSink {
             ))
         };
         let keys = match layout.key {
-            Some(i) => Some(as_binary(batch.column(i)).map_err(|e| column_err(i, "the message key", e))?),
+            Some(i) => {
+                Some(as_binary(batch.column(i)).map_err(|e| column_err(i, "the message key", e))?)
+            }
             None => None,
         };
         let payloads = match layout.payload {
-            Some(i) => Some(as_binary(batch.column(i)).map_err(|e| column_err(i, "the message value", e))?),
+            Some(i) => Some(
+                as_binary(batch.column(i)).map_err(|e| column_err(i, "the message value", e))?,
+            ),
             None => None,
         };
         let json = if payloads.is_none() {
@@ -516,12 +554,16 @@ impl Sink for KafkaSink {
             None => None,
         };
         let run_ids = match layout.run_id {
-            Some(i) => Some(as_header_strings(batch.column(i), HeaderFormat::Text).map_err(|e| column_err(i, "a header", e))?),
+            Some(i) => Some(
+                as_header_strings(batch.column(i), HeaderFormat::Text)
+                    .map_err(|e| column_err(i, "a header", e))?,
+            ),
             None => None,
         };
         let mut header_cols = Vec::with_capacity(layout.headers.len());
         for (name, i, format) in &layout.headers {
-            let values = as_header_strings(batch.column(*i), *format).map_err(|e| column_err(*i, "a header", e))?;
+            let values = as_header_strings(batch.column(*i), *format)
+                .map_err(|e| column_err(*i, "a header", e))?;
             header_cols.push((*name, values));
         }
 

@@ -5,12 +5,15 @@
 //! Why it reads this way:
 //! - A backfill must not disturb live consumers: partitions are *assigned*
 //!   (no group membership, no rebalance), offsets are never committed.
-//! - The read has a fixed end, so that a run decides over a stable set: the
-//!   high watermarks taken when the read starts, narrowed by `to` through
-//!   `offsets_for_times`. The start is `offsets_for_times(from)`, exact by
-//!   Kafka's definition (the earliest offset whose timestamp is at or after
-//!   `from`). Messages are also filtered by timestamp, so the result is the
-//!   messages with `from <= timestamp < to` up to the ends.
+//! - The read has a fixed end, so that a run decides over a stable set: each
+//!   partition's high watermark as its first fetch reports it (the reader
+//!   never chases messages produced after it started). The start is
+//!   `offsets_for_times(from)`, exact on Kafka by definition (the earliest
+//!   offset whose timestamp is at or after `from`). Every message is also
+//!   filtered by its timestamp, so the result is exactly the messages with
+//!   `from <= timestamp < to` up to the ends. `to` is not turned into an end
+//!   offset: with producer-set timestamps (CreateTime) a message before `to`
+//!   may follow one after it.
 //! - All partitions are fetched concurrently by one consumer (librdkafka
 //!   fetches every assigned partition in parallel).
 //! - A message that is not a JSON object, or does not fit the schema, is kept
@@ -20,6 +23,7 @@
 //! This module never commits offsets and never writes to the topic.
 
 use std::collections::BTreeMap;
+use std::ffi::{CStr, CString};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -136,9 +140,39 @@ pub async fn read_topic(
 
 #[derive(Debug)]
 struct PartitionRange {
+    /// The first offset asked for (0 for "the beginning").
     start: i64,
-    end: i64,
+    /// The high watermark of the partition's first fetch: the end of the
+    /// read. Unknown until that fetch answers.
+    end: Option<i64>,
     done: bool,
+}
+
+/// The high watermark librdkafka cached from the last fetch response of a
+/// partition, without a request.
+///
+/// Why not `fetch_watermarks` (a ListOffsets request)? Some Kafka-protocol
+/// brokers answer ListOffsets(latest) from storage bookkeeping that can lag
+/// behind the fetch path (Tansu 0.6 answers the base offset of the last
+/// stored batch plus one), which would end the read early and lose messages.
+/// The fetch response's watermark is what the consumer can actually read.
+fn cached_high_watermark(consumer: &BaseConsumer, topic: &CStr, partition: i32) -> Option<i64> {
+    let mut low: i64 = -1;
+    let mut high: i64 = -1;
+    // SAFETY: the client handle lives as long as `consumer`, which outlives
+    // this call; `topic` is NUL-terminated; the out-pointers point to locals.
+    // rd_kafka_get_watermark_offsets only reads librdkafka's local cache.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
 }
 
 fn broker_err(url: &KafkaUrl, operation: &'static str, message: String) -> KafkaError {
@@ -177,7 +211,11 @@ fn offsets_for_time(
             return Err(broker_err(
                 url,
                 "offsets for times",
-                format!("topic '{}' partition {} at {at}: {err}", url.topic, e.partition()),
+                format!(
+                    "topic '{}' partition {} at {at}: {err}",
+                    url.topic,
+                    e.partition()
+                ),
             ));
         }
         let o = match e.offset() {
@@ -210,7 +248,11 @@ fn fetch(
             broker_err(
                 url,
                 "metadata",
-                format!("brokers {} did not answer within {} s: {e}", url.bootstrap, REQUEST_TIMEOUT.as_secs()),
+                format!(
+                    "brokers {} did not answer within {} s: {e}",
+                    url.bootstrap,
+                    REQUEST_TIMEOUT.as_secs()
+                ),
             )
         })?;
     let Some(topic) = metadata
@@ -231,46 +273,39 @@ fn fetch(
         Some(f) => Some(offsets_for_time(&consumer, url, &partitions, f)?),
         None => None,
     };
-    let ends = match to {
-        Some(t) => Some(offsets_for_time(&consumer, url, &partitions, t)?),
-        None => None,
-    };
     let mut ranges = BTreeMap::new();
     let mut assignment = TopicPartitionList::new();
     for p in &partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(&url.topic, *p, REQUEST_TIMEOUT)
-            .map_err(|e| {
-                broker_err(
-                    url,
-                    "watermarks",
-                    format!("topic '{}' partition {p}: {e}", url.topic),
-                )
-            })?;
         let start = match starts.as_ref().map(|s| s.get(p).copied().flatten()) {
-            None => low,
-            Some(Some(o)) => o.max(low),
+            None => Offset::Beginning,
+            Some(Some(o)) => Offset::Offset(o),
             // No message at or after `from`: nothing to read here.
-            Some(None) => high,
+            Some(None) => continue,
         };
-        let end = match ends.as_ref().and_then(|e| e.get(p).copied().flatten()) {
-            Some(o) => o.min(high),
-            None => high,
+        assignment
+            .add_partition_offset(&url.topic, *p, start)
+            .map_err(|e| broker_err(url, "assign", e.to_string()))?;
+        let start = match start {
+            Offset::Offset(o) => o,
+            _ => 0,
         };
-        let done = start >= end;
-        if !done {
-            assignment
-                .add_partition_offset(&url.topic, *p, Offset::Offset(start))
-                .map_err(|e| broker_err(url, "assign", e.to_string()))?;
-        }
-        ranges.insert(*p, PartitionRange { start, end, done });
+        ranges.insert(
+            *p,
+            PartitionRange {
+                start,
+                end: None,
+                done: false,
+            },
+        );
     }
-    if ranges.values().all(|r| r.done) {
+    if ranges.is_empty() {
         return Ok(Vec::new());
     }
-    consumer.assign(&assignment).map_err(|e| {
-        broker_err(url, "assign", format!("topic '{}': {e}", url.topic))
-    })?;
+    consumer
+        .assign(&assignment)
+        .map_err(|e| broker_err(url, "assign", format!("topic '{}': {e}", url.topic)))?;
+    let topic_c = CString::new(url.topic.as_str())
+        .map_err(|e| broker_err(url, "assign", format!("topic name: {e}")))?;
 
     let from_ms = from.map(|f| f.timestamp_millis());
     let to_ms = to.map(|t| t.timestamp_millis());
@@ -284,8 +319,12 @@ fn fetch(
                 let Some(r) = ranges.get_mut(&m.partition()) else {
                     continue;
                 };
+                if r.end.is_none() {
+                    r.end = cached_high_watermark(&consumer, &topic_c, m.partition());
+                }
                 let o = m.offset();
-                if !r.done && o >= r.start && o < r.end {
+                let before_end = r.end.is_none_or(|e| o < e);
+                if !r.done && before_end {
                     let ts = m.timestamp().to_millis();
                     let in_window = match ts {
                         Some(t) => from_ms.is_none_or(|f| t >= f) && to_ms.is_none_or(|e| t < e),
@@ -302,7 +341,7 @@ fn fetch(
                         });
                     }
                 }
-                if o + 1 >= r.end {
+                if r.end.is_some_and(|e| o + 1 >= e) {
                     r.done = true;
                 }
             }
@@ -322,21 +361,32 @@ fn fetch(
                 // Transaction markers at a partition's tail are never
                 // delivered, so the position (not a message) may be what
                 // says a partition is finished.
-                if let Ok(pos) = consumer.position() {
-                    for e in pos.elements_for_topic(&url.topic) {
-                        if let (Offset::Offset(o), Some(r)) =
-                            (e.offset(), ranges.get_mut(&e.partition()))
-                            && o >= r.end
-                        {
-                            r.done = true;
-                        }
+                let positions = consumer.position().ok();
+                for (p, r) in ranges.iter_mut().filter(|(_, r)| !r.done) {
+                    if r.end.is_none() {
+                        r.end = cached_high_watermark(&consumer, &topic_c, *p);
+                    }
+                    let position = positions.as_ref().and_then(|pos| {
+                        pos.find_partition(&url.topic, *p)
+                            .and_then(|e| match e.offset() {
+                                Offset::Offset(o) => Some(o),
+                                _ => None,
+                            })
+                    });
+                    if let (Some(pos), Some(end)) = (position, r.end)
+                        && pos >= end
+                    {
+                        r.done = true;
                     }
                 }
                 if last_progress.elapsed() > IDLE_TIMEOUT {
                     let stuck: Vec<String> = ranges
                         .iter()
                         .filter(|(_, r)| !r.done)
-                        .map(|(p, r)| format!("{p} (offsets {}..{})", r.start, r.end))
+                        .map(|(p, r)| match r.end {
+                            Some(e) => format!("{p} (offsets {}..{e})", r.start),
+                            None => format!("{p} (from offset {})", r.start),
+                        })
                         .collect();
                     return Err(broker_err(
                         url,
@@ -464,10 +514,11 @@ fn decode(
             TimestampMillisecondArray::from_iter(chunk.iter().map(|m| m.timestamp))
                 .with_timezone("UTC"),
         ));
-        let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| KafkaError::Decode {
-            url: url.original.clone(),
-            message: e.to_string(),
-        })?;
+        let batch =
+            RecordBatch::try_new(schema.clone(), columns).map_err(|e| KafkaError::Decode {
+                url: url.original.clone(),
+                message: e.to_string(),
+            })?;
         batches.push(batch);
     }
     undecodable.sort_by_key(|u| (u.partition, u.offset));
@@ -641,8 +692,18 @@ mod tests {
         assert_eq!(bad, vec![1, 2, 3]);
         assert_eq!(r.undecodable[0].value, b"not json");
         assert!(r.undecodable[0].error.starts_with("not JSON"));
-        let names: Vec<&str> = r.schema.fields().iter().map(|f| f.name().as_str()).collect();
-        assert!(names.ends_with(&["kafka_topic", "kafka_partition", "kafka_offset", "kafka_timestamp"]));
+        let names: Vec<&str> = r
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        assert!(names.ends_with(&[
+            "kafka_topic",
+            "kafka_partition",
+            "kafka_offset",
+            "kafka_timestamp"
+        ]));
     }
 
     #[test]
@@ -678,7 +739,10 @@ mod tests {
         assert_eq!(b.num_rows(), 2);
         // The hint's coordinate column is replaced by the reader's own.
         assert_eq!(
-            r.schema.field_with_name("kafka_offset").unwrap().data_type(),
+            r.schema
+                .field_with_name("kafka_offset")
+                .unwrap()
+                .data_type(),
             &DataType::Int64
         );
         assert_eq!(r.schema.fields().len(), 2 + 4);

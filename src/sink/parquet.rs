@@ -9,9 +9,9 @@
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use object_store::ObjectStoreExt;
+use object_store::buffered::BufWriter;
 use object_store::path::Path;
 use parquet::arrow::AsyncArrowWriter;
-use object_store::buffered::BufWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
@@ -51,6 +51,22 @@ impl ParquetSink {
             target: self.base.original.clone(),
             operation,
             message,
+        }
+    }
+
+    /// On local disk, folders outlive the files moved out of them; remove
+    /// this attempt's now-empty `_tmp` folders (never anything with files).
+    /// Object stores have no folders, so there is nothing to do there.
+    fn remove_empty_tmp_dirs(&self) {
+        if !self.base.is_local {
+            return;
+        }
+        let root = std::path::PathBuf::from(format!("/{}", self.base.prefix));
+        let tmp = root.join("_tmp");
+        let run = tmp.join(format!("run_id={}", self.ctx.run_id));
+        for dir in [run.join(&self.ctx.nonce), run, tmp] {
+            // remove_dir fails on a non-empty folder: exactly what we want.
+            let _ = std::fs::remove_dir(dir);
         }
     }
 
@@ -96,7 +112,12 @@ impl Sink for ParquetSink {
             return Ok(());
         }
         // Bucket exists and the credentials are accepted: fail before the scan.
-        match self.base.store.list_with_delimiter(Some(&self.base.prefix)).await {
+        match self
+            .base
+            .store
+            .list_with_delimiter(Some(&self.base.prefix))
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) => Err(self.err("list", store_error_line(&e))),
         }
@@ -143,6 +164,7 @@ impl Sink for ParquetSink {
                 .map_err(|e| self.err("rename to final name", store_error_line(&e)))?;
         }
         self.published = true;
+        self.remove_empty_tmp_dirs();
         Ok(SinkReceipt {
             target: self.base.original.clone(),
             rows: self.rows,
@@ -165,5 +187,6 @@ impl Sink for ParquetSink {
                 let _ = self.base.store.delete(tmp).await;
             }
         }
+        self.remove_empty_tmp_dirs();
     }
 }

@@ -146,7 +146,10 @@ pub fn session(scan: &Scan) -> Result<SessionContext, SourceError> {
     let mut config = SessionConfig::new()
         .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()))
         .with_batch_size(8192)
-        .set_bool("datafusion.execution.parquet.schema_force_view_types", false)
+        .set_bool(
+            "datafusion.execution.parquet.schema_force_view_types",
+            false,
+        )
         .set_bool("datafusion.execution.parquet.pushdown_filters", false)
         .set_bool("datafusion.execution.parquet.enable_page_index", true)
         .set_bool("datafusion.execution.parquet.pruning", true)
@@ -247,8 +250,7 @@ fn archive_table(
         .map(|f| ListingTableUrl::parse(&f.url))
         .collect::<datafusion::error::Result<Vec<_>>>()?;
     let format = ParquetFormat::default().with_enable_pruning(true);
-    let options = ListingOptions::new(Arc::new(format))
-        .with_file_extension("");
+    let options = ListingOptions::new(Arc::new(format)).with_file_extension("");
     let config = ListingTableConfig::new_with_multi_paths(urls)
         .with_listing_options(options)
         .with_schema(schema.clone());
@@ -508,25 +510,25 @@ fn validate(
     let seq_needed = scan.detect_gaps || scan.detect_conflicts;
     let mut synthesized = vec![];
     for (canonical, source) in scan.columns.pairs() {
-        let (required, expected, ok): (bool, &'static str, fn(&DataType) -> bool) =
-            match canonical {
-                "event_id" => (true, "Utf8", is_string),
-                "key" => (seq_needed, "Utf8", is_string),
-                "seq" => (seq_needed, "Int64 or Int32", is_int),
-                "event_time" => (true, "Timestamp", |t| {
-                    matches!(t, DataType::Timestamp(_, _))
-                }),
-                "status" => (true, "Utf8", is_string),
-                "attempts" => (false, "Int32 or Int64", is_int),
-                "error" => (false, "Utf8", is_string),
-                _ => (false, "Utf8 or Binary", |t| {
-                    is_string(t)
-                        || matches!(
-                            t,
-                            DataType::Binary | DataType::LargeBinary | DataType::BinaryView
-                        )
-                }),
-            };
+        let (required, expected, ok): (bool, &'static str, fn(&DataType) -> bool) = match canonical
+        {
+            "event_id" => (true, "Utf8", is_string),
+            "key" => (seq_needed, "Utf8", is_string),
+            "seq" => (seq_needed, "Int64 or Int32", is_int),
+            "event_time" => (true, "Timestamp", |t| {
+                matches!(t, DataType::Timestamp(_, _))
+            }),
+            "status" => (true, "Utf8", is_string),
+            "attempts" => (false, "Int32 or Int64", is_int),
+            "error" => (false, "Utf8", is_string),
+            _ => (false, "Utf8 or Binary", |t| {
+                is_string(t)
+                    || matches!(
+                        t,
+                        DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+                    )
+            }),
+        };
         match schema.field_with_name(source) {
             Ok(f) => {
                 if !ok(f.data_type()) {
@@ -648,10 +650,9 @@ fn time_literal(field: &Field, t: DateTime<Utc>) -> ScalarValue {
         DataType::Timestamp(TimeUnit::Millisecond, _) => {
             ScalarValue::TimestampMillisecond(Some(t.timestamp_millis()), tz)
         }
-        DataType::Timestamp(TimeUnit::Nanosecond, _) => ScalarValue::TimestampNanosecond(
-            Some(t.timestamp_nanos_opt().unwrap_or(i64::MAX)),
-            tz,
-        ),
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => {
+            ScalarValue::TimestampNanosecond(Some(t.timestamp_nanos_opt().unwrap_or(i64::MAX)), tz)
+        }
         _ => ScalarValue::TimestampMicrosecond(Some(t.timestamp_micros()), tz),
     }
 }

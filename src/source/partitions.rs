@@ -48,7 +48,10 @@ pub fn overlaps(
     true
 }
 
-fn span_of(specs: &[PartitionSpec], values: &[(String, String)]) -> Option<(DateTime<Utc>, Duration)> {
+fn span_of(
+    specs: &[PartitionSpec],
+    values: &[(String, String)],
+) -> Option<(DateTime<Utc>, Duration)> {
     let mut fmt = String::new();
     let mut val = String::new();
     for (k, v) in values {
@@ -85,8 +88,14 @@ mod tests {
 
     fn specs() -> Vec<PartitionSpec> {
         vec![
-            PartitionSpec { name: "dt".into(), format: "%Y-%m-%d".into() },
-            PartitionSpec { name: "hour".into(), format: "%H".into() },
+            PartitionSpec {
+                name: "dt".into(),
+                format: "%Y-%m-%d".into(),
+            },
+            PartitionSpec {
+                name: "hour".into(),
+                format: "%H".into(),
+            },
         ]
     }
 
@@ -100,7 +109,10 @@ mod tests {
         let (f, to) = (t("2024-01-02T00:00:00Z"), t("2024-01-03T00:00:00Z"));
         assert!(!overlaps(&specs(), &v("2024-01-01"), f, to));
         assert!(overlaps(&specs(), &v("2024-01-02"), f, to));
-        assert!(!overlaps(&specs(), &v("2024-01-03"), f, to), "to is exclusive");
+        assert!(
+            !overlaps(&specs(), &v("2024-01-03"), f, to),
+            "to is exclusive"
+        );
         let mut h = v("2024-01-02");
         h.push(("hour".into(), "05".into()));
         assert!(!overlaps(&specs(), &h, t("2024-01-02T06:00:00Z"), None));

@@ -23,10 +23,10 @@ use datafusion::datasource::listing::{
 };
 use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
+use object_store::buffered::BufWriter;
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use parquet::arrow::AsyncArrowWriter;
-use object_store::buffered::BufWriter;
 use serde::{Deserialize, Serialize};
 
 use crate::location::{Location, store_error_line};
@@ -304,10 +304,19 @@ pub async fn gc(
         let rel = m
             .location
             .prefix_match(&state.loc.prefix)
-            .map(|parts| parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"))
+            .map(|parts| {
+                parts
+                    .map(|p| p.as_ref().to_string())
+                    .collect::<Vec<_>>()
+                    .join("/")
+            })
             .unwrap_or_default();
         if !named.contains(&rel) && m.last_modified < cutoff {
-            found.push((state.loc.clone(), m, "ledger file of an uncommitted attempt"));
+            found.push((
+                state.loc.clone(),
+                m,
+                "ledger file of an uncommitted attempt",
+            ));
         }
     }
     for sink in sinks {

@@ -149,7 +149,9 @@ fn batch(schema: &SchemaRef, rows: &[Row]) -> RecordBatch {
                 TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.event_time_ms))
                     .with_timezone("UTC"),
             ),
-            "backfill_run_id" => Arc::new(StringArray::from_iter_values(rows.iter().map(|_| RUN_ID))),
+            "backfill_run_id" => {
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|_| RUN_ID)))
+            }
             "backfill_reason" => Arc::new(StringArray::from_iter_values(
                 rows.iter().map(|_| "unprocessed"),
             )),
@@ -284,10 +286,19 @@ async fn replay_round_trip_keys_values_headers_and_order() {
     server.create_topic(&topic, 3).await;
     let schema = replay_schema(true, true);
     let rows = rows("r", 5, 8);
-    let mut sink = open(&server.url(&topic), SinkKind::Replay, &schema, KafkaSettings::default());
+    let mut sink = open(
+        &server.url(&topic),
+        SinkKind::Replay,
+        &schema,
+        KafkaSettings::default(),
+    );
     sink.check().await.expect("health check");
-    sink.write(&batch(&schema, &rows[..17])).await.expect("write 1");
-    sink.write(&batch(&schema, &rows[17..])).await.expect("write 2");
+    sink.write(&batch(&schema, &rows[..17]))
+        .await
+        .expect("write 1");
+    sink.write(&batch(&schema, &rows[17..]))
+        .await
+        .expect("write 2");
     let receipt = sink.finish().await.expect("finish");
     assert_eq!(receipt.rows, rows.len() as u64);
     assert_eq!(receipt.target, server.url(&topic));
@@ -302,9 +313,17 @@ async fn replay_round_trip_keys_values_headers_and_order() {
     for m in &msgs {
         let h = headers(m);
         let row = by_id[h["backfill.event_id"].as_str()];
-        assert!(seen.insert(row.event_id.clone()), "duplicate {}", row.event_id);
+        assert!(
+            seen.insert(row.event_id.clone()),
+            "duplicate {}",
+            row.event_id
+        );
         assert_eq!(m.key(), Some(row.key.as_bytes()));
-        assert_eq!(m.payload(), Some(row.payload.as_slice()), "payload bytes unchanged");
+        assert_eq!(
+            m.payload(),
+            Some(row.payload.as_slice()),
+            "payload bytes unchanged"
+        );
         assert_eq!(m.timestamp().to_millis(), Some(row.event_time_ms));
         let want = BTreeMap::from([
             ("backfill.run_id", RUN_ID.to_string()),
@@ -362,8 +381,16 @@ async fn dlq_without_payload_sends_json_rows_and_the_error_header() {
         assert_eq!(v["seq"], row.seq);
         assert_eq!(v["backfill_attempt"], 2);
         assert_eq!(v["backfill_run_id"], RUN_ID);
-        assert_eq!(h.get("backfill.error"), row.error.as_ref(), "{}", row.event_id);
-        assert!(h.keys().all(|k| !k.starts_with("backfill.original.")), "{h:?}");
+        assert_eq!(
+            h.get("backfill.error"),
+            row.error.as_ref(),
+            "{}",
+            row.event_id
+        );
+        assert!(
+            h.keys().all(|k| !k.starts_with("backfill.original.")),
+            "{h:?}"
+        );
         let ts = m.timestamp().to_millis().expect("a timestamp");
         assert!(ts >= before - 1000, "produce time, not event time: {ts}");
     }
@@ -431,7 +458,10 @@ async fn payload_value_without_a_payload_column_is_a_config_error() {
     .expect("refused");
     assert!(e.is_config(), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("payload") && msg.contains("kafka://127.0.0.1:9/t"), "{msg}");
+    assert!(
+        msg.contains("payload") && msg.contains("kafka://127.0.0.1:9/t"),
+        "{msg}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,9 +477,18 @@ async fn transactional_runs_are_visible_whole_or_not_at_all() {
 
     // A committed run.
     let committed = rows("c", 2, 3);
-    let mut sink = open(&server.url(&topic), SinkKind::Replay, &schema, settings.clone());
-    sink.check().await.expect("health check + init transactions");
-    sink.write(&batch(&schema, &committed)).await.expect("write");
+    let mut sink = open(
+        &server.url(&topic),
+        SinkKind::Replay,
+        &schema,
+        settings.clone(),
+    );
+    sink.check()
+        .await
+        .expect("health check + init transactions");
+    sink.write(&batch(&schema, &committed))
+        .await
+        .expect("write");
     sink.finish().await.expect("finish");
     sink.publish().await.expect("commit");
     drop(sink);
@@ -457,14 +496,30 @@ async fn transactional_runs_are_visible_whole_or_not_at_all() {
     // A run that fails after everything was acknowledged, before publishing.
     let aborted = rows("a", 3, 5);
     let mut sink = open(&server.url(&topic), SinkKind::Replay, &schema, settings);
-    sink.check().await.expect("health check + init transactions");
-    sink.write(&batch(&schema, &aborted[..7])).await.expect("write 1");
-    sink.write(&batch(&schema, &aborted[7..])).await.expect("write 2");
-    assert_eq!(sink.finish().await.expect("finish").rows, aborted.len() as u64);
+    sink.check()
+        .await
+        .expect("health check + init transactions");
+    sink.write(&batch(&schema, &aborted[..7]))
+        .await
+        .expect("write 1");
+    sink.write(&batch(&schema, &aborted[7..]))
+        .await
+        .expect("write 2");
+    assert_eq!(
+        sink.finish().await.expect("finish").rows,
+        aborted.len() as u64
+    );
     sink.abort().await;
     drop(sink);
 
-    let msgs = consume(server, &topic, true, committed.len(), Duration::from_secs(20)).await;
+    let msgs = consume(
+        server,
+        &topic,
+        true,
+        committed.len(),
+        Duration::from_secs(20),
+    )
+    .await;
     let ids: Vec<String> = msgs
         .iter()
         .map(|m| headers(m)["backfill.event_id"].clone())
@@ -497,11 +552,19 @@ async fn missing_topic_fails_the_check_unless_auto_create_is_allowed() {
     let server = services::kafka();
     let topic = unique_name("absent");
     let schema = replay_schema(true, false);
-    let mut sink = open(&server.url(&topic), SinkKind::Dlq, &schema, KafkaSettings::default());
+    let mut sink = open(
+        &server.url(&topic),
+        SinkKind::Dlq,
+        &schema,
+        KafkaSettings::default(),
+    );
     let e = sink.check().await.expect_err("topic does not exist");
     assert!(e.is_config(), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains(&topic) && msg.contains("allow_auto_create_topics"), "{msg}");
+    assert!(
+        msg.contains(&topic) && msg.contains("allow_auto_create_topics"),
+        "{msg}"
+    );
 
     let settings = KafkaSettings {
         allow_auto_create_topics: true,
@@ -525,7 +588,9 @@ async fn broker_killed_mid_run_fails_finish_and_a_rerun_delivers_everything() {
     let url = server.url(&topic);
     let mut sink = open(&url, SinkKind::Replay, &schema, settings.clone());
     sink.check().await.expect("health check");
-    sink.write(&batch(&schema, &rows[..10])).await.expect("write 1");
+    sink.write(&batch(&schema, &rows[..10]))
+        .await
+        .expect("write 1");
     server.stop();
     // The second write may already see the first failures; either way the
     // run must not finish.
@@ -533,11 +598,21 @@ async fn broker_killed_mid_run_fails_finish_and_a_rerun_delivers_everything() {
     let start = Instant::now();
     let e = match write {
         Err(e) => e,
-        Ok(()) => sink.finish().await.expect_err("messages cannot be delivered"),
+        Ok(()) => sink
+            .finish()
+            .await
+            .expect_err("messages cannot be delivered"),
     };
-    assert!(start.elapsed() < Duration::from_secs(30), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
     let msg = e.to_string();
-    assert!(msg.contains(&topic) && msg.contains("not acknowledged"), "{msg}");
+    assert!(
+        msg.contains(&topic) && msg.contains("not acknowledged"),
+        "{msg}"
+    );
     sink.abort().await;
     drop(sink);
 
@@ -602,17 +677,29 @@ async fn read_topic_returns_exactly_the_window_and_keeps_undecodable_messages() 
 
     let url = server.url(&topic);
     let settings = KafkaSettings::default();
-    let r = read_topic(&url, Some(ms(t0 + 5_000)), Some(ms(t0 + 15_000)), &settings, None)
-        .await
-        .expect("read the window");
+    let r = read_topic(
+        &url,
+        Some(ms(t0 + 5_000)),
+        Some(ms(t0 + 15_000)),
+        &settings,
+        None,
+    )
+    .await
+    .expect("read the window");
     let mut ids = Vec::new();
     for b in &r.batches {
-        let id = b.column_by_name("event_id").expect("event_id").as_string::<i32>();
+        let id = b
+            .column_by_name("event_id")
+            .expect("event_id")
+            .as_string::<i32>();
         let ts = b
             .column_by_name("kafka_timestamp")
             .expect("kafka_timestamp")
             .as_primitive::<TimestampMillisecondType>();
-        let topic_col = b.column_by_name("kafka_topic").expect("kafka_topic").as_string::<i32>();
+        let topic_col = b
+            .column_by_name("kafka_topic")
+            .expect("kafka_topic")
+            .as_string::<i32>();
         for i in 0..b.num_rows() {
             ids.push(id.value(i).to_string());
             assert!(ts.value(i) >= t0 + 5_000 && ts.value(i) < t0 + 15_000);
@@ -629,8 +716,17 @@ async fn read_topic_returns_exactly_the_window_and_keeps_undecodable_messages() 
     assert_eq!(u.timestamp, Some(ms(t0 + 7_500)));
     assert!(u.error.contains("not JSON"), "{}", u.error);
     assert_eq!(r.messages, 11);
-    for name in ["kafka_topic", "kafka_partition", "kafka_offset", "kafka_timestamp"] {
-        assert!(r.schema.field_with_name(name).is_ok(), "{name} in {:?}", r.schema);
+    for name in [
+        "kafka_topic",
+        "kafka_partition",
+        "kafka_offset",
+        "kafka_timestamp",
+    ] {
+        assert!(
+            r.schema.field_with_name(name).is_ok(),
+            "{name} in {:?}",
+            r.schema
+        );
     }
 
     // Unbounded: everything, with a schema hint.
@@ -651,7 +747,10 @@ async fn read_topic_returns_exactly_the_window_and_keeps_undecodable_messages() 
     assert_eq!(all.undecodable.len(), 2);
     assert_eq!(all.messages, 22);
     assert_eq!(
-        all.schema.field_with_name("event_time").expect("event_time").data_type(),
+        all.schema
+            .field_with_name("event_time")
+            .expect("event_time")
+            .data_type(),
         &DataType::Timestamp(TimeUnit::Microsecond, utc())
     );
 }
@@ -660,9 +759,65 @@ async fn read_topic_returns_exactly_the_window_and_keeps_undecodable_messages() 
 async fn read_topic_names_a_missing_topic() {
     let server = services::kafka();
     let topic = unique_name("nosuch");
-    let e = read_topic(&server.url(&topic), None, None, &KafkaSettings::default(), None)
-        .await
-        .expect_err("no such topic");
+    let e = read_topic(
+        &server.url(&topic),
+        None,
+        None,
+        &KafkaSettings::default(),
+        None,
+    )
+    .await
+    .expect_err("no such topic");
     assert!(e.is_config(), "{e}");
     assert!(e.to_string().contains(&topic), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_topic_reads_back_everything_the_sink_wrote_in_batches() {
+    // librdkafka packs many messages per record batch; the reader must end
+    // at the true end of each partition, not at a batch boundary.
+    let server = services::kafka();
+    let topic = unique_name("roundtrip");
+    server.create_topic(&topic, 3).await;
+    let schema = replay_schema(false, false);
+    let rows = rows("b", 20, 50);
+    let settings = KafkaSettings {
+        value: Some(ValueFormat::Json),
+        ..KafkaSettings::default()
+    };
+    let mut sink = open(
+        &server.url(&topic),
+        SinkKind::Replay,
+        &schema,
+        settings.clone(),
+    );
+    sink.check().await.expect("health check");
+    for chunk in rows.chunks(300) {
+        sink.write(&batch(&schema, chunk)).await.expect("write");
+    }
+    sink.finish().await.expect("finish");
+    sink.publish().await.expect("publish");
+
+    let r = read_topic(&server.url(&topic), None, None, &settings, None)
+        .await
+        .expect("read back");
+    assert!(r.undecodable.is_empty(), "{:?}", r.undecodable.first());
+    assert_eq!(r.messages, rows.len() as u64);
+    let mut ids: Vec<String> = r
+        .batches
+        .iter()
+        .flat_map(|b| {
+            let c = b
+                .column_by_name("event_id")
+                .expect("event_id")
+                .as_string::<i32>();
+            (0..b.num_rows())
+                .map(|i| c.value(i).to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    ids.sort();
+    let mut want: Vec<String> = rows.iter().map(|r| r.event_id.clone()).collect();
+    want.sort();
+    assert_eq!(ids, want);
 }

@@ -52,7 +52,9 @@ fn tool(name: &str) -> PathBuf {
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port on 127.0.0.1");
-    l.local_addr().expect("local address of a bound socket").port()
+    l.local_addr()
+        .expect("local address of a bound socket")
+        .port()
 }
 
 /// A scratch folder for one server, removed by its watchdog.
@@ -220,7 +222,10 @@ impl KafkaServer {
 
     /// The broker's output so far, for assertion messages.
     pub fn log_tail(&self) -> String {
-        self.process.as_ref().map(Watched::log_tail).unwrap_or_default()
+        self.process
+            .as_ref()
+            .map(Watched::log_tail)
+            .unwrap_or_default()
     }
 
     /// Create a topic through the Kafka admin API and wait until its metadata
@@ -258,7 +263,10 @@ impl KafkaServer {
                 return;
             }
             if start.elapsed() > Duration::from_secs(10) {
-                panic!("topic {topic} not visible on {} after creation", self.bootstrap);
+                panic!(
+                    "topic {topic} not visible on {} after creation",
+                    self.bootstrap
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -334,7 +342,10 @@ impl S3Server {
     }
 
     pub fn log_tail(&self) -> String {
-        self.process.as_ref().map(Watched::log_tail).unwrap_or_default()
+        self.process
+            .as_ref()
+            .map(Watched::log_tail)
+            .unwrap_or_default()
     }
 }
 
