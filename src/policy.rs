@@ -101,7 +101,9 @@ pub fn output_schema(candidates: &Schema) -> SchemaRef {
         .fields()
         .iter()
         .filter(|f| !f.name().starts_with(internal::PREFIX))
-        .map(|f| f.as_ref().clone())
+        // Nullable: a dead letter for an undecodable Kafka message has no
+        // event_id, key or seq, and shares the DLQ's files with the rest.
+        .map(|f| f.as_ref().clone().with_nullable(true))
         .collect();
     fields.extend(backfill_fields());
     Arc::new(Schema::new(fields))

@@ -36,6 +36,13 @@ pub struct Report {
     pub missing_events: u64,
     /// (key, seq) pairs carried by more than one event_id.
     pub conflicts: u64,
+    /// Kafka-source messages that did not decode, dead-lettered as
+    /// `undecodable` (not events: outside the balance above).
+    pub undecodable_dead_lettered: u64,
+    /// Undecodable messages an earlier run already dead-lettered.
+    pub undecodable_skipped: u64,
+    /// Messages read from Kafka sources.
+    pub kafka_messages: u64,
     /// Per sink kind: where its rows went.
     pub outputs: BTreeMap<String, SinkReceipt>,
     pub state: Option<String>,
@@ -94,6 +101,13 @@ impl Report {
             self.gaps, self.missing_events
         );
         let _ = writeln!(s, "  conflicts         {}", self.conflicts);
+        if self.kafka_messages > 0 {
+            let _ = writeln!(
+                s,
+                "  kafka messages    {} ({} undecodable dead-lettered, {} already in the DLQ)",
+                self.kafka_messages, self.undecodable_dead_lettered, self.undecodable_skipped
+            );
+        }
         for (kind, r) in &self.outputs {
             let first = r.outputs.first().map(String::as_str).unwrap_or("(no rows)");
             let more = if r.outputs.len() > 1 {

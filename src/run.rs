@@ -115,6 +115,7 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     report.files_scanned = archive.stats.files_scanned;
     report.files_pruned = archive.stats.files_pruned;
     report.partitions_pruned = archive.stats.partitions_pruned;
+    report.kafka_messages = archive.stats.kafka_messages;
     let manifests = state.manifests().await?;
     state.register_ledger(&ctx, &manifests).await?;
     detect::register_views(&ctx, scan).await?;
@@ -168,6 +169,8 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     let result = execute(
         &ctx,
         &settings,
+        &archive,
+        &out_schema,
         &state,
         &run_nonce,
         candidates,
@@ -217,6 +220,8 @@ fn gaps_output_schema(gaps: &Schema) -> SchemaRef {
 async fn execute(
     ctx: &SessionContext,
     settings: &RunSettings,
+    archive: &source::Archive,
+    out_schema: &SchemaRef,
     state: &State,
     run_nonce: &str,
     candidates: datafusion::dataframe::DataFrame,
@@ -310,6 +315,19 @@ async fn execute(
             l.write(&d.ledger).await?;
         }
     }
+    if !archive.undecodable.is_empty() {
+        phases.set("dead-lettering undecodable Kafka messages");
+        let (dlq, entries, skipped) =
+            undecodable_rows(ctx, settings, archive, &out_schema, detected_at_us).await?;
+        report.undecodable_dead_lettered = dlq.num_rows() as u64;
+        report.undecodable_skipped = skipped;
+        for s in sinks.iter_mut().filter(|s| s.kind == SinkKind::Dlq) {
+            s.sink.write(&dlq).await?;
+        }
+        if let Some(l) = ledger.as_mut() {
+            l.write(&entries).await?;
+        }
+    }
     scan_metrics.add(plan.as_ref());
     report.bytes_scanned = scan_metrics.bytes_scanned;
     report.row_groups_pruned = scan_metrics.row_groups_pruned;
@@ -360,6 +378,120 @@ async fn execute(
     };
     state.commit(&manifest).await?;
     Ok(())
+}
+
+/// The ledger id of an undecodable message: it has no event_id, but its
+/// coordinates are unique, so the DLQ still holds it once across runs.
+fn undecodable_id(url: &str, u: &crate::kafka::source::Undecodable) -> String {
+    format!("{url}#{}@{}", u.partition, u.offset)
+}
+
+/// Dead letters (reason `undecodable`) for Kafka messages that did not
+/// decode: raw bytes in the payload column, the decode error in the error
+/// column, the coordinates in the Kafka columns; everything else NULL.
+/// Messages an earlier committed run already dead-lettered are skipped.
+async fn undecodable_rows(
+    ctx: &SessionContext,
+    settings: &RunSettings,
+    archive: &source::Archive,
+    out_schema: &SchemaRef,
+    detected_at_us: i64,
+) -> Result<(RecordBatch, RecordBatch, u64), Error> {
+    use arrow::array::{
+        BinaryArray, Int32Array, Int64Array, TimestampMillisecondArray, new_null_array,
+    };
+    use arrow::compute::cast;
+    let done: std::collections::BTreeSet<String> = {
+        let b = ctx
+            .sql("SELECT event_id FROM ledger WHERE dead_lettered AND event_id LIKE 'kafka://%'")
+            .await?
+            .collect()
+            .await?;
+        b.iter()
+            .flat_map(|b| {
+                let c = b.column(0).as_string::<i32>().clone();
+                (0..c.len())
+                    .map(move |i| c.value(i).to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let todo: Vec<&(String, crate::kafka::source::Undecodable)> = archive
+        .undecodable
+        .iter()
+        .filter(|(url, u)| !done.contains(&undecodable_id(url, u)))
+        .collect();
+    let skipped = (archive.undecodable.len() - todo.len()) as u64;
+    let n = todo.len();
+    let k = settings.scan.kafka.clone().unwrap_or_default();
+    let c = &settings.scan.columns;
+    let mut cols: Vec<ArrayRef> = vec![];
+    for f in out_schema.fields() {
+        let name = f.name().as_str();
+        let col: ArrayRef = match name {
+            "backfill_run_id" => Arc::new(StringArray::from(vec![settings.run_id.as_str(); n])),
+            "backfill_reason" => Arc::new(StringArray::from(vec!["undecodable"; n])),
+            "backfill_attempt" => Arc::new(Int32Array::from(vec![0; n])),
+            "backfill_detected_at" => Arc::new(
+                TimestampMicrosecondArray::from(vec![detected_at_us; n]).with_timezone("UTC"),
+            ),
+            _ if name == c.payload => cast(
+                &BinaryArray::from_iter(todo.iter().map(|(_, u)| Some(u.value.as_slice()))),
+                f.data_type(),
+            )?,
+            _ if name == c.error => cast(
+                &StringArray::from_iter(todo.iter().map(|(_, u)| Some(u.error.clone()))),
+                f.data_type(),
+            )?,
+            _ if name == c.key => cast(
+                &StringArray::from_iter(todo.iter().map(|(_, u)| {
+                    u.key
+                        .as_ref()
+                        .map(|k| String::from_utf8_lossy(k).into_owned())
+                })),
+                f.data_type(),
+            )?,
+            _ if name == k.original_topic_column => cast(
+                &StringArray::from_iter(
+                    todo.iter()
+                        .map(|(url, _)| crate::kafka::parse_url(url).ok().map(|u| u.topic)),
+                ),
+                f.data_type(),
+            )?,
+            _ if name == k.original_partition_column => cast(
+                &Int32Array::from_iter(todo.iter().map(|(_, u)| Some(u.partition))),
+                f.data_type(),
+            )?,
+            _ if name == k.original_offset_column => cast(
+                &Int64Array::from_iter(todo.iter().map(|(_, u)| Some(u.offset))),
+                f.data_type(),
+            )?,
+            _ if name == k.original_timestamp_column => cast(
+                &TimestampMillisecondArray::from_iter(
+                    todo.iter()
+                        .map(|(_, u)| u.timestamp.map(|t| t.timestamp_millis())),
+                )
+                .with_timezone("UTC"),
+                f.data_type(),
+            )?,
+            _ => new_null_array(f.data_type(), n),
+        };
+        cols.push(col);
+    }
+    let dlq = RecordBatch::try_new(out_schema.clone(), cols)?;
+    let ledger = RecordBatch::try_new(
+        detect::ledger_entries_schema(),
+        vec![
+            Arc::new(StringArray::from(vec![settings.run_id.as_str(); n])),
+            Arc::new(StringArray::from_iter_values(
+                todo.iter().map(|(url, u)| undecodable_id(url, u)),
+            )),
+            Arc::new(StringArray::from(vec!["dlq"; n])),
+            Arc::new(StringArray::from(vec!["undecodable"; n])),
+            Arc::new(Int32Array::from(vec![0; n])),
+        ],
+    )?;
+    Ok((dlq, ledger, skipped))
 }
 
 /// Append `backfill_run_id` and `backfill_detected_at` to a gaps batch.

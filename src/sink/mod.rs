@@ -126,11 +126,7 @@ pub fn open(target: &str, ctx: SinkContext) -> Result<Box<dyn Sink>, SinkError> 
         return Ok(Box::new(stdout::StdoutSink::new(ctx)));
     }
     if target.starts_with("kafka://") {
-        return Err(SinkError::Config {
-            kind: ctx.kind.name(),
-            target: target.to_string(),
-            message: "Kafka sinks are not available in this build".into(),
-        });
+        return crate::kafka::open(target, ctx);
     }
     let loc = crate::location::resolve(target, &ctx.storage)?;
     Ok(Box::new(parquet::ParquetSink::new(loc, ctx)))

@@ -79,6 +79,8 @@ pub enum SourceError {
     },
     #[error("source {location}: {message}")]
     Unsupported { location: String, message: String },
+    #[error(transparent)]
+    Kafka(#[from] crate::kafka::KafkaError),
     #[error("query engine: {0}")]
     DataFusion(#[from] datafusion::error::DataFusionError),
 }
@@ -94,7 +96,7 @@ impl SourceError {
                 | SourceError::MissingColumn { .. }
                 | SourceError::WrongType { .. }
                 | SourceError::Unsupported { .. }
-        )
+        ) || matches!(self, SourceError::Kafka(k) if k.is_config())
     }
 }
 
@@ -122,6 +124,8 @@ pub struct ScanStats {
     pub row_groups: u64,
     /// Bytes of the scanned files.
     pub bytes_total: u64,
+    /// Messages read from Kafka sources (rows plus undecodable).
+    pub kafka_messages: u64,
 }
 
 /// The registered archive: what the views need to know about it.
@@ -135,6 +139,9 @@ pub struct Archive {
     pub synthesized: Vec<&'static str>,
     /// Source column names, in archive order, that outputs carry.
     pub source_columns: Vec<String>,
+    /// Messages of Kafka sources that did not decode: dead-lettered as
+    /// `undecodable`, keyed by the source URL.
+    pub undecodable: Vec<(String, crate::kafka::source::Undecodable)>,
 }
 
 /// The session settings every command shares: Utf8 (not views) so that the
@@ -168,12 +175,11 @@ pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, Sour
     let mut stats = ScanStats::default();
     let mut pruned_sample: Option<ArchiveFile> = None;
     let mut first_loc: Option<Location> = None;
+    let mut kafka_sources: Vec<String> = vec![];
     for src in &scan.sources {
         if src.starts_with("kafka://") {
-            return Err(SourceError::Unsupported {
-                location: src.clone(),
-                message: "Kafka sources are not available in this build".into(),
-            });
+            kafka_sources.push(src.clone());
+            continue;
         }
         let loc = location::resolve(src, &scan.storage)?;
         loc.register(ctx);
@@ -202,27 +208,85 @@ pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, Sour
         all_files.extend(metas);
         first_loc.get_or_insert(loc);
     }
-    let Some(first_loc) = first_loc else {
-        return Err(SourceError::Empty {
-            location: scan.sources.join(","),
-        });
-    };
     // Deterministic order: the merged schema must not depend on listing order.
     all_files.sort_by(|a, b| a.url.cmp(&b.url));
     stats.files_scanned = all_files.len() as u64;
     stats.row_groups = all_files.iter().map(|f| f.row_groups as u64).sum();
     stats.bytes_total = all_files.iter().map(|f| f.meta.size).sum();
 
-    let schema_files: Vec<&ArchiveFile> = if all_files.is_empty() {
-        pruned_sample.iter().collect()
-    } else {
-        all_files.iter().collect()
+    let file_schema = match &first_loc {
+        Some(loc) => {
+            let schema_files: Vec<&ArchiveFile> = if all_files.is_empty() {
+                pruned_sample.iter().collect()
+            } else {
+                all_files.iter().collect()
+            };
+            Some(merge_schemas(loc, &schema_files).await?)
+        }
+        None => None,
     };
-    let schema = merge_schemas(&first_loc, &schema_files).await?;
-    let synthesized = validate(&schema, scan, &first_loc)?;
 
-    let table = archive_table(ctx, &schema, &all_files)?;
-    ctx.register_table("archive", table)?;
+    // Kafka sources: what the topics still retain inside the window, decoded
+    // with the archive's schema when there is one, so both sides line up.
+    let kafka_settings = scan.kafka.clone().unwrap_or_default();
+    let mut reads = vec![];
+    let mut undecodable = vec![];
+    for url in &kafka_sources {
+        let hint = file_schema.as_ref().map(|s| all_nullable(s));
+        let read = crate::kafka::source::read_topic(url, scan.from, scan.to, &kafka_settings, hint)
+            .await?;
+        stats.kafka_messages += read.messages;
+        undecodable.extend(read.undecodable.iter().cloned().map(|u| (url.clone(), u)));
+        let batches = coerce_event_time(&read.schema, read.batches, &scan.columns.event_time)?;
+        let schema = batches
+            .first()
+            .map(|b| b.schema())
+            .unwrap_or_else(|| coerce_event_time_schema(&read.schema, &scan.columns.event_time));
+        reads.push((url.clone(), schema, batches));
+    }
+
+    let mut all_schemas: Vec<(String, SchemaRef)> = vec![];
+    if let Some(s) = &file_schema {
+        all_schemas.push(("the archive files".into(), s.clone()));
+    }
+    for (url, schema, _) in &reads {
+        all_schemas.push((url.clone(), schema.clone()));
+    }
+    let location_name = first_loc
+        .as_ref()
+        .map(|l| l.original.clone())
+        .unwrap_or_else(|| kafka_sources.join(","));
+    let mut schema = if all_schemas.len() == 1 {
+        all_schemas[0].1.clone()
+    } else {
+        merge(&all_schemas)?
+    };
+    if !reads.is_empty() {
+        // Union members must agree on nullability; Kafka rows may lack any column.
+        schema = all_nullable(&schema);
+    }
+    let synthesized = validate(&schema, scan, &location_name)?;
+
+    let files_table = archive_table(ctx, &schema, &all_files)?;
+    if reads.is_empty() {
+        ctx.register_table("archive", files_table)?;
+    } else {
+        // One union: the lake for what Kafka no longer has, the topics for
+        // the recent part; the decision rules tolerate the same event twice.
+        ctx.register_table("archive_files", files_table)?;
+        let mut df = ctx.table("archive_files").await?;
+        for (i, (_, _, batches)) in reads.iter().enumerate() {
+            let adapted = batches
+                .iter()
+                .map(|b| adapt_batch(b, &schema))
+                .collect::<Result<Vec<_>, _>>()?;
+            let t = datafusion::datasource::MemTable::try_new(schema.clone(), vec![adapted])?;
+            let name = format!("archive_kafka_{i}");
+            ctx.register_table(name.as_str(), Arc::new(t))?;
+            df = df.union(ctx.table(name.as_str()).await?)?;
+        }
+        ctx.register_table("archive", df.into_view())?;
+    }
     let source_columns = schema.fields().iter().map(|f| f.name().clone()).collect();
     let archive = Archive {
         schema,
@@ -230,6 +294,7 @@ pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, Sour
         stats,
         synthesized,
         source_columns,
+        undecodable,
     };
     register_events(ctx, scan, &archive).await?;
     Ok(archive)
@@ -505,7 +570,7 @@ fn is_int(t: &DataType) -> bool {
 fn validate(
     schema: &Schema,
     scan: &Scan,
-    loc: &Location,
+    location: &str,
 ) -> Result<Vec<&'static str>, SourceError> {
     let seq_needed = scan.detect_gaps || scan.detect_conflicts;
     let mut synthesized = vec![];
@@ -551,7 +616,7 @@ fn validate(
                 return Err(SourceError::MissingColumn {
                     column: source.to_string(),
                     role: canonical,
-                    location: loc.original.clone(),
+                    location: location.to_string(),
                     hint,
                 });
             }
@@ -563,6 +628,81 @@ fn validate(
         }
     }
     Ok(synthesized)
+}
+
+fn all_nullable(s: &Schema) -> SchemaRef {
+    Arc::new(Schema::new(
+        s.fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect::<Vec<_>>(),
+    ))
+}
+
+/// JSON has no timestamp type: an inferred event_time is a string (RFC
+/// 3339) or a number (epoch milliseconds). Make it a UTC timestamp.
+fn coerce_event_time_schema(schema: &Schema, event_time: &str) -> SchemaRef {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            if f.name() == event_time && !matches!(f.data_type(), DataType::Timestamp(_, _)) {
+                Field::new(
+                    f.name(),
+                    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                    true,
+                )
+            } else {
+                f.as_ref().clone()
+            }
+        })
+        .collect();
+    Arc::new(Schema::new(fields))
+}
+
+fn coerce_event_time(
+    schema: &SchemaRef,
+    batches: Vec<arrow::record_batch::RecordBatch>,
+    event_time: &str,
+) -> Result<Vec<arrow::record_batch::RecordBatch>, SourceError> {
+    let target = coerce_event_time_schema(schema, event_time);
+    if &target == schema {
+        return Ok(batches);
+    }
+    batches.iter().map(|b| adapt_batch(b, &target)).collect()
+}
+
+/// Reorder, cast and null-fill a batch's columns to `schema` (by name).
+fn adapt_batch(
+    b: &arrow::record_batch::RecordBatch,
+    schema: &SchemaRef,
+) -> Result<arrow::record_batch::RecordBatch, SourceError> {
+    let cols = schema
+        .fields()
+        .iter()
+        .map(|f| match b.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+            Some(c) => {
+                let c = match (c.data_type(), f.data_type()) {
+                    // Epoch milliseconds, as JSON producers usually write them.
+                    (DataType::Int64, DataType::Timestamp(_, _)) => arrow::compute::cast(
+                        &arrow::compute::cast(
+                            c,
+                            &DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                        )?,
+                        f.data_type(),
+                    )?,
+                    _ => arrow::compute::cast(c, f.data_type())?,
+                };
+                Ok(c)
+            }
+            None => Ok(arrow::array::new_null_array(f.data_type(), b.num_rows())),
+        })
+        .collect::<Result<Vec<_>, arrow::error::ArrowError>>()
+        .map_err(|e| SourceError::DataFusion(e.into()))?;
+    let nullable = all_nullable(schema);
+    arrow::record_batch::RecordBatch::try_new(nullable, cols)
+        .map_err(|e| SourceError::DataFusion(e.into()))
 }
 
 /// `events`: the window of `archive`, mapped columns renamed to their

@@ -386,3 +386,44 @@ pub fn unique_name(prefix: &str) -> String {
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// The fixtures themselves: a bucket made as a directory is served over S3,
+/// and a private broker accepts connections and is gone after `stop`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixtures_serve_and_stop() {
+    use event_backfill::location::{StorageSettings, resolve};
+    use object_store::{ObjectStoreExt, PutPayload};
+
+    let s3 = s3();
+    let bucket = unique_name("fixture");
+    s3.create_bucket(&bucket);
+    let storage = StorageSettings {
+        endpoint: Some(s3.endpoint.clone()),
+        access_key_id: Some(s3.access_key.clone()),
+        secret_access_key: Some(s3.secret_key.clone()),
+        allow_http: Some(true),
+        ..StorageSettings::default()
+    };
+    let loc = resolve(&format!("s3://{bucket}/dir"), &storage).expect("resolve s3 URL");
+    let path = loc.path("hello.txt");
+    loc.store
+        .put(&path, PutPayload::from_static(b"hi"))
+        .await
+        .unwrap_or_else(|e| panic!("put to {}: {e}\n{}", s3.endpoint, s3.log_tail()));
+    let got = loc
+        .store
+        .get(&path)
+        .await
+        .expect("get")
+        .bytes()
+        .await
+        .expect("body");
+    assert_eq!(&got[..], b"hi");
+    assert!(s3.root.join(&bucket).join("dir/hello.txt").is_file());
+
+    let mut k = start_kafka_private();
+    let addr = format!("127.0.0.1:{}", k.port);
+    assert!(TcpStream::connect(&addr).is_ok());
+    k.stop();
+    assert!(TcpStream::connect(&addr).is_err(), "{addr} still listening");
+}
