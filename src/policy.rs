@@ -129,8 +129,17 @@ fn as_bool(a: &ArrayRef) -> Result<BooleanArray, PolicyError> {
         .downcast_ref::<BooleanArray>()
         .cloned()
         .unwrap_or_else(|| BooleanArray::from(vec![false; a.len()]));
-    // NULL means false for every flag here.
-    Ok(boolean::and_not(&b, &is_null(&b)?)?)
+    Ok(null_as_false(&b))
+}
+
+/// NULL means false for every flag here. (`and_not(b, is_null(b))` would
+/// not do: the non-Kleene kernels propagate the NULL itself.)
+fn null_as_false(b: &BooleanArray) -> BooleanArray {
+    match b.nulls() {
+        // (prep_null_mask_filter would do this, but panics without nulls.)
+        Some(n) => BooleanArray::new(b.values() & n.inner(), None),
+        None => b.clone(),
+    }
 }
 
 impl Policy {
@@ -168,8 +177,12 @@ impl Policy {
             let m = arrow::compute::regexp_is_match_scalar(&error, re, None)?;
             permanent = boolean::or_kleene(&permanent, &m)?;
         }
-        let permanent = boolean::and_not(&permanent, &is_null(&permanent)?)?;
-        let exceeded = cmp::gt_eq(&retries, &Int64Array::new_scalar(self.max_attempts))?;
+        // A NULL error matches no regex.
+        let permanent = null_as_false(&permanent);
+        let exceeded = null_as_false(&cmp::gt_eq(
+            &retries,
+            &Int64Array::new_scalar(self.max_attempts),
+        )?);
 
         // First match wins: mask each rule by the ones before it.
         let live = boolean::not(&skipped)?;
@@ -411,6 +424,19 @@ mod tests {
         let d = p.decide(&b).unwrap();
         assert_eq!(strings(&d.dlq, "backfill_reason"), [REASON_MAX_ATTEMPTS]);
         assert_eq!(ints(&d.dlq, "backfill_attempt"), [0]);
+    }
+
+    /// Regression: a NULL error with a regex set must not drop the event.
+    #[test]
+    fn null_error_with_regex_still_decided() {
+        let b = batch(&[
+            ("n", None, Some(0), false, None, None),
+            ("m", None, Some(5), false, None, None),
+        ]);
+        let d = policy(&["zzz"]).decide(&b).unwrap();
+        assert_eq!(strings(&d.replay, "event_id"), ["n"]);
+        assert_eq!(strings(&d.dlq, "backfill_reason"), [REASON_MAX_ATTEMPTS]);
+        assert_eq!(d.counts.replayed + d.counts.dead_lettered, 2);
     }
 
     #[test]

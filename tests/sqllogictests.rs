@@ -280,7 +280,11 @@ fn session(scratch: &Path) -> Result<SessionContext> {
     let config = SessionConfig::new()
         .with_target_partitions(TARGET_PARTITIONS)
         .with_batch_size(8192)
-        .set_bool("datafusion.sql_parser.enable_ident_normalization", true);
+        .with_information_schema(true)
+        .set_bool("datafusion.sql_parser.enable_ident_normalization", true)
+        // `events` has Utf8 columns in the binary (register_events casts to
+        // Utf8), so VARCHAR in a test's CREATE TABLE must mean Utf8 too.
+        .set_bool("datafusion.sql_parser.map_string_types_to_utf8view", false);
     let runtime = RuntimeEnvBuilder::new()
         .with_temp_file_path(scratch)
         .build_arc()?;

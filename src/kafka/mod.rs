@@ -55,9 +55,9 @@ pub enum TimestampSource {
 pub struct KafkaSettings {
     /// librdkafka properties, passed through untouched (`security.protocol`,
     /// `sasl.mechanisms`, `sasl.username`, `sasl.password`, `ssl.*`,
-    /// `compression.type`, `linger.ms`, ...). `${NAME}` in a value is replaced
-    /// by the environment variable NAME, so secrets need not be written in the
-    /// job file; secret values are never printed. A property set here wins
+    /// `compression.type`, `linger.ms`, ...). Write secrets as `${NAME}`: the
+    /// job file reader replaces them from the environment, and secret values
+    /// are never printed. A property set here wins
     /// over backfill's defaults (`enable.idempotence=true`,
     /// `partitioner=murmur2_random`). The brokers come from the URL, not from
     /// `bootstrap.servers`.
@@ -221,50 +221,6 @@ impl KafkaSettings {
     pub fn redacted(&self) -> BTreeMap<String, String> {
         redact(&self.properties)
     }
-
-    /// The properties with `${NAME}` replaced from the environment, ready for
-    /// librdkafka. Fails naming the property and the variable (never the
-    /// value) when a variable is unset.
-    pub fn resolved_properties(&self) -> Result<BTreeMap<String, String>, KafkaError> {
-        let mut out = BTreeMap::new();
-        for (k, v) in &self.properties {
-            out.insert(k.clone(), interpolate_env(k, v)?);
-        }
-        Ok(out)
-    }
-}
-
-/// Replace `${NAME}` by the environment variable NAME; `$${` is a literal `${`.
-fn interpolate_env(property: &str, value: &str) -> Result<String, KafkaError> {
-    let mut out = String::with_capacity(value.len());
-    let mut rest = value;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let tail = &rest[i..];
-        if let Some(t) = tail.strip_prefix("$${") {
-            out.push_str("${");
-            rest = t;
-        } else if let Some(t) = tail.strip_prefix("${") {
-            let Some(end) = t.find('}') else {
-                return Err(KafkaError::Property {
-                    property: property.to_string(),
-                    reason: "unterminated '${' (write '$${' for a literal '${')".into(),
-                });
-            };
-            let name = &t[..end];
-            let var = std::env::var(name).map_err(|_| KafkaError::Property {
-                property: property.to_string(),
-                reason: format!("environment variable {name} (named in its value) is not set"),
-            })?;
-            out.push_str(&var);
-            rest = &t[end + 1..];
-        } else {
-            out.push('$');
-            rest = &tail[1..];
-        }
-    }
-    out.push_str(rest);
-    Ok(out)
 }
 
 /// Errors of the Kafka source and of Kafka settings; each names the URL,
@@ -416,7 +372,7 @@ pub(crate) fn client_config(
     settings: &KafkaSettings,
     role: Role,
 ) -> Result<ClientConfig, KafkaError> {
-    let props = settings.resolved_properties()?;
+    let props = &settings.properties;
     if let Some(b) = props.get("bootstrap.servers")
         && b != &url.bootstrap
     {
@@ -474,7 +430,7 @@ pub(crate) fn client_config(
                 .set("allow.auto.create.topics", "false");
         }
     }
-    for (k, v) in &props {
+    for (k, v) in props {
         cfg.set(k, v);
     }
     cfg.set("bootstrap.servers", &url.bootstrap);
@@ -540,23 +496,6 @@ mod tests {
         assert!(!dbg.contains("hunter"), "{dbg}");
         let json = serde_json::to_string(&s).unwrap();
         assert!(!json.contains("hunter"), "{json}");
-    }
-
-    #[test]
-    fn env_interpolation() {
-        // SAFETY: a variable name no other test uses.
-        unsafe { std::env::set_var("BACKFILL_KAFKA_TEST_SECRET", "s3cret") };
-        assert_eq!(
-            interpolate_env("p", "a${BACKFILL_KAFKA_TEST_SECRET}b$${x}$").unwrap(),
-            "as3cretb${x}$"
-        );
-        let e = interpolate_env("sasl.password", "${BACKFILL_KAFKA_TEST_UNSET}")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("sasl.password") && e.contains("BACKFILL_KAFKA_TEST_UNSET"),
-            "{e}"
-        );
     }
 
     #[test]

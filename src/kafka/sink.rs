@@ -430,9 +430,22 @@ fn as_header_strings(col: &ArrayRef, format: HeaderFormat) -> Result<StringArray
     }
 }
 
+/// A batch's rows as JSON objects: one buffer, and each row's byte span in it.
+struct JsonRows {
+    buf: Vec<u8>,
+    spans: Vec<(usize, usize)>,
+}
+
+impl JsonRows {
+    fn row(&self, i: usize) -> &[u8] {
+        let (a, b) = self.spans[i];
+        &self.buf[a..b]
+    }
+}
+
 /// Each row of a batch as one JSON object (arrow-json, nulls written out so
-/// consumers see every column). Returns the buffer and each row's span.
-fn json_rows(batch: &RecordBatch) -> Result<(Vec<u8>, Vec<(usize, usize)>), String> {
+/// consumers see every column).
+fn json_rows(batch: &RecordBatch) -> Result<JsonRows, String> {
     let mut buf = Vec::with_capacity(batch.num_rows() * 256);
     {
         let mut w = WriterBuilder::new()
@@ -457,7 +470,7 @@ fn json_rows(batch: &RecordBatch) -> Result<(Vec<u8>, Vec<(usize, usize)>), Stri
             batch.num_rows()
         ));
     }
-    Ok((buf, spans))
+    Ok(JsonRows { buf, spans })
 }
 
 #[async_trait]
@@ -611,9 +624,8 @@ impl Sink for KafkaSink {
                         record = record.payload(p.value(row));
                     }
                 }
-                (None, Some((buf, spans))) => {
-                    let (a, b) = spans[row];
-                    record = record.payload(&buf[a..b]);
+                (None, Some(rows)) => {
+                    record = record.payload(rows.row(row));
                 }
                 (None, None) => {}
             }

@@ -107,6 +107,30 @@ pub struct ArchiveFile {
     pub url: String,
     pub rows: i64,
     pub row_groups: usize,
+    /// event_time range from the footer's row-group statistics, in UTC
+    /// microseconds; None when a row group has no statistics.
+    pub time_range: Option<(i64, i64)>,
+}
+
+impl ArchiveFile {
+    /// Can this file hold rows inside [from, to)? Decided from the footer
+    /// alone, so a file outside the window is never read past its footer.
+    fn may_overlap(&self, from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) -> bool {
+        let Some((min, max)) = self.time_range else {
+            return true;
+        };
+        if let Some(f) = from
+            && max < f.timestamp_micros()
+        {
+            return false;
+        }
+        if let Some(t) = to
+            && min >= t.timestamp_micros()
+        {
+            return false;
+        }
+        true
+    }
 }
 
 /// What listing the archive found, for the report.
@@ -198,14 +222,23 @@ pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, Sour
         if pruned_sample.is_none()
             && let Some(p) = listing.pruned.first()
         {
-            pruned_sample = Some(read_footer(&loc, p.clone()).await?);
+            pruned_sample = Some(read_footer(&loc, p.clone(), &scan.columns.event_time).await?);
         }
         let metas: Vec<ArchiveFile> = futures::stream::iter(listing.files)
-            .map(|m| read_footer(&loc, m))
+            .map(|m| read_footer(&loc, m, &scan.columns.event_time))
             .buffer_unordered(16)
             .try_collect()
             .await?;
-        all_files.extend(metas);
+        for f in metas {
+            if f.may_overlap(scan.from, scan.to) {
+                all_files.push(f);
+            } else {
+                stats.files_pruned += 1;
+                if pruned_sample.is_none() {
+                    pruned_sample = Some(f);
+                }
+            }
+        }
         first_loc.get_or_insert(loc);
     }
     // Deterministic order: the merged schema must not depend on listing order.
@@ -430,7 +463,11 @@ fn is_data_file(p: &Path) -> bool {
 }
 
 #[allow(deprecated)]
-async fn read_footer(loc: &Location, meta: ObjectMeta) -> Result<ArchiveFile, SourceError> {
+async fn read_footer(
+    loc: &Location,
+    meta: ObjectMeta,
+    event_time: &str,
+) -> Result<ArchiveFile, SourceError> {
     let display = loc.display_path(&meta.location);
     let reader = ParquetObjectReader::new(loc.store.clone(), meta.location.clone())
         .with_file_size(meta.size);
@@ -441,12 +478,46 @@ async fn read_footer(loc: &Location, meta: ObjectMeta) -> Result<ArchiveFile, So
             message: e.to_string().replace('\n', " "),
         })?;
     let md = builder.metadata();
+    let time_range = footer_time_range(builder.schema(), md, event_time);
     Ok(ArchiveFile {
+        time_range,
         rows: md.file_metadata().num_rows(),
         row_groups: md.num_row_groups(),
         url: loc.object_url(&meta.location),
         meta,
     })
+}
+
+/// The event_time range of a file from its row-group statistics, in UTC
+/// microseconds. None (keep the file) when the column is absent, not a
+/// timestamp, or any row group lacks statistics.
+fn footer_time_range(
+    schema: &Schema,
+    md: &parquet::file::metadata::ParquetMetaData,
+    event_time: &str,
+) -> Option<(i64, i64)> {
+    use arrow::array::{Array, AsArray};
+    use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
+    if md.num_row_groups() == 0 {
+        return None;
+    }
+    let field = schema.field_with_name(event_time).ok()?;
+    if !matches!(field.data_type(), DataType::Timestamp(_, _)) {
+        return None;
+    }
+    let conv =
+        StatisticsConverter::try_new(event_time, schema, md.file_metadata().schema_descr()).ok()?;
+    let to_micros = |a: arrow::array::ArrayRef| -> Option<Vec<i64>> {
+        let a = arrow::compute::cast(&a, &DataType::Timestamp(TimeUnit::Microsecond, None)).ok()?;
+        let a = a.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+        if a.null_count() > 0 {
+            return None;
+        }
+        Some(a.values().to_vec())
+    };
+    let mins = to_micros(conv.row_group_mins(md.row_groups()).ok()?)?;
+    let maxes = to_micros(conv.row_group_maxes(md.row_groups()).ok()?)?;
+    Some((*mins.iter().min()?, *maxes.iter().max()?))
 }
 
 /// Merge the schemas of every file: union of columns (first-seen order),
@@ -509,19 +580,13 @@ pub fn merge(schemas: &[(String, SchemaRef)]) -> Result<SchemaRef, SourceError> 
         .iter()
         .filter_map(|name| fields.remove(name))
         .map(|(f, _, count)| {
+            // Types are kept as stored when every file agrees; `unify`
+            // only widens (and sets UTC) where files differ.
             let nullable = f.is_nullable() || count < n;
-            let t = normalize_type(f.data_type());
-            Field::new(f.name(), t, nullable)
+            Field::new(f.name(), f.data_type().clone(), nullable)
         })
         .collect();
     Ok(Arc::new(Schema::new(merged)))
-}
-
-fn normalize_type(t: &DataType) -> DataType {
-    match t {
-        DataType::Timestamp(u, _) => DataType::Timestamp(*u, Some("UTC".into())),
-        other => other.clone(),
-    }
 }
 
 fn unify(a: &DataType, b: &DataType) -> Option<DataType> {
@@ -826,13 +891,19 @@ mod tests {
             Field::new("event_id", DataType::Utf8, false),
             Field::new("error", DataType::Utf8, false),
         ]);
-        let m = merge(&[("a".into(), a), ("b".into(), b)]).unwrap();
+        let m = merge(&[("a".into(), a.clone()), ("b".into(), b)]).unwrap();
         let names: Vec<_> = m.fields().iter().map(|f| f.name().as_str()).collect();
         assert_eq!(names, ["event_id", "seq", "event_time", "error"]);
         assert_eq!(m.field(1).data_type(), &DataType::Int64);
         assert_eq!(
             m.field(2).data_type(),
             &DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+        );
+        let same = merge(&[("a".into(), a.clone()), ("b".into(), a)]).unwrap();
+        assert_eq!(
+            same.field(2).data_type(),
+            &DataType::Timestamp(TimeUnit::Millisecond, None),
+            "a type all files agree on is kept"
         );
         assert!(m.field(3).is_nullable(), "missing in a file => nullable");
     }

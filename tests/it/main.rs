@@ -7,4 +7,5 @@ mod cli;
 mod e2e;
 mod kafka;
 mod reference;
+mod s3;
 mod services;

@@ -1,0 +1,1359 @@
+//! Archives, outputs and state on a real S3 server (s3s-fs): the binary run
+//! with the standard AWS environment against `s3://` locations.
+//!
+//! s3s-fs stores an object `s3://BUCKET/KEY` as the plain file
+//! `ROOT/BUCKET/KEY`, so the tests read what the server holds straight from
+//! its folder with the same independent reader the other tests use.
+//!
+//! Failures are injected deterministically by a small HTTP proxy between the
+//! binary and the server ([`Proxy`]): it can hold a request until the test
+//! releases it, answer it with an error status, or cut every connection. A
+//! test never sleeps to hit a window.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+
+use crate::cli::Run;
+use crate::reference::{Record, read_output};
+use crate::services::{self, S3Server};
+
+/// The longest one invocation of the binary may take.
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+// ------------------------------------------------------------ environment
+
+/// Endpoint and credentials, as the binary gets them: the standard AWS
+/// environment variables.
+#[derive(Clone, Debug)]
+struct S3Env {
+    endpoint: String,
+    access_key: String,
+    secret_key: String,
+}
+
+impl S3Env {
+    fn of(s: &S3Server) -> S3Env {
+        S3Env {
+            endpoint: s.endpoint.clone(),
+            access_key: s.access_key.clone(),
+            secret_key: s.secret_key.clone(),
+        }
+    }
+
+    fn via(&self, endpoint: &str) -> S3Env {
+        S3Env {
+            endpoint: endpoint.to_string(),
+            ..self.clone()
+        }
+    }
+
+    fn vars(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL".into(), self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID".into(), self.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY".into(), self.secret_key.clone()),
+            ("AWS_REGION".into(), "us-east-1".into()),
+            ("AWS_ALLOW_HTTP".into(), "true".into()),
+        ]
+    }
+}
+
+/// One running invocation of the binary.
+struct Spawned {
+    args: Vec<String>,
+    child: Child,
+    out: Option<JoinHandle<String>>,
+    err: Option<JoinHandle<String>>,
+}
+
+impl Spawned {
+    /// Start the binary with exactly these AWS variables: any `AWS_*` of the
+    /// test's own environment (a profile, a session token) is removed.
+    fn start(args: &[&str], vars: &[(String, String)]) -> Spawned {
+        Self::start_program(Path::new(env!("CARGO_BIN_EXE_backfill")), args, vars)
+    }
+
+    fn start_program(program: &Path, args: &[&str], vars: &[(String, String)]) -> Spawned {
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1");
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("AWS_") {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+        let mut o = child.stdout.take().expect("stdout pipe");
+        let mut e = child.stderr.take().expect("stderr pipe");
+        let out = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = o.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        });
+        let err = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = e.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        });
+        Spawned {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            child,
+            out: Some(out),
+            err: Some(err),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn finished(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    fn wait(mut self) -> Run {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait for the binary") {
+                break s;
+            }
+            if start.elapsed() > RUN_TIMEOUT {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "backfill {} did not finish in {RUN_TIMEOUT:?}",
+                    self.args.join(" ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Run {
+            args: std::mem::take(&mut self.args),
+            code: status.code(),
+            stdout: self.out.take().map(|t| t.join().expect("stdout")).unwrap_or_default(),
+            stderr: self.err.take().map(|t| t.join().expect("stderr")).unwrap_or_default(),
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if self.out.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Run the binary against `env` and wait for it.
+fn bf(env: &S3Env, args: &[&str]) -> Run {
+    Spawned::start(args, &env.vars()).wait()
+}
+
+/// `backfill generate` straight into a location.
+fn generate(env: &S3Env, out: &str, events: u64, keys: u64, seed: u64, days: u32) {
+    bf(
+        env,
+        &[
+            "generate",
+            "--out",
+            out,
+            "--events",
+            &events.to_string(),
+            "--keys",
+            &keys.to_string(),
+            "--seed",
+            &seed.to_string(),
+            "--days",
+            &days.to_string(),
+        ],
+    )
+    .ok();
+}
+
+/// A fresh bucket on the shared server.
+fn bucket(s3: &S3Server, prefix: &str) -> String {
+    let name = services::unique_name(prefix).to_ascii_lowercase();
+    s3.create_bucket(&name);
+    name
+}
+
+fn read_json(path: &Path) -> Json {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+}
+
+fn num(report: &Json, key: &str) -> u64 {
+    report
+        .get(key)
+        .and_then(Json::as_u64)
+        .unwrap_or_else(|| panic!("report has no count `{key}`: {report}"))
+}
+
+/// The report's counts, without what legitimately differs between two
+/// places or two runs: timing, where the outputs and state went.
+fn counts(report: &Json, also_drop: &[&str]) -> BTreeMap<String, Json> {
+    let mut m: BTreeMap<String, Json> = report
+        .as_object()
+        .expect("the report is a JSON object")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for k in ["elapsed_ms", "outputs", "state"].iter().chain(also_drop) {
+        m.remove(*k);
+    }
+    let outputs = report.get("outputs").and_then(Json::as_object);
+    for (kind, o) in outputs.into_iter().flatten() {
+        m.insert(format!("outputs.{kind}.rows"), o["rows"].clone());
+        let files = o["outputs"].as_array().map_or(0, Vec::len);
+        m.insert(format!("outputs.{kind}.files"), files.into());
+    }
+    m
+}
+
+/// The scan figures: what differs between a pruned and an unpruned scan.
+const SCAN_FIGURES: &[&str] = &[
+    "files_scanned",
+    "files_pruned",
+    "partitions_pruned",
+    "row_groups_pruned",
+    "bytes_scanned",
+];
+
+/// One sink's rows of one run, without the columns that name the run
+/// (`backfill_run_id`, `backfill_detected_at`), in a canonical order.
+fn rows(sink_dir: &Path, run_id: &str) -> Vec<Record> {
+    let mut rows: Vec<Record> = read_output(sink_dir, run_id)
+        .rows
+        .into_iter()
+        .map(|mut r| {
+            r.remove("backfill_run_id");
+            r.remove("backfill_detected_at");
+            r
+        })
+        .collect();
+    rows.sort_by_cached_key(|r| format!("{r:?}"));
+    rows
+}
+
+/// Compare replay, DLQ and gap rows of two output roots.
+fn assert_same_rows(a: &Path, run_a: &str, b: &Path, run_b: &str) {
+    for sink in ["replay", "dlq", "gaps"] {
+        let (ra, rb) = (rows(&a.join(sink), run_a), rows(&b.join(sink), run_b));
+        assert!(!ra.is_empty(), "{sink} of {} is empty", a.display());
+        assert_eq!(
+            ra.len(),
+            rb.len(),
+            "{sink}: {} rows in {} but {} in {}",
+            ra.len(),
+            a.display(),
+            rb.len(),
+            b.display()
+        );
+        if let Some(i) = (0..ra.len()).find(|&i| ra[i] != rb[i]) {
+            panic!(
+                "{sink}: row {i} differs\n{}: {:?}\n{}: {:?}",
+                a.display(),
+                ra[i],
+                b.display(),
+                rb[i]
+            );
+        }
+    }
+}
+
+/// Every file below `dir`, as paths relative to it.
+fn files_below(dir: &Path) -> BTreeSet<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeSet<String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else if let Ok(rel) = p.strip_prefix(base) {
+                out.insert(rel.to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// The manifests (commits) under a state folder on the server's disk.
+fn manifests(state_dir: &Path) -> Vec<String> {
+    files_below(&state_dir.join("manifests"))
+        .into_iter()
+        .filter(|f| f.ends_with(".json"))
+        .collect()
+}
+
+fn error_lines(run: &Run) -> Vec<&str> {
+    run.stderr_lines()
+        .into_iter()
+        .filter(|l| l.starts_with("error:"))
+        .collect()
+}
+
+/// Exactly one `error:` line, and nothing else on stderr but warnings.
+#[track_caller]
+fn the_error_line(run: &Run) -> String {
+    let errors = error_lines(run);
+    assert_eq!(errors.len(), 1, "expected one error line\n{}", run.describe());
+    for l in run.stderr_lines() {
+        assert!(
+            l.starts_with("error:") || l.starts_with("warning:"),
+            "stray stderr line {l:?}\n{}",
+            run.describe()
+        );
+    }
+    errors[0].to_string()
+}
+
+/// A job file in `dir`.
+fn job_file(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+    p.display().to_string()
+}
+
+/// Fast retries so that a dead server fails a run in seconds.
+const FAST_RETRY: &str = "[storage.retry]\nmax_retries = 2\ninit_backoff_ms = 50\nmax_backoff_ms = 200\nretry_timeout_secs = 5\nconnect_timeout_secs = 1\nrequest_timeout_secs = 20\n";
+
+// ------------------------------------------------------------ restartable server
+
+/// An s3s-fs server of one test whose data folder outlives the process, so
+/// that it can be killed and started again on the same folder and port.
+/// Like the shared fixture it runs under a watchdog that kills it when the
+/// test process ends, however it ends.
+struct OwnS3 {
+    dir: tempfile::TempDir,
+    port: u16,
+    access_key: String,
+    secret_key: String,
+    process: Option<(Child, ChildStdin)>,
+}
+
+impl OwnS3 {
+    fn start() -> OwnS3 {
+        let dir = tempfile::Builder::new()
+            .prefix("backfill-it-own-s3-")
+            .tempdir()
+            .expect("scratch folder");
+        std::fs::create_dir_all(dir.path().join("root")).expect("server root");
+        let mut s = OwnS3 {
+            dir,
+            port: services::free_port(),
+            access_key: "own-test-key".into(),
+            secret_key: "own-test-secret-41d8".into(),
+            process: None,
+        };
+        s.spawn();
+        s
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn env(&self) -> S3Env {
+        S3Env {
+            endpoint: format!("http://{}", self.addr()),
+            access_key: self.access_key.clone(),
+            secret_key: self.secret_key.clone(),
+        }
+    }
+
+    fn create_bucket(&self, name: &str) {
+        std::fs::create_dir_all(self.root().join(name)).expect("create a bucket folder");
+    }
+
+    fn spawn(&mut self) {
+        let program = services::tools_bin_dir().join("s3s-fs");
+        assert!(
+            program.is_file(),
+            "s3s-fs is not installed at {}: run scripts/install-tools.sh",
+            program.display()
+        );
+        let log = self.dir.path().join("server.log");
+        let script = r#"exec 3<&0
+"$0" "$@" </dev/null >>"$OWN_S3_LOG" 2>&1 &
+s=$!
+read -r _ <&3
+kill -KILL "$s" 2>/dev/null
+wait "$s" 2>/dev/null"#;
+        let mut child = Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .arg(&program)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--access-key",
+                &self.access_key,
+                "--secret-key",
+                &self.secret_key,
+            ])
+            .arg(self.root())
+            .env("OWN_S3_LOG", &log)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start bash to watch s3s-fs");
+        let stdin = child.stdin.take().expect("watchdog stdin");
+        let start = Instant::now();
+        while TcpStream::connect_timeout(
+            &self.addr().parse().expect("address"),
+            Duration::from_millis(200),
+        )
+        .is_err()
+        {
+            if start.elapsed() > Duration::from_secs(30) {
+                panic!(
+                    "s3s-fs did not listen on {} in 30 s: {}",
+                    self.addr(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.process = Some((child, stdin));
+    }
+
+    /// SIGKILL: a crash, not a shutdown. Returns once the server is gone.
+    fn stop(&mut self) {
+        if let Some((mut child, mut stdin)) = self.process.take() {
+            let _ = stdin.write_all(b"stop\n");
+            drop(stdin);
+            let _ = child.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for OwnS3 {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ------------------------------------------------------------ fault-injecting proxy
+
+/// The head of one HTTP request that passed through the proxy.
+#[derive(Debug, Clone)]
+struct Head {
+    method: String,
+    /// Path and query, e.g. `/bucket/out/_state/manifests/r.json`.
+    target: String,
+    /// Header block, lower-cased.
+    headers: String,
+    content_length: usize,
+    head_len: usize,
+}
+
+impl Head {
+    fn parse(buf: &[u8]) -> Option<Head> {
+        let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+        let text = String::from_utf8_lossy(&buf[..end]).to_string();
+        let mut lines = text.split("\r\n");
+        let mut first = lines.next()?.split(' ');
+        let method = first.next()?.to_string();
+        let target = first.next()?.to_string();
+        if !first.next()?.starts_with("HTTP/1.") {
+            return None;
+        }
+        let headers = lines.collect::<Vec<_>>().join("\n").to_ascii_lowercase();
+        let content_length = headers
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        Some(Head {
+            method,
+            target,
+            headers,
+            content_length,
+            head_len: end,
+        })
+    }
+
+    fn is_copy(&self) -> bool {
+        self.headers.contains("x-amz-copy-source:")
+    }
+}
+
+/// What the proxy does with a request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Action {
+    Forward,
+    /// Park it until the test calls [`Proxy::release`] (or goes dark).
+    Hold,
+    /// Answer with this status and an S3 error body; never forwarded.
+    Fail(u16),
+    /// Cut this connection and refuse every later one: the server is gone
+    /// as far as the client can tell.
+    Dark,
+}
+
+type Rule = Box<dyn FnMut(&Head) -> Action + Send>;
+
+struct ProxyState {
+    upstream: String,
+    rule: Rule,
+    held: usize,
+    releases: usize,
+    dark: bool,
+    log: Vec<String>,
+}
+
+/// A plain HTTP/1.1 proxy in front of an S3 server. Requests are not
+/// rewritten (SigV4 signs the Host header, which the server only checks
+/// against the signature), so the binary talks to it as to the server.
+struct Proxy {
+    endpoint: String,
+    shared: Arc<(Mutex<ProxyState>, Condvar)>,
+    stop: Arc<AtomicBool>,
+    port: u16,
+}
+
+impl Proxy {
+    fn start(upstream: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let shared = Arc::new((
+            Mutex::new(ProxyState {
+                upstream: upstream.to_string(),
+                rule: Box::new(|_| Action::Forward),
+                held: 0,
+                releases: 0,
+                dark: false,
+                log: vec![],
+            }),
+            Condvar::new(),
+        ));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sh, st) = (shared.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(c) = conn {
+                    let sh = sh.clone();
+                    std::thread::spawn(move || Self::serve(sh, c));
+                }
+            }
+        });
+        Proxy {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            shared,
+            stop,
+            port,
+        }
+    }
+
+    fn set_rule(&self, rule: impl FnMut(&Head) -> Action + Send + 'static) {
+        self.shared.0.lock().expect("proxy lock").rule = Box::new(rule);
+    }
+
+    fn set_dark(&self, dark: bool) {
+        let (m, c) = &*self.shared;
+        m.lock().expect("proxy lock").dark = dark;
+        c.notify_all();
+    }
+
+    /// Let one held request through.
+    fn release(&self) {
+        let (m, c) = &*self.shared;
+        m.lock().expect("proxy lock").releases += 1;
+        c.notify_all();
+    }
+
+    /// Wait until `n` requests are parked; false on timeout.
+    fn wait_held(&self, n: usize, timeout: Duration) -> bool {
+        let (m, c) = &*self.shared;
+        let deadline = Instant::now() + timeout;
+        let mut s = m.lock().expect("proxy lock");
+        while s.held < n {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = c.wait_timeout(s, deadline - now).expect("proxy lock").0;
+        }
+        true
+    }
+
+    /// The request lines seen so far, for assertion messages.
+    fn log(&self) -> String {
+        self.shared.0.lock().expect("proxy lock").log.join("\n")
+    }
+
+    fn serve(shared: Arc<(Mutex<ProxyState>, Condvar)>, mut client: TcpStream) {
+        let (m, c) = &*shared;
+        let upstream = {
+            let s = m.lock().expect("proxy lock");
+            if s.dark {
+                let _ = client.shutdown(Shutdown::Both);
+                return;
+            }
+            s.upstream.clone()
+        };
+        let Ok(mut up) = TcpStream::connect(&upstream) else {
+            let _ = client.shutdown(Shutdown::Both);
+            return;
+        };
+        let (Ok(mut up_read), Ok(mut client_write)) = (up.try_clone(), client.try_clone()) else {
+            return;
+        };
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut up_read, &mut client_write);
+            let _ = client_write.shutdown(Shutdown::Both);
+        });
+        let mut pending: Vec<u8> = vec![];
+        let mut body_left = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match client.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let mut data = &buf[..n];
+            if body_left > 0 {
+                let k = body_left.min(n);
+                if up.write_all(&data[..k]).is_err() {
+                    break;
+                }
+                body_left -= k;
+                data = &data[k..];
+                if data.is_empty() {
+                    continue;
+                }
+            }
+            // The start of a request (HTTP/1.1 clients do not pipeline):
+            // gather its head before deciding.
+            pending.extend_from_slice(data);
+            let Some(head) = Head::parse(&pending) else {
+                if pending.len() > 1 << 20 {
+                    break;
+                }
+                continue;
+            };
+            let action = {
+                let mut s = m.lock().expect("proxy lock");
+                let a = (s.rule)(&head);
+                s.log.push(format!("{} {} -> {a:?}", head.method, head.target));
+                a
+            };
+            match action {
+                Action::Forward => {}
+                Action::Hold => {
+                    let mut s = m.lock().expect("proxy lock");
+                    s.held += 1;
+                    c.notify_all();
+                    while s.releases == 0 && !s.dark {
+                        s = c.wait(s).expect("proxy lock");
+                    }
+                    s.held -= 1;
+                    if s.dark {
+                        drop(s);
+                        let _ = client.shutdown(Shutdown::Both);
+                        let _ = up.shutdown(Shutdown::Both);
+                        return;
+                    }
+                    s.releases -= 1;
+                }
+                Action::Fail(status) => {
+                    // Read the body first: closing on unread data resets the
+                    // connection and the client would never see the answer.
+                    let mut left = head
+                        .content_length
+                        .saturating_sub(pending.len() - head.head_len);
+                    while left > 0 {
+                        match client.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => left = left.saturating_sub(k),
+                        }
+                    }
+                    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AccessDenied</Code><Message>refused by the test proxy</Message></Error>";
+                    let resp = format!(
+                        "HTTP/1.1 {status} Refused\r\ncontent-type: application/xml\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = client.write_all(resp.as_bytes());
+                    let _ = client.shutdown(Shutdown::Both);
+                    let _ = up.shutdown(Shutdown::Both);
+                    return;
+                }
+                Action::Dark => {
+                    m.lock().expect("proxy lock").dark = true;
+                    c.notify_all();
+                    let _ = client.shutdown(Shutdown::Both);
+                    let _ = up.shutdown(Shutdown::Both);
+                    return;
+                }
+            }
+            body_left = head
+                .content_length
+                .saturating_sub(pending.len() - head.head_len);
+            if up.write_all(&pending).is_err() {
+                break;
+            }
+            pending.clear();
+        }
+        let _ = up.shutdown(Shutdown::Write);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.set_dark(true);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn is_manifest_put(h: &Head) -> bool {
+    h.method == "PUT" && h.target.contains("/_state/manifests/")
+}
+
+// ------------------------------------------------------------ tests
+
+/// The same generated archive on local disk and on S3 gives the same rows
+/// in every output and the same report, with sinks and state on S3; a
+/// second run reads the ledger back from S3.
+#[test]
+fn s3_archive_sinks_and_state_match_the_local_run() {
+    let s3 = services::s3();
+    let env = S3Env::of(s3);
+    let b = bucket(s3, "local-vs-s3");
+    let work = tempfile::tempdir().expect("tempdir");
+    let local_archive = work.path().join("archive");
+    let local_out = work.path().join("out");
+    let (events, keys, seed, days) = (3000, 30, 11, 3);
+    generate(&env, local_archive.to_str().unwrap(), events, keys, seed, days);
+    generate(&env, &format!("s3://{b}/archive"), events, keys, seed, days);
+
+    // The same archive, byte for byte, with its hive folders.
+    let s3_archive = s3.root.join(&b).join("archive");
+    let names = files_below(&local_archive);
+    assert!(names.iter().any(|n| n.starts_with("dt=")), "{names:?}");
+    assert_eq!(names, files_below(&s3_archive));
+    for n in &names {
+        assert!(
+            std::fs::read(local_archive.join(n)).unwrap()
+                == std::fs::read(s3_archive.join(n)).unwrap(),
+            "{n} differs between the local and the S3 archive"
+        );
+    }
+
+    for run_id in ["first", "second"] {
+        let lr = work.path().join(format!("local-{run_id}.json"));
+        let sr = work.path().join(format!("s3-{run_id}.json"));
+        bf(
+            &env,
+            &[
+                "run",
+                "--source",
+                local_archive.to_str().unwrap(),
+                "--out",
+                local_out.to_str().unwrap(),
+                "--run-id",
+                run_id,
+                "--report",
+                lr.to_str().unwrap(),
+            ],
+        )
+        .ok();
+        let s3_run = bf(
+            &env,
+            &[
+                "run",
+                "--source",
+                &format!("s3://{b}/archive/"),
+                "--out",
+                &format!("s3://{b}/out"),
+                "--run-id",
+                run_id,
+                "--report",
+                sr.to_str().unwrap(),
+            ],
+        );
+        s3_run.ok();
+        assert!(
+            s3_run.stdout.contains(&format!("s3://{b}/out/replay/run_id={run_id}/part-0.parquet")),
+            "{}",
+            s3_run.describe()
+        );
+        let (l, s) = (read_json(&lr), read_json(&sr));
+        assert_eq!(counts(&l, &[]), counts(&s, &[]), "reports differ for {run_id}");
+        assert!(num(&s, "replayed") > 0 && num(&s, "gaps") > 0, "{s}");
+        assert_eq!(s["state"], format!("s3://{b}/out/_state"), "{s}");
+        assert_same_rows(&local_out, run_id, &s3.root.join(&b).join("out"), run_id);
+    }
+
+    // The second run read the first one's ledger from S3: what the first
+    // dead-lettered it skipped, and replays carry the next attempt.
+    let (first, second) = (
+        read_json(&work.path().join("s3-first.json")),
+        read_json(&work.path().join("s3-second.json")),
+    );
+    assert!(num(&first, "dead_lettered") > 0);
+    assert_eq!(
+        num(&second, "skipped_dead_lettered"),
+        num(&first, "dead_lettered")
+    );
+    let out = s3.root.join(&b).join("out");
+    let attempts = |run: &str| -> BTreeMap<String, i64> {
+        read_output(&out.join("replay"), run)
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    r["event_id"].as_str().unwrap().to_string(),
+                    r["backfill_attempt"].as_int().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (a1, a2) = (attempts("first"), attempts("second"));
+    let both: Vec<&String> = a2.keys().filter(|k| a1.contains_key(*k)).collect();
+    assert!(!both.is_empty());
+    for k in both {
+        assert_eq!(a2[k], a1[k] + 1, "attempt of {k}");
+    }
+    assert_eq!(
+        manifests(&out.join("_state")),
+        vec!["first.json".to_string(), "second.json".to_string()]
+    );
+    let leftovers: Vec<String> = files_below(&out)
+        .into_iter()
+        .filter(|f| f.contains("_tmp/"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporaries left: {leftovers:?}");
+}
+
+/// Over a 30-day archive on S3, a one-day window with `dt` partitions
+/// declared reads at most 5% of the bytes of the whole archive, and decides
+/// exactly as the unpruned scan filtered to the same window.
+#[test]
+fn hive_partitions_prune_a_one_day_window_on_s3() {
+    let s3 = services::s3();
+    let env = S3Env::of(s3);
+    let b = bucket(s3, "pruning");
+    let work = tempfile::tempdir().expect("tempdir");
+    generate(&env, &format!("s3://{b}/archive"), 3000, 20, 5, 30);
+    let job = job_file(
+        work.path(),
+        "partitions.toml",
+        "[[partitions]]\nname = \"dt\"\nformat = \"%Y-%m-%d\"\n",
+    );
+    let src = format!("s3://{b}/archive");
+    let report = |name: &str| work.path().join(format!("{name}.json"));
+    let run = |name: &str, extra: &[&str]| {
+        let out = format!("s3://{b}/{name}");
+        let rep = report(name);
+        let mut args = vec![
+            "run",
+            "--source",
+            &src,
+            "--out",
+            &out,
+            "--run-id",
+            "window",
+            "--report",
+            rep.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        bf(&env, &args).ok();
+        read_json(&rep)
+    };
+    let (from, to) = ("2024-01-15T00:00:00Z", "2024-01-16T00:00:00Z");
+    let whole = run("whole", &["--job", &job]);
+    let day = run("day", &["--job", &job, "--from", from, "--to", to]);
+    let filtered = run("filtered", &["--from", from, "--to", to]);
+
+    assert_eq!(num(&whole, "files_scanned"), 60, "{whole}");
+    assert_eq!(num(&whole, "files_pruned"), 0);
+    assert_eq!(num(&day, "files_scanned"), 2, "{day}");
+    assert_eq!(num(&day, "files_pruned"), 58, "{day}");
+    assert_eq!(num(&day, "partitions_pruned"), 29, "{day}");
+    assert_eq!(num(&filtered, "files_scanned"), 60, "{filtered}");
+    assert_eq!(num(&filtered, "partitions_pruned"), 0);
+    let (bd, bw) = (num(&day, "bytes_scanned"), num(&whole, "bytes_scanned"));
+    assert!(bd > 0, "{day}");
+    assert!(
+        bd * 20 <= bw,
+        "a one-day window read {bd} bytes, more than 5% of the {bw} bytes of the whole archive"
+    );
+    assert!(num(&day, "rows") > 0 && num(&day, "replayed") > 0, "{day}");
+    assert!(num(&day, "rows") < num(&whole, "rows") / 10);
+
+    // The same decision as the full scan filtered to the window.
+    assert_eq!(
+        counts(&day, SCAN_FIGURES),
+        counts(&filtered, SCAN_FIGURES),
+        "pruned and unpruned runs over one window disagree"
+    );
+    let root = s3.root.join(&b);
+    assert_same_rows(&root.join("day"), "window", &root.join("filtered"), "window");
+}
+
+/// Two runs racing for one run id on S3: both reach the commit (the proxy
+/// parks both manifest writes), exactly one commits, the other exits 1
+/// saying so; the ledger counts the winner only.
+#[test]
+fn racing_runs_on_s3_commit_exactly_once() {
+    let s3 = services::s3();
+    let env = S3Env::of(s3);
+    let b = bucket(s3, "race");
+    let work = tempfile::tempdir().expect("tempdir");
+    generate(&env, &format!("s3://{b}/archive"), 2000, 20, 3, 2);
+    let proxy = Proxy::start(&format!("127.0.0.1:{}", s3.port));
+    proxy.set_rule(|h| {
+        if is_manifest_put(h) {
+            Action::Hold
+        } else {
+            Action::Forward
+        }
+    });
+    let via = env.via(&proxy.endpoint);
+    let src = format!("s3://{b}/archive");
+    let out = format!("s3://{b}/out");
+    let args = ["run", "--source", &src, "--out", &out, "--run-id", "contested"];
+    let mut racers = vec![
+        Spawned::start(&args, &via.vars()),
+        Spawned::start(&args, &via.vars()),
+    ];
+    assert!(
+        proxy.wait_held(2, Duration::from_secs(90)),
+        "both runs should reach the commit; proxy saw:\n{}",
+        proxy.log()
+    );
+    // Let one commit through and wait until its run has ended, then the other.
+    proxy.release();
+    let start = Instant::now();
+    let first = loop {
+        if let Some(i) = racers.iter_mut().position(Spawned::finished) {
+            break i;
+        }
+        assert!(start.elapsed() < RUN_TIMEOUT, "no racer finished");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let winner = racers.remove(first);
+    let winner_pid = winner.pid();
+    let winner = winner.wait();
+    proxy.release();
+    let loser = racers.pop().expect("second racer").wait();
+    winner.ok();
+    assert!(winner.stdout.contains("run contested committed"), "{}", winner.describe());
+    loser.expect_code(1);
+    let line = the_error_line(&loser);
+    assert!(
+        line.contains("contested") && line.contains("committed by another run"),
+        "{line}"
+    );
+
+    let state = s3.root.join(&b).join("out/_state");
+    assert_eq!(manifests(&state), vec!["contested.json".to_string()]);
+    let m = read_json(&state.join("manifests/contested.json"));
+    let nonce = m["nonce"].as_str().expect("nonce");
+    assert!(
+        nonce.ends_with(&format!("-{winner_pid}")),
+        "the manifest is not the winner's: {m}"
+    );
+    assert_eq!(
+        m["ledger_files"],
+        serde_json::json!([format!("runs/contested/ledger-{nonce}.parquet")])
+    );
+    // Both attempts wrote a ledger file; only the winner's is named.
+    let ledgers: Vec<String> = files_below(&state.join("runs/contested"))
+        .into_iter()
+        .collect();
+    assert_eq!(ledgers.len(), 2, "{ledgers:?}");
+
+    // A third run with a new id counts the winner's replays once.
+    let rep = work.path().join("third.json");
+    bf(
+        &env,
+        &[
+            "run",
+            "--source",
+            &src,
+            "--out",
+            &out,
+            "--run-id",
+            "third",
+            "--report",
+            rep.to_str().unwrap(),
+        ],
+    )
+    .ok();
+    let outdir = s3.root.join(&b).join("out");
+    let attempts = |run: &str| -> BTreeMap<String, i64> {
+        read_output(&outdir.join("replay"), run)
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    r["event_id"].as_str().unwrap().to_string(),
+                    r["backfill_attempt"].as_int().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (a1, a3) = (attempts("contested"), attempts("third"));
+    assert!(!a1.is_empty());
+    let mut common = 0;
+    for (id, a) in &a3 {
+        if let Some(prev) = a1.get(id) {
+            assert_eq!(*a, prev + 1, "attempt of {id} after one committed replay");
+            common += 1;
+        }
+    }
+    assert!(common > 0, "no event replayed by both runs");
+    let dlq1 = read_output(&outdir.join("dlq"), "contested").rows.len() as u64;
+    assert_eq!(num(&read_json(&rep), "skipped_dead_lettered"), dlq1);
+}
+
+/// The server killed while the run uploads its outputs: exit 1, one error
+/// line naming the URL and the operation, nothing committed; started again
+/// on the same folder, the rerun commits once.
+#[test]
+fn server_killed_mid_upload_commits_nothing_and_the_rerun_commits_once() {
+    let mut srv = OwnS3::start();
+    srv.create_bucket("lake");
+    let env = srv.env();
+    generate(&env, "s3://lake/archive", 2000, 20, 9, 2);
+    let work = tempfile::tempdir().expect("tempdir");
+    let job = job_file(work.path(), "retry.toml", FAST_RETRY);
+    let proxy = Proxy::start(&srv.addr());
+    proxy.set_rule(|h| {
+        if h.method == "PUT" && h.target.contains("/_tmp/") {
+            Action::Hold
+        } else {
+            Action::Forward
+        }
+    });
+    let via = env.via(&proxy.endpoint);
+    let args = [
+        "run",
+        "--job",
+        &job,
+        "--source",
+        "s3://lake/archive",
+        "--out",
+        "s3://lake/out",
+        "--run-id",
+        "crash",
+    ];
+    let run = Spawned::start(&args, &via.vars());
+    assert!(
+        proxy.wait_held(1, Duration::from_secs(90)),
+        "the run never uploaded an output; proxy saw:\n{}",
+        proxy.log()
+    );
+    srv.stop();
+    proxy.set_dark(true);
+    let run = run.wait();
+    run.expect_code(1);
+    let line = the_error_line(&run);
+    assert!(
+        line.contains("s3://lake/out/replay") && line.contains("write failed"),
+        "the error should name the URL and the operation: {line}"
+    );
+    assert!(
+        line.contains(&format!("{}/lake/out/replay/_tmp/", proxy.endpoint)),
+        "{line}"
+    );
+    let state = srv.root().join("lake/out/_state");
+    assert!(manifests(&state).is_empty(), "a manifest after a failed run");
+
+    srv.restart();
+    proxy.set_rule(|_| Action::Forward);
+    proxy.set_dark(false);
+    let rerun = Spawned::start(&args, &via.vars()).wait();
+    rerun.ok();
+    assert!(rerun.stdout.contains("run crash committed"), "{}", rerun.describe());
+    assert_eq!(manifests(&state), vec!["crash.json".to_string()]);
+    let again = Spawned::start(&args, &via.vars()).wait();
+    again.ok();
+    assert!(
+        again.stdout.contains("already committed"),
+        "{}",
+        again.describe()
+    );
+    assert_eq!(manifests(&state), vec!["crash.json".to_string()]);
+    assert!(!read_output(&srv.root().join("lake/out/replay"), "crash").rows.is_empty());
+}
+
+/// Rejected credentials and missing buckets fail with one clear line; the
+/// secret key never shows, on success, on failure, in the report, in the
+/// manifest or in a dry run.
+#[test]
+fn credentials_and_missing_buckets_fail_clearly_and_secrets_never_show() {
+    let s3 = services::s3();
+    let env = S3Env::of(s3);
+    let b = bucket(s3, "creds");
+    let work = tempfile::tempdir().expect("tempdir");
+    generate(&env, &format!("s3://{b}/archive"), 1000, 10, 4, 1);
+    let src = format!("s3://{b}/archive");
+    let out = format!("s3://{b}/out");
+    let mut secrets = vec![env.secret_key.clone()];
+
+    // Rejected credentials: a wrong secret, an unknown key id.
+    let wrong_secret = "wrong-secret-d41d8cd98f00".to_string();
+    secrets.push(wrong_secret.clone());
+    for bad in [
+        S3Env {
+            secret_key: wrong_secret.clone(),
+            ..env.clone()
+        },
+        S3Env {
+            access_key: "no-such-key-id".into(),
+            ..env.clone()
+        },
+    ] {
+        let r = bf(&bad, &["run", "--source", &src, "--out", &out, "--run-id", "x"]);
+        r.expect_code(1);
+        let line = the_error_line(&r);
+        assert!(
+            line.contains(&format!("s3://{b}/out")) && line.contains("403"),
+            "{line}"
+        );
+        assert!(line.contains(&format!("{}/{b}/", env.endpoint)), "{line}");
+        for s in &secrets {
+            assert!(!r.stdout.contains(s) && !r.stderr.contains(s), "{}", r.describe());
+        }
+    }
+
+    // A missing bucket, as the source and as the output.
+    for (source, target, missing) in [
+        ("s3://no-such-bucket-src/archive".to_string(), out.clone(), "no-such-bucket-src"),
+        (src.clone(), "s3://no-such-bucket-out/out".to_string(), "no-such-bucket-out"),
+    ] {
+        let r = bf(&env, &["run", "--source", &source, "--out", &target, "--run-id", "x"]);
+        r.expect_code(1);
+        let line = the_error_line(&r);
+        assert!(
+            line.contains(&format!("s3://{missing}/")) && line.contains("NoSuchBucket"),
+            "{line}"
+        );
+        assert!(!line.contains(&env.secret_key), "{line}");
+    }
+    assert!(manifests(&s3.root.join(&b).join("out/_state")).is_empty());
+
+    // Success, the keys from the job file's [storage] (${ENV} interpolation)
+    // and none in the AWS environment: the secret shows nowhere.
+    let job = job_file(
+        work.path(),
+        "storage.toml",
+        "[storage]\nendpoint = \"${BF_S3_ENDPOINT}\"\naccess_key_id = \"${BF_S3_KEY}\"\nsecret_access_key = \"${BF_S3_SECRET}\"\nregion = \"us-east-1\"\nallow_http = true\n",
+    );
+    let vars = vec![
+        ("BF_S3_ENDPOINT".to_string(), env.endpoint.clone()),
+        ("BF_S3_KEY".to_string(), env.access_key.clone()),
+        ("BF_S3_SECRET".to_string(), env.secret_key.clone()),
+    ];
+    let rep = work.path().join("report.json");
+    let mut outputs = vec![];
+    for (run_id, dry) in [("dry", true), ("real", false)] {
+        let mut args = vec![
+            "run",
+            "--job",
+            &job,
+            "--source",
+            &src,
+            "--out",
+            &out,
+            "--run-id",
+            run_id,
+            "--report",
+            rep.to_str().unwrap(),
+        ];
+        if dry {
+            args.push("--dry-run");
+        }
+        let r = Spawned::start(&args, &vars).wait();
+        r.ok();
+        outputs.push(r.stdout.clone());
+        outputs.push(r.stderr.clone());
+        outputs.push(std::fs::read_to_string(&rep).expect("report"));
+    }
+    // And with the keys in the environment.
+    let r = bf(
+        &env,
+        &["run", "--source", &src, "--out", &out, "--run-id", "env", "--report", rep.to_str().unwrap()],
+    );
+    r.ok();
+    outputs.extend([r.stdout, r.stderr, std::fs::read_to_string(&rep).expect("report")]);
+    let state = s3.root.join(&b).join("out/_state");
+    assert_eq!(manifests(&state), vec!["env.json".to_string(), "real.json".to_string()]);
+    for m in manifests(&state) {
+        outputs.push(std::fs::read_to_string(state.join("manifests").join(m)).unwrap());
+    }
+    assert!(outputs[0].contains("dry run"), "{}", outputs[0]);
+    for text in &outputs {
+        for s in &secrets {
+            assert!(!text.contains(s.as_str()), "a secret in the output:\n{text}");
+        }
+    }
+}
+
+/// `backfill state gc` on S3: lists (with --dry-run) then removes what
+/// uncommitted attempts left, and leaves a committed run alone.
+#[test]
+fn state_gc_on_s3_removes_uncommitted_leftovers_only() {
+    let s3 = services::s3();
+    let env = S3Env::of(s3);
+    let b = bucket(s3, "gc");
+    generate(&env, &format!("s3://{b}/archive"), 1000, 10, 6, 1);
+    let src = format!("s3://{b}/archive");
+    let out = format!("s3://{b}/out");
+    let work = tempfile::tempdir().expect("tempdir");
+    let job = job_file(work.path(), "retry.toml", FAST_RETRY);
+    let run_args = |id: &'static str| -> Vec<String> {
+        ["run", "--job", &job, "--source", &src, "--out", &out, "--run-id", id]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let strs = |v: &[String]| -> Vec<String> { v.to_vec() };
+    let call = |env: &S3Env, v: Vec<String>| {
+        let a: Vec<&str> = v.iter().map(String::as_str).collect();
+        bf(env, &a)
+    };
+    let root = s3.root.join(&b).join("out");
+
+    // A committed run.
+    call(&env, strs(&run_args("kept"))).ok();
+    let kept: BTreeSet<String> = files_below(&root);
+    assert_eq!(kept.len(), 5, "{kept:?}");
+
+    // An attempt whose commit was refused: outputs published, ledger written.
+    let proxy = Proxy::start(&format!("127.0.0.1:{}", s3.port));
+    proxy.set_rule(|h| {
+        if is_manifest_put(h) {
+            Action::Fail(403)
+        } else {
+            Action::Forward
+        }
+    });
+    let r = call(&env.via(&proxy.endpoint), run_args("refused"));
+    r.expect_code(1);
+    let line = the_error_line(&r);
+    assert!(line.contains("write manifest"), "{line}");
+
+    // An attempt cut off while publishing: its temporaries stay behind.
+    let proxy2 = Proxy::start(&format!("127.0.0.1:{}", s3.port));
+    proxy2.set_rule(|h| if h.is_copy() { Action::Dark } else { Action::Forward });
+    call(&env.via(&proxy2.endpoint), run_args("cut")).expect_code(1);
+
+    let leftovers: BTreeSet<String> = files_below(&root).difference(&kept).cloned().collect();
+    let expect_left = |f: &String| {
+        f.starts_with("_state/runs/refused/ledger-")
+            || f.contains("/run_id=refused/")
+            || f.contains("/_tmp/run_id=cut/")
+    };
+    assert!(leftovers.iter().all(expect_left), "{leftovers:?}");
+    assert_eq!(leftovers.len(), 7, "3 outputs + 1 ledger + 3 temporaries: {leftovers:?}");
+    assert!(manifests(&root.join("_state")) == vec!["kept.json".to_string()]);
+
+    let gc = |dry: bool| {
+        let mut v = vec!["state", "gc", "--out", &out, "--min-age-minutes", "0"];
+        if dry {
+            v.push("--dry-run");
+        }
+        let r = bf(&env, &v);
+        r.ok();
+        r
+    };
+    let dry = gc(true);
+    for f in &leftovers {
+        assert!(
+            dry.stdout.contains(&format!("would remove s3://{b}/out/{f} ")),
+            "{f} not listed\n{}",
+            dry.describe()
+        );
+    }
+    assert!(dry.stdout.contains("would remove 7 objects"), "{}", dry.describe());
+    assert!(!dry.stdout.contains("kept"), "{}", dry.describe());
+    assert_eq!(files_below(&root).len(), kept.len() + 7, "a dry run removed something");
+
+    let real = gc(false);
+    assert!(real.stdout.contains("removed 7 objects"), "{}", real.describe());
+    assert_eq!(files_below(&root), kept, "gc touched the committed run");
+    assert!(gc(true).stdout.contains("would remove 0 objects"));
+}
+
+/// `jobs/minio.toml` and `scripts/minio-demo.sh` (the `make minio-demo`
+/// path) against s3s-fs instead of MinIO; without Docker the script says so
+/// and exits 2.
+#[test]
+fn minio_job_and_demo_script_run_against_s3s_fs() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = repo.join("scripts/minio-demo.sh");
+    let srv = services::start_s3_private();
+    srv.create_bucket("backfill");
+    let work = tempfile::tempdir().expect("tempdir");
+    let report = work.path().join("report.json");
+    let mut vars = S3Env::of(&srv).vars();
+    vars.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
+    vars.extend([
+        ("BACKFILL_S3_ENDPOINT".to_string(), srv.endpoint.clone()),
+        ("BACKFILL_BIN".to_string(), env!("CARGO_BIN_EXE_backfill").to_string()),
+        ("MINIO_DEMO_EVENTS".to_string(), "3000".to_string()),
+        ("MINIO_DEMO_REPORT".to_string(), report.display().to_string()),
+    ]);
+    let r = Spawned::start_program(&script, &[], &vars).wait();
+    r.ok();
+    let rep = read_json(&report);
+    assert!(num(&rep, "replayed") > 0, "{rep}");
+    assert_eq!(num(&rep, "files_scanned") + num(&rep, "files_pruned"), 6, "{rep}");
+    assert!(rep["state"].as_str().unwrap().starts_with("s3://backfill/"), "{rep}");
+    let run_id = rep["run_id"].as_str().unwrap();
+    let state = srv.root.join("backfill/out/_state");
+    assert_eq!(manifests(&state), vec![format!("{run_id}.json")]);
+    assert!(!r.stdout.contains(&srv.secret_key) && !r.stderr.contains(&srv.secret_key));
+
+    // No Docker and no endpoint: a clear message, exit 2.
+    let no_docker = vec![
+        ("DOCKER".to_string(), "/nonexistent/docker".to_string()),
+        ("BACKFILL_S3_ENDPOINT".to_string(), String::new()),
+    ];
+    let r = Spawned::start_program(&script, &[], &no_docker).wait();
+    r.expect_code(2);
+    assert!(r.stderr.contains("Docker"), "{}", r.describe());
+}
