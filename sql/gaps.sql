@@ -23,10 +23,14 @@ neighbours AS (
 SELECT key,
        prev_seq + 1 AS first_missing_seq,
        seq - 1 AS last_missing_seq,
-       seq - prev_seq - 1 AS missing_count,
+       -- (seq - 1) - prev_seq cannot overflow unless the run spans more
+       -- than i64::MAX values; then the count saturates at i64::MAX.
+       CASE WHEN prev_seq < 0 AND seq - 1 > prev_seq + 9223372036854775807
+            THEN 9223372036854775807
+            ELSE (seq - 1) - prev_seq END AS missing_count,
        prev_event_id AS before_event_id,
        prev_event_time AS before_event_time,
        event_id AS after_event_id,
        event_time AS after_event_time
 FROM neighbours
-WHERE seq - prev_seq > 1;
+WHERE seq > prev_seq + 1;

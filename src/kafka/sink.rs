@@ -368,9 +368,18 @@ impl KafkaSink {
     }
 }
 
+/// Casts that fail on a value they cannot convert, rather than turning it
+/// into a null that would silently drop a key, a timestamp or a header.
+fn strict() -> CastOptions<'static> {
+    CastOptions {
+        safe: false,
+        ..CastOptions::default()
+    }
+}
+
 /// A column as bytes, for message keys and raw values.
 fn as_binary(col: &ArrayRef) -> Result<BinaryArray, String> {
-    let strict = CastOptions::default();
+    let strict = strict();
     let binary = match col.data_type() {
         DataType::Binary => col.clone(),
         DataType::Utf8
@@ -392,7 +401,7 @@ fn as_binary(col: &ArrayRef) -> Result<BinaryArray, String> {
 
 /// A column as UTF-8 header values.
 fn as_header_strings(col: &ArrayRef, format: HeaderFormat) -> Result<StringArray, String> {
-    let strict = CastOptions::default();
+    let strict = strict();
     let utc: Option<Arc<str>> = Some("UTC".into());
     match format {
         HeaderFormat::Text => {
@@ -559,7 +568,7 @@ impl Sink for KafkaSink {
                 let t = cast_with_options(
                     batch.column(i),
                     &DataType::Timestamp(TimeUnit::Millisecond, utc),
-                    &CastOptions::default(),
+                    &strict(),
                 )
                 .map_err(|e| column_err(i, "the message timestamp", e.to_string()))?;
                 Some(t.as_primitive::<TimestampMillisecondType>().clone())

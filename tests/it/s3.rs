@@ -148,8 +148,16 @@ impl Spawned {
         Run {
             args: std::mem::take(&mut self.args),
             code: status.code(),
-            stdout: self.out.take().map(|t| t.join().expect("stdout")).unwrap_or_default(),
-            stderr: self.err.take().map(|t| t.join().expect("stderr")).unwrap_or_default(),
+            stdout: self
+                .out
+                .take()
+                .map(|t| t.join().expect("stdout"))
+                .unwrap_or_default(),
+            stderr: self
+                .err
+                .take()
+                .map(|t| t.join().expect("stderr"))
+                .unwrap_or_default(),
         }
     }
 }
@@ -197,8 +205,8 @@ fn bucket(s3: &S3Server, prefix: &str) -> String {
 }
 
 fn read_json(path: &Path) -> Json {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
 }
 
@@ -320,7 +328,12 @@ fn error_lines(run: &Run) -> Vec<&str> {
 #[track_caller]
 fn the_error_line(run: &Run) -> String {
     let errors = error_lines(run);
-    assert_eq!(errors.len(), 1, "expected one error line\n{}", run.describe());
+    assert_eq!(
+        errors.len(),
+        1,
+        "expected one error line\n{}",
+        run.describe()
+    );
     for l in run.stderr_lines() {
         assert!(
             l.starts_with("error:") || l.starts_with("warning:"),
@@ -674,7 +687,8 @@ impl Proxy {
             let action = {
                 let mut s = m.lock().expect("proxy lock");
                 let a = (s.rule)(&head);
-                s.log.push(format!("{} {} -> {a:?}", head.method, head.target));
+                s.log
+                    .push(format!("{} {} -> {a:?}", head.method, head.target));
                 a
             };
             match action {
@@ -763,7 +777,14 @@ fn s3_archive_sinks_and_state_match_the_local_run() {
     let local_archive = work.path().join("archive");
     let local_out = work.path().join("out");
     let (events, keys, seed, days) = (3000, 30, 11, 3);
-    generate(&env, local_archive.to_str().unwrap(), events, keys, seed, days);
+    generate(
+        &env,
+        local_archive.to_str().unwrap(),
+        events,
+        keys,
+        seed,
+        days,
+    );
     generate(&env, &format!("s3://{b}/archive"), events, keys, seed, days);
 
     // The same archive, byte for byte, with its hive folders.
@@ -813,12 +834,18 @@ fn s3_archive_sinks_and_state_match_the_local_run() {
         );
         s3_run.ok();
         assert!(
-            s3_run.stdout.contains(&format!("s3://{b}/out/replay/run_id={run_id}/part-0.parquet")),
+            s3_run.stdout.contains(&format!(
+                "s3://{b}/out/replay/run_id={run_id}/part-0.parquet"
+            )),
             "{}",
             s3_run.describe()
         );
         let (l, s) = (read_json(&lr), read_json(&sr));
-        assert_eq!(counts(&l, &[]), counts(&s, &[]), "reports differ for {run_id}");
+        assert_eq!(
+            counts(&l, &[]),
+            counts(&s, &[]),
+            "reports differ for {run_id}"
+        );
         assert!(num(&s, "replayed") > 0 && num(&s, "gaps") > 0, "{s}");
         assert_eq!(s["state"], format!("s3://{b}/out/_state"), "{s}");
         assert_same_rows(&local_out, run_id, &s3.root.join(&b).join("out"), run_id);
@@ -928,7 +955,12 @@ fn hive_partitions_prune_a_one_day_window_on_s3() {
         "pruned and unpruned runs over one window disagree"
     );
     let root = s3.root.join(&b);
-    assert_same_rows(&root.join("day"), "window", &root.join("filtered"), "window");
+    assert_same_rows(
+        &root.join("day"),
+        "window",
+        &root.join("filtered"),
+        "window",
+    );
 }
 
 /// Two runs racing for one run id on S3: both reach the commit (the proxy
@@ -952,7 +984,15 @@ fn racing_runs_on_s3_commit_exactly_once() {
     let via = env.via(&proxy.endpoint);
     let src = format!("s3://{b}/archive");
     let out = format!("s3://{b}/out");
-    let args = ["run", "--source", &src, "--out", &out, "--run-id", "contested"];
+    let args = [
+        "run",
+        "--source",
+        &src,
+        "--out",
+        &out,
+        "--run-id",
+        "contested",
+    ];
     let mut racers = vec![
         Spawned::start(&args, &via.vars()),
         Spawned::start(&args, &via.vars()),
@@ -978,7 +1018,11 @@ fn racing_runs_on_s3_commit_exactly_once() {
     proxy.release();
     let loser = racers.pop().expect("second racer").wait();
     winner.ok();
-    assert!(winner.stdout.contains("run contested committed"), "{}", winner.describe());
+    assert!(
+        winner.stdout.contains("run contested committed"),
+        "{}",
+        winner.describe()
+    );
     loser.expect_code(1);
     let line = the_error_line(&loser);
     assert!(
@@ -1099,14 +1143,21 @@ fn server_killed_mid_upload_commits_nothing_and_the_rerun_commits_once() {
         "{line}"
     );
     let state = srv.root().join("lake/out/_state");
-    assert!(manifests(&state).is_empty(), "a manifest after a failed run");
+    assert!(
+        manifests(&state).is_empty(),
+        "a manifest after a failed run"
+    );
 
     srv.restart();
     proxy.set_rule(|_| Action::Forward);
     proxy.set_dark(false);
     let rerun = Spawned::start(&args, &via.vars()).wait();
     rerun.ok();
-    assert!(rerun.stdout.contains("run crash committed"), "{}", rerun.describe());
+    assert!(
+        rerun.stdout.contains("run crash committed"),
+        "{}",
+        rerun.describe()
+    );
     assert_eq!(manifests(&state), vec!["crash.json".to_string()]);
     let again = Spawned::start(&args, &via.vars()).wait();
     again.ok();
@@ -1116,7 +1167,11 @@ fn server_killed_mid_upload_commits_nothing_and_the_rerun_commits_once() {
         again.describe()
     );
     assert_eq!(manifests(&state), vec!["crash.json".to_string()]);
-    assert!(!read_output(&srv.root().join("lake/out/replay"), "crash").rows.is_empty());
+    assert!(
+        !read_output(&srv.root().join("lake/out/replay"), "crash")
+            .rows
+            .is_empty()
+    );
 }
 
 /// Rejected credentials and missing buckets fail with one clear line; the
@@ -1146,7 +1201,10 @@ fn credentials_and_missing_buckets_fail_clearly_and_secrets_never_show() {
             ..env.clone()
         },
     ] {
-        let r = bf(&bad, &["run", "--source", &src, "--out", &out, "--run-id", "x"]);
+        let r = bf(
+            &bad,
+            &["run", "--source", &src, "--out", &out, "--run-id", "x"],
+        );
         r.expect_code(1);
         let line = the_error_line(&r);
         assert!(
@@ -1155,16 +1213,33 @@ fn credentials_and_missing_buckets_fail_clearly_and_secrets_never_show() {
         );
         assert!(line.contains(&format!("{}/{b}/", env.endpoint)), "{line}");
         for s in &secrets {
-            assert!(!r.stdout.contains(s) && !r.stderr.contains(s), "{}", r.describe());
+            assert!(
+                !r.stdout.contains(s) && !r.stderr.contains(s),
+                "{}",
+                r.describe()
+            );
         }
     }
 
     // A missing bucket, as the source and as the output.
     for (source, target, missing) in [
-        ("s3://no-such-bucket-src/archive".to_string(), out.clone(), "no-such-bucket-src"),
-        (src.clone(), "s3://no-such-bucket-out/out".to_string(), "no-such-bucket-out"),
+        (
+            "s3://no-such-bucket-src/archive".to_string(),
+            out.clone(),
+            "no-such-bucket-src",
+        ),
+        (
+            src.clone(),
+            "s3://no-such-bucket-out/out".to_string(),
+            "no-such-bucket-out",
+        ),
     ] {
-        let r = bf(&env, &["run", "--source", &source, "--out", &target, "--run-id", "x"]);
+        let r = bf(
+            &env,
+            &[
+                "run", "--source", &source, "--out", &target, "--run-id", "x",
+            ],
+        );
         r.expect_code(1);
         let line = the_error_line(&r);
         assert!(
@@ -1215,19 +1290,39 @@ fn credentials_and_missing_buckets_fail_clearly_and_secrets_never_show() {
     // And with the keys in the environment.
     let r = bf(
         &env,
-        &["run", "--source", &src, "--out", &out, "--run-id", "env", "--report", rep.to_str().unwrap()],
+        &[
+            "run",
+            "--source",
+            &src,
+            "--out",
+            &out,
+            "--run-id",
+            "env",
+            "--report",
+            rep.to_str().unwrap(),
+        ],
     );
     r.ok();
-    outputs.extend([r.stdout, r.stderr, std::fs::read_to_string(&rep).expect("report")]);
+    outputs.extend([
+        r.stdout,
+        r.stderr,
+        std::fs::read_to_string(&rep).expect("report"),
+    ]);
     let state = s3.root.join(&b).join("out/_state");
-    assert_eq!(manifests(&state), vec!["env.json".to_string(), "real.json".to_string()]);
+    assert_eq!(
+        manifests(&state),
+        vec!["env.json".to_string(), "real.json".to_string()]
+    );
     for m in manifests(&state) {
         outputs.push(std::fs::read_to_string(state.join("manifests").join(m)).unwrap());
     }
     assert!(outputs[0].contains("dry run"), "{}", outputs[0]);
     for text in &outputs {
         for s in &secrets {
-            assert!(!text.contains(s.as_str()), "a secret in the output:\n{text}");
+            assert!(
+                !text.contains(s.as_str()),
+                "a secret in the output:\n{text}"
+            );
         }
     }
 }
@@ -1245,10 +1340,12 @@ fn state_gc_on_s3_removes_uncommitted_leftovers_only() {
     let work = tempfile::tempdir().expect("tempdir");
     let job = job_file(work.path(), "retry.toml", FAST_RETRY);
     let run_args = |id: &'static str| -> Vec<String> {
-        ["run", "--job", &job, "--source", &src, "--out", &out, "--run-id", id]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        [
+            "run", "--job", &job, "--source", &src, "--out", &out, "--run-id", id,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     };
     let strs = |v: &[String]| -> Vec<String> { v.to_vec() };
     let call = |env: &S3Env, v: Vec<String>| {
@@ -1278,7 +1375,13 @@ fn state_gc_on_s3_removes_uncommitted_leftovers_only() {
 
     // An attempt cut off while publishing: its temporaries stay behind.
     let proxy2 = Proxy::start(&format!("127.0.0.1:{}", s3.port));
-    proxy2.set_rule(|h| if h.is_copy() { Action::Dark } else { Action::Forward });
+    proxy2.set_rule(|h| {
+        if h.is_copy() {
+            Action::Dark
+        } else {
+            Action::Forward
+        }
+    });
     call(&env.via(&proxy2.endpoint), run_args("cut")).expect_code(1);
 
     let leftovers: BTreeSet<String> = files_below(&root).difference(&kept).cloned().collect();
@@ -1288,7 +1391,11 @@ fn state_gc_on_s3_removes_uncommitted_leftovers_only() {
             || f.contains("/_tmp/run_id=cut/")
     };
     assert!(leftovers.iter().all(expect_left), "{leftovers:?}");
-    assert_eq!(leftovers.len(), 7, "3 outputs + 1 ledger + 3 temporaries: {leftovers:?}");
+    assert_eq!(
+        leftovers.len(),
+        7,
+        "3 outputs + 1 ledger + 3 temporaries: {leftovers:?}"
+    );
     assert!(manifests(&root.join("_state")) == vec!["kept.json".to_string()]);
 
     let gc = |dry: bool| {
@@ -1303,17 +1410,30 @@ fn state_gc_on_s3_removes_uncommitted_leftovers_only() {
     let dry = gc(true);
     for f in &leftovers {
         assert!(
-            dry.stdout.contains(&format!("would remove s3://{b}/out/{f} ")),
+            dry.stdout
+                .contains(&format!("would remove s3://{b}/out/{f} ")),
             "{f} not listed\n{}",
             dry.describe()
         );
     }
-    assert!(dry.stdout.contains("would remove 7 objects"), "{}", dry.describe());
+    assert!(
+        dry.stdout.contains("would remove 7 objects"),
+        "{}",
+        dry.describe()
+    );
     assert!(!dry.stdout.contains("kept"), "{}", dry.describe());
-    assert_eq!(files_below(&root).len(), kept.len() + 7, "a dry run removed something");
+    assert_eq!(
+        files_below(&root).len(),
+        kept.len() + 7,
+        "a dry run removed something"
+    );
 
     let real = gc(false);
-    assert!(real.stdout.contains("removed 7 objects"), "{}", real.describe());
+    assert!(
+        real.stdout.contains("removed 7 objects"),
+        "{}",
+        real.describe()
+    );
     assert_eq!(files_below(&root), kept, "gc touched the committed run");
     assert!(gc(true).stdout.contains("would remove 0 objects"));
 }
@@ -1333,16 +1453,29 @@ fn minio_job_and_demo_script_run_against_s3s_fs() {
     vars.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
     vars.extend([
         ("BACKFILL_S3_ENDPOINT".to_string(), srv.endpoint.clone()),
-        ("BACKFILL_BIN".to_string(), env!("CARGO_BIN_EXE_backfill").to_string()),
+        (
+            "BACKFILL_BIN".to_string(),
+            env!("CARGO_BIN_EXE_backfill").to_string(),
+        ),
         ("MINIO_DEMO_EVENTS".to_string(), "3000".to_string()),
-        ("MINIO_DEMO_REPORT".to_string(), report.display().to_string()),
+        (
+            "MINIO_DEMO_REPORT".to_string(),
+            report.display().to_string(),
+        ),
     ]);
     let r = Spawned::start_program(&script, &[], &vars).wait();
     r.ok();
     let rep = read_json(&report);
     assert!(num(&rep, "replayed") > 0, "{rep}");
-    assert_eq!(num(&rep, "files_scanned") + num(&rep, "files_pruned"), 6, "{rep}");
-    assert!(rep["state"].as_str().unwrap().starts_with("s3://backfill/"), "{rep}");
+    assert_eq!(
+        num(&rep, "files_scanned") + num(&rep, "files_pruned"),
+        6,
+        "{rep}"
+    );
+    assert!(
+        rep["state"].as_str().unwrap().starts_with("s3://backfill/"),
+        "{rep}"
+    );
     let run_id = rep["run_id"].as_str().unwrap();
     let state = srv.root.join("backfill/out/_state");
     assert_eq!(manifests(&state), vec![format!("{run_id}.json")]);
