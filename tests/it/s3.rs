@@ -686,6 +686,13 @@ impl Proxy {
             };
             let action = {
                 let mut s = m.lock().expect("proxy lock");
+                if s.dark {
+                    // Gone dark while this connection sat in the pool.
+                    drop(s);
+                    let _ = client.shutdown(Shutdown::Both);
+                    let _ = up.shutdown(Shutdown::Both);
+                    return;
+                }
                 let a = (s.rule)(&head);
                 s.log
                     .push(format!("{} {} -> {a:?}", head.method, head.target));
@@ -901,7 +908,7 @@ fn hive_partitions_prune_a_one_day_window_on_s3() {
     let env = S3Env::of(s3);
     let b = bucket(s3, "pruning");
     let work = tempfile::tempdir().expect("tempdir");
-    generate(&env, &format!("s3://{b}/archive"), 3000, 20, 5, 30);
+    generate(&env, &format!("s3://{b}/archive"), 9000, 20, 5, 30);
     let job = job_file(
         work.path(),
         "partitions.toml",
@@ -927,7 +934,7 @@ fn hive_partitions_prune_a_one_day_window_on_s3() {
         bf(&env, &args).ok();
         read_json(&rep)
     };
-    let (from, to) = ("2024-01-15T00:00:00Z", "2024-01-16T00:00:00Z");
+    let (from, to) = ("2024-01-10T00:00:00Z", "2024-01-11T00:00:00Z");
     let whole = run("whole", &["--job", &job]);
     let day = run("day", &["--job", &job, "--from", from, "--to", to]);
     let filtered = run("filtered", &["--from", from, "--to", to]);
@@ -937,8 +944,14 @@ fn hive_partitions_prune_a_one_day_window_on_s3() {
     assert_eq!(num(&day, "files_scanned"), 2, "{day}");
     assert_eq!(num(&day, "files_pruned"), 58, "{day}");
     assert_eq!(num(&day, "partitions_pruned"), 29, "{day}");
-    assert_eq!(num(&filtered, "files_scanned"), 60, "{filtered}");
-    assert_eq!(num(&filtered, "partitions_pruned"), 0);
+    // Without [[partitions]] every folder is listed (files may still be
+    // skipped by their footer statistics).
+    assert_eq!(num(&filtered, "partitions_pruned"), 0, "{filtered}");
+    assert_eq!(
+        num(&filtered, "files_scanned") + num(&filtered, "files_pruned"),
+        60,
+        "{filtered}"
+    );
     let (bd, bw) = (num(&day, "bytes_scanned"), num(&whole, "bytes_scanned"));
     assert!(bd > 0, "{day}");
     assert!(
