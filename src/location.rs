@@ -37,7 +37,7 @@ pub enum LocationError {
 /// Object-store settings from the job file's `[storage]` section. Every field
 /// overrides the matching standard environment variable (`AWS_ENDPOINT_URL`,
 /// `AWS_REGION`, `AWS_ACCESS_KEY_ID`, ...), which are read first.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StorageSettings {
     /// S3-compatible endpoint, e.g. `http://127.0.0.1:9000` for MinIO.
@@ -62,6 +62,35 @@ pub struct StorageSettings {
     /// `azure_storage_account_name`, ...), passed through untouched.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+}
+
+/// Debug without secrets: settings end up in debug logs and panics, and a
+/// secret must never be printed.
+impl fmt::Debug for StorageSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hide = |v: &Option<String>| v.as_ref().map(|_| "***");
+        let options: BTreeMap<&str, &str> = self
+            .options
+            .iter()
+            .map(|(k, v)| {
+                let secret = ["secret", "key", "token", "password", "credential", "sas"]
+                    .iter()
+                    .any(|w| k.to_ascii_lowercase().contains(w));
+                (k.as_str(), if secret { "***" } else { v.as_str() })
+            })
+            .collect();
+        f.debug_struct("StorageSettings")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &hide(&self.secret_access_key))
+            .field("session_token", &hide(&self.session_token))
+            .field("allow_http", &self.allow_http)
+            .field("virtual_hosted_style", &self.virtual_hosted_style)
+            .field("retry", &self.retry)
+            .field("options", &options)
+            .finish()
+    }
 }
 
 /// Retry settings for every object-store request.
@@ -423,6 +452,23 @@ pub fn redact_userinfo(s: &str) -> String {
     }
 }
 
+/// One line for an object-store error: its kind and message, newlines
+/// folded. object_store messages carry URLs and status codes, never the
+/// credentials, which live in headers.
+pub fn store_error_line(e: &object_store::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        let m = s.to_string();
+        if !msg.contains(&m) {
+            msg.push_str(": ");
+            msg.push_str(&m);
+        }
+        src = s.source();
+    }
+    msg.replace('\n', " ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,27 +502,24 @@ mod tests {
     }
 
     #[test]
+    fn debug_hides_secrets() {
+        let s = StorageSettings {
+            secret_access_key: Some("hunter2".into()),
+            session_token: Some("tok-123".into()),
+            options: [("azure_storage_account_key".to_string(), "k-456".to_string())].into(),
+            ..Default::default()
+        };
+        let d = format!("{s:?}");
+        for secret in ["hunter2", "tok-123", "k-456"] {
+            assert!(!d.contains(secret), "{d}");
+        }
+    }
+
+    #[test]
     fn unknown_scheme_is_named() {
         let e = resolve("ftp://h/x", &StorageSettings::default())
             .unwrap_err()
             .to_string();
         assert!(e.contains("ftp"), "{e}");
     }
-}
-
-/// One line for an object-store error: its kind and message, newlines
-/// folded. object_store messages carry URLs and status codes, never the
-/// credentials, which live in headers.
-pub fn store_error_line(e: &object_store::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        let m = s.to_string();
-        if !msg.contains(&m) {
-            msg.push_str(": ");
-            msg.push_str(&m);
-        }
-        src = s.source();
-    }
-    msg.replace('\n', " ")
 }

@@ -277,18 +277,19 @@ mod tests {
     use super::*;
     use arrow::array::AsArray;
 
-    /// A candidate batch: (event_id, error, archived attempts, conflict,
-    /// ledger replays, ledger dead) plus a passthrough column.
-    fn batch(
-        rows: &[(
-            &str,
-            Option<&str>,
-            Option<i64>,
-            bool,
-            Option<i64>,
-            Option<bool>,
-        )],
-    ) -> RecordBatch {
+    /// One candidate: (event_id, error, archived attempts, conflict,
+    /// ledger replays, ledger dead).
+    type Row<'a> = (
+        &'a str,
+        Option<&'a str>,
+        Option<i64>,
+        bool,
+        Option<i64>,
+        Option<bool>,
+    );
+
+    /// A candidate batch plus a passthrough column.
+    fn batch(rows: &[Row<'_>]) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![
             Field::new("event_id", DataType::Utf8, false),
             Field::new("payload", DataType::Utf8, true),

@@ -318,7 +318,7 @@ async fn execute(
     if !archive.undecodable.is_empty() {
         phases.set("dead-lettering undecodable Kafka messages");
         let (dlq, entries, skipped) =
-            undecodable_rows(ctx, settings, archive, &out_schema, detected_at_us).await?;
+            undecodable_rows(ctx, settings, archive, out_schema, detected_at_us).await?;
         report.undecodable_dead_lettered = dlq.num_rows() as u64;
         report.undecodable_skipped = skipped;
         for s in sinks.iter_mut().filter(|s| s.kind == SinkKind::Dlq) {

@@ -211,18 +211,29 @@ impl State {
             mode: PutMode::Create,
             ..Default::default()
         };
-        match self
+        let err = match self
             .loc
             .store
             .put_opts(&path, PutPayload::from(body), opts)
             .await
         {
-            Ok(_) => Ok(()),
-            Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => Err(StateError::LostRace {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        // The write may have reached the store although its answer did not
+        // (a lost response or a 5xx, retried into "already exists"): when
+        // the manifest there is this attempt's own, the run is committed.
+        if let Ok(Some(m)) = self.committed(&manifest.run_id).await
+            && m.nonce == manifest.nonce
+        {
+            return Ok(());
+        }
+        match err {
+            object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. } => Err(StateError::LostRace {
                 run_id: manifest.run_id.clone(),
             }),
-            Err(e) => Err(store_err(&self.loc, "write manifest", &e)),
+            e => Err(store_err(&self.loc, "write manifest", &e)),
         }
     }
 }

@@ -522,6 +522,18 @@ impl Head {
         })
     }
 
+    /// The full length of an HTTP answer once its head is complete.
+    fn parse_answer(buf: &[u8]) -> Option<usize> {
+        let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        Some(end + len)
+    }
+
     fn is_copy(&self) -> bool {
         self.headers.contains("x-amz-copy-source:")
     }
@@ -535,6 +547,9 @@ enum Action {
     Hold,
     /// Answer with this status and an S3 error body; never forwarded.
     Fail(u16),
+    /// Forward it, wait for the server's answer, drop that answer and
+    /// answer this status instead: a response lost on the way back.
+    LoseAnswer(u16),
     /// Cut this connection and refuse every later one: the server is gone
     /// as far as the client can tell.
     Dark,
@@ -716,17 +731,18 @@ impl Proxy {
                     }
                     s.releases -= 1;
                 }
-                Action::Fail(status) => {
+                Action::Fail(status) | Action::LoseAnswer(status) => {
                     // Read the body first: closing on unread data resets the
                     // connection and the client would never see the answer.
-                    let mut left = head
-                        .content_length
-                        .saturating_sub(pending.len() - head.head_len);
-                    while left > 0 {
+                    let need = head.head_len + head.content_length;
+                    while pending.len() < need {
                         match client.read(&mut buf) {
                             Ok(0) | Err(_) => break,
-                            Ok(k) => left = left.saturating_sub(k),
+                            Ok(k) => pending.extend_from_slice(&buf[..k]),
                         }
+                    }
+                    if action != Action::Fail(status) {
+                        Self::send_and_drop_answer(&upstream, &pending);
                     }
                     let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AccessDenied</Code><Message>refused by the test proxy</Message></Error>";
                     let resp = format!(
@@ -755,6 +771,33 @@ impl Proxy {
             pending.clear();
         }
         let _ = up.shutdown(Shutdown::Write);
+    }
+}
+
+impl Proxy {
+    /// Send one whole request on a connection of its own and read the
+    /// server's answer up to its end, then drop it.
+    fn send_and_drop_answer(upstream: &str, request: &[u8]) {
+        let Ok(mut conn) = TcpStream::connect(upstream) else {
+            return;
+        };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+        if conn.write_all(request).is_err() {
+            return;
+        }
+        let mut answer: Vec<u8> = vec![];
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(h) = Head::parse_answer(&answer)
+                && answer.len() >= h
+            {
+                return;
+            }
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(k) => answer.extend_from_slice(&buf[..k]),
+            }
+        }
     }
 }
 
@@ -1338,6 +1381,54 @@ fn credentials_and_missing_buckets_fail_clearly_and_secrets_never_show() {
             );
         }
     }
+}
+
+/// The commit reaches the server but its answer is lost (a 503 instead):
+/// the client retries the create-only write, the server answers "exists",
+/// and the run must recognise its own manifest rather than report a race
+/// it won.
+#[test]
+fn a_commit_whose_answer_is_lost_is_recognised_as_our_own() {
+    let s3 = services::s3();
+    let env = S3Env::of(s3);
+    let b = bucket(s3, "lost-answer");
+    generate(&env, &format!("s3://{b}/archive"), 1000, 10, 8, 1);
+    let proxy = Proxy::start(&format!("127.0.0.1:{}", s3.port));
+    let mut lost = false;
+    proxy.set_rule(move |h| {
+        if is_manifest_put(h) && !lost {
+            lost = true;
+            Action::LoseAnswer(503)
+        } else {
+            Action::Forward
+        }
+    });
+    let src = format!("s3://{b}/archive");
+    let out = format!("s3://{b}/out");
+    let args = ["run", "--source", &src, "--out", &out, "--run-id", "once"];
+    let r = bf(&env.via(&proxy.endpoint), &args);
+    let puts = proxy
+        .log()
+        .lines()
+        .filter(|l| l.starts_with("PUT") && l.contains("/_state/manifests/"))
+        .count();
+    assert_eq!(
+        puts,
+        2,
+        "the commit should have been retried once:\n{}",
+        proxy.log()
+    );
+    r.ok();
+    assert!(r.stdout.contains("run once committed"), "{}", r.describe());
+    let state = s3.root.join(&b).join("out/_state");
+    assert_eq!(manifests(&state), vec!["once.json".to_string()]);
+    let again = bf(&env, &args);
+    again.ok();
+    assert!(
+        again.stdout.contains("already committed"),
+        "{}",
+        again.describe()
+    );
 }
 
 /// `backfill state gc` on S3: lists (with --dry-run) then removes what
