@@ -466,7 +466,32 @@ pub fn store_error_line(e: &object_store::Error) -> String {
         }
         src = s.source();
     }
-    msg.replace('\n', " ")
+    let hint = [
+        ("NoSuchBucket", "the bucket does not exist"),
+        (
+            "SignatureDoesNotMatch",
+            "credentials rejected (wrong secret key)",
+        ),
+        (
+            "InvalidAccessKeyId",
+            "credentials rejected (unknown access key id)",
+        ),
+        (
+            "NotSignedUp",
+            "credentials rejected (unknown access key id)",
+        ),
+        ("AccessDenied", "access denied"),
+        ("ExpiredToken", "credentials expired"),
+        ("Connection refused", "the server is not reachable"),
+    ]
+    .iter()
+    .find(|(needle, _)| msg.contains(needle))
+    .map(|(_, h)| *h);
+    let msg = msg.replace('\n', " ");
+    match hint {
+        Some(h) => format!("{h}: {msg}"),
+        None => msg,
+    }
 }
 
 #[cfg(test)]

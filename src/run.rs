@@ -355,6 +355,15 @@ async fn execute(
     for s in sinks.iter_mut() {
         s.sink.finish().await?;
     }
+    // Another attempt at this run id may have committed while we ran:
+    // publishing now would overwrite its outputs. (Create-only manifests
+    // still decide the winner; this only narrows the window.)
+    if state.committed(&settings.run_id).await?.is_some() {
+        return Err(crate::state::StateError::LostRace {
+            run_id: settings.run_id.clone(),
+        }
+        .into());
+    }
     phases.set("publishing outputs");
     let mut outputs: BTreeMap<String, SinkReceipt> = BTreeMap::new();
     for s in sinks.iter_mut() {

@@ -6,6 +6,7 @@ mod bad_input;
 mod cli;
 mod e2e;
 mod kafka;
+mod kafka_e2e;
 mod reference;
 mod s3;
 mod services;
