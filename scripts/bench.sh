@@ -9,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE="${BACKFILL_CACHE:-$HOME/.cache/event-backfill}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+# Release builds get their own target dir: a debug build running beside
+# them (tests) would otherwise hold the lock for the whole build.
+export CARGO_TARGET_DIR="${BENCH_TARGET_DIR:-$CACHE/target-release}"
 EVENTS="${EVENTS:-10000000}"
 KEYS="${KEYS:-10000}"
 WORK="${BENCH_DIR:-$CACHE/bench}"

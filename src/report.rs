@@ -46,6 +46,9 @@ pub struct Report {
     /// Per sink kind: where its rows went.
     pub outputs: BTreeMap<String, SinkReceipt>,
     pub state: Option<String>,
+    /// Wall time of each phase (list, count, conflicts, gaps, decide,
+    /// commit), to see where a run's time went.
+    pub phase_ms: BTreeMap<String, u64>,
     pub elapsed_ms: u64,
 }
 

@@ -110,8 +110,12 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     }
 
     phases.set("listing the archive");
+    let t = Instant::now();
     let ctx = source::session(scan)?;
     let archive = source::register(&ctx, scan).await?;
+    report
+        .phase_ms
+        .insert("list".into(), t.elapsed().as_millis() as u64);
     report.files_scanned = archive.stats.files_scanned;
     report.files_pruned = archive.stats.files_pruned;
     report.partitions_pruned = archive.stats.partitions_pruned;
@@ -239,6 +243,13 @@ async fn execute(
     };
 
     phases.set("counting events in the window");
+    let mut t = Instant::now();
+    let mut lap = |report: &mut Report, name: &str| {
+        report
+            .phase_ms
+            .insert(name.to_string(), t.elapsed().as_millis() as u64);
+        t = Instant::now();
+    };
     let counts = ctx
         .sql("SELECT count(*) AS n_rows, count(DISTINCT event_id) AS n_events FROM events")
         .await?;
@@ -253,6 +264,7 @@ async fn execute(
         report.events = b.column(1).as_primitive::<Int64Type>().value(0) as u64;
     }
 
+    lap(report, "count");
     if settings.scan.detect_conflicts {
         phases.set("counting conflicts");
         let b = ctx
@@ -266,6 +278,7 @@ async fn execute(
             .unwrap_or(0);
     }
 
+    lap(report, "conflicts");
     // Gaps: stream them to their sink.
     if settings.scan.detect_gaps {
         phases.set("detecting gaps");
@@ -286,6 +299,7 @@ async fn execute(
         }
     }
 
+    lap(report, "gaps");
     // Candidates → policy → replay / DLQ / ledger.
     phases.set("deciding");
     let mut ledger = if settings.dry_run {
@@ -328,6 +342,7 @@ async fn execute(
             l.write(&entries).await?;
         }
     }
+    lap(report, "decide");
     scan_metrics.add(plan.as_ref());
     report.bytes_scanned = scan_metrics.bytes_scanned;
     report.row_groups_pruned = scan_metrics.row_groups_pruned;
@@ -386,6 +401,7 @@ async fn execute(
         report: serde_json::to_value(&*report).unwrap_or_default(),
     };
     state.commit(&manifest).await?;
+    lap(report, "commit");
     Ok(())
 }
 

@@ -3,10 +3,12 @@
 //!
 //! Why it is shaped this way:
 //! - Throughput comes from never awaiting one message: `write` enqueues a
-//!   whole batch into librdkafka, backs off while the local queue is full, and
-//!   keeps every delivery future; `finish` awaits them all. Completed futures
-//!   are drained after each batch, so memory stays bounded by what is in
-//!   flight and a failed delivery stops the run early.
+//!   whole batch into librdkafka and backs off while the local queue is full;
+//!   `finish` waits until every message has its delivery report. Reports are
+//!   counted by a delivery callback on the producer's polling thread (atomic
+//!   counters, the first error kept), not by one future per message: no
+//!   channel, box or task per message, and nothing held per message in flight
+//!   but what librdkafka holds itself. A failed delivery stops the run early.
 //! - Nothing is lost silently: a message that librdkafka gives up on (after its
 //!   own retries, `message.timeout.ms`) makes `finish` fail, so the run
 //!   commits nothing and a rerun sends everything again (at-least-once).
@@ -20,8 +22,9 @@
 //! the content of a row.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, StringArray, StringBuilder};
 use arrow::compute::{CastOptions, cast_with_options};
@@ -32,12 +35,12 @@ use arrow::json::writer::{LineDelimited, WriterBuilder};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat};
-use futures::FutureExt;
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
+use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+};
 use rdkafka::util::Timeout;
 
 use super::{
@@ -181,23 +184,80 @@ impl Layout {
     }
 }
 
+/// Delivery reports, as the producer's polling thread counts them.
+#[derive(Debug, Default)]
+struct Deliveries {
+    acked: AtomicU64,
+    failed: AtomicU64,
+    first_failure: Mutex<Option<String>>,
+    /// Per partition, the first and last acknowledged offsets.
+    spans: Mutex<BTreeMap<i32, (i64, i64)>>,
+}
+
+impl Deliveries {
+    fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    fn settled(&self) -> u64 {
+        self.acked() + self.failed()
+    }
+}
+
+/// The producer's context: a delivery callback that counts, nothing per
+/// message to allocate or to wake.
+struct Counter(Arc<Deliveries>);
+
+impl ClientContext for Counter {}
+
+impl ProducerContext for Counter {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let d = &self.0;
+        match result {
+            Ok(m) => {
+                let (p, o) = (m.partition(), m.offset());
+                if let Ok(mut spans) = d.spans.lock() {
+                    let span = spans.entry(p).or_insert((o, o));
+                    span.0 = span.0.min(o);
+                    span.1 = span.1.max(o);
+                }
+                d.acked.fetch_add(1, Ordering::Release);
+            }
+            Err((e, _)) => {
+                if let Ok(mut first) = d.first_failure.lock() {
+                    first.get_or_insert_with(|| e.to_string());
+                }
+                d.failed.fetch_add(1, Ordering::Release);
+            }
+        }
+    }
+}
+
+type KafkaProducer = ThreadedProducer<Counter>;
+
 /// A Kafka topic as a replay, DLQ or gaps sink.
 pub struct KafkaSink {
     url: KafkaUrl,
     ctx: SinkContext,
     settings: KafkaSettings,
-    producer: FutureProducer,
+    producer: Arc<KafkaProducer>,
+    deliveries: Arc<Deliveries>,
     transactional: bool,
     /// `init_transactions` has succeeded (in `check`, or lazily).
     transactions_ready: bool,
     in_transaction: bool,
-    pending: FuturesUnordered<DeliveryFuture>,
     enqueued: u64,
-    acked: u64,
-    failed: u64,
-    first_failure: Option<String>,
-    /// Per partition, the first and last acknowledged offsets.
-    spans: BTreeMap<i32, (i64, i64)>,
+    /// How long `finish` waits for the last delivery report: librdkafka
+    /// reports every message within its message timeout; this is a guard
+    /// against a report that never comes. `None` when that timeout is
+    /// infinite.
+    settle_timeout: Option<Duration>,
     receipt: Option<SinkReceipt>,
 }
 
@@ -207,7 +267,7 @@ impl std::fmt::Debug for KafkaSink {
             .field("url", &self.url.original)
             .field("kind", &self.ctx.kind)
             .field("enqueued", &self.enqueued)
-            .field("acked", &self.acked)
+            .field("acked", &self.deliveries.acked())
             .finish()
     }
 }
@@ -238,25 +298,33 @@ impl KafkaSink {
             }
             None => false,
         };
-        let producer: FutureProducer = cfg.create().map_err(|e| {
-            // librdkafka names the property at fault ("No such configuration
-            // property: ..."; "Invalid value for configuration property ...").
-            config_err(format!("invalid Kafka configuration: {e}"))
-        })?;
+        // `delivery.timeout.ms` is librdkafka's alias of `message.timeout.ms`.
+        let message_timeout_ms = ["message.timeout.ms", "delivery.timeout.ms"]
+            .iter()
+            .find_map(|k| settings.properties.get(*k))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(settings.message_timeout_ms);
+        let settle_timeout = (message_timeout_ms > 0)
+            .then(|| Duration::from_millis(message_timeout_ms) + Duration::from_secs(60));
+        let deliveries = Arc::new(Deliveries::default());
+        let producer: KafkaProducer = cfg
+            .create_with_context(Counter(deliveries.clone()))
+            .map_err(|e| {
+                // librdkafka names the property at fault ("No such configuration
+                // property: ..."; "Invalid value for configuration property ...").
+                config_err(format!("invalid Kafka configuration: {e}"))
+            })?;
         Ok(KafkaSink {
             url,
             ctx,
             settings,
-            producer,
+            producer: Arc::new(producer),
+            deliveries,
             transactional,
             transactions_ready: false,
             in_transaction: false,
-            pending: FuturesUnordered::new(),
             enqueued: 0,
-            acked: 0,
-            failed: 0,
-            first_failure: None,
-            spans: BTreeMap::new(),
+            settle_timeout,
             receipt: None,
         })
     }
@@ -278,60 +346,38 @@ impl KafkaSink {
         }
     }
 
-    /// Record one delivery outcome.
-    fn settle(
-        &mut self,
-        outcome: Result<
-            rdkafka::producer::future_producer::OwnedDeliveryResult,
-            futures::channel::oneshot::Canceled,
-        >,
-    ) {
-        match outcome {
-            Ok(Ok(d)) => {
-                self.acked += 1;
-                let span = self
-                    .spans
-                    .entry(d.partition)
-                    .or_insert((d.offset, d.offset));
-                span.0 = span.0.min(d.offset);
-                span.1 = span.1.max(d.offset);
-            }
-            Ok(Err((e, _message))) => {
-                self.failed += 1;
-                self.first_failure.get_or_insert_with(|| e.to_string());
-            }
-            Err(_canceled) => {
-                self.failed += 1;
-                self.first_failure
-                    .get_or_insert_with(|| "the producer was shut down before delivery".into());
-            }
-        }
-    }
-
-    /// Settle every delivery that has already completed, without waiting.
-    fn drain_ready(&mut self) {
-        while let Some(Some(outcome)) = self.pending.next().now_or_never() {
-            self.settle(outcome);
-        }
-    }
-
     fn delivery_error(&self) -> Option<SinkError> {
-        let first = self.first_failure.as_ref()?;
+        let failed = self.deliveries.failed();
+        if failed == 0 {
+            return None;
+        }
+        let first = self
+            .deliveries
+            .first_failure
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+            .unwrap_or_else(|| "unknown".into());
         Some(self.io(
             "delivery",
             format!(
-                "{} message(s) to topic '{}' were not acknowledged (brokers {}); first error: {first}",
-                self.failed, self.url.topic, self.url.bootstrap
+                "{failed} message(s) to topic '{}' were not acknowledged (brokers {}); first error: {first}",
+                self.url.topic, self.url.bootstrap
             ),
         ))
     }
 
     fn receipt(&self) -> SinkReceipt {
+        let spans = self
+            .deliveries
+            .spans
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
         SinkReceipt {
             target: self.url.original.clone(),
-            rows: self.acked,
-            outputs: self
-                .spans
+            rows: self.deliveries.acked(),
+            outputs: spans
                 .iter()
                 .map(|(p, (a, b))| format!("{}/{p}:{a}-{b}", self.url.topic))
                 .collect(),
@@ -354,7 +400,7 @@ impl KafkaSink {
     /// Run a blocking producer call (transactions) off the async workers.
     async fn blocking<F>(&self, operation: &'static str, f: F) -> Result<(), SinkError>
     where
-        F: FnOnce(&FutureProducer) -> Result<(), RdKafkaError> + Send + 'static,
+        F: FnOnce(&KafkaProducer) -> Result<(), RdKafkaError> + Send + 'static,
     {
         let producer = self.producer.clone();
         match tokio::task::spawn_blocking(move || f(&producer)).await {
@@ -621,7 +667,7 @@ impl Sink for KafkaSink {
                     });
                 }
             }
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(hdrs);
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&topic).headers(hdrs);
             if let Some(k) = &keys
                 && k.is_valid(row)
             {
@@ -644,15 +690,15 @@ impl Sink for KafkaSink {
                 record = record.timestamp(t.value(row));
             }
             loop {
-                match self.producer.send_result(record) {
-                    Ok(delivery) => {
-                        self.pending.push(delivery);
+                match self.producer.send(record) {
+                    Ok(()) => {
                         self.enqueued += 1;
                         break;
                     }
                     Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        // The polling thread serves delivery reports and
+                        // frees room meanwhile.
                         record = r;
-                        self.drain_ready();
                         if let Some(e) = self.delivery_error() {
                             return Err(e);
                         }
@@ -667,7 +713,6 @@ impl Sink for KafkaSink {
                 }
             }
         }
-        self.drain_ready();
         match self.delivery_error() {
             Some(e) => Err(e),
             None => Ok(()),
@@ -678,18 +723,32 @@ impl Sink for KafkaSink {
         if let Some(r) = &self.receipt {
             return Ok(r.clone());
         }
-        while let Some(outcome) = self.pending.next().await {
-            self.settle(outcome);
+        // Every enqueued message gets exactly one delivery report (within
+        // librdkafka's message timeout); wait for all of them.
+        let start = Instant::now();
+        let mut pause = Duration::from_micros(200);
+        while self.deliveries.settled() < self.enqueued {
+            if let Some(limit) = self.settle_timeout
+                && start.elapsed() > limit
+            {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
         if let Some(e) = self.delivery_error() {
             return Err(e);
         }
-        if self.acked != self.enqueued {
+        let acked = self.deliveries.acked();
+        if acked != self.enqueued {
             return Err(self.io(
                 "delivery",
                 format!(
-                    "{} of {} message(s) to topic '{}' were acknowledged",
-                    self.acked, self.enqueued, self.url.topic
+                    "{acked} of {} message(s) to topic '{}' were acknowledged after {} s (brokers {})",
+                    self.enqueued,
+                    self.url.topic,
+                    start.elapsed().as_secs(),
+                    self.url.bootstrap
                 ),
             ));
         }
@@ -716,8 +775,7 @@ impl Sink for KafkaSink {
     async fn abort(&mut self) {
         // Stop sending what is still queued: the run failed, and whatever was
         // already acknowledged is covered by at-least-once (or by the abort).
-        self.producer
-            .purge(rdkafka::producer::PurgeConfig::default().queue());
+        self.producer.purge(PurgeConfig::default().queue());
         if self.in_transaction {
             // Nothing to report to: the run is already failing with the
             // original error, and an unfinished transaction is aborted by the
@@ -729,6 +787,5 @@ impl Sink for KafkaSink {
                 .await;
             self.in_transaction = false;
         }
-        self.pending = FuturesUnordered::new();
     }
 }

@@ -1359,3 +1359,98 @@ async fn a_missing_topic_is_a_configuration_error_naming_it() {
     assert!(errors[0].contains(&topic), "{}", run.describe());
     assert!(manifests(&out.join("_state")).is_empty());
 }
+
+// ------------------------------------------------ jobs/kafka-replay.toml
+
+/// The example job as a user runs it: the archive in a bucket, the replay
+/// and DLQ topics out, the gaps and the state in the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kafka_replay_job_file_runs_against_s3_and_the_broker() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let job = repo.join("jobs/kafka-replay.toml");
+    let s3 = services::start_s3_private();
+    s3.create_bucket("backfill");
+    let kafka = services::start_kafka_private();
+    kafka.create_topic("orders.replay", 3).await;
+    kafka.create_topic("orders.dlq", 3).await;
+    let mut env: Vec<(String, String)> = s3
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    env.push(("KAFKA_BROKERS".into(), kafka.bootstrap.clone()));
+    let run_with_env = |args: Vec<String>| {
+        let env = env.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            crate::cli::backfill_in(&args, &env, None)
+        })
+    };
+    run_with_env(strings(&[
+        "generate",
+        "--out",
+        "s3://backfill/archive",
+        "--events",
+        "3000",
+        "--keys",
+        "20",
+        "--days",
+        "3",
+    ]))
+    .await
+    .expect("generate")
+    .ok();
+    let work = tempfile::tempdir().expect("tempdir");
+    let report_path = work.path().join("report.json");
+    let run_id = "orders-20240102";
+    let run = run_with_env(strings(&[
+        "run",
+        "--job",
+        &path_str(&job),
+        "--run-id",
+        run_id,
+        "--from",
+        "2024-01-02T00:00:00Z",
+        "--to",
+        "2024-01-03T00:00:00Z",
+        "--report",
+        &path_str(&report_path),
+        "--progress",
+        "off",
+    ]))
+    .await
+    .expect("run");
+    run.ok();
+    let report = read_json(&report_path);
+    let replayed = report_int(&report, "replayed") as usize;
+    let dead = report_int(&report, "dead_lettered") as usize;
+    assert!(replayed > 0 && dead > 0, "{report}");
+    assert!(
+        report_int(&report, "files_pruned") > 0,
+        "the window prunes the other days: {report}"
+    );
+    let within = Duration::from_secs(30);
+    let replay = consume(&kafka, "orders.replay", replayed, within).await;
+    let dlq = consume(&kafka, "orders.dlq", dead, within).await;
+    assert_eq!(replay.len(), replayed, "{}", run.describe());
+    assert_eq!(dlq.len(), dead, "{}", run.describe());
+    let mut errs = diff_per_key_order("replay", &replay, true);
+    errs.extend(diff_per_key_order("dlq", &dlq, false));
+    if headers_run_ids(&replay) != BTreeSet::from([run_id.to_string()]) {
+        errs.push(format!("replay run ids {:?}", headers_run_ids(&replay)));
+    }
+    let bucket = s3.root.join("backfill/kafka-replay");
+    let gaps = read_output(&bucket.join("gaps"), run_id);
+    if gaps.rows.len() as i64 != report_int(&report, "gaps") {
+        errs.push(format!("gaps in the bucket: {}", gaps.rows.len()));
+    }
+    if manifests(&bucket.join("_state")).len() != 1 {
+        errs.push(format!("manifests {:?}", manifests(&bucket.join("_state"))));
+    }
+    if run.stdout.contains(&s3.secret_key) || run.stderr.contains(&s3.secret_key) {
+        errs.push("the secret key was printed".into());
+    }
+    assert_no_diffs(&errs, &run);
+}
