@@ -77,6 +77,8 @@ const RUN_ID_COLUMN: &str = "backfill_run_id";
 const REASON_COLUMN: &str = "backfill_reason";
 const ATTEMPT_COLUMN: &str = "backfill_attempt";
 const DETECTED_AT_COLUMN: &str = "backfill_detected_at";
+/// The key column of gap rows (the gaps view's name, not the source's).
+const GAPS_KEY_COLUMN: &str = "key";
 
 /// How a header's column becomes a UTF-8 string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +111,12 @@ impl Layout {
         settings: &KafkaSettings,
     ) -> Result<Layout, String> {
         let idx = |name: &str| schema.index_of(name).ok();
+        // Replay and DLQ rows keep the source's column names; gap rows name
+        // their key `key` whatever the source calls it.
+        let key_column = match kind {
+            SinkKind::Gaps => GAPS_KEY_COLUMN,
+            _ => columns.key.as_str(),
+        };
         let payload = match (kind, settings.value) {
             (SinkKind::Gaps, _) | (_, Some(ValueFormat::Json)) => None,
             (_, Some(ValueFormat::Payload)) => Some(idx(&columns.payload).ok_or_else(|| {
@@ -144,7 +152,7 @@ impl Layout {
         add(headers::REASON, REASON_COLUMN, HeaderFormat::Text);
         add(headers::ATTEMPT, ATTEMPT_COLUMN, HeaderFormat::Text);
         add(headers::EVENT_ID, &columns.event_id, HeaderFormat::Text);
-        add(headers::KEY, &columns.key, HeaderFormat::Text);
+        add(headers::KEY, key_column, HeaderFormat::Text);
         add(headers::SEQ, &columns.seq, HeaderFormat::Text);
         add(
             headers::DETECTED_AT,
@@ -175,7 +183,7 @@ impl Layout {
             HeaderFormat::EpochMillis,
         );
         Ok(Layout {
-            key: idx(&columns.key),
+            key: idx(key_column),
             payload,
             event_time,
             run_id: idx(RUN_ID_COLUMN),
