@@ -32,7 +32,7 @@ tools: ## install the test servers (tansu, s3s-fs) into $(CACHE), once
 	scripts/install-tools.sh all
 
 test: tools ## every test: unit, sqllogictest, integration against real servers
-	cargo test --all-targets -- --test-threads=4
+	cargo test --all-targets --no-fail-fast -- --test-threads=4
 
 test-unit: ## unit tests only
 	cargo test --lib --bins
