@@ -4,6 +4,9 @@
 
 use std::process::ExitCode;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use event_backfill::cli::{Cli, Command};
 use event_backfill::error::{EXIT_DLQ, EXIT_OK, EXIT_USAGE, Error};

@@ -266,16 +266,20 @@ async fn execute(
 
     lap(report, "count");
     if settings.scan.detect_conflicts {
-        phases.set("counting conflicts");
-        let b = ctx
-            .sql("SELECT count(*) FROM conflicts")
-            .await?
-            .collect()
-            .await?;
-        report.conflicts = b
-            .first()
-            .map(|b| b.column(0).as_primitive::<Int64Type>().value(0) as u64)
-            .unwrap_or(0);
+        // Computed once: the conflicts are few (pairs, not rows), so they
+        // are kept in memory and the candidates view is rebound to them
+        // instead of grouping the whole archive by (key, seq) a second time.
+        phases.set("finding conflicts");
+        let batches = ctx.table("conflicts").await?.collect().await?;
+        report.conflicts = batches.iter().map(|b| b.num_rows() as u64).sum();
+        let schema = match batches.first() {
+            Some(b) => b.schema(),
+            None => Arc::new(ctx.table("conflicts").await?.schema().as_arrow().clone()),
+        };
+        let table = datafusion::datasource::MemTable::try_new(schema, vec![batches])?;
+        ctx.deregister_table("conflicts")?;
+        ctx.register_table("conflicts", Arc::new(table))?;
+        ctx.sql(detect::CANDIDATES_SQL).await?.collect().await?;
     }
 
     lap(report, "conflicts");
@@ -308,6 +312,9 @@ async fn execute(
         Some(state.ledger_writer(&settings.run_id, run_nonce)?)
     };
     let mut decisions = Decisions::default();
+    // Planned again here: the views it reads may have been rebound above.
+    drop(candidates);
+    let candidates = detect::candidates(ctx, &settings.scan, archive).await?;
     let plan = candidates.create_physical_plan().await?;
     let mut stream = execute_stream(plan.clone(), ctx.task_ctx())?;
     while let Some(b) = stream.next().await {
