@@ -3,15 +3,30 @@
 -- either side (where several events share a seq: the smallest event_id, and
 -- its earliest event_time). Missing events cannot be replayed from the
 -- archive; this is the report a team takes upstream.
+--
+-- The per-seq aggregate uses plain min() only; the few seqs carried by
+-- several events (the conflicts view) get the smallest event_id's own time
+-- from a join over just those. An ordered first_value per (key, seq) would
+-- do the same in one step at several times the cost.
 CREATE OR REPLACE VIEW gaps AS
-WITH per_seq AS (
-    SELECT key,
-           seq,
-           min(event_id) AS event_id,
-           first_value(event_time ORDER BY event_id, event_time) AS event_time
+WITH per_seq_raw AS (
+    SELECT key, seq, min(event_id) AS event_id, min(event_time) AS event_time
     FROM events
     WHERE key IS NOT NULL AND seq IS NOT NULL
     GROUP BY key, seq
+),
+shared AS (
+    SELECT e.key, e.seq, min(e.event_time) AS event_time
+    FROM events e
+    JOIN conflicts c
+      ON e.key = c.key AND e.seq = c.seq AND e.event_id = c.first_event_id
+    GROUP BY e.key, e.seq
+),
+per_seq AS (
+    SELECT p.key, p.seq, p.event_id,
+           CASE WHEN s.key IS NULL THEN p.event_time ELSE s.event_time END AS event_time
+    FROM per_seq_raw p
+    LEFT JOIN shared s ON p.key = s.key AND p.seq = s.seq
 ),
 neighbours AS (
     SELECT key, seq, event_id, event_time,

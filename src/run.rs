@@ -279,13 +279,21 @@ async fn execute(
         let table = datafusion::datasource::MemTable::try_new(schema, vec![batches])?;
         ctx.deregister_table("conflicts")?;
         ctx.register_table("conflicts", Arc::new(table))?;
-        ctx.sql(detect::CANDIDATES_SQL).await?.collect().await?;
+        for sql in [detect::GAPS_SQL, detect::CANDIDATES_SQL] {
+            if sql == detect::GAPS_SQL && !settings.scan.detect_gaps {
+                continue;
+            }
+            ctx.sql(sql).await?.collect().await?;
+        }
     }
 
     lap(report, "conflicts");
     // Gaps: stream them to their sink.
     if settings.scan.detect_gaps {
         phases.set("detecting gaps");
+        // Planned again here: the views it reads may have been rebound above.
+        drop(gaps_df);
+        let gaps_df = detect::gaps(ctx).await?;
         let plan = gaps_df.create_physical_plan().await?;
         let mut stream = execute_stream(plan.clone(), ctx.task_ctx())?;
         while let Some(b) = stream.next().await {

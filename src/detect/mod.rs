@@ -56,18 +56,30 @@ pub async fn register_views(ctx: &SessionContext, scan: &Scan) -> datafusion::er
     }
     exec(ctx, LEDGER_SQL).await?;
     exec(ctx, UNPROCESSED_SQL).await?;
-    if scan.detect_conflicts {
-        exec(ctx, CONFLICTS_SQL).await?;
-    } else {
-        exec(ctx, &format!("{} ", empty_view(CONFLICTS_SQL))).await?;
-    }
+    // `conflicts` is always the real view: gaps use it, and ad-hoc SQL may
+    // want it. Switching conflict detection off only takes it out of the
+    // policy's input (candidates_sql).
+    exec(ctx, CONFLICTS_SQL).await?;
     if scan.detect_gaps {
         exec(ctx, GAPS_SQL).await?;
     } else {
         exec(ctx, &empty_view(GAPS_SQL)).await?;
     }
-    exec(ctx, CANDIDATES_SQL).await?;
+    exec(ctx, &candidates_sql(scan)).await?;
     Ok(())
+}
+
+/// The candidates view; without conflict detection its conflicts side is
+/// empty, so no event is dead-lettered as `sequence_conflict`.
+pub fn candidates_sql(scan: &Scan) -> String {
+    if scan.detect_conflicts {
+        CANDIDATES_SQL.to_string()
+    } else {
+        CANDIDATES_SQL.replace(
+            "LEFT JOIN conflicts c",
+            "LEFT JOIN (SELECT * FROM conflicts WHERE false) c",
+        )
+    }
 }
 
 /// The same view with no rows: `... WHERE false` wrapped around it keeps
@@ -175,6 +187,26 @@ pub async fn explain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn candidates_without_conflict_detection_join_nothing() {
+        let mut scan = crate::job::Scan {
+            sources: vec![],
+            from: None,
+            to: None,
+            columns: Default::default(),
+            done_statuses: vec![],
+            detect_gaps: true,
+            detect_conflicts: false,
+            memory_limit: 1,
+            partitions: vec![],
+            storage: Default::default(),
+            kafka: None,
+        };
+        assert!(candidates_sql(&scan).contains("FROM conflicts WHERE false"));
+        scan.detect_conflicts = true;
+        assert_eq!(candidates_sql(&scan), CANDIDATES_SQL);
+    }
 
     #[test]
     fn empty_view_keeps_the_name() {

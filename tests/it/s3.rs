@@ -226,7 +226,10 @@ fn counts(report: &Json, also_drop: &[&str]) -> BTreeMap<String, Json> {
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    for k in ["elapsed_ms", "phase_ms", "outputs", "state"].iter().chain(also_drop) {
+    for k in ["elapsed_ms", "phase_ms", "outputs", "state"]
+        .iter()
+        .chain(also_drop)
+    {
         m.remove(*k);
     }
     let outputs = report.get("outputs").and_then(Json::as_object);
