@@ -399,7 +399,10 @@ async fn main() -> ExitCode {
     }
     // The closing line in the plain form CI runners read: "word: N passed, N failed".
     println!("sqllogictest files: {}", files.len());
-    println!("sqllogictest: {} passed, {} failed", tally.passed, tally.failed);
+    println!(
+        "sqllogictest: {} passed, {} failed",
+        tally.passed, tally.failed
+    );
     if files.is_empty() && filters.is_empty() {
         eprintln!("error: no .slt files in {}", dir.display());
         return ExitCode::FAILURE;

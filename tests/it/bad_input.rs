@@ -8,8 +8,8 @@ use arrow::datatypes::DataType;
 
 use crate::archive::{Archive, Col, Layout, Row};
 use crate::cli::{Run, backfill, backfill_in};
-use crate::e2e::{Job, Target, manifests, snapshot};
-use crate::reference::{Config, Ledger, read_source};
+use crate::e2e::{Job, manifests, snapshot};
+use crate::reference::{Ledger, read_source};
 
 /// A small valid archive with everything in the contract.
 fn good_rows() -> Vec<Row> {
@@ -178,17 +178,8 @@ fn key_and_seq_are_optional_without_gaps_and_conflicts() {
     }
     let source = read_source(&archive.path());
     let work = tempfile::tempdir().unwrap();
-    let job = Job {
-        source_dir: &archive.path(),
-        source: &source,
-        target: Target::under(&work.path().join("out")),
-        cfg: Config {
-            gaps: false,
-            conflicts: false,
-            ..Config::default()
-        },
-        flags: vec!["--no-gaps".into(), "--no-conflicts".into()],
-    };
+    let job = Job::under(archive.dir.path(), &source, &work.path().join("out"))
+        .without_gaps_and_conflicts();
     let (_, exp) = job.run("nokey-1", &mut Ledger::default(), 0);
     assert_eq!((exp.replay.len(), exp.dlq.len()), (1, 1));
 }

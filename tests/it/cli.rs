@@ -4,6 +4,7 @@
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The longest a single invocation may take before the test gives up.
@@ -63,15 +64,31 @@ impl Run {
     }
 }
 
-/// Run the binary with `args`, extra environment variables, in `cwd`.
-pub fn backfill_in(args: &[&str], envs: &[(&str, &str)], cwd: Option<&Path>) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_backfill"));
+/// `program` with `args`, no stdin, stdout and stderr piped, no `RUST_LOG`
+/// and no colours.
+pub fn command(program: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .env_remove("RUST_LOG")
         .env("NO_COLOR", "1");
+    cmd
+}
+
+/// Read `pipe` to its end on a thread of its own, as (lossy) UTF-8.
+pub fn read_all(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = pipe.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    })
+}
+
+/// Run the binary with `args`, extra environment variables, in `cwd`.
+pub fn backfill_in(args: &[&str], envs: &[(&str, &str)], cwd: Option<&Path>) -> Run {
+    let mut cmd = command(Path::new(env!("CARGO_BIN_EXE_backfill")), args);
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -79,18 +96,8 @@ pub fn backfill_in(args: &[&str], envs: &[(&str, &str)], cwd: Option<&Path>) -> 
         cmd.current_dir(dir);
     }
     let mut child = cmd.spawn().expect("spawn backfill");
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let t_out = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
-    });
+    let t_out = read_all(child.stdout.take().expect("stdout"));
+    let t_err = read_all(child.stderr.take().expect("stderr"));
     let start = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait for backfill") {

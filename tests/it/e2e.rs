@@ -290,6 +290,41 @@ pub struct Job<'a> {
     pub flags: Vec<String>,
 }
 
+impl<'a> Job<'a> {
+    /// A job over `source` (read from `source_dir`) writing below `out`,
+    /// with the default configuration and no extra flags.
+    pub fn under(source_dir: &'a Path, source: &'a Source, out: &Path) -> Job<'a> {
+        Job {
+            source_dir,
+            source,
+            target: Target::under(out),
+            cfg: Config::default(),
+            flags: vec![],
+        }
+    }
+
+    /// The same job with `cfg` and the `flags` that ask the binary for it.
+    pub fn with(self, cfg: Config, flags: Vec<String>) -> Job<'a> {
+        Job { cfg, flags, ..self }
+    }
+
+    /// The same job with a `--from`/`--to` window.
+    pub fn window(mut self, from: &str, to: &str) -> Job<'a> {
+        self.cfg.from = Some(ns(from));
+        self.cfg.to = Some(ns(to));
+        self.flags.extend(strings(&["--from", from, "--to", to]));
+        self
+    }
+
+    /// The same job with `--no-gaps --no-conflicts`.
+    pub fn without_gaps_and_conflicts(mut self) -> Job<'a> {
+        self.cfg.gaps = false;
+        self.cfg.conflicts = false;
+        self.flags.extend(strings(&["--no-gaps", "--no-conflicts"]));
+        self
+    }
+}
+
 impl Job<'_> {
     /// Run with `run_id`, expect `code`, compare everything with the
     /// reference, and record the run in `ledger`.
@@ -442,7 +477,7 @@ impl Job<'_> {
     }
 }
 
-fn strings(v: &[&str]) -> Vec<String> {
+pub fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
@@ -602,13 +637,8 @@ fn tricky_archive_matches_reference() {
     let archive = tricky_archive();
     let source = read_source(&archive.path());
     let work = tempfile::tempdir().unwrap();
-    let job = Job {
-        source_dir: &archive.path(),
-        source: &source,
-        target: Target::under(&work.path().join("out")),
-        cfg: tricky_config(),
-        flags: tricky_flags(),
-    };
+    let job = Job::under(archive.dir.path(), &source, &work.path().join("out"))
+        .with(tricky_config(), tricky_flags());
     let mut ledger = Ledger::default();
     let (run, exp) = job.run("tricky-1", &mut ledger, 0);
 
@@ -665,17 +695,7 @@ fn tricky_archive_without_permanent_errors() {
     let archive = tricky_archive();
     let source = read_source(&archive.path());
     let work = tempfile::tempdir().unwrap();
-    let job = Job {
-        source_dir: &archive.path(),
-        source: &source,
-        target: Target::under(&work.path().join("out")),
-        cfg: Config {
-            from: Some(ns(FROM)),
-            to: Some(ns(TO)),
-            ..Config::default()
-        },
-        flags: strings(&["--from", FROM, "--to", TO]),
-    };
+    let job = Job::under(archive.dir.path(), &source, &work.path().join("out")).window(FROM, TO);
     let (_, exp) = job.run("tricky-2", &mut Ledger::default(), 0);
     assert_eq!(
         exp.dlq.get("e08").map(|o| o.reason.as_str()),
@@ -705,13 +725,7 @@ fn ignored_and_zero_byte_files() {
         .raw("dt=2024-01-01/.inflight.parquet", b"not parquet at all");
     let source = read_source(&archive.path());
     let work = tempfile::tempdir().unwrap();
-    let job = Job {
-        source_dir: &archive.path(),
-        source: &source,
-        target: Target::under(&work.path().join("out")),
-        cfg: Config::default(),
-        flags: vec![],
-    };
+    let job = Job::under(archive.dir.path(), &source, &work.path().join("out"));
     let (run, exp) = job.run("ignored-1", &mut Ledger::default(), 0);
     assert_eq!(exp.rows, 2);
     assert!(
@@ -744,14 +758,8 @@ fn uniform_source_types_are_kept() {
     );
     let source = read_source(&archive.path());
     let work = tempfile::tempdir().unwrap();
-    let target = Target::under(&work.path().join("out"));
-    let job = Job {
-        source_dir: &archive.path(),
-        source: &source,
-        target: target.clone(),
-        cfg: Config::default(),
-        flags: vec![],
-    };
+    let job = Job::under(archive.dir.path(), &source, &work.path().join("out"));
+    let target = job.target.clone();
     job.run("types-1", &mut Ledger::default(), 0);
     let src_schema = source.files[0].schema.clone();
     let mut errs = Vec::new();
@@ -807,14 +815,8 @@ fn passthrough_columns_keep_source_names_and_types_across_mixed_files() {
         );
     let source = read_source(&archive.path());
     let work = tempfile::tempdir().unwrap();
-    let target = Target::under(&work.path().join("out"));
-    let job = Job {
-        source_dir: &archive.path(),
-        source: &source,
-        target: target.clone(),
-        cfg: Config::default(),
-        flags: vec![],
-    };
+    let job = Job::under(archive.dir.path(), &source, &work.path().join("out"));
+    let target = job.target.clone();
     job.run("pass-1", &mut Ledger::default(), 0);
     for sink in [&target.replay, &target.dlq] {
         let out = read_output(sink, "pass-1");
@@ -908,16 +910,13 @@ fn column_remapping_via_flags() {
     let archive = remapped_archive();
     let source = read_source(&archive.path());
     let work = tempfile::tempdir().unwrap();
-    let job = Job {
-        source_dir: &archive.path(),
-        source: &source,
-        target: Target::under(&work.path().join("out")),
-        cfg: Config {
+    let job = Job::under(archive.dir.path(), &source, &work.path().join("out")).with(
+        Config {
             columns: remapped_columns(),
             done: strings(&["ok", "skipped"]),
             ..Config::default()
         },
-        flags: strings(&[
+        strings(&[
             "--column",
             "event_id=id",
             "--column",
@@ -939,7 +938,7 @@ fn column_remapping_via_flags() {
             "--done-status",
             "skipped",
         ]),
-    };
+    );
     let (_, exp) = job.run("remap-1", &mut Ledger::default(), 0);
     // r5 (processed) is not done under the custom statuses; it conflicts with r4
     assert_eq!(exp.resolved, 2, "r1 r3");
@@ -1001,13 +1000,7 @@ payload = "body"
         None,
     );
     run.ok();
-    let job = Job {
-        source_dir: &archive.path(),
-        source: &source,
-        target: Target::under(&out),
-        cfg,
-        flags: vec![],
-    };
+    let job = Job::under(archive.dir.path(), &source, &out).with(cfg, vec![]);
     let errs = job.check(&run, &exp, "job-1", &report);
     assert!(
         errs.is_empty(),
@@ -1051,23 +1044,20 @@ payload = "body"
         ),
     )
     .unwrap();
-    let job = Job {
-        source_dir: &archive.path(),
-        source: &source,
-        target: Target::under(&work.path().join("out")),
-        cfg: Config {
+    let job = Job::under(archive.dir.path(), &source, &work.path().join("out")).with(
+        Config {
             columns: remapped_columns(),
             done: strings(&["ok", "skipped"]),
             max_attempts: 3,
             ..Config::default()
         },
-        flags: strings(&[
+        strings(&[
             "--job",
             &job_file.display().to_string(),
             "--max-attempts",
             "3",
         ]),
-    };
+    );
     // `--run-id from-flag` and `--out` are passed by Job::run
     let (_, exp) = job.run("from-flag", &mut Ledger::default(), 0);
     assert!(
@@ -1102,16 +1092,13 @@ fn multi_run_attempts_grow_then_dlq_then_skipped() {
     let archive = retry_archive();
     let source = read_source(&archive.path());
     let work = tempfile::tempdir().unwrap();
-    let job = Job {
-        source_dir: &archive.path(),
-        source: &source,
-        target: Target::under(&work.path().join("out")),
-        cfg: Config {
+    let job = Job::under(archive.dir.path(), &source, &work.path().join("out")).with(
+        Config {
             permanent: strings(&["^fatal:"]),
             ..Config::default()
         },
-        flags: strings(&["--permanent-error", "^fatal:"]),
-    };
+        strings(&["--permanent-error", "^fatal:"]),
+    );
     let mut ledger = Ledger::default();
     // (event, per run: Some(replay attempt) | dlq reason | skipped)
     #[derive(Debug, PartialEq)]
@@ -1215,13 +1202,7 @@ fn same_run_id_twice_does_nothing_the_second_time() {
     let source = read_source(&archive.path());
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("out");
-    let job = Job {
-        source_dir: &archive.path(),
-        source: &source,
-        target: Target::under(&out),
-        cfg: Config::default(),
-        flags: vec![],
-    };
+    let job = Job::under(archive.dir.path(), &source, &out);
     let mut ledger = Ledger::default();
     job.run("once", &mut ledger, 0);
     let before = snapshot(&out);
@@ -1308,13 +1289,7 @@ fn dry_run_writes_and_commits_nothing() {
     let mut ledger = Ledger::default();
     dry("dry-1", &ledger);
     assert!(snapshot(&out).is_empty(), "--dry-run left files in OUT");
-    let job = Job {
-        source_dir: &archive.path(),
-        source: &source,
-        target: Target::under(&out),
-        cfg: cfg.clone(),
-        flags: vec![],
-    };
+    let job = Job::under(archive.dir.path(), &source, &out).with(cfg.clone(), vec![]);
     // the dry run counted for nothing, and its id is still free
     job.run("dry-1", &mut ledger, 0);
     dry("dry-2", &ledger);
@@ -1326,13 +1301,8 @@ fn fail_on_dlq_exit_codes() {
     let archive = retry_archive();
     let source = read_source(&archive.path());
     let work = tempfile::tempdir().unwrap();
-    let job = Job {
-        source_dir: &archive.path(),
-        source: &source,
-        target: Target::under(&work.path().join("out")),
-        cfg: Config::default(),
-        flags: strings(&["--fail-on-dlq"]),
-    };
+    let job = Job::under(archive.dir.path(), &source, &work.path().join("out"))
+        .with(Config::default(), strings(&["--fail-on-dlq"]));
     // m3 is dead-lettered: exit 3, and the run is committed
     let mut ledger = Ledger::default();
     job.run("dlq-1", &mut ledger, 3);
@@ -1346,13 +1316,12 @@ fn fail_on_dlq_exit_codes() {
         ],
     );
     let clean_source = read_source(&clean.path());
-    let job = Job {
-        source_dir: &clean.path(),
-        source: &clean_source,
-        target: Target::under(&work.path().join("out-clean")),
-        cfg: Config::default(),
-        flags: strings(&["--fail-on-dlq"]),
-    };
+    let job = Job::under(
+        clean.dir.path(),
+        &clean_source,
+        &work.path().join("out-clean"),
+    )
+    .with(Config::default(), strings(&["--fail-on-dlq"]));
     let (_, exp) = job.run("clean-1", &mut Ledger::default(), 0);
     assert!(exp.dlq.is_empty());
 }
@@ -1513,13 +1482,7 @@ fn assert_defects(exp: &Expected) {
 fn generated_seed_7_matches_reference_over_three_runs() {
     let (dir, source) = generated(7);
     let work = tempfile::tempdir().unwrap();
-    let job = Job {
-        source_dir: dir.path(),
-        source: &source,
-        target: Target::under(&work.path().join("out")),
-        cfg: Config::default(),
-        flags: vec![],
-    };
+    let job = Job::under(dir.path(), &source, &work.path().join("out"));
     let mut ledger = Ledger::default();
     let (_, exp) = job.run("gen7-1", &mut ledger, 0);
     assert_defects(&exp);
@@ -1553,18 +1516,15 @@ fn generated_seed_42_windowed_with_permanent_errors() {
         .expect("the generator writes errors");
     let regex = format!("^{}$", regex::escape(common));
     let work = tempfile::tempdir().unwrap();
-    let job = Job {
-        source_dir: dir.path(),
-        source: &source,
-        target: Target::under(&work.path().join("out")),
-        cfg: Config {
+    let job = Job::under(dir.path(), &source, &work.path().join("out")).with(
+        Config {
             from: Some(from),
             to: Some(to),
             permanent: vec![regex.clone()],
             max_attempts: 2,
             ..Config::default()
         },
-        flags: strings(&[
+        strings(&[
             "--from",
             &rfc3339(from),
             "--to",
@@ -1574,7 +1534,7 @@ fn generated_seed_42_windowed_with_permanent_errors() {
             "--max-attempts",
             "2",
         ]),
-    };
+    );
     let mut ledger = Ledger::default();
     let (_, exp) = job.run("gen42-1", &mut ledger, 0);
     assert!(exp.rows < source.rows.len() && exp.rows > 0);
@@ -1589,17 +1549,8 @@ fn generated_seed_42_windowed_with_permanent_errors() {
 fn generated_seed_2024_without_gaps_and_conflicts() {
     let (dir, source) = generated(2024);
     let work = tempfile::tempdir().unwrap();
-    let job = Job {
-        source_dir: dir.path(),
-        source: &source,
-        target: Target::under(&work.path().join("out")),
-        cfg: Config {
-            gaps: false,
-            conflicts: false,
-            ..Config::default()
-        },
-        flags: strings(&["--no-gaps", "--no-conflicts"]),
-    };
+    let job =
+        Job::under(dir.path(), &source, &work.path().join("out")).without_gaps_and_conflicts();
     let (_, exp) = job.run("gen2024-1", &mut Ledger::default(), 0);
     assert!(exp.gaps.is_empty() && exp.conflicts == 0);
     assert!(!exp.replay.is_empty());
@@ -1956,17 +1907,7 @@ fn window_prunes_files_outside_it() {
     let source = read_source(&archive.path());
     let work = tempfile::tempdir().unwrap();
     let (from, to) = ("2024-04-04T00:00:00Z", "2024-04-06T00:00:00Z");
-    let job = Job {
-        source_dir: &archive.path(),
-        source: &source,
-        target: Target::under(&work.path().join("out")),
-        cfg: Config {
-            from: Some(ns(from)),
-            to: Some(ns(to)),
-            ..Config::default()
-        },
-        flags: strings(&["--from", from, "--to", to]),
-    };
+    let job = Job::under(archive.dir.path(), &source, &work.path().join("out")).window(from, to);
     let (run, exp) = job.run("pruned-1", &mut Ledger::default(), 0);
     assert_eq!(exp.rows, 40);
     let report: Json = serde_json::from_str(

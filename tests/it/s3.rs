@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 
-use crate::cli::Run;
+use crate::cli::{Run, command, read_all};
 use crate::reference::{Record, read_output};
 use crate::services::{self, S3Server};
 
@@ -83,13 +83,7 @@ impl Spawned {
     }
 
     fn start_program(program: &Path, args: &[&str], vars: &[(String, String)]) -> Spawned {
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env_remove("RUST_LOG")
-            .env("NO_COLOR", "1");
+        let mut cmd = command(program, args);
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("AWS_") {
                 cmd.env_remove(k);
@@ -101,18 +95,8 @@ impl Spawned {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
-        let mut o = child.stdout.take().expect("stdout pipe");
-        let mut e = child.stderr.take().expect("stderr pipe");
-        let out = std::thread::spawn(move || {
-            let mut s = Vec::new();
-            let _ = o.read_to_end(&mut s);
-            String::from_utf8_lossy(&s).into_owned()
-        });
-        let err = std::thread::spawn(move || {
-            let mut s = Vec::new();
-            let _ = e.read_to_end(&mut s);
-            String::from_utf8_lossy(&s).into_owned()
-        });
+        let out = read_all(child.stdout.take().expect("stdout pipe"));
+        let err = read_all(child.stderr.take().expect("stderr pipe"));
         Spawned {
             args: args.iter().map(|s| s.to_string()).collect(),
             child,
@@ -812,6 +796,65 @@ impl Drop for Proxy {
     }
 }
 
+/// The shared server, its environment, and a fresh bucket named after
+/// `prefix` holding a generated archive at `s3://BUCKET/archive`.
+fn s3_with_archive(
+    prefix: &str,
+    events: u64,
+    keys: u64,
+    seed: u64,
+    days: u32,
+) -> (&'static S3Server, S3Env, String) {
+    let s3 = services::s3();
+    let env = S3Env::of(s3);
+    let b = bucket(s3, prefix);
+    generate(&env, &format!("s3://{b}/archive"), events, keys, seed, days);
+    (s3, env, b)
+}
+
+/// `run --source SOURCE --out OUT --run-id RUN_ID --report REPORT`.
+fn run_args<'a>(source: &'a str, out: &'a str, run_id: &'a str, report: &'a Path) -> Vec<&'a str> {
+    vec![
+        "run",
+        "--source",
+        source,
+        "--out",
+        out,
+        "--run-id",
+        run_id,
+        "--report",
+        report.to_str().unwrap(),
+    ]
+}
+
+/// The `backfill_attempt` of each event the run `run_id` replayed into the
+/// sink folder `out`, by event id.
+fn replay_attempts(out: &Path, run_id: &str) -> BTreeMap<String, i64> {
+    read_output(&out.join("replay"), run_id)
+        .rows
+        .iter()
+        .map(|r| {
+            (
+                r["event_id"].as_str().unwrap().to_string(),
+                r["backfill_attempt"].as_int().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Assert that the stdout of `run` contains `text`.
+#[track_caller]
+fn assert_says(run: &Run, text: &str) {
+    assert!(run.stdout.contains(text), "{}", run.describe());
+}
+
+/// Assert that `run` succeeded and its stdout contains `text`.
+#[track_caller]
+fn assert_ok_saying(run: &Run, text: &str) {
+    run.ok();
+    assert_says(run, text);
+}
+
 fn is_manifest_put(h: &Head) -> bool {
     h.method == "PUT" && h.target.contains("/_state/manifests/")
 }
@@ -856,42 +899,13 @@ fn s3_archive_sinks_and_state_match_the_local_run() {
     for run_id in ["first", "second"] {
         let lr = work.path().join(format!("local-{run_id}.json"));
         let sr = work.path().join(format!("s3-{run_id}.json"));
-        bf(
-            &env,
-            &[
-                "run",
-                "--source",
-                local_archive.to_str().unwrap(),
-                "--out",
-                local_out.to_str().unwrap(),
-                "--run-id",
-                run_id,
-                "--report",
-                lr.to_str().unwrap(),
-            ],
-        )
-        .ok();
-        let s3_run = bf(
-            &env,
-            &[
-                "run",
-                "--source",
-                &format!("s3://{b}/archive/"),
-                "--out",
-                &format!("s3://{b}/out"),
-                "--run-id",
-                run_id,
-                "--report",
-                sr.to_str().unwrap(),
-            ],
-        );
-        s3_run.ok();
-        assert!(
-            s3_run.stdout.contains(&format!(
-                "s3://{b}/out/replay/run_id={run_id}/part-0.parquet"
-            )),
-            "{}",
-            s3_run.describe()
+        let (local_src, local_dst) = (local_archive.to_str().unwrap(), local_out.to_str().unwrap());
+        bf(&env, &run_args(local_src, local_dst, run_id, &lr)).ok();
+        let (s3_src, s3_dst) = (format!("s3://{b}/archive/"), format!("s3://{b}/out"));
+        let s3_run = bf(&env, &run_args(&s3_src, &s3_dst, run_id, &sr));
+        assert_ok_saying(
+            &s3_run,
+            &format!("s3://{b}/out/replay/run_id={run_id}/part-0.parquet"),
         );
         let (l, s) = (read_json(&lr), read_json(&sr));
         assert_eq!(
@@ -916,19 +930,10 @@ fn s3_archive_sinks_and_state_match_the_local_run() {
         num(&first, "dead_lettered")
     );
     let out = s3.root.join(&b).join("out");
-    let attempts = |run: &str| -> BTreeMap<String, i64> {
-        read_output(&out.join("replay"), run)
-            .rows
-            .iter()
-            .map(|r| {
-                (
-                    r["event_id"].as_str().unwrap().to_string(),
-                    r["backfill_attempt"].as_int().unwrap(),
-                )
-            })
-            .collect()
-    };
-    let (a1, a2) = (attempts("first"), attempts("second"));
+    let (a1, a2) = (
+        replay_attempts(&out, "first"),
+        replay_attempts(&out, "second"),
+    );
     let both: Vec<&String> = a2.keys().filter(|k| a1.contains_key(*k)).collect();
     assert!(!both.is_empty());
     for k in both {
@@ -950,11 +955,8 @@ fn s3_archive_sinks_and_state_match_the_local_run() {
 /// exactly as the unpruned scan filtered to the same window.
 #[test]
 fn hive_partitions_prune_a_one_day_window_on_s3() {
-    let s3 = services::s3();
-    let env = S3Env::of(s3);
-    let b = bucket(s3, "pruning");
+    let (s3, env, b) = s3_with_archive("pruning", 9000, 20, 5, 30);
     let work = tempfile::tempdir().expect("tempdir");
-    generate(&env, &format!("s3://{b}/archive"), 9000, 20, 5, 30);
     let job = job_file(
         work.path(),
         "partitions.toml",
@@ -965,17 +967,7 @@ fn hive_partitions_prune_a_one_day_window_on_s3() {
     let run = |name: &str, extra: &[&str]| {
         let out = format!("s3://{b}/{name}");
         let rep = report(name);
-        let mut args = vec![
-            "run",
-            "--source",
-            &src,
-            "--out",
-            &out,
-            "--run-id",
-            "window",
-            "--report",
-            rep.to_str().unwrap(),
-        ];
+        let mut args = run_args(&src, &out, "window", &rep);
         args.extend_from_slice(extra);
         bf(&env, &args).ok();
         read_json(&rep)
@@ -1027,11 +1019,8 @@ fn hive_partitions_prune_a_one_day_window_on_s3() {
 /// saying so; the ledger counts the winner only.
 #[test]
 fn racing_runs_on_s3_commit_exactly_once() {
-    let s3 = services::s3();
-    let env = S3Env::of(s3);
-    let b = bucket(s3, "race");
+    let (s3, env, b) = s3_with_archive("race", 2000, 20, 3, 2);
     let work = tempfile::tempdir().expect("tempdir");
-    generate(&env, &format!("s3://{b}/archive"), 2000, 20, 3, 2);
     let proxy = Proxy::start(&format!("127.0.0.1:{}", s3.port));
     proxy.set_rule(|h| {
         if is_manifest_put(h) {
@@ -1076,12 +1065,7 @@ fn racing_runs_on_s3_commit_exactly_once() {
     let winner = winner.wait();
     proxy.release();
     let loser = racers.pop().expect("second racer").wait();
-    winner.ok();
-    assert!(
-        winner.stdout.contains("run contested committed"),
-        "{}",
-        winner.describe()
-    );
+    assert_ok_saying(&winner, "run contested committed");
     loser.expect_code(1);
     let line = the_error_line(&loser);
     assert!(
@@ -1109,35 +1093,12 @@ fn racing_runs_on_s3_commit_exactly_once() {
 
     // A third run with a new id counts the winner's replays once.
     let rep = work.path().join("third.json");
-    bf(
-        &env,
-        &[
-            "run",
-            "--source",
-            &src,
-            "--out",
-            &out,
-            "--run-id",
-            "third",
-            "--report",
-            rep.to_str().unwrap(),
-        ],
-    )
-    .ok();
+    bf(&env, &run_args(&src, &out, "third", &rep)).ok();
     let outdir = s3.root.join(&b).join("out");
-    let attempts = |run: &str| -> BTreeMap<String, i64> {
-        read_output(&outdir.join("replay"), run)
-            .rows
-            .iter()
-            .map(|r| {
-                (
-                    r["event_id"].as_str().unwrap().to_string(),
-                    r["backfill_attempt"].as_int().unwrap(),
-                )
-            })
-            .collect()
-    };
-    let (a1, a3) = (attempts("contested"), attempts("third"));
+    let (a1, a3) = (
+        replay_attempts(&outdir, "contested"),
+        replay_attempts(&outdir, "third"),
+    );
     assert!(!a1.is_empty());
     let mut common = 0;
     for (id, a) in &a3 {
@@ -1211,20 +1172,10 @@ fn server_killed_mid_upload_commits_nothing_and_the_rerun_commits_once() {
     proxy.set_rule(|_| Action::Forward);
     proxy.set_dark(false);
     let rerun = Spawned::start(&args, &via.vars()).wait();
-    rerun.ok();
-    assert!(
-        rerun.stdout.contains("run crash committed"),
-        "{}",
-        rerun.describe()
-    );
+    assert_ok_saying(&rerun, "run crash committed");
     assert_eq!(manifests(&state), vec!["crash.json".to_string()]);
     let again = Spawned::start(&args, &via.vars()).wait();
-    again.ok();
-    assert!(
-        again.stdout.contains("already committed"),
-        "{}",
-        again.describe()
-    );
+    assert_ok_saying(&again, "already committed");
     assert_eq!(manifests(&state), vec!["crash.json".to_string()]);
     assert!(
         !read_output(&srv.root().join("lake/out/replay"), "crash")
@@ -1238,11 +1189,8 @@ fn server_killed_mid_upload_commits_nothing_and_the_rerun_commits_once() {
 /// manifest or in a dry run.
 #[test]
 fn credentials_and_missing_buckets_fail_clearly_and_secrets_never_show() {
-    let s3 = services::s3();
-    let env = S3Env::of(s3);
-    let b = bucket(s3, "creds");
+    let (s3, env, b) = s3_with_archive("creds", 1000, 10, 4, 1);
     let work = tempfile::tempdir().expect("tempdir");
-    generate(&env, &format!("s3://{b}/archive"), 1000, 10, 4, 1);
     let src = format!("s3://{b}/archive");
     let out = format!("s3://{b}/out");
     let mut secrets = vec![env.secret_key.clone()];
@@ -1347,20 +1295,7 @@ fn credentials_and_missing_buckets_fail_clearly_and_secrets_never_show() {
         outputs.push(std::fs::read_to_string(&rep).expect("report"));
     }
     // And with the keys in the environment.
-    let r = bf(
-        &env,
-        &[
-            "run",
-            "--source",
-            &src,
-            "--out",
-            &out,
-            "--run-id",
-            "env",
-            "--report",
-            rep.to_str().unwrap(),
-        ],
-    );
+    let r = bf(&env, &run_args(&src, &out, "env", &rep));
     r.ok();
     outputs.extend([
         r.stdout,
@@ -1392,10 +1327,7 @@ fn credentials_and_missing_buckets_fail_clearly_and_secrets_never_show() {
 /// it won.
 #[test]
 fn a_commit_whose_answer_is_lost_is_recognised_as_our_own() {
-    let s3 = services::s3();
-    let env = S3Env::of(s3);
-    let b = bucket(s3, "lost-answer");
-    generate(&env, &format!("s3://{b}/archive"), 1000, 10, 8, 1);
+    let (s3, env, b) = s3_with_archive("lost-answer", 1000, 10, 8, 1);
     let proxy = Proxy::start(&format!("127.0.0.1:{}", s3.port));
     let mut lost = false;
     proxy.set_rule(move |h| {
@@ -1421,27 +1353,18 @@ fn a_commit_whose_answer_is_lost_is_recognised_as_our_own() {
         "the commit should have been retried once:\n{}",
         proxy.log()
     );
-    r.ok();
-    assert!(r.stdout.contains("run once committed"), "{}", r.describe());
+    assert_ok_saying(&r, "run once committed");
     let state = s3.root.join(&b).join("out/_state");
     assert_eq!(manifests(&state), vec!["once.json".to_string()]);
     let again = bf(&env, &args);
-    again.ok();
-    assert!(
-        again.stdout.contains("already committed"),
-        "{}",
-        again.describe()
-    );
+    assert_ok_saying(&again, "already committed");
 }
 
 /// `backfill state gc` on S3: lists (with --dry-run) then removes what
 /// uncommitted attempts left, and leaves a committed run alone.
 #[test]
 fn state_gc_on_s3_removes_uncommitted_leftovers_only() {
-    let s3 = services::s3();
-    let env = S3Env::of(s3);
-    let b = bucket(s3, "gc");
-    generate(&env, &format!("s3://{b}/archive"), 1000, 10, 6, 1);
+    let (s3, env, b) = s3_with_archive("gc", 1000, 10, 6, 1);
     let src = format!("s3://{b}/archive");
     let out = format!("s3://{b}/out");
     let work = tempfile::tempdir().expect("tempdir");
@@ -1523,11 +1446,7 @@ fn state_gc_on_s3_removes_uncommitted_leftovers_only() {
             dry.describe()
         );
     }
-    assert!(
-        dry.stdout.contains("would remove 7 objects"),
-        "{}",
-        dry.describe()
-    );
+    assert_says(&dry, "would remove 7 objects");
     assert!(!dry.stdout.contains("kept"), "{}", dry.describe());
     assert_eq!(
         files_below(&root).len(),
@@ -1536,11 +1455,7 @@ fn state_gc_on_s3_removes_uncommitted_leftovers_only() {
     );
 
     let real = gc(false);
-    assert!(
-        real.stdout.contains("removed 7 objects"),
-        "{}",
-        real.describe()
-    );
+    assert_says(&real, "removed 7 objects");
     assert_eq!(files_below(&root), kept, "gc touched the committed run");
     assert!(gc(true).stdout.contains("would remove 0 objects"));
 }
