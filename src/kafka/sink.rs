@@ -2,8 +2,11 @@
 //! topic, behind the same [`Sink`] trait as the Parquet sink.
 //!
 //! Why it is shaped this way:
-//! - Throughput comes from never awaiting one message: `write` enqueues a
-//!   whole batch into librdkafka and backs off while the local queue is full;
+//! - Throughput comes from never awaiting one message, and from producing
+//!   while the run decides: `write` casts a batch's columns (key, value,
+//!   timestamp, headers) and hands it to this sink's enqueuing thread through
+//!   a small bounded channel, then returns; the thread enqueues the messages
+//!   into librdkafka in order, backing off while its local queue is full.
 //!   `finish` waits until every message has its delivery report. Reports are
 //!   counted by a delivery callback on the producer's polling thread (atomic
 //!   counters, the first error kept), not by one future per message: no
@@ -22,7 +25,7 @@
 //! the content of a row.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -249,6 +252,131 @@ impl ProducerContext for Counter {
 
 type KafkaProducer = ThreadedProducer<Counter>;
 
+/// One batch's messages, every part already cast: what `write` hands to the
+/// enqueuing thread.
+struct Prepared {
+    rows: usize,
+    keys: Option<BinaryArray>,
+    payloads: Option<BinaryArray>,
+    json: Option<JsonRows>,
+    times: Option<arrow::array::TimestampMillisecondArray>,
+    run_ids: Option<StringArray>,
+    header_cols: Vec<(&'static str, StringArray)>,
+}
+
+/// Batches handed over but not yet enqueued, at most: enough to keep the
+/// thread busy while the run decides the next batch, little memory.
+const FEED_CAPACITY: usize = 4;
+
+/// The enqueuing thread's side of the sink.
+#[derive(Debug, Default)]
+struct Feed {
+    /// Messages librdkafka accepted (each gets one delivery report).
+    enqueued: AtomicU64,
+    /// Why enqueuing stopped, when it failed (not a full queue: that waits).
+    error: Mutex<Option<String>>,
+    /// Stop enqueuing (the run is aborting).
+    stop: AtomicBool,
+}
+
+struct Feeder {
+    tx: tokio::sync::mpsc::Sender<Prepared>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// The enqueuing thread: turns each handed-over batch into messages, in
+/// order, so that the run decides the next batch (and writes its ledger)
+/// while this one is being produced. One thread, one FIFO channel: the rows'
+/// order is the messages' order.
+fn enqueue_batches(
+    mut rx: tokio::sync::mpsc::Receiver<Prepared>,
+    producer: Arc<KafkaProducer>,
+    topic: String,
+    run_id: String,
+    backoff: Duration,
+    feed: Arc<Feed>,
+    deliveries: Arc<Deliveries>,
+) {
+    let halted = |feed: &Feed| {
+        feed.stop.load(Ordering::Acquire)
+            || deliveries.failed() > 0
+            || feed.error.lock().map(|e| e.is_some()).unwrap_or(true)
+    };
+    while let Some(b) = rx.blocking_recv() {
+        if halted(&feed) {
+            // Keep receiving (and dropping) so that `write` never blocks.
+            continue;
+        }
+        'rows: for row in 0..b.rows {
+            if row % 1024 == 0 && feed.stop.load(Ordering::Acquire) {
+                break;
+            }
+            let mut hdrs = OwnedHeaders::new_with_capacity(b.header_cols.len() + 1);
+            let rid = match &b.run_ids {
+                Some(a) if a.is_valid(row) => a.value(row),
+                _ => run_id.as_str(),
+            };
+            hdrs = hdrs.insert(Header {
+                key: headers::RUN_ID,
+                value: Some(rid),
+            });
+            for (name, values) in &b.header_cols {
+                if values.is_valid(row) {
+                    hdrs = hdrs.insert(Header {
+                        key: name,
+                        value: Some(values.value(row)),
+                    });
+                }
+            }
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&topic).headers(hdrs);
+            if let Some(k) = &b.keys
+                && k.is_valid(row)
+            {
+                record = record.key(k.value(row));
+            }
+            match (&b.payloads, &b.json) {
+                (Some(p), _) => {
+                    if p.is_valid(row) {
+                        record = record.payload(p.value(row));
+                    }
+                }
+                (None, Some(rows)) => {
+                    record = record.payload(rows.row(row));
+                }
+                (None, None) => {}
+            }
+            if let Some(t) = &b.times
+                && t.is_valid(row)
+            {
+                record = record.timestamp(t.value(row));
+            }
+            loop {
+                match producer.send(record) {
+                    Ok(()) => {
+                        feed.enqueued.fetch_add(1, Ordering::Release);
+                        break;
+                    }
+                    Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        // The polling thread serves delivery reports and
+                        // frees room meanwhile.
+                        if halted(&feed) {
+                            break 'rows;
+                        }
+                        record = r;
+                        std::thread::sleep(backoff);
+                    }
+                    Err((e, _)) => {
+                        if let Ok(mut slot) = feed.error.lock() {
+                            slot.get_or_insert_with(|| e.to_string());
+                        }
+                        break 'rows;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A Kafka topic as a replay, DLQ or gaps sink.
 pub struct KafkaSink {
     url: KafkaUrl,
@@ -260,7 +388,13 @@ pub struct KafkaSink {
     /// `init_transactions` has succeeded (in `check`, or lazily).
     transactions_ready: bool,
     in_transaction: bool,
-    enqueued: u64,
+    /// What the enqueuing thread shares with the sink.
+    feed: Arc<Feed>,
+    /// The enqueuing thread, started by the first write.
+    feeder: Option<Feeder>,
+    /// Rows handed to the enqueuing thread: each must become one enqueued
+    /// message, or the run fails.
+    handed: u64,
     /// How long `finish` waits for the last delivery report: librdkafka
     /// reports every message within its message timeout; this is a guard
     /// against a report that never comes. `None` when that timeout is
@@ -274,9 +408,17 @@ impl std::fmt::Debug for KafkaSink {
         f.debug_struct("KafkaSink")
             .field("url", &self.url.original)
             .field("kind", &self.ctx.kind)
-            .field("enqueued", &self.enqueued)
+            .field("enqueued", &self.feed.enqueued.load(Ordering::Relaxed))
             .field("acked", &self.deliveries.acked())
             .finish()
+    }
+}
+
+impl Drop for KafkaSink {
+    fn drop(&mut self) {
+        // Dropped without `finish` or `abort` (the run is unwinding): enqueue
+        // nothing more. The thread exits after its current message.
+        self.feed.stop.store(true, Ordering::Release);
     }
 }
 
@@ -331,7 +473,9 @@ impl KafkaSink {
             transactional,
             transactions_ready: false,
             in_transaction: false,
-            enqueued: 0,
+            feed: Arc::new(Feed::default()),
+            feeder: None,
+            handed: 0,
             settle_timeout,
             receipt: None,
         })
@@ -352,6 +496,53 @@ impl KafkaSink {
             target: self.url.original.clone(),
             message,
         }
+    }
+
+    /// The channel to the enqueuing thread, started on first use.
+    fn feeder_tx(&mut self) -> Option<tokio::sync::mpsc::Sender<Prepared>> {
+        if self.feeder.is_none() {
+            let (tx, rx) = tokio::sync::mpsc::channel(FEED_CAPACITY);
+            let producer = self.producer.clone();
+            let topic = self.url.topic.clone();
+            let run_id = self.ctx.run_id.clone();
+            let backoff = Duration::from_millis(self.settings.queue_full_backoff_ms.max(1));
+            let feed = self.feed.clone();
+            let deliveries = self.deliveries.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("backfill-kafka-{}", self.ctx.kind.name()))
+                .spawn(move || {
+                    enqueue_batches(rx, producer, topic, run_id, backoff, feed, deliveries)
+                })
+                .ok()?;
+            self.feeder = Some(Feeder { tx, thread });
+        }
+        self.feeder.as_ref().map(|f| f.tx.clone())
+    }
+
+    /// Close the channel and wait until the enqueuing thread has enqueued
+    /// (or, with `halt`, dropped) everything handed to it.
+    async fn stop_feeder(&mut self, halt: bool) {
+        if halt {
+            self.feed.stop.store(true, Ordering::Release);
+        }
+        if let Some(Feeder { tx, thread }) = self.feeder.take() {
+            drop(tx);
+            let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+            if !matches!(joined, Ok(Ok(())))
+                && let Ok(mut slot) = self.feed.error.lock()
+            {
+                slot.get_or_insert_with(|| "the enqueuing thread failed".into());
+            }
+        }
+    }
+
+    /// Enqueuing failed for another reason than a full queue.
+    fn feed_error(&self) -> Option<SinkError> {
+        let e = self.feed.error.lock().ok()?.clone()?;
+        Some(self.io(
+            "produce",
+            format!("topic '{}' on {}: {e}", self.url.topic, self.url.bootstrap),
+        ))
     }
 
     fn delivery_error(&self) -> Option<SinkError> {
@@ -472,10 +663,21 @@ fn as_header_strings(col: &ArrayRef, format: HeaderFormat) -> Result<StringArray
             .map_err(|e| e.to_string())?;
             let t = t.as_primitive::<TimestampMicrosecondType>();
             let mut b = StringBuilder::with_capacity(t.len(), t.len() * 27);
+            // A run's detection time is one value for all its rows: format
+            // each distinct run of values once.
+            let mut last: Option<(i64, String)> = None;
             for v in t.iter() {
-                match v.and_then(DateTime::from_timestamp_micros) {
-                    Some(d) => b.append_value(d.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
-                    None => b.append_null(),
+                let Some(micros) = v else {
+                    b.append_null();
+                    continue;
+                };
+                if last.as_ref().is_none_or(|(m, _)| *m != micros) {
+                    last = DateTime::from_timestamp_micros(micros)
+                        .map(|d| (micros, d.to_rfc3339_opts(SecondsFormat::AutoSi, true)));
+                }
+                match &last {
+                    Some((m, text)) if *m == micros => b.append_value(text),
+                    _ => b.append_null(),
                 }
             }
             Ok(b.finish())
@@ -580,7 +782,7 @@ impl Sink for KafkaSink {
     }
 
     async fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
-        if let Some(e) = self.delivery_error() {
+        if let Some(e) = self.feed_error().or_else(|| self.delivery_error()) {
             return Err(e);
         }
         if batch.num_rows() == 0 {
@@ -654,74 +856,31 @@ impl Sink for KafkaSink {
             self.in_transaction = true;
         }
 
-        let backoff = Duration::from_millis(self.settings.queue_full_backoff_ms.max(1));
-        let topic = self.url.topic.clone();
-        let run_id = self.ctx.run_id.clone();
-        for row in 0..batch.num_rows() {
-            let mut hdrs = OwnedHeaders::new_with_capacity(header_cols.len() + 1);
-            let rid = match &run_ids {
-                Some(a) if a.is_valid(row) => a.value(row),
-                _ => run_id.as_str(),
-            };
-            hdrs = hdrs.insert(Header {
-                key: headers::RUN_ID,
-                value: Some(rid),
-            });
-            for (name, values) in &header_cols {
-                if values.is_valid(row) {
-                    hdrs = hdrs.insert(Header {
-                        key: name,
-                        value: Some(values.value(row)),
-                    });
-                }
-            }
-            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&topic).headers(hdrs);
-            if let Some(k) = &keys
-                && k.is_valid(row)
-            {
-                record = record.key(k.value(row));
-            }
-            match (&payloads, &json) {
-                (Some(p), _) => {
-                    if p.is_valid(row) {
-                        record = record.payload(p.value(row));
-                    }
-                }
-                (None, Some(rows)) => {
-                    record = record.payload(rows.row(row));
-                }
-                (None, None) => {}
-            }
-            if let Some(t) = &times
-                && t.is_valid(row)
-            {
-                record = record.timestamp(t.value(row));
-            }
-            loop {
-                match self.producer.send(record) {
-                    Ok(()) => {
-                        self.enqueued += 1;
-                        break;
-                    }
-                    Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        // The polling thread serves delivery reports and
-                        // frees room meanwhile.
-                        record = r;
-                        if let Some(e) = self.delivery_error() {
-                            return Err(e);
-                        }
-                        tokio::time::sleep(backoff).await;
-                    }
-                    Err((e, _)) => {
-                        return Err(self.io(
-                            "produce",
-                            format!("topic '{}' on {}: {e}", self.url.topic, self.url.bootstrap),
-                        ));
-                    }
-                }
-            }
+        let rows = batch.num_rows() as u64;
+        let prepared = Prepared {
+            rows: batch.num_rows(),
+            keys,
+            payloads,
+            json,
+            times,
+            run_ids,
+            header_cols,
+        };
+        let sent = match self.feeder_tx() {
+            Some(tx) => tx.send(prepared).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            // The enqueuing thread stopped: a produce error says why.
+            return Err(self.feed_error().unwrap_or_else(|| {
+                self.io(
+                    "produce",
+                    format!("topic '{}': the enqueuing thread stopped", self.url.topic),
+                )
+            }));
         }
-        match self.delivery_error() {
+        self.handed += rows;
+        match self.feed_error().or_else(|| self.delivery_error()) {
             Some(e) => Err(e),
             None => Ok(()),
         }
@@ -731,11 +890,26 @@ impl Sink for KafkaSink {
         if let Some(r) = &self.receipt {
             return Ok(r.clone());
         }
+        // Everything handed over is enqueued first.
+        self.stop_feeder(false).await;
+        if let Some(e) = self.feed_error() {
+            return Err(e);
+        }
+        let enqueued = self.feed.enqueued.load(Ordering::Acquire);
+        if enqueued != self.handed && self.delivery_error().is_none() {
+            return Err(self.io(
+                "produce",
+                format!(
+                    "{enqueued} of {} message(s) to topic '{}' were enqueued",
+                    self.handed, self.url.topic
+                ),
+            ));
+        }
         // Every enqueued message gets exactly one delivery report (within
         // librdkafka's message timeout); wait for all of them.
         let start = Instant::now();
         let mut pause = Duration::from_micros(200);
-        while self.deliveries.settled() < self.enqueued {
+        while self.deliveries.settled() < enqueued {
             if let Some(limit) = self.settle_timeout
                 && start.elapsed() > limit
             {
@@ -748,12 +922,11 @@ impl Sink for KafkaSink {
             return Err(e);
         }
         let acked = self.deliveries.acked();
-        if acked != self.enqueued {
+        if acked != enqueued {
             return Err(self.io(
                 "delivery",
                 format!(
-                    "{acked} of {} message(s) to topic '{}' were acknowledged after {} s (brokers {})",
-                    self.enqueued,
+                    "{acked} of {enqueued} message(s) to topic '{}' were acknowledged after {} s (brokers {})",
                     self.url.topic,
                     start.elapsed().as_secs(),
                     self.url.bootstrap
@@ -783,6 +956,7 @@ impl Sink for KafkaSink {
     async fn abort(&mut self) {
         // Stop sending what is still queued: the run failed, and whatever was
         // already acknowledged is covered by at-least-once (or by the abort).
+        self.stop_feeder(true).await;
         self.producer.purge(PurgeConfig::default().queue());
         if self.in_transaction {
             // Nothing to report to: the run is already failing with the
