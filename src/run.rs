@@ -586,9 +586,3 @@ fn pruned_count(v: &datafusion::physical_plan::metrics::MetricValue) -> u64 {
         other => other.as_usize() as u64,
     }
 }
-
-/// Unused import guard for Array trait methods used via AsArray.
-#[allow(dead_code)]
-fn _uses(a: &dyn Array) -> usize {
-    a.len()
-}
