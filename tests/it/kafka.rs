@@ -186,7 +186,7 @@ fn open(url: &str, kind: SinkKind, schema: &SchemaRef, settings: KafkaSettings) 
 /// Everything currently readable on `topic`, in (partition, offset) order.
 /// Stops once every partition reported its end and at least `expect`
 /// messages arrived, or after `within`.
-async fn consume(
+pub(crate) async fn consume(
     server: &KafkaServer,
     topic: &str,
     read_committed: bool,
@@ -214,7 +214,13 @@ async fn consume(
         let md = consumer
             .fetch_metadata(Some(&topic), Duration::from_secs(5))
             .expect("metadata for the test consumer");
-        let partitions: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+        let partitions: Vec<i32> = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+            .unwrap_or_default();
+        assert!(!partitions.is_empty(), "topic {topic} has no partitions");
         let mut tpl = TopicPartitionList::new();
         for p in &partitions {
             tpl.add_partition_offset(&topic, *p, Offset::Beginning)
@@ -233,7 +239,7 @@ async fn consume(
                 Some(Err(RdKafkaError::PartitionEOF(p))) => {
                     at_end.insert(p);
                 }
-                Some(Err(e)) => eprintln!("test consumer: {e}"),
+                Some(Err(e)) => eprintln!("test consumer on {topic}: {e}"),
                 None => {}
             }
             if at_end.len() == partitions.len() && out.len() >= expect {
@@ -247,7 +253,8 @@ async fn consume(
     .expect("consumer thread")
 }
 
-fn headers(m: &OwnedMessage) -> BTreeMap<String, String> {
+/// A message's headers; a header that appears twice is a failure.
+pub(crate) fn headers(m: &OwnedMessage) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     if let Some(h) = m.headers() {
         for h in h.iter() {

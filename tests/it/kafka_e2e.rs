@@ -13,16 +13,15 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError as RdKafkaError;
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::ClientConfig;
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value as Json;
 
 use crate::archive::{Archive, Col, Layout, Row, ts};
 use crate::cli::{Run, backfill};
 use crate::e2e::manifests;
+use crate::kafka::headers;
 use crate::reference::{
     Config, Expected, Ledger, Record, Source, Value, decide, read_output, read_source,
 };
@@ -87,84 +86,15 @@ fn report_int(report: &Json, key: &str) -> i64 {
         .unwrap_or_else(|| panic!("report: {key} missing or not an integer: {report}"))
 }
 
-/// Everything on `topic` from the beginning, in (partition, offset) order:
-/// stops once every partition reported its end and at least `expect`
-/// messages arrived, or after `within`.
+/// Everything on `topic` from the beginning, read uncommitted (the shared
+/// reader of the sink-level tests).
 async fn consume(
     server: &KafkaServer,
     topic: &str,
     expect: usize,
     within: Duration,
 ) -> Vec<OwnedMessage> {
-    let bootstrap = server.bootstrap.clone();
-    let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", unique_name("e2e-reader"))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .create()
-            .expect("test consumer");
-        let md = consumer
-            .fetch_metadata(Some(&topic), Duration::from_secs(5))
-            .expect("metadata for the test consumer");
-        let partitions: Vec<i32> = md
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-            .unwrap_or_default();
-        assert!(!partitions.is_empty(), "topic {topic} has no partitions");
-        let mut tpl = TopicPartitionList::new();
-        for p in &partitions {
-            tpl.add_partition_offset(&topic, *p, Offset::Beginning)
-                .expect("partition offset");
-        }
-        consumer.assign(&tpl).expect("assign");
-        let mut out = Vec::new();
-        let mut at_end = std::collections::HashSet::new();
-        let start = Instant::now();
-        while start.elapsed() < within {
-            match consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => {
-                    at_end.remove(&m.partition());
-                    out.push(m.detach());
-                }
-                Some(Err(RdKafkaError::PartitionEOF(p))) => {
-                    at_end.insert(p);
-                }
-                Some(Err(e)) => eprintln!("test consumer on {topic}: {e}"),
-                None => {}
-            }
-            if at_end.len() == partitions.len() && out.len() >= expect {
-                break;
-            }
-        }
-        out.sort_by_key(|m| (m.partition(), m.offset()));
-        out
-    })
-    .await
-    .expect("consumer thread")
-}
-
-/// A message's headers; a header that appears twice is a failure.
-fn headers(m: &OwnedMessage) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    if let Some(h) = m.headers() {
-        for h in h.iter() {
-            let v = h
-                .value
-                .map(|v| String::from_utf8(v.to_vec()).expect("headers are UTF-8"))
-                .unwrap_or_default();
-            assert!(
-                out.insert(h.key.to_string(), v).is_none(),
-                "header {} appears twice",
-                h.key
-            );
-        }
-    }
-    out
+    crate::kafka::consume(server, topic, false, expect, within).await
 }
 
 /// Nanoseconds since the epoch of an RFC 3339 (or zone-less ISO) text.
