@@ -7,9 +7,7 @@
 //! failing before the scan.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -585,67 +583,6 @@ fn connections_to(pid: u32, port: u16) -> usize {
         .count()
 }
 
-/// The binary as a child process whose pid the test can watch.
-struct Child {
-    args: Vec<String>,
-    child: std::process::Child,
-    out: std::thread::JoinHandle<String>,
-    err: std::thread::JoinHandle<String>,
-}
-
-impl Child {
-    fn spawn(args: &[String]) -> Child {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_backfill"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env_remove("RUST_LOG")
-            .env("NO_COLOR", "1")
-            .spawn()
-            .expect("spawn backfill");
-        let drain = |mut r: Box<dyn Read + Send>| {
-            std::thread::spawn(move || {
-                let mut s = Vec::new();
-                let _ = r.read_to_end(&mut s);
-                String::from_utf8_lossy(&s).into_owned()
-            })
-        };
-        let out = drain(Box::new(child.stdout.take().expect("stdout")));
-        let err = drain(Box::new(child.stderr.take().expect("stderr")));
-        Child {
-            args: args.to_vec(),
-            child,
-            out,
-            err,
-        }
-    }
-
-    fn wait(mut self, timeout: Duration) -> Run {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("wait for backfill") {
-                break s;
-            }
-            if start.elapsed() > timeout {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "backfill {} did not finish in {timeout:?}",
-                    self.args.join(" ")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Run {
-            args: self.args,
-            code: status.code(),
-            stdout: self.out.join().expect("stdout reader"),
-            stderr: self.err.join().expect("stderr reader"),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_killed_mid_run_commits_nothing_and_the_rerun_delivers_everything_once() {
     let mut server = services::start_kafka_private();
@@ -685,8 +622,9 @@ async fn broker_killed_mid_run_commits_nothing_and_the_rerun_delivers_everything
         "off",
     ]);
 
-    let child = Child::spawn(&args);
-    let pid = child.child.id();
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let child = crate::s3::Spawned::start(&arg_refs, &[]);
+    let pid = child.pid();
     // Both Kafka sinks connect for their health check; kill the broker once
     // the checks are done (a few ms on localhost) and before the first send.
     let start = Instant::now();
@@ -704,7 +642,7 @@ async fn broker_killed_mid_run_commits_nothing_and_the_rerun_delivers_everything
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     server.stop();
-    let run = tokio::task::spawn_blocking(move || child.wait(Duration::from_secs(120)))
+    let run = tokio::task::spawn_blocking(move || child.wait())
         .await
         .expect("runner thread");
     run.expect_code(1);

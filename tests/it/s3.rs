@@ -67,8 +67,9 @@ impl S3Env {
     }
 }
 
-/// One running invocation of the binary.
-struct Spawned {
+/// One running invocation of the binary (also used by the Kafka tests that
+/// act while a run is under way).
+pub(crate) struct Spawned {
     args: Vec<String>,
     child: Child,
     out: Option<JoinHandle<String>>,
@@ -78,7 +79,7 @@ struct Spawned {
 impl Spawned {
     /// Start the binary with exactly these AWS variables: any `AWS_*` of the
     /// test's own environment (a profile, a session token) is removed.
-    fn start(args: &[&str], vars: &[(String, String)]) -> Spawned {
+    pub(crate) fn start(args: &[&str], vars: &[(String, String)]) -> Spawned {
         Self::start_program(Path::new(env!("CARGO_BIN_EXE_backfill")), args, vars)
     }
 
@@ -105,7 +106,7 @@ impl Spawned {
         }
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
@@ -113,7 +114,7 @@ impl Spawned {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
-    fn wait(mut self) -> Run {
+    pub(crate) fn wait(mut self) -> Run {
         let start = Instant::now();
         let status = loop {
             if let Some(s) = self.child.try_wait().expect("wait for the binary") {
