@@ -31,21 +31,26 @@ demo: ## build, generate a sample archive, run the job over it, print the report
 tools: ## install the test servers (tansu, s3s-fs) into $(CACHE), once
 	scripts/install-tools.sh all
 
-test: tools ## every test: unit, sqllogictest, integration against real servers
-	cargo test --all-targets --no-fail-fast -- --test-threads=4
+# The test suite's binary has the crash points of src/failpoint.rs compiled
+# in; every cargo call of the suite passes the same features so that the
+# build is shared.
+TEST_FEATURES := --features failpoints
+
+test: tools ## every test: unit, sqllogictest, integration against real servers, crash harness
+	cargo test $(TEST_FEATURES) --all-targets --no-fail-fast -- --test-threads=4
 
 test-unit: ## unit tests only
-	cargo test --lib --bins
+	cargo test $(TEST_FEATURES) --lib --bins
 
 test-sql: ## sqllogictest files in tests/sql
-	cargo test --test sqllogictests
+	cargo test $(TEST_FEATURES) --test sqllogictests
 
 test-it: tools ## the integration test binary
-	cargo test --test it
+	cargo test $(TEST_FEATURES) --test it
 
 lint: ## rustfmt check and clippy with warnings as errors
 	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy $(TEST_FEATURES) --all-targets -- -D warnings
 
 fmt: ## format the code
 	cargo fmt

@@ -210,10 +210,12 @@ pub struct StateLocArgs {
 pub struct GcArgs {
     #[command(flatten)]
     pub loc: StateLocArgs,
-    /// Extra sink folders to clean (repeatable).
-    #[arg(long, value_name = "LOC")]
+    /// Ignored: every sink an attempt wrote to is recorded in the state.
+    #[arg(long, value_name = "LOC", hide = true)]
     pub sink: Vec<String>,
-    /// Only remove leftovers older than this many minutes (protects running jobs).
+    /// Only treat attempts older than this many minutes as abandoned (a
+    /// younger one may still be running; an older one that is still running
+    /// is fenced and will fail its commit, safe to rerun).
     #[arg(long, default_value_t = 60)]
     pub min_age_minutes: u64,
     /// List what would be removed; remove nothing.

@@ -180,32 +180,14 @@ async fn gc(args: GcArgs) -> Result<(), Error> {
     let (state, job) = state_location(&args.loc)?;
     let storage = job.storage.clone().unwrap_or_default();
     let st = crate::state::State::new(location::resolve(&state, &storage)?);
-    let mut sinks = vec![];
-    let out = args.loc.out.clone().or(job.out.clone());
-    let sink_cfg = job.sinks.clone().unwrap_or_default();
-    for (kind, over) in [
-        ("replay", sink_cfg.replay),
-        ("dlq", sink_cfg.dlq),
-        ("gaps", sink_cfg.gaps),
-    ] {
-        let target = match (over, &out) {
-            (Some(t), _) => Some(t),
-            (None, Some(o)) => Some(format!("{}/{kind}", o.trim_end_matches('/'))),
-            _ => None,
-        };
-        if let Some(t) = target
-            && t != "-"
-            && !t.starts_with("kafka://")
-        {
-            sinks.push(location::resolve(&t, &storage)?);
-        }
+    if !args.sink.is_empty() {
+        eprintln!(
+            "warning: --sink is no longer needed: gc finds every sink an attempt wrote to in the state"
+        );
     }
-    for s in &args.sink {
-        sinks.push(location::resolve(s, &storage)?);
-    }
-    let found = crate::state::gc(
+    let outcome = crate::state::gc(
         &st,
-        &sinks,
+        &storage,
         chrono::Duration::minutes(args.min_age_minutes as i64),
         args.dry_run,
     )
@@ -216,13 +198,22 @@ async fn gc(args: GcArgs) -> Result<(), Error> {
         "removed"
     };
     let mut text = String::new();
-    for l in &found {
+    for r in &outcome.rolled_forward {
+        text.push_str(&format!("published the outputs of committed run {r}\n"));
+    }
+    for a in &outcome.fenced {
+        text.push_str(&format!(
+            "fenced abandoned attempt {} of run {}\n",
+            a.nonce, a.run_id
+        ));
+    }
+    for l in &outcome.removed {
         text.push_str(&format!(
             "{verb} {} ({}, {} bytes)\n",
             l.object, l.why, l.bytes
         ));
     }
-    text.push_str(&format!("{verb} {} objects\n", found.len()));
+    text.push_str(&format!("{verb} {} objects\n", outcome.removed.len()));
     write_stdout(text.as_bytes())
 }
 

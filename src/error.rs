@@ -14,6 +14,9 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_RUNTIME: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_DLQ: u8 = 3;
+/// Another run on the same state won (same run id, or the same events):
+/// nothing of this run is visible, and running it again is safe.
+pub const EXIT_CONFLICT: u8 = 4;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -42,6 +45,16 @@ pub enum Error {
     Io { what: String, message: String },
     #[error("{0}")]
     Usage(String),
+    /// The run committed; making its outputs visible failed part way.
+    #[error(
+        "run '{run_id}' is committed, but publishing its outputs failed: {message}; the next run or `backfill state gc` finishes it"
+    )]
+    Committed { run_id: String, message: String },
+    /// The commit's answer was lost: the run may or may not be committed.
+    #[error(
+        "run '{run_id}': the outcome of the commit is unknown ({message}); nothing was deleted: run again with the same run id"
+    )]
+    CommitUnknown { run_id: String, message: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -62,6 +75,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Job(_) | Error::Location(_) | Error::Usage(_) => EXIT_USAGE,
+            Error::State(e) if e.is_conflict() => EXIT_CONFLICT,
             Error::Source(e) if e.is_config() => EXIT_USAGE,
             Error::Sink(e) if e.is_config() => EXIT_USAGE,
             Error::Generate(crate::generate::GenerateError::Invalid { .. }) => EXIT_USAGE,

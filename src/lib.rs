@@ -10,6 +10,7 @@ pub mod cli;
 pub mod commands;
 pub mod detect;
 pub mod error;
+pub mod failpoint;
 pub mod generate;
 pub mod job;
 pub mod kafka;

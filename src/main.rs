@@ -41,6 +41,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Write `text` to `path` through a temporary file in the same folder and a
+/// rename, so that a reader never sees half a report.
+fn write_atomically(path: &str, text: String) -> std::io::Result<()> {
+    let p = std::path::Path::new(path);
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = p.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, p).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
@@ -55,11 +70,13 @@ async fn dispatch(cmd: Command) -> Result<u8, Error> {
             let outcome = run::run(settings, progress).await?;
             let r = &outcome.report;
             if let Some(f) = report_file {
+                // The run is over (committed, or nothing to do): a report that
+                // cannot be written is worth a warning, never a different
+                // outcome. Written whole or not at all.
                 let json = serde_json::to_string_pretty(r).unwrap_or_default();
-                std::fs::write(&f, json + "\n").map_err(|e| Error::Io {
-                    what: format!("report file {f}"),
-                    message: e.to_string(),
-                })?;
+                if let Err(e) = write_atomically(&f, json + "\n") {
+                    eprintln!("warning: report file {f}: {e}; the run's outcome is unaffected");
+                }
             }
             if outcome.stdout_taken {
                 eprint!("{}", r.human());

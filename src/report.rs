@@ -15,6 +15,9 @@ pub struct Report {
     pub dry_run: bool,
     /// The run id was committed before; this invocation did nothing.
     pub already_committed: bool,
+    /// Earlier committed runs whose interrupted publishing this run finished.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rolled_forward: Vec<String>,
     pub window_from: Option<String>,
     pub window_to: Option<String>,
     /// Archive rows inside the window.

@@ -1,8 +1,13 @@
-//! `backfill run`: plan, decide, write, commit — in that order, following
-//! the commit protocol (DESIGN.md): every sink finishes (durable, not final)
-//! → every sink publishes (final names, Kafka transaction commit) → the
-//! ledger file is closed → the manifest is written create-only. Anything
-//! that fails before the manifest aborts the sinks and commits nothing.
+//! `backfill run`: plan, decide, write, commit, publish — in that order,
+//! following the commit protocol (ARCHITECTURE.md): the attempt records its
+//! intent → every sink writes under staged names and finishes (durable,
+//! invisible) → a transactional Kafka sink commits → the ledger file is
+//! closed → the log entry, listing every staged file, is appended
+//! create-only (the commit; it aborts if a run committed since this one
+//! started acted on the same events) → staged files move to their final
+//! names and stdout is printed. Anything that fails before the log entry
+//! aborts the sinks and leaves nothing visible; anything after it is
+//! finished by the next run or `state gc` (roll-forward).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,13 +23,14 @@ use futures::StreamExt;
 use crate::cli::Progress;
 use crate::detect;
 use crate::error::Error;
+use crate::failpoint;
 use crate::job::RunSettings;
 use crate::location::{self, Location};
 use crate::policy::{Decisions, Policy};
 use crate::report::Report;
 use crate::sink::{self, RowColumns, Sink, SinkContext, SinkKind, SinkReceipt};
 use crate::source;
-use crate::state::{Manifest, State};
+use crate::state::{AttemptRecord, Manifest, State};
 
 /// The outcome of `run`, for main to print and map to an exit code.
 pub struct RunOutcome {
@@ -99,7 +105,16 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     let state = State::new(location::resolve(&settings.state, &scan.storage)?);
     report.state = Some(state.loc.original.clone());
     phases.set("reading state");
-    if state.committed(&settings.run_id).await?.is_some() {
+    let snapshot = state.snapshot().await?;
+    if !settings.dry_run {
+        // A crash after an earlier commit left outputs staged: finish them
+        // first, so that every committed run's folder is whole.
+        match state.roll_forward(&snapshot, &scan.storage).await {
+            Ok(runs) => report.rolled_forward = runs,
+            Err(e) => eprintln!("warning: {e}; `backfill state gc` retries it"),
+        }
+    }
+    if snapshot.committed(&settings.run_id).is_some() {
         report.already_committed = true;
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         phases.done();
@@ -107,6 +122,9 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
             report,
             stdout_taken: false,
         });
+    }
+    if let Some(r) = &settings.report {
+        check_writable(r)?;
     }
 
     phases.set("listing the archive");
@@ -120,7 +138,7 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     report.files_pruned = archive.stats.files_pruned;
     report.partitions_pruned = archive.stats.partitions_pruned;
     report.kafka_messages = archive.stats.kafka_messages;
-    let manifests = state.manifests().await?;
+    let manifests: Vec<Manifest> = snapshot.runs().cloned().collect();
     state.register_ledger(&ctx, &manifests).await?;
     detect::register_views(&ctx, scan).await?;
 
@@ -138,6 +156,7 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     let row_columns = Arc::new(row_columns(scan));
     let run_nonce = nonce();
     let mut sinks: Vec<OpenSink> = vec![];
+    let mut file_targets: Vec<String> = vec![];
     let mut stdout_taken = false;
     if !settings.dry_run {
         for (kind, target, schema) in [
@@ -154,6 +173,10 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
                 (None, None) => continue,
             };
             stdout_taken |= target == "-";
+            if target != "-" && !target.starts_with("kafka://") {
+                let base = location::resolve(&target, &scan.storage)?;
+                file_targets.push(base.display_path(&base.prefix));
+            }
             let ctx = SinkContext {
                 run_id: settings.run_id.clone(),
                 nonce: run_nonce.clone(),
@@ -170,24 +193,50 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
         }
     }
 
-    let result = execute(
-        &ctx,
-        &settings,
-        &archive,
-        &out_schema,
-        &state,
-        &run_nonce,
-        candidates,
-        gaps_df,
-        &mut sinks,
-        &mut report,
-        &phases,
-    )
+    let result = async {
+        if !settings.dry_run {
+            // Before anything is written: what this attempt may leave behind,
+            // so that gc can prove it owns it.
+            state
+                .record_attempt(&AttemptRecord {
+                    run_id: settings.run_id.clone(),
+                    nonce: run_nonce.clone(),
+                    started_at: Utc::now(),
+                    based_on: snapshot.head,
+                    targets: file_targets.clone(),
+                })
+                .await?;
+            failpoint::hit("after_attempt_record").await?;
+        }
+        execute(
+            &ctx,
+            &settings,
+            &archive,
+            &out_schema,
+            &state,
+            &run_nonce,
+            snapshot.head,
+            candidates,
+            gaps_df,
+            &mut sinks,
+            &mut report,
+            &phases,
+        )
+        .await
+    }
     .await;
     if let Err(e) = result {
+        // Committed runs are not aborted: their outputs are the state's now.
+        if matches!(e, Error::Committed { .. } | Error::CommitUnknown { .. }) {
+            phases.done();
+            return Err(e);
+        }
         phases.set("aborting");
         for s in sinks.iter_mut() {
             s.sink.abort().await;
+        }
+        if !settings.dry_run {
+            state.discard_attempt(&settings.run_id, &run_nonce).await;
         }
         phases.done();
         return Err(e);
@@ -228,6 +277,7 @@ async fn execute(
     out_schema: &SchemaRef,
     state: &State,
     run_nonce: &str,
+    based_on: u64,
     candidates: datafusion::dataframe::DataFrame,
     gaps_df: datafusion::dataframe::DataFrame,
     sinks: &mut [OpenSink],
@@ -380,44 +430,106 @@ async fn execute(
         return Ok(());
     }
 
-    // Commit protocol: finish all → publish all → ledger → manifest.
+    failpoint::hit("after_write").await?;
+
+    // Commit protocol: finish all → precommit all → ledger → log entry →
+    // publish all.
     phases.set("flushing outputs");
-    for s in sinks.iter_mut() {
-        s.sink.finish().await?;
-    }
-    // Another attempt at this run id may have committed while we ran:
-    // publishing now would overwrite its outputs. (Create-only manifests
-    // still decide the winner; this only narrows the window.)
-    if state.committed(&settings.run_id).await?.is_some() {
-        return Err(crate::state::StateError::LostRace {
-            run_id: settings.run_id.clone(),
-        }
-        .into());
-    }
-    phases.set("publishing outputs");
     let mut outputs: BTreeMap<String, SinkReceipt> = BTreeMap::new();
+    let mut publish = vec![];
     for s in sinks.iter_mut() {
-        let r = s.sink.publish().await?;
+        let mut r = s.sink.finish().await?;
+        if let Some(p) = r.staged.take() {
+            publish.push(p);
+        }
         outputs.insert(s.kind.name().to_string(), r);
     }
+    failpoint::hit("after_finish").await?;
+    for s in sinks.iter_mut() {
+        s.sink.precommit().await?;
+    }
+    failpoint::hit("after_precommit").await?;
     report.outputs = outputs.clone();
     let ledger_file = match ledger {
         Some(l) => vec![l.finish().await?],
         None => vec![],
     };
+    failpoint::hit("after_ledger").await?;
     phases.set("committing");
-    let manifest = Manifest {
-        format_version: 1,
+    let mut manifest = Manifest {
+        format_version: crate::state::FORMAT_VERSION,
+        seq: 0,
+        based_on,
         run_id: settings.run_id.clone(),
         nonce: run_nonce.to_string(),
         committed_at: Utc::now(),
         ledger_files: ledger_file,
         outputs,
+        publish,
         report: serde_json::to_value(&*report).unwrap_or_default(),
     };
-    state.commit(&manifest).await?;
+    failpoint::hit("before_commit").await?;
+    let seq = match state.commit(&mut manifest).await {
+        Ok(seq) => seq,
+        Err(e) if e.is_conflict() => return Err(e.into()),
+        // The entry may or may not be there: deleting the staged files now
+        // could take the outputs of a committed run.
+        Err(e) => {
+            return Err(Error::CommitUnknown {
+                run_id: settings.run_id.clone(),
+                message: e.to_string(),
+            });
+        }
+    };
     lap(report, "commit");
+
+    // Committed. From here on a failure cannot take the run back; what is
+    // left undone the next run or `state gc` finishes from the log entry.
+    phases.set("publishing outputs");
+    let published = async {
+        failpoint::hit("after_commit").await?;
+        for s in sinks.iter_mut() {
+            s.sink.publish().await?;
+        }
+        failpoint::hit("after_publish").await?;
+        state.mark_published(seq).await?;
+        failpoint::hit("after_published_marker").await?;
+        Ok::<(), Error>(())
+    }
+    .await;
+    if let Err(e) = published {
+        return Err(Error::Committed {
+            run_id: settings.run_id.clone(),
+            message: e.to_string(),
+        });
+    }
+    state.forget_attempt(&settings.run_id, run_nonce).await;
+    lap(report, "publish");
     Ok(())
+}
+
+/// Fail before the scan when the report file cannot be written: its folder
+/// is missing or read-only. Probed with a file of our own, never the report.
+fn check_writable(report: &str) -> Result<(), Error> {
+    let path = std::path::Path::new(report);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let probe = dir.join(format!(".backfill-probe-{}", std::process::id()));
+    match std::fs::File::create(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            if path.is_dir() {
+                return Err(Error::Usage(format!("--report {report}: is a folder")));
+            }
+            Ok(())
+        }
+        Err(e) => Err(Error::Usage(format!(
+            "--report {report}: cannot write in {}: {e}",
+            dir.display()
+        ))),
+    }
 }
 
 /// The ledger id of an undecodable message: it has no event_id, but its

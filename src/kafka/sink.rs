@@ -15,7 +15,7 @@
 //! - Nothing is lost silently: a message that librdkafka gives up on (after its
 //!   own retries, `message.timeout.ms`) makes `finish` fail, so the run
 //!   commits nothing and a rerun sends everything again (at-least-once).
-//!   With `transactional_id`, `publish` commits the transaction and `abort`
+//!   With `transactional_id`, `precommit` commits the transaction and `abort`
 //!   aborts it (exactly-once for `read_committed` consumers).
 //! - Within a key, messages are produced in the order the rows arrive (the run
 //!   sorts by key and seq) and idempotent production keeps that order on the
@@ -580,6 +580,7 @@ impl KafkaSink {
                 .iter()
                 .map(|(p, (a, b))| format!("{}/{p}:{a}-{b}", self.url.topic))
                 .collect(),
+            staged: None,
         }
     }
 
@@ -938,11 +939,16 @@ impl Sink for KafkaSink {
         Ok(receipt)
     }
 
-    async fn publish(&mut self) -> Result<SinkReceipt, SinkError> {
-        let receipt = match &self.receipt {
-            Some(r) => r.clone(),
-            None => self.finish().await?,
-        };
+    /// Commit the transaction, before the run's log entry: a transaction
+    /// still open at the commit could be aborted by the broker afterwards,
+    /// losing committed messages. A crash between this and the log entry
+    /// shows the messages to `read_committed` consumers without a committed
+    /// run; the rerun sends them again (at-least-once, deduplicated by
+    /// `backfill.event_id` + `backfill.attempt`).
+    async fn precommit(&mut self) -> Result<(), SinkError> {
+        if self.receipt.is_none() {
+            self.finish().await?;
+        }
         if self.in_transaction {
             self.blocking("commit transaction", |p| {
                 p.commit_transaction(Timeout::After(TRANSACTION_TIMEOUT))
@@ -950,7 +956,11 @@ impl Sink for KafkaSink {
             .await?;
             self.in_transaction = false;
         }
-        Ok(receipt)
+        Ok(())
+    }
+
+    async fn publish(&mut self) -> Result<(), SinkError> {
+        Ok(())
     }
 
     async fn abort(&mut self) {

@@ -2,11 +2,16 @@
 //! store, a Kafka topic, or stdout, all behind one [`Sink`] trait.
 //!
 //! A sink never commits the run. The run drives every sink through
-//! `check` → `write`* → `finish` (everything durable, not yet visible as
-//! final) → `publish` (final names / Kafka transaction commit), and only then
-//! writes its ledger and manifest. On any failure the run calls `abort`.
+//! `check` → `write`* → `finish` (everything durable, nothing visible) →
+//! `precommit` (only a transactional Kafka sink does anything here) → the
+//! run's commit (a create-only log entry that lists every staged file) →
+//! `publish` (staged files to their final names, stdout printed). On any
+//! failure before the commit the run calls `abort`, and nothing it wrote is
+//! visible. A crash after the commit is finished by the next run or by
+//! `backfill state gc` from the log entry alone ([`staged`]).
 
 pub mod parquet;
+pub mod staged;
 pub mod stdout;
 
 use std::sync::Arc;
@@ -74,6 +79,10 @@ pub struct SinkReceipt {
     pub rows: u64,
     /// Final object names (Parquet) or topic/partition spans (Kafka).
     pub outputs: Vec<String>,
+    /// What a file sink staged and must promote after the commit; recorded
+    /// in the run's log entry (not in the report).
+    #[serde(skip)]
+    pub staged: Option<staged::Publication>,
 }
 
 /// Names of the input-contract columns as they appear in the rows a sink
@@ -109,13 +118,22 @@ pub trait Sink: Send {
     async fn check(&mut self) -> Result<(), SinkError>;
     /// Accept one batch. May buffer; must not make anything final.
     async fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError>;
-    /// Make everything durable (files complete at temporary names, every
-    /// Kafka message acknowledged). Still nothing final.
+    /// Make everything durable (files complete at staged names and synced,
+    /// every Kafka message acknowledged). Still nothing visible.
     async fn finish(&mut self) -> Result<SinkReceipt, SinkError>;
-    /// Make the output final: rename to final names, commit a transaction.
-    /// Called once, after every sink has finished.
-    async fn publish(&mut self) -> Result<SinkReceipt, SinkError>;
-    /// Undo what can be undone (delete temporaries, abort a transaction).
+    /// The last step before the run's commit, after every sink finished:
+    /// a transactional Kafka sink commits its transaction here (Kafka cannot
+    /// take part in our commit, and a transaction left open past the commit
+    /// would be aborted by the broker: committed-but-lost is worse than a
+    /// resend). Nothing for the others.
+    async fn precommit(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+    /// After the run's commit: make the output visible (staged files to
+    /// their final names, stdout printed). Whatever this leaves undone after
+    /// a crash, the next run or `state gc` finishes from the log entry.
+    async fn publish(&mut self) -> Result<(), SinkError>;
+    /// Undo what can be undone (delete staged files, abort a transaction).
     async fn abort(&mut self);
 }
 

@@ -1,20 +1,21 @@
-//! Parquet files on any object store: `<base>/run_id=<RUN>/part-N.parquet`.
+//! Parquet files on any object store: `<base>/run_id=<RUN>/part-N-<NONCE>.parquet`.
 //!
 //! Files stream through the store's multipart upload (bounded memory
-//! however large the output) to `<base>/_tmp/run_id=<RUN>/<nonce>/`, and
-//! move to their final names only in `publish`, after every sink of the run
-//! has finished. `_`-prefixed folders are ignored by Spark, Hive, DuckDB's
-//! hive reader and our own source listing, so readers never see a partial file.
+//! however large the output) to this attempt's staging folder (see
+//! [`super::staged`] for the names and why readers never see them), are
+//! synced in `finish`, and reach their final names only in `publish`, after
+//! the run's log entry has committed them. This sink never makes a file
+//! visible before that.
 
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use object_store::ObjectStoreExt;
 use object_store::buffered::BufWriter;
-use object_store::path::Path;
 use parquet::arrow::AsyncArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
+use super::staged::{self, Publication, StagedFile};
 use super::{Sink, SinkContext, SinkError, SinkReceipt};
 use crate::location::{Location, store_error_line};
 
@@ -27,8 +28,8 @@ pub struct ParquetSink {
     writer: Option<AsyncArrowWriter<BufWriter>>,
     rows_in_file: u64,
     rows: u64,
-    /// (temporary, final) per finished or open part.
-    parts: Vec<(Path, Path)>,
+    /// Staged and final names per finished or open part, relative to the base.
+    parts: Vec<StagedFile>,
     published: bool,
 }
 
@@ -54,22 +55,6 @@ impl ParquetSink {
         }
     }
 
-    /// On local disk, folders outlive the files moved out of them; remove
-    /// this attempt's now-empty `_tmp` folders (never anything with files).
-    /// Object stores have no folders, so there is nothing to do there.
-    fn remove_empty_tmp_dirs(&self) {
-        if !self.base.is_local {
-            return;
-        }
-        let root = std::path::PathBuf::from(format!("/{}", self.base.prefix));
-        let tmp = root.join("_tmp");
-        let run = tmp.join(format!("run_id={}", self.ctx.run_id));
-        for dir in [run.join(&self.ctx.nonce), run, tmp] {
-            // remove_dir fails on a non-empty folder: exactly what we want.
-            let _ = std::fs::remove_dir(dir);
-        }
-    }
-
     fn properties() -> WriterProperties {
         WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
@@ -88,20 +73,21 @@ impl ParquetSink {
     }
 
     fn open_next(&mut self) -> Result<(), SinkError> {
-        let n = self.parts.len();
-        let tmp = self.base.path(&format!(
-            "_tmp/run_id={}/{}/part-{n}.parquet",
-            self.ctx.run_id, self.ctx.nonce
-        ));
-        let fin = self
-            .base
-            .path(&format!("run_id={}/part-{n}.parquet", self.ctx.run_id));
-        let w = BufWriter::new(self.base.store.clone(), tmp.clone());
+        let names = staged::part_names(&self.ctx.run_id, &self.ctx.nonce, self.parts.len());
+        let w = BufWriter::new(self.base.store.clone(), self.base.path(&names.staged));
         let w = AsyncArrowWriter::try_new(w, self.ctx.schema.clone(), Some(Self::properties()))
             .map_err(|e| self.err("open", e.to_string()))?;
         self.writer = Some(w);
-        self.parts.push((tmp, fin));
+        self.parts.push(names);
         Ok(())
+    }
+
+    fn publication(&self) -> Publication {
+        Publication {
+            kind: self.ctx.kind.name().to_string(),
+            target: self.base.display_path(&self.base.prefix),
+            files: self.parts.clone(),
+        }
     }
 }
 
@@ -144,49 +130,41 @@ impl Sink for ParquetSink {
 
     async fn finish(&mut self) -> Result<SinkReceipt, SinkError> {
         self.close_current().await?;
+        for p in &self.parts {
+            staged::sync_local(&self.base, &self.base.path(&p.staged))
+                .map_err(|e| self.err("sync", e))?;
+        }
         Ok(SinkReceipt {
             target: self.base.original.clone(),
             rows: self.rows,
             outputs: self
                 .parts
                 .iter()
-                .map(|(t, _)| self.base.display_path(t))
+                .map(|p| self.base.display_path(&self.base.path(&p.published)))
                 .collect(),
+            staged: Some(self.publication()),
         })
     }
 
-    async fn publish(&mut self) -> Result<SinkReceipt, SinkError> {
-        for (tmp, fin) in &self.parts {
-            self.base
-                .store
-                .rename(tmp, fin)
-                .await
-                .map_err(|e| self.err("rename to final name", store_error_line(&e)))?;
-        }
+    async fn publish(&mut self) -> Result<(), SinkError> {
+        staged::promote(&self.base, &self.parts)
+            .await
+            .map_err(|e| self.err("publish", e))?;
         self.published = true;
-        self.remove_empty_tmp_dirs();
-        Ok(SinkReceipt {
-            target: self.base.original.clone(),
-            rows: self.rows,
-            outputs: self
-                .parts
-                .iter()
-                .map(|(_, f)| self.base.display_path(f))
-                .collect(),
-        })
+        Ok(())
     }
 
     async fn abort(&mut self) {
-        // Drop an open upload; delete temporaries. Best effort: what
-        // remains is ignored by readers and removed by `state gc`.
+        // Drop an open upload; delete staged files. Best effort: what
+        // remains is invisible to readers and removed by `state gc`.
         if let Some(w) = self.writer.take() {
             drop(w);
         }
         if !self.published {
-            for (tmp, _) in &self.parts {
-                let _ = self.base.store.delete(tmp).await;
+            for p in &self.parts {
+                let _ = self.base.store.delete(&self.base.path(&p.staged)).await;
             }
+            staged::remove_empty_dirs(&self.base, &self.parts);
         }
-        self.remove_empty_tmp_dirs();
     }
 }

@@ -1,20 +1,32 @@
-//! The run's state in the lake: per committed run, a ledger of what it
-//! replayed and dead-lettered, and a manifest, written last with create-only
-//! semantics, which *is* the commit.
+//! The run's state in the lake: a commit log of runs, each with a ledger of
+//! what it replayed and dead-lettered. The log is the only truth: a run
+//! happened if and only if a log entry names it.
 //!
 //! Layout under the state location:
 //! ```text
-//! manifests/<run_id>.json              the commit (PutMode::Create)
-//! runs/<run_id>/ledger-<nonce>.parquet  that attempt's ledger entries
+//! log/<seq, 20 digits>.json               the commit log: sequential, create-only
+//!                                         (a `run` entry commits a run, a `fence`
+//!                                         entry, written by gc, forbids attempts to)
+//! published/<seq>                         the outputs of run entry <seq> are final
+//! attempts/<run_id>/<nonce>.json          an attempt's intent, written before it
+//!                                         writes anything: proves what gc may delete
+//! runs/<run_id>/ledger-<nonce>.parquet    an attempt's ledger entries
 //! ```
-//! Readers trust manifests only: a ledger file no manifest names (a crashed
-//! or losing attempt) is never read, and `backfill state gc` removes it.
-//! The nonce keeps two attempts at the same run id from overwriting each
-//! other's ledger: the manifest that wins names its own file.
+//! Why a sequential log rather than one manifest per run id: two runs with
+//! different ids on one state must not both act on one event (two schedulers,
+//! overlapping Airflow intervals). Every run remembers the log position it
+//! read its ledger at; its commit is the create-only write of the next
+//! position, and before it a run reads every entry committed since its start
+//! and aborts if one acted on any of its events (first committer wins, as in
+//! Delta Lake's and Iceberg's optimistic commits). A ledger or staged file
+//! that no entry names is never read, and `backfill state gc` removes it
+//! once a fence entry guarantees its attempt can never commit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use arrow::array::AsArray;
+use arrow::datatypes::Int64Type;
 use arrow::record_batch::RecordBatch;
 use chrono::{DateTime, Utc};
 use datafusion::datasource::file_format::parquet::ParquetFormat;
@@ -22,14 +34,15 @@ use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::prelude::SessionContext;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::buffered::BufWriter;
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use parquet::arrow::AsyncArrowWriter;
 use serde::{Deserialize, Serialize};
 
-use crate::location::{Location, store_error_line};
+use crate::location::{Location, StorageSettings, store_error_line};
+use crate::sink::staged::{self, Publication};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -40,24 +53,55 @@ pub enum StateError {
         operation: &'static str,
         message: String,
     },
-    #[error("state {location}: manifest {file} is not valid: {message}")]
+    #[error("state {location}: log entry {file} is not valid: {message}")]
     BadManifest {
         location: String,
         file: String,
         message: String,
     },
     #[error(
-        "run id '{run_id}' was committed by another run while this one was running; this attempt committed nothing"
+        "run id '{run_id}' was committed by another attempt while this one was running; this attempt committed nothing"
     )]
     LostRace { run_id: String },
+    #[error(
+        "run '{run_id}' conflicts with run '{other}', committed while it ran: both acted on {events} event(s); this run committed nothing and is safe to rerun"
+    )]
+    Conflict {
+        run_id: String,
+        other: String,
+        events: u64,
+    },
+    #[error(
+        "run '{run_id}' (attempt {nonce}) was fenced by `state gc` as abandoned; it committed nothing and is safe to rerun"
+    )]
+    Fenced { run_id: String, nonce: String },
     #[error("state: query engine: {0}")]
     DataFusion(#[from] datafusion::error::DataFusionError),
 }
 
-/// A committed run. Written last; its presence is the commit.
+impl StateError {
+    /// Another run won: nothing of this one is visible and a rerun is safe.
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            StateError::LostRace { .. } | StateError::Conflict { .. } | StateError::Fenced { .. }
+        )
+    }
+}
+
+/// The current format of log entries.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// A committed run: the `run` entry of the log.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
     pub format_version: u32,
+    /// Position in the log (0 for entries of the format-1 layout).
+    #[serde(default)]
+    pub seq: u64,
+    /// The log position this run read its ledger at.
+    #[serde(default)]
+    pub based_on: u64,
     pub run_id: String,
     /// Distinguishes attempts at the same run id.
     pub nonce: String,
@@ -66,8 +110,103 @@ pub struct Manifest {
     pub ledger_files: Vec<String>,
     /// Final outputs per sink kind (object names or topic spans).
     pub outputs: BTreeMap<String, crate::sink::SinkReceipt>,
+    /// What file sinks staged and what their final names are: everything a
+    /// later process needs to finish publishing after a crash.
+    #[serde(default)]
+    pub publish: Vec<Publication>,
     /// The report of the run, for `backfill state runs` and audits.
     pub report: serde_json::Value,
+}
+
+/// An attempt of a run: what gc may prove it owns.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AttemptRef {
+    pub run_id: String,
+    pub nonce: String,
+}
+
+/// `gc`'s entry: these attempts never committed and never will.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Fence {
+    pub format_version: u32,
+    #[serde(default)]
+    pub seq: u64,
+    pub fenced_at: DateTime<Utc>,
+    pub attempts: Vec<AttemptRef>,
+}
+
+/// One entry of the commit log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LogEntry {
+    Run(Manifest),
+    Fence(Fence),
+}
+
+impl LogEntry {
+    pub fn seq(&self) -> u64 {
+        match self {
+            LogEntry::Run(m) => m.seq,
+            LogEntry::Fence(f) => f.seq,
+        }
+    }
+
+    fn set_seq(&mut self, seq: u64) {
+        match self {
+            LogEntry::Run(m) => m.seq = seq,
+            LogEntry::Fence(f) => f.seq = seq,
+        }
+    }
+}
+
+/// An attempt's intent, written before it writes anything: which sinks it
+/// may leave staged files under. gc deletes staged files only of attempts
+/// it finds here, so it never touches another job's files in a shared folder.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttemptRecord {
+    pub run_id: String,
+    pub nonce: String,
+    pub started_at: DateTime<Utc>,
+    /// The log position the attempt read its ledger at.
+    pub based_on: u64,
+    /// File sinks' bases (absolute paths or URLs without credentials).
+    pub targets: Vec<String>,
+}
+
+/// The log as read at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The highest position in the log (0 when empty).
+    pub head: u64,
+    /// Entries in log order (format-1 manifests first, at position 0).
+    pub entries: Vec<LogEntry>,
+    /// Positions whose outputs are known final.
+    pub published: BTreeSet<u64>,
+}
+
+impl Snapshot {
+    /// Committed runs, in commit order.
+    pub fn runs(&self) -> impl Iterator<Item = &Manifest> {
+        self.entries.iter().filter_map(|e| match e {
+            LogEntry::Run(m) => Some(m),
+            LogEntry::Fence(_) => None,
+        })
+    }
+
+    pub fn committed(&self, run_id: &str) -> Option<&Manifest> {
+        self.runs().find(|m| m.run_id == run_id)
+    }
+
+    fn fenced(&self) -> BTreeSet<AttemptRef> {
+        self.entries
+            .iter()
+            .filter_map(|e| match e {
+                LogEntry::Fence(f) => Some(f.attempts.iter().cloned()),
+                LogEntry::Run(_) => None,
+            })
+            .flatten()
+            .collect()
+    }
 }
 
 /// The state location and what it holds.
@@ -84,67 +223,179 @@ fn store_err(loc: &Location, operation: &'static str, e: &object_store::Error) -
     }
 }
 
+fn log_name(seq: u64) -> String {
+    format!("log/{seq:020}.json")
+}
+
+/// Reads of many small objects at once: a state with thousands of runs on
+/// S3 is read in a few round trips' time.
+const READ_CONCURRENCY: usize = 32;
+
 impl State {
     pub fn new(loc: Location) -> Self {
         State { loc }
     }
 
-    fn manifest_path(&self, run_id: &str) -> Path {
-        self.loc.path(&format!("manifests/{run_id}.json"))
+    async fn list_rel(
+        &self,
+        dir: &str,
+    ) -> Result<Vec<(String, object_store::ObjectMeta)>, StateError> {
+        let prefix = self.loc.path(dir);
+        let metas: Vec<_> = match self.loc.store.list(Some(&prefix)).try_collect().await {
+            Ok(v) => v,
+            Err(object_store::Error::NotFound { .. }) => vec![],
+            Err(e) => return Err(store_err(&self.loc, "list", &e)),
+        };
+        Ok(metas
+            .into_iter()
+            .map(|m| (self.rel(&m.location), m))
+            .collect())
+    }
+
+    /// `path` relative to the state location.
+    fn rel(&self, path: &Path) -> String {
+        path.prefix_match(&self.loc.prefix)
+            .map(|parts| {
+                parts
+                    .map(|p| p.as_ref().to_string())
+                    .collect::<Vec<_>>()
+                    .join("/")
+            })
+            .unwrap_or_default()
+    }
+
+    async fn read_entry(&self, rel: &str) -> Result<LogEntry, StateError> {
+        let path = self.loc.path(rel);
+        let bytes = self
+            .loc
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| store_err(&self.loc, "read log entry", &e))?
+            .bytes()
+            .await
+            .map_err(|e| store_err(&self.loc, "read log entry", &e))?;
+        let bad = |message: String| StateError::BadManifest {
+            location: self.loc.original.clone(),
+            file: self.loc.display_path(&path),
+            message,
+        };
+        if rel.starts_with("manifests/") {
+            // The format-1 layout: one manifest per run id, published
+            // before its commit, hence nothing to roll forward.
+            let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+            return Ok(LogEntry::Run(m));
+        }
+        let e: LogEntry = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+        let seq = rel
+            .strip_prefix("log/")
+            .and_then(|n| n.strip_suffix(".json"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if seq != Some(e.seq()) {
+            return Err(bad(format!("its position says {}", e.seq())));
+        }
+        Ok(e)
+    }
+
+    /// Log positions present, ascending.
+    async fn positions(&self) -> Result<Vec<u64>, StateError> {
+        let mut v: Vec<u64> = self
+            .list_rel("log")
+            .await?
+            .iter()
+            .filter_map(|(rel, _)| {
+                rel.strip_prefix("log/")?
+                    .strip_suffix(".json")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .collect();
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    async fn read_entries(&self, rels: Vec<String>) -> Result<Vec<LogEntry>, StateError> {
+        futures::stream::iter(rels)
+            .map(|rel| async move { self.read_entry(&rel).await })
+            .buffered(READ_CONCURRENCY)
+            .try_collect()
+            .await
+    }
+
+    /// Entries after position `after`, in order.
+    async fn entries_after(&self, after: u64) -> Result<Vec<LogEntry>, StateError> {
+        let rels = self
+            .positions()
+            .await?
+            .into_iter()
+            .filter(|p| *p > after)
+            .map(log_name)
+            .collect();
+        self.read_entries(rels).await
+    }
+
+    /// The whole log, read now.
+    pub async fn snapshot(&self) -> Result<Snapshot, StateError> {
+        let legacy: Vec<String> = self
+            .list_rel("manifests")
+            .await?
+            .into_iter()
+            .map(|(rel, _)| rel)
+            .filter(|r| r.ends_with(".json"))
+            .collect();
+        let mut entries = self.read_entries(legacy).await?;
+        entries.sort_by_key(|e| match e {
+            LogEntry::Run(m) => (m.committed_at, m.run_id.clone()),
+            LogEntry::Fence(f) => (f.fenced_at, String::new()),
+        });
+        let log = self.entries_after(0).await?;
+        let head = log.last().map(LogEntry::seq).unwrap_or(0);
+        entries.extend(log);
+        let published = self
+            .list_rel("published")
+            .await?
+            .iter()
+            .filter_map(|(rel, _)| rel.strip_prefix("published/")?.parse::<u64>().ok())
+            .collect();
+        Ok(Snapshot {
+            head,
+            entries,
+            published,
+        })
     }
 
     /// The manifest of `run_id`, if that run is committed.
     pub async fn committed(&self, run_id: &str) -> Result<Option<Manifest>, StateError> {
-        let path = self.manifest_path(run_id);
-        match self.loc.store.get(&path).await {
-            Ok(r) => {
-                let bytes = r
-                    .bytes()
-                    .await
-                    .map_err(|e| store_err(&self.loc, "read manifest", &e))?;
-                Ok(Some(self.parse_manifest(&path, &bytes)?))
-            }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(store_err(&self.loc, "read manifest", &e)),
-        }
-    }
-
-    fn parse_manifest(&self, path: &Path, bytes: &[u8]) -> Result<Manifest, StateError> {
-        serde_json::from_slice(bytes).map_err(|e| StateError::BadManifest {
-            location: self.loc.original.clone(),
-            file: self.loc.display_path(path),
-            message: e.to_string(),
-        })
+        Ok(self.snapshot().await?.committed(run_id).cloned())
     }
 
     /// Every committed run, oldest first.
     pub async fn manifests(&self) -> Result<Vec<Manifest>, StateError> {
-        let prefix = self.loc.path("manifests");
-        let metas: Vec<_> = self
-            .loc
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| store_err(&self.loc, "list manifests", &e))?;
-        let mut out = vec![];
-        for m in metas {
-            if !m.location.as_ref().ends_with(".json") {
-                continue;
-            }
-            let bytes = self
-                .loc
-                .store
-                .get(&m.location)
-                .await
-                .map_err(|e| store_err(&self.loc, "read manifest", &e))?
-                .bytes()
-                .await
-                .map_err(|e| store_err(&self.loc, "read manifest", &e))?;
-            out.push(self.parse_manifest(&m.location, &bytes)?);
+        Ok(self.snapshot().await?.runs().cloned().collect())
+    }
+
+    /// A table over ledger files (relative to the state), or an empty one.
+    fn ledger_table(
+        &self,
+        ctx: &SessionContext,
+        files: &[String],
+    ) -> Result<Arc<dyn datafusion::catalog::TableProvider>, StateError> {
+        self.loc.register(ctx);
+        let schema = crate::detect::ledger_entries_schema();
+        if files.is_empty() {
+            let t = datafusion::datasource::MemTable::try_new(schema, vec![vec![]])?;
+            return Ok(Arc::new(t));
         }
-        out.sort_by(|a, b| (a.committed_at, &a.run_id).cmp(&(b.committed_at, &b.run_id)));
-        Ok(out)
+        let urls = files
+            .iter()
+            .map(|f| ListingTableUrl::parse(self.loc.object_url(&self.loc.path(f))))
+            .collect::<datafusion::error::Result<Vec<_>>>()?;
+        let options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension("");
+        let config = ListingTableConfig::new_with_multi_paths(urls)
+            .with_listing_options(options)
+            .with_schema(schema);
+        Ok(Arc::new(ListingTable::try_new(config)?))
     }
 
     /// Register `ledger_entries`: the ledger files named by committed
@@ -156,27 +407,84 @@ impl State {
     ) -> Result<(), StateError> {
         let files: Vec<String> = manifests
             .iter()
-            .flat_map(|m| m.ledger_files.iter())
-            .map(|f| self.loc.object_url(&self.loc.path(f)))
+            .flat_map(|m| m.ledger_files.iter().cloned())
             .collect();
-        self.loc.register(ctx);
-        let schema = crate::detect::ledger_entries_schema();
-        if files.is_empty() {
-            let t = datafusion::datasource::MemTable::try_new(schema, vec![vec![]])?;
-            ctx.register_table("ledger_entries", Arc::new(t))?;
-            return Ok(());
-        }
-        let urls = files
-            .iter()
-            .map(ListingTableUrl::parse)
-            .collect::<datafusion::error::Result<Vec<_>>>()?;
-        let options =
-            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension("");
-        let config = ListingTableConfig::new_with_multi_paths(urls)
-            .with_listing_options(options)
-            .with_schema(schema);
-        ctx.register_table("ledger_entries", Arc::new(ListingTable::try_new(config)?))?;
+        let table = self.ledger_table(ctx, &files)?;
+        ctx.register_table("ledger_entries", table)?;
         Ok(())
+    }
+
+    /// How many events the ledger files `ours` and `theirs` both name.
+    async fn overlap(&self, ours: &[String], theirs: &[String]) -> Result<u64, StateError> {
+        if ours.is_empty() || theirs.is_empty() {
+            return Ok(0);
+        }
+        let ctx = SessionContext::new();
+        ctx.register_table("ours", self.ledger_table(&ctx, ours)?)?;
+        ctx.register_table("theirs", self.ledger_table(&ctx, theirs)?)?;
+        let b = ctx
+            .sql(
+                "SELECT count(*) FROM (SELECT DISTINCT event_id FROM ours) o \
+                 WHERE o.event_id IN (SELECT event_id FROM theirs)",
+            )
+            .await?
+            .collect()
+            .await?;
+        Ok(b.first()
+            .filter(|b| b.num_rows() == 1)
+            .map(|b| b.column(0).as_primitive::<Int64Type>().value(0) as u64)
+            .unwrap_or(0))
+    }
+
+    /// Write this attempt's intent, before it writes anything else.
+    pub async fn record_attempt(&self, record: &AttemptRecord) -> Result<(), StateError> {
+        let path = self.attempt_path(&record.run_id, &record.nonce);
+        let body = serde_json::to_vec_pretty(record).map_err(|e| StateError::Store {
+            location: self.loc.original.clone(),
+            operation: "encode attempt record",
+            message: e.to_string(),
+        })?;
+        self.loc
+            .store
+            .put(&path, PutPayload::from(body))
+            .await
+            .map_err(|e| store_err(&self.loc, "write attempt record", &e))?;
+        staged::sync_local(&self.loc, &path).map_err(|message| StateError::Store {
+            location: self.loc.original.clone(),
+            operation: "sync attempt record",
+            message,
+        })?;
+        Ok(())
+    }
+
+    fn attempt_path(&self, run_id: &str, nonce: &str) -> Path {
+        self.loc.path(&format!("attempts/{run_id}/{nonce}.json"))
+    }
+
+    /// Forget a finished attempt's record (best effort: gc removes it too).
+    pub async fn forget_attempt(&self, run_id: &str, nonce: &str) {
+        let _ = self
+            .loc
+            .store
+            .delete(&self.attempt_path(run_id, nonce))
+            .await;
+        if self.loc.is_local {
+            let dir = format!("/{}", self.loc.path(&format!("attempts/{run_id}")));
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
+    /// Remove what an attempt that certainly did not commit left in the
+    /// state (its ledger file and record). Best effort: gc removes the rest.
+    pub async fn discard_attempt(&self, run_id: &str, nonce: &str) {
+        let ledger = self
+            .loc
+            .path(&format!("runs/{run_id}/ledger-{nonce}.parquet"));
+        let _ = self.loc.store.delete(&ledger).await;
+        if self.loc.is_local {
+            let _ = std::fs::remove_dir(format!("/{}", self.loc.path(&format!("runs/{run_id}"))));
+        }
+        self.forget_attempt(run_id, nonce).await;
     }
 
     /// Start this attempt's ledger file (written as the run decides).
@@ -198,43 +506,169 @@ impl State {
         })
     }
 
-    /// Commit: write the manifest create-only. Err(LostRace) when another
-    /// attempt committed the same run id first.
-    pub async fn commit(&self, manifest: &Manifest) -> Result<(), StateError> {
-        let path = self.manifest_path(&manifest.run_id);
-        let body = serde_json::to_vec_pretty(manifest).map_err(|e| StateError::Store {
-            location: self.loc.original.clone(),
-            operation: "encode manifest",
-            message: e.to_string(),
-        })?;
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
+    /// Append `entry` at the next free position after `based_on`, checking
+    /// every entry committed since. `check` sees each of them and may refuse
+    /// (conflict) or declare the entry already committed (its own lost
+    /// answer): `Ok(Some(seq))`. Returns the position written.
+    async fn append<F, Fut>(
+        &self,
+        entry: &mut LogEntry,
+        based_on: u64,
+        mut check: F,
+    ) -> Result<u64, StateError>
+    where
+        F: FnMut(LogEntry) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<u64>, StateError>>,
+    {
+        let mut head = based_on;
+        loop {
+            for e in self.entries_after(head).await? {
+                head = head.max(e.seq());
+                if let Some(seq) = check(e).await? {
+                    return Ok(seq);
+                }
+            }
+            let seq = head + 1;
+            entry.set_seq(seq);
+            let path = self.loc.path(&log_name(seq));
+            let body = serde_json::to_vec_pretty(&*entry).map_err(|e| StateError::Store {
+                location: self.loc.original.clone(),
+                operation: "encode log entry",
+                message: e.to_string(),
+            })?;
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            match self
+                .loc
+                .store
+                .put_opts(&path, PutPayload::from(body.clone()), opts)
+                .await
+            {
+                Ok(_) => {
+                    staged::sync_local(&self.loc, &path).map_err(|message| StateError::Store {
+                        location: self.loc.original.clone(),
+                        operation: "sync log entry",
+                        message,
+                    })?;
+                    return Ok(seq);
+                }
+                // Someone took the position: read it (and any after) and retry.
+                Err(object_store::Error::AlreadyExists { .. })
+                | Err(object_store::Error::Precondition { .. }) => continue,
+                Err(e) => {
+                    // The write may have reached the store although its answer
+                    // did not (a lost response, a 5xx retried into "already
+                    // exists"): if the entry there is this one, it committed.
+                    if let Ok(there) = self.read_entry(&log_name(seq)).await
+                        && serde_json::to_vec_pretty(&there).ok() == Some(body)
+                    {
+                        return Ok(seq);
+                    }
+                    return Err(store_err(&self.loc, "write log entry", &e));
+                }
+            }
+        }
+    }
+
+    /// Commit a run: append its entry, unless a run committed since
+    /// `based_on` has the same id (LostRace) or acted on any of the same
+    /// events (Conflict), or gc fenced this attempt (Fenced). Returns the
+    /// entry's position. On any error, nothing of this run is committed.
+    pub async fn commit(&self, manifest: &mut Manifest) -> Result<u64, StateError> {
+        let ours = AttemptRef {
+            run_id: manifest.run_id.clone(),
+            nonce: manifest.nonce.clone(),
         };
-        let err = match self
-            .loc
+        let our_ledger = manifest.ledger_files.clone();
+        let mut entry = LogEntry::Run(manifest.clone());
+        let seq = self
+            .append(&mut entry, manifest.based_on, |e| {
+                let ours = ours.clone();
+                let our_ledger = our_ledger.clone();
+                async move {
+                    match e {
+                        LogEntry::Run(m) if m.run_id == ours.run_id => {
+                            if m.nonce == ours.nonce {
+                                Ok(Some(m.seq))
+                            } else {
+                                Err(StateError::LostRace {
+                                    run_id: ours.run_id.clone(),
+                                })
+                            }
+                        }
+                        LogEntry::Run(m) => {
+                            let events = self.overlap(&our_ledger, &m.ledger_files).await?;
+                            if events > 0 {
+                                Err(StateError::Conflict {
+                                    run_id: ours.run_id.clone(),
+                                    other: m.run_id.clone(),
+                                    events,
+                                })
+                            } else {
+                                Ok(None)
+                            }
+                        }
+                        LogEntry::Fence(f) if f.attempts.contains(&ours) => {
+                            Err(StateError::Fenced {
+                                run_id: ours.run_id.clone(),
+                                nonce: ours.nonce.clone(),
+                            })
+                        }
+                        LogEntry::Fence(_) => Ok(None),
+                    }
+                }
+            })
+            .await?;
+        manifest.seq = seq;
+        Ok(seq)
+    }
+
+    /// Record that the outputs of entry `seq` are final.
+    pub async fn mark_published(&self, seq: u64) -> Result<(), StateError> {
+        let path = self.loc.path(&format!("published/{seq:020}"));
+        self.loc
             .store
-            .put_opts(&path, PutPayload::from(body), opts)
+            .put(&path, PutPayload::from_static(b""))
             .await
-        {
-            Ok(_) => return Ok(()),
-            Err(e) => e,
-        };
-        // The write may have reached the store although its answer did not
-        // (a lost response or a 5xx, retried into "already exists"): when
-        // the manifest there is this attempt's own, the run is committed.
-        if let Ok(Some(m)) = self.committed(&manifest.run_id).await
-            && m.nonce == manifest.nonce
-        {
-            return Ok(());
+            .map_err(|e| store_err(&self.loc, "mark published", &e))?;
+        Ok(())
+    }
+
+    /// Finish publishing every committed run whose outputs are not known
+    /// final (a crash after its commit). Returns the run ids rolled forward.
+    /// Idempotent and safe beside the run that is publishing them itself.
+    pub async fn roll_forward(
+        &self,
+        snapshot: &Snapshot,
+        storage: &StorageSettings,
+    ) -> Result<Vec<String>, StateError> {
+        let mut done = vec![];
+        for m in snapshot.runs() {
+            if m.seq == 0 || m.publish.is_empty() || snapshot.published.contains(&m.seq) {
+                continue;
+            }
+            for p in &m.publish {
+                let base = crate::location::resolve(&p.target, storage).map_err(|e| {
+                    StateError::Store {
+                        location: self.loc.original.clone(),
+                        operation: "roll forward",
+                        message: format!("run '{}': {e}", m.run_id),
+                    }
+                })?;
+                staged::promote(&base, &p.files)
+                    .await
+                    .map_err(|message| StateError::Store {
+                        location: self.loc.original.clone(),
+                        operation: "roll forward",
+                        message: format!("run '{}': {message}", m.run_id),
+                    })?;
+            }
+            self.mark_published(m.seq).await?;
+            done.push(m.run_id.clone());
         }
-        match err {
-            object_store::Error::AlreadyExists { .. }
-            | object_store::Error::Precondition { .. } => Err(StateError::LostRace {
-                run_id: manifest.run_id.clone(),
-            }),
-            e => Err(store_err(&self.loc, "write manifest", &e)),
-        }
+        Ok(done)
     }
 }
 
@@ -271,6 +705,13 @@ impl LedgerWriter {
                 operation: "close ledger",
                 message: e.to_string(),
             })?;
+            staged::sync_local(&self.loc, &self.loc.path(&self.rel)).map_err(|message| {
+                StateError::Store {
+                    location: self.loc.original.clone(),
+                    operation: "sync ledger",
+                    message,
+                }
+            })?;
         }
         Ok(self.rel)
     }
@@ -284,77 +725,231 @@ pub struct Leftover {
     pub bytes: u64,
 }
 
-/// Find (and unless `dry_run`, delete) what uncommitted attempts left:
-/// ledger files no manifest names, `_tmp/` objects under the sinks, and
-/// `run_id=<ID>/` output folders of run ids that never committed. Only
-/// objects older than `min_age` are touched, so a running job is safe.
+/// What `gc` did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcOutcome {
+    /// Committed runs whose publishing gc finished.
+    pub rolled_forward: Vec<String>,
+    /// Attempts gc fenced (they can never commit now).
+    pub fenced: Vec<AttemptRef>,
+    pub removed: Vec<Leftover>,
+}
+
+/// Collect what attempts left behind, proving ownership of everything it
+/// deletes:
+/// - committed runs whose publishing was interrupted are rolled forward;
+/// - an attempt recorded in this state (`attempts/`), older than `min_age`,
+///   never committed: a fence entry in the log first makes sure it never
+///   will, then its staged files under the sinks it recorded, its ledger file
+///   and its record are deleted;
+/// - ledger files under `runs/` that no entry names and no live attempt
+///   owns, older than `min_age` (format-1 leftovers);
+/// - records of committed attempts.
+///
+/// Nothing is deleted by mere absence from this state: a file under a shared
+/// sink folder that no attempt of this state recorded is never touched.
 pub async fn gc(
     state: &State,
-    sinks: &[Location],
+    storage: &StorageSettings,
     min_age: chrono::Duration,
     dry_run: bool,
-) -> Result<Vec<Leftover>, StateError> {
-    let manifests = state.manifests().await?;
-    let committed: BTreeMap<&str, &Manifest> =
-        manifests.iter().map(|m| (m.run_id.as_str(), m)).collect();
-    let named: std::collections::BTreeSet<String> = manifests
-        .iter()
+) -> Result<GcOutcome, StateError> {
+    let snapshot = state.snapshot().await?;
+    let mut out = GcOutcome::default();
+    if !dry_run {
+        out.rolled_forward = state.roll_forward(&snapshot, storage).await?;
+    }
+    let committed: BTreeSet<AttemptRef> = snapshot
+        .runs()
+        .map(|m| AttemptRef {
+            run_id: m.run_id.clone(),
+            nonce: m.nonce.clone(),
+        })
+        .collect();
+    let fenced = snapshot.fenced();
+    let named: BTreeSet<String> = snapshot
+        .runs()
         .flat_map(|m| m.ledger_files.iter().cloned())
         .collect();
     let cutoff = Utc::now() - min_age;
-    let mut found = vec![];
-    let runs = state.loc.path("runs");
-    let metas: Vec<_> = state
-        .loc
-        .store
-        .list(Some(&runs))
-        .try_collect()
-        .await
-        .map_err(|e| store_err(&state.loc, "list ledger files", &e))?;
-    for m in metas {
-        let rel = m
-            .location
-            .prefix_match(&state.loc.prefix)
-            .map(|parts| {
-                parts
-                    .map(|p| p.as_ref().to_string())
-                    .collect::<Vec<_>>()
-                    .join("/")
-            })
-            .unwrap_or_default();
-        if !named.contains(&rel) && m.last_modified < cutoff {
+
+    // Attempt records: committed ones are done with; old uncommitted ones
+    // are abandoned.
+    let mut records: Vec<(AttemptRecord, object_store::ObjectMeta)> = vec![];
+    for (rel, meta) in state.list_rel("attempts").await? {
+        if !rel.ends_with(".json") {
+            continue;
+        }
+        let bytes = state
+            .loc
+            .store
+            .get(&meta.location)
+            .await
+            .map_err(|e| store_err(&state.loc, "read attempt record", &e))?
+            .bytes()
+            .await
+            .map_err(|e| store_err(&state.loc, "read attempt record", &e))?;
+        let r: AttemptRecord =
+            serde_json::from_slice(&bytes).map_err(|e| StateError::BadManifest {
+                location: state.loc.original.clone(),
+                file: state.loc.display_path(&meta.location),
+                message: e.to_string(),
+            })?;
+        records.push((r, meta));
+    }
+    let mut abandoned: Vec<(AttemptRecord, object_store::ObjectMeta)> = vec![];
+    let mut live: BTreeSet<AttemptRef> = BTreeSet::new();
+    for (r, meta) in records {
+        let a = AttemptRef {
+            run_id: r.run_id.clone(),
+            nonce: r.nonce.clone(),
+        };
+        if committed.contains(&a) {
+            if !dry_run
+                && snapshot.committed(&a.run_id).is_some_and(|m| {
+                    m.seq == 0
+                        || m.publish.is_empty()
+                        || snapshot.published.contains(&m.seq)
+                        || out.rolled_forward.contains(&m.run_id)
+                })
+            {
+                state.forget_attempt(&a.run_id, &a.nonce).await;
+            }
+        } else if fenced.contains(&a) || meta.last_modified < cutoff {
+            abandoned.push((r, meta));
+        } else {
+            live.insert(a);
+        }
+    }
+
+    // Fence the abandoned attempts that are not fenced yet, through the log:
+    // an attempt that commits first is dropped from the fence instead.
+    let to_fence: Vec<AttemptRef> = abandoned
+        .iter()
+        .map(|(r, _)| AttemptRef {
+            run_id: r.run_id.clone(),
+            nonce: r.nonce.clone(),
+        })
+        .filter(|a| !fenced.contains(a))
+        .collect();
+    let mut committed_meanwhile: BTreeSet<AttemptRef> = BTreeSet::new();
+    if !to_fence.is_empty() && !dry_run {
+        let mut entry = LogEntry::Fence(Fence {
+            format_version: FORMAT_VERSION,
+            seq: 0,
+            fenced_at: Utc::now(),
+            attempts: to_fence.clone(),
+        });
+        loop {
+            let newly: Vec<AttemptRef> = state
+                .entries_after(snapshot.head)
+                .await?
+                .into_iter()
+                .filter_map(|e| match e {
+                    LogEntry::Run(m) => Some(AttemptRef {
+                        run_id: m.run_id,
+                        nonce: m.nonce,
+                    }),
+                    LogEntry::Fence(_) => None,
+                })
+                .filter(|a| to_fence.contains(a))
+                .collect();
+            committed_meanwhile.extend(newly);
+            if let LogEntry::Fence(f) = &mut entry {
+                f.attempts.retain(|a| !committed_meanwhile.contains(a));
+                if f.attempts.is_empty() {
+                    break;
+                }
+            }
+            let check_set = committed_meanwhile.clone();
+            let targets = to_fence.clone();
+            let result = state
+                .append(&mut entry, snapshot.head, |e| {
+                    let check_set = check_set.clone();
+                    let targets = targets.clone();
+                    async move {
+                        match e {
+                            LogEntry::Run(m)
+                                if targets.contains(&AttemptRef {
+                                    run_id: m.run_id.clone(),
+                                    nonce: m.nonce.clone(),
+                                }) && !check_set.contains(&AttemptRef {
+                                    run_id: m.run_id.clone(),
+                                    nonce: m.nonce.clone(),
+                                }) =>
+                            {
+                                // One of ours committed: start over without it.
+                                Err(StateError::LostRace { run_id: m.run_id })
+                            }
+                            _ => Ok(None),
+                        }
+                    }
+                })
+                .await;
+            match result {
+                Ok(_) => break,
+                Err(StateError::LostRace { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        out.fenced = match &entry {
+            LogEntry::Fence(f) => f.attempts.clone(),
+            LogEntry::Run(_) => vec![],
+        };
+    }
+
+    // Delete what the fenced attempts left.
+    let mut found: Vec<(Location, object_store::ObjectMeta, &'static str)> = vec![];
+    let mut owned_ledgers: BTreeSet<String> = BTreeSet::new();
+    for (r, meta) in &abandoned {
+        let a = AttemptRef {
+            run_id: r.run_id.clone(),
+            nonce: r.nonce.clone(),
+        };
+        if committed_meanwhile.contains(&a) {
+            continue;
+        }
+        for target in &r.targets {
+            let Ok(base) = crate::location::resolve(target, storage) else {
+                continue;
+            };
+            let dir = base.path(&staged::attempt_dir(&r.run_id, &r.nonce));
+            let metas: Vec<_> = match base.store.list(Some(&dir)).try_collect().await {
+                Ok(v) => v,
+                Err(object_store::Error::NotFound { .. }) => vec![],
+                Err(e) => return Err(store_err(&base, "list staged files", &e)),
+            };
+            for m in metas {
+                found.push((
+                    base.clone(),
+                    m,
+                    "staged output of an attempt that never committed",
+                ));
+            }
+        }
+        let ledger = format!("runs/{}/ledger-{}.parquet", r.run_id, r.nonce);
+        owned_ledgers.insert(ledger);
+        found.push((
+            state.loc.clone(),
+            meta.clone(),
+            "record of an attempt that never committed",
+        ));
+    }
+    for (rel, m) in state.list_rel("runs").await? {
+        if named.contains(&rel) {
+            continue;
+        }
+        let live_owner = live
+            .iter()
+            .any(|a| rel == format!("runs/{}/ledger-{}.parquet", a.run_id, a.nonce));
+        if owned_ledgers.contains(&rel) || (!live_owner && m.last_modified < cutoff) {
             found.push((
                 state.loc.clone(),
                 m,
-                "ledger file of an uncommitted attempt",
+                "ledger file of an attempt that never committed",
             ));
         }
     }
-    for sink in sinks {
-        let metas: Vec<_> = match sink.store.list(Some(&sink.prefix)).try_collect().await {
-            Ok(v) => v,
-            Err(object_store::Error::NotFound { .. }) => vec![],
-            Err(e) => return Err(store_err(sink, "list sink", &e)),
-        };
-        for m in metas {
-            if m.last_modified >= cutoff {
-                continue;
-            }
-            let rel: Vec<String> = m
-                .location
-                .prefix_match(&sink.prefix)
-                .map(|p| p.map(|x| x.as_ref().to_string()).collect())
-                .unwrap_or_default();
-            if rel.first().map(String::as_str) == Some("_tmp") {
-                found.push((sink.clone(), m, "temporary output of an unfinished run"));
-            } else if let Some(run) = rel.first().and_then(|d| d.strip_prefix("run_id="))
-                && !committed.contains_key(run)
-            {
-                found.push((sink.clone(), m, "output of a run that never committed"));
-            }
-        }
-    }
-    let mut out = vec![];
     for (loc, m, why) in found {
         if !dry_run {
             match loc.store.delete(&m.location).await {
@@ -362,11 +957,24 @@ pub async fn gc(
                 Err(e) => return Err(store_err(&loc, "delete leftover", &e)),
             }
         }
-        out.push(Leftover {
+        out.removed.push(Leftover {
             object: loc.display_path(&m.location),
             why,
             bytes: m.size,
         });
+    }
+    if !dry_run {
+        for (r, _) in &abandoned {
+            for target in &r.targets {
+                if let Ok(base) = crate::location::resolve(target, storage) {
+                    let files = [staged::StagedFile {
+                        staged: format!("{}/x", staged::attempt_dir(&r.run_id, &r.nonce)),
+                        published: String::new(),
+                    }];
+                    staged::remove_empty_dirs(&base, &files);
+                }
+            }
+        }
     }
     Ok(out)
 }

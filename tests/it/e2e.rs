@@ -42,18 +42,33 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, SystemTime)> {
     out
 }
 
-/// The committed manifests under a state folder.
+/// The committed runs' log entries under a state folder (`log/*.json` of
+/// kind `run`), in log order.
 pub fn manifests(state: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(state.join("manifests"))
+    let mut v: Vec<PathBuf> = fs::read_dir(state.join("log"))
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .map(|e| e.path())
                 .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .filter(|p| {
+                    fs::read_to_string(p)
+                        .ok()
+                        .and_then(|t| serde_json::from_str::<Json>(&t).ok())
+                        .is_some_and(|j| j["kind"] == "run")
+                })
                 .collect()
         })
         .unwrap_or_default();
     v.sort();
     v
+}
+
+/// The log entry that committed `run_id`, if any.
+pub fn manifest_of(state: &Path, run_id: &str) -> Option<Json> {
+    manifests(state)
+        .iter()
+        .filter_map(|p| serde_json::from_str::<Json>(&fs::read_to_string(p).ok()?).ok())
+        .find(|j| j["run_id"] == run_id)
 }
 
 /// Where one run's outputs and state live.
@@ -398,14 +413,30 @@ impl Job<'_> {
             ));
         }
         // the commit
-        let manifest = t.state.join("manifests").join(format!("{run_id}.json"));
-        match fs::read_to_string(&manifest) {
-            Ok(text) => {
-                if serde_json::from_str::<Json>(&text).is_err() {
-                    errs.push(format!("manifest {} is not JSON", manifest.display()));
+        match manifest_of(&t.state, run_id) {
+            Some(m) => {
+                // A committed run's folder holds exactly the files its entry lists.
+                for (kind, sink) in [("replay", &t.replay), ("dlq", &t.dlq), ("gaps", &t.gaps)] {
+                    let listed: BTreeSet<PathBuf> = m["publish"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|p| p["kind"] == kind)
+                        .flat_map(|p| p["files"].as_array().cloned().unwrap_or_default())
+                        .map(|f| sink.join(f["published"].as_str().unwrap_or("?")))
+                        .collect();
+                    let present: BTreeSet<PathBuf> =
+                        snapshot(&sink.join(format!("run_id={run_id}")))
+                            .into_keys()
+                            .collect();
+                    if listed != present {
+                        errs.push(format!(
+                            "{kind}: committed files {listed:?} != files present {present:?}"
+                        ));
+                    }
                 }
             }
-            Err(e) => errs.push(format!("manifest {}: {e}", manifest.display())),
+            None => errs.push(format!("no log entry commits {run_id}")),
         }
         if !exp.replay.is_empty() || !exp.dlq.is_empty() {
             let ledgers: Vec<PathBuf> = snapshot(&t.state.join("runs").join(run_id))
@@ -423,7 +454,7 @@ impl Job<'_> {
             }
         }
         for sink in [&t.replay, &t.dlq, &t.gaps] {
-            let leftovers: Vec<PathBuf> = snapshot(&sink.join("_tmp")).into_keys().collect();
+            let leftovers: Vec<PathBuf> = snapshot(&sink.join("_staging")).into_keys().collect();
             if !leftovers.is_empty() {
                 errs.push(format!("temporary files left behind: {leftovers:?}"));
             }
@@ -1403,7 +1434,8 @@ fn default_run_id_is_timestamped() {
     run.ok();
     let found = manifests(&out.join("_state"));
     assert_eq!(found.len(), 1, "{found:?}\n{}", run.describe());
-    let name = found[0].file_stem().unwrap().to_string_lossy().to_string();
+    let entry: Json = serde_json::from_str(&fs::read_to_string(&found[0]).unwrap()).unwrap();
+    let name = entry["run_id"].as_str().unwrap().to_string();
     let re = regex::Regex::new(r"^run-\d{8}T\d{6}Z$").unwrap();
     assert!(re.is_match(&name), "default run id {name}");
     assert!(

@@ -310,8 +310,8 @@ async fn replay_round_trip_keys_values_headers_and_order() {
     assert_eq!(receipt.rows, rows.len() as u64);
     assert_eq!(receipt.target, server.url(&topic));
     assert!(!receipt.outputs.is_empty(), "{receipt:?}");
-    let published = sink.publish().await.expect("publish");
-    assert_eq!(published.rows, rows.len() as u64);
+    sink.precommit().await.expect("precommit");
+    sink.publish().await.expect("publish");
 
     let msgs = consume(server, &topic, false, rows.len(), Duration::from_secs(20)).await;
     assert_eq!(msgs.len(), rows.len(), "every replay arrives once");
@@ -371,7 +371,7 @@ async fn dlq_without_payload_sends_json_rows_and_the_error_header() {
     sink.check().await.expect("health check");
     sink.write(&batch(&schema, &rows)).await.expect("write");
     sink.finish().await.expect("finish");
-    sink.publish().await.expect("publish");
+    sink.precommit().await.expect("precommit");
 
     let msgs = consume(server, &topic, false, rows.len(), Duration::from_secs(20)).await;
     assert_eq!(msgs.len(), rows.len());
@@ -433,7 +433,7 @@ async fn gap_records_are_json_even_with_a_payload_setting() {
     sink.check().await.expect("health check");
     sink.write(&gaps).await.expect("write");
     assert_eq!(sink.finish().await.expect("finish").rows, 2);
-    sink.publish().await.expect("publish");
+    sink.precommit().await.expect("precommit");
     let msgs = consume(server, &topic, false, 2, Duration::from_secs(20)).await;
     let values: Vec<serde_json::Value> = msgs
         .iter()
@@ -504,7 +504,7 @@ async fn transactional_runs_are_visible_whole_or_not_at_all() {
         .await
         .expect("write");
     sink.finish().await.expect("finish");
-    if let Err(e) = sink.publish().await {
+    if let Err(e) = sink.precommit().await {
         assert!(lacks_end_txn(&e), "commit failed: {e}");
         // The broker cannot commit: the run must fail (not lose messages
         // silently), and what it produced must stay invisible to
@@ -667,7 +667,7 @@ async fn broker_killed_mid_run_fails_finish_and_a_rerun_delivers_everything() {
     sink.check().await.expect("health check after restart");
     sink.write(&batch(&schema, &rows)).await.expect("write all");
     assert_eq!(sink.finish().await.expect("finish").rows, rows.len() as u64);
-    sink.publish().await.expect("publish");
+    sink.precommit().await.expect("precommit");
     let msgs = consume(&server, &topic, false, rows.len(), Duration::from_secs(20)).await;
     assert_eq!(msgs.len(), rows.len());
     assert_per_key_order(&msgs);
@@ -841,7 +841,7 @@ async fn read_topic_reads_back_everything_the_sink_wrote_in_batches() {
         sink.write(&batch(&schema, chunk)).await.expect("write");
     }
     sink.finish().await.expect("finish");
-    sink.publish().await.expect("publish");
+    sink.precommit().await.expect("precommit");
 
     let r = read_topic(&server.url(&topic), None, None, &settings, None)
         .await

@@ -577,7 +577,7 @@ pub fn decide(source: &Source, cfg: &Config, ledger: &Ledger) -> Expected {
     exp
 }
 
-/// One sink's output of one run: `DIR/run_id=<RUN_ID>/part-N.parquet`.
+/// One sink's output of one run: `DIR/run_id=<RUN_ID>/part-N-<NONCE>.parquet`.
 pub struct Output {
     pub files: Vec<PathBuf>,
     pub schemas: Vec<SchemaRef>,
@@ -586,7 +586,7 @@ pub struct Output {
 }
 
 /// Read a run's folder of one sink; a missing folder is an empty output.
-/// Panics when a file is not named `part-N.parquet`.
+/// Panics when a file is not named `part-N-<NONCE>.parquet`.
 pub fn read_output(sink_dir: &Path, run_id: &str) -> Output {
     let dir = sink_dir.join(format!("run_id={run_id}"));
     let mut parts: Vec<(u64, PathBuf)> = Vec::new();
@@ -597,9 +597,11 @@ pub fn read_output(sink_dir: &Path, run_id: &str) -> Output {
             if name.starts_with('_') || name.starts_with('.') {
                 continue;
             }
+            // part-<N>-<attempt>.parquet
             let n = name
                 .strip_prefix("part-")
-                .and_then(|s| s.strip_suffix(".parquet"))
+                .filter(|_| name.ends_with(".parquet"))
+                .and_then(|s| s.split(['-', '.']).next())
                 .and_then(|s| s.parse::<u64>().ok())
                 .unwrap_or_else(|| panic!("unexpected output file {}", entry.path().display()));
             parts.push((n, entry.path()));

@@ -297,12 +297,26 @@ fn files_below(dir: &Path) -> BTreeSet<String> {
     out
 }
 
-/// The manifests (commits) under a state folder on the server's disk.
+/// The committed runs under a state folder on the server's disk, as
+/// `<run_id>.json`, in log order.
 fn manifests(state_dir: &Path) -> Vec<String> {
-    files_below(&state_dir.join("manifests"))
-        .into_iter()
-        .filter(|f| f.ends_with(".json"))
+    crate::e2e::manifests(state_dir)
+        .iter()
+        .filter_map(|p| {
+            let j: Json = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
+            Some(format!("{}.json", j["run_id"].as_str()?))
+        })
         .collect()
+}
+
+/// The log entry that committed `run_id`.
+fn manifest_json(state_dir: &Path, run_id: &str) -> Json {
+    crate::e2e::manifest_of(state_dir, run_id).unwrap_or_else(|| {
+        panic!(
+            "no log entry commits {run_id} under {}",
+            state_dir.display()
+        )
+    })
 }
 
 fn error_lines(run: &Run) -> Vec<&str> {
@@ -856,8 +870,9 @@ fn assert_ok_saying(run: &Run, text: &str) {
     assert_says(run, text);
 }
 
+/// A PUT of a commit-log entry: the commit.
 fn is_manifest_put(h: &Head) -> bool {
-    h.method == "PUT" && h.target.contains("/_state/manifests/")
+    h.method == "PUT" && h.target.contains("/_state/log/")
 }
 
 // ------------------------------------------------------------ tests
@@ -946,7 +961,7 @@ fn s3_archive_sinks_and_state_match_the_local_run() {
     );
     let leftovers: Vec<String> = files_below(&out)
         .into_iter()
-        .filter(|f| f.contains("_tmp/"))
+        .filter(|f| f.contains("_staging/"))
         .collect();
     assert!(leftovers.is_empty(), "temporaries left: {leftovers:?}");
 }
@@ -1067,16 +1082,16 @@ fn racing_runs_on_s3_commit_exactly_once() {
     proxy.release();
     let loser = racers.pop().expect("second racer").wait();
     assert_ok_saying(&winner, "run contested committed");
-    loser.expect_code(1);
+    loser.expect_code(4);
     let line = the_error_line(&loser);
     assert!(
-        line.contains("contested") && line.contains("committed by another run"),
+        line.contains("contested") && line.contains("committed by another attempt"),
         "{line}"
     );
 
     let state = s3.root.join(&b).join("out/_state");
     assert_eq!(manifests(&state), vec!["contested.json".to_string()]);
-    let m = read_json(&state.join("manifests/contested.json"));
+    let m = manifest_json(&state, "contested");
     let nonce = m["nonce"].as_str().expect("nonce");
     assert!(
         nonce.ends_with(&format!("-{winner_pid}")),
@@ -1086,11 +1101,16 @@ fn racing_runs_on_s3_commit_exactly_once() {
         m["ledger_files"],
         serde_json::json!([format!("runs/contested/ledger-{nonce}.parquet")])
     );
-    // Both attempts wrote a ledger file; only the winner's is named.
+    // The loser removed its ledger file, its record and its staged files.
     let ledgers: Vec<String> = files_below(&state.join("runs/contested"))
         .into_iter()
         .collect();
-    assert_eq!(ledgers.len(), 2, "{ledgers:?}");
+    assert_eq!(ledgers.len(), 1, "{ledgers:?}");
+    let left: Vec<String> = files_below(&s3.root.join(&b).join("out"))
+        .into_iter()
+        .filter(|f| f.contains("_staging/") || f.contains("attempts/"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 
     // A third run with a new id counts the winner's replays once.
     let rep = work.path().join("third.json");
@@ -1126,7 +1146,7 @@ fn server_killed_mid_upload_commits_nothing_and_the_rerun_commits_once() {
     let job = job_file(work.path(), "retry.toml", FAST_RETRY);
     let proxy = Proxy::start(&srv.addr());
     proxy.set_rule(|h| {
-        if h.method == "PUT" && h.target.contains("/_tmp/") {
+        if h.method == "PUT" && h.target.contains("/_staging/") {
             Action::Hold
         } else {
             Action::Forward
@@ -1160,7 +1180,7 @@ fn server_killed_mid_upload_commits_nothing_and_the_rerun_commits_once() {
         "the error should name the URL and the operation: {line}"
     );
     assert!(
-        line.contains(&format!("{}/lake/out/replay/_tmp/", proxy.endpoint)),
+        line.contains(&format!("{}/lake/out/replay/_staging/", proxy.endpoint)),
         "{line}"
     );
     let state = srv.root().join("lake/out/_state");
@@ -1346,7 +1366,7 @@ fn a_commit_whose_answer_is_lost_is_recognised_as_our_own() {
     let puts = proxy
         .log()
         .lines()
-        .filter(|l| l.starts_with("PUT") && l.contains("/_state/manifests/"))
+        .filter(|l| l.starts_with("PUT") && l.contains("/_state/log/"))
         .count();
     assert_eq!(
         puts,
@@ -1388,9 +1408,14 @@ fn state_gc_on_s3_removes_uncommitted_leftovers_only() {
     // A committed run.
     call(&env, strs(&run_args("kept"))).ok();
     let kept: BTreeSet<String> = files_below(&root);
-    assert_eq!(kept.len(), 5, "{kept:?}");
+    assert!(
+        kept.iter()
+            .all(|f| !f.contains("_staging/") && !f.starts_with("_state/attempts/")),
+        "a committed, published run leaves nothing staged: {kept:?}"
+    );
 
-    // An attempt whose commit was refused: outputs published, ledger written.
+    // An attempt whose commit was refused: its outputs stay staged (the
+    // outcome of a failed commit is unknown to it, so it deletes nothing).
     let proxy = Proxy::start(&format!("127.0.0.1:{}", s3.port));
     proxy.set_rule(|h| {
         if is_manifest_put(h) {
@@ -1402,9 +1427,9 @@ fn state_gc_on_s3_removes_uncommitted_leftovers_only() {
     let r = call(&env.via(&proxy.endpoint), run_args("refused"));
     r.expect_code(1);
     let line = the_error_line(&r);
-    assert!(line.contains("write manifest"), "{line}");
+    assert!(line.contains("write log entry"), "{line}");
 
-    // An attempt cut off while publishing: its temporaries stay behind.
+    // An attempt cut off while publishing: committed, outputs still staged.
     let proxy2 = Proxy::start(&format!("127.0.0.1:{}", s3.port));
     proxy2.set_rule(|h| {
         if h.is_copy() {
@@ -1413,21 +1438,37 @@ fn state_gc_on_s3_removes_uncommitted_leftovers_only() {
             Action::Forward
         }
     });
-    call(&env.via(&proxy2.endpoint), run_args("cut")).expect_code(1);
+    let cut = call(&env.via(&proxy2.endpoint), run_args("cut"));
+    cut.expect_code(1);
+    assert!(
+        the_error_line(&cut).contains("is committed, but publishing its outputs failed"),
+        "{}",
+        cut.describe()
+    );
 
     let leftovers: BTreeSet<String> = files_below(&root).difference(&kept).cloned().collect();
-    let expect_left = |f: &String| {
-        f.starts_with("_state/runs/refused/ledger-")
-            || f.contains("/run_id=refused/")
-            || f.contains("/_tmp/run_id=cut/")
-    };
-    assert!(leftovers.iter().all(expect_left), "{leftovers:?}");
+    let refused: BTreeSet<String> = leftovers
+        .iter()
+        .filter(|f| {
+            f.starts_with("_state/runs/refused/ledger-")
+                || f.starts_with("_state/attempts/refused/")
+                || f.contains("/_staging/run_id=refused/")
+        })
+        .cloned()
+        .collect();
     assert_eq!(
-        leftovers.len(),
-        7,
-        "3 outputs + 1 ledger + 3 temporaries: {leftovers:?}"
+        refused.len(),
+        5,
+        "3 staged outputs + 1 ledger + 1 attempt record: {leftovers:?}"
     );
-    assert!(manifests(&root.join("_state")) == vec!["kept.json".to_string()]);
+    assert!(
+        !leftovers.iter().any(|f| f.contains("/run_id=refused/")),
+        "an uncommitted attempt is visible: {leftovers:?}"
+    );
+    assert_eq!(
+        manifests(&root.join("_state")),
+        vec!["kept.json".to_string(), "cut.json".to_string()]
+    );
 
     let gc = |dry: bool| {
         let mut v = vec!["state", "gc", "--out", &out, "--min-age-minutes", "0"];
@@ -1439,7 +1480,7 @@ fn state_gc_on_s3_removes_uncommitted_leftovers_only() {
         r
     };
     let dry = gc(true);
-    for f in &leftovers {
+    for f in &refused {
         assert!(
             dry.stdout
                 .contains(&format!("would remove s3://{b}/out/{f} ")),
@@ -1447,17 +1488,31 @@ fn state_gc_on_s3_removes_uncommitted_leftovers_only() {
             dry.describe()
         );
     }
-    assert_says(&dry, "would remove 7 objects");
+    assert_says(&dry, "would remove 5 objects");
     assert!(!dry.stdout.contains("kept"), "{}", dry.describe());
     assert_eq!(
         files_below(&root).len(),
-        kept.len() + 7,
+        kept.len() + leftovers.len(),
         "a dry run removed something"
     );
 
     let real = gc(false);
-    assert_says(&real, "removed 7 objects");
-    assert_eq!(files_below(&root), kept, "gc touched the committed run");
+    assert_says(&real, "published the outputs of committed run cut");
+    assert_says(&real, "fenced abandoned attempt");
+    assert_says(&real, "removed 5 objects");
+    let after = files_below(&root);
+    assert!(kept.is_subset(&after), "gc touched the committed run");
+    assert!(
+        !after
+            .iter()
+            .any(|f| f.contains("_staging/") || f.contains("refused")),
+        "{after:?}"
+    );
+    let cut_files: Vec<&String> = after
+        .iter()
+        .filter(|f| f.contains("/run_id=cut/"))
+        .collect();
+    assert_eq!(cut_files.len(), 3, "the cut run rolled forward: {after:?}");
     assert!(gc(true).stdout.contains("would remove 0 objects"));
 }
 

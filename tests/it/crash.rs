@@ -1,0 +1,409 @@
+//! The crash harness: the binary is crashed at every named failpoint and at
+//! random moments, then run again with the same and with a new run id, and
+//! the promises of the commit protocol are checked after every step:
+//! - a reader sees only files of committed runs, and every committed run's
+//!   folder holds exactly the files its log entry lists (once published);
+//! - over the committed runs, each (event_id, attempt) is written once, and
+//!   the whole outcome equals the outcome without a crash;
+//! - the ledger of the committed runs matches their outputs, and each
+//!   committed report balances.
+//!
+//! Plus two runs on one state at once: they never both act on one event.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+
+use crate::cli::{Run, backfill_in, command, read_all};
+use crate::e2e::manifests;
+use crate::reference::{parquet_files, read_parquet_file};
+
+/// (run_id, sink, event_id, attempt, reason): one decision as written.
+type Decision = (String, String, String, i64, String);
+
+fn bf(args: &[&str], failpoint: Option<&str>) -> Run {
+    let envs: Vec<(&str, &str)> = failpoint
+        .map(|f| vec![("BACKFILL_FAILPOINT", f)])
+        .unwrap_or_default();
+    backfill_in(args, &envs, None)
+}
+
+/// A generated archive with retries, dead letters, gaps and conflicts.
+fn archive(dir: &Path) -> PathBuf {
+    let a = dir.join("archive");
+    bf(
+        &[
+            "generate",
+            "--out",
+            a.to_str().unwrap(),
+            "--events",
+            "3000",
+            "--keys",
+            "30",
+            "--seed",
+            "11",
+            "--days",
+            "2",
+        ],
+        None,
+    )
+    .ok();
+    a
+}
+
+fn run_args<'a>(archive: &'a str, out: &'a str, run_id: &'a str) -> Vec<&'a str> {
+    vec![
+        "run",
+        "--source",
+        archive,
+        "--out",
+        out,
+        "--run-id",
+        run_id,
+        "--progress",
+        "off",
+    ]
+}
+
+/// Every log entry of kind `run`, as JSON.
+fn committed(state: &Path) -> Vec<Json> {
+    manifests(state)
+        .iter()
+        .map(|p| serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap())
+        .collect()
+}
+
+/// What a reader of the output folders sees, as decisions; checks on the
+/// way that no visible file belongs to an uncommitted attempt.
+fn visible(out: &Path, errs: &mut Vec<String>) -> Vec<Decision> {
+    let entries = committed(&out.join("_state"));
+    let mut listed: BTreeSet<PathBuf> = BTreeSet::new();
+    for m in &entries {
+        for p in m["publish"].as_array().into_iter().flatten() {
+            let base = PathBuf::from(p["target"].as_str().unwrap());
+            for f in p["files"].as_array().into_iter().flatten() {
+                listed.insert(base.join(f["published"].as_str().unwrap()));
+            }
+        }
+    }
+    let mut rows = vec![];
+    for sink in ["replay", "dlq", "gaps"] {
+        for file in parquet_files(&out.join(sink)) {
+            if !listed.contains(&file) {
+                errs.push(format!(
+                    "visible file of no committed run: {}",
+                    file.display()
+                ));
+            }
+            if sink == "gaps" {
+                continue;
+            }
+            for r in read_parquet_file(&file).rows {
+                let s = |c: &str| r.get(c).and_then(|v| v.as_str()).unwrap_or("").to_string();
+                rows.push((
+                    s("backfill_run_id"),
+                    sink.to_string(),
+                    s("event_id"),
+                    r.get("backfill_attempt")
+                        .and_then(|v| v.as_int())
+                        .unwrap_or(-1),
+                    s("backfill_reason"),
+                ));
+            }
+        }
+    }
+    rows
+}
+
+/// The promises, once every committed run is published (after a
+/// successful run, which rolls earlier ones forward).
+fn check_settled(out: &Path, label: &str) -> Vec<Decision> {
+    let mut errs = vec![];
+    let rows = visible(out, &mut errs);
+    let state = out.join("_state");
+    let entries = committed(&state);
+    // Every committed file is there, and nothing staged is left of them.
+    for m in &entries {
+        for p in m["publish"].as_array().into_iter().flatten() {
+            let base = PathBuf::from(p["target"].as_str().unwrap());
+            for f in p["files"].as_array().into_iter().flatten() {
+                let fin = base.join(f["published"].as_str().unwrap());
+                if !fin.exists() {
+                    errs.push(format!("committed file missing: {}", fin.display()));
+                }
+                let st = base.join(f["staged"].as_str().unwrap());
+                if st.exists() {
+                    errs.push(format!("published but still staged: {}", st.display()));
+                }
+            }
+        }
+        let r = &m["report"];
+        let n = |k: &str| r[k].as_u64().unwrap_or(0);
+        if n("events")
+            != n("resolved") + n("replayed") + n("dead_lettered") + n("skipped_dead_lettered")
+        {
+            errs.push(format!(
+                "the report of {} does not balance: {r}",
+                m["run_id"]
+            ));
+        }
+    }
+    // Each (event_id, attempt) once per sink (a replay with attempt 3 and,
+    // a run later, the dead letter after 3 retries share the pair).
+    let mut seen: BTreeMap<(String, String, i64), usize> = BTreeMap::new();
+    for (_, sink, id, attempt, _) in &rows {
+        *seen
+            .entry((sink.clone(), id.clone(), *attempt))
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    if !twice.is_empty() {
+        errs.push(format!("written more than once: {twice:?}"));
+    }
+    // The ledger of the committed runs is exactly the written decisions.
+    let mut ledger: BTreeSet<(String, String, String, i64)> = BTreeSet::new();
+    for m in &entries {
+        for f in m["ledger_files"].as_array().into_iter().flatten() {
+            for r in read_parquet_file(&state.join(f.as_str().unwrap())).rows {
+                let s = |c: &str| r.get(c).and_then(|v| v.as_str()).unwrap_or("").to_string();
+                let attempt = r.get("attempt").and_then(|v| v.as_int()).unwrap_or(-1);
+                ledger.insert((s("run_id"), s("outcome"), s("event_id"), attempt));
+            }
+        }
+    }
+    let written: BTreeSet<(String, String, String, i64)> = rows
+        .iter()
+        .map(|(run, sink, id, a, _)| (run.clone(), sink.clone(), id.clone(), *a))
+        .collect();
+    if ledger != written {
+        let a: Vec<_> = ledger.difference(&written).take(3).collect();
+        let b: Vec<_> = written.difference(&ledger).take(3).collect();
+        errs.push(format!(
+            "ledger != outputs: only in the ledger {a:?}, only in the outputs {b:?}"
+        ));
+    }
+    assert!(errs.is_empty(), "{label}:\n{}", errs.join("\n"));
+    rows
+}
+
+fn sorted(mut v: Vec<Decision>) -> Vec<Decision> {
+    v.sort();
+    v
+}
+
+/// The outcome of two clean runs, to compare every crashed sequence with.
+fn baseline(work: &Path, archive: &str) -> Vec<Decision> {
+    let out = work.join("baseline");
+    let o = out.to_str().unwrap();
+    bf(&run_args(archive, o, "r1"), None).ok();
+    bf(&run_args(archive, o, "r2"), None).ok();
+    let rows = check_settled(&out, "baseline");
+    assert!(
+        rows.iter().any(|r| r.0 == "r2"),
+        "the second run should replay again: the harness needs retries"
+    );
+    sorted(rows)
+}
+
+/// Crash, rerun with the same id, run with a new id: the committed outcome
+/// is the clean one.
+fn crash_then_recover(work: &Path, archive: &str, name: &str, crash: impl FnOnce(&[&str])) {
+    let base = baseline_cached(work, archive);
+    let out = work.join(name);
+    let o = out.to_str().unwrap();
+    crash(&run_args(archive, o, "r1"));
+    let mut errs = vec![];
+    visible(&out, &mut errs);
+    assert!(
+        errs.is_empty(),
+        "{name}, right after the crash:\n{}",
+        errs.join("\n")
+    );
+    bf(&run_args(archive, o, "r1"), None).ok();
+    check_settled(&out, &format!("{name}, after the rerun"));
+    bf(&run_args(archive, o, "r2"), None).ok();
+    let rows = sorted(check_settled(&out, &format!("{name}, after a new run")));
+    if rows != base {
+        let only_here: Vec<_> = rows.iter().filter(|r| !base.contains(r)).take(5).collect();
+        let only_base: Vec<_> = base.iter().filter(|r| !rows.contains(r)).take(5).collect();
+        panic!(
+            "{name}: outcome differs from the clean runs: extra {only_here:?}, missing {only_base:?}"
+        );
+    }
+    // gc then finds nothing of a committed run to remove.
+    let gc = bf(&["state", "gc", "--out", o, "--min-age-minutes", "0"], None);
+    gc.ok();
+    check_settled(&out, &format!("{name}, after gc"));
+    assert!(parquet_files(&out.join("replay")).len() + parquet_files(&out.join("dlq")).len() > 0);
+}
+
+fn baseline_cached(work: &Path, archive: &str) -> Vec<Decision> {
+    let f = work.join("baseline.json");
+    if let Ok(t) = std::fs::read_to_string(&f) {
+        return serde_json::from_str(&t).unwrap();
+    }
+    let b = baseline(work, archive);
+    std::fs::write(&f, serde_json::to_string(&b).unwrap()).unwrap();
+    b
+}
+
+#[test]
+fn crash_at_every_failpoint_then_rerun_loses_and_duplicates_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let a = archive(work.path());
+    let a = a.to_str().unwrap();
+    for point in event_backfill::failpoint::POINTS {
+        crash_then_recover(work.path(), a, point, |args| {
+            let r = bf(args, Some(&format!("{point}:crash")));
+            assert!(
+                r.code.is_none() && r.stderr.contains(&format!("failpoint {point}: crash")),
+                "the run should have crashed at {point}\n{}",
+                r.describe()
+            );
+        });
+    }
+}
+
+#[test]
+fn an_error_at_every_failpoint_leaves_a_consistent_state() {
+    let work = tempfile::tempdir().unwrap();
+    let a = archive(work.path());
+    let a = a.to_str().unwrap();
+    for point in event_backfill::failpoint::POINTS {
+        crash_then_recover(work.path(), a, &format!("err-{point}"), |args| {
+            let r = bf(args, Some(&format!("{point}:error")));
+            assert_eq!(r.code, Some(1), "{}", r.describe());
+            let lines = r.stderr_lines();
+            assert_eq!(lines.len(), 1, "one error line\n{}", r.describe());
+            assert!(lines[0].starts_with("error: "), "{}", r.describe());
+        });
+    }
+}
+
+/// A small deterministic generator, so that a failing seed can be replayed.
+fn lcg(seed: &mut u64) -> u64 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *seed >> 33
+}
+
+#[test]
+fn killed_at_random_moments_then_rerun_loses_and_duplicates_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let a = archive(work.path());
+    let a = a.to_str().unwrap();
+    // How long a whole run takes here, to spread the kills over it.
+    let t = Instant::now();
+    let probe = work.path().join("probe");
+    bf(&run_args(a, probe.to_str().unwrap(), "p"), None).ok();
+    let whole = t.elapsed().as_millis() as u64;
+    let mut seed = 0x5eed_u64;
+    for i in 0..6 {
+        let after = Duration::from_millis(lcg(&mut seed) % whole.max(1));
+        crash_then_recover(work.path(), a, &format!("kill-{i}"), |args| {
+            let mut child = command(Path::new(env!("CARGO_BIN_EXE_backfill")), args)
+                .spawn()
+                .unwrap();
+            let out = read_all(child.stdout.take().unwrap());
+            let err = read_all(child.stderr.take().unwrap());
+            std::thread::sleep(after);
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = (out.join(), err.join());
+        });
+    }
+}
+
+/// Two runs with different ids on one state, both deciding from the same
+/// ledger: one commits, the other exits 4 with nothing visible; rerun, it
+/// counts the winner's attempts.
+#[test]
+fn two_runs_at_once_never_both_act_on_one_event() {
+    let work = tempfile::tempdir().unwrap();
+    let a = archive(work.path());
+    let a = a.to_str().unwrap();
+    let out = work.path().join("out");
+    let o = out.to_str().unwrap();
+    // Both hold before their commit long enough to have both decided.
+    let spawn = |id: &str| {
+        let mut cmd = command(
+            Path::new(env!("CARGO_BIN_EXE_backfill")),
+            &run_args(a, o, id),
+        );
+        cmd.env("BACKFILL_FAILPOINT", "before_commit:sleep-1500");
+        let mut child = cmd.spawn().unwrap();
+        let out = read_all(child.stdout.take().unwrap());
+        let err = read_all(child.stderr.take().unwrap());
+        (child, out, err)
+    };
+    let (mut c1, o1, e1) = spawn("left");
+    let (mut c2, o2, e2) = spawn("right");
+    let s1 = c1.wait().unwrap();
+    let s2 = c2.wait().unwrap();
+    let (o1, e1, o2, e2) = (
+        o1.join().unwrap(),
+        e1.join().unwrap(),
+        o2.join().unwrap(),
+        e2.join().unwrap(),
+    );
+    let codes = [s1.code(), s2.code()];
+    assert!(
+        codes.contains(&Some(0)) && codes.contains(&Some(4)),
+        "one commits, one conflicts: {codes:?}\n{o1}{e1}\n{o2}{e2}"
+    );
+    let (loser, loser_err) = if s1.code() == Some(4) {
+        ("left", e1)
+    } else {
+        ("right", e2)
+    };
+    assert!(
+        loser_err.contains("conflicts with run") && loser_err.contains("safe to rerun"),
+        "{loser_err}"
+    );
+    let rows = check_settled(&out, "after the race");
+    assert!(rows.iter().all(|r| r.0 != loser), "the loser is visible");
+    assert_eq!(committed(&out.join("_state")).len(), 1);
+    // Its staged files are gone too: it aborted cleanly.
+    for sink in ["replay", "dlq", "gaps"] {
+        let staged = out.join(sink).join(format!("_staging/run_id={loser}"));
+        assert!(!staged.exists(), "{}", staged.display());
+    }
+    bf(&run_args(a, o, loser), None).ok();
+    let rows = check_settled(&out, "after the loser's rerun");
+    assert!(rows.iter().any(|r| r.0 == loser));
+}
+
+/// Runs over disjoint windows act on disjoint events: both commit, however
+/// they overlap in time.
+#[test]
+fn two_runs_over_disjoint_windows_both_commit() {
+    let work = tempfile::tempdir().unwrap();
+    let a = archive(work.path());
+    let a = a.to_str().unwrap();
+    let out = work.path().join("out");
+    let o = out.to_str().unwrap();
+    let mut kids = vec![];
+    for (id, from, to) in [
+        ("day1", "2024-01-01T00:00:00Z", "2024-01-02T00:00:00Z"),
+        ("day2", "2024-01-02T00:00:00Z", "2024-01-03T00:00:00Z"),
+    ] {
+        let mut args = run_args(a, o, id);
+        args.extend(["--from", from, "--to", to]);
+        let mut cmd = command(Path::new(env!("CARGO_BIN_EXE_backfill")), &args);
+        cmd.env("BACKFILL_FAILPOINT", "before_commit:sleep-1500");
+        let mut child = cmd.spawn().unwrap();
+        let out = read_all(child.stdout.take().unwrap());
+        let err = read_all(child.stderr.take().unwrap());
+        kids.push((child, out, err));
+    }
+    for (mut c, o, e) in kids {
+        let s = c.wait().unwrap();
+        let (o, e) = (o.join().unwrap(), e.join().unwrap());
+        assert_eq!(s.code(), Some(0), "{o}\n{e}");
+    }
+    check_settled(&out, "after two disjoint runs");
+    assert_eq!(committed(&out.join("_state")).len(), 2);
+}
