@@ -4,6 +4,7 @@
 mod archive;
 mod bad_input;
 mod cli;
+mod commit;
 mod crash;
 mod e2e;
 mod kafka;
