@@ -5,6 +5,7 @@ mod archive;
 mod bad_input;
 mod cli;
 mod e2e;
+mod impossible;
 mod kafka;
 mod kafka_e2e;
 mod reference;
