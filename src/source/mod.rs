@@ -1180,6 +1180,93 @@ mod tests {
         assert!(m.field(3).is_nullable(), "missing in a file => nullable");
     }
 
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    /// Bounds round up in the column's unit: exact for `>=` and `<` alike.
+    #[test]
+    fn window_bounds_are_exact_in_the_stored_unit() {
+        let ms = Field::new(
+            "t",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            true,
+        );
+        let base = t("2024-01-01T00:00:00Z").timestamp_millis();
+        assert_eq!(
+            window_bound(&ms, t("2024-01-01T00:00:00.0005Z")),
+            Bound::Value(ScalarValue::TimestampMillisecond(
+                Some(base + 1),
+                Some("UTC".into())
+            ))
+        );
+        assert_eq!(
+            window_bound(&ms, t("2024-01-01T00:00:00.001Z")),
+            Bound::Value(ScalarValue::TimestampMillisecond(
+                Some(base + 1),
+                Some("UTC".into())
+            ))
+        );
+        // Before 1970 too: -0.5 ms rounds up to 0, not down to -1.
+        assert_eq!(
+            window_bound(&ms, t("1969-12-31T23:59:59.9995Z")),
+            Bound::Value(ScalarValue::TimestampMillisecond(
+                Some(0),
+                Some("UTC".into())
+            ))
+        );
+        let ns = Field::new("t", DataType::Timestamp(TimeUnit::Nanosecond, None), true);
+        assert_eq!(
+            window_bound(&ns, t("0001-01-01T00:00:00Z")),
+            Bound::BeforeMin
+        );
+        assert_eq!(
+            window_bound(&ns, t("3000-01-01T00:00:00Z")),
+            Bound::BeyondMax
+        );
+    }
+
+    /// Footer ranges are a superset: a bound with sub-microsecond digits
+    /// never prunes a file that holds a row inside the window.
+    #[test]
+    fn footer_pruning_is_exact() {
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let file = |raw: (TimeUnit, i64, i64)| ArchiveFile {
+            store: store.clone(),
+            meta: ObjectMeta {
+                location: Path::from("x.parquet"),
+                last_modified: Utc::now(),
+                size: 1,
+                e_tag: None,
+                version: None,
+            },
+            url: "memory:///x.parquet".into(),
+            display: "x.parquet".into(),
+            rows: 1,
+            row_groups: 1,
+            time_range: micros_range(Some(raw)),
+            time_raw: Some(raw),
+        };
+        // One row at 1.5 us (in ns).
+        let f = file((TimeUnit::Nanosecond, 1_500, 1_500));
+        assert_eq!(f.time_range, Some((1, 2)));
+        let at = |ns: u32| Some(DateTime::from_timestamp(0, ns).unwrap());
+        assert!(f.may_overlap(at(1_400), at(1_600)));
+        // The range is whole microseconds (1..=2): only a bound past it prunes.
+        assert!(f.may_overlap(at(1_600), None));
+        assert!(!f.may_overlap(at(2_001), None), "max <= 2us < from: pruned");
+        assert!(!f.may_overlap(None, at(1_000)), "to is exclusive");
+        // The overflow check: ms values that microseconds cannot hold.
+        let far = file((TimeUnit::Millisecond, 0, 9_500_000_000_000_000));
+        let us = DataType::Timestamp(TimeUnit::Microsecond, None);
+        let e = check_time_range(&far, "event_time", &us)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x.parquet") && e.contains("event_time"), "{e}");
+        let ms = DataType::Timestamp(TimeUnit::Millisecond, None);
+        assert!(check_time_range(&far, "event_time", &ms).is_ok());
+    }
+
     #[test]
     fn merge_names_column_and_files_on_conflict() {
         let a = s(vec![Field::new("payload", DataType::Utf8, true)]);
