@@ -1,7 +1,8 @@
 -- gaps: per key, over the distinct seq values in the window, each run of
 -- missing integers between two observed values, with the observed events on
 -- either side (where several events share a seq: the smallest event_id, and
--- its earliest event_time). Missing events cannot be replayed from the
+-- its earliest event_time; rows without an event_id of their own count as
+-- observed seqs but never name a neighbour). Missing events cannot be replayed from the
 -- archive; this is the report a team takes upstream.
 --
 -- The per-seq aggregate uses plain min() only; the few seqs carried by
@@ -10,7 +11,9 @@
 -- do the same in one step at several times the cost.
 CREATE OR REPLACE VIEW gaps AS
 WITH per_seq_raw AS (
-    SELECT key, seq, min(event_id) AS event_id, min(event_time) AS event_time
+    SELECT key, seq,
+           min(event_id) FILTER (WHERE NOT backfill_missing_event_id) AS event_id,
+           min(event_time) FILTER (WHERE NOT backfill_missing_event_id) AS event_time
     FROM events
     WHERE key IS NOT NULL AND seq IS NOT NULL
     GROUP BY key, seq

@@ -4,7 +4,10 @@
 -- (events.backfill_done). For the rest, the chosen row is the one with the
 -- highest attempts (NULL as 0), the latest event_time on a tie; that row is
 -- what a replay or dead letter carries. archived_attempts is the retries the
--- archive shows; archived_rows how many rows the event has.
+-- archive shows; archived_rows how many rows the event has. Every row of
+-- events has an event_id: one the archive lacks is synthetic
+-- (backfill_missing_event_id; src/source/mod.rs), so that row is decided
+-- (dead-lettered) instead of vanishing from the balance.
 --
 -- One narrow aggregate finds, per event, the attempts and event_time of the
 -- chosen row (first_value with an ORDER BY needs no sort in DataFusion); one
@@ -19,7 +22,6 @@ WITH rollup AS (
                AS chosen_time,
            count(*) AS archived_rows
     FROM events
-    WHERE event_id IS NOT NULL
     GROUP BY event_id
     HAVING NOT bool_or(backfill_done)
 ),

@@ -146,6 +146,10 @@ pub struct SqlArgs {
     pub file: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+    /// Also run statements that write or reach beyond the archive (COPY,
+    /// INSERT, CREATE EXTERNAL TABLE, ...): `sql` is read-only without it.
+    #[arg(long)]
+    pub allow_writes: bool,
 }
 
 #[derive(Debug, Clone, Args)]

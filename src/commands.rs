@@ -60,7 +60,15 @@ pub async fn sql(args: SqlArgs) -> Result<(), Error> {
         return Err(Error::Usage("sql: the query is empty".into()));
     }
     for (i, stmt) in statements.iter().enumerate() {
-        let df = ctx.sql(stmt).await?;
+        let plan = ctx.state().create_logical_plan(stmt).await?;
+        if !args.allow_writes
+            && let Some(what) = writes(&plan)
+        {
+            return Err(Error::Usage(format!(
+                "sql: {what} is refused: `backfill sql` is read-only (pass --allow-writes to run it)"
+            )));
+        }
+        let df = ctx.execute_logical_plan(plan).await?;
         let batches = df.collect().await?;
         // Only the last statement's result is printed, as in `psql -f`
         // with CREATE VIEW ... ; SELECT ...; scripts.
@@ -69,6 +77,47 @@ pub async fn sql(args: SqlArgs) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// What in a plan could write or change anything outside this session,
+/// if anything. `sql` explores an archive, often a production one, and a
+/// typo'd `COPY ... TO` or an `INSERT` into an external table must not
+/// overwrite files there. Queries, EXPLAIN (without ANALYZE of a write),
+/// SHOW, DESCRIBE and session-only views are read-only. Decided on the
+/// plan, not the text: `EXPLAIN ANALYZE COPY ...` executes the COPY, and
+/// the plan says so wherever the statement hides it.
+fn writes(plan: &datafusion::logical_expr::LogicalPlan) -> Option<String> {
+    use datafusion::common::tree_node::TreeNode;
+    use datafusion::logical_expr::{DdlStatement, LogicalPlan};
+    let mut found = None;
+    let _ = plan.apply(|p| {
+        let what = match p {
+            LogicalPlan::Dml(d) => Some(format!("{} {}", d.op.name().to_uppercase(), d.table_name)),
+            LogicalPlan::Copy(c) => Some(format!("COPY ... TO '{}'", c.output_url)),
+            LogicalPlan::Ddl(DdlStatement::CreateView(_)) => None,
+            LogicalPlan::Ddl(d) => Some(sql_words(d.name())),
+            LogicalPlan::Statement(s) => Some(sql_words(s.name())),
+            _ => None,
+        };
+        if what.is_some() {
+            found = what;
+            return Ok(datafusion::common::tree_node::TreeNodeRecursion::Stop);
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+/// `CreateExternalTable` as the user typed it: `CREATE EXTERNAL TABLE`.
+fn sql_words(camel: &str) -> String {
+    let mut out = String::new();
+    for c in camel.chars() {
+        if c.is_uppercase() && !out.is_empty() {
+            out.push(' ');
+        }
+        out.extend(c.to_uppercase());
+    }
+    out
 }
 
 /// Split a script on `;` outside quotes and comments.
@@ -276,7 +325,54 @@ pub fn write_stdout(bytes: &[u8]) -> Result<(), Error> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_statements;
+    use super::{split_statements, writes};
+
+    /// `sql` is read-only: writes and catalog changes are found on the
+    /// plan, wherever the statement hides them.
+    #[tokio::test]
+    async fn writes_are_found_on_the_plan() {
+        let ctx = datafusion::prelude::SessionContext::new();
+        ctx.sql("CREATE TABLE t AS VALUES (1)")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let found = |sql: &'static str| {
+            let ctx = ctx.clone();
+            async move {
+                let plan = ctx.state().create_logical_plan(sql).await.unwrap();
+                writes(&plan)
+            }
+        };
+        for sql in [
+            "SELECT * FROM t",
+            "WITH x AS (SELECT 1) SELECT * FROM x",
+            "EXPLAIN SELECT * FROM t",
+            "DESCRIBE t",
+            "CREATE VIEW v AS SELECT * FROM t",
+        ] {
+            assert_eq!(found(sql).await, None, "{sql}");
+        }
+        for (sql, what) in [
+            ("COPY t TO '/tmp/x.parquet'", "COPY"),
+            ("EXPLAIN ANALYZE COPY t TO '/tmp/x.parquet'", "COPY"),
+            ("INSERT INTO t VALUES (2)", "INSERT"),
+            (
+                "CREATE EXTERNAL TABLE e STORED AS PARQUET LOCATION '/tmp/e/'",
+                "CREATE EXTERNAL TABLE",
+            ),
+            ("CREATE TABLE u AS SELECT 1", "CREATE MEMORY TABLE"),
+            ("DROP TABLE t", "DROP TABLE"),
+            ("SET datafusion.execution.batch_size = 1", "SET VARIABLE"),
+        ] {
+            let w = found(sql).await;
+            assert!(
+                w.as_deref().is_some_and(|w| w.contains(what)),
+                "{sql}: {w:?}"
+            );
+        }
+    }
 
     #[test]
     fn splits_outside_quotes_and_comments() {

@@ -213,6 +213,9 @@ pub struct Scan {
     pub partitions: Vec<PartitionSpec>,
     pub storage: StorageSettings,
     pub kafka: Option<KafkaSettings>,
+    /// Locations the archive listing leaves out where they lie inside a
+    /// source: the run's own outputs and state (`run` only).
+    pub exclude: Vec<String>,
 }
 
 /// Validated settings of `backfill run`.
@@ -540,12 +543,13 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
         partitions,
         storage: job.storage.clone().unwrap_or_default(),
         kafka: job.kafka.clone(),
+        exclude: vec![],
     })
 }
 
 /// Layer flags over the job file into validated run settings.
 pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, JobError> {
-    let (scan, job) = scan_settings(&args.scan)?;
+    let (mut scan, job) = scan_settings(&args.scan)?;
     let sinks = job.sinks.clone().unwrap_or_default();
     let out = args.out.clone().or(job.out.clone());
     let replay_sink = args.replay_sink.clone().or(sinks.replay);
@@ -606,6 +610,19 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
         .or(job.run_id.clone())
         .unwrap_or_else(|| default_run_id(now));
     validate_run_id(&run_id)?;
+    // Outputs written into the archive must not be read back as events.
+    scan.exclude = [
+        &out,
+        &Some(state.clone()),
+        &replay_sink,
+        &dlq_sink,
+        &gaps_sink,
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|l| l.as_str() != "-" && !l.starts_with("kafka://"))
+    .cloned()
+    .collect();
     Ok(RunSettings {
         scan,
         out,

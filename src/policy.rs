@@ -4,19 +4,25 @@
 //! hand-built batches.
 //!
 //! For each candidate (an unresolved event's chosen row), first match wins:
-//! skip (an earlier run dead-lettered it) → DLQ `sequence_conflict` → DLQ
-//! `permanent_error` → DLQ `max_attempts_exceeded` → replay.
+//! skip (an earlier run dead-lettered it) → DLQ `missing_event_id` → DLQ
+//! `invalid_attempts` → DLQ `sequence_conflict` → DLQ `permanent_error` →
+//! DLQ `max_attempts_exceeded` → replay.
+//!
+//! A row with an impossible value is a decision, not a failed run: every
+//! count here saturates instead of overflowing, and an attempts value that
+//! cannot be a retry count is dead-lettered rather than carried into the
+//! Int32 `backfill_attempt` column.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, Scalar, StringArray,
-    TimestampMicrosecondArray,
+    Array, ArrayRef, AsArray, BooleanArray, Int32Array, Int64Array, RecordBatch, Scalar,
+    StringArray, TimestampMicrosecondArray,
 };
-use arrow::compute::kernels::{boolean, cmp, numeric, zip};
+use arrow::compute::kernels::{boolean, cmp, zip};
 use arrow::compute::{cast, filter_record_batch, is_null};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit};
 use serde::Serialize;
 
 use crate::detect::internal;
@@ -34,6 +40,17 @@ pub const REASON_UNPROCESSED: &str = "unprocessed";
 pub const REASON_CONFLICT: &str = "sequence_conflict";
 pub const REASON_PERMANENT: &str = "permanent_error";
 pub const REASON_MAX_ATTEMPTS: &str = "max_attempts_exceeded";
+/// The archive has no event_id for the row (NULL); its ledger id is
+/// synthetic (see `source::MISSING_EVENT_ID_PREFIX`).
+pub const REASON_MISSING_EVENT_ID: &str = "missing_event_id";
+/// The archived attempts are negative or above [`MAX_ARCHIVED_ATTEMPTS`].
+pub const REASON_INVALID_ATTEMPTS: &str = "invalid_attempts";
+
+/// The largest archived attempts value taken as a retry count. Anything
+/// above it is a corrupt counter, not a history of retries: no live system
+/// retries an event a million times. The bound also keeps every
+/// `backfill_attempt` (attempts + runs + 1) far inside Int32.
+pub const MAX_ARCHIVED_ATTEMPTS: i64 = 1_000_000;
 
 /// The retry rules of one run.
 #[derive(Debug, Clone)]
@@ -57,13 +74,18 @@ pub struct Decisions {
 }
 
 impl Decisions {
+    /// Saturating: a count that cannot grow further stays at u64::MAX
+    /// rather than wrapping to a small, plausible-looking number.
     pub fn add(&mut self, o: &Decisions) {
-        self.candidates += o.candidates;
-        self.replayed += o.replayed;
-        self.dead_lettered += o.dead_lettered;
-        self.skipped_dead_lettered += o.skipped_dead_lettered;
+        self.candidates = self.candidates.saturating_add(o.candidates);
+        self.replayed = self.replayed.saturating_add(o.replayed);
+        self.dead_lettered = self.dead_lettered.saturating_add(o.dead_lettered);
+        self.skipped_dead_lettered = self
+            .skipped_dead_lettered
+            .saturating_add(o.skipped_dead_lettered);
         for (k, v) in &o.dead_lettered_by_reason {
-            *self.dead_lettered_by_reason.entry(k.clone()).or_default() += v;
+            let c = self.dead_lettered_by_reason.entry(k.clone()).or_default();
+            *c = c.saturating_add(*v);
         }
     }
 }
@@ -120,6 +142,31 @@ fn null_as_zero(a: &ArrayRef) -> Result<ArrayRef, PolicyError> {
     Ok(zip::zip(&is_null(&c)?, &Int64Array::new_scalar(0), &c)?)
 }
 
+/// `a + b` per row, saturating at the Int64 bounds instead of failing the
+/// run (arrow's checked add errors, its wrapping add lies).
+fn saturating_add(a: &ArrayRef, b: &ArrayRef) -> Result<ArrayRef, PolicyError> {
+    let (a, b) = (a.as_primitive::<Int64Type>(), b.as_primitive::<Int64Type>());
+    let r: Int64Array = arrow::compute::binary(a, b, i64::saturating_add)?;
+    Ok(Arc::new(r))
+}
+
+/// Int64 to Int32, clamped: `backfill_attempt` is Int32 and non-nullable,
+/// and a plain cast turns what does not fit into NULL.
+fn clamp_to_i32(a: &ArrayRef) -> ArrayRef {
+    let r: Int32Array = a
+        .as_primitive::<Int64Type>()
+        .unary(|v| v.clamp(i32::MIN as i64, i32::MAX as i64) as i32);
+    Arc::new(r)
+}
+
+/// An optional flag column: absent means false for every row.
+fn optional_flag(b: &RecordBatch, name: &str) -> Result<BooleanArray, PolicyError> {
+    match b.column_by_name(name) {
+        Some(c) => as_bool(c),
+        None => Ok(BooleanArray::from(vec![false; b.num_rows()])),
+    }
+}
+
 fn as_bool(a: &ArrayRef) -> Result<BooleanArray, PolicyError> {
     let c = cast(a, &DataType::Boolean)?;
     let b = c
@@ -147,9 +194,19 @@ impl Policy {
         let archived = null_as_zero(column(batch, internal::ARCHIVED_ATTEMPTS)?)?;
         let replays = null_as_zero(column(batch, internal::LEDGER_REPLAYS)?)?;
         // retries so far = archived attempts + replays by earlier committed runs
-        let retries = numeric::add(&archived, &replays)?;
         let skipped = as_bool(column(batch, internal::LEDGER_DEAD)?)?;
         let conflict = as_bool(column(batch, internal::IN_CONFLICT)?)?;
+        let missing_id = optional_flag(batch, internal::MISSING_EVENT_ID)?;
+        // Attempts outside [0, MAX_ARCHIVED_ATTEMPTS] are not a retry count.
+        let invalid_attempts = boolean::or(
+            &cmp::lt(&archived, &Int64Array::new_scalar(0))?,
+            &cmp::gt(&archived, &Int64Array::new_scalar(MAX_ARCHIVED_ATTEMPTS))?,
+        )?;
+        let invalid_attempts = null_as_false(&invalid_attempts);
+        // retries so far = archived attempts + replays by earlier committed
+        // runs; for invalid attempts only the runs' replays are known.
+        let archived = zip::zip(&invalid_attempts, &Int64Array::new_scalar(0), &archived)?;
+        let retries = saturating_add(&archived, &replays)?;
 
         let error = cast(column(batch, internal::ERROR)?, &DataType::Utf8)?;
         let error = error
@@ -171,13 +228,20 @@ impl Policy {
 
         // First match wins: mask each rule by the ones before it.
         let live = boolean::not(&skipped)?;
-        let is_conflict = boolean::and(&live, &conflict)?;
-        let rest = boolean::and_not(&live, &is_conflict)?;
+        let is_missing_id = boolean::and(&live, &missing_id)?;
+        let rest = boolean::and_not(&live, &is_missing_id)?;
+        let is_invalid = boolean::and(&rest, &invalid_attempts)?;
+        let rest = boolean::and_not(&rest, &is_invalid)?;
+        let is_conflict = boolean::and(&rest, &conflict)?;
+        let rest = boolean::and_not(&rest, &is_conflict)?;
         let is_permanent = boolean::and(&rest, &permanent)?;
         let rest = boolean::and_not(&rest, &is_permanent)?;
         let is_exceeded = boolean::and(&rest, &exceeded)?;
         let is_replay = boolean::and_not(&rest, &is_exceeded)?;
-        let is_dlq = boolean::or(&boolean::or(&is_conflict, &is_permanent)?, &is_exceeded)?;
+        let mut is_dlq = is_missing_id.clone();
+        for m in [&is_invalid, &is_conflict, &is_permanent, &is_exceeded] {
+            is_dlq = boolean::or(&is_dlq, m)?;
+        }
 
         let s = |v: &str| Scalar::new(StringArray::from(vec![v]));
         let reason = zip::zip(
@@ -187,9 +251,12 @@ impl Policy {
         )?;
         let reason = zip::zip(&is_permanent, &s(REASON_PERMANENT), &reason)?;
         let reason = zip::zip(&is_conflict, &s(REASON_CONFLICT), &reason)?;
-        let attempt_replay = numeric::add(&retries, &Int64Array::new_scalar(1))?;
+        let reason = zip::zip(&is_invalid, &s(REASON_INVALID_ATTEMPTS), &reason)?;
+        let reason = zip::zip(&is_missing_id, &s(REASON_MISSING_EVENT_ID), &reason)?;
+        let one: ArrayRef = Arc::new(Int64Array::from(vec![1; n]));
+        let attempt_replay = saturating_add(&retries, &one)?;
         let attempt = zip::zip(&is_replay, &attempt_replay, &retries)?;
-        let attempt = cast(&attempt, &DataType::Int32)?;
+        let attempt = clamp_to_i32(&attempt);
 
         // Assemble output rows: source columns + backfill_*.
         let out_schema = output_schema(batch.schema().as_ref());
@@ -230,6 +297,8 @@ impl Policy {
         let count = |m: &BooleanArray| m.true_count() as u64;
         let mut by_reason = BTreeMap::new();
         for (name, m) in [
+            (REASON_MISSING_EVENT_ID, &is_missing_id),
+            (REASON_INVALID_ATTEMPTS, &is_invalid),
             (REASON_CONFLICT, &is_conflict),
             (REASON_PERMANENT, &is_permanent),
             (REASON_MAX_ATTEMPTS, &is_exceeded),
@@ -419,6 +488,127 @@ mod tests {
         assert_eq!(strings(&d.replay, "event_id"), ["n"]);
         assert_eq!(strings(&d.dlq, "backfill_reason"), [REASON_MAX_ATTEMPTS]);
         assert_eq!(d.counts.replayed + d.counts.dead_lettered, 2);
+    }
+
+    /// The same batch with the missing-event-id flag set on these rows.
+    fn with_missing_ids(b: RecordBatch, missing: &[bool]) -> RecordBatch {
+        let mut fields: Vec<Field> = b
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new(
+            internal::MISSING_EVENT_ID,
+            DataType::Boolean,
+            false,
+        ));
+        let mut cols = b.columns().to_vec();
+        cols.push(Arc::new(BooleanArray::from(missing.to_vec())));
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap()
+    }
+
+    /// Regression: attempts of i64::MAX or 3e9 failed the whole run (the
+    /// add overflowed; the Int32 cast gave a NULL in a non-nullable
+    /// column), and -1000 was replayed as attempt -999.
+    #[test]
+    fn absurd_attempts_are_dead_lettered_not_fatal() {
+        let b = batch(&[
+            ("max", Some("timeout"), Some(i64::MAX), false, Some(1), None),
+            (
+                "big",
+                Some("timeout"),
+                Some(3_000_000_000),
+                false,
+                None,
+                None,
+            ),
+            ("neg", Some("timeout"), Some(-1000), false, None, None),
+            ("min", None, Some(i64::MIN), true, None, None),
+            // the bound itself is a (large) retry count
+            ("edge", None, Some(MAX_ARCHIVED_ATTEMPTS), false, None, None),
+            ("ok", None, Some(0), false, None, None),
+        ]);
+        let d = policy(&["timeout"]).decide(&b).unwrap();
+        assert_eq!(
+            strings(&d.dlq, "event_id"),
+            ["max", "big", "neg", "min", "edge"]
+        );
+        assert_eq!(
+            strings(&d.dlq, "backfill_reason"),
+            [
+                REASON_INVALID_ATTEMPTS,
+                REASON_INVALID_ATTEMPTS,
+                REASON_INVALID_ATTEMPTS,
+                // invalid attempts beat a conflict
+                REASON_INVALID_ATTEMPTS,
+                REASON_MAX_ATTEMPTS,
+            ]
+        );
+        // Only the earlier runs' replays count for invalid attempts.
+        assert_eq!(ints(&d.dlq, "backfill_attempt"), [1, 0, 0, 0, 1_000_000]);
+        assert_eq!(strings(&d.replay, "event_id"), ["ok"]);
+        assert_eq!(d.counts.dead_lettered_by_reason[REASON_INVALID_ATTEMPTS], 4);
+        assert_eq!(strings(&d.ledger, "reason")[0], REASON_INVALID_ATTEMPTS);
+    }
+
+    /// Ledger replays near i64::MAX saturate instead of failing the add,
+    /// and the Int32 attempt is clamped, never NULL.
+    #[test]
+    fn counts_saturate() {
+        let b = batch(&[
+            ("x", None, Some(5), false, Some(i64::MAX - 10), None),
+            // 5 + i64::MAX saturates at i64::MAX: exceeded, not an error
+            ("y", None, Some(5), false, Some(i64::MAX), None),
+        ]);
+        let mut p = policy(&[]);
+        p.max_attempts = i64::MAX;
+        let d = p.decide(&b).unwrap();
+        assert_eq!(strings(&d.replay, "event_id"), ["x"]);
+        assert_eq!(ints(&d.replay, "backfill_attempt"), [i32::MAX]);
+        assert_eq!(strings(&d.dlq, "backfill_reason"), [REASON_MAX_ATTEMPTS]);
+        assert_eq!(ints(&d.dlq, "backfill_attempt"), [i32::MAX]);
+
+        let mut a = Decisions {
+            candidates: u64::MAX - 1,
+            replayed: u64::MAX,
+            ..Default::default()
+        };
+        a.dead_lettered_by_reason.insert("r".into(), u64::MAX);
+        let b = a.clone();
+        a.add(&b);
+        assert_eq!(a.candidates, u64::MAX);
+        assert_eq!(a.replayed, u64::MAX);
+        assert_eq!(a.dead_lettered_by_reason["r"], u64::MAX);
+    }
+
+    /// Regression: rows without an event_id vanished from the balance.
+    /// They are dead-lettered once, first of all rules, and skipped once
+    /// an earlier run dead-lettered them.
+    #[test]
+    fn missing_event_id_is_dead_lettered_first() {
+        let b = with_missing_ids(
+            batch(&[
+                ("syn-1", Some("schema"), Some(-5), true, None, None),
+                ("syn-2", None, Some(0), false, Some(0), Some(true)),
+                ("real", None, Some(0), false, None, None),
+            ]),
+            &[true, true, false],
+        );
+        let d = policy(&["schema"]).decide(&b).unwrap();
+        assert_eq!(strings(&d.dlq, "event_id"), ["syn-1"]);
+        assert_eq!(
+            strings(&d.dlq, "backfill_reason"),
+            [REASON_MISSING_EVENT_ID]
+        );
+        assert_eq!(strings(&d.replay, "event_id"), ["real"]);
+        assert_eq!(d.counts.skipped_dead_lettered, 1);
+        assert_eq!(d.counts.dead_lettered_by_reason[REASON_MISSING_EVENT_ID], 1);
+        assert_eq!(strings(&d.ledger, "event_id"), ["syn-1", "real"]);
+        assert_eq!(
+            d.counts.replayed + d.counts.dead_lettered + d.counts.skipped_dead_lettered,
+            d.counts.candidates
+        );
     }
 
     #[test]

@@ -57,9 +57,31 @@ pub struct Report {
 
 impl Report {
     /// The balance the README promises; checked before every commit.
+    /// Summed in u128: the check itself must not overflow.
     pub fn balances(&self) -> bool {
-        self.events
-            == self.resolved + self.replayed + self.dead_lettered + self.skipped_dead_lettered
+        self.events as u128
+            == self.resolved as u128
+                + self.replayed as u128
+                + self.dead_lettered as u128
+                + self.skipped_dead_lettered as u128
+    }
+
+    /// Add a batch of gaps' `missing_count` values to `missing_events`,
+    /// saturating: a span of seqs wider than u64 (or several near i64::MAX)
+    /// must read as "huge", never wrap to a small number. Negative or NULL
+    /// counts (which the gaps view never produces) add nothing.
+    pub fn add_missing_counts(&mut self, counts: &dyn arrow::array::Array) {
+        use arrow::array::{Array, AsArray};
+        let Ok(c) = arrow::compute::cast(counts, &arrow::datatypes::DataType::Int64) else {
+            return;
+        };
+        let c = c.as_primitive::<arrow::datatypes::Int64Type>();
+        for i in 0..c.len() {
+            if c.is_valid(i) {
+                let v = u64::try_from(c.value(i)).unwrap_or(0);
+                self.missing_events = self.missing_events.saturating_add(v);
+            }
+        }
     }
 
     /// The human summary.
@@ -128,5 +150,36 @@ impl Report {
         }
         let _ = writeln!(s, "  elapsed           {} ms", self.elapsed_ms);
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+
+    /// Regression: the sum over gaps wrapped around on huge seq spans.
+    #[test]
+    fn missing_counts_saturate() {
+        let mut r = Report::default();
+        r.add_missing_counts(&Int64Array::from(vec![
+            Some(i64::MAX),
+            Some(i64::MAX),
+            None,
+        ]));
+        assert_eq!(r.missing_events, u64::MAX - 1);
+        r.add_missing_counts(&Int64Array::from(vec![i64::MAX, 5, -3]));
+        assert_eq!(r.missing_events, u64::MAX);
+    }
+
+    #[test]
+    fn balance_check_does_not_overflow() {
+        let r = Report {
+            events: 1,
+            resolved: u64::MAX,
+            replayed: 2,
+            ..Default::default()
+        };
+        assert!(!r.balances());
     }
 }

@@ -350,9 +350,7 @@ async fn execute(
             let b = b?;
             report.gaps += b.num_rows() as u64;
             if let Some(c) = b.column_by_name("missing_count") {
-                let c = arrow::compute::cast(c, &arrow::datatypes::DataType::Int64)?;
-                report.missing_events +=
-                    arrow::compute::sum(c.as_primitive::<Int64Type>()).unwrap_or(0) as u64;
+                report.add_missing_counts(c.as_ref());
             }
             let b = with_run_columns(&b, &settings.run_id, detected_at_us)?;
             for s in sinks.iter_mut().filter(|s| s.kind == SinkKind::Gaps) {

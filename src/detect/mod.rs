@@ -29,6 +29,8 @@ pub mod internal {
     pub const IN_CONFLICT: &str = "__bf_in_conflict";
     pub const LEDGER_REPLAYS: &str = "__bf_ledger_replays";
     pub const LEDGER_DEAD: &str = "__bf_ledger_dead";
+    /// The archive row had no event_id; `event_id` holds a synthetic one.
+    pub const MISSING_EVENT_ID: &str = "__bf_missing_event_id";
     pub const PREFIX: &str = "__bf_";
 }
 
@@ -120,6 +122,7 @@ pub async fn candidates(
         col("backfill_in_conflict").alias(internal::IN_CONFLICT),
         col("backfill_ledger_replays").alias(internal::LEDGER_REPLAYS),
         col("backfill_ledger_dead").alias(internal::LEDGER_DEAD),
+        col(crate::source::MISSING_EVENT_ID_COLUMN).alias(internal::MISSING_EVENT_ID),
     ]);
     // Sort on the canonical columns before projecting them away.
     let df = df.sort(vec![
@@ -202,6 +205,7 @@ mod tests {
             partitions: vec![],
             storage: Default::default(),
             kafka: None,
+            exclude: vec![],
         };
         assert!(candidates_sql(&scan).contains("FROM conflicts WHERE false"));
         scan.detect_conflicts = true;

@@ -12,6 +12,7 @@
 //! Never reads data with std::fs: every byte comes through the location's
 //! object store.
 
+pub mod named;
 pub mod partitions;
 
 pub use partitions::partition_granularity;
@@ -39,6 +40,26 @@ use serde::Serialize;
 
 use crate::job::{Columns, PartitionSpec, Scan};
 use crate::location::{self, Location, LocationError};
+
+/// The column of `events` that is true where the archive row had no
+/// event_id (NULL), and `event_id` holds a synthetic one.
+pub const MISSING_EVENT_ID_COLUMN: &str = "backfill_missing_event_id";
+
+/// The prefix of synthetic event ids. A row without an event_id still needs
+/// a stable ledger id, so that a second run over the same archive skips the
+/// dead letter the first run wrote instead of writing it again. The id is
+/// derived from the row's content, never from its file or position (files
+/// are compacted and re-partitioned; the ledger must not notice):
+///
+/// `backfill:missing-event-id:<key>/<seq>/<event_time>` where `<key>` is
+/// `<length in characters>:<key>` (so no key can fake a separator),
+/// `<seq>` the decimal seq, `<event_time>` whole microseconds since the
+/// epoch (sub-microsecond digits dropped), and `-` stands for NULL. Rows
+/// without an event_id that agree on all three are one event.
+///
+/// The prefix is reserved: an archived event_id that starts with it is
+/// treated as missing too, so a synthetic id never collides with a real one.
+pub const MISSING_EVENT_ID_PREFIX: &str = "backfill:missing-event-id:";
 
 /// Errors reading the archive. `is_config` tells usage errors (exit 2)
 /// from runtime ones (exit 1).
@@ -79,6 +100,15 @@ pub enum SourceError {
     },
     #[error("source {location}: {message}")]
     Unsupported { location: String, message: String },
+    #[error(
+        "{file}: column '{column}' holds {value} {unit} since the epoch, beyond what the archive's microsecond timestamps can hold (about ±292,000 years)"
+    )]
+    TimeOutOfRange {
+        file: String,
+        column: String,
+        value: i64,
+        unit: &'static str,
+    },
     #[error(transparent)]
     Kafka(#[from] crate::kafka::KafkaError),
     #[error("query engine: {0}")]
@@ -103,13 +133,21 @@ impl SourceError {
 /// One archive file, listed and footer-read.
 #[derive(Debug, Clone)]
 pub struct ArchiveFile {
+    /// The store the file lives in (for reading it again on a scan error).
+    pub store: Arc<dyn ObjectStore>,
     pub meta: ObjectMeta,
     pub url: String,
+    /// The name errors use (a path for local files, a URL otherwise).
+    pub display: String,
     pub rows: i64,
     pub row_groups: usize,
     /// event_time range from the footer's row-group statistics, in UTC
-    /// microseconds; None when a row group has no statistics.
+    /// microseconds (min rounded down, max up, clamped to i64: always a
+    /// superset); None when a row group has no statistics.
     pub time_range: Option<(i64, i64)>,
+    /// The file's own event_time unit and its extreme raw values, to check
+    /// that they survive the archive's unified unit.
+    pub time_raw: Option<(TimeUnit, i64, i64)>,
 }
 
 impl ArchiveFile {
@@ -119,13 +157,16 @@ impl ArchiveFile {
         let Some((min, max)) = self.time_range else {
             return true;
         };
+        // `max < from` and `min >= to`, compared at full precision: a bound
+        // with sub-microsecond digits must not prune a file it overlaps.
+        let micros = |t: DateTime<Utc>| ceil_in_unit(t, TimeUnit::Microsecond);
         if let Some(f) = from
-            && max < f.timestamp_micros()
+            && (max as i128) < micros(f)
         {
             return false;
         }
         if let Some(t) = to
-            && min >= t.timestamp_micros()
+            && (min as i128) >= micros(t)
         {
             return false;
         }
@@ -207,7 +248,8 @@ pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, Sour
         }
         let loc = location::resolve(src, &scan.storage)?;
         loc.register(ctx);
-        let listing = list_archive(&loc, &scan.partitions, scan.from, scan.to).await?;
+        let excluded = excluded_prefixes(&loc, &scan.exclude, &scan.storage)?;
+        let listing = list_archive(&loc, &scan.partitions, scan.from, scan.to, &excluded).await?;
         if listing.files.is_empty() && listing.pruned.is_empty() {
             return Err(SourceError::Empty {
                 location: loc.original.clone(),
@@ -254,7 +296,13 @@ pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, Sour
             } else {
                 all_files.iter().collect()
             };
-            Some(merge_schemas(loc, &schema_files).await?)
+            let merged = merge_schemas(loc, &schema_files).await?;
+            if let Ok(f) = merged.field_with_name(&scan.columns.event_time) {
+                for file in &all_files {
+                    check_time_range(file, &scan.columns.event_time, f.data_type())?;
+                }
+            }
+            Some(merged)
         }
         None => None,
     };
@@ -352,7 +400,52 @@ fn archive_table(
     let config = ListingTableConfig::new_with_multi_paths(urls)
         .with_listing_options(options)
         .with_schema(schema.clone());
-    Ok(Arc::new(ListingTable::try_new(config)?))
+    let listing = Arc::new(ListingTable::try_new(config)?);
+    let named = files
+        .iter()
+        .map(|f| named::NamedFile {
+            store: f.store.clone(),
+            meta: f.meta.clone(),
+            display: f.display.clone(),
+        })
+        .collect();
+    Ok(Arc::new(named::NamedFiles::new(listing, named)))
+}
+
+/// The run's own outputs and state, where they lie inside the archive: a
+/// run must never read back what it (or an earlier run) wrote, or replays
+/// would be replayed again. They are left out of the listing rather than
+/// refused, since `--out archive/_backfill`-style layouts are common; an
+/// output location that *is* the archive is refused (exit 2), as nothing
+/// would be left to read.
+fn excluded_prefixes(
+    loc: &Location,
+    exclude: &[String],
+    storage: &location::StorageSettings,
+) -> Result<Vec<Path>, SourceError> {
+    let mut out = vec![];
+    for e in exclude {
+        let Ok(ex) = location::resolve(e, storage) else {
+            // Not a store location (a Kafka URL, stdout): nothing to exclude.
+            continue;
+        };
+        if ex.store_url != loc.store_url {
+            continue;
+        }
+        let (src, inner) = (loc.prefix.as_ref(), ex.prefix.as_ref());
+        if inner == src || src.is_empty() && inner.is_empty() {
+            return Err(SourceError::Unsupported {
+                location: loc.original.clone(),
+                message: format!(
+                    "the output location {e} is the archive itself; write outputs outside it or in a folder below it"
+                ),
+            });
+        }
+        if src.is_empty() || inner.starts_with(&format!("{src}/")) {
+            out.push(ex.prefix.clone());
+        }
+    }
+    Ok(out)
 }
 
 struct Listing {
@@ -370,6 +463,7 @@ async fn list_archive(
     partitions: &[PartitionSpec],
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
+    excluded: &[Path],
 ) -> Result<Listing, SourceError> {
     let mut out = Listing {
         files: vec![],
@@ -419,7 +513,7 @@ async fn list_archive(
             .map_err(list_err)?;
         for dir in res.common_prefixes {
             let name = dir.filename().unwrap_or_default().to_string();
-            if name.starts_with('_') || name.starts_with('.') {
+            if name.starts_with('_') || name.starts_with('.') || excluded.contains(&dir) {
                 continue;
             }
             let mut v = values.clone();
@@ -443,7 +537,7 @@ async fn list_archive(
             stack.push((dir, v));
         }
         for m in res.objects {
-            if !is_data_file(&m.location) {
+            if !is_data_file(&m.location) || excluded.contains(&m.location) {
                 continue;
             }
             if m.size == 0 {
@@ -478,9 +572,12 @@ async fn read_footer(
             message: e.to_string().replace('\n', " "),
         })?;
     let md = builder.metadata();
-    let time_range = footer_time_range(builder.schema(), md, event_time);
+    let time_raw = footer_time_raw(builder.schema(), md, event_time);
     Ok(ArchiveFile {
-        time_range,
+        time_range: micros_range(time_raw),
+        time_raw,
+        display,
+        store: loc.store.clone(),
         rows: md.file_metadata().num_rows(),
         row_groups: md.num_row_groups(),
         url: loc.object_url(&meta.location),
@@ -488,40 +585,120 @@ async fn read_footer(
     })
 }
 
-/// The event_time range of a file from its row-group statistics, in UTC
-/// microseconds. None (keep the file) when the column is absent, not a
+/// The event_time of a file from its row-group statistics: its unit and
+/// raw extremes. None (keep the file) when the column is absent, not a
 /// timestamp, or any row group lacks statistics.
-fn footer_time_range(
+fn footer_time_raw(
     schema: &Schema,
     md: &parquet::file::metadata::ParquetMetaData,
     event_time: &str,
-) -> Option<(i64, i64)> {
+) -> Option<(TimeUnit, i64, i64)> {
     use arrow::array::{Array, AsArray};
     use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
     if md.num_row_groups() == 0 {
         return None;
     }
     let field = schema.field_with_name(event_time).ok()?;
-    if !matches!(field.data_type(), DataType::Timestamp(_, _)) {
+    let DataType::Timestamp(unit, _) = field.data_type() else {
         return None;
-    }
+    };
     let conv =
         StatisticsConverter::try_new(event_time, schema, md.file_metadata().schema_descr()).ok()?;
-    let to_micros = |a: arrow::array::ArrayRef| -> Option<Vec<i64>> {
-        let a = arrow::compute::cast(&a, &DataType::Timestamp(TimeUnit::Microsecond, None)).ok()?;
-        let a = a.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+    // Raw values in the file's own unit: converting here could overflow,
+    // and that is for the caller to report, not to hide.
+    let raw = |a: arrow::array::ArrayRef| -> Option<Vec<i64>> {
+        let a = arrow::compute::cast(&a, &DataType::Int64).ok()?;
+        let a = a.as_primitive::<arrow::datatypes::Int64Type>();
         if a.null_count() > 0 {
             return None;
         }
         Some(a.values().to_vec())
     };
-    let mins = to_micros(conv.row_group_mins(md.row_groups()).ok()?)?;
-    let maxes = to_micros(conv.row_group_maxes(md.row_groups()).ok()?)?;
-    Some((*mins.iter().min()?, *maxes.iter().max()?))
+    let mins = raw(conv.row_group_mins(md.row_groups()).ok()?)?;
+    let maxes = raw(conv.row_group_maxes(md.row_groups()).ok()?)?;
+    Some((*unit, *mins.iter().min()?, *maxes.iter().max()?))
+}
+
+/// Nanoseconds in one `unit`.
+fn nanos_per(unit: TimeUnit) -> i128 {
+    match unit {
+        TimeUnit::Second => 1_000_000_000,
+        TimeUnit::Millisecond => 1_000_000,
+        TimeUnit::Microsecond => 1_000,
+        TimeUnit::Nanosecond => 1,
+    }
+}
+
+/// `v` (in `from`) expressed in `to`, rounded down or up; i128 so that
+/// nothing overflows on the way.
+fn convert_unit(v: i64, from: TimeUnit, to: TimeUnit, round_up: bool) -> i128 {
+    let ns = v as i128 * nanos_per(from);
+    let per = nanos_per(to);
+    if round_up {
+        -((-ns).div_euclid(per))
+    } else {
+        ns.div_euclid(per)
+    }
+}
+
+/// The smallest value of `unit` at or after `t`: for integer x, `x >= t`
+/// iff `x >= ceil(t)` and `x < t` iff `x < ceil(t)`, so both window bounds
+/// are exact in any unit, whatever digits the user wrote.
+fn ceil_in_unit(t: DateTime<Utc>, unit: TimeUnit) -> i128 {
+    let ns = t.timestamp() as i128 * 1_000_000_000 + t.timestamp_subsec_nanos() as i128;
+    let per = nanos_per(unit);
+    -((-ns).div_euclid(per))
+}
+
+/// A file's event_time range in microseconds, as a superset (see
+/// [`ArchiveFile::time_range`]).
+fn micros_range(raw: Option<(TimeUnit, i64, i64)>) -> Option<(i64, i64)> {
+    let (unit, min, max) = raw?;
+    let clamp = |v: i128| v.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+    Some((
+        clamp(convert_unit(min, unit, TimeUnit::Microsecond, false)),
+        clamp(convert_unit(max, unit, TimeUnit::Microsecond, true)),
+    ))
+}
+
+/// The event_time values of a file must fit the unit the archive reads them
+/// in; a year-300,000 value in a millisecond file next to a microsecond one
+/// would otherwise fail the scan with a cast error that names no file.
+fn check_time_range(
+    file: &ArchiveFile,
+    column: &str,
+    archive_type: &DataType,
+) -> Result<(), SourceError> {
+    let (Some((unit, min, max)), DataType::Timestamp(target, _)) = (file.time_raw, archive_type)
+    else {
+        return Ok(());
+    };
+    let fits = |v: i64| i64::try_from(v as i128 * nanos_per(unit) / nanos_per(*target)).is_ok();
+    for v in [min, max] {
+        if !fits(v) {
+            return Err(SourceError::TimeOutOfRange {
+                file: file.display.clone(),
+                column: column.to_string(),
+                value: v,
+                unit: unit_name(unit),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn unit_name(u: TimeUnit) -> &'static str {
+    match u {
+        TimeUnit::Second => "seconds",
+        TimeUnit::Millisecond => "milliseconds",
+        TimeUnit::Microsecond => "microseconds",
+        TimeUnit::Nanosecond => "nanoseconds",
+    }
 }
 
 /// Merge the schemas of every file: union of columns (first-seen order),
-/// Int32 widened to Int64, timestamp units unified (finest wins) and zones
+/// Int32 widened to Int64, timestamp units unified (microseconds where files
+/// differ) and zones
 /// normalized to UTC, nullable where any file lacks the column.
 #[allow(deprecated)]
 async fn merge_schemas(loc: &Location, files: &[&ArchiveFile]) -> Result<SchemaRef, SourceError> {
@@ -597,14 +774,12 @@ fn unify(a: &DataType, b: &DataType) -> Option<DataType> {
     match (a, b) {
         (Int32, Int64) | (Int64, Int32) => Some(Int64),
         (Int16 | Int8, Int32) | (Int32, Int16 | Int8) => Some(Int32),
+        // Files that disagree on the unit meet at microseconds: ±292,000
+        // years at microsecond resolution. Nanoseconds (the finest unit)
+        // end in 2262, so a year-3000 value in a millisecond file would not
+        // survive them; seconds and milliseconds would drop digits.
         (Timestamp(u1, _), Timestamp(u2, _)) => {
-            let rank = |u: &TimeUnit| match u {
-                TimeUnit::Second => 0,
-                TimeUnit::Millisecond => 1,
-                TimeUnit::Microsecond => 2,
-                TimeUnit::Nanosecond => 3,
-            };
-            let u = if rank(u1) >= rank(u2) { *u1 } else { *u2 };
+            let u = if u1 == u2 { *u1 } else { TimeUnit::Microsecond };
             Some(Timestamp(u, Some("UTC".into())))
         }
         (Utf8, LargeUtf8) | (LargeUtf8, Utf8) => Some(LargeUtf8),
@@ -786,11 +961,26 @@ async fn register_events(
     let time_field = schema
         .field_with_name(&c.event_time)
         .map_err(|e| SourceError::DataFusion(e.into()))?;
+    let time = || col(quoted(&c.event_time));
+    if scan.from.is_some() || scan.to.is_some() {
+        // A windowed run never sees a row without a time (as before, when
+        // the comparisons below dropped them), even when a bound lies
+        // beyond what the column's unit can hold and falls away.
+        df = df.filter(time().is_not_null())?;
+    }
     if let Some(f) = scan.from {
-        df = df.filter(col(quoted(&c.event_time)).gt_eq(lit(time_literal(time_field, f))))?;
+        match window_bound(time_field, f) {
+            Bound::Value(v) => df = df.filter(time().gt_eq(lit(v)))?,
+            Bound::BeyondMax => df = df.filter(lit(false))?,
+            Bound::BeforeMin => {}
+        }
     }
     if let Some(t) = scan.to {
-        df = df.filter(col(quoted(&c.event_time)).lt(lit(time_literal(time_field, t))))?;
+        match window_bound(time_field, t) {
+            Bound::Value(v) => df = df.filter(time().lt(lit(v)))?,
+            Bound::BeyondMax => {}
+            Bound::BeforeMin => df = df.filter(lit(false))?,
+        }
     }
     let renamed: BTreeMap<&str, &str> = c.pairs().iter().map(|(k, v)| (*v, *k)).collect();
     let mut exprs: Vec<Expr> = vec![];
@@ -832,7 +1022,7 @@ async fn register_events(
     exprs.push(
         datafusion::functions::expr_fn::coalesce(vec![done, lit(false)]).alias("backfill_done"),
     );
-    let df = df.select(exprs)?;
+    let df = with_event_identity(df.select(exprs)?)?;
     ctx.register_table("events", df.into_view())?;
     Ok(())
 }
@@ -843,23 +1033,104 @@ pub fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-fn time_literal(field: &Field, t: DateTime<Utc>) -> ScalarValue {
-    let tz = match field.data_type() {
-        DataType::Timestamp(_, tz) => tz.clone(),
-        _ => None,
+/// A window bound in the stored column's own unit.
+#[derive(Debug, PartialEq)]
+enum Bound {
+    /// The exact bound: the smallest value of the unit at or after it.
+    Value(ScalarValue),
+    /// After every value the unit can hold (`--to 9999-12-31` on
+    /// nanoseconds, which end in 2262).
+    BeyondMax,
+    /// Before every value the unit can hold (`--from 0001-01-01` on
+    /// nanoseconds, which start in 1677).
+    BeforeMin,
+}
+
+/// The literal that compares the stored column with a window bound exactly.
+/// Rounding up is right for both bounds: for an integer x, `x >= t` iff
+/// `x >= ceil(t)` and `x < t` iff `x < ceil(t)`. The literal has the
+/// column's own type, so the filter reaches Parquet statistics unchanged.
+fn window_bound(field: &Field, t: DateTime<Utc>) -> Bound {
+    let (unit, tz) = match field.data_type() {
+        DataType::Timestamp(u, tz) => (*u, tz.clone()),
+        _ => (TimeUnit::Microsecond, None),
     };
-    match field.data_type() {
-        DataType::Timestamp(TimeUnit::Second, _) => {
-            ScalarValue::TimestampSecond(Some(t.timestamp()), tz)
+    let v = ceil_in_unit(t, unit);
+    let Ok(v) = i64::try_from(v) else {
+        return if v > 0 {
+            Bound::BeyondMax
+        } else {
+            Bound::BeforeMin
+        };
+    };
+    Bound::Value(match unit {
+        TimeUnit::Second => ScalarValue::TimestampSecond(Some(v), tz),
+        TimeUnit::Millisecond => ScalarValue::TimestampMillisecond(Some(v), tz),
+        TimeUnit::Microsecond => ScalarValue::TimestampMicrosecond(Some(v), tz),
+        TimeUnit::Nanosecond => ScalarValue::TimestampNanosecond(Some(v), tz),
+    })
+}
+
+/// `events` with a usable identity for every row: where the archive has no
+/// event_id (or a reserved one), `event_id` becomes the synthetic id of
+/// [`MISSING_EVENT_ID_PREFIX`] and [`MISSING_EVENT_ID_COLUMN`] is true.
+/// Every count, the ledger and the balance then see these rows like any
+/// other event; the policy dead-letters them as `missing_event_id`.
+fn with_event_identity(
+    df: datafusion::dataframe::DataFrame,
+) -> Result<datafusion::dataframe::DataFrame, SourceError> {
+    use datafusion::functions::expr_fn::{character_length, coalesce, concat, starts_with};
+    use datafusion::logical_expr::when;
+    let id = || col("event_id");
+    let missing = id()
+        .is_null()
+        .or(starts_with(id(), lit(MISSING_EVENT_ID_PREFIX)));
+    let text = |e: Expr| {
+        when(e.clone().is_null(), lit("-")).otherwise(concat(vec![
+            cast(character_length(e.clone()), DataType::Utf8),
+            lit(":"),
+            e,
+        ]))
+    };
+    let number = |e: Expr| coalesce(vec![cast(e, DataType::Utf8), lit("-")]);
+    // Whole microseconds, whatever the stored unit, so that the id does not
+    // change when a file of another unit joins the archive.
+    let time_tz = match df.schema().field_with_unqualified_name("event_time") {
+        Ok(f) => match f.data_type() {
+            DataType::Timestamp(_, tz) => tz.clone(),
+            _ => None,
+        },
+        Err(_) => None,
+    };
+    let micros = cast(
+        cast(
+            col("event_time"),
+            DataType::Timestamp(TimeUnit::Microsecond, time_tz),
+        ),
+        DataType::Int64,
+    );
+    let synthetic = concat(vec![
+        lit(MISSING_EVENT_ID_PREFIX),
+        text(col("key"))?,
+        lit("/"),
+        number(col("seq")),
+        lit("/"),
+        number(micros),
+    ]);
+    let mut exprs: Vec<Expr> = vec![];
+    for f in df.schema().fields() {
+        if f.name() == "event_id" {
+            exprs.push(
+                when(missing.clone(), synthetic.clone())
+                    .otherwise(id())?
+                    .alias("event_id"),
+            );
+        } else {
+            exprs.push(col(quoted(f.name())));
         }
-        DataType::Timestamp(TimeUnit::Millisecond, _) => {
-            ScalarValue::TimestampMillisecond(Some(t.timestamp_millis()), tz)
-        }
-        DataType::Timestamp(TimeUnit::Nanosecond, _) => {
-            ScalarValue::TimestampNanosecond(Some(t.timestamp_nanos_opt().unwrap_or(i64::MAX)), tz)
-        }
-        _ => ScalarValue::TimestampMicrosecond(Some(t.timestamp_micros()), tz),
     }
+    exprs.push(missing.alias(MISSING_EVENT_ID_COLUMN));
+    Ok(df.select(exprs)?)
 }
 
 #[cfg(test)]
@@ -897,7 +1168,8 @@ mod tests {
         assert_eq!(m.field(1).data_type(), &DataType::Int64);
         assert_eq!(
             m.field(2).data_type(),
-            &DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+            &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            "units that differ meet at microseconds (not the finest: ns ends in 2262)"
         );
         let same = merge(&[("a".into(), a.clone()), ("b".into(), a)]).unwrap();
         assert_eq!(
@@ -906,6 +1178,93 @@ mod tests {
             "a type all files agree on is kept"
         );
         assert!(m.field(3).is_nullable(), "missing in a file => nullable");
+    }
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    /// Bounds round up in the column's unit: exact for `>=` and `<` alike.
+    #[test]
+    fn window_bounds_are_exact_in_the_stored_unit() {
+        let ms = Field::new(
+            "t",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            true,
+        );
+        let base = t("2024-01-01T00:00:00Z").timestamp_millis();
+        assert_eq!(
+            window_bound(&ms, t("2024-01-01T00:00:00.0005Z")),
+            Bound::Value(ScalarValue::TimestampMillisecond(
+                Some(base + 1),
+                Some("UTC".into())
+            ))
+        );
+        assert_eq!(
+            window_bound(&ms, t("2024-01-01T00:00:00.001Z")),
+            Bound::Value(ScalarValue::TimestampMillisecond(
+                Some(base + 1),
+                Some("UTC".into())
+            ))
+        );
+        // Before 1970 too: -0.5 ms rounds up to 0, not down to -1.
+        assert_eq!(
+            window_bound(&ms, t("1969-12-31T23:59:59.9995Z")),
+            Bound::Value(ScalarValue::TimestampMillisecond(
+                Some(0),
+                Some("UTC".into())
+            ))
+        );
+        let ns = Field::new("t", DataType::Timestamp(TimeUnit::Nanosecond, None), true);
+        assert_eq!(
+            window_bound(&ns, t("0001-01-01T00:00:00Z")),
+            Bound::BeforeMin
+        );
+        assert_eq!(
+            window_bound(&ns, t("3000-01-01T00:00:00Z")),
+            Bound::BeyondMax
+        );
+    }
+
+    /// Footer ranges are a superset: a bound with sub-microsecond digits
+    /// never prunes a file that holds a row inside the window.
+    #[test]
+    fn footer_pruning_is_exact() {
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let file = |raw: (TimeUnit, i64, i64)| ArchiveFile {
+            store: store.clone(),
+            meta: ObjectMeta {
+                location: Path::from("x.parquet"),
+                last_modified: Utc::now(),
+                size: 1,
+                e_tag: None,
+                version: None,
+            },
+            url: "memory:///x.parquet".into(),
+            display: "x.parquet".into(),
+            rows: 1,
+            row_groups: 1,
+            time_range: micros_range(Some(raw)),
+            time_raw: Some(raw),
+        };
+        // One row at 1.5 us (in ns).
+        let f = file((TimeUnit::Nanosecond, 1_500, 1_500));
+        assert_eq!(f.time_range, Some((1, 2)));
+        let at = |ns: u32| Some(DateTime::from_timestamp(0, ns).unwrap());
+        assert!(f.may_overlap(at(1_400), at(1_600)));
+        // The range is whole microseconds (1..=2): only a bound past it prunes.
+        assert!(f.may_overlap(at(1_600), None));
+        assert!(!f.may_overlap(at(2_001), None), "max <= 2us < from: pruned");
+        assert!(!f.may_overlap(None, at(1_000)), "to is exclusive");
+        // The overflow check: ms values that microseconds cannot hold.
+        let far = file((TimeUnit::Millisecond, 0, 9_500_000_000_000_000));
+        let us = DataType::Timestamp(TimeUnit::Microsecond, None);
+        let e = check_time_range(&far, "event_time", &us)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x.parquet") && e.contains("event_time"), "{e}");
+        let ms = DataType::Timestamp(TimeUnit::Millisecond, None);
+        assert!(check_time_range(&far, "event_time", &ms).is_ok());
     }
 
     #[test]

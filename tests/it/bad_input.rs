@@ -343,3 +343,59 @@ fn malformed_column_and_memory_flags() {
         assert_error(&run, 2, &[named], &out);
     }
 }
+
+/// A data page that fails to decompress (footer intact, so listing and
+/// schema merging pass) failed the run with a bare Parquet error naming no
+/// file. The error names the file now.
+#[test]
+fn corrupt_data_page_names_its_file() {
+    use parquet::arrow::ArrowWriter;
+    use parquet::basic::Compression;
+    use parquet::file::properties::WriterProperties;
+
+    let archive = archive_with(&Layout::default());
+    let rows: Vec<Row> = (0..4000)
+        .map(|i| {
+            Row::new(
+                &format!("event-{:08}-{:x}", i, i * 7919 % 65521),
+                "k2",
+                i,
+                "2024-01-01T00:00:00Z",
+                Some("failed"),
+            )
+        })
+        .collect();
+    let batch = Layout::default().batch(&rows);
+    let path = archive.path().join("dt=2024-01-01/corrupt-page.parquet");
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_dictionary_enabled(false)
+        .build();
+    let mut w = ArrowWriter::try_new(
+        fs::File::create(&path).unwrap(),
+        batch.schema(),
+        Some(props),
+    )
+    .unwrap();
+    w.write(&batch).unwrap();
+    let md = w.close().unwrap();
+    // Overwrite the middle of the event_id column chunk: its page header
+    // and the footer stay valid, its compressed body does not.
+    let col = md.row_group(0).column(0);
+    assert_eq!(col.column_path().string(), "event_id");
+    let (start, len) = (
+        col.data_page_offset() as usize,
+        col.compressed_size() as usize,
+    );
+    assert!(len > 1000, "the chunk is big enough to corrupt: {len}");
+    let mut bytes = fs::read(&path).unwrap();
+    for b in &mut bytes[start + len / 3..start + 2 * len / 3] {
+        *b = 0xAB;
+    }
+    fs::write(&path, bytes).unwrap();
+
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let run = run_job(&archive.source(), &out, &[]);
+    assert_error(&run, 1, &["corrupt-page.parquet"], &out);
+}

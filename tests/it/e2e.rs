@@ -167,6 +167,8 @@ fn diff_report(
         Some(m) => {
             let want = exp.by_reason();
             for reason in [
+                "missing_event_id",
+                "invalid_attempts",
                 "sequence_conflict",
                 "permanent_error",
                 "max_attempts_exceeded",
@@ -181,6 +183,8 @@ fn diff_report(
             }
             for k in m.keys() {
                 if ![
+                    "missing_event_id",
+                    "invalid_attempts",
                     "sequence_conflict",
                     "permanent_error",
                     "max_attempts_exceeded",

@@ -7,6 +7,7 @@ mod cli;
 mod commit;
 mod crash;
 mod e2e;
+mod impossible;
 mod kafka;
 mod kafka_e2e;
 mod reference;

@@ -396,6 +396,33 @@ impl Expected {
     }
 }
 
+/// The reserved prefix of synthetic event ids (README "The decision").
+pub const MISSING_PREFIX: &str = "backfill:missing-event-id:";
+
+/// The id an archive row is decided and ledgered under: its event_id, or
+/// for a row without one (NULL, or starting with the reserved prefix)
+/// `backfill:missing-event-id:<chars>:<key>/<seq>/<event_time µs>`, `-`
+/// for NULL.
+pub fn ledger_id(r: &Record, c: &Columns) -> String {
+    if let Some(id) = get(r, &c.event_id).as_str()
+        && !id.starts_with(MISSING_PREFIX)
+    {
+        return id.to_string();
+    }
+    let key = match get(r, &c.key).as_str() {
+        Some(k) => format!("{}:{k}", k.chars().count()),
+        None => "-".into(),
+    };
+    let seq = get(r, &c.seq)
+        .as_int()
+        .map_or("-".to_string(), |s| s.to_string());
+    // Nanoseconds to whole microseconds, sub-microsecond digits dropped.
+    let time = get(r, &c.event_time)
+        .as_ts()
+        .map_or("-".to_string(), |t| (t / 1000).to_string());
+    format!("{MISSING_PREFIX}{key}/{seq}/{time}")
+}
+
 fn get<'a>(r: &'a Record, col: &str) -> &'a Value {
     r.get(col).unwrap_or(&Value::Null)
 }
@@ -419,21 +446,30 @@ pub fn decide(source: &Source, cfg: &Config, ledger: &Ledger) -> Expected {
         })
         .collect();
 
+    // Rows without an event_id (or with a reserved one) are events under a
+    // synthetic id built from key, seq and event_time (README "The
+    // decision"); `missing` remembers which ids are synthetic.
     let mut by_event: BTreeMap<String, Vec<&Record>> = BTreeMap::new();
+    let mut missing: BTreeSet<String> = BTreeSet::new();
     for r in &rows {
-        let id = get(r, &c.event_id)
-            .as_str()
-            .expect("event_id is a non-NULL string")
-            .to_string();
+        let id = ledger_id(r, c);
+        if get(r, &c.event_id).as_str() != Some(id.as_str()) {
+            missing.insert(id.clone());
+        }
         by_event.entry(id).or_default().push(r);
     }
+    let has_own_id = |r: &Record| {
+        get(r, &c.event_id)
+            .as_str()
+            .is_some_and(|s| !s.starts_with(MISSING_PREFIX))
+    };
 
     // 3. conflicts
     let mut carriers: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
     if cfg.conflicts {
         for r in &rows {
             let (k, s) = (get(r, &c.key), get(r, &c.seq));
-            if k.is_null() || s.is_null() {
+            if k.is_null() || s.is_null() || !has_own_id(r) {
                 continue;
             }
             carriers
@@ -476,7 +512,13 @@ pub fn decide(source: &Source, cfg: &Config, ledger: &Ledger) -> Expected {
         let attempts = |r: &Record| get(r, &c.attempts).as_int().unwrap_or(0);
         let time = |r: &Record| get(r, &c.event_time).as_ts().unwrap_or(i64::MIN);
         let max_attempts = event_rows.iter().map(|r| attempts(r)).max().unwrap_or(0);
-        let retries = max_attempts + ledger.replayed.get(id).copied().unwrap_or(0);
+        let invalid = !(0..=1_000_000).contains(&max_attempts);
+        let replays = ledger.replayed.get(id).copied().unwrap_or(0);
+        let retries = if invalid {
+            replays
+        } else {
+            max_attempts + replays
+        };
         let best_time = event_rows
             .iter()
             .filter(|r| attempts(r) == max_attempts)
@@ -492,12 +534,22 @@ pub fn decide(source: &Source, cfg: &Config, ledger: &Ledger) -> Expected {
                 candidates.push((*r).clone());
             }
         }
+        if missing.contains(id) {
+            // The outputs carry the synthetic id in the event_id column.
+            for cand in candidates.iter_mut() {
+                cand.insert(c.event_id.clone(), Value::Str(id.clone()));
+            }
+        }
         let chosen = &candidates[0];
         let key = get(chosen, &c.key).clone();
         let seq = get(chosen, &c.seq).clone();
         let error = get(chosen, &c.error).as_str().map(str::to_string);
         // 6. first match wins
-        let reason = if cfg.conflicts && conflict(&key, &seq) {
+        let reason = if missing.contains(id) {
+            Some("missing_event_id")
+        } else if invalid {
+            Some("invalid_attempts")
+        } else if cfg.conflicts && conflict(&key, &seq) {
             Some("sequence_conflict")
         } else if error
             .as_deref()
@@ -539,12 +591,17 @@ pub fn decide(source: &Source, cfg: &Config, ledger: &Ledger) -> Expected {
                 .or_default()
                 .push(r);
         }
+        // Rows without an id of their own are observed seqs that name no
+        // neighbour: NULL id and time where a seq has only such rows.
         let side = |rs: &Vec<&Record>| -> (Value, Vec<i64>) {
-            let id = rs
+            let Some(id) = rs
                 .iter()
+                .filter(|r| has_own_id(r))
                 .map(|r| get(r, &c.event_id).as_str().unwrap().to_string())
                 .min()
-                .unwrap();
+            else {
+                return (Value::Null, Vec::new());
+            };
             let times = rs
                 .iter()
                 .filter(|r| get(r, &c.event_id).as_str() == Some(id.as_str()))
@@ -814,15 +871,17 @@ pub fn diff_gaps(out: &Output, expected: &[Gap], run_id: &str) -> Vec<String> {
             ("after_event_id", get(row, "after_event_id") == &g.after_id),
             (
                 "before_event_time",
-                get(row, "before_event_time")
-                    .as_ts()
-                    .is_some_and(|t| g.before_times.contains(&t)),
+                match get(row, "before_event_time").as_ts() {
+                    Some(t) => g.before_times.contains(&t),
+                    None => g.before_times.is_empty(),
+                },
             ),
             (
                 "after_event_time",
-                get(row, "after_event_time")
-                    .as_ts()
-                    .is_some_and(|t| g.after_times.contains(&t)),
+                match get(row, "after_event_time").as_ts() {
+                    Some(t) => g.after_times.contains(&t),
+                    None => g.after_times.is_empty(),
+                },
             ),
         ];
         for (col, ok) in checks {

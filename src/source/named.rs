@@ -1,0 +1,301 @@
+//! Read errors that name their file. DataFusion's Parquet scan reports a
+//! data page that fails to decompress or decode as a bare Parquet error:
+//! it knows the file, but does not say it, and a run over ten thousand
+//! files that fails with "snappy: corrupt input" is no help at 3 a.m.
+//!
+//! [`NamedFiles`] wraps the `archive` table; its scan wraps DataFusion's in
+//! [`NamedScanExec`], which passes batches through untouched and, when the
+//! scan fails, reads the files of the failing partition again with the
+//! Parquet reader alone (the scan's own columns only) to find the one that
+//! fails, and reports it. Diagnosis runs only on the failure path, so a
+//! healthy scan costs nothing; plan rewrites (filters, repartitioning) pass
+//! through to the scan below. It never changes a batch and never hides an
+//! error: when no file fails on its own, the original error stands.
+
+use std::fmt;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::config::ConfigOptions;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::datasource::TableType;
+use datafusion::datasource::physical_plan::FileScanConfig;
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::filter_pushdown::{
+    ChildPushdownResult, FilterDescription, FilterPushdownPhase, FilterPushdownPropagation,
+};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
+use futures::StreamExt;
+use object_store::ObjectStore;
+use object_store::path::Path;
+
+use super::SourceError;
+
+/// One file the table reads: its store, path and the name errors use.
+#[derive(Debug, Clone)]
+pub struct NamedFile {
+    pub store: Arc<dyn ObjectStore>,
+    pub meta: object_store::ObjectMeta,
+    pub display: String,
+}
+
+/// The `archive` table, whose scan errors name their file.
+#[derive(Debug)]
+pub struct NamedFiles {
+    inner: Arc<dyn TableProvider>,
+    files: Arc<Vec<NamedFile>>,
+}
+
+impl NamedFiles {
+    pub fn new(inner: Arc<dyn TableProvider>, files: Vec<NamedFile>) -> Self {
+        NamedFiles {
+            inner,
+            files: Arc::new(files),
+        }
+    }
+}
+
+#[async_trait]
+impl TableProvider for NamedFiles {
+    fn schema(&self) -> SchemaRef {
+        self.inner.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        self.inner.table_type()
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let inner = self.inner.scan(state, projection, filters, limit).await?;
+        let schema = self.inner.schema();
+        let columns: Vec<String> = match projection {
+            Some(p) => p
+                .iter()
+                .filter_map(|i| schema.fields().get(*i).map(|f| f.name().clone()))
+                .collect(),
+            None => schema.fields().iter().map(|f| f.name().clone()).collect(),
+        };
+        Ok(Arc::new(NamedScanExec {
+            inner,
+            files: self.files.clone(),
+            columns: Arc::new(columns),
+        }))
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        self.inner.supports_filters_pushdown(filters)
+    }
+}
+
+/// DataFusion's scan, with errors that name the file at fault.
+#[derive(Debug, Clone)]
+pub struct NamedScanExec {
+    inner: Arc<dyn ExecutionPlan>,
+    files: Arc<Vec<NamedFile>>,
+    /// The columns the scan reads, for the diagnosis to read the same.
+    columns: Arc<Vec<String>>,
+}
+
+impl NamedScanExec {
+    fn with_inner(&self, inner: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
+        Arc::new(NamedScanExec {
+            inner,
+            files: self.files.clone(),
+            columns: self.columns.clone(),
+        })
+    }
+
+    /// The files partition `partition` reads, when the scan below says;
+    /// otherwise every file of the table.
+    fn partition_files(&self, partition: usize) -> Vec<NamedFile> {
+        let paths: Option<Vec<Path>> = self
+            .inner
+            .downcast_ref::<DataSourceExec>()
+            .and_then(|d| d.data_source().downcast_ref::<FileScanConfig>())
+            .and_then(|c| c.file_groups.get(partition))
+            .map(|g| {
+                g.files()
+                    .iter()
+                    .map(|f| f.object_meta.location.clone())
+                    .collect()
+            });
+        match paths {
+            Some(paths) => self
+                .files
+                .iter()
+                .filter(|f| paths.contains(&f.meta.location))
+                .cloned()
+                .collect(),
+            None => self.files.as_ref().clone(),
+        }
+    }
+}
+
+impl DisplayAs for NamedScanExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "NamedScanExec")
+    }
+}
+
+#[allow(deprecated)]
+impl ExecutionPlan for NamedScanExec {
+    fn name(&self) -> &'static str {
+        "NamedScanExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        self.inner.properties()
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.inner]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        match (children.pop(), children.is_empty()) {
+            (Some(inner), true) => Ok(self.with_inner(inner)),
+            _ => Err(DataFusionError::Internal(
+                "NamedScanExec takes exactly one child".into(),
+            )),
+        }
+    }
+
+    fn maintains_input_order(&self) -> Vec<bool> {
+        vec![true]
+    }
+
+    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
+        vec![false]
+    }
+
+    fn repartitioned(
+        &self,
+        target_partitions: usize,
+        config: &ConfigOptions,
+    ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+        Ok(self
+            .inner
+            .repartitioned(target_partitions, config)?
+            .map(|inner| self.with_inner(inner)))
+    }
+
+    fn gather_filters_for_pushdown(
+        &self,
+        _phase: FilterPushdownPhase,
+        parent_filters: Vec<Arc<dyn PhysicalExpr>>,
+        _config: &ConfigOptions,
+    ) -> Result<FilterDescription> {
+        FilterDescription::from_children(parent_filters, &self.children())
+    }
+
+    fn handle_child_pushdown_result(
+        &self,
+        _phase: FilterPushdownPhase,
+        child_pushdown_result: ChildPushdownResult,
+        _config: &ConfigOptions,
+    ) -> Result<FilterPushdownPropagation<Arc<dyn ExecutionPlan>>> {
+        Ok(FilterPushdownPropagation::if_all(child_pushdown_result))
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let stream = self.inner.execute(partition, context)?;
+        let schema = stream.schema();
+        let files = self.partition_files(partition);
+        let columns = self.columns.clone();
+        let named = stream.then(move |r| {
+            let (files, columns) = (files.clone(), columns.clone());
+            async move {
+                match r {
+                    Ok(b) => Ok(b),
+                    Err(e) if !is_data_error(&e) => Err(e),
+                    Err(e) => match find_corrupt(&files, &columns).await {
+                        Some(named) => Err(DataFusionError::External(Box::new(named))),
+                        None => Err(e),
+                    },
+                }
+            }
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, named)))
+    }
+}
+
+/// Errors a file's bytes can cause (not memory, cancellation or plans).
+fn is_data_error(e: &DataFusionError) -> bool {
+    use DataFusionError as D;
+    match e {
+        D::ParquetError(_) | D::ArrowError(..) | D::External(_) | D::IoError(_) => true,
+        D::ObjectStore(_) | D::Execution(_) => true,
+        D::Context(_, inner) | D::Diagnostic(_, inner) => is_data_error(inner),
+        D::Shared(inner) => is_data_error(inner),
+        _ => false,
+    }
+}
+
+/// The first of `files` that fails to read on its own (`columns` only),
+/// as an error naming it.
+#[allow(deprecated)]
+pub async fn find_corrupt(files: &[NamedFile], columns: &[String]) -> Option<SourceError> {
+    use parquet::arrow::ProjectionMask;
+    use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
+    for f in files {
+        let corrupt = |e: &dyn fmt::Display| SourceError::Corrupt {
+            file: f.display.clone(),
+            message: e.to_string().replace('\n', " "),
+        };
+        let reader = ParquetObjectReader::new(f.store.clone(), f.meta.location.clone())
+            .with_file_size(f.meta.size);
+        let builder = match ParquetRecordBatchStreamBuilder::new(reader).await {
+            Ok(b) => b,
+            Err(e) => return Some(corrupt(&e)),
+        };
+        let roots: Vec<usize> = builder
+            .schema()
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(_, fl)| columns.contains(fl.name()))
+            .map(|(i, _)| i)
+            .collect();
+        let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+        let mut stream = match builder.with_projection(mask).build() {
+            Ok(s) => s,
+            Err(e) => return Some(corrupt(&e)),
+        };
+        while let Some(b) = stream.next().await {
+            if let Err(e) = b {
+                return Some(corrupt(&e));
+            }
+        }
+    }
+    None
+}
