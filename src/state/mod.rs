@@ -717,6 +717,43 @@ impl LedgerWriter {
     }
 }
 
+/// Files named `NAME#DIGITS` below `root` (object_store's local upload
+/// temporaries), optionally only those last modified before `before`.
+fn local_upload_temporaries(
+    root: &std::path::Path,
+    before: Option<std::time::SystemTime>,
+) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() {
+                dirs.push(p);
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            let temp = name
+                .rsplit_once('#')
+                .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            let old = match (before, meta.modified()) {
+                (Some(b), Ok(m)) => m < b,
+                (Some(_), Err(_)) => false,
+                (None, _) => true,
+            };
+            if temp && old {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// One leftover that gc found.
 #[derive(Debug, Clone, Serialize)]
 pub struct Leftover {
@@ -950,6 +987,62 @@ pub async fn gc(
             ));
         }
     }
+    // On local disk, object_store writes every object to `NAME#N` and
+    // renames it into place; a kill in between leaves the `#N` file, which
+    // its listing hides. Found by walking the folders gc owns.
+    let mut temporaries: Vec<(std::path::PathBuf, &'static str)> = vec![];
+    let mut attempt_dirs: Vec<std::path::PathBuf> = vec![];
+    for (r, _) in &abandoned {
+        let a = AttemptRef {
+            run_id: r.run_id.clone(),
+            nonce: r.nonce.clone(),
+        };
+        if committed_meanwhile.contains(&a) {
+            continue;
+        }
+        for target in &r.targets {
+            if let Ok(base) = crate::location::resolve(target, storage)
+                && base.is_local
+            {
+                let dir = std::path::PathBuf::from(format!(
+                    "/{}",
+                    base.path(&staged::attempt_dir(&r.run_id, &r.nonce))
+                ));
+                for f in local_upload_temporaries(&dir, None) {
+                    temporaries.push((f, "partial upload of an attempt that never committed"));
+                }
+                attempt_dirs.push(dir);
+            }
+        }
+    }
+    if state.loc.is_local {
+        let root = std::path::PathBuf::from(format!("/{}", state.loc.prefix));
+        let cutoff_time: std::time::SystemTime = cutoff.into();
+        for f in local_upload_temporaries(&root, Some(cutoff_time)) {
+            temporaries.push((f, "partial upload of an interrupted write"));
+        }
+    }
+    for (f, why) in temporaries {
+        let bytes = std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
+        if !dry_run {
+            match std::fs::remove_file(&f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(StateError::Store {
+                        location: state.loc.original.clone(),
+                        operation: "delete leftover",
+                        message: format!("{}: {e}", f.display()),
+                    });
+                }
+            }
+        }
+        out.removed.push(Leftover {
+            object: f.display().to_string(),
+            why,
+            bytes,
+        });
+    }
     for (loc, m, why) in found {
         if !dry_run {
             match loc.store.delete(&m.location).await {
@@ -964,6 +1057,10 @@ pub async fn gc(
         });
     }
     if !dry_run {
+        for d in &attempt_dirs {
+            // Everything in it is gone by now; what is left is empty folders.
+            let _ = std::fs::remove_dir_all(d);
+        }
         for (r, _) in &abandoned {
             for target in &r.targets {
                 if let Ok(base) = crate::location::resolve(target, storage) {

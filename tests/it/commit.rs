@@ -65,6 +65,27 @@ fn gc_leaves_another_jobs_files_in_a_shared_sink_folder_alone() {
     // An attempt of job B cut off before its commit: its staged files
     // belong to B, not to A.
     run("job-b", "b2", Some("before_commit:crash"));
+    // What a kill mid-upload leaves on local disk: object_store's `#N`
+    // temporaries, which its own listing hides.
+    let staged_dir = std::fs::read_dir(shared.join("replay/_staging/run_id=b2"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let nonce = staged_dir
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    std::fs::write(staged_dir.join("part-00001.parquet.staged#7"), b"partial").unwrap();
+    let b_state = work.path().join("job-b/_state");
+    std::fs::create_dir_all(b_state.join("runs/b2")).unwrap();
+    std::fs::write(
+        b_state.join(format!("runs/b2/ledger-{nonce}.parquet#9")),
+        b"partial",
+    )
+    .unwrap();
     let before = snapshot(&shared);
     assert!(before.iter().any(|f| f.contains("_staging/run_id=b2/")));
     run("job-a", "a1", None).ok();
@@ -108,6 +129,19 @@ fn gc_leaves_another_jobs_files_in_a_shared_sink_folder_alone() {
     );
     let last = snapshot(&shared);
     assert!(!last.iter().any(|f| f.contains("_staging/")), "{last:?}");
+    assert!(!shared.join("replay/_staging").exists());
+    let state_left = snapshot(&b_state);
+    assert!(
+        !state_left
+            .iter()
+            .any(|f| f.contains('#') || f.contains("b2")),
+        "{state_left:?}"
+    );
+    assert!(
+        gc_b.stdout.contains("part-00001.parquet.staged#7"),
+        "{}",
+        gc_b.describe()
+    );
     for f in after.iter().filter(|f| !f.contains("_staging/")) {
         assert!(last.contains(f), "gc of job B removed committed {f}");
     }

@@ -236,6 +236,18 @@ fn crash_then_recover(work: &Path, archive: &str, name: &str, crash: impl FnOnce
     let gc = bf(&["state", "gc", "--out", o, "--min-age-minutes", "0"], None);
     gc.ok();
     check_settled(&out, &format!("{name}, after gc"));
+    let left: Vec<PathBuf> = crate::e2e::snapshot(&out)
+        .into_keys()
+        .filter(|p| {
+            let s = p.to_string_lossy();
+            s.contains("_staging") || s.contains('#') || s.contains("/attempts/")
+        })
+        .collect();
+    assert!(
+        left.is_empty(),
+        "{name}: gc left {left:?}\n{}",
+        gc.describe()
+    );
     assert!(parquet_files(&out.join("replay")).len() + parquet_files(&out.join("dlq")).len() > 0);
 }
 
