@@ -35,14 +35,12 @@ fn main() -> ExitCode {
     match rt.block_on(dispatch(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {}", one_line(&e.to_string()));
+            // `line` scrubs every secret known from the settings and the
+            // environment: the last line of defence.
+            eprintln!("error: {}", e.line());
             ExitCode::from(e.exit_code())
         }
     }
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 async fn dispatch(cmd: Command) -> Result<u8, Error> {
