@@ -370,6 +370,43 @@ fn wrong_credentials_against_an_unreachable_endpoint_are_not_echoed() {
 }
 
 #[test]
+fn wrong_secret_rejected_by_a_real_server_is_not_echoed() {
+    // s3s-fs answers 403 SignatureDoesNotMatch; its body and object_store's
+    // message must not carry the secret or the session token.
+    let server = crate::services::s3();
+    let bucket = crate::services::unique_name("secrets");
+    server.create_bucket(&bucket);
+    let work = Work::new();
+    let src = format!("s3://{bucket}/events");
+    let token = format!("tok-{CANARY}");
+    let server_env = server.env();
+    let mut envs: Vec<(&str, &str)> = server_env
+        .iter()
+        .filter(|(k, _)| *k != "AWS_SECRET_ACCESS_KEY")
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect();
+    envs.push(("AWS_SECRET_ACCESS_KEY", CANARY));
+    envs.push(("AWS_SESSION_TOKEN", &token));
+    let run = work.run(&["--source", &src], &envs);
+    assert_secret_error(&work, &run, 1, &[&src, "403|credentials rejected"]);
+}
+
+#[test]
+fn an_environment_secret_echoed_by_any_error_is_scrubbed_by_main() {
+    // A secret interpolated into the wrong field: the job file's type error
+    // quotes the value, and no module knows it is a secret. `main` does:
+    // it scrubs every secret-named environment variable's value.
+    let work = Work::new();
+    let job = work.job("[storage]\nallow_http = \"${AWS_SECRET_ACCESS_KEY}\"\n");
+    let src = work.archive.source();
+    let run = work.run(
+        &["--job", &job, "--source", &src],
+        &[("AWS_SECRET_ACCESS_KEY", CANARY)],
+    );
+    assert_secret_error(&work, &run, 2, &[&job, "expected a boolean"]);
+}
+
+#[test]
 fn a_successful_run_writes_no_secret_to_its_report_or_outputs() {
     let work = Work::new();
     let job = work.job(&format!(
