@@ -206,6 +206,16 @@ const SHOWN_PROPERTIES: &[&str] = &[
     "ssl.endpoint.identification.algorithm",
     "ssl.ca.location",
     "ssl.certificate.location",
+    "ssl.cipher.suites",
+    "ssl.curves.list",
+    "ssl.sigalgs.list",
+    "sasl.kerberos.service.name",
+    "sasl.kerberos.principal",
+    "client.rack",
+    "group.instance.id",
+    "group.protocol",
+    "partition.assignment.strategy",
+    "log_level",
 ];
 
 /// True for librdkafka properties whose value is a secret (passwords, keys,
