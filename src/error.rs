@@ -1,6 +1,7 @@
 //! The crate's top-level error: every module's error, and the one mapping
 //! from error to exit code (used by `main` alone). Messages are single
-//! lines naming the thing at fault; `Display` never includes a secret.
+//! lines naming the thing at fault; `Display` never includes a secret, and
+//! [`Error::line`], the form that leaves the process, makes sure of it.
 
 use crate::job::JobError;
 use crate::location::LocationError;
@@ -72,6 +73,19 @@ impl From<datafusion::error::DataFusionError> for Error {
 }
 
 impl Error {
+    /// The one line `main` prints after `error: `: whitespace folded, and
+    /// passed through [`crate::redact::line`] after registering the secrets
+    /// of the environment. Each module already keeps secrets out of its
+    /// messages; this is the last line of defence for text that came from a
+    /// library (librdkafka, object_store, DataFusion) or a path we missed.
+    pub fn line(&self) -> String {
+        crate::redact::register_env();
+        // Scrubbed before folding, so that a secret with a newline in it still
+        // matches.
+        let s = crate::redact::line(&self.to_string());
+        s.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Job(_) | Error::Location(_) | Error::Usage(_) => EXIT_USAGE,

@@ -16,6 +16,7 @@ pub mod job;
 pub mod kafka;
 pub mod location;
 pub mod policy;
+pub mod redact;
 pub mod report;
 pub mod run;
 pub mod sink;

@@ -5,7 +5,11 @@
 //! source scan, the Parquet sinks, the state. Nothing else opens data files,
 //! so a new store works everywhere at once. This module must never put a
 //! secret in a message: [`Location`]'s `Display` is the URL as the user wrote
-//! it, and credentials only ever come from the environment or `[storage]`.
+//! it, which is why [`resolve`] refuses a URL or an endpoint with user info
+//! (credentials only ever come from the environment or `[storage]`), every
+//! message that names a rejected URL passes it through
+//! [`crate::redact::url`], and the secret values of `[storage]` are
+//! registered with [`crate::redact`] the moment they are read.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -25,30 +29,48 @@ use url::Url;
 pub enum LocationError {
     #[error("location '{location}': {reason}")]
     Invalid { location: String, reason: String },
-    #[error("location '{location}': cannot configure the {scheme} store: {source}")]
+    /// `message` is [`store_error_line`] of object_store's error, scrubbed
+    /// of every configured value: a builder error may echo one ("failed to
+    /// parse \"...\" as boolean").
+    #[error("location '{location}': cannot configure the {scheme} store: {message}")]
     Store {
         location: String,
         scheme: String,
-        #[source]
-        source: object_store::Error,
+        message: String,
     },
 }
 
 /// Object-store settings from the job file's `[storage]` section. Every field
 /// overrides the matching standard environment variable (`AWS_ENDPOINT_URL`,
 /// `AWS_REGION`, `AWS_ACCESS_KEY_ID`, ...), which are read first.
+///
+/// Secret values are registered with [`crate::redact`] as they are
+/// deserialized, before any code could echo them, and serialize as `***`.
 #[derive(Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StorageSettings {
-    /// S3-compatible endpoint, e.g. `http://127.0.0.1:9000` for MinIO.
+    /// S3-compatible endpoint, e.g. `http://127.0.0.1:9000` for MinIO. No
+    /// user info (`http://user:pass@host`): credentials go in the fields
+    /// below.
+    #[serde(default, serialize_with = "serialize_url")]
     pub endpoint: Option<String>,
     /// Region; S3-compatible servers usually accept any (default `us-east-1`).
     pub region: Option<String>,
     /// Access key id (use `${AWS_ACCESS_KEY_ID}` rather than the literal).
     pub access_key_id: Option<String>,
     /// Secret key; never printed.
+    #[serde(
+        default,
+        deserialize_with = "deserialize_secret",
+        serialize_with = "serialize_hidden"
+    )]
     pub secret_access_key: Option<String>,
     /// Session token for temporary credentials; never printed.
+    #[serde(
+        default,
+        deserialize_with = "deserialize_secret",
+        serialize_with = "serialize_hidden"
+    )]
     pub session_token: Option<String>,
     /// Allow plain `http://` endpoints (MinIO and test servers).
     pub allow_http: Option<bool>,
@@ -59,28 +81,92 @@ pub struct StorageSettings {
     #[serde(default)]
     pub retry: RetrySettings,
     /// Any other object_store option for the scheme (`google_service_account`,
-    /// `azure_storage_account_name`, ...), passed through untouched.
-    #[serde(default)]
+    /// `azure_storage_account_name`, ...), passed through untouched. Values
+    /// of secret-looking or unknown keys are never printed.
+    #[serde(
+        default,
+        deserialize_with = "deserialize_options",
+        serialize_with = "serialize_options"
+    )]
     pub options: BTreeMap<String, String>,
+}
+
+fn deserialize_secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let v = Option::<String>::deserialize(d)?;
+    if let Some(v) = &v {
+        crate::redact::register(v);
+    }
+    Ok(v)
+}
+
+fn deserialize_options<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    let options = BTreeMap::<String, String>::deserialize(d)?;
+    for (k, v) in &options {
+        if option_is_secret(k) && !crate::redact::is_harmless_value(v) {
+            crate::redact::register(v);
+        }
+    }
+    Ok(options)
+}
+
+fn serialize_hidden<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    v.as_ref().map(|_| crate::redact::REDACTED).serialize(s)
+}
+
+fn serialize_url<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    v.as_deref().map(crate::redact::url).serialize(s)
+}
+
+fn serialize_options<S: serde::Serializer>(
+    v: &BTreeMap<String, String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    shown_options(v).serialize(s)
+}
+
+/// True when an option's value must never be shown: its key looks secret,
+/// or no store knows the key (a typo'd `aws_secret_acess_key` still holds
+/// a secret).
+fn option_is_secret(key: &str) -> bool {
+    use object_store::aws::AmazonS3ConfigKey;
+    use object_store::azure::AzureConfigKey;
+    use object_store::gcp::GoogleConfigKey;
+    let k = key.to_ascii_lowercase();
+    let known = k.parse::<AmazonS3ConfigKey>().is_ok()
+        || k.parse::<GoogleConfigKey>().is_ok()
+        || k.parse::<AzureConfigKey>().is_ok();
+    !known || crate::redact::is_secret_name(&k)
+}
+
+/// The options as they may be shown: secret values replaced by `***`,
+/// endpoints without user info.
+fn shown_options(options: &BTreeMap<String, String>) -> BTreeMap<&str, String> {
+    options
+        .iter()
+        .map(|(k, v)| {
+            let shown = if option_is_secret(k) {
+                crate::redact::REDACTED.to_string()
+            } else {
+                crate::redact::url(v)
+            };
+            (k.as_str(), shown)
+        })
+        .collect()
 }
 
 /// Debug without secrets: settings end up in debug logs and panics, and a
 /// secret must never be printed.
 impl fmt::Debug for StorageSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let hide = |v: &Option<String>| v.as_ref().map(|_| "***");
-        let options: BTreeMap<&str, &str> = self
-            .options
-            .iter()
-            .map(|(k, v)| {
-                let secret = ["secret", "key", "token", "password", "credential", "sas"]
-                    .iter()
-                    .any(|w| k.to_ascii_lowercase().contains(w));
-                (k.as_str(), if secret { "***" } else { v.as_str() })
-            })
-            .collect();
+        let hide = |v: &Option<String>| v.as_ref().map(|_| crate::redact::REDACTED);
+        let options = shown_options(&self.options);
         f.debug_struct("StorageSettings")
-            .field("endpoint", &self.endpoint)
+            .field(
+                "endpoint",
+                &self.endpoint.as_deref().map(crate::redact::url),
+            )
             .field("region", &self.region)
             .field("access_key_id", &self.access_key_id)
             .field("secret_access_key", &hide(&self.secret_access_key))
@@ -254,27 +340,38 @@ impl Location {
 
 /// Resolve a location string. Plain paths may be relative; they are made
 /// absolute against the current directory.
+///
+/// A URL with user info (any `@` after `://`, see
+/// [`crate::redact::has_userinfo`]) is refused before it is parsed: a
+/// parser's error would echo it, and a password may hold `/` or `@`, which
+/// moves the parser's idea of where the host starts.
 pub fn resolve(location: &str, storage: &StorageSettings) -> Result<Location, LocationError> {
-    let invalid = |reason: String| LocationError::Invalid {
-        location: location.to_string(),
-        reason,
-    };
     if location.trim().is_empty() {
-        return Err(invalid("empty location".into()));
+        return Err(LocationError::Invalid {
+            location: location.to_string(),
+            reason: "empty location".into(),
+        });
     }
     let looks_like_url = location.contains("://");
     if !looks_like_url {
         return resolve_local(location, std::path::Path::new(location));
     }
-    let url = Url::parse(location).map_err(|e| invalid(format!("not a valid URL: {e}")))?;
-    if !url.username().is_empty() || url.password().is_some() {
-        // Refuse rather than risk echoing a secret in every later message.
-        return Err(LocationError::Invalid {
-            location: redact_userinfo(location),
-            reason: "credentials in the URL are not accepted; use the environment or [storage]"
+    // Every message below names the URL through the redactor: a URL with
+    // user info is refused here, but its query may still hold a signature.
+    let shown = crate::redact::url(location);
+    let invalid = |reason: String| LocationError::Invalid {
+        location: shown.clone(),
+        reason,
+    };
+    if crate::redact::has_userinfo(location) {
+        crate::redact::register_userinfo(location);
+        return Err(invalid(
+            "credentials in the URL are not accepted (an '@' after '://' is read as \
+             user info); use the environment or [storage]"
                 .into(),
-        });
+        ));
     }
+    let url = Url::parse(location).map_err(|e| invalid(format!("not a valid URL: {e}")))?;
     match url.scheme() {
         "file" => {
             let p = url
@@ -289,6 +386,55 @@ pub fn resolve(location: &str, storage: &StorageSettings) -> Result<Location, Lo
             "unsupported scheme '{other}' (expected a path, file://, s3://, gs:// or az://)"
         ))),
     }
+}
+
+/// Refuse an endpoint with user info, wherever it comes from: `[storage]
+/// endpoint`, an `*endpoint*` option, or one of the environment variables
+/// the store's builder reads (`AWS_ENDPOINT_URL`, `AWS_ENDPOINT`,
+/// `AWS_ENDPOINT_URL_S3`, `AZURE_STORAGE_ENDPOINT`, ...). The message names
+/// the setting and shows the endpoint redacted.
+fn check_endpoints(
+    location: &str,
+    scheme: &str,
+    storage: &StorageSettings,
+) -> Result<(), LocationError> {
+    let env_prefix = match scheme {
+        "s3" => "AWS_",
+        "gs" => "GOOGLE_",
+        _ => "AZURE_",
+    };
+    let mut candidates: Vec<(String, String)> = vec![];
+    if let Some(e) = &storage.endpoint {
+        candidates.push(("[storage] endpoint".into(), e.clone()));
+    }
+    for (k, v) in &storage.options {
+        if k.to_ascii_lowercase().contains("endpoint") {
+            candidates.push((format!("[storage] options.{k}"), v.clone()));
+        }
+    }
+    for (k, v) in std::env::vars_os() {
+        if let (Some(k), Some(v)) = (k.to_str(), v.to_str())
+            && k.starts_with(env_prefix)
+            && k.contains("ENDPOINT")
+        {
+            candidates.push((format!("environment variable {k}"), v.to_string()));
+        }
+    }
+    for (setting, endpoint) in candidates {
+        if crate::redact::has_userinfo(&endpoint) {
+            crate::redact::register_userinfo(&endpoint);
+            return Err(LocationError::Invalid {
+                location: crate::redact::url(location),
+                reason: format!(
+                    "{setting} '{}' has credentials in it, which are not accepted; \
+                     set them in [storage] (access_key_id, secret_access_key) or in \
+                     the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)",
+                    crate::redact::url(&endpoint)
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn resolve_local(original: &str, p: &std::path::Path) -> Result<Location, LocationError> {
@@ -341,24 +487,49 @@ fn cloud(
     let bucket = url.host_str().unwrap_or_default();
     if bucket.is_empty() {
         return Err(LocationError::Invalid {
-            location: original.to_string(),
+            location: crate::redact::url(original),
             reason: "missing bucket or container name".into(),
         });
     }
     let prefix = Path::parse(url.path().trim_matches('/')).map_err(|e| LocationError::Invalid {
-        location: original.to_string(),
+        location: crate::redact::url(original),
         reason: format!("invalid object path: {e}"),
     })?;
     let store_url = Url::parse(&format!("{}://{}", url.scheme(), bucket)).map_err(|e| {
         LocationError::Invalid {
-            location: original.to_string(),
+            location: crate::redact::url(original),
             reason: format!("invalid bucket: {e}"),
         }
     })?;
-    let wrap = |source| LocationError::Store {
-        location: original.to_string(),
-        scheme: scheme.to_string(),
-        source,
+    check_endpoints(original, scheme, storage)?;
+    // A builder error may echo a configured value; scrub every one of them
+    // that is not obviously harmless.
+    let configured: Vec<&str> = storage
+        .options
+        .values()
+        .chain(storage.secret_access_key.iter())
+        .chain(storage.session_token.iter())
+        .map(String::as_str)
+        .filter(|v| !crate::redact::is_harmless_value(v))
+        .collect();
+    let wrap = |e: object_store::Error| {
+        // Name the option whose value the builder rejected: its message
+        // quotes the value (which is then scrubbed), never the key.
+        let raw = error_chain(&e);
+        let culprit = storage
+            .options
+            .iter()
+            .find(|(_, v)| !v.is_empty() && raw.contains(v.as_str()))
+            .map(|(k, _)| format!("[storage] options.{k}: "))
+            .unwrap_or_default();
+        LocationError::Store {
+            location: crate::redact::url(original),
+            scheme: scheme.to_string(),
+            message: format!(
+                "{culprit}{}",
+                crate::redact::scrub_values(&store_error_line(&e), configured.iter().copied())
+            ),
+        }
     };
     let retry = storage.retry.retry_config();
     let store: Arc<dyn ObjectStore> = match scheme {
@@ -443,29 +614,13 @@ fn cloud(
     })
 }
 
-/// `s3://user:pass@b/x` → `s3://***@b/x`, for the one message that must
-/// mention such a URL.
-pub fn redact_userinfo(s: &str) -> String {
-    match (s.find("://"), s.find('@')) {
-        (Some(i), Some(j)) if j > i => format!("{}://***{}", &s[..i], &s[j..]),
-        _ => s.to_string(),
-    }
-}
-
 /// One line for an object-store error: its kind and message, newlines
-/// folded. object_store messages carry URLs and status codes, never the
-/// credentials, which live in headers.
+/// folded. object_store messages carry URLs and status codes, not the
+/// credentials, which live in headers; the line still goes through
+/// [`crate::redact::line`] (user info of any URL, every registered secret),
+/// because a server's error body or a builder's message may echo anything.
 pub fn store_error_line(e: &object_store::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        let m = s.to_string();
-        if !msg.contains(&m) {
-            msg.push_str(": ");
-            msg.push_str(&m);
-        }
-        src = s.source();
-    }
+    let msg = error_chain(e);
     let hint = [
         ("NoSuchBucket", "the bucket does not exist"),
         (
@@ -487,11 +642,27 @@ pub fn store_error_line(e: &object_store::Error) -> String {
     .iter()
     .find(|(needle, _)| msg.contains(needle))
     .map(|(_, h)| *h);
-    let msg = msg.replace('\n', " ");
+    let msg = crate::redact::line(&msg.replace('\n', " "));
     match hint {
         Some(h) => format!("{h}: {msg}"),
         None => msg,
     }
+}
+
+/// An error and its sources as one text, repeats dropped. Raw: for
+/// matching only, never for a message (see [`store_error_line`]).
+fn error_chain(e: &object_store::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        let m = s.to_string();
+        if !msg.contains(&m) {
+            msg.push_str(": ");
+            msg.push_str(&m);
+        }
+        src = s.source();
+    }
+    msg
 }
 
 #[cfg(test)]
@@ -526,17 +697,135 @@ mod tests {
         assert!(e.contains("credentials in the URL"), "{e}");
     }
 
+    /// `/`, `@`, `:` and a percent-encoded `/`: every way a URL parser could
+    /// be led astray.
+    const CANARY: &str = "Cr/n@ry:s3cr%2Ft";
+
+    #[track_caller]
+    fn assert_no_canary(text: &str) {
+        for needle in [CANARY, "Cr/n@ry:s3cr/t", "s3cr%2Ft", "s3cr", "Cr%2Fn"] {
+            assert!(!text.contains(needle), "{needle} in {text}");
+        }
+    }
+
     #[test]
-    fn debug_hides_secrets() {
-        let s = StorageSettings {
-            secret_access_key: Some("hunter2".into()),
-            session_token: Some("tok-123".into()),
-            options: [("azure_storage_account_key".to_string(), "k-456".to_string())].into(),
+    fn credentials_with_slash_at_colon_and_percent_never_leak() {
+        let storage = StorageSettings::default();
+        for scheme in ["s3", "s3a", "gs", "az", "abfss", "file", "ftp"] {
+            for userinfo in [
+                format!("AKIA:{CANARY}"),
+                CANARY.to_string(),
+                format!(":{CANARY}"),
+                "AKIA:Cr%2Fn%40ry%3As3cr%252Ft".to_string(),
+                // Parses as host `u`, port 1234 and a path: still refused.
+                "u:1234/s3cr%2Ft".to_string(),
+            ] {
+                let loc = format!("{scheme}://{userinfo}@bucket/x");
+                let e = resolve(&loc, &storage).unwrap_err().to_string();
+                assert_no_canary(&e);
+                assert!(e.contains(&format!("'{scheme}://***@bucket/x'")), "{e}");
+                assert!(e.contains("credentials in the URL"), "{e}");
+            }
+        }
+        // A URL the parser rejects outright is not echoed either.
+        let e = resolve(&format!("s3://{CANARY}@[bad/x"), &storage)
+            .unwrap_err()
+            .to_string();
+        assert_no_canary(&e);
+    }
+
+    #[test]
+    fn endpoint_with_credentials_is_refused_naming_the_setting() {
+        for (endpoint, option) in [
+            (Some(format!("http://AKIA:{CANARY}@127.0.0.1:9000")), None),
+            (Some(format!("AKIA:{CANARY}@127.0.0.1:9000")), None),
+            (
+                None,
+                Some((
+                    "aws_endpoint_url_s3",
+                    format!("https://{CANARY}@s3.example"),
+                )),
+            ),
+        ] {
+            let storage = StorageSettings {
+                endpoint: endpoint.clone(),
+                options: option
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect(),
+                ..Default::default()
+            };
+            let e = resolve("s3://bucket/x", &storage).unwrap_err().to_string();
+            assert_no_canary(&e);
+            let setting = match option {
+                Some((k, _)) => format!("[storage] options.{k}"),
+                None => "[storage] endpoint".into(),
+            };
+            assert!(e.contains(&setting), "{e}");
+            assert!(e.contains("***@"), "{e}");
+            assert!(e.contains("has credentials in it"), "{e}");
+        }
+    }
+
+    #[test]
+    fn builder_errors_do_not_echo_option_values() {
+        let storage = StorageSettings {
+            options: [("aws_skip_signature".to_string(), CANARY.to_string())].into(),
             ..Default::default()
         };
-        let d = format!("{s:?}");
-        for secret in ["hunter2", "tok-123", "k-456"] {
-            assert!(!d.contains(secret), "{d}");
+        let e = resolve("s3://bucket/x", &storage).unwrap_err().to_string();
+        assert!(e.contains("cannot configure the s3 store"), "{e}");
+        assert!(e.contains("[storage] options.aws_skip_signature"), "{e}");
+        assert_no_canary(&e);
+    }
+
+    #[test]
+    fn unknown_option_keys_are_named_and_their_values_registered() {
+        let v = "Opt-Cr/n@ry-registered";
+        let s: StorageSettings =
+            toml::from_str(&format!("[options]\naws_scret_acess_kee = \"{v}\"\n")).unwrap();
+        let e = resolve("s3://bucket/x", &s).unwrap_err().to_string();
+        assert!(e.contains("aws_scret_acess_kee"), "{e}");
+        assert!(!e.contains(v), "{e}");
+        assert_eq!(crate::redact::scrub(&format!("x {v} y")), "x *** y");
+        assert!(!format!("{s:?}").contains(v));
+        assert!(!serde_json::to_string(&s).unwrap().contains(v));
+    }
+
+    #[test]
+    fn store_error_line_hides_userinfo_and_registered_secrets() {
+        let secret = "Line-Cr/n@ry-registered";
+        crate::redact::register(secret);
+        let e = object_store::Error::Generic {
+            store: "S3",
+            source: format!(
+                "GET http://AKIA:{CANARY}@127.0.0.1:1/b/x failed; body echoed {secret}"
+            )
+            .into(),
+        };
+        let line = store_error_line(&e);
+        assert_no_canary(&line);
+        assert!(!line.contains("Line-Cr"), "{line}");
+        assert!(line.contains("http://***@127.0.0.1:1/b/x"), "{line}");
+    }
+
+    #[test]
+    fn debug_and_serialize_hide_secrets() {
+        let s = StorageSettings {
+            endpoint: Some("http://u:end-pw-789@h:9000".into()),
+            secret_access_key: Some("hunter2".into()),
+            session_token: Some("tok-123".into()),
+            options: [
+                ("azure_storage_account_key".to_string(), "k-456".to_string()),
+                ("aws_sekret_typo".to_string(), "typo-000".to_string()),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        for text in [format!("{s:?}"), serde_json::to_string(&s).unwrap()] {
+            for secret in ["hunter2", "tok-123", "k-456", "end-pw-789", "typo-000"] {
+                assert!(!text.contains(secret), "{text}");
+            }
         }
     }
 

@@ -35,7 +35,9 @@ fn main() -> ExitCode {
     match rt.block_on(dispatch(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {}", one_line(&e.to_string()));
+            // `line` scrubs every secret known from the settings and the
+            // environment: the last line of defence.
+            eprintln!("error: {}", e.line());
             ExitCode::from(e.exit_code())
         }
     }
@@ -56,10 +58,6 @@ fn write_atomically(path: &str, text: String) -> std::io::Result<()> {
     })
 }
 
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
 async fn dispatch(cmd: Command) -> Result<u8, Error> {
     match cmd {
         Command::Run(args) => {
@@ -75,7 +73,12 @@ async fn dispatch(cmd: Command) -> Result<u8, Error> {
                 // outcome. Written whole or not at all.
                 let json = serde_json::to_string_pretty(r).unwrap_or_default();
                 if let Err(e) = write_atomically(&f, json + "\n") {
-                    eprintln!("warning: report file {f}: {e}; the run's outcome is unaffected");
+                    eprintln!(
+                        "warning: {}",
+                        event_backfill::redact::line(&format!(
+                            "report file {f}: {e}; the run's outcome is unaffected"
+                        ))
+                    );
                 }
             }
             if outcome.stdout_taken {

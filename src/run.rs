@@ -111,7 +111,10 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
         // first, so that every committed run's folder is whole.
         match state.roll_forward(&snapshot, &scan.storage).await {
             Ok(runs) => report.rolled_forward = runs,
-            Err(e) => eprintln!("warning: {e}; `backfill state gc` retries it"),
+            Err(e) => eprintln!(
+                "warning: {}",
+                crate::redact::line(&format!("{e}; `backfill state gc` retries it"))
+            ),
         }
     }
     if snapshot.committed(&settings.run_id).is_some() {

@@ -9,7 +9,12 @@
 //!
 //! This module must never print a secret: librdkafka properties such as
 //! `sasl.password` only leave it through [`KafkaSettings::redacted`], and the
-//! `Debug` and `Serialize` forms of the settings are redacted too.
+//! `Debug` and `Serialize` forms of the settings are redacted too. A value
+//! is shown only when it cannot be a secret ([`property_is_shown`]): a
+//! typo'd `sasl.passwd` is unknown to us and to librdkafka, yet holds a
+//! password. librdkafka's own messages echo configured values ("Invalid
+//! value ... for configuration property"), so they leave through
+//! [`client_error_message`], which scrubs every value not shown.
 
 pub mod sink;
 pub mod source;
@@ -61,7 +66,11 @@ pub struct KafkaSettings {
     /// over backfill's defaults (`enable.idempotence=true`,
     /// `partitioner=murmur2_random`). The brokers come from the URL, not from
     /// `bootstrap.servers`.
-    #[serde(default, serialize_with = "serialize_redacted")]
+    #[serde(
+        default,
+        deserialize_with = "deserialize_registered",
+        serialize_with = "serialize_redacted"
+    )]
     pub properties: BTreeMap<String, String>,
     /// The message value: `"payload"` (the payload column's bytes unchanged)
     /// or `"json"` (the whole row as a JSON object). Default: `"payload"` when
@@ -172,26 +181,69 @@ impl fmt::Debug for KafkaSettings {
 }
 
 /// What a redacted secret looks like.
-pub const REDACTED: &str = "***";
+pub use crate::redact::REDACTED;
+
+/// Properties whose values are shown in messages and `Debug`: none is a
+/// secret, and an error about one is useless without its value.
+const SHOWN_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "client.id",
+    "group.id",
+    "transactional.id",
+    "security.protocol",
+    "sasl.mechanism",
+    "sasl.mechanisms",
+    "sasl.username",
+    "compression.type",
+    "compression.codec",
+    "acks",
+    "request.required.acks",
+    "partitioner",
+    "auto.offset.reset",
+    "isolation.level",
+    "debug",
+    "broker.address.family",
+    "ssl.endpoint.identification.algorithm",
+    "ssl.ca.location",
+    "ssl.certificate.location",
+    "ssl.cipher.suites",
+    "ssl.curves.list",
+    "ssl.sigalgs.list",
+    "sasl.kerberos.service.name",
+    "sasl.kerberos.principal",
+    "client.rack",
+    "group.instance.id",
+    "group.protocol",
+    "partition.assignment.strategy",
+    "log_level",
+];
 
 /// True for librdkafka properties whose value is a secret (passwords, keys,
 /// tokens, JAAS and OAuth configs). Errs on the side of hiding.
 pub fn is_secret_property(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    [
-        "password",
-        "secret",
-        "token",
-        "credential",
-        "sasl.jaas.config",
-        "sasl.oauthbearer.config",
-        "ssl.key.pem",
-        "ssl_key",
-        "ssl.keystore",
-        "private",
-    ]
-    .iter()
-    .any(|s| n.contains(s))
+    crate::redact::is_secret_name(name)
+}
+
+/// True when a property's value may be shown to a person: its name is not
+/// secret-looking, and it is either a well-known non-secret property or its
+/// value is a number or a boolean. Everything else, including every
+/// property unknown to us (a typo'd `sasl.passwd`), is hidden.
+pub fn property_is_shown(name: &str, value: &str) -> bool {
+    !is_secret_property(name)
+        && (crate::redact::is_harmless_value(value) || SHOWN_PROPERTIES.contains(&name))
+}
+
+fn deserialize_registered<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    let props = BTreeMap::<String, String>::deserialize(d)?;
+    // Known from the moment it is read: `main` scrubs it from any error.
+    for (k, v) in &props {
+        if !property_is_shown(k, v) {
+            crate::redact::register(v);
+        }
+    }
+    Ok(props)
 }
 
 fn serialize_redacted<S: Serializer>(
@@ -205,14 +257,47 @@ fn redact(props: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     props
         .iter()
         .map(|(k, v)| {
-            let v = if is_secret_property(k) {
-                REDACTED.to_string()
-            } else {
+            let v = if property_is_shown(k, v) {
                 v.clone()
+            } else {
+                REDACTED.to_string()
             };
             (k.clone(), v)
         })
         .collect()
+}
+
+/// One line for a librdkafka error about a configuration: the property at
+/// fault named, and every configured value that may not be shown scrubbed
+/// out. rdkafka's `ClientConfig` error carries the value itself ("Client
+/// config error: No such configuration property: \"sasl.passwd\" sasl.passwd
+/// <value>"), so that variant is rebuilt from its description and key alone.
+pub(crate) fn client_error_message(e: &rdkafka::error::KafkaError, cfg: &ClientConfig) -> String {
+    let hidden: Vec<&str> = cfg
+        .config_map()
+        .into_iter()
+        .filter(|(k, v)| !property_is_shown(k, v))
+        .map(|(_, v)| v)
+        .collect();
+    let raw = match e {
+        rdkafka::error::KafkaError::ClientConfig(_, desc, key, _value) => {
+            format!("property '{key}': {desc}")
+        }
+        other => other.to_string(),
+    };
+    crate::redact::line(&crate::redact::scrub_values(&raw, hidden))
+}
+
+/// A message of the Kafka code about to leave it, scrubbed of every
+/// configured property value that may not be shown and of any URL's user
+/// info: broker and librdkafka messages are not ours to trust.
+pub(crate) fn scrub_message(message: &str, settings: &KafkaSettings) -> String {
+    let hidden = settings
+        .properties
+        .iter()
+        .filter(|(k, v)| !property_is_shown(k, v))
+        .map(|(_, v)| v.as_str());
+    crate::redact::line(&crate::redact::scrub_values(message, hidden))
 }
 
 impl KafkaSettings {
@@ -275,11 +360,25 @@ pub struct KafkaUrl {
 
 /// Parse `kafka://HOST:PORT[,HOST:PORT]/TOPIC`. Credentials in the URL are
 /// refused (they would be echoed in every message); use `[kafka] properties`.
+///
+/// Any `@` after `://` counts as credentials, checked before the URL is
+/// split: hosts and topics never contain `@`, and a password holding `/`
+/// would otherwise be split into "hosts" and "topic" and echoed by the
+/// messages about them.
 pub fn parse_url(url: &str) -> Result<KafkaUrl, KafkaError> {
+    let shown = crate::redact::url(url);
     let invalid = |reason: String| KafkaError::Url {
-        url: url.to_string(),
+        url: shown.clone(),
         reason,
     };
+    if crate::redact::has_userinfo(url) {
+        crate::redact::register_userinfo(url);
+        return Err(invalid(
+            "credentials in the URL are not accepted (an '@' after '://' is read as user \
+             info); set sasl.username and sasl.password in [kafka] properties"
+                .into(),
+        ));
+    }
     let rest = url
         .strip_prefix("kafka://")
         .ok_or_else(|| invalid("expected kafka://HOST:PORT[,HOST:PORT]/TOPIC".into()))?;
@@ -288,14 +387,6 @@ pub fn parse_url(url: &str) -> Result<KafkaUrl, KafkaError> {
             "missing topic: expected kafka://HOST:PORT[,HOST:PORT]/TOPIC".into(),
         ));
     };
-    if hosts.contains('@') {
-        return Err(KafkaError::Url {
-            url: crate::location::redact_userinfo(url),
-            reason: "credentials in the URL are not accepted; set sasl.username and \
-                     sasl.password in [kafka] properties"
-                .into(),
-        });
-    }
     if hosts.is_empty() {
         return Err(invalid("missing broker address (HOST:PORT)".into()));
     }
@@ -478,6 +569,88 @@ mod tests {
             .to_string();
         assert!(!e.contains("hunter2"), "{e}");
         assert!(e.contains("sasl.password"), "{e}");
+    }
+
+    /// `/`, `@`, `:` and a percent-encoded `/`: every way a URL parser could
+    /// be led astray.
+    const CANARY: &str = "Cr/n@ry:s3cr%2Ft";
+
+    fn assert_no_canary(text: &str) {
+        for needle in [CANARY, "Cr/n@ry:s3cr/t", "s3cr%2Ft", "s3cr", "Cr%2Fn"] {
+            assert!(!text.contains(needle), "{needle} in {text}");
+        }
+    }
+
+    #[test]
+    fn url_credentials_with_slash_and_at_are_refused_whole() {
+        for url in [
+            format!("kafka://user:{CANARY}@a:1/t"),
+            format!("kafka://{CANARY}@a:1,b:2/t"),
+            format!("kafka://user:{CANARY}@a:1"),
+            "kafka://user:Cr%2Fn%40ry%3As3cr%252Ft@a:1/t".to_string(),
+        ] {
+            let e = parse_url(&url).unwrap_err().to_string();
+            assert_no_canary(&e);
+            assert!(e.contains("kafka://***@a:1"), "{e}");
+            assert!(e.contains("credentials in the URL"), "{e}");
+        }
+    }
+
+    #[test]
+    fn typoed_and_unknown_properties_are_hidden_everywhere() {
+        let mut s = KafkaSettings::default();
+        s.properties.insert("sasl.passwd".into(), CANARY.into());
+        s.properties.insert("acks".into(), "all".into());
+        s.properties.insert("linger.ms".into(), "20".into());
+        assert_eq!(s.redacted()["sasl.passwd"], REDACTED);
+        assert_eq!(s.redacted()["acks"], "all");
+        assert_eq!(s.redacted()["linger.ms"], "20");
+        assert_no_canary(&format!("{s:?}"));
+        assert_no_canary(&serde_json::to_string(&s).unwrap());
+    }
+
+    #[test]
+    fn librdkafka_configuration_errors_never_echo_a_value() {
+        let url = parse_url("kafka://127.0.0.1:1/t").unwrap();
+        for (name, value) in [
+            ("sasl.passwd", CANARY),
+            ("sasl.password.typo", CANARY),
+            ("message.max.bytes", CANARY),
+            ("security.protocol", "sasl_plaintext"),
+        ] {
+            let mut s = KafkaSettings::default();
+            s.properties.insert(name.into(), value.into());
+            if name == "security.protocol" {
+                // SASL without a username/password pair: a creation error
+                // that is not about one property.
+                s.properties
+                    .insert("sasl.mechanisms".into(), "PLAIN".into());
+                s.properties
+                    .insert("sasl.oauthbearer.config".into(), CANARY.into());
+            }
+            let cfg = client_config(&url, &s, Role::Producer).unwrap();
+            let raw = cfg
+                .create::<rdkafka::producer::BaseProducer>()
+                .err()
+                .map(|e| (e.to_string(), client_error_message(&e, &cfg)));
+            let Some((raw, msg)) = raw else {
+                assert_eq!(name, "security.protocol", "librdkafka accepted {name}");
+                continue;
+            };
+            assert_no_canary(&msg);
+            if name != "security.protocol" {
+                assert!(raw.contains(CANARY), "rdkafka no longer echoes: {raw}");
+                assert!(msg.contains(&format!("property '{name}'")), "{msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn deserialized_secrets_are_registered_for_main() {
+        let v = "Kafka-Cr/n@ry-registered";
+        let _: KafkaSettings =
+            toml::from_str(&format!("[properties]\n\"sasl.passwd\" = \"{v}\"\n")).unwrap();
+        assert_eq!(crate::redact::scrub(&format!("x {v} y")), "x *** y");
     }
 
     #[test]

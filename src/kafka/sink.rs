@@ -47,7 +47,8 @@ use rdkafka::producer::{
 use rdkafka::util::Timeout;
 
 use super::{
-    KafkaSettings, KafkaUrl, Role, TimestampSource, ValueFormat, client_config, parse_url,
+    KafkaSettings, KafkaUrl, Role, TimestampSource, ValueFormat, client_config,
+    client_error_message, parse_url, scrub_message,
 };
 use crate::sink::{RowColumns, Sink, SinkContext, SinkError, SinkKind, SinkReceipt};
 
@@ -428,13 +429,15 @@ impl KafkaSink {
     /// errors naming the URL, the column or the property.
     pub fn new(target: &str, ctx: SinkContext) -> Result<KafkaSink, SinkError> {
         let kind = ctx.kind.name();
+        let settings = ctx.kafka.clone().unwrap_or_default();
+        // The target is named redacted: it is not yet known to be a valid
+        // URL without user info.
         let config_err = |message: String| SinkError::Config {
             kind,
-            target: target.to_string(),
-            message,
+            target: crate::redact::url(target),
+            message: scrub_message(&message, &settings),
         };
         let url = parse_url(target).map_err(|e| config_err(e.to_string()))?;
-        let settings = ctx.kafka.clone().unwrap_or_default();
         Layout::resolve(&ctx.schema, ctx.kind, &ctx.columns, &settings).map_err(&config_err)?;
         let mut cfg = client_config(&url, &settings, Role::Producer)
             .map_err(|e| config_err(e.to_string()))?;
@@ -461,8 +464,12 @@ impl KafkaSink {
             .create_with_context(Counter(deliveries.clone()))
             .map_err(|e| {
                 // librdkafka names the property at fault ("No such configuration
-                // property: ..."; "Invalid value for configuration property ...").
-                config_err(format!("invalid Kafka configuration: {e}"))
+                // property: ..."; "Invalid value for configuration property ...")
+                // and rdkafka appends its value: rebuilt without it.
+                config_err(format!(
+                    "invalid Kafka configuration: {}",
+                    client_error_message(&e, &cfg)
+                ))
             })?;
         Ok(KafkaSink {
             url,
@@ -481,12 +488,15 @@ impl KafkaSink {
         })
     }
 
+    /// Every error of a created sink goes through here or [`Self::config`]:
+    /// the message is scrubbed of configured values that may not be shown
+    /// (a broker's or librdkafka's text is not ours to trust).
     fn io(&self, operation: &'static str, message: String) -> SinkError {
         SinkError::Io {
             kind: self.ctx.kind.name(),
             target: self.url.original.clone(),
             operation,
-            message,
+            message: scrub_message(&message, &self.settings),
         }
     }
 
@@ -494,7 +504,7 @@ impl KafkaSink {
         SinkError::Config {
             kind: self.ctx.kind.name(),
             target: self.url.original.clone(),
-            message,
+            message: scrub_message(&message, &self.settings),
         }
     }
 

@@ -175,11 +175,13 @@ fn cached_high_watermark(consumer: &BaseConsumer, topic: &CStr, partition: i32) 
         .then_some(high)
 }
 
+/// A broker error, its message passed through [`crate::redact::line`]: a
+/// broker's or librdkafka's text is not ours to trust.
 fn broker_err(url: &KafkaUrl, operation: &'static str, message: String) -> KafkaError {
     KafkaError::Broker {
         url: url.original.clone(),
         operation,
-        message,
+        message: crate::redact::line(&message),
     }
 }
 
@@ -240,7 +242,7 @@ fn fetch(
     cfg.set("auto.offset.reset", "earliest");
     let consumer: BaseConsumer = cfg.create().map_err(|e| KafkaError::Client {
         url: url.original.clone(),
-        message: e.to_string(),
+        message: super::client_error_message(&e, &cfg),
     })?;
     let metadata = consumer
         .fetch_metadata(Some(&url.topic), REQUEST_TIMEOUT)

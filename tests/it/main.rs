@@ -12,4 +12,5 @@ mod kafka;
 mod kafka_e2e;
 mod reference;
 mod s3;
+mod secrets;
 mod services;
