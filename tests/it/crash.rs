@@ -24,10 +24,52 @@ use crate::reference::{parquet_files, read_parquet_file};
 type Decision = (String, String, String, i64, String);
 
 fn bf(args: &[&str], failpoint: Option<&str>) -> Run {
-    let envs: Vec<(&str, &str)> = failpoint
-        .map(|f| vec![("BACKFILL_FAILPOINT", f)])
-        .unwrap_or_default();
+    bf_env(args, failpoint, &[])
+}
+
+fn bf_env(args: &[&str], failpoint: Option<&str>, extra: &[(String, String)]) -> Run {
+    let mut envs: Vec<(&str, &str)> = extra
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    if let Some(f) = failpoint {
+        envs.push(("BACKFILL_FAILPOINT", f));
+    }
     backfill_in(args, &envs, None)
+}
+
+/// Where a scenario writes: `--out` as the binary sees it, the same folder
+/// on this machine's disk (s3s-fs serves a folder), and the environment.
+#[derive(Clone)]
+struct Place {
+    out: String,
+    disk: PathBuf,
+    /// The served folder of the S3 server, for `s3://` targets.
+    s3_root: Option<PathBuf>,
+    envs: Vec<(String, String)>,
+}
+
+impl Place {
+    fn local(dir: PathBuf) -> Place {
+        Place {
+            out: dir.to_str().unwrap().to_string(),
+            disk: dir,
+            s3_root: None,
+            envs: vec![],
+        }
+    }
+
+    /// A location of a log entry's `publish.target` on disk.
+    fn path_of(&self, target: &str) -> PathBuf {
+        match (target.strip_prefix("s3://"), &self.s3_root) {
+            (Some(rest), Some(root)) => root.join(rest),
+            _ => PathBuf::from(target),
+        }
+    }
+
+    fn run(&self, args: &[&str], failpoint: Option<&str>) -> Run {
+        bf_env(args, failpoint, &self.envs)
+    }
 }
 
 /// A generated archive with retries, dead letters, gaps and conflicts.
@@ -77,12 +119,13 @@ fn committed(state: &Path) -> Vec<Json> {
 
 /// What a reader of the output folders sees, as decisions; checks on the
 /// way that no visible file belongs to an uncommitted attempt.
-fn visible(out: &Path, errs: &mut Vec<String>) -> Vec<Decision> {
+fn visible(place: &Place, errs: &mut Vec<String>) -> Vec<Decision> {
+    let out = &place.disk;
     let entries = committed(&out.join("_state"));
     let mut listed: BTreeSet<PathBuf> = BTreeSet::new();
     for m in &entries {
         for p in m["publish"].as_array().into_iter().flatten() {
-            let base = PathBuf::from(p["target"].as_str().unwrap());
+            let base = place.path_of(p["target"].as_str().unwrap());
             for f in p["files"].as_array().into_iter().flatten() {
                 listed.insert(base.join(f["published"].as_str().unwrap()));
             }
@@ -119,15 +162,16 @@ fn visible(out: &Path, errs: &mut Vec<String>) -> Vec<Decision> {
 
 /// The promises, once every committed run is published (after a
 /// successful run, which rolls earlier ones forward).
-fn check_settled(out: &Path, label: &str) -> Vec<Decision> {
+fn check_settled(place: &Place, label: &str) -> Vec<Decision> {
     let mut errs = vec![];
-    let rows = visible(out, &mut errs);
+    let rows = visible(place, &mut errs);
+    let out = &place.disk;
     let state = out.join("_state");
     let entries = committed(&state);
     // Every committed file is there, and nothing staged is left of them.
     for m in &entries {
         for p in m["publish"].as_array().into_iter().flatten() {
-            let base = PathBuf::from(p["target"].as_str().unwrap());
+            let base = place.path_of(p["target"].as_str().unwrap());
             for f in p["files"].as_array().into_iter().flatten() {
                 let fin = base.join(f["published"].as_str().unwrap());
                 if !fin.exists() {
@@ -194,12 +238,11 @@ fn sorted(mut v: Vec<Decision>) -> Vec<Decision> {
 }
 
 /// The outcome of two clean runs, to compare every crashed sequence with.
-fn baseline(work: &Path, archive: &str) -> Vec<Decision> {
-    let out = work.join("baseline");
-    let o = out.to_str().unwrap();
-    bf(&run_args(archive, o, "r1"), None).ok();
-    bf(&run_args(archive, o, "r2"), None).ok();
-    let rows = check_settled(&out, "baseline");
+fn baseline(place: &Place, archive: &str) -> Vec<Decision> {
+    let o = place.out.as_str();
+    place.run(&run_args(archive, o, "r1"), None).ok();
+    place.run(&run_args(archive, o, "r2"), None).ok();
+    let rows = check_settled(place, "baseline");
     assert!(
         rows.iter().any(|r| r.0 == "r2"),
         "the second run should replay again: the harness needs retries"
@@ -208,23 +251,27 @@ fn baseline(work: &Path, archive: &str) -> Vec<Decision> {
 }
 
 /// Crash, rerun with the same id, run with a new id: the committed outcome
-/// is the clean one.
-fn crash_then_recover(work: &Path, archive: &str, name: &str, crash: impl FnOnce(&[&str])) {
-    let base = baseline_cached(work, archive);
-    let out = work.join(name);
-    let o = out.to_str().unwrap();
+/// is the clean one, and gc then leaves nothing staged.
+fn crash_then_recover(
+    place: &Place,
+    base: &[Decision],
+    archive: &str,
+    name: &str,
+    crash: impl FnOnce(&[&str]),
+) {
+    let o = place.out.as_str();
     crash(&run_args(archive, o, "r1"));
     let mut errs = vec![];
-    visible(&out, &mut errs);
+    visible(place, &mut errs);
     assert!(
         errs.is_empty(),
         "{name}, right after the crash:\n{}",
         errs.join("\n")
     );
-    bf(&run_args(archive, o, "r1"), None).ok();
-    check_settled(&out, &format!("{name}, after the rerun"));
-    bf(&run_args(archive, o, "r2"), None).ok();
-    let rows = sorted(check_settled(&out, &format!("{name}, after a new run")));
+    place.run(&run_args(archive, o, "r1"), None).ok();
+    check_settled(place, &format!("{name}, after the rerun"));
+    place.run(&run_args(archive, o, "r2"), None).ok();
+    let rows = sorted(check_settled(place, &format!("{name}, after a new run")));
     if rows != base {
         let only_here: Vec<_> = rows.iter().filter(|r| !base.contains(r)).take(5).collect();
         let only_base: Vec<_> = base.iter().filter(|r| !rows.contains(r)).take(5).collect();
@@ -233,10 +280,10 @@ fn crash_then_recover(work: &Path, archive: &str, name: &str, crash: impl FnOnce
         );
     }
     // gc then finds nothing of a committed run to remove.
-    let gc = bf(&["state", "gc", "--out", o, "--min-age-minutes", "0"], None);
+    let gc = place.run(&["state", "gc", "--out", o, "--min-age-minutes", "0"], None);
     gc.ok();
-    check_settled(&out, &format!("{name}, after gc"));
-    let left: Vec<PathBuf> = crate::e2e::snapshot(&out)
+    check_settled(place, &format!("{name}, after gc"));
+    let left: Vec<PathBuf> = crate::e2e::snapshot(&place.disk)
         .into_keys()
         .filter(|p| {
             let s = p.to_string_lossy();
@@ -248,50 +295,107 @@ fn crash_then_recover(work: &Path, archive: &str, name: &str, crash: impl FnOnce
         "{name}: gc left {left:?}\n{}",
         gc.describe()
     );
-    assert!(parquet_files(&out.join("replay")).len() + parquet_files(&out.join("dlq")).len() > 0);
+    assert!(
+        parquet_files(&place.disk.join("replay")).len()
+            + parquet_files(&place.disk.join("dlq")).len()
+            > 0
+    );
 }
 
-fn baseline_cached(work: &Path, archive: &str) -> Vec<Decision> {
-    let f = work.join("baseline.json");
-    if let Ok(t) = std::fs::read_to_string(&f) {
-        return serde_json::from_str(&t).unwrap();
-    }
-    let b = baseline(work, archive);
-    std::fs::write(&f, serde_json::to_string(&b).unwrap()).unwrap();
-    b
-}
-
-#[test]
-fn crash_at_every_failpoint_then_rerun_loses_and_duplicates_nothing() {
-    let work = tempfile::tempdir().unwrap();
-    let a = archive(work.path());
-    let a = a.to_str().unwrap();
+/// Crash at every point, error at every point, kill at random moments.
+fn harness(archive: &str, place_for: impl Fn(&str) -> Place, kills: u32, errors: bool) {
+    let base = baseline(&place_for("baseline"), archive);
     for point in event_backfill::failpoint::POINTS {
-        crash_then_recover(work.path(), a, point, |args| {
-            let r = bf(args, Some(&format!("{point}:crash")));
+        let place = place_for(&format!("crash-{point}"));
+        crash_then_recover(&place, &base, archive, point, |args| {
+            let r = place.run(args, Some(&format!("{point}:crash")));
             assert!(
                 r.code.is_none() && r.stderr.contains(&format!("failpoint {point}: crash")),
                 "the run should have crashed at {point}\n{}",
                 r.describe()
             );
         });
+        if errors {
+            let place = place_for(&format!("error-{point}"));
+            crash_then_recover(&place, &base, archive, &format!("error-{point}"), |args| {
+                let r = place.run(args, Some(&format!("{point}:error")));
+                assert_eq!(r.code, Some(1), "{}", r.describe());
+                let lines = r.stderr_lines();
+                assert_eq!(lines.len(), 1, "one error line\n{}", r.describe());
+                assert!(lines[0].starts_with("error: "), "{}", r.describe());
+            });
+        }
+    }
+    // How long a whole run takes here, to spread the kills over it.
+    let probe = place_for("probe");
+    let t = Instant::now();
+    probe.run(&run_args(archive, &probe.out, "p"), None).ok();
+    let whole = t.elapsed().as_millis() as u64;
+    let mut seed = 0x5eed_u64;
+    for i in 0..kills {
+        let after = Duration::from_millis(lcg(&mut seed) % whole.max(1));
+        let place = place_for(&format!("kill-{i}"));
+        crash_then_recover(
+            &place,
+            &base,
+            archive,
+            &format!("kill-{i} after {after:?}"),
+            |args| {
+                let mut cmd = command(Path::new(env!("CARGO_BIN_EXE_backfill")), args);
+                for (k, v) in &place.envs {
+                    cmd.env(k, v);
+                }
+                let mut child = cmd.spawn().unwrap();
+                let out = read_all(child.stdout.take().unwrap());
+                let err = read_all(child.stderr.take().unwrap());
+                std::thread::sleep(after);
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = (out.join(), err.join());
+            },
+        );
     }
 }
 
+/// Parquet outputs and state on local disk.
 #[test]
-fn an_error_at_every_failpoint_leaves_a_consistent_state() {
+fn crashes_on_local_disk_lose_and_duplicate_nothing() {
     let work = tempfile::tempdir().unwrap();
     let a = archive(work.path());
-    let a = a.to_str().unwrap();
-    for point in event_backfill::failpoint::POINTS {
-        crash_then_recover(work.path(), a, &format!("err-{point}"), |args| {
-            let r = bf(args, Some(&format!("{point}:error")));
-            assert_eq!(r.code, Some(1), "{}", r.describe());
-            let lines = r.stderr_lines();
-            assert_eq!(lines.len(), 1, "one error line\n{}", r.describe());
-            assert!(lines[0].starts_with("error: "), "{}", r.describe());
-        });
-    }
+    harness(
+        a.to_str().unwrap(),
+        |name| Place::local(work.path().join(name)),
+        6,
+        true,
+    );
+}
+
+/// Parquet outputs and state on an S3 server (s3s-fs), crashed the same way.
+#[test]
+fn crashes_on_s3_lose_and_duplicate_nothing() {
+    let s3 = crate::services::s3();
+    let bucket = crate::services::unique_name("crash").to_ascii_lowercase();
+    s3.create_bucket(&bucket);
+    let work = tempfile::tempdir().unwrap();
+    let a = archive(work.path());
+    let envs = vec![
+        ("AWS_ENDPOINT_URL".to_string(), s3.endpoint.clone()),
+        ("AWS_ACCESS_KEY_ID".to_string(), s3.access_key.clone()),
+        ("AWS_SECRET_ACCESS_KEY".to_string(), s3.secret_key.clone()),
+        ("AWS_REGION".to_string(), "us-east-1".to_string()),
+        ("AWS_ALLOW_HTTP".to_string(), "true".to_string()),
+    ];
+    harness(
+        a.to_str().unwrap(),
+        |name| Place {
+            out: format!("s3://{bucket}/{name}"),
+            disk: s3.root.join(&bucket).join(name),
+            s3_root: Some(s3.root.clone()),
+            envs: envs.clone(),
+        },
+        3,
+        false,
+    );
 }
 
 /// A small deterministic generator, so that a failing seed can be replayed.
@@ -300,33 +404,6 @@ fn lcg(seed: &mut u64) -> u64 {
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);
     *seed >> 33
-}
-
-#[test]
-fn killed_at_random_moments_then_rerun_loses_and_duplicates_nothing() {
-    let work = tempfile::tempdir().unwrap();
-    let a = archive(work.path());
-    let a = a.to_str().unwrap();
-    // How long a whole run takes here, to spread the kills over it.
-    let t = Instant::now();
-    let probe = work.path().join("probe");
-    bf(&run_args(a, probe.to_str().unwrap(), "p"), None).ok();
-    let whole = t.elapsed().as_millis() as u64;
-    let mut seed = 0x5eed_u64;
-    for i in 0..6 {
-        let after = Duration::from_millis(lcg(&mut seed) % whole.max(1));
-        crash_then_recover(work.path(), a, &format!("kill-{i}"), |args| {
-            let mut child = command(Path::new(env!("CARGO_BIN_EXE_backfill")), args)
-                .spawn()
-                .unwrap();
-            let out = read_all(child.stdout.take().unwrap());
-            let err = read_all(child.stderr.take().unwrap());
-            std::thread::sleep(after);
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = (out.join(), err.join());
-        });
-    }
 }
 
 /// Two runs with different ids on one state, both deciding from the same
@@ -375,7 +452,8 @@ fn two_runs_at_once_never_both_act_on_one_event() {
         loser_err.contains("conflicts with run") && loser_err.contains("safe to rerun"),
         "{loser_err}"
     );
-    let rows = check_settled(&out, "after the race");
+    let place = Place::local(out.clone());
+    let rows = check_settled(&place, "after the race");
     assert!(rows.iter().all(|r| r.0 != loser), "the loser is visible");
     assert_eq!(committed(&out.join("_state")).len(), 1);
     // Its staged files are gone too: it aborted cleanly.
@@ -384,7 +462,7 @@ fn two_runs_at_once_never_both_act_on_one_event() {
         assert!(!staged.exists(), "{}", staged.display());
     }
     bf(&run_args(a, o, loser), None).ok();
-    let rows = check_settled(&out, "after the loser's rerun");
+    let rows = check_settled(&place, "after the loser's rerun");
     assert!(rows.iter().any(|r| r.0 == loser));
 }
 
@@ -416,6 +494,6 @@ fn two_runs_over_disjoint_windows_both_commit() {
         let (o, e) = (o.join().unwrap(), e.join().unwrap());
         assert_eq!(s.code(), Some(0), "{o}\n{e}");
     }
-    check_settled(&out, "after two disjoint runs");
+    check_settled(&Place::local(out.clone()), "after two disjoint runs");
     assert_eq!(committed(&out.join("_state")).len(), 2);
 }
