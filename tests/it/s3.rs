@@ -1133,6 +1133,105 @@ fn racing_runs_on_s3_commit_exactly_once() {
     assert_eq!(num(&read_json(&rep), "skipped_dead_lettered"), dlq1);
 }
 
+/// Two runs with different ids on one S3 state, both deciding from the
+/// same ledger and holding at their commit: the first to commit wins, the
+/// other reads the winner's entry, finds the events they share and exits 4
+/// with nothing visible; its rerun counts the winner's attempts. (s3s-fs
+/// checks `If-None-Match` before it writes, not atomically, so the proxy
+/// lets the two commits reach it one after the other, as a real S3 would
+/// order them.)
+#[test]
+fn two_runs_with_different_ids_on_s3_never_both_act_on_one_event() {
+    let (s3, env, b) = s3_with_archive("race-ids", 2000, 20, 4, 2);
+    let proxy = Proxy::start(&format!("127.0.0.1:{}", s3.port));
+    proxy.set_rule(|h| {
+        if is_manifest_put(h) {
+            Action::Hold
+        } else {
+            Action::Forward
+        }
+    });
+    let via = env.via(&proxy.endpoint);
+    let src = format!("s3://{b}/archive");
+    let out = format!("s3://{b}/out");
+    let args = |id: &'static str| -> Vec<String> {
+        ["run", "--source", &src, "--out", &out, "--run-id", id]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let (a1, a2) = (args("left"), args("right"));
+    let v1: Vec<&str> = a1.iter().map(String::as_str).collect();
+    let v2: Vec<&str> = a2.iter().map(String::as_str).collect();
+    let mut racers = vec![
+        Spawned::start(&v1, &via.vars()),
+        Spawned::start(&v2, &via.vars()),
+    ];
+    assert!(
+        proxy.wait_held(2, Duration::from_secs(90)),
+        "both runs should reach the commit; proxy saw:\n{}",
+        proxy.log()
+    );
+    proxy.release();
+    let start = Instant::now();
+    let first = loop {
+        if let Some(i) = racers.iter_mut().position(Spawned::finished) {
+            break i;
+        }
+        assert!(start.elapsed() < RUN_TIMEOUT, "no racer finished");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let winner = racers.remove(first).wait();
+    proxy.release();
+    let loser = racers.pop().expect("second racer").wait();
+    winner.ok();
+    loser.expect_code(4);
+    let line = the_error_line(&loser);
+    assert!(
+        line.contains("conflicts with run") && line.contains("safe to rerun"),
+        "{line}"
+    );
+    let (win_id, lose_id) = if winner.args.contains(&"left".to_string()) {
+        ("left", "right")
+    } else {
+        ("right", "left")
+    };
+    let root = s3.root.join(&b).join("out");
+    assert_eq!(
+        manifests(&root.join("_state")),
+        vec![format!("{win_id}.json")]
+    );
+    let leftovers: Vec<String> = files_below(&root)
+        .into_iter()
+        .filter(|f| f.contains(&format!("run_id={lose_id}")) || f.contains("_staging/"))
+        .collect();
+    assert!(leftovers.is_empty(), "the loser left {leftovers:?}");
+
+    // The loser's rerun counts the winner's replays: attempt + 1.
+    let rerun = bf(&env, &v1_or_v2(&v1, &v2, lose_id));
+    rerun.ok();
+    let (aw, al) = (
+        replay_attempts(&root, win_id),
+        replay_attempts(&root, lose_id),
+    );
+    let mut common = 0;
+    for (id, a) in &al {
+        if let Some(prev) = aw.get(id) {
+            assert_eq!(*a, prev + 1, "attempt of {id} after the winner's replay");
+            common += 1;
+        }
+    }
+    assert!(common > 0, "the two runs should share events");
+}
+
+fn v1_or_v2<'a>(v1: &[&'a str], v2: &[&'a str], id: &str) -> Vec<&'a str> {
+    if v1.contains(&id) {
+        v1.to_vec()
+    } else {
+        v2.to_vec()
+    }
+}
+
 /// The server killed while the run uploads its outputs: exit 1, one error
 /// line naming the URL and the operation, nothing committed; started again
 /// on the same folder, the rerun commits once.
