@@ -5,11 +5,13 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::sink::SinkReceipt;
 
-#[derive(Debug, Clone, Default, Serialize)]
+/// Deserialize reads a report back from a log entry (a recovered attempt's).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Report {
     pub run_id: String,
     pub dry_run: bool,
@@ -18,6 +20,11 @@ pub struct Report {
     /// Earlier committed runs whose interrupted publishing this run finished.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rolled_forward: Vec<String>,
+    /// This invocation committed an earlier attempt of the same run id that
+    /// had delivered everything but crashed before its commit (its nonce):
+    /// nothing was sent again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered_attempt: Option<String>,
     pub window_from: Option<String>,
     pub window_to: Option<String>,
     /// Archive rows inside the window.
@@ -92,6 +99,11 @@ impl Report {
         } else if self.dry_run {
             format!(
                 "run {} (dry run: nothing written or committed)",
+                self.run_id
+            )
+        } else if let Some(a) = &self.recovered_attempt {
+            format!(
+                "run {} committed (recovered attempt {a}, which had delivered everything before a crash; nothing sent again)",
                 self.run_id
             )
         } else {

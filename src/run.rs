@@ -129,6 +129,18 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     if let Some(r) = &settings.report {
         check_writable(r)?;
     }
+    if !settings.dry_run
+        && let Some(recovered) = recover_prepared(&state, &settings).await?
+    {
+        phases.done();
+        let mut r = recovered;
+        r.rolled_forward = std::mem::take(&mut report.rolled_forward);
+        r.elapsed_ms = started.elapsed().as_millis() as u64;
+        return Ok(RunOutcome {
+            report: r,
+            stdout_taken: false,
+        });
+    }
 
     phases.set("listing the archive");
     let t = Instant::now();
@@ -433,23 +445,23 @@ async fn execute(
 
     failpoint::hit("after_write").await?;
 
-    // Commit protocol: finish all → precommit all → ledger → log entry →
-    // publish all.
+    // Commit protocol: finish all → ledger → prepare → precommit (Kafka
+    // transactions) → log entry → publish all.
     phases.set("flushing outputs");
     let mut outputs: BTreeMap<String, SinkReceipt> = BTreeMap::new();
     let mut publish = vec![];
+    let mut delivered = vec![];
     for s in sinks.iter_mut() {
         let mut r = s.sink.finish().await?;
         if let Some(p) = r.staged.take() {
             publish.push(p);
         }
+        if let Some(d) = r.delivered.take() {
+            delivered.push(d);
+        }
         outputs.insert(s.kind.name().to_string(), r);
     }
     failpoint::hit("after_finish").await?;
-    for s in sinks.iter_mut() {
-        s.sink.precommit().await?;
-    }
-    failpoint::hit("after_precommit").await?;
     report.outputs = outputs.clone();
     let ledger_file = match ledger {
         Some(l) => vec![l.finish().await?],
@@ -468,7 +480,16 @@ async fn execute(
         outputs,
         publish,
         report: serde_json::to_value(&*report).unwrap_or_default(),
+        delivered,
     };
+    // Everything is durable and every message acknowledged: a rerun after
+    // a crash from here on commits this entry instead of sending again.
+    state.prepare(&manifest).await?;
+    failpoint::hit("after_prepare").await?;
+    for s in sinks.iter_mut() {
+        s.sink.precommit().await?;
+    }
+    failpoint::hit("after_precommit").await?;
     failpoint::hit("before_commit").await?;
     let seq = match state.commit(&mut manifest).await {
         Ok(seq) => seq,
@@ -507,6 +528,98 @@ async fn execute(
     state.forget_attempt(&settings.run_id, run_nonce).await;
     lap(report, "publish");
     Ok(())
+}
+
+/// An earlier attempt at this run id that had delivered everything (every
+/// file durable, every Kafka message acknowledged, its entry prepared) and
+/// died before its commit: commit its entry now rather than send its
+/// messages again. A transactional attempt counts only if its transaction
+/// is visible to `read_committed` consumers; otherwise the broker aborted
+/// it, and the run starts afresh. An attempt that can no longer commit (a
+/// run acted on its events since, or gc fenced it) is dropped: its messages
+/// were delivered, and the fresh run is at-least-once for them.
+async fn recover_prepared(state: &State, settings: &RunSettings) -> Result<Option<Report>, Error> {
+    let kafka = settings.scan.kafka.clone().unwrap_or_default();
+    for prepared in state.prepared(&settings.run_id).await? {
+        let kafka_rows: u64 = prepared.delivered.iter().map(|d| d.rows).sum();
+        let printed = prepared
+            .outputs
+            .values()
+            .any(|r| r.target == "-" && r.rows > 0);
+        if printed && kafka_rows == 0 {
+            // Its rows were never printed: run again and print them.
+            state.drop_prepared(&prepared.run_id, &prepared.nonce).await;
+            continue;
+        }
+        let mut visible = true;
+        for d in prepared
+            .delivered
+            .iter()
+            .filter(|d| d.transactional && d.rows > 0)
+        {
+            visible &= crate::kafka::has_committed_messages(
+                &d.target,
+                &kafka,
+                &d.start_offsets,
+                &settings.run_id,
+            )
+            .await
+            .map_err(crate::source::SourceError::from)?;
+        }
+        if !visible {
+            state.drop_prepared(&prepared.run_id, &prepared.nonce).await;
+            continue;
+        }
+        let mut manifest = prepared.clone();
+        let seq = match state.commit(&mut manifest).await {
+            Ok(seq) => seq,
+            Err(e) if e.is_conflict() => {
+                eprintln!(
+                    "warning: {}",
+                    crate::redact::line(&format!(
+                        "attempt {} of run '{}' had delivered its outputs but cannot commit ({e}); running again",
+                        prepared.nonce, prepared.run_id
+                    ))
+                );
+                state.drop_prepared(&prepared.run_id, &prepared.nonce).await;
+                continue;
+            }
+            Err(e) => {
+                return Err(Error::CommitUnknown {
+                    run_id: settings.run_id.clone(),
+                    message: e.to_string(),
+                });
+            }
+        };
+        let published = async {
+            for p in &manifest.publish {
+                let base = location::resolve(&p.target, &settings.scan.storage)?;
+                crate::sink::staged::promote(&base, &p.files)
+                    .await
+                    .map_err(|message| Error::Io {
+                        what: format!("{} sink {}", p.kind, p.target),
+                        message,
+                    })?;
+            }
+            state.mark_published(seq).await?;
+            Ok::<(), Error>(())
+        }
+        .await;
+        if let Err(e) = published {
+            return Err(Error::Committed {
+                run_id: settings.run_id.clone(),
+                message: e.to_string(),
+            });
+        }
+        state
+            .forget_attempt(&prepared.run_id, &prepared.nonce)
+            .await;
+        let mut report: Report =
+            serde_json::from_value(manifest.report.clone()).unwrap_or_default();
+        report.recovered_attempt = Some(prepared.nonce.clone());
+        return Ok(Some(report));
+    }
+    Ok(None)
 }
 
 /// Fail before the scan when the report file cannot be written: its folder

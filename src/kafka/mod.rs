@@ -534,6 +534,98 @@ pub fn open(target: &str, ctx: SinkContext) -> Result<Box<dyn Sink>, SinkError> 
     Ok(Box::new(KafkaSink::new(target, ctx)?))
 }
 
+/// Whether `target` holds, after `start_offsets`, a message of run `run_id`
+/// that `read_committed` consumers see: how a rerun finds out that a crashed
+/// attempt's Kafka transaction committed before the attempt could commit the
+/// run (and so must not be sent again).
+pub async fn has_committed_messages(
+    target: &str,
+    settings: &KafkaSettings,
+    start_offsets: &BTreeMap<i32, i64>,
+    run_id: &str,
+) -> Result<bool, KafkaError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::{Offset, TopicPartitionList};
+    use std::time::{Duration, Instant};
+
+    let url = parse_url(target)?;
+    let mut cfg = client_config(&url, settings, Role::Consumer)?;
+    cfg.set("isolation.level", "read_committed");
+    let original = url.original.clone();
+    let broker = move |operation: &'static str, e: rdkafka::error::KafkaError| KafkaError::Broker {
+        url: original.clone(),
+        operation,
+        message: crate::redact::scrub(&e.to_string()),
+    };
+    let consumer: BaseConsumer = cfg.create().map_err(|e| broker("create a reader", e))?;
+    let topic = url.topic.clone();
+    let offsets = start_offsets.clone();
+    let run_id = run_id.to_string();
+    let url_for_errors = url.original.clone();
+    tokio::task::spawn_blocking(move || {
+        let timeout = Duration::from_secs(10);
+        let mut tpl = TopicPartitionList::new();
+        let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+        for (&p, &start) in &offsets {
+            let (_, high) = consumer
+                .fetch_watermarks(&topic, p, timeout)
+                .map_err(|e| broker("read watermarks", e))?;
+            if high > start {
+                tpl.add_partition_offset(&topic, p, Offset::Offset(start))
+                    .map_err(|e| broker("assign", e))?;
+                ends.insert(p, high);
+            }
+        }
+        if ends.is_empty() {
+            return Ok(false);
+        }
+        consumer.assign(&tpl).map_err(|e| broker("assign", e))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ends.is_empty() && Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(200)) {
+                None => continue,
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    ends.remove(&p);
+                }
+                Some(Err(e)) => return Err(broker("read", e)),
+                Some(Ok(m)) => {
+                    let ours = m.headers().is_some_and(|h| {
+                        h.iter().any(|h| {
+                            h.key == crate::kafka::sink::headers::RUN_ID
+                                && h.value == Some(run_id.as_bytes())
+                        })
+                    });
+                    if ours {
+                        return Ok(true);
+                    }
+                    if ends
+                        .get(&m.partition())
+                        .is_some_and(|end| m.offset() + 1 >= *end)
+                    {
+                        ends.remove(&m.partition());
+                    }
+                }
+            }
+        }
+        if ends.is_empty() {
+            Ok(false)
+        } else {
+            Err(KafkaError::Broker {
+                url: url_for_errors,
+                operation: "look for a crashed attempt's messages",
+                message: "the topic was not read to its end within 60 s".into(),
+            })
+        }
+    })
+    .await
+    .map_err(|e| KafkaError::Broker {
+        url: target.to_string(),
+        operation: "look for a crashed attempt's messages",
+        message: e.to_string(),
+    })?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -402,6 +402,9 @@ pub struct KafkaSink {
     /// infinite.
     settle_timeout: Option<Duration>,
     receipt: Option<SinkReceipt>,
+    /// Per partition, the end offset before this attempt sent anything
+    /// (read in `check` for a transactional sink).
+    start_offsets: BTreeMap<i32, i64>,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -480,6 +483,7 @@ impl KafkaSink {
             transactional,
             transactions_ready: false,
             in_transaction: false,
+            start_offsets: BTreeMap::new(),
             feed: Arc::new(Feed::default()),
             feeder: None,
             handed: 0,
@@ -591,6 +595,13 @@ impl KafkaSink {
                 .map(|(p, (a, b))| format!("{}/{p}:{a}-{b}", self.url.topic))
                 .collect(),
             staged: None,
+            delivered: Some(crate::sink::Delivered {
+                kind: self.ctx.kind.name().to_string(),
+                target: self.url.original.clone(),
+                rows: self.deliveries.acked(),
+                transactional: self.transactional,
+                start_offsets: self.start_offsets.clone(),
+            }),
         }
     }
 
@@ -755,15 +766,31 @@ impl Sink for KafkaSink {
         let producer = self.producer.clone();
         let topic = self.url.topic.clone();
         // Metadata is not Send; reduce it to "does the topic exist" in place.
-        let exists = tokio::task::spawn_blocking(move || {
-            producer
+        let transactional = self.transactional;
+        // With transactions, also where each partition ends now: a rerun
+        // looks there for this run's committed messages.
+        let found = tokio::task::spawn_blocking(move || {
+            let md = producer
                 .client()
-                .fetch_metadata(Some(&topic), CHECK_TIMEOUT)
-                .map(|md| {
-                    md.topics().iter().any(|t| {
-                        t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
-                    })
-                })
+                .fetch_metadata(Some(&topic), CHECK_TIMEOUT)?;
+            let mut offsets = BTreeMap::new();
+            let mut exists = false;
+            for t in md.topics() {
+                if t.name() != topic || t.error().is_some() || t.partitions().is_empty() {
+                    continue;
+                }
+                exists = true;
+                if transactional {
+                    for p in t.partitions() {
+                        let (_, high) =
+                            producer
+                                .client()
+                                .fetch_watermarks(&topic, p.id(), CHECK_TIMEOUT)?;
+                        offsets.insert(p.id(), high);
+                    }
+                }
+            }
+            Ok::<_, RdKafkaError>((exists, offsets))
         })
         .await
         .map_err(|e| {
@@ -782,6 +809,8 @@ impl Sink for KafkaSink {
                 ),
             )
         })?;
+        let (exists, offsets) = found;
+        self.start_offsets = offsets;
         if !exists && !self.settings.allow_auto_create_topics {
             return Err(self.config(format!(
                 "topic '{}' does not exist on {} (create it, or set allow_auto_create_topics = true \

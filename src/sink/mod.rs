@@ -83,6 +83,30 @@ pub struct SinkReceipt {
     /// in the run's log entry (not in the report).
     #[serde(skip)]
     pub staged: Option<staged::Publication>,
+    /// What a sink outside the lake (Kafka) delivered before the commit;
+    /// recorded with the prepared attempt so that a rerun can recognise it.
+    #[serde(skip)]
+    pub delivered: Option<Delivered>,
+}
+
+/// Messages a Kafka sink delivered before the run's commit: enough for a
+/// rerun of the run id to find out whether they are visible to consumers,
+/// and then commit the prepared attempt instead of sending them again.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct Delivered {
+    /// `replay`, `dlq` or `gaps`.
+    pub kind: String,
+    /// The `kafka://` URL.
+    pub target: String,
+    /// Messages acknowledged.
+    pub rows: u64,
+    /// Sent inside a transaction: visible to `read_committed` consumers only
+    /// once it committed, which a rerun must check.
+    pub transactional: bool,
+    /// Per partition, the end offset before this attempt sent anything:
+    /// where a rerun starts looking for this run's messages.
+    #[serde(default)]
+    pub start_offsets: std::collections::BTreeMap<i32, i64>,
 }
 
 /// Names of the input-contract columns as they appear in the rows a sink

@@ -143,6 +143,7 @@ impl Sink for ParquetSink {
                 .map(|p| self.base.display_path(&self.base.path(&p.published)))
                 .collect(),
             staged: Some(self.publication()),
+            delivered: None,
         })
     }
 

@@ -46,6 +46,7 @@ impl StdoutSink {
             rows: self.rows,
             outputs: vec![],
             staged: None,
+            delivered: None,
         }
     }
 }

@@ -116,6 +116,9 @@ pub struct Manifest {
     pub publish: Vec<Publication>,
     /// The report of the run, for `backfill state runs` and audits.
     pub report: serde_json::Value,
+    /// What Kafka sinks delivered before the commit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delivered: Vec<crate::sink::Delivered>,
 }
 
 /// An attempt of a run: what gc may prove it owns.
@@ -461,8 +464,74 @@ impl State {
         self.loc.path(&format!("attempts/{run_id}/{nonce}.json"))
     }
 
+    fn prepared_path(&self, run_id: &str, nonce: &str) -> Path {
+        self.loc
+            .path(&format!("attempts/{run_id}/{nonce}.prepared.json"))
+    }
+
+    /// Record the entry an attempt is about to commit, after everything it
+    /// wrote is durable and every Kafka message acknowledged, and before a
+    /// Kafka transaction commits: if the attempt dies before its commit, a
+    /// rerun of the run id can commit this instead of sending again.
+    pub async fn prepare(&self, manifest: &Manifest) -> Result<(), StateError> {
+        let path = self.prepared_path(&manifest.run_id, &manifest.nonce);
+        let body = serde_json::to_vec_pretty(manifest).map_err(|e| StateError::Store {
+            location: self.loc.original.clone(),
+            operation: "encode prepared entry",
+            message: e.to_string(),
+        })?;
+        self.loc
+            .store
+            .put(&path, PutPayload::from(body))
+            .await
+            .map_err(|e| store_err(&self.loc, "write prepared entry", &e))?;
+        staged::sync_local(&self.loc, &path).map_err(|message| StateError::Store {
+            location: self.loc.original.clone(),
+            operation: "sync prepared entry",
+            message,
+        })
+    }
+
+    /// The prepared entries of earlier attempts at `run_id`, newest first.
+    pub async fn prepared(&self, run_id: &str) -> Result<Vec<Manifest>, StateError> {
+        let mut out = vec![];
+        for (rel, meta) in self.list_rel(&format!("attempts/{run_id}")).await? {
+            if !rel.ends_with(".prepared.json") {
+                continue;
+            }
+            let bytes = self
+                .loc
+                .store
+                .get(&meta.location)
+                .await
+                .map_err(|e| store_err(&self.loc, "read prepared entry", &e))?
+                .bytes()
+                .await
+                .map_err(|e| store_err(&self.loc, "read prepared entry", &e))?;
+            let m: Manifest =
+                serde_json::from_slice(&bytes).map_err(|e| StateError::BadManifest {
+                    location: self.loc.original.clone(),
+                    file: self.loc.display_path(&meta.location),
+                    message: e.to_string(),
+                })?;
+            out.push(m);
+        }
+        out.sort_by_key(|m| std::cmp::Reverse(m.committed_at));
+        Ok(out)
+    }
+
+    /// Give up on a prepared attempt (it can never be recovered).
+    pub async fn drop_prepared(&self, run_id: &str, nonce: &str) {
+        let _ = self
+            .loc
+            .store
+            .delete(&self.prepared_path(run_id, nonce))
+            .await;
+    }
+
     /// Forget a finished attempt's record (best effort: gc removes it too).
     pub async fn forget_attempt(&self, run_id: &str, nonce: &str) {
+        self.drop_prepared(run_id, nonce).await;
         let _ = self
             .loc
             .store
@@ -813,7 +882,23 @@ pub async fn gc(
     // Attempt records: committed ones are done with; old uncommitted ones
     // are abandoned.
     let mut records: Vec<(AttemptRecord, object_store::ObjectMeta)> = vec![];
+    let mut prepared_files: BTreeMap<AttemptRef, object_store::ObjectMeta> = BTreeMap::new();
     for (rel, meta) in state.list_rel("attempts").await? {
+        if let Some(stem) = rel.strip_suffix(".prepared.json") {
+            let mut parts = stem.rsplitn(2, '/');
+            if let (Some(nonce), Some(dir)) = (parts.next(), parts.next())
+                && let Some(run_id) = dir.strip_prefix("attempts/")
+            {
+                prepared_files.insert(
+                    AttemptRef {
+                        run_id: run_id.to_string(),
+                        nonce: nonce.to_string(),
+                    },
+                    meta,
+                );
+            }
+            continue;
+        }
         if !rel.ends_with(".json") {
             continue;
         }
@@ -966,6 +1051,13 @@ pub async fn gc(
         }
         let ledger = format!("runs/{}/ledger-{}.parquet", r.run_id, r.nonce);
         owned_ledgers.insert(ledger);
+        if let Some(p) = prepared_files.get(&a) {
+            found.push((
+                state.loc.clone(),
+                p.clone(),
+                "prepared entry of an attempt that never committed",
+            ));
+        }
         found.push((
             state.loc.clone(),
             meta.clone(),

@@ -1558,8 +1558,8 @@ fn state_gc_on_s3_removes_uncommitted_leftovers_only() {
         .collect();
     assert_eq!(
         refused.len(),
-        5,
-        "3 staged outputs + 1 ledger + 1 attempt record: {leftovers:?}"
+        6,
+        "3 staged outputs + 1 ledger + 1 attempt record + 1 prepared entry: {leftovers:?}"
     );
     assert!(
         !leftovers
@@ -1590,7 +1590,7 @@ fn state_gc_on_s3_removes_uncommitted_leftovers_only() {
             dry.describe()
         );
     }
-    assert_says(&dry, "would remove 5 objects");
+    assert_says(&dry, "would remove 6 objects");
     assert!(!dry.stdout.contains("kept"), "{}", dry.describe());
     assert_eq!(
         files_below(&root).len(),
@@ -1601,7 +1601,7 @@ fn state_gc_on_s3_removes_uncommitted_leftovers_only() {
     let real = gc(false);
     assert_says(&real, "published the outputs of committed run cut");
     assert_says(&real, "fenced abandoned attempt");
-    assert_says(&real, "removed 5 objects");
+    assert_says(&real, "removed 6 objects");
     let after = files_below(&root);
     assert!(kept.is_subset(&after), "gc touched the committed run");
     assert!(
