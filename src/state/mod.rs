@@ -267,6 +267,28 @@ impl State {
             .unwrap_or_default()
     }
 
+    /// Read and parse one JSON object of the state; errors name the file.
+    async fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &Path,
+        what: &'static str,
+    ) -> Result<T, StateError> {
+        let bytes = self
+            .loc
+            .store
+            .get(path)
+            .await
+            .map_err(|e| store_err(&self.loc, what, &e))?
+            .bytes()
+            .await
+            .map_err(|e| store_err(&self.loc, what, &e))?;
+        serde_json::from_slice(&bytes).map_err(|e| StateError::BadManifest {
+            location: self.loc.original.clone(),
+            file: self.loc.display_path(path),
+            message: e.to_string(),
+        })
+    }
+
     async fn read_entry(&self, rel: &str) -> Result<LogEntry, StateError> {
         let path = self.loc.path(rel);
         let bytes = self
@@ -499,21 +521,9 @@ impl State {
             if !rel.ends_with(".prepared.json") {
                 continue;
             }
-            let bytes = self
-                .loc
-                .store
-                .get(&meta.location)
-                .await
-                .map_err(|e| store_err(&self.loc, "read prepared entry", &e))?
-                .bytes()
-                .await
-                .map_err(|e| store_err(&self.loc, "read prepared entry", &e))?;
-            let m: Manifest =
-                serde_json::from_slice(&bytes).map_err(|e| StateError::BadManifest {
-                    location: self.loc.original.clone(),
-                    file: self.loc.display_path(&meta.location),
-                    message: e.to_string(),
-                })?;
+            let m: Manifest = self
+                .read_json(&meta.location, "read prepared entry")
+                .await?;
             out.push(m);
         }
         out.sort_by_key(|m| std::cmp::Reverse(m.committed_at));
@@ -902,21 +912,9 @@ pub async fn gc(
         if !rel.ends_with(".json") {
             continue;
         }
-        let bytes = state
-            .loc
-            .store
-            .get(&meta.location)
-            .await
-            .map_err(|e| store_err(&state.loc, "read attempt record", &e))?
-            .bytes()
-            .await
-            .map_err(|e| store_err(&state.loc, "read attempt record", &e))?;
-        let r: AttemptRecord =
-            serde_json::from_slice(&bytes).map_err(|e| StateError::BadManifest {
-                location: state.loc.original.clone(),
-                file: state.loc.display_path(&meta.location),
-                message: e.to_string(),
-            })?;
+        let r: AttemptRecord = state
+            .read_json(&meta.location, "read attempt record")
+            .await?;
         records.push((r, meta));
     }
     let mut abandoned: Vec<(AttemptRecord, object_store::ObjectMeta)> = vec![];

@@ -9,7 +9,6 @@
 //! aborts the sinks and leaves nothing visible; anything after it is
 //! finished by the next run or `state gc` (roll-forward).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,11 +23,13 @@ use crate::cli::Progress;
 use crate::detect;
 use crate::error::Error;
 use crate::failpoint;
+
+mod commit;
 use crate::job::RunSettings;
 use crate::location::{self, Location};
 use crate::policy::{Decisions, Policy};
 use crate::report::Report;
-use crate::sink::{self, RowColumns, Sink, SinkContext, SinkKind, SinkReceipt};
+use crate::sink::{self, RowColumns, Sink, SinkContext, SinkKind};
 use crate::source;
 use crate::state::{AttemptRecord, Manifest, State};
 
@@ -85,7 +86,7 @@ fn nonce() -> String {
     )
 }
 
-struct OpenSink {
+pub(super) struct OpenSink {
     kind: SinkKind,
     sink: Box<dyn Sink>,
 }
@@ -127,10 +128,10 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
         });
     }
     if let Some(r) = &settings.report {
-        check_writable(r)?;
+        commit::check_writable(r)?;
     }
     if !settings.dry_run
-        && let Some(recovered) = recover_prepared(&state, &settings).await?
+        && let Some(recovered) = commit::recover_prepared(&state, &settings).await?
     {
         phases.done();
         let mut r = recovered;
@@ -445,205 +446,10 @@ async fn execute(
 
     failpoint::hit("after_write").await?;
 
-    // Commit protocol: finish all → ledger → prepare → precommit (Kafka
-    // transactions) → log entry → publish all.
-    phases.set("flushing outputs");
-    let mut outputs: BTreeMap<String, SinkReceipt> = BTreeMap::new();
-    let mut publish = vec![];
-    let mut delivered = vec![];
-    for s in sinks.iter_mut() {
-        let mut r = s.sink.finish().await?;
-        if let Some(p) = r.staged.take() {
-            publish.push(p);
-        }
-        if let Some(d) = r.delivered.take() {
-            delivered.push(d);
-        }
-        outputs.insert(s.kind.name().to_string(), r);
-    }
-    failpoint::hit("after_finish").await?;
-    report.outputs = outputs.clone();
-    let ledger_file = match ledger {
-        Some(l) => vec![l.finish().await?],
-        None => vec![],
-    };
-    failpoint::hit("after_ledger").await?;
-    phases.set("committing");
-    let mut manifest = Manifest {
-        format_version: crate::state::FORMAT_VERSION,
-        seq: 0,
-        based_on,
-        run_id: settings.run_id.clone(),
-        nonce: run_nonce.to_string(),
-        committed_at: Utc::now(),
-        ledger_files: ledger_file,
-        outputs,
-        publish,
-        report: serde_json::to_value(&*report).unwrap_or_default(),
-        delivered,
-    };
-    // Everything is durable and every message acknowledged: a rerun after
-    // a crash from here on commits this entry instead of sending again.
-    state.prepare(&manifest).await?;
-    failpoint::hit("after_prepare").await?;
-    for s in sinks.iter_mut() {
-        s.sink.precommit().await?;
-    }
-    failpoint::hit("after_precommit").await?;
-    failpoint::hit("before_commit").await?;
-    let seq = match state.commit(&mut manifest).await {
-        Ok(seq) => seq,
-        Err(e) if e.is_conflict() => return Err(e.into()),
-        // The entry may or may not be there: deleting the staged files now
-        // could take the outputs of a committed run.
-        Err(e) => {
-            return Err(Error::CommitUnknown {
-                run_id: settings.run_id.clone(),
-                message: e.to_string(),
-            });
-        }
-    };
-    lap(report, "commit");
-
-    // Committed. From here on a failure cannot take the run back; what is
-    // left undone the next run or `state gc` finishes from the log entry.
-    phases.set("publishing outputs");
-    let published = async {
-        failpoint::hit("after_commit").await?;
-        for s in sinks.iter_mut() {
-            s.sink.publish().await?;
-        }
-        failpoint::hit("after_publish").await?;
-        state.mark_published(seq).await?;
-        failpoint::hit("after_published_marker").await?;
-        Ok::<(), Error>(())
-    }
-    .await;
-    if let Err(e) = published {
-        return Err(Error::Committed {
-            run_id: settings.run_id.clone(),
-            message: e.to_string(),
-        });
-    }
-    state.forget_attempt(&settings.run_id, run_nonce).await;
-    lap(report, "publish");
-    Ok(())
-}
-
-/// An earlier attempt at this run id that had delivered everything (every
-/// file durable, every Kafka message acknowledged, its entry prepared) and
-/// died before its commit: commit its entry now rather than send its
-/// messages again. A transactional attempt counts only if its transaction
-/// is visible to `read_committed` consumers; otherwise the broker aborted
-/// it, and the run starts afresh. An attempt that can no longer commit (a
-/// run acted on its events since, or gc fenced it) is dropped: its messages
-/// were delivered, and the fresh run is at-least-once for them.
-async fn recover_prepared(state: &State, settings: &RunSettings) -> Result<Option<Report>, Error> {
-    let kafka = settings.scan.kafka.clone().unwrap_or_default();
-    for prepared in state.prepared(&settings.run_id).await? {
-        let kafka_rows: u64 = prepared.delivered.iter().map(|d| d.rows).sum();
-        let printed = prepared
-            .outputs
-            .values()
-            .any(|r| r.target == "-" && r.rows > 0);
-        if printed && kafka_rows == 0 {
-            // Its rows were never printed: run again and print them.
-            state.drop_prepared(&prepared.run_id, &prepared.nonce).await;
-            continue;
-        }
-        let mut visible = true;
-        for d in prepared
-            .delivered
-            .iter()
-            .filter(|d| d.transactional && d.rows > 0)
-        {
-            visible &= crate::kafka::has_committed_messages(
-                &d.target,
-                &kafka,
-                &d.start_offsets,
-                &settings.run_id,
-            )
-            .await
-            .map_err(crate::source::SourceError::from)?;
-        }
-        if !visible {
-            state.drop_prepared(&prepared.run_id, &prepared.nonce).await;
-            continue;
-        }
-        let mut manifest = prepared.clone();
-        let seq = match state.commit(&mut manifest).await {
-            Ok(seq) => seq,
-            Err(e) if e.is_conflict() => {
-                eprintln!(
-                    "warning: {}",
-                    crate::redact::line(&format!(
-                        "attempt {} of run '{}' had delivered its outputs but cannot commit ({e}); running again",
-                        prepared.nonce, prepared.run_id
-                    ))
-                );
-                state.drop_prepared(&prepared.run_id, &prepared.nonce).await;
-                continue;
-            }
-            Err(e) => {
-                return Err(Error::CommitUnknown {
-                    run_id: settings.run_id.clone(),
-                    message: e.to_string(),
-                });
-            }
-        };
-        let published = async {
-            for p in &manifest.publish {
-                let base = location::resolve(&p.target, &settings.scan.storage)?;
-                crate::sink::staged::promote(&base, &p.files)
-                    .await
-                    .map_err(|message| Error::Io {
-                        what: format!("{} sink {}", p.kind, p.target),
-                        message,
-                    })?;
-            }
-            state.mark_published(seq).await?;
-            Ok::<(), Error>(())
-        }
-        .await;
-        if let Err(e) = published {
-            return Err(Error::Committed {
-                run_id: settings.run_id.clone(),
-                message: e.to_string(),
-            });
-        }
-        state
-            .forget_attempt(&prepared.run_id, &prepared.nonce)
-            .await;
-        let mut report: Report =
-            serde_json::from_value(manifest.report.clone()).unwrap_or_default();
-        report.recovered_attempt = Some(prepared.nonce.clone());
-        return Ok(Some(report));
-    }
-    Ok(None)
-}
-
-/// Fail before the scan when the report file cannot be written: its folder
-/// is missing or read-only. Probed with a file of our own, never the report.
-fn check_writable(report: &str) -> Result<(), Error> {
-    let path = std::path::Path::new(report);
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let probe = dir.join(format!(".backfill-probe-{}", std::process::id()));
-    match std::fs::File::create(&probe) {
-        Ok(_) => {
-            let _ = std::fs::remove_file(&probe);
-            if path.is_dir() {
-                return Err(Error::Usage(format!("--report {report}: is a folder")));
-            }
-            Ok(())
-        }
-        Err(e) => Err(Error::Usage(format!(
-            "--report {report}: cannot write in {}: {e}",
-            dir.display()
-        ))),
-    }
+    commit::commit_and_publish(
+        state, settings, sinks, ledger, based_on, run_nonce, report, phases,
+    )
+    .await
 }
 
 /// The ledger id of an undecodable message: it has no event_id, but its
