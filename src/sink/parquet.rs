@@ -21,6 +21,10 @@ use crate::location::{Location, store_error_line};
 
 /// Rows per output file before rolling to the next part.
 const ROWS_PER_FILE: u64 = 1_000_000;
+/// Bytes a row group may hold in memory before it is written out. The
+/// writer buffers a whole row group; with large payloads, 128k rows would
+/// be gigabytes outside DataFusion's memory pool, so the cap is in bytes.
+const ROW_GROUP_BYTES: usize = 64 * 1024 * 1024;
 
 pub struct ParquetSink {
     base: Location,
@@ -123,6 +127,11 @@ impl Sink for ParquetSink {
         if let Err(e) = w.write(batch).await {
             return Err(self.err("write", e.to_string()));
         }
+        if w.memory_size() >= ROW_GROUP_BYTES
+            && let Err(e) = w.flush().await
+        {
+            return Err(self.err("write", e.to_string()));
+        }
         self.rows_in_file += batch.num_rows() as u64;
         self.rows += batch.num_rows() as u64;
         Ok(())
@@ -167,5 +176,88 @@ impl Sink for ParquetSink {
             }
             staged::remove_empty_dirs(&self.base, &self.parts);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+    use crate::sink::{RowColumns, SinkKind};
+
+    /// Large payloads end row groups by size, not by the 128k-row count, so
+    /// the writer's buffer stays near `ROW_GROUP_BYTES` however wide a row.
+    #[tokio::test]
+    async fn row_groups_are_cut_by_bytes_for_wide_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = crate::location::resolve(
+            dir.path().to_str().unwrap(),
+            &crate::location::StorageSettings::default(),
+        )
+        .unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("n", DataType::Int64, false),
+            Field::new("payload", DataType::Utf8, false),
+        ]));
+        let columns = RowColumns {
+            event_id: "event_id".into(),
+            key: "key".into(),
+            seq: "seq".into(),
+            event_time: "event_time".into(),
+            error: "error".into(),
+            payload: "payload".into(),
+        };
+        let ctx = SinkContext {
+            run_id: "r".into(),
+            nonce: "n".into(),
+            kind: SinkKind::Replay,
+            schema: schema.clone(),
+            columns: Arc::new(columns),
+            storage: Default::default(),
+            kafka: None,
+        };
+        let mut sink = ParquetSink::new(base, ctx);
+        // Incompressible payloads of 1 MiB: 200 rows, 200 MiB in all.
+        let mut x: u64 = 1;
+        for chunk in 0..20 {
+            let payloads: Vec<String> = (0..10)
+                .map(|_| {
+                    (0..(1 << 20))
+                        .map(|_| {
+                            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                            char::from(b'a' + ((x >> 59) as u8 % 26))
+                        })
+                        .collect()
+                })
+                .collect();
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(Int64Array::from_iter_values(chunk * 10..chunk * 10 + 10)),
+                    Arc::new(StringArray::from(payloads)),
+                ],
+            )
+            .unwrap();
+            sink.write(&batch).await.unwrap();
+            if let Some(w) = sink.writer.as_ref() {
+                assert!(
+                    w.memory_size() < ROW_GROUP_BYTES + (16 << 20),
+                    "buffered {} bytes",
+                    w.memory_size()
+                );
+            }
+        }
+        sink.finish().await.unwrap();
+        let staged = dir.path().join(&sink.parts[0].staged);
+        let file = std::fs::File::open(staged).unwrap();
+        let reader = parquet::file::reader::SerializedFileReader::new(file).unwrap();
+        use parquet::file::reader::FileReader;
+        let groups = reader.metadata().num_row_groups();
+        // 200 rows are one row group by count; by size they are several.
+        assert!(groups >= 2, "{groups} row groups for 200 MiB");
     }
 }
