@@ -18,8 +18,10 @@ build: ## release build of the backfill binary
 	cargo build --release --bin backfill
 	@echo "built $(BIN_RELEASE)"
 
+# `--all-targets` resolves dependency features as the test suite does, so the
+# demo and the tests share one build of DataFusion instead of two.
 demo: ## build, generate a sample archive, run the job over it, print the report
-	cargo build --bin backfill
+	cargo build --all-targets
 	rm -rf $(DEMO)
 	$(BIN_DEBUG) generate --out $(DEMO)/archive --events 200000 --keys 500 --seed 7 --days 3
 	$(BIN_DEBUG) run --job jobs/demo.toml --report $(DEMO)/report.json
