@@ -3,7 +3,9 @@
 The run id is derived from the interval, so clearing or retrying a task
 re-runs the same id: `backfill` sees it committed and exits 0 without
 replaying anything twice. Exit codes: 0 ok, 1 runtime failure (retry),
-2 configuration error (do not retry), 3 DLQ not empty (--fail-on-dlq).
+2 configuration error (do not retry), 3 DLQ not empty (--fail-on-dlq),
+4 another run on the same state won while this one ran (nothing visible;
+retry: the retry decides afresh).
 """
 
 from datetime import datetime, timedelta
