@@ -229,6 +229,11 @@ async fn gc(args: GcArgs) -> Result<(), Error> {
     let (state, job) = state_location(&args.loc)?;
     let storage = job.storage.clone().unwrap_or_default();
     let st = crate::state::State::new(location::resolve(&state, &storage)?);
+    if st.is_empty().await? {
+        return Err(Error::Usage(format!(
+            "state gc: there is no backfill state at {state} (no commit log, no attempts): check --out / --state"
+        )));
+    }
     if !args.sink.is_empty() {
         eprintln!(
             "warning: --sink is no longer needed: gc finds every sink an attempt wrote to in the state"

@@ -86,7 +86,7 @@ async fn dispatch(cmd: Command) -> Result<u8, Error> {
             } else {
                 commands::write_stdout(r.human().as_bytes())?;
             }
-            if fail_on_dlq && r.dead_lettered > 0 && !r.already_committed {
+            if fail_on_dlq && r.dead_lettered > 0 {
                 return Ok(EXIT_DLQ);
             }
             Ok(EXIT_OK)

@@ -116,13 +116,22 @@ pub fn backfill_fields() -> Vec<Field> {
     ]
 }
 
-/// The schema of replay/DLQ rows for a candidate schema: its non-internal
+/// True for a candidate column that goes to the outputs as it is: not one
+/// of the run's internal columns, and not a source column that carries one
+/// of the names this run writes (an archive that holds earlier replays has
+/// `backfill_attempt` & co. of its own): those are replaced by this run's
+/// values, so a consumer's dedupe key is always this run's.
+fn passes_through(name: &str) -> bool {
+    !name.starts_with(internal::PREFIX) && !backfill_fields().iter().any(|f| f.name() == name)
+}
+
+/// The schema of replay/DLQ rows for a candidate schema: its pass-through
 /// columns, then the backfill_* columns.
 pub fn output_schema(candidates: &Schema) -> SchemaRef {
     let mut fields: Vec<Field> = candidates
         .fields()
         .iter()
-        .filter(|f| !f.name().starts_with(internal::PREFIX))
+        .filter(|f| passes_through(f.name()))
         // Nullable: a dead letter for an undecodable Kafka message has no
         // event_id, key or seq, and shares the DLQ's files with the rest.
         .map(|f| f.as_ref().clone().with_nullable(true))
@@ -265,7 +274,7 @@ impl Policy {
             .fields()
             .iter()
             .zip(batch.columns())
-            .filter(|(f, _)| !f.name().starts_with(internal::PREFIX))
+            .filter(|(f, _)| passes_through(f.name()))
             .map(|(_, c)| c.clone())
             .collect();
         cols.push(Arc::new(StringArray::from(vec![self.run_id.as_str(); n])));
@@ -463,6 +472,46 @@ mod tests {
         );
         assert_eq!(strings(&d.replay, "payload"), ["body-e", "body-f"]);
         assert_eq!(strings(&d.replay, "backfill_run_id"), ["r1", "r1"]);
+    }
+
+    /// An archive that holds earlier replays carries `backfill_*` columns of
+    /// its own: the outputs carry this run's values once, never two columns
+    /// of one name (DuckDB renames one, Kafka headers take the wrong one).
+    #[test]
+    fn source_columns_named_like_ours_are_replaced_not_duplicated() {
+        let b = batch(&[("e", None, None, false, None, None)]);
+        let mut fields: Vec<Field> = b
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new("backfill_attempt", DataType::Int64, true));
+        fields.push(Field::new("backfill_run_id", DataType::Utf8, true));
+        let mut cols = b.columns().to_vec();
+        cols.push(Arc::new(Int64Array::from(vec![Some(7)])));
+        cols.push(Arc::new(StringArray::from(vec![Some("oldrun")])));
+        let b = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap();
+        let d = policy(&[]).decide(&b).unwrap();
+        let names: Vec<&str> = d
+            .replay
+            .schema_ref()
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .filter(|n| n.starts_with("backfill_"))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "backfill_run_id",
+                "backfill_reason",
+                "backfill_attempt",
+                "backfill_detected_at"
+            ]
+        );
+        assert_eq!(strings(&d.replay, "backfill_run_id"), ["r1"]);
+        assert_eq!(ints(&d.replay, "backfill_attempt"), [1]);
     }
 
     #[test]

@@ -195,9 +195,9 @@ pub(super) async fn recover_prepared(
                 let base = location::resolve(&p.target, &settings.scan.storage)?;
                 crate::sink::staged::promote(&base, &p.files)
                     .await
-                    .map_err(|message| Error::Io {
+                    .map_err(|e| Error::Io {
                         what: format!("{} sink {}", p.kind, p.target),
-                        message,
+                        message: e.to_string(),
                     })?;
             }
             state.mark_published(seq).await?;

@@ -118,7 +118,12 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
             ),
         }
     }
-    if snapshot.committed(&settings.run_id).is_some() {
+    if let Some(m) = snapshot.committed(&settings.run_id) {
+        // The committed run's own figures: a retry of a run that exited 3
+        // (--fail-on-dlq) must exit 3 again, not turn the task green.
+        let mut committed: Report = serde_json::from_value(m.report.clone()).unwrap_or_default();
+        committed.rolled_forward = std::mem::take(&mut report.rolled_forward);
+        report = committed;
         report.already_committed = true;
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         phases.done();
@@ -155,6 +160,7 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     report.partitions_pruned = archive.stats.partitions_pruned;
     report.kafka_messages = archive.stats.kafka_messages;
     let manifests: Vec<Manifest> = snapshot.runs().cloned().collect();
+    state.verify_ledgers(&manifests).await?;
     state.register_ledger(&ctx, &manifests).await?;
     detect::register_views(&ctx, scan).await?;
 
@@ -173,6 +179,7 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     let run_nonce = nonce();
     let mut sinks: Vec<OpenSink> = vec![];
     let mut file_targets: Vec<String> = vec![];
+    let mut file_kinds: Vec<(&'static str, String)> = vec![];
     let mut stdout_taken = false;
     if !settings.dry_run {
         for (kind, target, schema) in [
@@ -191,7 +198,23 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
             stdout_taken |= target == "-";
             if target != "-" && !target.starts_with("kafka://") {
                 let base = location::resolve(&target, &scan.storage)?;
-                file_targets.push(base.display_path(&base.prefix));
+                let here = base.display_path(&base.prefix);
+                // Two outputs in one folder would write the same part names
+                // (and a reader could not tell replays from dead letters).
+                for (other_kind, other) in &file_kinds {
+                    let nested = |a: &str, b: &str| {
+                        a == b || a.starts_with(&format!("{}/", b.trim_end_matches('/')))
+                    };
+                    if nested(&here, other) || nested(other, &here) {
+                        return Err(Error::Usage(format!(
+                            "the {} sink {target} and the {} sink {other} share a folder; give each output a folder of its own",
+                            kind.name(),
+                            other_kind
+                        )));
+                    }
+                }
+                file_kinds.push((kind.name(), here.clone()));
+                file_targets.push(here);
             }
             let ctx = SinkContext {
                 run_id: settings.run_id.clone(),

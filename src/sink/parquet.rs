@@ -159,7 +159,7 @@ impl Sink for ParquetSink {
     async fn publish(&mut self) -> Result<(), SinkError> {
         staged::promote(&self.base, &self.parts)
             .await
-            .map_err(|e| self.err("publish", e))?;
+            .map_err(|e| self.err("publish", e.to_string()))?;
         self.published = true;
         Ok(())
     }

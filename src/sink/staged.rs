@@ -63,36 +63,65 @@ pub fn part_names(run_id: &str, nonce: &str, n: usize) -> StagedFile {
 /// is left as it is. Returns an error naming the file when a staged file is
 /// neither at its staged nor at its final name: that output is lost, and
 /// saying so is the only honest answer.
-pub async fn promote(base: &Location, files: &[StagedFile]) -> Result<(), String> {
+pub async fn promote(base: &Location, files: &[StagedFile]) -> Result<(), PromoteError> {
+    // Every file is tried, whatever happened to one before it: one lost file
+    // must not keep the others of a committed run staged forever.
+    let mut errors = vec![];
+    let mut lost = vec![];
     for f in files {
-        crate::failpoint::hit("publish_file")
-            .await
-            .map_err(|e| e.to_string())?;
+        if let Err(e) = crate::failpoint::hit("publish_file").await {
+            errors.push(e.to_string());
+            break;
+        }
         let from = base.path(&f.staged);
         let to = base.path(&f.published);
         match base.store.rename(&from, &to).await {
-            Ok(()) => sync_local(base, &to)?,
+            Ok(()) => {
+                if let Err(e) = sync_local(base, &to) {
+                    errors.push(e);
+                }
+            }
             Err(object_store::Error::NotFound { .. }) => match base.store.head(&to).await {
                 Ok(_) => {}
-                Err(e) => {
-                    return Err(format!(
-                        "{} is neither staged nor published ({})",
-                        base.display_path(&to),
-                        store_error_line(&e)
-                    ));
-                }
-            },
-            Err(e) => {
-                return Err(format!(
-                    "rename {} to its final name: {}",
-                    base.display_path(&from),
+                Err(e) => lost.push(format!(
+                    "{} is neither staged nor published ({})",
+                    base.display_path(&to),
                     store_error_line(&e)
-                ));
-            }
+                )),
+            },
+            Err(e) => errors.push(format!(
+                "rename {} to its final name: {}",
+                base.display_path(&from),
+                store_error_line(&e)
+            )),
         }
     }
     remove_empty_dirs(base, files);
-    Ok(())
+    if errors.is_empty() && lost.is_empty() {
+        Ok(())
+    } else {
+        Err(PromoteError { lost, errors })
+    }
+}
+
+/// What `promote` could not do: files that are gone for good, and failures
+/// a later try may get past.
+#[derive(Debug)]
+pub struct PromoteError {
+    pub lost: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+impl std::fmt::Display for PromoteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let all: Vec<&str> = self
+            .errors
+            .iter()
+            .chain(&self.lost)
+            .map(String::as_str)
+            .collect();
+        f.write_str(&all.join("; "))
+    }
 }
 
 /// On local disk, make a file and its folder's entry durable: object_store's
@@ -172,6 +201,10 @@ mod tests {
         promote(&base, std::slice::from_ref(&f)).await.unwrap();
         std::fs::remove_file(dir.path().join(&f.published)).unwrap();
         let e = promote(&base, &[f]).await.unwrap_err();
-        assert!(e.contains("neither staged nor published"), "{e}");
+        assert!(e.errors.is_empty(), "{e}");
+        assert!(
+            e.to_string().contains("neither staged nor published"),
+            "{e}"
+        );
     }
 }

@@ -53,7 +53,7 @@ pub enum StateError {
         operation: &'static str,
         message: String,
     },
-    #[error("state {location}: log entry {file} is not valid: {message}")]
+    #[error("state {location}: {file} is not valid: {message}")]
     BadManifest {
         location: String,
         file: String,
@@ -75,6 +75,12 @@ pub enum StateError {
         "run '{run_id}' (attempt {nonce}) was fenced by `state gc` as abandoned; it committed nothing and is safe to rerun"
     )]
     Fenced { run_id: String, nonce: String },
+    /// Something the log names is gone, or the log has a hole: acting on
+    /// such a state would replay or dead-letter events a second time.
+    #[error(
+        "state {location} is damaged: {message}; restore it from a backup (runs on a damaged state would act twice on the events it no longer records)"
+    )]
+    Damaged { location: String, message: String },
     #[error("state: query engine: {0}")]
     DataFusion(#[from] datafusion::error::DataFusionError),
 }
@@ -136,6 +142,11 @@ pub struct Fence {
     pub seq: u64,
     pub fenced_at: DateTime<Utc>,
     pub attempts: Vec<AttemptRef>,
+    /// Per fenced attempt (`run_id/nonce`), the sink bases it recorded: a
+    /// fenced attempt that was still writing may leave staged files after
+    /// gc removed its record, and every later gc looks there again.
+    #[serde(default)]
+    pub staged_under: BTreeMap<String, Vec<String>>,
 }
 
 /// One entry of the commit log.
@@ -375,6 +386,19 @@ impl State {
         });
         let log = self.entries_after(0).await?;
         let head = log.last().map(LogEntry::seq).unwrap_or(0);
+        for (i, e) in log.iter().enumerate() {
+            if e.seq() != i as u64 + 1 {
+                return Err(StateError::Damaged {
+                    location: self.loc.original.clone(),
+                    message: format!(
+                        "log entry {} is missing (the log holds {} entries up to {head})",
+                        self.loc
+                            .display_path(&self.loc.path(&log_name(i as u64 + 1))),
+                        log.len()
+                    ),
+                });
+            }
+        }
         entries.extend(log);
         let published = self
             .list_rel("published")
@@ -437,6 +461,54 @@ impl State {
         let table = self.ledger_table(ctx, &files)?;
         ctx.register_table("ledger_entries", table)?;
         Ok(())
+    }
+
+    /// Every ledger file the committed runs name is there and not empty: a
+    /// missing one would read as "nothing done" and its events would be
+    /// replayed again.
+    pub async fn verify_ledgers(&self, manifests: &[Manifest]) -> Result<(), StateError> {
+        let files: Vec<(String, String)> = manifests
+            .iter()
+            .flat_map(|m| m.ledger_files.iter().map(|f| (m.run_id.clone(), f.clone())))
+            .collect();
+        let checks = futures::stream::iter(files)
+            .map(|(run, f)| async move {
+                let path = self.loc.path(&f);
+                match self.loc.store.head(&path).await {
+                    Ok(meta) if meta.size > 0 => Ok(()),
+                    Ok(_) => Err((run, path, "is empty".to_string())),
+                    Err(object_store::Error::NotFound { .. }) => {
+                        Err((run, path, "is missing".to_string()))
+                    }
+                    Err(e) => Err((run, path, store_error_line(&e))),
+                }
+            })
+            .buffer_unordered(READ_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        for c in checks {
+            if let Err((run, path, what)) = c {
+                return Err(StateError::Damaged {
+                    location: self.loc.original.clone(),
+                    message: format!(
+                        "the ledger file {} of committed run '{run}' {what}",
+                        self.loc.display_path(&path)
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Nothing at all under the state location: no log, no attempts.
+    pub async fn is_empty(&self) -> Result<bool, StateError> {
+        let mut list = self.loc.store.list(Some(&self.loc.prefix));
+        match list.next().await {
+            None => Ok(true),
+            Some(Ok(_)) => Ok(false),
+            Some(Err(object_store::Error::NotFound { .. })) => Ok(true),
+            Some(Err(e)) => Err(store_err(&self.loc, "list", &e)),
+        }
     }
 
     /// How many events the ledger files `ours` and `theirs` both name.
@@ -724,28 +796,41 @@ impl State {
         storage: &StorageSettings,
     ) -> Result<Vec<String>, StateError> {
         let mut done = vec![];
+        let mut lost = vec![];
         for m in snapshot.runs() {
             if m.seq == 0 || m.publish.is_empty() || snapshot.published.contains(&m.seq) {
                 continue;
             }
+            let mut failed = false;
             for p in &m.publish {
-                let base = crate::location::resolve(&p.target, storage).map_err(|e| {
-                    StateError::Store {
-                        location: self.loc.original.clone(),
-                        operation: "roll forward",
-                        message: format!("run '{}': {e}", m.run_id),
-                    }
-                })?;
-                staged::promote(&base, &p.files)
-                    .await
-                    .map_err(|message| StateError::Store {
-                        location: self.loc.original.clone(),
-                        operation: "roll forward",
-                        message: format!("run '{}': {message}", m.run_id),
-                    })?;
+                let result = match crate::location::resolve(&p.target, storage) {
+                    Ok(base) => staged::promote(&base, &p.files).await,
+                    Err(e) => Err(staged::PromoteError {
+                        lost: vec![],
+                        errors: vec![e.to_string()],
+                    }),
+                };
+                if let Err(e) = result {
+                    failed |= !e.errors.is_empty();
+                    lost.push(format!("run '{}': {e}", m.run_id));
+                }
             }
+            if failed {
+                continue;
+            }
+            // Published as far as it can be: a file that is gone cannot
+            // come back, and retrying it on every run would hide it.
             self.mark_published(m.seq).await?;
             done.push(m.run_id.clone());
+        }
+        if !lost.is_empty() {
+            // Each committed run is reported here once: a run whose files
+            // are gone is marked published above, so the next call is quiet.
+            return Err(StateError::Store {
+                location: self.loc.original.clone(),
+                operation: "roll forward",
+                message: lost.join("; "),
+            });
         }
         Ok(done)
     }
@@ -856,14 +941,18 @@ pub struct GcOutcome {
 /// - committed runs whose publishing was interrupted are rolled forward;
 /// - an attempt recorded in this state (`attempts/`), older than `min_age`,
 ///   never committed: a fence entry in the log first makes sure it never
-///   will, then its staged files under the sinks it recorded, its ledger file
-///   and its record are deleted;
+///   will, then its staged files under the sinks it recorded, its ledger file,
+///   its prepared entry and its record are deleted;
+/// - staged files that fenced attempts wrote after their fence (the sinks are
+///   in the fence entry, so every gc looks again);
 /// - ledger files under `runs/` that no entry names and no live attempt
-///   owns, older than `min_age` (format-1 leftovers);
+///   owns, older than `min_age`;
 /// - records of committed attempts.
 ///
 /// Nothing is deleted by mere absence from this state: a file under a shared
-/// sink folder that no attempt of this state recorded is never touched.
+/// sink folder that no attempt of this state recorded is never touched. A run
+/// that commits while gc works is seen in the log before anything of it could
+/// be deleted.
 pub async fn gc(
     state: &State,
     storage: &StorageSettings,
@@ -871,26 +960,39 @@ pub async fn gc(
     dry_run: bool,
 ) -> Result<GcOutcome, StateError> {
     let snapshot = state.snapshot().await?;
+    // A point of the test build's crash harness (not in `failpoint::POINTS`,
+    // which a run passes): a run may commit while gc is here.
+    crate::failpoint::hit("gc_after_snapshot")
+        .await
+        .map_err(|e| StateError::Store {
+            location: state.loc.original.clone(),
+            operation: "gc",
+            message: e.to_string(),
+        })?;
     let mut out = GcOutcome::default();
+    // A roll-forward that fails is reported after the clean-up, not instead.
+    let mut roll_error = None;
     if !dry_run {
-        out.rolled_forward = state.roll_forward(&snapshot, storage).await?;
+        match state.roll_forward(&snapshot, storage).await {
+            Ok(r) => out.rolled_forward = r,
+            Err(e) => roll_error = Some(e),
+        }
     }
-    let committed: BTreeSet<AttemptRef> = snapshot
-        .runs()
-        .map(|m| AttemptRef {
-            run_id: m.run_id.clone(),
-            nonce: m.nonce.clone(),
-        })
-        .collect();
+    let attempt_of = |m: &Manifest| AttemptRef {
+        run_id: m.run_id.clone(),
+        nonce: m.nonce.clone(),
+    };
+    let mut committed: BTreeSet<AttemptRef> = snapshot.runs().map(attempt_of).collect();
     let fenced = snapshot.fenced();
-    let named: BTreeSet<String> = snapshot
+    let mut named: BTreeSet<String> = snapshot
         .runs()
         .flat_map(|m| m.ledger_files.iter().cloned())
         .collect();
     let cutoff = Utc::now() - min_age;
+    let mut found: Vec<(Location, object_store::ObjectMeta, &'static str)> = vec![];
 
     // Attempt records: committed ones are done with; old uncommitted ones
-    // are abandoned.
+    // are abandoned; the rest may be running.
     let mut records: Vec<(AttemptRecord, object_store::ObjectMeta)> = vec![];
     let mut prepared_files: BTreeMap<AttemptRef, object_store::ObjectMeta> = BTreeMap::new();
     for (rel, meta) in state.list_rel("attempts").await? {
@@ -912,10 +1014,20 @@ pub async fn gc(
         if !rel.ends_with(".json") {
             continue;
         }
-        let r: AttemptRecord = state
-            .read_json(&meta.location, "read attempt record")
-            .await?;
-        records.push((r, meta));
+        match state
+            .read_json::<AttemptRecord>(&meta.location, "read attempt record")
+            .await
+        {
+            Ok(r) => records.push((r, meta)),
+            // Finished (and forgotten) while gc listed.
+            Err(StateError::Store { message, .. }) if message.contains("not found") => {}
+            // Half-written by a kill: it owns nothing gc could prove.
+            Err(StateError::BadManifest { .. }) if meta.last_modified < cutoff => {
+                found.push((state.loc.clone(), meta, "unreadable attempt record"));
+            }
+            Err(StateError::BadManifest { .. }) => {}
+            Err(e) => return Err(e),
+        }
     }
     let mut abandoned: Vec<(AttemptRecord, object_store::ObjectMeta)> = vec![];
     let mut live: BTreeSet<AttemptRef> = BTreeSet::new();
@@ -944,6 +1056,7 @@ pub async fn gc(
 
     // Fence the abandoned attempts that are not fenced yet, through the log:
     // an attempt that commits first is dropped from the fence instead.
+    let key = |a: &AttemptRef| format!("{}/{}", a.run_id, a.nonce);
     let to_fence: Vec<AttemptRef> = abandoned
         .iter()
         .map(|(r, _)| AttemptRef {
@@ -952,56 +1065,60 @@ pub async fn gc(
         })
         .filter(|a| !fenced.contains(a))
         .collect();
-    let mut committed_meanwhile: BTreeSet<AttemptRef> = BTreeSet::new();
+    let mut new_fence: Option<Fence> = None;
     if !to_fence.is_empty() && !dry_run {
+        let staged_under: BTreeMap<String, Vec<String>> = abandoned
+            .iter()
+            .map(|(r, _)| {
+                (
+                    key(&AttemptRef {
+                        run_id: r.run_id.clone(),
+                        nonce: r.nonce.clone(),
+                    }),
+                    r.targets.clone(),
+                )
+            })
+            .collect();
         let mut entry = LogEntry::Fence(Fence {
             format_version: FORMAT_VERSION,
             seq: 0,
             fenced_at: Utc::now(),
             attempts: to_fence.clone(),
+            staged_under,
         });
         loop {
-            let newly: Vec<AttemptRef> = state
-                .entries_after(snapshot.head)
-                .await?
-                .into_iter()
-                .filter_map(|e| match e {
-                    LogEntry::Run(m) => Some(AttemptRef {
-                        run_id: m.run_id,
-                        nonce: m.nonce,
-                    }),
-                    LogEntry::Fence(_) => None,
-                })
-                .filter(|a| to_fence.contains(a))
-                .collect();
-            committed_meanwhile.extend(newly);
+            for e in state.entries_after(snapshot.head).await? {
+                if let LogEntry::Run(m) = e {
+                    committed.insert(attempt_of(&m));
+                }
+            }
             if let LogEntry::Fence(f) = &mut entry {
-                f.attempts.retain(|a| !committed_meanwhile.contains(a));
+                f.attempts.retain(|a| !committed.contains(a));
                 if f.attempts.is_empty() {
                     break;
                 }
             }
-            let check_set = committed_meanwhile.clone();
             let targets = to_fence.clone();
+            let seen = committed.clone();
             let result = state
                 .append(&mut entry, snapshot.head, |e| {
-                    let check_set = check_set.clone();
                     let targets = targets.clone();
+                    let seen = seen.clone();
                     async move {
                         match e {
-                            LogEntry::Run(m)
-                                if targets.contains(&AttemptRef {
+                            LogEntry::Run(m) => {
+                                let a = AttemptRef {
                                     run_id: m.run_id.clone(),
                                     nonce: m.nonce.clone(),
-                                }) && !check_set.contains(&AttemptRef {
-                                    run_id: m.run_id.clone(),
-                                    nonce: m.nonce.clone(),
-                                }) =>
-                            {
-                                // One of ours committed: start over without it.
-                                Err(StateError::LostRace { run_id: m.run_id })
+                                };
+                                if targets.contains(&a) && !seen.contains(&a) {
+                                    // One of them committed: start over without it.
+                                    Err(StateError::LostRace { run_id: m.run_id })
+                                } else {
+                                    Ok(None)
+                                }
                             }
-                            _ => Ok(None),
+                            LogEntry::Fence(_) => Ok(None),
                         }
                     }
                 })
@@ -1012,43 +1129,89 @@ pub async fn gc(
                 Err(e) => return Err(e),
             }
         }
-        out.fenced = match &entry {
-            LogEntry::Fence(f) => f.attempts.clone(),
-            LogEntry::Run(_) => vec![],
-        };
+        if let LogEntry::Fence(f) = entry {
+            out.fenced = f.attempts.clone();
+            new_fence = Some(f);
+        }
     }
+    // Whatever committed while gc worked is committed: its ledger is named,
+    // its files are its own.
+    for e in state.entries_after(snapshot.head).await? {
+        if let LogEntry::Run(m) = e {
+            committed.insert(attempt_of(&m));
+            named.extend(m.ledger_files.iter().cloned());
+        }
+    }
+    abandoned.retain(|(r, _)| {
+        !committed.contains(&AttemptRef {
+            run_id: r.run_id.clone(),
+            nonce: r.nonce.clone(),
+        })
+    });
 
-    // Delete what the fenced attempts left.
-    let mut found: Vec<(Location, object_store::ObjectMeta, &'static str)> = vec![];
+    // Staging folders to empty: of the abandoned attempts (from their
+    // records) and of every fenced attempt (from the fence entries).
+    let mut staging: BTreeSet<(String, String, String)> = BTreeSet::new();
+    for (r, _) in &abandoned {
+        for t in &r.targets {
+            staging.insert((t.clone(), r.run_id.clone(), r.nonce.clone()));
+        }
+    }
+    let fences = snapshot
+        .entries
+        .iter()
+        .filter_map(|e| match e {
+            LogEntry::Fence(f) => Some(f),
+            LogEntry::Run(_) => None,
+        })
+        .chain(new_fence.as_ref());
+    for f in fences {
+        for a in &f.attempts {
+            if committed.contains(a) {
+                continue;
+            }
+            for t in f.staged_under.get(&key(a)).into_iter().flatten() {
+                staging.insert((t.clone(), a.run_id.clone(), a.nonce.clone()));
+            }
+        }
+    }
+    let mut temporaries: Vec<(std::path::PathBuf, &'static str)> = vec![];
+    let mut attempt_dirs: Vec<std::path::PathBuf> = vec![];
+    for (target, run_id, nonce) in &staging {
+        let Ok(base) = crate::location::resolve(target, storage) else {
+            continue;
+        };
+        let dir = base.path(&staged::attempt_dir(run_id, nonce));
+        let metas: Vec<_> = match base.store.list(Some(&dir)).try_collect().await {
+            Ok(v) => v,
+            Err(object_store::Error::NotFound { .. }) => vec![],
+            Err(e) => return Err(store_err(&base, "list staged files", &e)),
+        };
+        for m in metas {
+            found.push((
+                base.clone(),
+                m,
+                "staged output of an attempt that never committed",
+            ));
+        }
+        if base.is_local {
+            // object_store writes every object to `NAME#N` and renames it into
+            // place; a kill in between leaves the `#N` file, which its listing
+            // hides. Found by walking the folder.
+            let d = std::path::PathBuf::from(format!("/{dir}"));
+            for f in local_upload_temporaries(&d, None) {
+                temporaries.push((f, "partial upload of an attempt that never committed"));
+            }
+            attempt_dirs.push(d);
+        }
+    }
     let mut owned_ledgers: BTreeSet<String> = BTreeSet::new();
     for (r, meta) in &abandoned {
         let a = AttemptRef {
             run_id: r.run_id.clone(),
             nonce: r.nonce.clone(),
         };
-        if committed_meanwhile.contains(&a) {
-            continue;
-        }
-        for target in &r.targets {
-            let Ok(base) = crate::location::resolve(target, storage) else {
-                continue;
-            };
-            let dir = base.path(&staged::attempt_dir(&r.run_id, &r.nonce));
-            let metas: Vec<_> = match base.store.list(Some(&dir)).try_collect().await {
-                Ok(v) => v,
-                Err(object_store::Error::NotFound { .. }) => vec![],
-                Err(e) => return Err(store_err(&base, "list staged files", &e)),
-            };
-            for m in metas {
-                found.push((
-                    base.clone(),
-                    m,
-                    "staged output of an attempt that never committed",
-                ));
-            }
-        }
-        let ledger = format!("runs/{}/ledger-{}.parquet", r.run_id, r.nonce);
-        owned_ledgers.insert(ledger);
+        owned_ledgers.insert(format!("runs/{}/ledger-{}.parquet", r.run_id, r.nonce));
         if let Some(p) = prepared_files.get(&a) {
             found.push((
                 state.loc.clone(),
@@ -1075,34 +1238,6 @@ pub async fn gc(
                 m,
                 "ledger file of an attempt that never committed",
             ));
-        }
-    }
-    // On local disk, object_store writes every object to `NAME#N` and
-    // renames it into place; a kill in between leaves the `#N` file, which
-    // its listing hides. Found by walking the folders gc owns.
-    let mut temporaries: Vec<(std::path::PathBuf, &'static str)> = vec![];
-    let mut attempt_dirs: Vec<std::path::PathBuf> = vec![];
-    for (r, _) in &abandoned {
-        let a = AttemptRef {
-            run_id: r.run_id.clone(),
-            nonce: r.nonce.clone(),
-        };
-        if committed_meanwhile.contains(&a) {
-            continue;
-        }
-        for target in &r.targets {
-            if let Ok(base) = crate::location::resolve(target, storage)
-                && base.is_local
-            {
-                let dir = std::path::PathBuf::from(format!(
-                    "/{}",
-                    base.path(&staged::attempt_dir(&r.run_id, &r.nonce))
-                ));
-                for f in local_upload_temporaries(&dir, None) {
-                    temporaries.push((f, "partial upload of an attempt that never committed"));
-                }
-                attempt_dirs.push(dir);
-            }
         }
     }
     if state.loc.is_local {
@@ -1150,18 +1285,16 @@ pub async fn gc(
         for d in &attempt_dirs {
             // Everything in it is gone by now; what is left is empty folders.
             let _ = std::fs::remove_dir_all(d);
-        }
-        for (r, _) in &abandoned {
-            for target in &r.targets {
-                if let Ok(base) = crate::location::resolve(target, storage) {
-                    let files = [staged::StagedFile {
-                        staged: format!("{}/x", staged::attempt_dir(&r.run_id, &r.nonce)),
-                        published: String::new(),
-                    }];
-                    staged::remove_empty_dirs(&base, &files);
+            if let Some(run_dir) = d.parent() {
+                let _ = std::fs::remove_dir(run_dir);
+                if let Some(staging_dir) = run_dir.parent() {
+                    let _ = std::fs::remove_dir(staging_dir);
                 }
             }
         }
     }
-    Ok(out)
+    match roll_error {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
 }

@@ -296,3 +296,245 @@ fn snapshot(dir: &Path) -> Vec<String> {
         .map(|p| p.strip_prefix(dir).unwrap().to_string_lossy().to_string())
         .collect()
 }
+
+fn run_args<'a>(a: &'a str, o: &'a str, id: &'a str) -> Vec<&'a str> {
+    vec![
+        "run",
+        "--source",
+        a,
+        "--out",
+        o,
+        "--run-id",
+        id,
+        "--progress",
+        "off",
+    ]
+}
+
+/// Two outputs in one folder (or one inside the other) would overwrite each
+/// other's files: refused before anything is read.
+#[test]
+fn two_sinks_in_one_folder_are_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let a = archive(work.path());
+    let out = work.path().join("out");
+    let o = out.to_str().unwrap();
+    let both = out.join("both");
+    let b = both.to_str().unwrap();
+    let inner = out.join("replay/holes");
+    for extra in [
+        vec!["--replay-sink", b, "--dlq-sink", b],
+        vec!["--gaps-sink", inner.to_str().unwrap()],
+    ] {
+        let mut args = run_args(&a, o, "s");
+        args.extend(extra);
+        let r = bf(&args, None);
+        r.expect_code(2);
+        assert!(r.stderr.contains("share a folder"), "{}", r.describe());
+        assert!(manifests(&out.join("_state")).is_empty());
+    }
+}
+
+/// A ledger file the log names that is gone or empty, or a hole in the
+/// log, would read as "nothing done" and replay everything again: the run
+/// stops with one line naming the file.
+#[test]
+fn a_damaged_state_stops_the_run_instead_of_acting_twice() {
+    let work = tempfile::tempdir().unwrap();
+    let a = archive(work.path());
+    for damage in ["missing ledger", "empty ledger", "hole in the log"] {
+        let out = work.path().join(damage.replace(' ', "-"));
+        let o = out.to_str().unwrap();
+        bf(&run_args(&a, o, "one"), None).ok();
+        bf(&run_args(&a, o, "two"), None).ok();
+        let state = out.join("_state");
+        let ledger = std::fs::read_dir(state.join("runs/one"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let named = match damage {
+            "missing ledger" => {
+                std::fs::remove_file(&ledger).unwrap();
+                ledger.display().to_string()
+            }
+            "empty ledger" => {
+                std::fs::write(&ledger, b"").unwrap();
+                ledger.display().to_string()
+            }
+            _ => {
+                let first = manifests(&state)[0].clone();
+                std::fs::remove_file(&first).unwrap();
+                first.display().to_string()
+            }
+        };
+        let r = bf(&run_args(&a, o, "three"), None);
+        r.expect_code(1);
+        let lines = r.stderr_lines();
+        assert_eq!(lines.len(), 1, "{}", r.describe());
+        assert!(
+            lines[0].contains("is damaged") && lines[0].contains(&named),
+            "{damage}: {}",
+            r.describe()
+        );
+        // gc acts on no event; but with a hole in the log it cannot tell
+        // which ledger files are named, so it refuses too.
+        let gc = bf(&["state", "gc", "--out", o, "--min-age-minutes", "0"], None);
+        if damage == "hole in the log" {
+            gc.expect_code(1);
+            assert!(ledger.exists(), "gc deleted a ledger of a damaged log");
+        } else {
+            gc.ok();
+        }
+    }
+}
+
+/// `--fail-on-dlq`: a retry of a run that exited 3 exits 3 again (the
+/// scheduler must not turn the task green).
+#[test]
+fn fail_on_dlq_survives_a_retry() {
+    let work = tempfile::tempdir().unwrap();
+    let a = archive(work.path());
+    let out = work.path().join("out");
+    let o = out.to_str().unwrap();
+    let mut args = run_args(&a, o, "d");
+    args.push("--fail-on-dlq");
+    bf(&args, None).expect_code(3);
+    let again = bf(&args, None);
+    again.expect_code(3);
+    assert!(
+        again.stdout.contains("already committed"),
+        "{}",
+        again.describe()
+    );
+}
+
+/// gc on a location with no state at all (a typo in --out) says so.
+#[test]
+fn gc_without_a_state_is_a_usage_error() {
+    let work = tempfile::tempdir().unwrap();
+    let nowhere = work.path().join("typo");
+    let r = bf(&["state", "gc", "--out", nowhere.to_str().unwrap()], None);
+    r.expect_code(2);
+    assert!(r.stderr.contains("no backfill state"), "{}", r.describe());
+}
+
+/// A committed run whose publishing was cut and one of whose staged files
+/// is then lost: the others are still published, the loss is reported
+/// once, and gc is quiet afterwards.
+#[test]
+fn a_lost_staged_file_does_not_keep_the_rest_staged() {
+    let work = tempfile::tempdir().unwrap();
+    let a = archive(work.path());
+    let out = work.path().join("out");
+    let o = out.to_str().unwrap();
+    let r = bf(&run_args(&a, o, "cut"), Some("after_commit:crash"));
+    assert!(r.code.is_none(), "{}", r.describe());
+    let staged: Vec<_> = crate::e2e::snapshot(&out.join("replay/_staging"))
+        .into_keys()
+        .collect();
+    assert_eq!(staged.len(), 1, "{staged:?}");
+    std::fs::remove_file(&staged[0]).unwrap();
+    let gc = bf(&["state", "gc", "--out", o, "--min-age-minutes", "0"], None);
+    gc.expect_code(1);
+    assert!(
+        gc.stderr.contains("neither staged nor published"),
+        "{}",
+        gc.describe()
+    );
+    for sink in ["dlq", "gaps"] {
+        assert_eq!(
+            parquet_files(&out.join(sink)).len(),
+            1,
+            "{sink} published despite the lost replay file"
+        );
+        assert!(!out.join(sink).join("_staging").exists());
+    }
+    bf(&["state", "gc", "--out", o, "--min-age-minutes", "0"], None).ok();
+}
+
+/// An attempt that gc fenced while it was still writing, and that was
+/// killed afterwards, leaves staged files no attempt record names any
+/// more: the next gc finds them through the fence entry.
+#[test]
+fn a_fenced_attempt_that_kept_writing_is_cleaned_by_the_next_gc() {
+    let work = tempfile::tempdir().unwrap();
+    let a = archive(work.path());
+    let out = work.path().join("out");
+    let o = out.to_str().unwrap();
+    let args = run_args(&a, o, "slow");
+    let mut cmd = command(Path::new(env!("CARGO_BIN_EXE_backfill")), &args);
+    cmd.env(
+        "BACKFILL_FAILPOINT",
+        "after_write:sleep-3000,before_commit:crash",
+    );
+    let mut child = cmd.spawn().unwrap();
+    let t_out = read_all(child.stdout.take().unwrap());
+    let t_err = read_all(child.stderr.take().unwrap());
+    let start = std::time::Instant::now();
+    while !out.join("_state/attempts").exists() {
+        assert!(start.elapsed().as_secs() < 60, "no attempt record");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let gc = bf(&["state", "gc", "--out", o, "--min-age-minutes", "0"], None);
+    gc.ok();
+    assert!(
+        gc.stdout.contains("fenced abandoned attempt"),
+        "{}",
+        gc.describe()
+    );
+    let status = child.wait().unwrap();
+    let _ = (t_out.join(), t_err.join());
+    assert!(
+        status.code().is_none(),
+        "the run should crash before its commit"
+    );
+    let staged = snapshot(&out.join("replay"));
+    assert!(
+        staged.iter().any(|f| f.starts_with("_staging/")),
+        "the fenced attempt wrote after the fence: {staged:?}"
+    );
+    bf(&["state", "gc", "--out", o, "--min-age-minutes", "0"], None).ok();
+    for sink in ["replay", "dlq", "gaps"] {
+        assert!(!out.join(sink).join("_staging").exists(), "{sink}");
+    }
+}
+
+/// A run that commits while gc works (gc paused after reading the log):
+/// gc sees its entry before deleting anything, so the ledger survives and
+/// the next run does not act on its events again.
+#[test]
+fn gc_never_deletes_the_ledger_of_a_run_that_commits_meanwhile() {
+    let work = tempfile::tempdir().unwrap();
+    let a = archive(work.path());
+    let out = work.path().join("out");
+    let o = out.to_str().unwrap();
+    let args = run_args(&a, o, "meanwhile");
+    let mut cmd = command(Path::new(env!("CARGO_BIN_EXE_backfill")), &args);
+    cmd.env("BACKFILL_FAILPOINT", "before_commit:sleep-1500");
+    let mut child = cmd.spawn().unwrap();
+    let t_out = read_all(child.stdout.take().unwrap());
+    let t_err = read_all(child.stderr.take().unwrap());
+    let start = std::time::Instant::now();
+    while !out.join("_state/attempts").exists() {
+        assert!(start.elapsed().as_secs() < 60, "no attempt record");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let gc = bf(
+        &["state", "gc", "--out", o, "--min-age-minutes", "0"],
+        Some("gc_after_snapshot:sleep-5000"),
+    );
+    let status = child.wait().unwrap();
+    let (_, err) = (t_out.join().unwrap(), t_err.join().unwrap());
+    assert_eq!(status.code(), Some(0), "{err}");
+    gc.ok();
+    assert!(!gc.stdout.contains("ledger file"), "{}", gc.describe());
+    let ledgers = snapshot(&out.join("_state/runs"));
+    assert_eq!(ledgers.len(), 1, "{ledgers:?}");
+    // The next run counts the committed run's decisions.
+    bf(&run_args(&a, o, "next"), None).ok();
+    let dup = crate::e2e::manifests(&out.join("_state")).len();
+    assert_eq!(dup, 2);
+}
