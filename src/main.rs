@@ -13,6 +13,10 @@ use event_backfill::error::{EXIT_DLQ, EXIT_OK, EXIT_USAGE, Error};
 use event_backfill::{commands, job, run};
 
 fn main() -> ExitCode {
+    // First of all: every message built from here on (a location shown
+    // redacted while settings are read, a clap error quoting an argument) is
+    // scrubbed of the environment's secrets, whatever the URL around them.
+    event_backfill::redact::register_env();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
