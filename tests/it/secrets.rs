@@ -367,6 +367,47 @@ fn invalid_value_of_a_kafka_property_is_not_echoed() {
     assert_secret_error(&work, &run, 2, &["message.max.bytes"]);
 }
 
+/// librdkafka quotes the value it refuses ("Invalid value \"...\" for
+/// configuration property \"security.protocol\""), and only the values of
+/// properties that may hold secrets were scrubbed. A secret put in any
+/// property is never echoed now, by the sink or by the source.
+#[test]
+fn a_secret_in_a_property_not_named_like_a_secret_is_not_echoed() {
+    for property in ["security.protocol", "compression.type"] {
+        let work = Work::new();
+        let job = work.job(&format!(
+            "[kafka.properties]\n\"{property}\" = \"{CANARY}\"\n"
+        ));
+        let src = work.archive.source();
+        let run = work.run(
+            &[
+                "--job",
+                &job,
+                "--source",
+                &src,
+                "--replay-sink",
+                "kafka://127.0.0.1:1/replay",
+            ],
+            &[],
+        );
+        assert_secret_error(&work, &run, 2, &[property, "kafka://127.0.0.1:1/replay"]);
+    }
+    let work = Work::new();
+    let job = work.job(&format!(
+        "[kafka.properties]\n\"security.protocol\" = \"{CANARY}\"\n"
+    ));
+    let run = work.run(
+        &["--job", &job, "--source", "kafka://127.0.0.1:1/events"],
+        &[],
+    );
+    assert_secret_error(
+        &work,
+        &run,
+        2,
+        &["security.protocol", "kafka://127.0.0.1:1/events"],
+    );
+}
+
 #[test]
 fn unknown_storage_option_never_echoes_its_value() {
     let work = Work::new();
