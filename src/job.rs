@@ -340,8 +340,24 @@ fn interpolate_str(
 }
 
 /// Parse an RFC 3339 timestamp (a date alone means its midnight UTC).
+///
+/// A bound finer than a nanosecond is refused: chrono drops the digits after
+/// the ninth, so `00:00:00.0000000001` would silently become `00:00:00` and
+/// keep an event the user meant to leave out. Trailing zeros are exact and
+/// accepted.
 pub fn parse_time(what: &str, s: &str) -> Result<DateTime<Utc>, JobError> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        if let Some(extra) = sub_nanosecond_digits(s)
+            && extra.contains(|c: char| c != '0')
+        {
+            return Err(invalid(
+                what,
+                format!(
+                    "'{s}' is finer than a nanosecond; times have at most 9 fractional \
+                     digits (e.g. 2024-01-31T00:00:00.123456789Z)"
+                ),
+            ));
+        }
         return Ok(t.with_timezone(&Utc));
     }
     if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
@@ -354,6 +370,15 @@ pub fn parse_time(what: &str, s: &str) -> Result<DateTime<Utc>, JobError> {
         what,
         format!("'{s}' is not an RFC 3339 timestamp (e.g. 2024-01-31T00:00:00Z)"),
     ))
+}
+
+/// The fractional-second digits of an RFC 3339 time beyond the ninth, if
+/// any: `HH:MM:SS.` is at a fixed place after the date (`YYYY-MM-DDTHH:MM:SS`
+/// is 19 bytes; chrono accepts no other layout).
+fn sub_nanosecond_digits(s: &str) -> Option<&str> {
+    let frac = s.get(19..)?.strip_prefix('.')?;
+    let digits = frac.len() - frac.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    frac.get(9..digits)
 }
 
 /// Parse "4G", "512M", "1073741824".
@@ -438,13 +463,16 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
             "no source given: pass --source LOCATION or set `source` in the job file",
         ));
     }
-    let from = match args.from.as_deref().or(job.from.as_deref()) {
-        Some(s) => Some(parse_time("--from", s)?),
-        None => None,
+    // Named as the user set it: the flag, or the job file's key.
+    let from = match (args.from.as_deref(), job.from.as_deref()) {
+        (Some(s), _) => Some(parse_time("--from", s)?),
+        (None, Some(s)) => Some(parse_time("from", s)?),
+        (None, None) => None,
     };
-    let to = match args.to.as_deref().or(job.to.as_deref()) {
-        Some(s) => Some(parse_time("--to", s)?),
-        None => None,
+    let to = match (args.to.as_deref(), job.to.as_deref()) {
+        (Some(s), _) => Some(parse_time("--to", s)?),
+        (None, Some(s)) => Some(parse_time("to", s)?),
+        (None, None) => None,
     };
     if let (Some(f), Some(t)) = (from, to)
         && f >= t
@@ -694,6 +722,23 @@ mod tests {
         assert!(parse_time("--from", "2024-01-02").is_ok());
         let e = parse_time("--from", "yesterday").unwrap_err().to_string();
         assert!(e.contains("--from") && e.contains("yesterday"));
+        assert_eq!(
+            parse_time("--from", "2024-01-01T00:00:00.123456789Z")
+                .unwrap()
+                .timestamp_subsec_nanos(),
+            123_456_789
+        );
+        assert!(parse_time("--to", "2024-01-01T00:00:00.1234567890000+00:00").is_ok());
+        for s in [
+            "2024-01-01T00:00:00.0000000001Z",
+            "2024-01-01T00:00:00.1234567891+01:00",
+        ] {
+            let e = parse_time("--from", s).unwrap_err().to_string();
+            assert!(
+                e.contains("--from") && e.contains(s) && e.contains("nanosecond"),
+                "{e}"
+            );
+        }
         assert_eq!(parse_size("m", "4G").unwrap(), 4 << 30);
         assert_eq!(parse_size("m", "512MiB").unwrap(), 512 << 20);
         assert!(parse_size("m", "lots").is_err());

@@ -13,13 +13,20 @@ use event_backfill::error::{EXIT_DLQ, EXIT_OK, EXIT_USAGE, Error};
 use event_backfill::{commands, job, run};
 
 fn main() -> ExitCode {
+    // First of all: every message built from here on (a location shown
+    // redacted while settings are read, a clap error quoting an argument) is
+    // scrubbed of the environment's secrets, whatever the URL around them.
+    event_backfill::redact::register_env();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
+        Err(e) if !e.use_stderr() => {
             // --help and --version print to stdout and succeed.
-            let code = if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::from(EXIT_OK);
+        }
+        Err(e) => {
+            eprintln!("error: {}", usage_error_line(&e));
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -41,6 +48,64 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// A clap usage error as the one line the README promises, without its
+/// `error: ` prefix: clap's paragraphs (the error, a tip, the possible
+/// values) joined, its `Usage:` and `For more information` paragraphs
+/// replaced by a pointer to the help of the command at fault. Clap's help
+/// dump for a missing subcommand becomes a line listing the commands.
+fn usage_error_line(e: &clap::Error) -> String {
+    use clap::CommandFactory;
+    use clap::error::ErrorKind;
+
+    // The command the arguments name: `backfill state gc`. Only
+    // subcommand names are followed; the top level and `state` take no
+    // option with a value, so a word that is not a subcommand ends it.
+    let mut cmd = Cli::command();
+    let mut path = vec![cmd.get_name().to_string()];
+    for arg in std::env::args_os().skip(1) {
+        let Some(arg) = arg.to_str() else { break };
+        if arg.starts_with('-') {
+            continue;
+        }
+        let Some(sub) = cmd.find_subcommand(arg).cloned() else {
+            break;
+        };
+        path.push(sub.get_name().to_string());
+        cmd = sub;
+    }
+    let message = match e.kind() {
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => {
+            let names: Vec<&str> = cmd
+                .get_subcommands()
+                .map(|c| c.get_name())
+                .filter(|n| *n != "help")
+                .collect();
+            format!("a command is required: one of {}", names.join(", "))
+        }
+        _ => {
+            let rendered = e.render().to_string();
+            let parts: Vec<String> = rendered
+                .split("\n\n")
+                .map(str::trim)
+                .filter(|p| {
+                    !p.is_empty()
+                        && !p.starts_with("Usage:")
+                        && !p.starts_with("For more information")
+                })
+                .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect();
+            let joined = parts.join("; ");
+            joined
+                .strip_prefix("error:")
+                .map_or(joined.as_str(), str::trim_start)
+                .to_string()
+        }
+    };
+    // An argument clap quotes may hold a secret of the environment.
+    let message = event_backfill::redact::line(&message);
+    format!("{message} (see {} --help)", path.join(" "))
 }
 
 /// Write `text` to `path` through a temporary file in the same folder and a

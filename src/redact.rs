@@ -6,7 +6,9 @@
 //!   `az://`, `kafka://`, an `http://` endpoint), by position: whatever sits
 //!   between `://` and the last `@` after it. A password may hold `/`, `@`,
 //!   `:` or `%2F` unencoded, so no parser's idea of where the user info ends
-//!   is trusted; the rule hides too much rather than too little.
+//!   is trusted; the rule hides too much rather than too little. Both
+//!   scrub the registered secrets first: a secret holding `@` outside the
+//!   user info would move the cut and leave a fragment no scrub recognises.
 //! - A process-wide registry of secret values ([`register`]), filled where a
 //!   secret is read (the `[storage]` and `[kafka]` settings as they are
 //!   deserialized, the environment), and [`scrub`], which replaces every
@@ -35,6 +37,11 @@ pub const MIN_SECRET_LEN: usize = 4;
 /// `s` with the user info of its URL hidden: `s3://AKIA:se/cr@et@bucket/x` →
 /// `s3://***@bucket/x`.
 ///
+/// Every registered secret ([`register`]) is scrubbed first, wherever it
+/// sits: a secret holding `@` in a path, port, query or fragment
+/// (`s3://lake/a#se@cret`) would otherwise move the cut and leave its tail
+/// (`cret`) in the message, where the scrubber no longer recognises it.
+///
 /// Everything between `scheme://` and the last `@` that follows it is
 /// hidden, even a path: neither bucket names, hosts, ports nor Kafka topics
 /// may contain `@`, so that `@` ends the user info or the URL is not one we
@@ -45,6 +52,12 @@ pub const MIN_SECRET_LEN: usize = 4;
 /// names look secret (`sig`, `X-Amz-Signature`, `token`, ...) are hidden
 /// too.
 pub fn url(s: &str) -> String {
+    cut_userinfo(&scrub(s))
+}
+
+/// [`url`] without the scrub: the cut at the last `@` and the secret query
+/// values, for text already scrubbed.
+fn cut_userinfo(s: &str) -> String {
     let start = userinfo_start(s);
     let hidden = match s[start..].rfind('@') {
         Some(at) => format!("{}{REDACTED}{}", &s[..start], &s[start + at..]),
@@ -83,6 +96,9 @@ fn is_scheme(s: &str) -> bool {
 /// it; when what precedes `://` is not a scheme (`'u:pa://ss@host'`), the
 /// whole word up to its last `@` is hidden.
 pub fn urls_in(text: &str) -> String {
+    // Scrubbed whole before the cut, for the reason given at [`url`], and
+    // before the split into words, so that a secret holding a space matches.
+    let text = &scrub(text);
     let mut out = String::with_capacity(text.len());
     let mut word_start = None;
     for (i, c) in text.char_indices() {
@@ -117,9 +133,9 @@ fn url_in_word(word: &str) -> String {
         .chars()
         .all(|c| matches!(c, '\'' | '"' | '`' | '(' | '[' | '<' | '{' | '='));
     if lead_is_punctuation && is_scheme(&word[scheme_start..sep]) {
-        format!("{lead}{}", url(&word[scheme_start..]))
+        format!("{lead}{}", cut_userinfo(&word[scheme_start..]))
     } else {
-        url(word)
+        cut_userinfo(word)
     }
 }
 
@@ -238,12 +254,39 @@ pub fn scrub(msg: &str) -> String {
         // A poisoned lock: hide the whole message rather than risk it.
         return REDACTED.to_string();
     };
-    let mut out = msg.to_string();
-    for (_, re) in secrets.iter() {
-        if re.is_match(&out) {
-            out = re.replace_all(&out, REDACTED).into_owned();
-        }
+    hide_matches(msg, secrets.iter().map(|(_, re)| re))
+}
+
+/// `msg` with every match of any of `patterns` replaced by `***`, the
+/// matches all found in the original text and overlapping ones merged.
+/// Replacing one pattern after another would not do: two secrets may
+/// overlap (a URL's registered user info `lake/a?x=Cr/n` and the secret
+/// `Cr/n@ry` it cut), and once the first is replaced the rest of the
+/// second no longer matches and is left in the message.
+fn hide_matches<'a>(msg: &str, patterns: impl IntoIterator<Item = &'a Regex>) -> String {
+    let mut spans: Vec<(usize, usize)> = patterns
+        .into_iter()
+        .flat_map(|re| re.find_iter(msg).map(|m| (m.start(), m.end())))
+        .collect();
+    if spans.is_empty() {
+        return msg.to_string();
     }
+    spans.sort_unstable();
+    let mut out = String::with_capacity(msg.len());
+    let mut copied = 0;
+    let mut i = 0;
+    while i < spans.len() {
+        let (start, mut end) = spans[i];
+        i += 1;
+        while i < spans.len() && spans[i].0 <= end {
+            end = end.max(spans[i].1);
+            i += 1;
+        }
+        out.push_str(&msg[copied..start]);
+        out.push_str(REDACTED);
+        copied = end;
+    }
+    out.push_str(&msg[copied..]);
     out
 }
 
@@ -259,19 +302,18 @@ pub fn scrub_values<'a>(msg: &str, values: impl IntoIterator<Item = &'a str>) ->
         .filter(|v| v.chars().count() >= MIN_SECRET_LEN)
         .collect();
     values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-    let mut out = msg.to_string();
-    for v in values {
-        if let Ok(re) = Regex::new(&pattern(&v)) {
-            out = re.replace_all(&out, REDACTED).into_owned();
-        }
-    }
-    out
+    values.dedup();
+    let patterns: Vec<Regex> = values
+        .iter()
+        .filter_map(|v| Regex::new(&pattern(v)).ok())
+        .collect();
+    hide_matches(msg, &patterns)
 }
 
-/// The last line of defence for a line about to leave the process: user
-/// info of every URL hidden, every registered secret scrubbed.
+/// The last line of defence for a line about to leave the process: every
+/// registered secret scrubbed, then user info of every URL hidden.
 pub fn line(msg: &str) -> String {
-    urls_in(&scrub(msg))
+    urls_in(msg)
 }
 
 /// A regex matching `secret` written raw, percent-encoded (any hex case, any
@@ -509,6 +551,49 @@ mod tests {
         let r = line(&msg);
         assert!(leaks(secret, &r).is_empty(), "{r}");
         assert!(r.contains("s3://***@b/x"), "{r}");
+    }
+
+    #[test]
+    fn a_registered_secret_holding_an_at_is_scrubbed_before_the_cut() {
+        // An `@` of the secret outside the user-info slot moved the cut to
+        // it, and the tail after it (`@cd:ef%2Fgh+XyZ`) was left in the
+        // message, no longer matching the registered value.
+        let secret = "Zq9/ab@cd:ef%2Fgh+XyZ-cut";
+        register(secret);
+        for raw in [
+            format!("s3://lake:{secret}/a200k"),
+            format!("s3://lake/a200k#{secret}"),
+            format!("s3://lake/a200k?x={secret}"),
+            format!("s3://lake/{secret}"),
+            format!("s3://lake/{}", percent_decode(secret).unwrap()),
+        ] {
+            for r in [
+                url(&raw),
+                urls_in(&format!("location '{raw}' refused")),
+                line(&format!("location '{raw}' refused")),
+            ] {
+                assert!(leaks(secret, &r).is_empty(), "{raw} → {r}");
+                assert!(!r.contains("XyZ"), "{raw} → {r}");
+                assert!(r.contains("s3://lake"), "{raw} → {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn overlapping_secrets_are_hidden_whole() {
+        // `lake/a?x=Ov/n` is what `register_userinfo` takes for user info in
+        // `s3://lake/a?x=Ov/n@ry:s3cr%2Ft`; replaced first, it left
+        // `@ry:s3cr%2Ft` of the other secret behind.
+        let secret = "Ov/n@ry:s3cr%2Ft-overlap";
+        let msg = format!("location 's3://lake/a?x={secret}' refused");
+        for r in [
+            scrub_values(&msg, ["lake/a?x=Ov/n", secret]),
+            scrub_values(&msg, [secret, "lake/a?x=Ov/n"]),
+        ] {
+            assert_eq!(r, "location 's3://***' refused", "{r}");
+        }
+        assert_eq!(scrub_values("abcdXefgh", ["abcd", "efgh"]), "***X***");
+        assert_eq!(scrub_values("abcdefgh", ["abcdef", "cdefgh"]), "***");
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //! typo'd `sasl.passwd` is unknown to us and to librdkafka, yet holds a
 //! password. librdkafka's own messages echo configured values ("Invalid
 //! value ... for configuration property"), so they leave through
-//! [`client_error_message`], which scrubs every value not shown.
+//! [`client_error_message`] or [`scrub_message`], which scrub every
+//! configured value whatever its property's name: a secret put in a
+//! property that is shown (`security.protocol`) must not be echoed either.
 
 pub mod sink;
 pub mod source;
@@ -267,37 +269,72 @@ fn redact(props: &BTreeMap<String, String>) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// One line for a librdkafka error about a configuration: the property at
-/// fault named, and every configured value that may not be shown scrubbed
-/// out. rdkafka's `ClientConfig` error carries the value itself ("Client
-/// config error: No such configuration property: \"sasl.passwd\" sasl.passwd
-/// <value>"), so that variant is rebuilt from its description and key alone.
-pub(crate) fn client_error_message(e: &rdkafka::error::KafkaError, cfg: &ClientConfig) -> String {
-    let hidden: Vec<&str> = cfg
-        .config_map()
+/// The values a librdkafka message may echo and must not: every configured
+/// value, whatever its property's name. A secret may be put in any property
+/// (`security.protocol = "${KAFKA_PASSWORD}"` by mistake), and librdkafka
+/// quotes the value of any property it refuses. The brokers are the one
+/// exception: they come from the URL, which every message shows anyway (a
+/// `bootstrap.servers` property that differs from it is refused unechoed).
+/// [`crate::redact::scrub_values`] leaves values under 4 characters alone.
+fn echoable_values<'a>(
+    properties: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> impl Iterator<Item = &'a str> {
+    properties
         .into_iter()
-        .filter(|(k, v)| !property_is_shown(k, v))
+        .filter(|(k, _)| *k != "bootstrap.servers")
         .map(|(_, v)| v)
-        .collect();
+}
+
+/// One line for a librdkafka error about a configuration: the property at
+/// fault named, and every configured value scrubbed out
+/// ([`echoable_values`]). rdkafka's `ClientConfig` error carries the value
+/// itself ("Client config error: No such configuration property:
+/// \"sasl.passwd\" sasl.passwd <value>"), so that variant is rebuilt from its
+/// description and key alone, and the quoted value of librdkafka's "Invalid
+/// value \"...\" for configuration property" is dropped before any scrub.
+pub(crate) fn client_error_message(e: &rdkafka::error::KafkaError, cfg: &ClientConfig) -> String {
     let raw = match e {
         rdkafka::error::KafkaError::ClientConfig(_, desc, key, _value) => {
-            format!("property '{key}': {desc}")
+            format!("property '{key}': {}", without_quoted_value(desc))
         }
-        other => other.to_string(),
+        other => without_quoted_value(&other.to_string()),
     };
-    crate::redact::line(&crate::redact::scrub_values(&raw, hidden))
+    // `config_map` hides the values of the properties rdkafka knows to be
+    // sensitive behind a placeholder; `get` has them all.
+    let keys = cfg.config_map();
+    let values = echoable_values(keys.keys().filter_map(|k| cfg.get(k).map(|v| (*k, v))));
+    crate::redact::line(&crate::redact::scrub_values(&raw, values))
+}
+
+/// librdkafka's `Invalid value "<value>" for configuration property "<name>"`
+/// without the value: whatever it is, a message about an invalid value
+/// shows the property, never the value.
+fn without_quoted_value(desc: &str) -> String {
+    const HEAD: &str = "Invalid value \"";
+    const TAIL: &str = "\" for configuration property";
+    match (desc.find(HEAD), desc.rfind(TAIL)) {
+        (Some(h), Some(t)) if h + HEAD.len() <= t => {
+            format!(
+                "{}Invalid value for configuration property{}",
+                &desc[..h],
+                &desc[t + TAIL.len()..]
+            )
+        }
+        _ => desc.to_string(),
+    }
 }
 
 /// A message of the Kafka code about to leave it, scrubbed of every
-/// configured property value that may not be shown and of any URL's user
+/// configured property value ([`echoable_values`]) and of any URL's user
 /// info: broker and librdkafka messages are not ours to trust.
 pub(crate) fn scrub_message(message: &str, settings: &KafkaSettings) -> String {
-    let hidden = settings
-        .properties
-        .iter()
-        .filter(|(k, v)| !property_is_shown(k, v))
-        .map(|(_, v)| v.as_str());
-    crate::redact::line(&crate::redact::scrub_values(message, hidden))
+    let values = echoable_values(
+        settings
+            .properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+    crate::redact::line(&crate::redact::scrub_values(message, values))
 }
 
 impl KafkaSettings {
@@ -464,14 +501,16 @@ pub(crate) fn client_config(
     role: Role,
 ) -> Result<ClientConfig, KafkaError> {
     let props = &settings.properties;
-    if let Some(b) = props.get("bootstrap.servers")
-        && b != &url.bootstrap
+    if props
+        .get("bootstrap.servers")
+        .is_some_and(|b| b != &url.bootstrap)
     {
+        // The property's value is not shown: no value is ever echoed.
         return Err(KafkaError::Property {
             property: "bootstrap.servers".into(),
             reason: format!(
-                "set to '{b}' but the URL '{}' names '{}'; give the brokers in the URL only",
-                url.original, url.bootstrap
+                "differs from the brokers '{}' of the URL '{}'; give the brokers in the URL only",
+                url.bootstrap, url.original
             ),
         });
     }
@@ -553,10 +592,11 @@ pub async fn has_committed_messages(
     let mut cfg = client_config(&url, settings, Role::Consumer)?;
     cfg.set("isolation.level", "read_committed");
     let original = url.original.clone();
+    let settings_for_errors = settings.clone();
     let broker = move |operation: &'static str, e: rdkafka::error::KafkaError| KafkaError::Broker {
         url: original.clone(),
         operation,
-        message: crate::redact::scrub(&e.to_string()),
+        message: scrub_message(&e.to_string(), &settings_for_errors),
     };
     let consumer: BaseConsumer = cfg.create().map_err(|e| broker("create a reader", e))?;
     let topic = url.topic.clone();
@@ -738,6 +778,40 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_in_a_property_not_named_like_one_is_not_echoed() {
+        // librdkafka answers `Invalid value "<value>" for configuration
+        // property "security.protocol"`; the property is one whose value is
+        // shown, so the value was not scrubbed.
+        let url = parse_url("kafka://127.0.0.1:1/t").unwrap();
+        for (role, name) in [
+            (Role::Producer, "security.protocol"),
+            (Role::Producer, "compression.type"),
+            (Role::Producer, "partitioner"),
+            (Role::Consumer, "security.protocol"),
+            (Role::Consumer, "auto.offset.reset"),
+            (Role::Consumer, "isolation.level"),
+        ] {
+            let mut s = KafkaSettings::default();
+            s.properties.insert(name.into(), CANARY.into());
+            let cfg = client_config(&url, &s, role).unwrap();
+            let err = match role {
+                Role::Producer => cfg.create::<rdkafka::producer::BaseProducer>().err(),
+                Role::Consumer => cfg.create::<rdkafka::consumer::BaseConsumer>().err(),
+            };
+            let e = err.unwrap_or_else(|| panic!("librdkafka accepted {name}"));
+            let msg = client_error_message(&e, &cfg);
+            assert_no_canary(&msg);
+            assert!(msg.contains(name), "{msg}");
+            let msg = scrub_message(&format!("{e} / {e:?}"), &s);
+            assert_no_canary(&msg);
+        }
+        assert_eq!(
+            without_quoted_value(r#"Invalid value "a"b" for configuration property "acks": x"#),
+            r#"Invalid value for configuration property "acks": x"#
+        );
+    }
+
+    #[test]
     fn deserialized_secrets_are_registered_for_main() {
         let v = "Kafka-Cr/n@ry-registered";
         let _: KafkaSettings =
@@ -797,5 +871,12 @@ mod tests {
             e.contains("bootstrap.servers") && e.contains("kafka://a:1/t"),
             "{e}"
         );
+        // Its value is not echoed.
+        s.properties
+            .insert("bootstrap.servers".into(), CANARY.into());
+        let e = client_config(&u, &s, Role::Producer)
+            .unwrap_err()
+            .to_string();
+        assert_no_canary(&e);
     }
 }

@@ -432,8 +432,15 @@ fn excluded_prefixes(
         if ex.store_url != loc.store_url {
             continue;
         }
-        let (src, inner) = (loc.prefix.as_ref(), ex.prefix.as_ref());
-        if inner == src || src.is_empty() && inner.is_empty() {
+        // Local paths are compared as the file system resolves them: through
+        // a symlink (`--source /r/link/archive --out /r/real/archive/out`)
+        // the outputs are inside the archive though no prefix says so.
+        let (src, inner) = if loc.is_local && ex.is_local {
+            (canonical_prefix(&loc.prefix), canonical_prefix(&ex.prefix))
+        } else {
+            (loc.prefix.to_string(), ex.prefix.to_string())
+        };
+        if inner == src {
             return Err(SourceError::Unsupported {
                 location: loc.original.clone(),
                 message: format!(
@@ -441,11 +448,46 @@ fn excluded_prefixes(
                 ),
             });
         }
-        if src.is_empty() || inner.starts_with(&format!("{src}/")) {
-            out.push(ex.prefix.clone());
+        let below = if src.is_empty() {
+            Some(inner.as_str())
+        } else {
+            inner.strip_prefix(&format!("{src}/"))
+        };
+        if let Some(rel) = below {
+            // Named as the listing names it: below the archive's own prefix.
+            let listed = if loc.prefix.as_ref().is_empty() {
+                rel.to_string()
+            } else {
+                format!("{}/{rel}", loc.prefix)
+            };
+            out.push(Path::parse(listed).unwrap_or_else(|_| ex.prefix.clone()));
         }
     }
     Ok(out)
+}
+
+/// The store prefix of a local path with its symlinks, `.` and `..`
+/// resolved: the longest ancestor that exists is canonicalized, and the rest
+/// (outputs not written yet) appended as written. Unchanged when nothing can
+/// be resolved.
+fn canonical_prefix(prefix: &Path) -> String {
+    let full = std::path::PathBuf::from(format!("/{prefix}"));
+    let mut existing = full.as_path();
+    let mut rest = vec![];
+    let canonical = loop {
+        if let Ok(c) = std::fs::canonicalize(existing) {
+            break c;
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return prefix.to_string(),
+        }
+    };
+    let resolved = rest.iter().rev().fold(canonical, |p, n| p.join(n));
+    Path::from_absolute_path(&resolved).map_or_else(|_| prefix.to_string(), |p| p.to_string())
 }
 
 struct Listing {

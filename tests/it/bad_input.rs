@@ -204,6 +204,41 @@ fn invalid_timestamps() {
     }
 }
 
+/// A bound with more than nine fractional digits was cut to nanoseconds:
+/// `--from 00:00:00.0000000001Z` kept the event at exactly 00:00:00. It is
+/// refused, naming the flag or the job-file key and the value.
+#[test]
+fn window_bounds_finer_than_a_nanosecond_are_refused() {
+    let archive = archive_with(&Layout::default());
+    let fine = "2024-01-01T00:00:00.0000000001Z";
+    for flag in ["--from", "--to"] {
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("out");
+        let run = run_job(&archive.source(), &out, &[flag, fine]);
+        assert_error(&run, 2, &[flag, fine, "nanosecond"], &out);
+        let run = backfill(&["sql", "--source", &archive.source(), flag, fine, "SELECT 1"]);
+        assert_error(&run, 2, &[flag, fine], &out);
+    }
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let job = write_job(work.path(), &format!("from = \"{fine}\"\n"));
+    let run = run_job(&archive.source(), &out, &["--job", &job]);
+    assert_error(&run, 2, &["from:", fine], &out);
+    // Nine digits, and zeros beyond them, are exact.
+    let run = run_job(
+        &archive.source(),
+        &out,
+        &[
+            "--from",
+            "2023-12-31T23:59:59.999999999Z",
+            "--to",
+            "2030-01-01T00:00:00.0000000000Z",
+            "--dry-run",
+        ],
+    );
+    run.ok();
+}
+
 #[test]
 fn from_not_before_to() {
     let archive = archive_with(&Layout::default());

@@ -199,33 +199,116 @@ fn other_commands_help_lists_their_flags() {
     }
 }
 
-#[test]
-fn unknown_flag_is_a_usage_error() {
-    let run = backfill(&["run", "--source", "/tmp", "--no-such-flag"]);
+/// A usage error as the README promises: exactly one stderr line starting
+/// `error: `, holding `needles`, exit 2, nothing on stdout.
+#[track_caller]
+fn assert_usage_error(args: &[&str], needles: &[&str]) {
+    let run = backfill(args);
     run.expect_code(2);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "exactly one stderr line\n{}",
+        run.describe()
+    );
     assert!(
-        run.stderr.contains("--no-such-flag"),
-        "the error does not name the flag\n{}",
+        lines[0].starts_with("error: "),
+        "the line starts with `error: `\n{}",
+        run.describe()
+    );
+    for n in needles {
+        assert!(
+            lines[0].contains(n),
+            "the error holds `{n}`\n{}",
+            run.describe()
+        );
+    }
+    assert!(
+        run.stdout.is_empty(),
+        "nothing on stdout\n{}",
         run.describe()
     );
 }
 
 #[test]
+fn unknown_flag_is_a_usage_error() {
+    assert_usage_error(
+        &["run", "--source", "/tmp", "--no-such-flag"],
+        &[
+            "unexpected argument '--no-such-flag'",
+            "(see backfill run --help)",
+        ],
+    );
+}
+
+#[test]
 fn unknown_command_and_no_command_are_usage_errors() {
-    backfill(&["frobnicate"]).expect_code(2);
-    backfill(&[]).expect_code(2);
+    assert_usage_error(&["frobnicate"], &["'frobnicate'", "(see backfill --help)"]);
+    assert_usage_error(
+        &[],
+        &["a command is required", "run, gaps", "backfill --help"],
+    );
+    assert_usage_error(&["state"], &["runs, gc", "(see backfill state --help)"]);
 }
 
 #[test]
 fn bad_flag_values_are_usage_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
     let src = dir.path().display().to_string();
-    for args in [
-        vec!["run", "--source", &src, "--max-attempts", "many"],
-        vec!["gaps", "--source", &src, "--format", "xml"],
-        vec!["run", "--source", &src, "--progress", "sometimes"],
+    for (args, needles) in [
+        (
+            vec!["run", "--source", &src, "--max-attempts", "many"],
+            &["'many'", "--max-attempts", "backfill run --help"][..],
+        ),
+        (
+            vec!["gaps", "--source", &src, "--format", "xml"],
+            &[
+                "'xml'",
+                "possible values: table, csv",
+                "backfill gaps --help",
+            ][..],
+        ),
+        (
+            vec!["run", "--source", &src, "--progress", "sometimes"],
+            &["'sometimes'", "--progress"][..],
+        ),
     ] {
-        let run = backfill(&args);
-        run.expect_code(2);
+        assert_usage_error(&args, needles);
     }
+}
+
+/// clap printed three or more lines (`error: ...`, a blank line, `Usage:`,
+/// `For more information, try '--help'.`); the README promises one line.
+/// The essential content (a tip, the possible values) stays on that line.
+#[test]
+fn every_usage_error_is_exactly_one_line() {
+    assert_usage_error(
+        &["run", "--source", "/tmp", "--x"],
+        &["error: unexpected argument '--x' found (see backfill run --help)"],
+    );
+    assert_usage_error(
+        &["run", "--source", "/tmp", "--sorce", "x"],
+        &["'--sorce'", "similar argument exists: '--source'"],
+    );
+    assert_usage_error(&["run", "--source"], &["a value is required for '--source"]);
+    assert_usage_error(
+        &["state", "gc", "--bogus"],
+        &["'--bogus'", "(see backfill state gc --help)"],
+    );
+    assert_usage_error(&["sql", "--source", "/tmp", "a", "b"], &["'b'"]);
+    // --help and --version are not errors: stdout, several lines, exit 0.
+    for args in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["state", "gc", "--help"],
+    ] {
+        let run = backfill(args);
+        run.ok();
+        assert!(run.stdout.lines().count() > 3, "{}", run.describe());
+        assert!(run.stderr.is_empty(), "{}", run.describe());
+    }
+    let run = backfill(&["--version"]);
+    run.ok();
+    assert!(run.stdout.starts_with("backfill "), "{}", run.describe());
 }

@@ -487,6 +487,47 @@ fn outputs_inside_the_source_are_not_read_back() {
     assert!(a.path().join("replays/run_id=s2").exists());
 }
 
+/// The archive named through a symlink and the outputs through the real
+/// path (or the other way round): prefixes compared as written did not see
+/// the outputs inside the archive, and each run read the earlier runs'
+/// replays back as events. Local paths are compared canonicalized now.
+#[test]
+fn outputs_inside_the_source_through_a_symlink_are_not_read_back() {
+    // (source through the link, outputs through the real path), and the
+    // other way round.
+    for link_source in [true, false] {
+        let work = tempfile::tempdir().unwrap();
+        let real = work.path().join("real");
+        let link = work.path().join("link");
+        crate::archive::write_file(
+            &real.join("archive/dt=2024-01-01/part-0.parquet"),
+            &Layout::default(),
+            &[
+                Row::new("a", "k", 1, "2024-01-01T00:00:00Z", Some("failed")),
+                Row::new("b", "k", 2, "2024-01-01T00:00:01Z", Some("processed")),
+            ],
+        );
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let (src, out) = if link_source {
+            (link.join("archive"), real.join("archive/out"))
+        } else {
+            (real.join("archive"), link.join("archive/out"))
+        };
+        for id in ["r1", "r2", "r3"] {
+            let (r, rep) = run(&src, &out, id, &[]);
+            r.ok();
+            let j = report(&rep);
+            // The archive's one file and two rows, never the replays.
+            assert_eq!(
+                (int(&j, "files_scanned"), int(&j, "rows"), int(&j, "events")),
+                (1, 2, 2),
+                "{id}: {j}\n{}",
+                r.describe()
+            );
+        }
+    }
+}
+
 /// `--out` that is the archive itself leaves nothing to read: refused.
 #[test]
 fn out_equal_to_the_source_is_refused() {
