@@ -230,7 +230,19 @@ impl ExecutionPlan for NamedScanExec {
     ) -> Result<SendableRecordBatchStream> {
         let stream = self.inner.execute(partition, context)?;
         let schema = stream.schema();
-        let files = self.partition_files(partition);
+        // The partition's own files first; then every other file of the
+        // table: DataFusion may hand a file planned for one partition to
+        // another that is idle (seen under load), so the failing file is not
+        // always in the partition's planned group.
+        let mut files = self.partition_files(partition);
+        let rest: Vec<NamedFile> = self
+            .files
+            .iter()
+            .filter(|f| !files.iter().any(|g| g.meta.location == f.meta.location))
+            .cloned()
+            .collect();
+        files.extend(rest);
+        let files = Arc::new(files);
         let columns = self.columns.clone();
         let named = stream.then(move |r| {
             let (files, columns) = (files.clone(), columns.clone());
