@@ -127,8 +127,22 @@ pub async fn read_topic(
     let original = url.original.clone();
     // librdkafka's consumer calls block; keep them off the async workers.
     tokio::task::spawn_blocking(move || {
-        let raws = fetch(&url, from, to, &settings)?;
-        decode(&url, raws, &settings, schema_hint)
+        let result = fetch(&url, from, to, &settings)
+            .and_then(|raws| decode(&url, raws, &settings, schema_hint));
+        // Broker and librdkafka messages are not ours to trust: scrub every
+        // configured property value from them, whatever its name.
+        result.map_err(|e| match e {
+            KafkaError::Broker {
+                url,
+                operation,
+                message,
+            } => KafkaError::Broker {
+                url,
+                operation,
+                message: crate::kafka::scrub_message(&message, &settings),
+            },
+            other => other,
+        })
     })
     .await
     .map_err(|e| KafkaError::Broker {
