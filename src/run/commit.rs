@@ -18,6 +18,32 @@ use crate::report::Report;
 use crate::sink::SinkReceipt;
 use crate::state::{LedgerWriter, Manifest, State};
 
+/// What decides a run's outcome, recorded with it (no secrets: locations
+/// are redacted, and storage and Kafka settings are left out). A rerun of
+/// the run id with other values is another run: it must not take over an
+/// earlier attempt's outputs, and a committed run id is not silently taken
+/// as done for other settings.
+pub(super) fn decision_settings(settings: &RunSettings) -> serde_json::Value {
+    let scan = &settings.scan;
+    let columns: BTreeMap<&str, &str> = scan.columns.pairs().into_iter().collect();
+    let loc = |s: &Option<String>| s.as_deref().map(crate::redact::url);
+    serde_json::json!({
+        "sources": scan.sources.iter().map(|s| crate::redact::url(s)).collect::<Vec<_>>(),
+        "from": scan.from.map(|t| t.to_rfc3339()),
+        "to": scan.to.map(|t| t.to_rfc3339()),
+        "columns": columns,
+        "done_statuses": scan.done_statuses,
+        "detect_gaps": scan.detect_gaps,
+        "detect_conflicts": scan.detect_conflicts,
+        "max_attempts": settings.max_attempts,
+        "permanent_errors": settings.permanent_errors,
+        "out": loc(&settings.out),
+        "replay_sink": loc(&settings.replay_sink),
+        "dlq_sink": loc(&settings.dlq_sink),
+        "gaps_sink": loc(&settings.gaps_sink),
+    })
+}
+
 /// A failure after the commit: the run stays committed, and what is left
 /// undone the next run or `state gc` finishes.
 fn committed(run_id: &str, e: Error) -> Error {
@@ -77,6 +103,7 @@ pub(super) async fn commit_and_publish(
         publish,
         report: serde_json::to_value(&*report).unwrap_or_default(),
         delivered,
+        settings: decision_settings(settings),
     };
     // Everything is durable and every message acknowledged: a rerun after
     // a crash from here on commits this entry instead of sending again.
@@ -139,7 +166,22 @@ pub(super) async fn recover_prepared(
     settings: &RunSettings,
 ) -> Result<Option<Report>, Error> {
     let kafka = settings.scan.kafka.clone().unwrap_or_default();
+    let ours = decision_settings(settings);
     for prepared in state.prepared(&settings.run_id).await? {
+        if prepared.settings != ours {
+            // Prepared for other settings (another window, other sinks):
+            // its outputs are not this run's. Its Kafka messages, if any,
+            // were delivered: at-least-once for them.
+            eprintln!(
+                "warning: {}",
+                crate::redact::line(&format!(
+                    "attempt {} of run '{}' was prepared with other settings; running afresh",
+                    prepared.nonce, prepared.run_id
+                ))
+            );
+            state.drop_prepared(&prepared.run_id, &prepared.nonce).await;
+            continue;
+        }
         let kafka_rows: u64 = prepared.delivered.iter().map(|d| d.rows).sum();
         let printed = prepared
             .outputs

@@ -125,6 +125,11 @@ pub struct Manifest {
     /// What Kafka sinks delivered before the commit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub delivered: Vec<crate::sink::Delivered>,
+    /// The settings that decided this run (window, sources, columns,
+    /// policy, sinks; no secrets), for audits and to tell a rerun with
+    /// other settings from a retry.
+    #[serde(default)]
+    pub settings: serde_json::Value,
 }
 
 /// An attempt of a run: what gc may prove it owns.

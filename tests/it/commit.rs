@@ -538,3 +538,42 @@ fn gc_never_deletes_the_ledger_of_a_run_that_commits_meanwhile() {
     let dup = crate::e2e::manifests(&out.join("_state")).len();
     assert_eq!(dup, 2);
 }
+
+/// A run id is its settings: after a crash at `after_prepare`, a rerun
+/// with another window does not commit the old attempt's outputs under the
+/// new report, and a committed run id rerun with other settings says so.
+#[test]
+fn a_rerun_with_other_settings_is_not_a_retry() {
+    let work = tempfile::tempdir().unwrap();
+    let a = archive(work.path());
+    let out = work.path().join("out");
+    let o = out.to_str().unwrap();
+    let mut first = run_args(&a, o, "w");
+    first.extend(["--to", "2024-01-01T12:00:00Z"]);
+    let r = bf(&first, Some("after_prepare:crash"));
+    assert!(r.code.is_none(), "{}", r.describe());
+    let mut other = run_args(&a, o, "w");
+    other.extend(["--to", "2024-01-01T18:00:00Z"]);
+    let r = bf(&other, None);
+    r.ok();
+    assert!(
+        r.stderr.contains("prepared with other settings") && !r.stdout.contains("recovered"),
+        "{}",
+        r.describe()
+    );
+    let m = crate::e2e::manifest_of(&out.join("_state"), "w").unwrap();
+    assert_eq!(m["settings"]["to"], "2024-01-01T18:00:00+00:00");
+    assert_eq!(m["report"]["window_to"], "2024-01-01T18:00:00+00:00");
+    // Committed: the same id with the first window is not silently "done".
+    let again = bf(&first, None);
+    again.ok();
+    assert!(
+        again.stdout.contains("already committed")
+            && again.stderr.contains("committed with other settings")
+            && again
+                .stderr
+                .contains("to: \"2024-01-01T18:00:00+00:00\" -> \"2024-01-01T12:00:00+00:00\""),
+        "{}",
+        again.describe()
+    );
+}
