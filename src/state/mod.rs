@@ -538,25 +538,31 @@ impl State {
             .unwrap_or(0))
     }
 
+    /// Write one JSON object of the state and make it durable.
+    async fn write_json<T: Serialize>(
+        &self,
+        path: &Path,
+        value: &T,
+        what: &'static str,
+    ) -> Result<(), StateError> {
+        let fail = |message: String| StateError::Store {
+            location: self.loc.original.clone(),
+            operation: what,
+            message,
+        };
+        let body = serde_json::to_vec_pretty(value).map_err(|e| fail(e.to_string()))?;
+        self.loc
+            .store
+            .put(path, PutPayload::from(body))
+            .await
+            .map_err(|e| fail(store_error_line(&e)))?;
+        staged::sync_local(&self.loc, path).map_err(fail)
+    }
+
     /// Write this attempt's intent, before it writes anything else.
     pub async fn record_attempt(&self, record: &AttemptRecord) -> Result<(), StateError> {
         let path = self.attempt_path(&record.run_id, &record.nonce);
-        let body = serde_json::to_vec_pretty(record).map_err(|e| StateError::Store {
-            location: self.loc.original.clone(),
-            operation: "encode attempt record",
-            message: e.to_string(),
-        })?;
-        self.loc
-            .store
-            .put(&path, PutPayload::from(body))
-            .await
-            .map_err(|e| store_err(&self.loc, "write attempt record", &e))?;
-        staged::sync_local(&self.loc, &path).map_err(|message| StateError::Store {
-            location: self.loc.original.clone(),
-            operation: "sync attempt record",
-            message,
-        })?;
-        Ok(())
+        self.write_json(&path, record, "write attempt record").await
     }
 
     fn attempt_path(&self, run_id: &str, nonce: &str) -> Path {
@@ -574,21 +580,8 @@ impl State {
     /// rerun of the run id can commit this instead of sending again.
     pub async fn prepare(&self, manifest: &Manifest) -> Result<(), StateError> {
         let path = self.prepared_path(&manifest.run_id, &manifest.nonce);
-        let body = serde_json::to_vec_pretty(manifest).map_err(|e| StateError::Store {
-            location: self.loc.original.clone(),
-            operation: "encode prepared entry",
-            message: e.to_string(),
-        })?;
-        self.loc
-            .store
-            .put(&path, PutPayload::from(body))
+        self.write_json(&path, manifest, "write prepared entry")
             .await
-            .map_err(|e| store_err(&self.loc, "write prepared entry", &e))?;
-        staged::sync_local(&self.loc, &path).map_err(|message| StateError::Store {
-            location: self.loc.original.clone(),
-            operation: "sync prepared entry",
-            message,
-        })
     }
 
     /// The prepared entries of earlier attempts at `run_id`, newest first.

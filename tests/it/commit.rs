@@ -157,20 +157,9 @@ fn a_run_fenced_by_gc_cannot_commit() {
     let out = work.path().join("out");
     let o = out.to_str().unwrap();
     let args = ["run", "--source", &a, "--out", o, "--run-id", "slow"];
-    let mut cmd = command(Path::new(env!("CARGO_BIN_EXE_backfill")), &args);
-    cmd.env("BACKFILL_FAILPOINT", "before_commit:sleep-4000");
-    let mut child = cmd.spawn().unwrap();
-    let t_out = read_all(child.stdout.take().unwrap());
-    let t_err = read_all(child.stderr.take().unwrap());
+    let run = Background::start(&args, "before_commit:sleep-4000");
     // Wait until it has staged its outputs.
-    let start = std::time::Instant::now();
-    while !out.join("replay/_staging").exists() || !out.join("_state/attempts").exists() {
-        assert!(
-            start.elapsed().as_secs() < 60,
-            "the run never staged anything"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for(&[out.join("replay/_staging"), out.join("_state/attempts")]);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let gc = bf(&["state", "gc", "--out", o, "--min-age-minutes", "0"], None);
     gc.ok();
@@ -179,9 +168,8 @@ fn a_run_fenced_by_gc_cannot_commit() {
         "{}",
         gc.describe()
     );
-    let status = child.wait().unwrap();
-    let (_, err) = (t_out.join().unwrap(), t_err.join().unwrap());
-    assert_eq!(status.code(), Some(4), "{err}");
+    let (code, err) = run.wait();
+    assert_eq!(code, Some(4), "{err}");
     assert!(err.contains("fenced by `state gc`"), "{err}");
     assert!(manifests(&out.join("_state")).is_empty());
     assert!(parquet_files(&out.join("replay")).is_empty());
@@ -295,6 +283,40 @@ fn snapshot(dir: &Path) -> Vec<String> {
         .into_keys()
         .map(|p| p.strip_prefix(dir).unwrap().to_string_lossy().to_string())
         .collect()
+}
+
+/// A run started in the background with a failpoint armed; `wait` joins it.
+struct Background {
+    child: std::process::Child,
+    out: std::thread::JoinHandle<String>,
+    err: std::thread::JoinHandle<String>,
+}
+
+impl Background {
+    fn start(args: &[&str], failpoint: &str) -> Background {
+        let mut cmd = command(Path::new(env!("CARGO_BIN_EXE_backfill")), args);
+        cmd.env("BACKFILL_FAILPOINT", failpoint);
+        let mut child = cmd.spawn().unwrap();
+        let out = read_all(child.stdout.take().unwrap());
+        let err = read_all(child.stderr.take().unwrap());
+        Background { child, out, err }
+    }
+
+    /// Exit code (None when killed or crashed) and stderr.
+    fn wait(mut self) -> (Option<i32>, String) {
+        let status = self.child.wait().unwrap();
+        let _ = self.out.join();
+        (status.code(), self.err.join().unwrap())
+    }
+}
+
+/// Wait (at most a minute) until every path exists.
+fn wait_for(paths: &[std::path::PathBuf]) {
+    let start = std::time::Instant::now();
+    while !paths.iter().all(|p| p.exists()) {
+        assert!(start.elapsed().as_secs() < 60, "never appeared: {paths:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 fn run_args<'a>(a: &'a str, o: &'a str, id: &'a str) -> Vec<&'a str> {
@@ -464,19 +486,8 @@ fn a_fenced_attempt_that_kept_writing_is_cleaned_by_the_next_gc() {
     let out = work.path().join("out");
     let o = out.to_str().unwrap();
     let args = run_args(&a, o, "slow");
-    let mut cmd = command(Path::new(env!("CARGO_BIN_EXE_backfill")), &args);
-    cmd.env(
-        "BACKFILL_FAILPOINT",
-        "after_write:sleep-3000,before_commit:crash",
-    );
-    let mut child = cmd.spawn().unwrap();
-    let t_out = read_all(child.stdout.take().unwrap());
-    let t_err = read_all(child.stderr.take().unwrap());
-    let start = std::time::Instant::now();
-    while !out.join("_state/attempts").exists() {
-        assert!(start.elapsed().as_secs() < 60, "no attempt record");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let run = Background::start(&args, "after_write:sleep-3000,before_commit:crash");
+    wait_for(&[out.join("_state/attempts")]);
     std::thread::sleep(std::time::Duration::from_millis(200));
     let gc = bf(&["state", "gc", "--out", o, "--min-age-minutes", "0"], None);
     gc.ok();
@@ -485,12 +496,8 @@ fn a_fenced_attempt_that_kept_writing_is_cleaned_by_the_next_gc() {
         "{}",
         gc.describe()
     );
-    let status = child.wait().unwrap();
-    let _ = (t_out.join(), t_err.join());
-    assert!(
-        status.code().is_none(),
-        "the run should crash before its commit"
-    );
+    let (code, _) = run.wait();
+    assert!(code.is_none(), "the run should crash before its commit");
     let staged = snapshot(&out.join("replay"));
     assert!(
         staged.iter().any(|f| f.starts_with("_staging/")),
@@ -512,23 +519,14 @@ fn gc_never_deletes_the_ledger_of_a_run_that_commits_meanwhile() {
     let out = work.path().join("out");
     let o = out.to_str().unwrap();
     let args = run_args(&a, o, "meanwhile");
-    let mut cmd = command(Path::new(env!("CARGO_BIN_EXE_backfill")), &args);
-    cmd.env("BACKFILL_FAILPOINT", "before_commit:sleep-1500");
-    let mut child = cmd.spawn().unwrap();
-    let t_out = read_all(child.stdout.take().unwrap());
-    let t_err = read_all(child.stderr.take().unwrap());
-    let start = std::time::Instant::now();
-    while !out.join("_state/attempts").exists() {
-        assert!(start.elapsed().as_secs() < 60, "no attempt record");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let run = Background::start(&args, "before_commit:sleep-1500");
+    wait_for(&[out.join("_state/attempts")]);
     let gc = bf(
         &["state", "gc", "--out", o, "--min-age-minutes", "0"],
         Some("gc_after_snapshot:sleep-5000"),
     );
-    let status = child.wait().unwrap();
-    let (_, err) = (t_out.join().unwrap(), t_err.join().unwrap());
-    assert_eq!(status.code(), Some(0), "{err}");
+    let (code, err) = run.wait();
+    assert_eq!(code, Some(0), "{err}");
     gc.ok();
     assert!(!gc.stdout.contains("ledger file"), "{}", gc.describe());
     let ledgers = snapshot(&out.join("_state/runs"));
