@@ -354,6 +354,22 @@ pub fn resolve(location: &str, storage: &StorageSettings) -> Result<Location, Lo
     }
     let looks_like_url = location.contains("://");
     if !looks_like_url {
+        // `s3:/bucket` (one slash) is a typo, not a folder named `s3:`: as
+        // a local path the run would "succeed" on local disk, and print
+        // whatever the URL held.
+        if let Some((scheme, _)) = location.split_once(":/")
+            && !scheme.is_empty()
+            && !scheme.contains('/')
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+            && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        {
+            return Err(LocationError::Invalid {
+                location: format!("{scheme}:/***"),
+                reason: format!("looks like a URL with a slash missing: write {scheme}://..."),
+            });
+        }
         return resolve_local(location, std::path::Path::new(location));
     }
     // Every message below names the URL through the redactor: a URL with
@@ -827,6 +843,18 @@ mod tests {
                 assert!(!text.contains(secret), "{text}");
             }
         }
+    }
+
+    #[test]
+    fn a_url_with_one_slash_is_refused_not_taken_for_a_folder() {
+        for l in ["s3:/AK:Zq9/p@ss@lake/x", "gs:/b/x", "kafka:/h:9092/t"] {
+            let e = resolve(l, &StorageSettings::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("slash missing"), "{e}");
+            assert!(!e.contains("Zq9") && !e.contains("lake"), "{e}");
+        }
+        assert!(resolve("./data:2024/x", &StorageSettings::default()).is_ok());
     }
 
     #[test]

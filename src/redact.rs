@@ -59,11 +59,25 @@ pub fn url(s: &str) -> String {
 /// values, for text already scrubbed.
 fn cut_userinfo(s: &str) -> String {
     let start = userinfo_start(s);
-    let hidden = match s[start..].rfind('@') {
-        Some(at) => format!("{}{REDACTED}{}", &s[..start], &s[start + at..]),
-        None => s.to_string(),
+    // A query or fragment holding `@` (`?token=p@ss`) must not move the cut
+    // into itself: where the URL has user info, its query and fragment are
+    // hidden whole, and the cut looks only at what comes before them.
+    let end = match s[start..].find(['?', '#']) {
+        Some(i) => start + i,
+        None => s.len(),
     };
-    hide_secret_query(&hidden)
+    if !s[start..].contains('@') {
+        return hide_secret_query(s);
+    }
+    let tail = if end < s.len() {
+        format!("{}{REDACTED}", &s[end..end + 1])
+    } else {
+        String::new()
+    };
+    match s[start..end].rfind('@') {
+        Some(at) => format!("{}{REDACTED}{}{tail}", &s[..start], &s[start + at..end]),
+        None => format!("{}{}{tail}", &s[..start], &s[start..end]),
+    }
 }
 
 /// True when `s` carries user info by [`url`]'s rule: an `@` after
@@ -240,8 +254,12 @@ pub fn is_harmless_value(v: &str) -> bool {
 /// as `${KAFKA_PASSWORD}`, ...
 pub fn register_env() {
     for (name, value) in std::env::vars_os() {
+        // Key *ids* name a key, they are not one (`AWS_ACCESS_KEY_ID` is
+        // printed by every AWS tool); scrubbing a short one such as
+        // `backfill` would blank that word in every message.
         if let (Some(name), Some(value)) = (name.to_str(), value.to_str())
             && is_secret_name(name)
+            && !name.to_ascii_uppercase().ends_with("KEY_ID")
         {
             register(value);
         }
@@ -384,6 +402,21 @@ fn percent_decode(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_at_in_a_query_or_fragment_does_not_move_the_cut() {
+        for (input, leak) in [
+            ("s3://lake/x?token=Zq9/p@ss:w%2Frd", "ss:w"),
+            ("s3://lake/x#frag=Zq9/p@ss:w%2Frd", "ss:w"),
+            ("kafka://h:9092/rp?pw=Zq9/p@ss:w", "ss:w"),
+            ("s3://u:p@ss@lake/x?a=b@c", "b@c"),
+        ] {
+            let out = url(input);
+            assert!(!out.contains(leak), "{input} -> {out}");
+            assert!(!out.contains("Zq9"), "{input} -> {out}");
+        }
+        assert_eq!(url("s3://lake/x?token=Zq9/p@ss"), "s3://lake/x?***");
+    }
 
     /// The test canary: `/`, `@`, `:` and a percent-encoded `/` in one.
     const CANARY: &str = "Cr/n@ry:s3cr%2Ft";

@@ -182,13 +182,15 @@ pub(super) async fn recover_prepared(
             state.drop_prepared(&prepared.run_id, &prepared.nonce).await;
             continue;
         }
-        let kafka_rows: u64 = prepared.delivered.iter().map(|d| d.rows).sum();
         let printed = prepared
             .outputs
             .values()
             .any(|r| r.target == "-" && r.rows > 0);
-        if printed && kafka_rows == 0 {
-            // Its rows were never printed: run again and print them.
+        if printed {
+            // Its stdout rows were never printed (they are printed after the
+            // commit): committing it would mark them done and print nothing.
+            // Run again and print them; its Kafka messages, if any, were
+            // delivered (at-least-once for them).
             state.drop_prepared(&prepared.run_id, &prepared.nonce).await;
             continue;
         }

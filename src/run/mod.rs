@@ -190,7 +190,12 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     let run_nonce = nonce();
     let mut sinks: Vec<OpenSink> = vec![];
     let mut file_targets: Vec<String> = vec![];
-    let mut file_kinds: Vec<(&'static str, String)> = vec![];
+    // The state first: no sink may share its folder either.
+    let mut file_kinds: Vec<(String, String, String)> = vec![(
+        "state".to_string(),
+        state.loc.display_path(&state.loc.prefix),
+        folder_key(&state.loc),
+    )];
     let mut stdout_taken = false;
     if !settings.dry_run {
         for (kind, target, schema) in [
@@ -211,20 +216,28 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
                 let base = location::resolve(&target, &scan.storage)?;
                 let here = base.display_path(&base.prefix);
                 // Two outputs in one folder would write the same part names
-                // (and a reader could not tell replays from dead letters).
-                for (other_kind, other) in &file_kinds {
-                    let nested = |a: &str, b: &str| {
-                        a == b || a.starts_with(&format!("{}/", b.trim_end_matches('/')))
+                // (and a reader could not tell replays from dead letters);
+                // the state inside an output would show its ledger to the
+                // output's readers. Local paths are compared resolved
+                // (symlinks, `..`).
+                let key = folder_key(&base);
+                for (other_kind, other, other_key) in &file_kinds {
+                    // A sink may hold the state's folder below it only if
+                    // it is not the state: the state below a sink is refused,
+                    // a sink below the state is harmless.
+                    let clash = if other_kind == "state" {
+                        nested(other_key, &key)
+                    } else {
+                        nested(&key, other_key) || nested(other_key, &key)
                     };
-                    if nested(&here, other) || nested(other, &here) {
+                    if clash {
                         return Err(Error::Usage(format!(
-                            "the {} sink {target} and the {} sink {other} share a folder; give each output a folder of its own",
+                            "the {} sink {target} and the {other_kind} {other} share a folder; give each output a folder of its own",
                             kind.name(),
-                            other_kind
                         )));
                     }
                 }
-                file_kinds.push((kind.name(), here.clone()));
+                file_kinds.push((format!("{} sink", kind.name()), here.clone(), key));
                 file_targets.push(here);
             }
             let ctx = SinkContext {
@@ -297,6 +310,22 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
         report,
         stdout_taken,
     })
+}
+
+/// A location as a comparable folder: its store and its prefix, resolved
+/// through symlinks on local disk.
+fn folder_key(loc: &Location) -> String {
+    if loc.is_local {
+        format!("file:///{}", crate::source::canonical_prefix(&loc.prefix))
+    } else {
+        loc.display_path(&loc.prefix)
+    }
+}
+
+/// `a` is `b` or lies below it.
+fn nested(a: &str, b: &str) -> bool {
+    let b = b.trim_end_matches('/');
+    a == b || a.starts_with(&format!("{b}/"))
 }
 
 /// The keys whose values differ, as `key: old -> new`, for one line.

@@ -249,7 +249,11 @@ pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, Sour
         let loc = location::resolve(src, &scan.storage)?;
         loc.register(ctx);
         let excluded = excluded_prefixes(&loc, &scan.exclude, &scan.storage)?;
-        let listing = list_archive(&loc, &scan.partitions, scan.from, scan.to, &excluded).await?;
+        let mut listing =
+            list_archive(&loc, &scan.partitions, scan.from, scan.to, &excluded).await?;
+        if loc.is_local {
+            drop_linked_outputs(&mut listing, &scan.exclude, &scan.storage);
+        }
         if listing.files.is_empty() && listing.pruned.is_empty() {
             return Err(SourceError::Empty {
                 location: loc.original.clone(),
@@ -466,11 +470,44 @@ fn excluded_prefixes(
     Ok(out)
 }
 
+/// On local disk, a folder inside the archive may be a symlink to an
+/// output folder (`archive/link -> /data/out`): no prefix says so, but its
+/// files are this run's outputs. Drop every listed file whose folder,
+/// resolved, lies in an output, state or sink folder. One `realpath` per
+/// folder, on local disk only.
+fn drop_linked_outputs(
+    listing: &mut Listing,
+    exclude: &[String],
+    storage: &location::StorageSettings,
+) {
+    let outputs: Vec<String> = exclude
+        .iter()
+        .filter_map(|e| location::resolve(e, storage).ok())
+        .filter(|l| l.is_local)
+        .map(|l| canonical_prefix(&l.prefix))
+        .collect();
+    if outputs.is_empty() {
+        return;
+    }
+    let mut resolved: std::collections::HashMap<String, bool> = Default::default();
+    let mut inside = |p: &Path| -> bool {
+        let dir = p.as_ref().rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+        *resolved.entry(dir.to_string()).or_insert_with(|| {
+            let c = canonical_prefix(&Path::parse(dir).unwrap_or_else(|_| Path::from(dir)));
+            outputs
+                .iter()
+                .any(|o| c == *o || c.starts_with(&format!("{o}/")))
+        })
+    };
+    listing.files.retain(|m| !inside(&m.location));
+    listing.pruned.retain(|m| !inside(&m.location));
+}
+
 /// The store prefix of a local path with its symlinks, `.` and `..`
 /// resolved: the longest ancestor that exists is canonicalized, and the rest
 /// (outputs not written yet) appended as written. Unchanged when nothing can
 /// be resolved.
-fn canonical_prefix(prefix: &Path) -> String {
+pub(crate) fn canonical_prefix(prefix: &Path) -> String {
     let full = std::path::PathBuf::from(format!("/{prefix}"));
     let mut existing = full.as_path();
     let mut rest = vec![];

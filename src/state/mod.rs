@@ -405,12 +405,25 @@ impl State {
             }
         }
         entries.extend(log);
-        let published = self
+        let published: BTreeSet<u64> = self
             .list_rel("published")
             .await?
             .iter()
             .filter_map(|(rel, _)| rel.strip_prefix("published/")?.parse::<u64>().ok())
             .collect();
+        // A marker is written only after its entry: one past the head means
+        // the last entries of the log were deleted.
+        if let Some(&last) = published.last()
+            && last > head
+        {
+            return Err(StateError::Damaged {
+                location: self.loc.original.clone(),
+                message: format!(
+                    "log entry {} is missing (its outputs were published; the log ends at {head})",
+                    self.loc.display_path(&self.loc.path(&log_name(last)))
+                ),
+            });
+        }
         Ok(Snapshot {
             head,
             entries,

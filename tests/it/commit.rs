@@ -575,3 +575,107 @@ fn a_rerun_with_other_settings_is_not_a_retry() {
         again.describe()
     );
 }
+
+/// Folders compared as the file system resolves them: a symlinked
+/// spelling of one sink's folder is the same folder, and a state inside a
+/// sink folder would show its ledger to the sink's readers.
+#[test]
+fn sinks_and_state_sharing_a_folder_through_symlinks_are_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let a = archive(work.path());
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::os::unix::fs::symlink(&out, work.path().join("link")).unwrap();
+    let o = out.to_str().unwrap();
+    let via_link = work.path().join("link/a");
+    let direct = out.join("a");
+    let state_in_sink = out.join("replay/st");
+    for extra in [
+        vec![
+            "--replay-sink",
+            direct.to_str().unwrap(),
+            "--dlq-sink",
+            via_link.to_str().unwrap(),
+        ],
+        vec!["--state", state_in_sink.to_str().unwrap()],
+    ] {
+        let mut args = run_args(&a, o, "s");
+        args.extend(extra);
+        let r = bf(&args, None);
+        r.expect_code(2);
+        assert!(r.stderr.contains("share a folder"), "{}", r.describe());
+    }
+}
+
+/// A folder inside the archive that is a symlink to the outputs: the
+/// second run does not read the first one's outputs back.
+#[test]
+fn outputs_reached_through_a_symlink_inside_the_source_are_not_read_back() {
+    let work = tempfile::tempdir().unwrap();
+    let a = archive(work.path());
+    let out = work.path().join("real-out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::os::unix::fs::symlink(&out, std::path::Path::new(&a).join("link")).unwrap();
+    let o = out.to_str().unwrap();
+    let rows = |r: &Run| -> String {
+        r.stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with("scanned"))
+            .and_then(|l| l.split(" (").next())
+            .unwrap_or("")
+            .to_string()
+    };
+    let first = bf(&run_args(&a, o, "one"), None);
+    first.ok();
+    let second = bf(&run_args(&a, o, "two"), None);
+    second.ok();
+    assert_eq!(rows(&first), rows(&second), "{}", second.describe());
+}
+
+/// A crash after the attempt prepared, with a stdout sink: its rows were
+/// never printed, so the rerun runs again and prints them instead of
+/// committing the prepared attempt (which would mark them done, unprinted).
+#[test]
+fn a_prepared_attempt_with_stdout_rows_is_run_again_not_recovered() {
+    let work = tempfile::tempdir().unwrap();
+    let a = archive(work.path());
+    let out = work.path().join("out");
+    let o = out.to_str().unwrap();
+    let mut args = run_args(&a, o, "p");
+    args.extend(["--dlq-sink", "-"]);
+    let r = bf(&args, Some("after_prepare:crash"));
+    assert!(
+        r.code.is_none() && !r.stdout.contains('{'),
+        "{}",
+        r.describe()
+    );
+    let again = bf(&args, None);
+    again.ok();
+    assert!(!again.stderr.contains("recovered"), "{}", again.describe());
+    assert!(
+        again.stdout.lines().filter(|l| l.starts_with('{')).count() > 0,
+        "the dead letters are printed\n{}",
+        again.describe()
+    );
+}
+
+/// The last log entry deleted: its published marker shows the hole, and
+/// the run stops instead of acting on those events again.
+#[test]
+fn a_deleted_last_log_entry_is_seen_as_damage() {
+    let work = tempfile::tempdir().unwrap();
+    let a = archive(work.path());
+    let out = work.path().join("out");
+    let o = out.to_str().unwrap();
+    bf(&run_args(&a, o, "one"), None).ok();
+    bf(&run_args(&a, o, "two"), None).ok();
+    let last = manifests(&out.join("_state")).pop().unwrap();
+    std::fs::remove_file(&last).unwrap();
+    let r = bf(&run_args(&a, o, "three"), None);
+    r.expect_code(1);
+    assert!(
+        r.stderr.contains("is damaged") && r.stderr.contains(&last.display().to_string()),
+        "{}",
+        r.describe()
+    );
+}
