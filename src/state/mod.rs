@@ -493,7 +493,25 @@ impl State {
             .map(|(run, f)| async move {
                 let path = self.loc.path(&f);
                 match self.loc.store.head(&path).await {
-                    Ok(meta) if meta.size > 0 => Ok(()),
+                    // A Parquet file ends with its magic: a truncated copy
+                    // does not (one 4-byte read, no footer parse).
+                    Ok(meta) if meta.size >= 12 => {
+                        match self
+                            .loc
+                            .store
+                            .get_range(&path, meta.size - 4..meta.size)
+                            .await
+                        {
+                            Ok(tail) if tail.as_ref() == b"PAR1" => Ok(()),
+                            Ok(_) => {
+                                Err((run, path, "is truncated (no Parquet footer)".to_string()))
+                            }
+                            Err(e) => Err((run, path, store_error_line(&e))),
+                        }
+                    }
+                    Ok(meta) if meta.size > 0 => {
+                        Err((run, path, "is truncated (no Parquet footer)".to_string()))
+                    }
                     Ok(_) => Err((run, path, "is empty".to_string())),
                     Err(object_store::Error::NotFound { .. }) => {
                         Err((run, path, "is missing".to_string()))

@@ -364,7 +364,12 @@ fn two_sinks_in_one_folder_are_refused() {
 fn a_damaged_state_stops_the_run_instead_of_acting_twice() {
     let work = tempfile::tempdir().unwrap();
     let a = archive(work.path());
-    for damage in ["missing ledger", "empty ledger", "hole in the log"] {
+    for damage in [
+        "missing ledger",
+        "empty ledger",
+        "truncated ledger",
+        "hole in the log",
+    ] {
         let out = work.path().join(damage.replace(' ', "-"));
         let o = out.to_str().unwrap();
         bf(&run_args(&a, o, "one"), None).ok();
@@ -383,6 +388,11 @@ fn a_damaged_state_stops_the_run_instead_of_acting_twice() {
             }
             "empty ledger" => {
                 std::fs::write(&ledger, b"").unwrap();
+                ledger.display().to_string()
+            }
+            "truncated ledger" => {
+                let bytes = std::fs::read(&ledger).unwrap();
+                std::fs::write(&ledger, &bytes[..100.min(bytes.len() - 1)]).unwrap();
                 ledger.display().to_string()
             }
             _ => {
