@@ -43,15 +43,12 @@ pub async fn hit(name: &str) -> Result<(), Error> {
         return Ok(());
     };
     for armed in spec.split(',') {
-        let (point, rest) = armed.split_once(':').unwrap_or((armed, "crash"));
-        let (point, nth) = match point.split_once('@') {
-            Some((p, n)) => (p, n.parse::<u64>().unwrap_or(1)),
-            None => (point, 1),
-        };
-        let (action, nth) = match rest.split_once('@') {
+        // NAME[:ACTION][@N]
+        let (armed, nth) = match armed.rsplit_once('@') {
             Some((a, n)) => (a, n.parse::<u64>().unwrap_or(1)),
-            None => (rest, nth),
+            None => (armed, 1),
         };
+        let (point, action) = armed.split_once(':').unwrap_or((armed, "crash"));
         if point != name {
             continue;
         }

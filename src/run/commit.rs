@@ -13,7 +13,6 @@ use super::OpenSink;
 use crate::error::Error;
 use crate::failpoint;
 use crate::job::RunSettings;
-use crate::location;
 use crate::report::Report;
 use crate::sink::SinkReceipt;
 use crate::state::{LedgerWriter, Manifest, State};
@@ -42,6 +41,15 @@ pub(super) fn decision_settings(settings: &RunSettings) -> serde_json::Value {
         "dlq_sink": loc(&settings.dlq_sink),
         "gaps_sink": loc(&settings.gaps_sink),
     })
+}
+
+/// A commit whose outcome is unknown (the store failed and the entry could
+/// not be read back): nothing may be deleted, the run may be committed.
+fn commit_unknown(run_id: &str, e: crate::state::StateError) -> Error {
+    Error::CommitUnknown {
+        run_id: run_id.to_string(),
+        message: e.to_string(),
+    }
 }
 
 /// A failure after the commit: the run stays committed, and what is left
@@ -119,12 +127,7 @@ pub(super) async fn commit_and_publish(
         Err(e) if e.is_conflict() => return Err(e.into()),
         // The entry may or may not be there: deleting the staged files now
         // could take the outputs of a committed run.
-        Err(e) => {
-            return Err(Error::CommitUnknown {
-                run_id: settings.run_id.clone(),
-                message: e.to_string(),
-            });
-        }
+        Err(e) => return Err(commit_unknown(&settings.run_id, e)),
     };
     report
         .phase_ms
@@ -214,8 +217,9 @@ pub(super) async fn recover_prepared(
             continue;
         }
         let mut manifest = prepared.clone();
-        let seq = match state.commit(&mut manifest).await {
-            Ok(seq) => seq,
+        // `commit` sets the entry's position, which publishing marks.
+        match state.commit(&mut manifest).await {
+            Ok(_) => {}
             Err(e) if e.is_conflict() => {
                 eprintln!(
                     "warning: {}",
@@ -227,28 +231,12 @@ pub(super) async fn recover_prepared(
                 state.drop_prepared(&prepared.run_id, &prepared.nonce).await;
                 continue;
             }
-            Err(e) => {
-                return Err(Error::CommitUnknown {
-                    run_id: settings.run_id.clone(),
-                    message: e.to_string(),
-                });
-            }
+            Err(e) => return Err(commit_unknown(&settings.run_id, e)),
         };
-        let published = async {
-            for p in &manifest.publish {
-                let base = location::resolve(&p.target, &settings.scan.storage)?;
-                crate::sink::staged::promote(&base, &p.files)
-                    .await
-                    .map_err(|e| Error::Io {
-                        what: format!("{} sink {}", p.kind, p.target),
-                        message: e.to_string(),
-                    })?;
-            }
-            state.mark_published(seq).await?;
-            Ok::<(), Error>(())
-        }
-        .await;
-        published.map_err(|e| committed(&settings.run_id, e))?;
+        state
+            .publish_entry(&manifest, &settings.scan.storage)
+            .await
+            .map_err(|e| committed(&settings.run_id, e.into()))?;
         state
             .forget_attempt(&prepared.run_id, &prepared.nonce)
             .await;

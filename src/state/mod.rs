@@ -246,6 +246,14 @@ fn log_name(seq: u64) -> String {
     format!("log/{seq:020}.json")
 }
 
+/// The position of a log entry from its name (the inverse of [`log_name`]).
+fn log_position(rel: &str) -> Option<u64> {
+    rel.strip_prefix("log/")?
+        .strip_suffix(".json")?
+        .parse()
+        .ok()
+}
+
 /// Reads of many small objects at once: a state with thousands of runs on
 /// S3 is read in a few round trips' time.
 const READ_CONCURRENCY: usize = 32;
@@ -307,33 +315,19 @@ impl State {
 
     async fn read_entry(&self, rel: &str) -> Result<LogEntry, StateError> {
         let path = self.loc.path(rel);
-        let bytes = self
-            .loc
-            .store
-            .get(&path)
-            .await
-            .map_err(|e| store_err(&self.loc, "read log entry", &e))?
-            .bytes()
-            .await
-            .map_err(|e| store_err(&self.loc, "read log entry", &e))?;
-        let bad = |message: String| StateError::BadManifest {
-            location: self.loc.original.clone(),
-            file: self.loc.display_path(&path),
-            message,
-        };
         if rel.starts_with("manifests/") {
             // The format-1 layout: one manifest per run id, published
             // before its commit, hence nothing to roll forward.
-            let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+            let m: Manifest = self.read_json(&path, "read log entry").await?;
             return Ok(LogEntry::Run(m));
         }
-        let e: LogEntry = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
-        let seq = rel
-            .strip_prefix("log/")
-            .and_then(|n| n.strip_suffix(".json"))
-            .and_then(|n| n.parse::<u64>().ok());
-        if seq != Some(e.seq()) {
-            return Err(bad(format!("its position says {}", e.seq())));
+        let e: LogEntry = self.read_json(&path, "read log entry").await?;
+        if log_position(rel) != Some(e.seq()) {
+            return Err(StateError::BadManifest {
+                location: self.loc.original.clone(),
+                file: self.loc.display_path(&path),
+                message: format!("its position says {}", e.seq()),
+            });
         }
         Ok(e)
     }
@@ -344,12 +338,7 @@ impl State {
             .list_rel("log")
             .await?
             .iter()
-            .filter_map(|(rel, _)| {
-                rel.strip_prefix("log/")?
-                    .strip_suffix(".json")?
-                    .parse::<u64>()
-                    .ok()
-            })
+            .filter_map(|(rel, _)| log_position(rel))
             .collect();
         v.sort_unstable();
         Ok(v)
@@ -429,11 +418,6 @@ impl State {
             entries,
             published,
         })
-    }
-
-    /// The manifest of `run_id`, if that run is committed.
-    pub async fn committed(&self, run_id: &str) -> Result<Option<Manifest>, StateError> {
-        Ok(self.snapshot().await?.committed(run_id).cloned())
     }
 
     /// Every committed run, oldest first.
@@ -825,43 +809,66 @@ impl State {
         storage: &StorageSettings,
     ) -> Result<Vec<String>, StateError> {
         let mut done = vec![];
-        let mut lost = vec![];
+        let mut problems = vec![];
         for m in snapshot.runs() {
             if m.seq == 0 || m.publish.is_empty() || snapshot.published.contains(&m.seq) {
                 continue;
             }
-            let mut failed = false;
-            for p in &m.publish {
-                let result = match crate::location::resolve(&p.target, storage) {
-                    Ok(base) => staged::promote(&base, &p.files).await,
-                    Err(e) => Err(staged::PromoteError {
-                        lost: vec![],
-                        errors: vec![e.to_string()],
-                    }),
-                };
-                if let Err(e) = result {
-                    failed |= !e.errors.is_empty();
-                    lost.push(format!("run '{}': {e}", m.run_id));
-                }
+            match self.publish_entry(m, storage).await {
+                Ok(()) => done.push(m.run_id.clone()),
+                Err(StateError::Store { message, .. }) => problems.push(message),
+                Err(e) => return Err(e),
             }
-            if failed {
-                continue;
-            }
-            // Published as far as it can be: a file that is gone cannot
-            // come back, and retrying it on every run would hide it.
-            self.mark_published(m.seq).await?;
-            done.push(m.run_id.clone());
         }
-        if !lost.is_empty() {
+        if !problems.is_empty() {
             // Each committed run is reported here once: a run whose files
-            // are gone is marked published above, so the next call is quiet.
+            // are gone is marked published, so the next call is quiet.
             return Err(StateError::Store {
                 location: self.loc.original.clone(),
                 operation: "roll forward",
-                message: lost.join("; "),
+                message: problems.join("; "),
             });
         }
         Ok(done)
+    }
+
+    /// Make the staged files of committed entry `m` final and mark it
+    /// published. Every file is tried. A file that is gone for good is
+    /// reported, but the entry is marked published all the same (the file
+    /// cannot come back, and retrying it on every run would hide it); any
+    /// other failure leaves the entry for the next try.
+    pub async fn publish_entry(
+        &self,
+        m: &Manifest,
+        storage: &StorageSettings,
+    ) -> Result<(), StateError> {
+        let mut problems = vec![];
+        let mut failed = false;
+        for p in &m.publish {
+            let result = match crate::location::resolve(&p.target, storage) {
+                Ok(base) => staged::promote(&base, &p.files).await,
+                Err(e) => Err(staged::PromoteError {
+                    lost: vec![],
+                    errors: vec![e.to_string()],
+                }),
+            };
+            if let Err(e) = result {
+                failed |= !e.errors.is_empty();
+                problems.push(format!("run '{}': {e}", m.run_id));
+            }
+        }
+        if !failed {
+            self.mark_published(m.seq).await?;
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(StateError::Store {
+                location: self.loc.original.clone(),
+                operation: "publish",
+                message: problems.join("; "),
+            })
+        }
     }
 }
 
