@@ -23,8 +23,6 @@ use crate::cli::Progress;
 use crate::detect;
 use crate::error::Error;
 use crate::failpoint;
-
-mod commit;
 use crate::job::RunSettings;
 use crate::location::{self, Location};
 use crate::policy::{Decisions, Policy};
@@ -32,6 +30,8 @@ use crate::report::Report;
 use crate::sink::{self, RowColumns, Sink, SinkContext, SinkKind};
 use crate::source;
 use crate::state::{AttemptRecord, Manifest, State};
+
+mod commit;
 
 /// The outcome of `run`, for main to print and map to an exit code.
 pub struct RunOutcome {
@@ -118,7 +118,9 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
             ),
         }
     }
-    if let Some(m) = snapshot.committed(&settings.run_id) {
+    // Two ways to be done before the scan: the run id is committed already,
+    // or an earlier attempt delivered everything and only needs committing.
+    let early = if let Some(m) = snapshot.committed(&settings.run_id) {
         let now = commit::decision_settings(&settings);
         if !m.settings.is_null() && m.settings != now {
             eprintln!(
@@ -133,26 +135,27 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
         // The committed run's own figures: a retry of a run that exited 3
         // (--fail-on-dlq) must exit 3 again, not turn the task green.
         let mut committed: Report = serde_json::from_value(m.report.clone()).unwrap_or_default();
-        committed.rolled_forward = std::mem::take(&mut report.rolled_forward);
-        report = committed;
-        report.already_committed = true;
-        report.elapsed_ms = started.elapsed().as_millis() as u64;
-        phases.done();
-        return Ok(RunOutcome {
-            report,
-            stdout_taken: false,
-        });
-    }
-    if let Some(r) = &settings.report {
-        commit::check_writable(r)?;
-    }
-    if !settings.dry_run
-        && let Some(recovered) = commit::recover_prepared(&state, &settings).await?
-    {
-        phases.done();
-        let mut r = recovered;
+        committed.already_committed = true;
+        Some(committed)
+    } else {
+        // Everything below decides from the ledger: a damaged state stops
+        // the run before the archive is listed.
+        state
+            .verify_ledgers(&snapshot.runs().cloned().collect::<Vec<_>>())
+            .await?;
+        if let Some(r) = &settings.report {
+            commit::check_writable(r)?;
+        }
+        if settings.dry_run {
+            None
+        } else {
+            commit::recover_prepared(&state, &settings).await?
+        }
+    };
+    if let Some(mut r) = early {
         r.rolled_forward = std::mem::take(&mut report.rolled_forward);
         r.elapsed_ms = started.elapsed().as_millis() as u64;
+        phases.done();
         return Ok(RunOutcome {
             report: r,
             stdout_taken: false,
@@ -171,7 +174,6 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     report.partitions_pruned = archive.stats.partitions_pruned;
     report.kafka_messages = archive.stats.kafka_messages;
     let manifests: Vec<Manifest> = snapshot.runs().cloned().collect();
-    state.verify_ledgers(&manifests).await?;
     state.register_ledger(&ctx, &manifests).await?;
     detect::register_views(&ctx, scan).await?;
 
@@ -189,7 +191,6 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     let row_columns = Arc::new(row_columns(scan));
     let run_nonce = nonce();
     let mut sinks: Vec<OpenSink> = vec![];
-    let mut file_targets: Vec<String> = vec![];
     // The state first: no sink may share its folder either.
     let mut file_kinds: Vec<(String, String, String)> = vec![(
         "state".to_string(),
@@ -237,8 +238,7 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
                         )));
                     }
                 }
-                file_kinds.push((format!("{} sink", kind.name()), here.clone(), key));
-                file_targets.push(here);
+                file_kinds.push((format!("{} sink", kind.name()), here, key));
             }
             let ctx = SinkContext {
                 run_id: settings.run_id.clone(),
@@ -266,7 +266,11 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
                     nonce: run_nonce.clone(),
                     started_at: Utc::now(),
                     based_on: snapshot.head,
-                    targets: file_targets.clone(),
+                    targets: file_kinds
+                        .iter()
+                        .filter(|(kind, _, _)| kind != "state")
+                        .map(|(_, here, _)| here.clone())
+                        .collect(),
                 })
                 .await?;
             failpoint::hit("after_attempt_record").await?;
