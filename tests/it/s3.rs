@@ -1033,6 +1033,37 @@ fn hive_partitions_prune_a_one_day_window_on_s3() {
 /// Two runs racing for one run id on S3: both reach the commit (the proxy
 /// parks both manifest writes), exactly one commits, the other exits 1
 /// saying so; the ledger counts the winner only.
+/// Start two runs through `proxy` (holding commit-log PUTs), wait until
+/// both hold at their commit, let one through and wait for its run to end,
+/// then the other: as a store that orders conditional writes would. Returns
+/// the first run, its pid, and the second.
+fn race_to_commit(proxy: &Proxy, via: &S3Env, args: [&[&str]; 2]) -> (Run, u32, Run) {
+    let mut racers: Vec<Spawned> = args
+        .iter()
+        .map(|a| Spawned::start(a, &via.vars()))
+        .collect();
+    assert!(
+        proxy.wait_held(2, Duration::from_secs(90)),
+        "both runs should reach the commit; proxy saw:\n{}",
+        proxy.log()
+    );
+    proxy.release();
+    let start = Instant::now();
+    let first = loop {
+        if let Some(i) = racers.iter_mut().position(Spawned::finished) {
+            break i;
+        }
+        assert!(start.elapsed() < RUN_TIMEOUT, "no racer finished");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let winner = racers.remove(first);
+    let winner_pid = winner.pid();
+    let winner = winner.wait();
+    proxy.release();
+    let loser = racers.pop().expect("second racer").wait();
+    (winner, winner_pid, loser)
+}
+
 #[test]
 fn racing_runs_on_s3_commit_exactly_once() {
     let (s3, env, b) = s3_with_archive("race", 2000, 20, 3, 2);
@@ -1057,30 +1088,7 @@ fn racing_runs_on_s3_commit_exactly_once() {
         "--run-id",
         "contested",
     ];
-    let mut racers = vec![
-        Spawned::start(&args, &via.vars()),
-        Spawned::start(&args, &via.vars()),
-    ];
-    assert!(
-        proxy.wait_held(2, Duration::from_secs(90)),
-        "both runs should reach the commit; proxy saw:\n{}",
-        proxy.log()
-    );
-    // Let one commit through and wait until its run has ended, then the other.
-    proxy.release();
-    let start = Instant::now();
-    let first = loop {
-        if let Some(i) = racers.iter_mut().position(Spawned::finished) {
-            break i;
-        }
-        assert!(start.elapsed() < RUN_TIMEOUT, "no racer finished");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let winner = racers.remove(first);
-    let winner_pid = winner.pid();
-    let winner = winner.wait();
-    proxy.release();
-    let loser = racers.pop().expect("second racer").wait();
+    let (winner, winner_pid, loser) = race_to_commit(&proxy, &via, [&args, &args]);
     assert_ok_saying(&winner, "run contested committed");
     loser.expect_code(4);
     let line = the_error_line(&loser);
@@ -1163,27 +1171,7 @@ fn two_runs_with_different_ids_on_s3_never_both_act_on_one_event() {
     let (a1, a2) = (args("left"), args("right"));
     let v1: Vec<&str> = a1.iter().map(String::as_str).collect();
     let v2: Vec<&str> = a2.iter().map(String::as_str).collect();
-    let mut racers = vec![
-        Spawned::start(&v1, &via.vars()),
-        Spawned::start(&v2, &via.vars()),
-    ];
-    assert!(
-        proxy.wait_held(2, Duration::from_secs(90)),
-        "both runs should reach the commit; proxy saw:\n{}",
-        proxy.log()
-    );
-    proxy.release();
-    let start = Instant::now();
-    let first = loop {
-        if let Some(i) = racers.iter_mut().position(Spawned::finished) {
-            break i;
-        }
-        assert!(start.elapsed() < RUN_TIMEOUT, "no racer finished");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let winner = racers.remove(first).wait();
-    proxy.release();
-    let loser = racers.pop().expect("second racer").wait();
+    let (winner, _, loser) = race_to_commit(&proxy, &via, [&v1, &v2]);
     winner.ok();
     loser.expect_code(4);
     let line = the_error_line(&loser);
