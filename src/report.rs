@@ -56,8 +56,11 @@ pub struct Report {
     /// Per sink kind: where its rows went.
     pub outputs: BTreeMap<String, SinkReceipt>,
     pub state: Option<String>,
-    /// Wall time of each phase (list, count, conflicts, gaps, decide,
-    /// commit), to see where a run's time went.
+    /// Bytes the detection wrote to its spill files (0 when the window
+    /// fitted the memory limit).
+    pub spilled_bytes: u64,
+    /// Wall time of each phase (list, scan, gaps, decide, commit), to see
+    /// where a run's time went.
     pub phase_ms: BTreeMap<String, u64>,
     pub elapsed_ms: u64,
 }

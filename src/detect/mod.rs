@@ -14,6 +14,8 @@ use datafusion::prelude::SessionContext;
 use crate::job::Scan;
 use crate::source::{Archive, quoted};
 
+pub mod onepass;
+
 pub const UNPROCESSED_SQL: &str = include_str!("../../sql/unprocessed.sql");
 pub const CONFLICTS_SQL: &str = include_str!("../../sql/conflicts.sql");
 pub const GAPS_SQL: &str = include_str!("../../sql/gaps.sql");
@@ -113,7 +115,16 @@ pub async fn candidates(
     scan: &Scan,
     archive: &Archive,
 ) -> datafusion::error::Result<DataFrame> {
-    let df = ctx.table("candidates").await?;
+    candidates_from(ctx.table("candidates").await?, scan, archive)
+}
+
+/// [`candidates`] over any frame with the `candidates` view's columns (the
+/// one-pass fetch gives the same).
+pub fn candidates_from(
+    df: DataFrame,
+    scan: &Scan,
+    archive: &Archive,
+) -> datafusion::error::Result<DataFrame> {
     let mut exprs = output_projection(scan, archive);
     exprs.extend([
         col("event_id").alias(internal::EVENT_ID),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, TimestampMicrosecondArray};
-use arrow::datatypes::{Field, Int64Type, Schema, SchemaRef};
+use arrow::datatypes::{Field, Schema, SchemaRef};
 use chrono::Utc;
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::prelude::SessionContext;
@@ -395,7 +395,7 @@ async fn execute(
         detected_at_us,
     };
 
-    phases.set("counting events in the window");
+    phases.set("scanning the archive");
     let mut t = Instant::now();
     let mut lap = |report: &mut Report, name: &str| {
         report
@@ -403,66 +403,46 @@ async fn execute(
             .insert(name.to_string(), t.elapsed().as_millis() as u64);
         t = Instant::now();
     };
-    let counts = ctx
-        .sql("SELECT count(*) AS n_rows, count(DISTINCT event_id) AS n_events FROM events")
-        .await?;
-    let plan = counts.create_physical_plan().await?;
-    let batches = datafusion::physical_plan::collect(plan.clone(), ctx.task_ctx()).await?;
+    // One narrow pass decides resolution, conflicts and gaps (the views'
+    // rules, detect::onepass); the candidates' wide rows are read after.
+    let est_rows: u64 = archive.files.iter().map(|f| f.rows.max(0) as u64).sum();
+    let gaps_view_schema = Arc::new(gaps_df.schema().as_arrow().clone());
+    drop(gaps_df);
+    drop(candidates);
+    let detection = detect::onepass::detect(
+        ctx,
+        &settings.scan,
+        est_rows,
+        &std::env::temp_dir(),
+        gaps_view_schema,
+    )
+    .await?;
     let mut scan_metrics = ScanMetrics::default();
-    scan_metrics.add(plan.as_ref());
-    if let Some(b) = batches.first()
-        && b.num_rows() == 1
-    {
-        report.rows = b.column(0).as_primitive::<Int64Type>().value(0) as u64;
-        report.events = b.column(1).as_primitive::<Int64Type>().value(0) as u64;
-    }
-
-    lap(report, "count");
+    scan_metrics.add(detection.narrow_plan.as_ref());
+    report.rows = detection.rows;
+    report.events = detection.events;
+    report.spilled_bytes = detection.spilled_bytes;
     if settings.scan.detect_conflicts {
-        // Computed once: the conflicts are few (pairs, not rows), so they
-        // are kept in memory and the candidates view is rebound to them
-        // instead of grouping the whole archive by (key, seq) a second time.
-        phases.set("finding conflicts");
-        let batches = ctx.table("conflicts").await?.collect().await?;
-        report.conflicts = batches.iter().map(|b| b.num_rows() as u64).sum();
-        let schema = match batches.first() {
-            Some(b) => b.schema(),
-            None => Arc::new(ctx.table("conflicts").await?.schema().as_arrow().clone()),
-        };
-        let table = datafusion::datasource::MemTable::try_new(schema, vec![batches])?;
-        ctx.deregister_table("conflicts")?;
-        ctx.register_table("conflicts", Arc::new(table))?;
-        for sql in [detect::GAPS_SQL, detect::CANDIDATES_SQL] {
-            if sql == detect::GAPS_SQL && !settings.scan.detect_gaps {
-                continue;
-            }
-            ctx.sql(sql).await?.collect().await?;
-        }
+        report.conflicts = detection.conflicts;
     }
+    lap(report, "scan");
 
-    lap(report, "conflicts");
-    // Gaps: stream them to their sink.
+    // Gaps: to their sink.
     if settings.scan.detect_gaps {
-        phases.set("detecting gaps");
-        // Planned again here: the views it reads may have been rebound above.
-        drop(gaps_df);
-        let gaps_df = detect::gaps(ctx).await?;
-        let plan = gaps_df.create_physical_plan().await?;
-        let mut stream = execute_stream(plan.clone(), ctx.task_ctx())?;
-        while let Some(b) = stream.next().await {
-            let b = b?;
+        phases.set("writing gaps");
+        for b in &detection.gaps {
             report.gaps += b.num_rows() as u64;
             if let Some(c) = b.column_by_name("missing_count") {
                 report.add_missing_counts(c.as_ref());
             }
-            let b = with_run_columns(&b, &settings.run_id, detected_at_us)?;
+            let b = with_run_columns(b, &settings.run_id, detected_at_us)?;
             for s in sinks.iter_mut().filter(|s| s.kind == SinkKind::Gaps) {
                 s.sink.write(&b).await?;
             }
         }
     }
-
     lap(report, "gaps");
+
     // Candidates → policy → replay / DLQ / ledger.
     phases.set("deciding");
     let mut ledger = if settings.dry_run {
@@ -471,9 +451,8 @@ async fn execute(
         Some(state.ledger_writer(&settings.run_id, run_nonce)?)
     };
     let mut decisions = Decisions::default();
-    // Planned again here: the views it reads may have been rebound above.
-    drop(candidates);
-    let candidates = detect::candidates(ctx, &settings.scan, archive).await?;
+    let (fetched, fetch_plan) = detection.fetch(ctx).await?;
+    let candidates = detect::candidates_from(fetched, &settings.scan, archive)?;
     let plan = candidates.create_physical_plan().await?;
     let mut stream = execute_stream(plan.clone(), ctx.task_ctx())?;
     while let Some(b) = stream.next().await {
@@ -495,6 +474,8 @@ async fn execute(
             l.write(&d.ledger).await?;
         }
     }
+    detection.check_fetched()?;
+    scan_metrics.add(fetch_plan.as_ref());
     if !archive.undecodable.is_empty() {
         phases.set("dead-lettering undecodable Kafka messages");
         let (dlq, entries, skipped) =
@@ -509,7 +490,6 @@ async fn execute(
         }
     }
     lap(report, "decide");
-    scan_metrics.add(plan.as_ref());
     report.bytes_scanned = scan_metrics.bytes_scanned;
     report.row_groups_pruned = scan_metrics.row_groups_pruned;
     report.replayed = decisions.replayed;

@@ -1,0 +1,1611 @@
+//! The run's detection in one pass over the narrow columns of `events`.
+//!
+//! The views in `sql/` are the readable definition of the rules (and what
+//! `backfill sql` shows); planned as SQL they scan and hash the archive four
+//! times and hold one hash group per event in memory. This module decides
+//! exactly what they decide (`tests::fast_path_decides_like_the_views`
+//! checks that over many random archives) in two scans:
+//!
+//! 1. **Narrow pass.** `event_id, key, seq, attempts, event_time, status,
+//!    error` and the two flags of every row are read once and shuffled into
+//!    hash buckets twice: by event_id (resolution, the chosen row, counts)
+//!    and, for rows with a key and a seq, by key (conflicts, gaps). Buckets
+//!    live in a reservation of DataFusion's memory pool; when it is full the
+//!    largest bucket is written to an Arrow IPC file under the spill
+//!    directory and read back when its turn comes, so memory is bounded by
+//!    the pool, not by the archive.
+//! 2. **Buckets**, two at a time on blocking threads: rows are sorted by
+//!    their 64-bit hash (collisions are split by the real bytes), and each
+//!    run of one event (or one key) is decided in a linear sweep. What is
+//!    kept is small: per unresolved event its id and the chosen row's
+//!    fingerprint, the conflicting (key, seq) pairs, and the gap rows.
+//! 3. **Late materialization.** A second scan reads the wide columns and
+//!    keeps only each candidate's chosen row (matched by the fingerprint,
+//!    claimed once), annotated with what the policy needs; DataFusion then
+//!    sorts those rows (a spilling sort) into the order replays are sent in.
+//!
+//! Hash collisions cannot change a decision: equal hashes are only a hint,
+//! every group is confirmed by comparing the ids (or keys) themselves.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, Int64Array, RecordBatch, StringArray,
+    StringBuilder, UInt32Array, UInt64Array,
+};
+use arrow::compute::{and, cast, filter_record_batch, is_not_null, take_record_batch};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, UInt64Type};
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::StreamWriter;
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::common::hash_utils::{RandomState, create_hashes};
+use datafusion::dataframe::DataFrame;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::TaskContext;
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
+use datafusion::logical_expr::{cast as cast_expr, col, lit};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::physical_plan::{
+    ExecutionPlan, ExecutionPlanProperties, SendableRecordBatchStream,
+};
+use datafusion::prelude::SessionContext;
+use futures::StreamExt;
+use hashbrown::HashTable;
+use std::hash::BuildHasher;
+
+use crate::job::Scan;
+use crate::source::MISSING_EVENT_ID_COLUMN;
+
+/// Columns the fetch adds to `events` for the policy (the names of the
+/// `candidates` view).
+pub const ARCHIVED_ATTEMPTS: &str = "archived_attempts";
+pub const IN_CONFLICT: &str = "backfill_in_conflict";
+pub const LEDGER_REPLAYS: &str = "backfill_ledger_replays";
+pub const LEDGER_DEAD: &str = "backfill_ledger_dead";
+
+/// Bytes a row is assumed to take in a bucket, to size the bucket count
+/// from the footers' row counts before anything is read.
+const EVENT_ROW_BYTES: usize = 100;
+const KEY_ROW_BYTES: usize = 70;
+
+fn hasher() -> RandomState {
+    RandomState::with_seed(0x0bac_f111)
+}
+
+/// Tests squeeze every hash into a few values, so that the collision paths
+/// (groups split by the real bytes) run on every archive.
+#[cfg(test)]
+static COLLIDE: AtomicBool = AtomicBool::new(false);
+
+fn mix(h: u64) -> u64 {
+    #[cfg(test)]
+    if COLLIDE.load(Ordering::Relaxed) {
+        return h & (3 << 32 | 3);
+    }
+    h
+}
+
+/// Which bucket a row hash goes to (the high bits: the sort inside a
+/// bucket uses the whole hash).
+fn bucket_of(h: u64, buckets: usize) -> usize {
+    ((h >> 32) as usize) & (buckets - 1)
+}
+
+/// What the narrow pass found, and the candidates still to be fetched.
+pub struct Detection {
+    pub rows: u64,
+    pub events: u64,
+    /// (key, seq) pairs carried by more than one event_id.
+    pub conflicts: u64,
+    /// Gap rows in the `gaps` view's schema, ordered by key and first
+    /// missing seq.
+    pub gaps: Vec<RecordBatch>,
+    /// Unresolved events: what the fetch must find.
+    pub candidates: u64,
+    /// Bytes written to spill files.
+    pub spilled_bytes: u64,
+    /// The narrow scan, for its metrics.
+    pub narrow_plan: Arc<dyn ExecutionPlan>,
+    shared: Arc<Shared>,
+}
+
+impl Detection {
+    /// The chosen rows of the candidates: every column of `events` and the
+    /// four the policy reads, unordered. Reading them is the second scan.
+    pub async fn fetch(&self, ctx: &SessionContext) -> Result<(DataFrame, Arc<dyn ExecutionPlan>)> {
+        let events = ctx.table("events").await?;
+        let plan = events.create_physical_plan().await?;
+        let mut fields: Vec<Field> = plan
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.extend([
+            Field::new(ARCHIVED_ATTEMPTS, DataType::Int64, false),
+            Field::new(IN_CONFLICT, DataType::Boolean, false),
+            Field::new(LEDGER_REPLAYS, DataType::Int64, false),
+            Field::new(LEDGER_DEAD, DataType::Boolean, false),
+        ]);
+        let schema = Arc::new(Schema::new(fields));
+        let parts: Vec<Arc<dyn PartitionStream>> =
+            (0..plan.output_partitioning().partition_count())
+                .map(|partition| {
+                    Arc::new(Fetch {
+                        plan: plan.clone(),
+                        partition,
+                        shared: self.shared.clone(),
+                        schema: schema.clone(),
+                    }) as Arc<dyn PartitionStream>
+                })
+                .collect();
+        let table = StreamingTable::try_new(schema, parts)?;
+        Ok((ctx.read_table(Arc::new(table))?, plan))
+    }
+
+    /// After the fetch stream ended: every candidate was found. Anything
+    /// else means the archive changed between the two scans.
+    pub fn check_fetched(&self) -> Result<()> {
+        let got = self.shared.fetched.load(Ordering::SeqCst);
+        if got != self.candidates {
+            return Err(DataFusionError::Execution(format!(
+                "the archive changed during the run: {} of {} unresolved events were not found again by the second scan; rerun when no file is being rewritten",
+                self.candidates - got.min(self.candidates),
+                self.candidates
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Run the narrow pass and decide every bucket. `est_rows` (the footers'
+/// row count) sizes the buckets; `gaps_schema` is the `gaps` view's schema.
+pub async fn detect(
+    ctx: &SessionContext,
+    scan: &Scan,
+    est_rows: u64,
+    spill_dir: &Path,
+    gaps_schema: SchemaRef,
+) -> Result<Detection> {
+    let events = ctx.table("events").await?;
+    let time_type = events
+        .schema()
+        .field_with_unqualified_name("event_time")?
+        .data_type()
+        .clone();
+    let utf8 = |c: &str| cast_expr(col(c), DataType::Utf8).alias(c);
+    let narrow = events.select(vec![
+        utf8("event_id"),
+        utf8("key"),
+        cast_expr(col("seq"), DataType::Int64).alias("seq"),
+        datafusion::functions::expr_fn::coalesce(vec![
+            cast_expr(col("attempts"), DataType::Int64),
+            lit(0i64),
+        ])
+        .alias("attempts"),
+        cast_expr(col("event_time"), DataType::Int64).alias("event_time"),
+        col("backfill_done"),
+        col(MISSING_EVENT_ID_COLUMN),
+        utf8("status"),
+        utf8("error"),
+    ])?;
+    let plan = narrow.create_physical_plan().await?;
+    let keys_on = scan.detect_gaps || scan.detect_conflicts;
+
+    let pool = ctx.runtime_env().memory_pool.clone();
+    // Half the pool for the buckets: the sort of the candidates and
+    // DataFusion's own scans need the rest.
+    let budget = (scan.memory_limit / 2).max(1);
+    let buckets = |row_bytes: usize| {
+        let want = (est_rows as usize)
+            .saturating_mul(row_bytes)
+            .saturating_mul(4)
+            / budget.max(1);
+        want.clamp(8, 4096).next_power_of_two()
+    };
+    let dir = Arc::new(
+        tempfile::Builder::new()
+            .prefix("backfill-spill-")
+            .tempdir_in(spill_dir)
+            .map_err(|e| {
+                DataFusionError::Execution(format!(
+                    "cannot create a spill folder in {}: {e}",
+                    spill_dir.display()
+                ))
+            })?,
+    );
+    let reservation = MemoryConsumer::new("backfill one-pass detection")
+        .with_can_spill(true)
+        .register(&pool);
+    let shuffle = Arc::new(Mutex::new(Shuffles {
+        events: Shuffle::new("events", buckets(EVENT_ROW_BYTES), dir.path()),
+        keys: Shuffle::new("keys", buckets(KEY_ROW_BYTES), dir.path()),
+        reservation,
+        budget,
+        spilled_bytes: 0,
+    }));
+
+    // 1. The narrow pass: one task per scan partition.
+    let task = ctx.task_ctx();
+    let n_parts = plan.output_partitioning().partition_count();
+    let (p_events, p_keys) = {
+        let s = shuffle.lock().expect("shuffle lock");
+        (s.events.buckets.len(), s.keys.buckets.len())
+    };
+    let mut tasks = vec![];
+    for p in 0..n_parts {
+        let mut stream = plan.execute(p, task.clone())?;
+        let shuffle = shuffle.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(b) = stream.next().await {
+                let (e, k) = split(&b?, p_events, p_keys, keys_on)?;
+                shuffle.lock().expect("shuffle lock").push(e, k)?;
+            }
+            Ok::<_, DataFusionError>(())
+        }));
+    }
+    for t in tasks {
+        t.await
+            .map_err(|e| DataFusionError::External(Box::new(e)))??;
+    }
+
+    // 2. Decide the buckets, two (or as many as cores) at a time.
+    let (jobs, spilled_bytes, reservation) = {
+        let mut s = shuffle.lock().expect("shuffle lock");
+        let mut jobs: Vec<Job> = vec![];
+        for b in std::mem::take(&mut s.events.buckets) {
+            jobs.push(Job::Events(b));
+        }
+        for b in std::mem::take(&mut s.keys.buckets) {
+            jobs.push(Job::Keys(b));
+        }
+        let r = s.reservation.new_empty();
+        r.grow(s.reservation.size());
+        s.reservation.free();
+        (jobs, s.spilled_bytes, Arc::new(r))
+    };
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let detect_conflicts = scan.detect_conflicts;
+    let outs: Vec<Result<Out>> = futures::stream::iter(jobs)
+        .map(|job| {
+            let reservation = reservation.clone();
+            async move {
+                tokio::task::spawn_blocking(move || job.run(&reservation))
+                    .await
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?
+            }
+        })
+        .buffer_unordered(threads)
+        .collect()
+        .await;
+    reservation.free();
+    drop(dir);
+
+    let mut rows = 0u64;
+    let mut events_n = 0u64;
+    let mut cands = Candidates::default();
+    let mut conflicts = Conflicts::default();
+    let mut gap_batches = vec![];
+    for o in outs {
+        match o? {
+            Out::Events(e) => {
+                rows += e.rows;
+                events_n += e.events;
+                cands.absorb(e.cands);
+            }
+            Out::Keys(k) => {
+                for (key, seq) in k.conflicts {
+                    conflicts.insert(key, seq);
+                }
+                if k.gaps.len() > 0 {
+                    gap_batches.push(k.gaps.finish(&gaps_schema, &time_type)?);
+                }
+            }
+        }
+    }
+    conflicts.seal();
+    let n_conflicts = conflicts.len;
+    let gaps = if scan.detect_gaps {
+        sort_gaps(ctx, gaps_schema, gap_batches).await?
+    } else {
+        vec![]
+    };
+    if ctx.table_exist("ledger_entries")? {
+        cands.annotate_ledger(ctx).await?;
+    }
+    let candidates = cands.len() as u64;
+    Ok(Detection {
+        rows,
+        events: events_n,
+        conflicts: n_conflicts,
+        gaps,
+        candidates,
+        spilled_bytes,
+        narrow_plan: plan,
+        shared: Arc::new(Shared {
+            cands,
+            conflicts: detect_conflicts.then_some(conflicts),
+            fetched: AtomicU64::new(0),
+        }),
+    })
+}
+
+/// Gap rows from every bucket, ordered by key and first missing seq.
+async fn sort_gaps(
+    ctx: &SessionContext,
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+) -> Result<Vec<RecordBatch>> {
+    if batches.is_empty() {
+        return Ok(vec![]);
+    }
+    let table = datafusion::datasource::MemTable::try_new(schema, vec![batches])?;
+    ctx.read_table(Arc::new(table))?
+        .sort(vec![
+            col("key").sort(true, true),
+            col("first_missing_seq").sort(true, true),
+        ])?
+        .collect()
+        .await
+}
+
+// ---------------------------------------------------------------------------
+// The shuffle
+
+/// Columns of an event-bucket batch.
+mod ev {
+    pub const EID: usize = 0;
+    pub const ATT: usize = 1;
+    pub const TIME: usize = 2;
+    pub const DONE: usize = 3;
+    pub const STATUS: usize = 4;
+    pub const ERROR: usize = 5;
+    pub const HASH: usize = 6;
+}
+
+/// Columns of a key-bucket batch.
+mod kc {
+    pub const KEY: usize = 0;
+    pub const SEQ: usize = 1;
+    pub const EID: usize = 2;
+    pub const TIME: usize = 3;
+    pub const MISSING: usize = 4;
+    pub const HASH: usize = 5;
+}
+
+fn event_bucket_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("event_id", DataType::Utf8, true),
+        Field::new("attempts", DataType::Int64, true),
+        Field::new("event_time", DataType::Int64, true),
+        Field::new("done", DataType::Boolean, true),
+        Field::new("status", DataType::Utf8, true),
+        Field::new("error", DataType::Utf8, true),
+        Field::new("hash", DataType::UInt64, false),
+    ]))
+}
+
+fn key_bucket_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Utf8, true),
+        Field::new("seq", DataType::Int64, true),
+        Field::new("event_id", DataType::Utf8, true),
+        Field::new("event_time", DataType::Int64, true),
+        Field::new("missing", DataType::Boolean, true),
+        Field::new("hash", DataType::UInt64, false),
+    ]))
+}
+
+type Parts = Vec<(usize, RecordBatch)>;
+
+/// One narrow batch into its event-bucket and key-bucket pieces.
+fn split(b: &RecordBatch, p_events: usize, p_keys: usize, keys_on: bool) -> Result<(Parts, Parts)> {
+    let n = b.num_rows();
+    if n == 0 {
+        return Ok((vec![], vec![]));
+    }
+    let eid = b.column(0).clone();
+    let key = b.column(1).clone();
+    let seq = b.column(2).clone();
+    let rs = hasher();
+    let mut h = vec![0u64; n];
+    create_hashes([&eid], &rs, &mut h)?;
+    h.iter_mut().for_each(|h| *h = mix(*h));
+    let eb = RecordBatch::try_new(
+        event_bucket_schema(),
+        vec![
+            eid.clone(),
+            b.column(3).clone(),
+            b.column(4).clone(),
+            b.column(5).clone(),
+            b.column(7).clone(),
+            b.column(8).clone(),
+            Arc::new(UInt64Array::from(h.clone())),
+        ],
+    )?;
+    let e = partition(&eb, &h, p_events)?;
+    if !keys_on {
+        return Ok((e, vec![]));
+    }
+    let mut kb = RecordBatch::try_new(
+        key_bucket_schema(),
+        vec![
+            key.clone(),
+            seq.clone(),
+            eid,
+            b.column(4).clone(),
+            b.column(6).clone(),
+            Arc::new(UInt64Array::from(vec![0u64; n])),
+        ],
+    )?;
+    if key.null_count() > 0 || seq.null_count() > 0 {
+        let mask = and(&is_not_null(&key)?, &is_not_null(&seq)?)?;
+        kb = filter_record_batch(&kb, &mask)?;
+    }
+    let m = kb.num_rows();
+    if m == 0 {
+        return Ok((e, vec![]));
+    }
+    let mut kh = vec![0u64; m];
+    create_hashes([kb.column(kc::KEY)], &rs, &mut kh)?;
+    kh.iter_mut().for_each(|h| *h = mix(*h));
+    let mut cols = kb.columns().to_vec();
+    cols[kc::HASH] = Arc::new(UInt64Array::from(kh.clone()));
+    let kb = RecordBatch::try_new(kb.schema(), cols)?;
+    Ok((e, partition(&kb, &kh, p_keys)?))
+}
+
+fn partition(b: &RecordBatch, hashes: &[u64], buckets: usize) -> Result<Parts> {
+    if buckets == 1 {
+        return Ok(vec![(0, b.clone())]);
+    }
+    let mut idx: Vec<Vec<u32>> = vec![vec![]; buckets];
+    for (i, h) in hashes.iter().enumerate() {
+        idx[bucket_of(*h, buckets)].push(i as u32);
+    }
+    let mut out = vec![];
+    for (bucket, rows) in idx.into_iter().enumerate() {
+        if !rows.is_empty() {
+            out.push((bucket, take_record_batch(b, &UInt32Array::from(rows))?));
+        }
+    }
+    Ok(out)
+}
+
+struct Shuffles {
+    events: Shuffle,
+    keys: Shuffle,
+    reservation: MemoryReservation,
+    budget: usize,
+    spilled_bytes: u64,
+}
+
+impl Shuffles {
+    /// Keep the pieces in memory if the reservation allows; otherwise
+    /// spill the largest buckets until it does (or spill the pieces).
+    fn push(&mut self, e: Parts, k: Parts) -> Result<()> {
+        let size: usize = e
+            .iter()
+            .chain(k.iter())
+            .map(|(_, b)| b.get_array_memory_size())
+            .sum();
+        loop {
+            if self.reservation.size() + size <= self.budget
+                && self.reservation.try_grow(size).is_ok()
+            {
+                self.events.keep(e);
+                self.keys.keep(k);
+                return Ok(());
+            }
+            let (se, ie) = self.events.largest();
+            let (sk, ik) = self.keys.largest();
+            let freed = if se == 0 && sk == 0 {
+                break;
+            } else if se >= sk {
+                self.events.spill(ie)?
+            } else {
+                self.keys.spill(ik)?
+            };
+            self.reservation.shrink(freed.min(self.reservation.size()));
+            self.spilled_bytes += freed as u64;
+        }
+        for (i, b) in e {
+            self.spilled_bytes += self.events.buckets[i].write(&b, &self.events.schema)? as u64;
+        }
+        for (i, b) in k {
+            self.spilled_bytes += self.keys.buckets[i].write(&b, &self.keys.schema)? as u64;
+        }
+        Ok(())
+    }
+}
+
+struct Shuffle {
+    buckets: Vec<Bucket>,
+    schema: SchemaRef,
+}
+
+impl Shuffle {
+    fn new(name: &'static str, n: usize, dir: &Path) -> Self {
+        let schema = if name == "events" {
+            event_bucket_schema()
+        } else {
+            key_bucket_schema()
+        };
+        Shuffle {
+            buckets: (0..n)
+                .map(|i| Bucket {
+                    path: dir.join(format!("{name}-{i:05}.arrow")),
+                    schema: schema.clone(),
+                    mem: vec![],
+                    bytes: 0,
+                    writer: None,
+                })
+                .collect(),
+            schema,
+        }
+    }
+
+    fn keep(&mut self, parts: Parts) {
+        for (i, b) in parts {
+            let bucket = &mut self.buckets[i];
+            bucket.bytes += b.get_array_memory_size();
+            bucket.mem.push(b);
+        }
+    }
+
+    fn largest(&self) -> (usize, usize) {
+        self.buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.bytes, i))
+            .max()
+            .unwrap_or((0, 0))
+    }
+
+    /// Write a bucket's batches to its file; the bytes freed.
+    fn spill(&mut self, i: usize) -> Result<usize> {
+        let schema = self.schema.clone();
+        let b = &mut self.buckets[i];
+        for batch in std::mem::take(&mut b.mem) {
+            b.write(&batch, &schema)?;
+        }
+        Ok(std::mem::take(&mut b.bytes))
+    }
+}
+
+struct Bucket {
+    path: PathBuf,
+    schema: SchemaRef,
+    mem: Vec<RecordBatch>,
+    /// Memory of `mem`, as reserved.
+    bytes: usize,
+    writer: Option<StreamWriter<BufWriter<File>>>,
+}
+
+impl Bucket {
+    fn write(&mut self, b: &RecordBatch, schema: &SchemaRef) -> Result<usize> {
+        if self.writer.is_none() {
+            let f = File::create(&self.path).map_err(|e| spill_error(&self.path, e))?;
+            self.writer = Some(StreamWriter::try_new(BufWriter::new(f), schema)?);
+        }
+        self.writer.as_mut().expect("writer").write(b)?;
+        Ok(b.get_array_memory_size())
+    }
+
+    /// Every batch of the bucket: those in memory and those spilled. The
+    /// bytes read back are reserved (forcibly: the bucket must be decided)
+    /// and returned for release.
+    fn load(mut self, reservation: &MemoryReservation) -> Result<(Vec<RecordBatch>, usize, usize)> {
+        let mut batches = std::mem::take(&mut self.mem);
+        let mut loaded = 0;
+        if let Some(mut w) = self.writer.take() {
+            w.finish()?;
+            drop(w);
+            let f = File::open(&self.path).map_err(|e| spill_error(&self.path, e))?;
+            for b in StreamReader::try_new(BufReader::new(f), None)? {
+                let b = b?;
+                loaded += b.get_array_memory_size();
+                batches.push(b);
+            }
+            reservation.grow(loaded);
+            let _ = std::fs::remove_file(&self.path);
+        }
+        let _ = &self.schema;
+        Ok((batches, self.bytes, loaded))
+    }
+}
+
+fn spill_error(path: &Path, e: std::io::Error) -> DataFusionError {
+    DataFusionError::Execution(format!("spill file {}: {e}", path.display()))
+}
+
+// ---------------------------------------------------------------------------
+// Deciding a bucket
+
+enum Job {
+    Events(Bucket),
+    Keys(Bucket),
+}
+
+enum Out {
+    Events(EventsOut),
+    Keys(Box<KeysOut>),
+}
+
+impl Job {
+    fn run(self, reservation: &MemoryReservation) -> Result<Out> {
+        match self {
+            Job::Events(b) => {
+                let (batches, kept, loaded) = b.load(reservation)?;
+                let out = decide_events(&batches)?;
+                drop(batches);
+                reservation.shrink((kept + loaded).min(reservation.size()));
+                Ok(Out::Events(out))
+            }
+            Job::Keys(b) => {
+                let (batches, kept, loaded) = b.load(reservation)?;
+                let out = decide_keys(&batches)?;
+                drop(batches);
+                reservation.shrink((kept + loaded).min(reservation.size()));
+                Ok(Out::Keys(Box::new(out)))
+            }
+        }
+    }
+}
+
+struct EvCols<'a> {
+    eid: &'a StringArray,
+    att: &'a Int64Array,
+    time: &'a Int64Array,
+    done: &'a BooleanArray,
+    status: &'a StringArray,
+    error: &'a StringArray,
+}
+
+fn opt_str(a: &StringArray, i: usize) -> Option<&str> {
+    a.is_valid(i).then(|| a.value(i))
+}
+
+fn opt_i64(a: &Int64Array, i: usize) -> Option<i64> {
+    a.is_valid(i).then(|| a.value(i))
+}
+
+/// `ORDER BY x` in DataFusion: ascending, NULLs last.
+fn cmp_nulls_last(a: Option<&str>, b: Option<&str>) -> std::cmp::Ordering {
+    use std::cmp::Ordering::*;
+    match (a, b) {
+        (Some(a), Some(b)) => a.cmp(b),
+        (Some(_), None) => Less,
+        (None, Some(_)) => Greater,
+        (None, None) => Equal,
+    }
+}
+
+struct EventsOut {
+    rows: u64,
+    events: u64,
+    cands: Vec<Cand>,
+}
+
+/// An unresolved event and its chosen row's fingerprint.
+struct Cand {
+    event_id: String,
+    attempts: i64,
+    time: Option<i64>,
+    /// Several rows share (attempts, time): the chosen one's (status, error).
+    tie: Option<(Option<String>, Option<String>)>,
+}
+
+fn decide_events(batches: &[RecordBatch]) -> Result<EventsOut> {
+    let cols: Vec<EvCols> = batches
+        .iter()
+        .map(|b| EvCols {
+            eid: b.column(ev::EID).as_string::<i32>(),
+            att: b.column(ev::ATT).as_primitive::<Int64Type>(),
+            time: b.column(ev::TIME).as_primitive::<Int64Type>(),
+            done: b.column(ev::DONE).as_boolean(),
+            status: b.column(ev::STATUS).as_string::<i32>(),
+            error: b.column(ev::ERROR).as_string::<i32>(),
+        })
+        .collect();
+    let total: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let mut entries: Vec<(u64, u32, u32)> = Vec::with_capacity(total);
+    for (bi, b) in batches.iter().enumerate() {
+        let h = b.column(ev::HASH).as_primitive::<UInt64Type>().values();
+        for (r, h) in h.iter().enumerate() {
+            entries.push((*h, bi as u32, r as u32));
+        }
+    }
+    entries.sort_unstable_by_key(|e| e.0);
+    let eid = |e: &(u64, u32, u32)| cols[e.1 as usize].eid.value(e.2 as usize);
+    let mut out = EventsOut {
+        rows: 0,
+        events: 0,
+        cands: vec![],
+    };
+    let mut i = 0;
+    while i < entries.len() {
+        let mut j = i + 1;
+        while j < entries.len() && entries[j].0 == entries[i].0 {
+            j += 1;
+        }
+        let run = &mut entries[i..j];
+        let first = eid(&run[0]);
+        if run.iter().any(|e| eid(e) != first) {
+            // A 64-bit collision between different ids: split by the ids.
+            run.sort_by(|a, b| eid(a).cmp(eid(b)));
+            let mut s = 0;
+            while s < run.len() {
+                let mut t = s + 1;
+                while t < run.len() && eid(&run[t]) == eid(&run[s]) {
+                    t += 1;
+                }
+                decide_event(&cols, &run[s..t], &mut out);
+                s = t;
+            }
+        } else {
+            decide_event(&cols, run, &mut out);
+        }
+        i = j;
+    }
+    Ok(out)
+}
+
+/// The rows of one event: resolved, or its chosen row (the `unprocessed`
+/// view: highest attempts, then latest event_time with NULL last, then the
+/// smallest status and error with NULL last).
+fn decide_event(cols: &[EvCols], rows: &[(u64, u32, u32)], out: &mut EventsOut) {
+    out.rows += rows.len() as u64;
+    out.events += 1;
+    let c = |e: &(u64, u32, u32)| (&cols[e.1 as usize], e.2 as usize);
+    if rows.iter().any(|e| {
+        let (c, r) = c(e);
+        c.done.is_valid(r) && c.done.value(r)
+    }) {
+        return;
+    }
+    let att = |e: &(u64, u32, u32)| {
+        let (c, r) = c(e);
+        c.att.value(r)
+    };
+    let time = |e: &(u64, u32, u32)| {
+        let (c, r) = c(e);
+        opt_i64(c.time, r)
+    };
+    let max_att = rows.iter().map(att).max().unwrap_or(0);
+    let chosen_time = rows
+        .iter()
+        .filter(|e| att(e) == max_att)
+        .filter_map(time)
+        .max();
+    let mut best: Option<&(u64, u32, u32)> = None;
+    let mut matching = 0;
+    for e in rows
+        .iter()
+        .filter(|e| att(e) == max_att && time(e) == chosen_time)
+    {
+        matching += 1;
+        best = match best {
+            None => Some(e),
+            Some(b) => {
+                let (cb, rb) = c(b);
+                let (ce, re) = c(e);
+                let ord = cmp_nulls_last(opt_str(ce.status, re), opt_str(cb.status, rb))
+                    .then_with(|| cmp_nulls_last(opt_str(ce.error, re), opt_str(cb.error, rb)));
+                if ord == std::cmp::Ordering::Less {
+                    Some(e)
+                } else {
+                    Some(b)
+                }
+            }
+        };
+    }
+    let best = best.expect("an event has a row");
+    let (cb, rb) = c(best);
+    out.cands.push(Cand {
+        event_id: cb.eid.value(rb).to_string(),
+        attempts: max_att,
+        time: chosen_time,
+        tie: (matching > 1).then(|| {
+            (
+                opt_str(cb.status, rb).map(str::to_string),
+                opt_str(cb.error, rb).map(str::to_string),
+            )
+        }),
+    });
+}
+
+struct KeysOut {
+    conflicts: Vec<(String, i64)>,
+    gaps: GapRows,
+}
+
+struct KCols<'a> {
+    key: &'a StringArray,
+    eid: &'a StringArray,
+    time: &'a Int64Array,
+    missing: &'a BooleanArray,
+}
+
+/// One observed seq of a key: the smallest event_id of the rows that have
+/// one of their own, and that id's earliest event_time.
+#[derive(Clone, Copy)]
+struct Seen<'a> {
+    seq: i64,
+    eid: Option<&'a str>,
+    time: Option<i64>,
+}
+
+fn decide_keys(batches: &[RecordBatch]) -> Result<KeysOut> {
+    let cols: Vec<KCols> = batches
+        .iter()
+        .map(|b| KCols {
+            key: b.column(kc::KEY).as_string::<i32>(),
+            eid: b.column(kc::EID).as_string::<i32>(),
+            time: b.column(kc::TIME).as_primitive::<Int64Type>(),
+            missing: b.column(kc::MISSING).as_boolean(),
+        })
+        .collect();
+    let total: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let mut entries: Vec<(u64, i64, u32, u32)> = Vec::with_capacity(total);
+    for (bi, b) in batches.iter().enumerate() {
+        let h = b.column(kc::HASH).as_primitive::<UInt64Type>().values();
+        let s = b.column(kc::SEQ).as_primitive::<Int64Type>().values();
+        for r in 0..b.num_rows() {
+            entries.push((h[r], s[r], bi as u32, r as u32));
+        }
+    }
+    entries.sort_unstable_by_key(|e| (e.0, e.1));
+    let key = |e: &(u64, i64, u32, u32)| cols[e.2 as usize].key.value(e.3 as usize);
+    let mut out = KeysOut {
+        conflicts: vec![],
+        gaps: GapRows::default(),
+    };
+    let mut i = 0;
+    while i < entries.len() {
+        let mut j = i + 1;
+        while j < entries.len() && entries[j].0 == entries[i].0 {
+            j += 1;
+        }
+        let run = &mut entries[i..j];
+        let first = key(&run[0]);
+        if run.iter().any(|e| key(e) != first) {
+            run.sort_by(|a, b| key(a).cmp(key(b)).then(a.1.cmp(&b.1)));
+            let mut s = 0;
+            while s < run.len() {
+                let mut t = s + 1;
+                while t < run.len() && key(&run[t]) == key(&run[s]) {
+                    t += 1;
+                }
+                decide_key(&cols, &run[s..t], &mut out);
+                s = t;
+            }
+        } else {
+            decide_key(&cols, run, &mut out);
+        }
+        i = j;
+    }
+    Ok(out)
+}
+
+/// The rows of one key, ordered by seq: its conflicts (the `conflicts`
+/// view) and its gaps (the `gaps` view).
+fn decide_key(cols: &[KCols], rows: &[(u64, i64, u32, u32)], out: &mut KeysOut) {
+    let (c0, r0) = (&cols[rows[0].2 as usize], rows[0].3 as usize);
+    let key = c0.key.value(r0);
+    let mut prev: Option<Seen> = None;
+    let mut i = 0;
+    while i < rows.len() {
+        let seq = rows[i].1;
+        let mut j = i;
+        let mut min_eid: Option<&str> = None;
+        let mut max_eid: Option<&str> = None;
+        let mut min_time: Option<i64> = None;
+        while j < rows.len() && rows[j].1 == seq {
+            let (c, r) = (&cols[rows[j].2 as usize], rows[j].3 as usize);
+            j += 1;
+            if c.missing.is_valid(r) && c.missing.value(r) {
+                continue;
+            }
+            let e = c.eid.value(r);
+            let t = opt_i64(c.time, r);
+            match min_eid {
+                Some(m) if e > m => {}
+                Some(m) if e == m => {
+                    min_time = match (min_time, t) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    }
+                }
+                _ => {
+                    min_eid = Some(e);
+                    min_time = t;
+                }
+            }
+            if max_eid.is_none_or(|m| e > m) {
+                max_eid = Some(e);
+            }
+        }
+        if let (Some(a), Some(b)) = (min_eid, max_eid)
+            && a < b
+        {
+            out.conflicts.push((key.to_string(), seq));
+        }
+        let seen = Seen {
+            seq,
+            eid: min_eid,
+            time: min_time,
+        };
+        if let Some(p) = prev
+            && seq - 1 > p.seq
+        {
+            let missing = ((seq as i128 - 1) - p.seq as i128).min(i64::MAX as i128) as i64;
+            out.gaps.push(key, p, seen, missing);
+        }
+        prev = Some(seen);
+        i = j;
+    }
+}
+
+#[derive(Default)]
+struct GapRows {
+    key: StringBuilder,
+    first: Vec<i64>,
+    last: Vec<i64>,
+    missing: Vec<i64>,
+    before_id: StringBuilder,
+    before_time: Vec<Option<i64>>,
+    after_id: StringBuilder,
+    after_time: Vec<Option<i64>>,
+}
+
+impl GapRows {
+    fn len(&self) -> usize {
+        self.first.len()
+    }
+
+    fn push(&mut self, key: &str, before: Seen, after: Seen, missing: i64) {
+        self.key.append_value(key);
+        self.first.push(before.seq + 1);
+        self.last.push(after.seq - 1);
+        self.missing.push(missing);
+        self.before_id.append_option(before.eid);
+        self.before_time.push(before.time);
+        self.after_id.append_option(after.eid);
+        self.after_time.push(after.time);
+    }
+
+    /// As a batch of the `gaps` view's schema (times back in the stored
+    /// unit and zone).
+    fn finish(mut self, schema: &SchemaRef, time_type: &DataType) -> Result<RecordBatch> {
+        let time = |v: Vec<Option<i64>>| -> Result<ArrayRef> {
+            Ok(cast(&Int64Array::from(v), time_type)?)
+        };
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(self.key.finish()),
+            Arc::new(Int64Array::from(self.first)),
+            Arc::new(Int64Array::from(self.last)),
+            Arc::new(Int64Array::from(self.missing)),
+            Arc::new(self.before_id.finish()),
+            time(self.before_time)?,
+            Arc::new(self.after_id.finish()),
+            time(self.after_time)?,
+        ];
+        let cols = cols
+            .into_iter()
+            .zip(schema.fields())
+            .map(|(c, f)| Ok(cast(&c, f.data_type())?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(RecordBatch::try_new(schema.clone(), cols)?)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Candidates and the fetch
+
+/// Unresolved events, in a flat arena with a hash table of indices: about
+/// 50 bytes an event, so that tens of millions of them fit.
+#[derive(Default)]
+struct Candidates {
+    table: HashTable<u32>,
+    ids: Vec<u8>,
+    ends: Vec<usize>,
+    attempts: Vec<i64>,
+    time: Vec<Option<i64>>,
+    tie: Vec<u32>,
+    ties: Vec<(Option<String>, Option<String>)>,
+    replays: Vec<i64>,
+    dead: Vec<bool>,
+    taken: Vec<AtomicBool>,
+}
+
+const NO_TIE: u32 = u32::MAX;
+
+impl Candidates {
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn id(&self, i: u32) -> &[u8] {
+        let i = i as usize;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.ids[start..self.ends[i]]
+    }
+
+    fn absorb(&mut self, cands: Vec<Cand>) {
+        let rs = hasher();
+        for c in cands {
+            let i = self.len() as u32;
+            self.ids.extend_from_slice(c.event_id.as_bytes());
+            self.ends.push(self.ids.len());
+            self.attempts.push(c.attempts);
+            self.time.push(c.time);
+            match c.tie {
+                Some(t) => {
+                    self.tie.push(self.ties.len() as u32);
+                    self.ties.push(t);
+                }
+                None => self.tie.push(NO_TIE),
+            }
+            self.replays.push(0);
+            self.dead.push(false);
+            self.taken.push(AtomicBool::new(false));
+            let h = mix(rs.hash_one(c.event_id.as_bytes()));
+            let (ids, ends) = (&self.ids, &self.ends);
+            self.table.insert_unique(h, i, |&j| {
+                let j = j as usize;
+                let start = if j == 0 { 0 } else { ends[j - 1] };
+                mix(rs.hash_one(&ids[start..ends[j]]))
+            });
+        }
+    }
+
+    fn find(&self, rs: &RandomState, id: &str) -> Option<u32> {
+        let h = mix(rs.hash_one(id.as_bytes()));
+        self.table
+            .find(h, |&i| self.id(i) == id.as_bytes())
+            .copied()
+    }
+
+    /// What earlier committed runs did with each candidate (the `ledger`
+    /// view, streamed: only candidates are kept).
+    async fn annotate_ledger(&mut self, ctx: &SessionContext) -> Result<()> {
+        if self.len() == 0 {
+            return Ok(());
+        }
+        let df = ctx
+            .sql("SELECT event_id, CAST(replays AS BIGINT), dead_lettered FROM ledger")
+            .await?;
+        let mut stream = df.execute_stream().await?;
+        let rs = hasher();
+        while let Some(b) = stream.next().await {
+            let b = b?;
+            let id = cast(b.column(0), &DataType::Utf8)?;
+            let id = id.as_string::<i32>();
+            let replays = b.column(1).as_primitive::<Int64Type>();
+            let dead = b.column(2).as_boolean();
+            for r in 0..b.num_rows() {
+                if !id.is_valid(r) {
+                    continue;
+                }
+                if let Some(i) = self.find(&rs, id.value(r)) {
+                    self.replays[i as usize] = opt_i64(replays, r).unwrap_or(0);
+                    self.dead[i as usize] = dead.is_valid(r) && dead.value(r);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// (key, seq) pairs in conflict, for the candidates' flag.
+#[derive(Default)]
+struct Conflicts {
+    by_key: datafusion::common::HashMap<String, Vec<i64>>,
+    len: u64,
+}
+
+impl Conflicts {
+    fn insert(&mut self, key: String, seq: i64) {
+        self.by_key.entry(key).or_default().push(seq);
+        self.len += 1;
+    }
+
+    fn seal(&mut self) {
+        for v in self.by_key.values_mut() {
+            v.sort_unstable();
+        }
+    }
+
+    fn contains(&self, key: &str, seq: i64) -> bool {
+        self.by_key
+            .get(key)
+            .is_some_and(|v| v.binary_search(&seq).is_ok())
+    }
+}
+
+struct Shared {
+    cands: Candidates,
+    conflicts: Option<Conflicts>,
+    fetched: AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Shared({} candidates)", self.cands.len())
+    }
+}
+
+impl Shared {
+    /// The candidates' chosen rows of one `events` batch, each claimed
+    /// once, with the columns the policy reads appended.
+    fn annotate(&self, b: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+        let rs = hasher();
+        let named = |n: &str| {
+            b.column_by_name(n)
+                .ok_or_else(|| DataFusionError::Internal(format!("events lacks the column {n}")))
+        };
+        let id = cast(named("event_id")?, &DataType::Utf8)?;
+        let id = id.as_string::<i32>();
+        let att = cast(named("attempts")?, &DataType::Int64)?;
+        let att = att.as_primitive::<Int64Type>();
+        let time = cast(named("event_time")?, &DataType::Int64)?;
+        let time = time.as_primitive::<Int64Type>();
+        let status = cast(named("status")?, &DataType::Utf8)?;
+        let status = status.as_string::<i32>();
+        let error = cast(named("error")?, &DataType::Utf8)?;
+        let error = error.as_string::<i32>();
+        let key = cast(named("key")?, &DataType::Utf8)?;
+        let key = key.as_string::<i32>();
+        let seq = cast(named("seq")?, &DataType::Int64)?;
+        let seq = seq.as_primitive::<Int64Type>();
+        let c = &self.cands;
+        let mut keep = BooleanBuilder::with_capacity(b.num_rows());
+        let mut archived = vec![];
+        let mut conflict = vec![];
+        let mut replays = vec![];
+        let mut dead = vec![];
+        for r in 0..b.num_rows() {
+            let found = id.is_valid(r).then(|| c.find(&rs, id.value(r))).flatten();
+            let Some(i) = found else {
+                keep.append_value(false);
+                continue;
+            };
+            let iu = i as usize;
+            let matches = opt_i64(att, r).unwrap_or(0) == c.attempts[iu]
+                && opt_i64(time, r) == c.time[iu]
+                && match c.tie[iu] {
+                    NO_TIE => true,
+                    t => {
+                        let (s, e) = &c.ties[t as usize];
+                        opt_str(status, r) == s.as_deref() && opt_str(error, r) == e.as_deref()
+                    }
+                };
+            if !matches || c.taken[iu].swap(true, Ordering::AcqRel) {
+                keep.append_value(false);
+                continue;
+            }
+            keep.append_value(true);
+            archived.push(c.attempts[iu]);
+            conflict.push(match (&self.conflicts, opt_str(key, r), opt_i64(seq, r)) {
+                (Some(cf), Some(k), Some(s)) => cf.contains(k, s),
+                _ => false,
+            });
+            replays.push(c.replays[iu]);
+            dead.push(c.dead[iu]);
+        }
+        self.fetched
+            .fetch_add(archived.len() as u64, Ordering::SeqCst);
+        let picked = filter_record_batch(b, &keep.finish())?;
+        let mut cols = picked.columns().to_vec();
+        cols.push(Arc::new(Int64Array::from(archived)));
+        cols.push(Arc::new(BooleanArray::from(conflict)));
+        cols.push(Arc::new(Int64Array::from(replays)));
+        cols.push(Arc::new(BooleanArray::from(dead)));
+        Ok(RecordBatch::try_new(schema.clone(), cols)?)
+    }
+}
+
+/// One partition of the fetch: the `events` scan's partition, filtered to
+/// the candidates' chosen rows.
+struct Fetch {
+    plan: Arc<dyn ExecutionPlan>,
+    partition: usize,
+    shared: Arc<Shared>,
+    schema: SchemaRef,
+}
+
+impl std::fmt::Debug for Fetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Fetch(partition {})", self.partition)
+    }
+}
+
+impl PartitionStream for Fetch {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let schema = self.schema.clone();
+        let input = match self.plan.execute(self.partition, ctx) {
+            Ok(s) => s,
+            Err(e) => {
+                return Box::pin(RecordBatchStreamAdapter::new(
+                    schema,
+                    futures::stream::once(async move { Err(e) }),
+                ));
+            }
+        };
+        let shared = self.shared.clone();
+        let out_schema = schema.clone();
+        let stream = input.filter_map(move |b| {
+            let r = b.and_then(|b| shared.annotate(&b, &out_schema));
+            async move {
+                match r {
+                    Ok(b) if b.num_rows() == 0 => None,
+                    other => Some(other),
+                }
+            }
+        });
+        Box::pin(RecordBatchStreamAdapter::new(schema, stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fast path against the views, event by event, over random
+    //! archives: duplicates, retries, conflicts, gaps, NULLs, rows without
+    //! an id, exact ties, earlier runs in the ledger; small memory limits
+    //! (spilling) and squeezed hashes (collisions) included.
+
+    use super::*;
+    use arrow::array::{BinaryArray, Int32Array, TimestampMicrosecondArray};
+    use arrow::datatypes::TimeUnit;
+    use std::collections::BTreeMap;
+
+    /// event_id, key, seq, event_time, status, attempts, error, missing id.
+    type Row = (
+        String,
+        Option<String>,
+        Option<i64>,
+        Option<i64>,
+        Option<String>,
+        Option<i64>,
+        Option<String>,
+        bool,
+    );
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn chance(&mut self, pct: u64) -> bool {
+            self.below(100) < pct
+        }
+    }
+
+    fn scan(memory_limit: usize, gaps: bool, conflicts: bool) -> Scan {
+        Scan {
+            sources: vec![],
+            from: None,
+            to: None,
+            columns: Default::default(),
+            done_statuses: vec!["processed".into()],
+            detect_gaps: gaps,
+            detect_conflicts: conflicts,
+            memory_limit,
+            partitions: vec![],
+            storage: Default::default(),
+            kafka: None,
+            exclude: vec![],
+        }
+    }
+
+    fn events_schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("event_id", DataType::Utf8, true),
+            Field::new("key", DataType::Utf8, true),
+            Field::new("seq", DataType::Int64, true),
+            Field::new(
+                "event_time",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                true,
+            ),
+            Field::new("status", DataType::Utf8, true),
+            Field::new("attempts", DataType::Int64, true),
+            Field::new("error", DataType::Utf8, true),
+            Field::new("payload", DataType::Binary, true),
+            Field::new("backfill_done", DataType::Boolean, false),
+            Field::new(MISSING_EVENT_ID_COLUMN, DataType::Boolean, false),
+        ]))
+    }
+
+    /// A random `events` (as the source module would register it) split
+    /// over a few batches, and a random ledger of earlier runs.
+    fn archive(rng: &mut Rng) -> (Vec<RecordBatch>, RecordBatch) {
+        let n_events = 1 + rng.below(300);
+        let n_keys = 1 + rng.below(6);
+        let mut rows: Vec<Row> = vec![];
+        for e in 0..n_events {
+            // An event's key and seq are its own; some share a (key, seq)
+            // with another event (conflicts); seqs skip (gaps).
+            let key = (!rng.chance(3)).then(|| format!("k{}", e % n_keys));
+            let seq = (!rng.chance(3)).then(|| {
+                let base = (e / n_keys) as i64 * 2 - 20;
+                match rng.below(10) {
+                    0 => base - 2, // the previous event of the key: a conflict
+                    1 => base + 1,
+                    _ => base,
+                }
+            });
+            let copies = 1 + rng.below(4);
+            for _ in 0..copies {
+                let time = (!rng.chance(5)).then(|| 1_000 + rng.below(4) as i64);
+                let status = match rng.below(5) {
+                    0 => None,
+                    1 | 2 => Some("failed".to_string()),
+                    3 => Some("processed".to_string()),
+                    _ => Some("pending".to_string()),
+                };
+                // Never 0: NULL counts as 0, and a row differing only in
+                // NULL vs 0 would be a tie the views break arbitrarily.
+                let attempts = (!rng.chance(15)).then(|| 1 + rng.below(4) as i64);
+                let error = match rng.below(3) {
+                    0 => None,
+                    1 => Some("timeout".to_string()),
+                    _ => Some("bad request".to_string()),
+                };
+                rows.push((
+                    format!("e{e:03}"),
+                    key.clone(),
+                    seq,
+                    time,
+                    status,
+                    attempts,
+                    error,
+                    false,
+                ));
+            }
+        }
+        // Rows without an id of their own: a synthetic id from key/seq/time.
+        for _ in 0..rng.below(8) {
+            let key = format!("k{}", rng.below(n_keys));
+            let seq = rng.below(10) as i64 - 20;
+            let time = 1_000 + rng.below(2) as i64;
+            let id = format!(
+                "{}{key}/{seq}/{time}",
+                crate::source::MISSING_EVENT_ID_PREFIX
+            );
+            let status = Some("failed".to_string());
+            rows.push((
+                id,
+                Some(key),
+                Some(seq),
+                Some(time),
+                status,
+                None,
+                None,
+                true,
+            ));
+        }
+        // Shuffle, then cut into batches.
+        for i in (1..rows.len()).rev() {
+            let j = rng.below(i as u64 + 1) as usize;
+            rows.swap(i, j);
+        }
+        let mut batches = vec![];
+        for chunk in rows.chunks(1 + rng.below(200) as usize) {
+            let payload: Vec<Vec<u8>> = chunk
+                .iter()
+                .map(|r| format!("{}|{:?}|{:?}|{:?}|{:?}", r.0, r.3, r.4, r.5, r.6).into_bytes())
+                .collect();
+            batches.push(
+                RecordBatch::try_new(
+                    events_schema(),
+                    vec![
+                        Arc::new(StringArray::from_iter_values(
+                            chunk.iter().map(|r| r.0.clone()),
+                        )),
+                        Arc::new(StringArray::from_iter(chunk.iter().map(|r| r.1.clone()))),
+                        Arc::new(Int64Array::from_iter(chunk.iter().map(|r| r.2))),
+                        Arc::new(
+                            TimestampMicrosecondArray::from_iter(chunk.iter().map(|r| r.3))
+                                .with_timezone("UTC"),
+                        ),
+                        Arc::new(StringArray::from_iter(chunk.iter().map(|r| r.4.clone()))),
+                        Arc::new(Int64Array::from_iter(chunk.iter().map(|r| r.5))),
+                        Arc::new(StringArray::from_iter(chunk.iter().map(|r| r.6.clone()))),
+                        Arc::new(BinaryArray::from_iter_values(payload.iter())),
+                        Arc::new(BooleanArray::from_iter(
+                            chunk
+                                .iter()
+                                .map(|r| Some(r.4.as_deref() == Some("processed"))),
+                        )),
+                        Arc::new(BooleanArray::from_iter(chunk.iter().map(|r| Some(r.7)))),
+                    ],
+                )
+                .unwrap(),
+            );
+        }
+        // Earlier committed runs: some events replayed, some dead-lettered.
+        let mut ledger: Vec<(String, String, &str)> = vec![];
+        for run in 0..rng.below(3) {
+            for e in 0..n_events {
+                if rng.chance(15) {
+                    let outcome = if rng.chance(70) { "replay" } else { "dlq" };
+                    ledger.push((format!("run-{run}"), format!("e{e:03}"), outcome));
+                }
+            }
+        }
+        let ledger = RecordBatch::try_new(
+            super::super::ledger_entries_schema(),
+            vec![
+                Arc::new(StringArray::from_iter_values(
+                    ledger.iter().map(|l| l.0.clone()),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    ledger.iter().map(|l| l.1.clone()),
+                )),
+                Arc::new(StringArray::from_iter_values(ledger.iter().map(|l| l.2))),
+                Arc::new(StringArray::from_iter_values(
+                    ledger.iter().map(|_| "unprocessed"),
+                )),
+                Arc::new(Int32Array::from_iter_values(ledger.iter().map(|_| 1))),
+            ],
+        )
+        .unwrap();
+        (batches, ledger)
+    }
+
+    /// Per event_id: every column of the chosen row and the policy's four,
+    /// as text.
+    fn by_event(batches: &[RecordBatch]) -> BTreeMap<String, Vec<String>> {
+        use arrow::util::display::array_value_to_string;
+        let mut out = BTreeMap::new();
+        let cols = [
+            "event_id",
+            "key",
+            "seq",
+            "event_time",
+            "status",
+            "attempts",
+            "error",
+            "payload",
+            MISSING_EVENT_ID_COLUMN,
+            ARCHIVED_ATTEMPTS,
+            IN_CONFLICT,
+            LEDGER_REPLAYS,
+            LEDGER_DEAD,
+        ];
+        for b in batches {
+            for r in 0..b.num_rows() {
+                let row: Vec<String> = cols
+                    .iter()
+                    .map(|c| array_value_to_string(b.column_by_name(c).unwrap(), r).unwrap())
+                    .collect();
+                assert!(
+                    out.insert(row[0].clone(), row).is_none(),
+                    "one row per event"
+                );
+            }
+        }
+        out
+    }
+
+    fn text(batches: &[RecordBatch]) -> String {
+        arrow::util::pretty::pretty_format_batches(batches)
+            .unwrap()
+            .to_string()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fast_path_decides_like_the_views() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        // What the rounds covered, so that the test cannot pass vacuously.
+        let (mut seen_conflicts, mut seen_gaps, mut seen_spills, mut seen_ledger) = (0, 0, 0, 0);
+        for round in 0..120 {
+            let (batches, ledger) = archive(&mut rng);
+            let limit = if rng.chance(40) { 2048 } else { 1 << 30 };
+            let scan = scan(limit, !rng.chance(15), !rng.chance(15));
+            let est_rows = if rng.chance(50) { 0 } else { 1 << 30 };
+            COLLIDE.store(rng.chance(30), Ordering::Relaxed);
+            let ctx = SessionContext::new();
+            let table =
+                datafusion::datasource::MemTable::try_new(events_schema(), vec![batches]).unwrap();
+            ctx.register_table("events", Arc::new(table)).unwrap();
+            let lt = datafusion::datasource::MemTable::try_new(ledger.schema(), vec![vec![ledger]])
+                .unwrap();
+            ctx.register_table("ledger_entries", Arc::new(lt)).unwrap();
+            super::super::register_views(&ctx, &scan).await.unwrap();
+
+            let expected = by_event(
+                &ctx.table("candidates")
+                    .await
+                    .unwrap()
+                    .collect()
+                    .await
+                    .unwrap(),
+            );
+            let counts = ctx
+                .sql("SELECT count(*), count(DISTINCT event_id) FROM events")
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+            let (rows, events) = (
+                counts[0].column(0).as_primitive::<Int64Type>().value(0) as u64,
+                counts[0].column(1).as_primitive::<Int64Type>().value(0) as u64,
+            );
+            let gaps_df = super::super::gaps(&ctx).await.unwrap();
+            let gaps_schema = Arc::new(gaps_df.schema().as_arrow().clone());
+            let expected_gaps = if scan.detect_gaps {
+                text(&gaps_df.collect().await.unwrap())
+            } else {
+                text(&[])
+            };
+            let conflicts = ctx
+                .sql("SELECT count(*) FROM conflicts")
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap()[0]
+                .column(0)
+                .as_primitive::<Int64Type>()
+                .value(0) as u64;
+
+            let dir = tempfile::tempdir().unwrap();
+            let d = detect(&ctx, &scan, est_rows, dir.path(), gaps_schema)
+                .await
+                .unwrap();
+            let (fetched, _) = d.fetch(&ctx).await.unwrap();
+            let got = by_event(&fetched.collect().await.unwrap());
+            d.check_fetched().unwrap();
+            let ctx_note = format!("round {round}, limit {limit}, {scan:?}");
+            assert_eq!((d.rows, d.events), (rows, events), "{ctx_note}");
+            assert_eq!(d.candidates as usize, expected.len(), "{ctx_note}");
+            if scan.detect_conflicts {
+                assert_eq!(d.conflicts, conflicts, "{ctx_note}");
+            }
+            for (id, want) in &expected {
+                assert_eq!(got.get(id), Some(want), "event {id}: {ctx_note}");
+            }
+            assert_eq!(got.len(), expected.len(), "{ctx_note}");
+            assert_eq!(text(&d.gaps), expected_gaps, "{ctx_note}");
+            if limit == 2048 && rows > 50 {
+                assert!(d.spilled_bytes > 0, "a 2 KiB limit spills: {ctx_note}");
+            }
+            assert_eq!(
+                std::fs::read_dir(dir.path()).unwrap().count(),
+                0,
+                "spill files are removed"
+            );
+            seen_conflicts += got.values().filter(|r| r[10] == "true").count();
+            seen_gaps += d.gaps.iter().map(|b| b.num_rows()).sum::<usize>();
+            seen_spills += usize::from(d.spilled_bytes > 0);
+            seen_ledger += got
+                .values()
+                .filter(|r| r[11] != "0" || r[12] == "true")
+                .count();
+        }
+        COLLIDE.store(false, Ordering::Relaxed);
+        assert!(
+            seen_conflicts > 0 && seen_gaps > 0 && seen_spills > 0 && seen_ledger > 0,
+            "coverage: {seen_conflicts} conflicts, {seen_gaps} gaps, {seen_spills} spills, {seen_ledger} ledger"
+        );
+    }
+}
