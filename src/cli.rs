@@ -79,7 +79,8 @@ pub struct ScanArgs {
     /// Do not detect (key, seq) conflicts.
     #[arg(long)]
     pub no_conflicts: bool,
-    /// Memory for the query engine before it spills to disk (e.g. 4G).
+    /// Memory for the query engine before it spills to disk (e.g. 4G;
+    /// default: half the machine's or the container's memory).
     #[arg(long, value_name = "SIZE")]
     pub memory_limit: Option<String>,
     /// Progress on stderr.

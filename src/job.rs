@@ -74,7 +74,8 @@ pub struct JobFile {
     pub detect_conflicts: Option<bool>,
     /// Exit 3 when the run dead-lettered anything.
     pub fail_on_dlq: Option<bool>,
-    /// Memory pool for the query engine, e.g. "4G", "512M".
+    /// Memory pool for the query engine, e.g. "4G", "512M" (default: half
+    /// the memory available, see [`crate::machine`]).
     pub memory_limit: Option<String>,
     /// Source column names for the input contract's columns.
     pub columns: Option<ColumnNames>,
@@ -537,13 +538,11 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
             "at least one done status is needed",
         ));
     }
-    let memory_limit = parse_size(
-        "--memory-limit",
-        args.memory_limit
-            .as_deref()
-            .or(job.memory_limit.as_deref())
-            .unwrap_or("4G"),
-    )?;
+    let memory_limit = match (args.memory_limit.as_deref(), job.memory_limit.as_deref()) {
+        (Some(s), _) => parse_size("--memory-limit", s)?,
+        (None, Some(s)) => parse_size("memory_limit", s)?,
+        (None, None) => crate::machine::default_memory_limit(),
+    };
     let partitions = job.partitions.clone().unwrap_or_default();
     for (i, p) in partitions.iter().enumerate() {
         if p.name.is_empty() || p.name.contains(['/', '=']) {
