@@ -79,9 +79,13 @@ pub struct ScanArgs {
     /// Do not detect (key, seq) conflicts.
     #[arg(long)]
     pub no_conflicts: bool,
-    /// Memory for the query engine before it spills to disk (e.g. 4G).
+    /// Memory for the query engine before it spills to disk (e.g. 4G;
+    /// default: half the machine's or the container's memory).
     #[arg(long, value_name = "SIZE")]
     pub memory_limit: Option<String>,
+    /// Directory the query engine spills to (default: the system temp dir).
+    #[arg(long, value_name = "DIR")]
+    pub spill_dir: Option<PathBuf>,
     /// Progress on stderr.
     #[arg(long, value_enum, default_value_t = Progress::Auto)]
     pub progress: Progress,

@@ -4,7 +4,7 @@
 //! error here names the key, flag or value at fault and says how to fix it.
 
 use std::collections::BTreeMap;
-use std::path::Path as FsPath;
+use std::path::{Path as FsPath, PathBuf};
 
 use chrono::{DateTime, Utc};
 use regex::Regex;
@@ -74,8 +74,12 @@ pub struct JobFile {
     pub detect_conflicts: Option<bool>,
     /// Exit 3 when the run dead-lettered anything.
     pub fail_on_dlq: Option<bool>,
-    /// Memory pool for the query engine, e.g. "4G", "512M".
+    /// Memory pool for the query engine, e.g. "4G", "512M" (default: half
+    /// the memory available, see [`crate::machine`]).
     pub memory_limit: Option<String>,
+    /// The directory the query engine spills to (default: the system temp
+    /// dir). Must exist and be writable.
+    pub spill_dir: Option<String>,
     /// Source column names for the input contract's columns.
     pub columns: Option<ColumnNames>,
     /// Sink locations overriding `<out>/replay`, `<out>/dlq`, `<out>/gaps`.
@@ -210,6 +214,9 @@ pub struct Scan {
     pub detect_gaps: bool,
     pub detect_conflicts: bool,
     pub memory_limit: usize,
+    /// Where the query engine spills; `None`: the system temp dir. Checked to
+    /// be an existing, writable directory. Use [`spill_dir`] to place files.
+    pub spill_dir: Option<PathBuf>,
     pub partitions: Vec<PartitionSpec>,
     pub storage: StorageSettings,
     pub kafka: Option<KafkaSettings>,
@@ -409,6 +416,37 @@ pub fn parse_size(what: &str, s: &str) -> Result<usize, JobError> {
     Ok((n * mult as f64) as usize)
 }
 
+/// A spill directory must exist and take files: DataFusion would otherwise
+/// create a missing one silently (a typo becomes a new folder) or fail in
+/// the middle of the scan, with an error that names no setting.
+fn check_spill_dir(what: &str, dir: &FsPath) -> Result<PathBuf, JobError> {
+    let shown = dir.display();
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(invalid(what, format!("{shown} is not a directory"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(invalid(
+                what,
+                format!(
+                    "{shown} does not exist: create it, or leave the setting out to spill to the system temp dir"
+                ),
+            ));
+        }
+        Err(e) => return Err(invalid(what, format!("{shown}: {e}"))),
+    }
+    // Writable: an anonymous temporary file, gone when dropped.
+    tempfile::tempfile_in(dir)
+        .map_err(|e| invalid(what, format!("{shown} is not writable: {e}")))?;
+    Ok(dir.to_path_buf())
+}
+
+/// The directory spill files go to: the configured `--spill-dir`, or the
+/// system temp dir. Any code of ours that spills uses it too, so that one
+/// setting moves every spill off a small /tmp.
+pub fn spill_dir(scan: &Scan) -> PathBuf {
+    scan.spill_dir.clone().unwrap_or_else(std::env::temp_dir)
+}
+
 /// A run id names folders and objects: keep it to a safe alphabet.
 pub fn validate_run_id(id: &str) -> Result<(), JobError> {
     let ok = !id.is_empty()
@@ -537,13 +575,16 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
             "at least one done status is needed",
         ));
     }
-    let memory_limit = parse_size(
-        "--memory-limit",
-        args.memory_limit
-            .as_deref()
-            .or(job.memory_limit.as_deref())
-            .unwrap_or("4G"),
-    )?;
+    let memory_limit = match (args.memory_limit.as_deref(), job.memory_limit.as_deref()) {
+        (Some(s), _) => parse_size("--memory-limit", s)?,
+        (None, Some(s)) => parse_size("memory_limit", s)?,
+        (None, None) => crate::machine::default_memory_limit(),
+    };
+    let spill_dir = match (&args.spill_dir, job.spill_dir.as_deref()) {
+        (Some(p), _) => Some(check_spill_dir("--spill-dir", p)?),
+        (None, Some(s)) => Some(check_spill_dir("spill_dir", FsPath::new(s))?),
+        (None, None) => None,
+    };
     let partitions = job.partitions.clone().unwrap_or_default();
     for (i, p) in partitions.iter().enumerate() {
         if p.name.is_empty() || p.name.contains(['/', '=']) {
@@ -568,6 +609,7 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
         detect_gaps: !args.no_gaps && job.detect_gaps.unwrap_or(true),
         detect_conflicts: !args.no_conflicts && job.detect_conflicts.unwrap_or(true),
         memory_limit,
+        spill_dir,
         partitions,
         storage: job.storage.clone().unwrap_or_default(),
         kafka: job.kafka.clone(),
@@ -742,6 +784,47 @@ mod tests {
         assert_eq!(parse_size("m", "4G").unwrap(), 4 << 30);
         assert_eq!(parse_size("m", "512MiB").unwrap(), 512 << 20);
         assert!(parse_size("m", "lots").is_err());
+    }
+
+    #[test]
+    fn spill_dirs() {
+        let work = tempfile::tempdir().unwrap();
+        assert_eq!(
+            check_spill_dir("--spill-dir", work.path()).unwrap(),
+            work.path()
+        );
+        let missing = work.path().join("nope");
+        let e = check_spill_dir("spill_dir", &missing)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("spill_dir: ") && e.contains(&missing.display().to_string()),
+            "{e}"
+        );
+        assert!(e.contains("does not exist") && !e.contains('\n'), "{e}");
+        assert!(!missing.exists());
+        let file = work.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let e = check_spill_dir("--spill-dir", &file)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a directory"), "{e}");
+        // Nothing is left behind by the check.
+        assert_eq!(std::fs::read_dir(work.path()).unwrap().count(), 1);
+
+        let mut scan = build_scan(
+            &ScanArgs {
+                source: vec!["x".into()],
+                ..Default::default()
+            },
+            &JobFile::default(),
+        )
+        .unwrap();
+        assert_eq!(scan.spill_dir, None);
+        assert_eq!(spill_dir(&scan), std::env::temp_dir());
+        assert_eq!(scan.memory_limit, crate::machine::default_memory_limit());
+        scan.spill_dir = Some(work.path().to_path_buf());
+        assert_eq!(spill_dir(&scan), work.path());
     }
 
     /// Every example job file in jobs/ parses (with any variable set).

@@ -15,6 +15,7 @@ pub mod generate;
 pub mod job;
 pub mod kafka;
 pub mod location;
+pub mod machine;
 pub mod policy;
 pub mod redact;
 pub mod report;

@@ -213,6 +213,7 @@ mod tests {
             detect_gaps: true,
             detect_conflicts: false,
             memory_limit: 1,
+            spill_dir: None,
             partitions: vec![],
             storage: Default::default(),
             kafka: None,

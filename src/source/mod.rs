@@ -211,8 +211,10 @@ pub struct Archive {
 
 /// The session settings every command shares: Utf8 (not views) so that the
 /// policy kernels and outputs see the archive's own types; pushdown and
-/// page-index pruning on; a memory pool that spills instead of failing.
+/// page-index pruning on; a memory pool that spills instead of failing, to
+/// `--spill-dir` (see [`crate::job::spill_dir`]).
 pub fn session(scan: &Scan) -> Result<SessionContext, SourceError> {
+    use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
     use datafusion::execution::runtime_env::RuntimeEnvBuilder;
     use datafusion::prelude::SessionConfig;
     let mut config = SessionConfig::new()
@@ -227,8 +229,16 @@ pub fn session(scan: &Scan) -> Result<SessionContext, SourceError> {
         .set_bool("datafusion.execution.parquet.pruning", true)
         .set_bool("datafusion.sql_parser.enable_ident_normalization", true);
     config.options_mut().execution.parquet.binary_as_string = false;
+    // Spill files go to --spill-dir, or (lazily, only if something spills)
+    // to a fresh folder in the system temp dir. Either folder is removed
+    // when the session ends.
+    let disk = DiskManagerBuilder::default().with_mode(match &scan.spill_dir {
+        Some(dir) => DiskManagerMode::Directories(vec![dir.clone()]),
+        None => DiskManagerMode::OsTmpDirectory,
+    });
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_limit(scan.memory_limit, 1.0)
+        .with_disk_manager_builder(disk)
         .build_arc()?;
     Ok(SessionContext::new_with_config_rt(config, runtime))
 }

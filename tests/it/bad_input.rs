@@ -434,3 +434,38 @@ fn corrupt_data_page_names_its_file() {
     let run = run_job(&archive.source(), &out, &[]);
     assert_error(&run, 1, &["corrupt-page.parquet"], &out);
 }
+
+/// A spill directory that is missing, or a file, is refused before the
+/// scan: exit 2, one line naming the path and the flag or key. DataFusion
+/// would create a missing one silently.
+#[test]
+fn missing_or_unusable_spill_dir() {
+    let archive = archive_with(&Layout::default());
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let missing = work.path().join("no-such-spill-dir");
+    let m = missing.display().to_string();
+    let run = run_job(&archive.source(), &out, &["--spill-dir", &m]);
+    assert_error(&run, 2, &["--spill-dir", &m, "does not exist"], &out);
+    assert!(!missing.exists(), "the missing spill dir was created");
+
+    let file = work.path().join("a-file");
+    fs::write(&file, b"x").unwrap();
+    let f = file.display().to_string();
+    let run = run_job(&archive.source(), &out, &["--spill-dir", &f]);
+    assert_error(&run, 2, &["--spill-dir", &f, "not a directory"], &out);
+
+    // The job file's key is named as such; `sql` checks it too.
+    let job = write_job(
+        work.path(),
+        &format!(
+            "source = \"{}\"\nout = \"{}\"\nspill_dir = \"{m}\"\n",
+            archive.source(),
+            out.display()
+        ),
+    );
+    let run = backfill(&["run", "--job", &job]);
+    assert_error(&run, 2, &["spill_dir", &m], &out);
+    let run = backfill(&["sql", "--job", &job, "SELECT count(*) FROM events"]);
+    assert_error(&run, 2, &["spill_dir", &m], &out);
+}

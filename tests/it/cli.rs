@@ -150,6 +150,7 @@ fn run_help_lists_every_flag() {
         "--no-gaps",
         "--no-conflicts",
         "--memory-limit",
+        "--spill-dir",
         "--progress",
         "--out",
         "--replay-sink",
@@ -178,7 +179,16 @@ fn other_commands_help_lists_their_flags() {
             &["gaps", "--help"],
             &["--source", "--format", "--from", "--to"],
         ),
-        (&["sql", "--help"], &["--source", "--format", "-f"]),
+        (
+            &["sql", "--help"],
+            &[
+                "--source",
+                "--format",
+                "-f",
+                "--memory-limit",
+                "--spill-dir",
+            ],
+        ),
         (&["explain", "--help"], &["--source"]),
         (
             &["generate", "--help"],

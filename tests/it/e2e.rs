@@ -1527,6 +1527,49 @@ fn generated_seed_7_matches_reference_over_three_runs() {
     assert!(!exp.skipped.is_empty());
 }
 
+/// A memory limit and a spill dir change how the engine works, never what it
+/// decides: the same outputs as the reference and the same report counts as
+/// a run with the default limit; the spill dir is left as it was found.
+#[test]
+fn memory_limit_and_spill_dir_keep_the_counts() {
+    let (dir, source) = generated(11);
+    let work = tempfile::tempdir().unwrap();
+    let spill = work.path().join("spill");
+    fs::create_dir(&spill).unwrap();
+    let default = Job::under(dir.path(), &source, &work.path().join("default"));
+    default.run("mem-default", &mut Ledger::default(), 0);
+    let limited = Job::under(dir.path(), &source, &work.path().join("limited")).with(
+        Config::default(),
+        strings(&[
+            "--memory-limit",
+            "1G",
+            "--spill-dir",
+            &spill.display().to_string(),
+        ]),
+    );
+    let (_, exp) = limited.run("mem-limited", &mut Ledger::default(), 0);
+    assert_defects(&exp);
+    let report = |id: &str| -> Json {
+        let p = work.path().join(format!("report-{id}.json"));
+        serde_json::from_str(&fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let (a, b) = (report("mem-default"), report("mem-limited"));
+    for key in [
+        "rows",
+        "events",
+        "resolved",
+        "replayed",
+        "dead_lettered",
+        "gaps",
+        "missing_events",
+        "conflicts",
+    ] {
+        assert_eq!(counter(&a, key), counter(&b, key), "{key}: {a}\n{b}");
+    }
+    let left: Vec<_> = fs::read_dir(&spill).unwrap().collect();
+    assert!(left.is_empty(), "the spill dir is not left empty: {left:?}");
+}
+
 #[test]
 fn generated_seed_42_windowed_with_permanent_errors() {
     let (dir, source) = generated(42);

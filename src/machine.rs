@@ -1,0 +1,162 @@
+//! What the machine offers: the memory the process may use, for the default
+//! `--memory-limit`.
+//!
+//! A fixed default cannot fit every machine: 4 GiB starves DataFusion on a
+//! 64 GiB host and gets the process OOM-killed in a 2 GiB container, where
+//! the kernel enforces the cgroup's limit, not the host's RAM. So the default
+//! is half of what is available: the smaller of the physical RAM
+//! (`/proc/meminfo`) and the cgroup's limit (v2 `memory.max`, v1
+//! `memory.limit_in_bytes`). Half, because the pool bounds only the query
+//! engine's big operators: Parquet decoding, the policy and the sinks
+//! allocate outside it. The parsing is pure (file contents in, bytes out) so
+//! that it is tested without the files.
+
+/// The floor of the default: below it DataFusion spills for every sort.
+pub const MIN_DEFAULT_MEMORY_LIMIT: u64 = 256 << 20;
+
+/// The default when nothing can be read (not Linux, no /proc): the fixed
+/// default of earlier versions.
+pub const FALLBACK_MEMORY_LIMIT: u64 = 4 << 30;
+
+const MEMINFO: &str = "/proc/meminfo";
+const CGROUP_V2_MAX: &str = "/sys/fs/cgroup/memory.max";
+const CGROUP_V1_LIMIT: &str = "/sys/fs/cgroup/memory/memory.limit_in_bytes";
+
+/// The default memory limit of the query engine on this machine, in bytes.
+pub fn default_memory_limit() -> usize {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let available = available_memory(
+        read(MEMINFO).as_deref(),
+        read(CGROUP_V2_MAX).as_deref(),
+        read(CGROUP_V1_LIMIT).as_deref(),
+    );
+    usize::try_from(memory_limit_for(available)).unwrap_or(usize::MAX)
+}
+
+/// Half of `available`, at least [`MIN_DEFAULT_MEMORY_LIMIT`];
+/// [`FALLBACK_MEMORY_LIMIT`] when it is unknown.
+pub fn memory_limit_for(available: Option<u64>) -> u64 {
+    match available {
+        Some(bytes) => (bytes / 2).max(MIN_DEFAULT_MEMORY_LIMIT),
+        None => FALLBACK_MEMORY_LIMIT,
+    }
+}
+
+/// The memory available to the process: the smallest of the physical RAM
+/// and the cgroup limits that are set, from the contents of
+/// `/proc/meminfo`, cgroup v2 `memory.max` and cgroup v1
+/// `memory.limit_in_bytes` (each `None` when the file is absent). A v1
+/// limit of "unlimited" is a huge number (about 2^63), which the minimum
+/// takes care of.
+pub fn available_memory(
+    meminfo: Option<&str>,
+    cgroup_v2_max: Option<&str>,
+    cgroup_v1_limit: Option<&str>,
+) -> Option<u64> {
+    [
+        meminfo.and_then(parse_mem_total),
+        cgroup_v2_max.and_then(parse_cgroup_limit),
+        cgroup_v1_limit.and_then(parse_cgroup_limit),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+}
+
+/// `MemTotal` of `/proc/meminfo`, in bytes (the file says kB, meaning KiB).
+pub fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+    let mut words = line.split_whitespace();
+    let n: u64 = words.next()?.parse().ok()?;
+    let mult = match words.next() {
+        None => 1,
+        Some(u) if u.eq_ignore_ascii_case("kb") => 1024,
+        Some(_) => return None,
+    };
+    n.checked_mul(mult).filter(|&b| b > 0)
+}
+
+/// A cgroup memory limit file: a number of bytes, or `max` (v2) for none.
+pub fn parse_cgroup_limit(text: &str) -> Option<u64> {
+    text.trim().parse().ok().filter(|&b| b > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MEMINFO_24G: &str = "MemTotal:       24683652 kB\n\
+                               MemFree:         1234567 kB\n\
+                               MemAvailable:   20000000 kB\n";
+
+    #[test]
+    fn mem_total() {
+        assert_eq!(parse_mem_total(MEMINFO_24G), Some(24683652 * 1024));
+        assert_eq!(
+            parse_mem_total("MemFree: 1 kB\nMemTotal: 2048 kB\n"),
+            Some(2 << 20)
+        );
+        assert_eq!(parse_mem_total("MemFree: 1 kB\n"), None);
+        assert_eq!(parse_mem_total("MemTotal: lots kB\n"), None);
+        assert_eq!(parse_mem_total("MemTotal: 5 MB\n"), None);
+        assert_eq!(parse_mem_total(""), None);
+    }
+
+    #[test]
+    fn cgroup_limits() {
+        assert_eq!(parse_cgroup_limit("max\n"), None);
+        assert_eq!(parse_cgroup_limit("2147483648\n"), Some(2 << 30));
+        assert_eq!(
+            parse_cgroup_limit("9223372036854771712\n"),
+            Some(9223372036854771712)
+        );
+        assert_eq!(parse_cgroup_limit(""), None);
+        assert_eq!(parse_cgroup_limit("0\n"), None);
+    }
+
+    #[test]
+    fn available_is_the_smallest_known_limit() {
+        let ram = 24683652 * 1024;
+        // A host: no cgroup files.
+        assert_eq!(available_memory(Some(MEMINFO_24G), None, None), Some(ram));
+        // cgroup v2 without a limit, and with one.
+        assert_eq!(
+            available_memory(Some(MEMINFO_24G), Some("max\n"), None),
+            Some(ram)
+        );
+        assert_eq!(
+            available_memory(Some(MEMINFO_24G), Some("2147483648\n"), None),
+            Some(2 << 30)
+        );
+        // cgroup v1 "unlimited" is above the RAM: the RAM wins.
+        assert_eq!(
+            available_memory(Some(MEMINFO_24G), None, Some("9223372036854771712\n")),
+            Some(ram)
+        );
+        assert_eq!(
+            available_memory(Some(MEMINFO_24G), None, Some("1073741824\n")),
+            Some(1 << 30)
+        );
+        // No /proc/meminfo: a cgroup limit still counts.
+        assert_eq!(
+            available_memory(None, Some("1073741824"), None),
+            Some(1 << 30)
+        );
+        assert_eq!(available_memory(None, Some("max"), None), None);
+        assert_eq!(available_memory(None, None, None), None);
+    }
+
+    #[test]
+    fn limit_is_half_with_a_floor() {
+        assert_eq!(memory_limit_for(Some(24 << 30)), 12 << 30);
+        assert_eq!(memory_limit_for(Some(2 << 30)), 1 << 30);
+        assert_eq!(memory_limit_for(Some(300 << 20)), MIN_DEFAULT_MEMORY_LIMIT);
+        assert_eq!(memory_limit_for(None), FALLBACK_MEMORY_LIMIT);
+    }
+
+    #[test]
+    fn this_machine_has_a_default() {
+        let limit = default_memory_limit() as u64;
+        assert!(limit >= MIN_DEFAULT_MEMORY_LIMIT, "{limit}");
+    }
+}
