@@ -1311,6 +1311,7 @@ mod tests {
             storage: Default::default(),
             kafka: None,
             exclude: vec![],
+            spill_dir: None,
         }
     }
 

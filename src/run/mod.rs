@@ -413,7 +413,7 @@ async fn execute(
         ctx,
         &settings.scan,
         est_rows,
-        &std::env::temp_dir(),
+        &crate::job::spill_dir(&settings.scan),
         gaps_view_schema,
     )
     .await?;
