@@ -4,16 +4,26 @@
 # confluent-kafka producer on the same broker. Results go to bench/results/
 # and are summarised in BENCHMARKS.md by hand.
 #
-#   EVENTS=10000000 scripts/bench.sh        # the default
-#   SKIP_KAFKA=1 scripts/bench.sh           # the scan/decide part only
+#   scripts/bench.sh                          # 1M, 10M, 50M events
+#   SIZES=10000000 ROUNDS=1 scripts/bench.sh  # one size, one round
+#   SKIP_KAFKA=1 scripts/bench.sh             # the scan/decide part only
+#
+# Per size and round: backfill run (default memory limit), the same run
+# with --memory-limit 1G (its outputs must equal the first's), DuckDB's full
+# equivalent, DuckDB's detection alone, and a plain scan of the narrow
+# columns; the table at the end holds the medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE="${BACKFILL_CACHE:-$HOME/.cache/event-backfill}"
 # Release builds get their own target dir: a debug build running beside
 # them (tests) would otherwise hold the lock for the whole build.
 export CARGO_TARGET_DIR="${BENCH_TARGET_DIR:-$CACHE/target-release}"
-EVENTS="${EVENTS:-10000000}"
+SIZES="${SIZES:-${EVENTS:-1000000 10000000 50000000}}"
 KEYS="${KEYS:-10000}"
+ROUNDS="${ROUNDS:-3}"
+# Rounds at 50M and above: each takes minutes.
+ROUNDS_LARGE="${ROUNDS_LARGE:-1}"
+LIMIT="${BENCH_MEMORY_LIMIT:-1G}"
 WORK="${BENCH_DIR:-$CACHE/bench}"
 RESULTS=bench/results
 mkdir -p "$RESULTS" "$WORK"
@@ -22,36 +32,75 @@ python3 -c "import duckdb" 2>/dev/null || pip install --quiet duckdb
 cargo build --release --bin backfill
 BIN="$CARGO_TARGET_DIR/release/backfill"
 
-ARCHIVE="$WORK/archive-$EVENTS"
-if [ ! -d "$ARCHIVE" ]; then
-  "$BIN" generate --out "$ARCHIVE" --events "$EVENTS" --keys "$KEYS" --seed 1 --days 7 --files-per-day 4
-fi
-du -sh "$ARCHIVE"
-
 measure() { # name, command...
   local name="$1"; shift
-  /usr/bin/time -f "%e %M" -o "$WORK/$name.time" "$@" > "$WORK/$name.out"
-  read -r secs kb < "$WORK/$name.time"
+  /usr/bin/time -f "%e %M" -o "$WORK/time.txt" "$@" > "$WORK/$name.out"
+  read -r secs kb < "$WORK/time.txt"
   echo "$name: ${secs}s wall, $((kb / 1024)) MiB peak RSS"
-  echo "{\"name\":\"$name\",\"seconds\":$secs,\"peak_rss_mib\":$((kb / 1024))}" >> "$RESULTS/scan.jsonl"
+  echo "{\"name\":\"$name\",\"events\":$EVENTS,\"seconds\":$secs,\"peak_rss_mib\":$((kb / 1024)),\"load\":\"$(cut -d' ' -f1-3 /proc/loadavg)\"}" >> "$RESULTS/scan.jsonl"
 }
 
+# A checksum of an output folder that ignores the columns a run stamps
+# (run id, detection time) and the file layout: two runs that decided the
+# same thing print the same line.
+checksum() {
+  python3 - "$1" <<'PY'
+import duckdb, sys
+d = sys.argv[1]
+con = duckdb.connect()
+for kind, cols in [("replay", "event_id, backfill_reason, backfill_attempt, payload"),
+                   ("dlq", "event_id, backfill_reason, backfill_attempt, payload"),
+                   ("gaps", "key, first_missing_seq, last_missing_seq, before_event_id, after_event_id")]:
+    n, h = con.execute(f"SELECT count(*), bit_xor(hash({cols})) FROM read_parquet('{d}/{kind}/**/*.parquet')").fetchone()
+    print(f"{kind}={n}:{h}", end=" ")
+print()
+PY
+}
+
+# The narrow columns detection reads, scanned and nothing else: the floor
+# for any one-pass design on this engine.
+NARROW="SELECT count(event_id), count(key), count(seq), count(attempts), count(event_time), count(status), count(error) FROM archive"
+
 : > "$RESULTS/scan.jsonl"
-for i in 1 2 3; do
-  rm -rf "$WORK/out-backfill" "$WORK/out-duckdb"
-  measure "backfill-run-$i" "$BIN" run --source "$ARCHIVE" --out "$WORK/out-backfill" --run-id "bench-$i" --progress off --report "$WORK/report-$i.json"
-  measure "duckdb-$i" python3 bench/duckdb_backfill.py "$ARCHIVE" "$WORK/out-duckdb"
+for EVENTS in $SIZES; do
+  ARCHIVE="$WORK/archive-$EVENTS"
+  if [ ! -d "$ARCHIVE" ]; then
+    "$BIN" generate --out "$ARCHIVE" --events "$EVENTS" --keys "$KEYS" --seed 1 --days 7 --files-per-day 4
+  fi
+  echo "== $EVENTS events: $(du -sh "$ARCHIVE" | cut -f1), load $(cut -d' ' -f1-3 /proc/loadavg)"
+  rounds=$ROUNDS
+  [ "$EVENTS" -ge 50000000 ] && rounds=$ROUNDS_LARGE
+  for i in $(seq 1 "$rounds"); do
+    rm -rf "$WORK/out-backfill" "$WORK/out-limited" "$WORK/out-duckdb"
+    measure "backfill-$EVENTS-$i" "$BIN" run --source "$ARCHIVE" --out "$WORK/out-backfill" --run-id "bench-$i" --progress off --report "$WORK/report-$EVENTS-$i.json"
+    measure "limited-$EVENTS-$i" "$BIN" run --source "$ARCHIVE" --out "$WORK/out-limited" --run-id "bench-$i" --progress off --memory-limit "$LIMIT" --report "$WORK/report-limited-$EVENTS-$i.json"
+    measure "duckdb-$EVENTS-$i" python3 bench/duckdb_backfill.py "$ARCHIVE" "$WORK/out-duckdb"
+    measure "duckdbdetect-$EVENTS-$i" python3 bench/duckdb_backfill.py --detect-only "$ARCHIVE"
+    measure "scan-$EVENTS-$i" "$BIN" sql --source "$ARCHIVE" "$NARROW"
+    a=$(checksum "$WORK/out-backfill"); b=$(checksum "$WORK/out-limited")
+    if [ "$a" != "$b" ]; then
+      echo "outputs differ between the unlimited and the $LIMIT run: $a / $b" >&2
+      exit 1
+    fi
+    echo "outputs identical with --memory-limit $LIMIT: $a"
+  done
+  cp "$WORK/report-$EVENTS-1.json" "$RESULTS/backfill-report-$EVENTS.json"
+  cp "$WORK/duckdb-$EVENTS-1.out" "$RESULTS/duckdb-report-$EVENTS.json"
 done
-cat "$WORK/report-1.json" > "$RESULTS/backfill-report.json"
-cat "$WORK/duckdb-1.out" > "$RESULTS/duckdb-report.json"
 python3 - "$RESULTS/scan.jsonl" <<'PY'
 import json, sys, statistics
 rows = [json.loads(l) for l in open(sys.argv[1])]
-def med(prefix, key):
-    return statistics.median(r[key] for r in rows if r["name"].startswith(prefix))
-b, d = med("backfill", "seconds"), med("duckdb", "seconds")
-print(f"median wall: backfill {b:.2f}s, duckdb {d:.2f}s, ratio backfill/duckdb {b/d:.2f}")
-print(f"median peak RSS: backfill {med('backfill','peak_rss_mib')} MiB, duckdb {med('duckdb','peak_rss_mib')} MiB")
+sizes = sorted({r["events"] for r in rows})
+def med(kind, n, key):
+    v = [r[key] for r in rows if r["name"].startswith(kind + "-") and r["events"] == n]
+    return statistics.median(v) if v else float("nan")
+print(f"{'events':>10} {'backfill':>9} {'1G limit':>9} {'duckdb':>8} {'ddb det.':>8} {'scan':>6} "
+      f"{'ratio':>6} {'us/event':>8} {'x scan':>6} {'RSS MiB':>8} {'1G RSS':>7} {'ddb RSS':>7}")
+for n in sizes:
+    b, l, d, dd, s = (med(k, n, "seconds") for k in ("backfill", "limited", "duckdb", "duckdbdetect", "scan"))
+    print(f"{n:>10} {b:>8.2f}s {l:>8.2f}s {d:>7.2f}s {dd:>7.2f}s {s:>5.2f}s {b/d:>6.2f} {b/n*1e6:>8.3f} "
+          f"{b/s:>6.2f} {med('backfill', n, 'peak_rss_mib'):>8} {med('limited', n, 'peak_rss_mib'):>7} "
+          f"{med('duckdb', n, 'peak_rss_mib'):>7}")
 PY
 
 if [ -z "${SKIP_KAFKA:-}" ] && [ -x scripts/bench-kafka.sh ]; then

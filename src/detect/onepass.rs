@@ -109,6 +109,10 @@ pub struct Detection {
     pub candidates: u64,
     /// Bytes written to spill files.
     pub spilled_bytes: u64,
+    /// Milliseconds of the narrow pass (scan and shuffle) and of deciding
+    /// the buckets.
+    pub narrow_ms: u64,
+    pub buckets_ms: u64,
     /// The narrow scan, for its metrics.
     pub narrow_plan: Arc<dyn ExecutionPlan>,
     shared: Arc<Shared>,
@@ -118,8 +122,34 @@ impl Detection {
     /// The chosen rows of the candidates: every column of `events` and the
     /// four the policy reads, unordered. Reading them is the second scan.
     pub async fn fetch(&self, ctx: &SessionContext) -> Result<(DataFrame, Arc<dyn ExecutionPlan>)> {
-        let events = ctx.table("events").await?;
-        let plan = events.create_physical_plan().await?;
+        // Late materialization: the membership test is pushed into the
+        // Parquet reader as a row filter, which decodes event_id, tests it,
+        // and decodes the wide columns (payload) of the matching rows only.
+        let is_candidate = datafusion::logical_expr::ScalarUDF::new_from_impl(IsCandidate {
+            shared: self.shared.clone(),
+            signature: datafusion::logical_expr::Signature::any(
+                1,
+                datafusion::logical_expr::Volatility::Immutable,
+            ),
+        });
+        let events = ctx
+            .table("events")
+            .await?
+            .filter(is_candidate.call(vec![col("event_id")]))?;
+        let (state, logical) = events.into_parts();
+        // Not creating the default catalog again: the builder would replace
+        // the shared one, and every table of `ctx` with it.
+        let mut config = state
+            .config()
+            .clone()
+            .with_create_default_catalog_and_schema(false);
+        config.options_mut().execution.parquet.pushdown_filters = true;
+        let state = datafusion::execution::SessionStateBuilder::new_from_existing(state)
+            .with_config(config)
+            .build();
+        let plan = DataFrame::new(state, logical)
+            .create_physical_plan()
+            .await?;
         let mut fields: Vec<Field> = plan
             .schema()
             .fields()
@@ -231,6 +261,7 @@ pub async fn detect(
     }));
 
     // 1. The narrow pass: one task per scan partition.
+    let started = std::time::Instant::now();
     let task = ctx.task_ctx();
     let n_parts = plan.output_partitioning().partition_count();
     let (p_events, p_keys) = {
@@ -254,6 +285,8 @@ pub async fn detect(
             .map_err(|e| DataFusionError::External(Box::new(e)))??;
     }
 
+    let narrow_ms = started.elapsed().as_millis() as u64;
+    let started = std::time::Instant::now();
     // 2. Decide the buckets, two (or as many as cores) at a time.
     let (jobs, spilled_bytes, reservation) = {
         let mut s = shuffle.lock().expect("shuffle lock");
@@ -319,7 +352,10 @@ pub async fn detect(
         cands.annotate_ledger(ctx).await?;
     }
     let candidates = cands.len() as u64;
+    let buckets_ms = started.elapsed().as_millis() as u64;
     Ok(Detection {
+        narrow_ms,
+        buckets_ms,
         rows,
         events: events_n,
         conflicts: n_conflicts,
@@ -1211,6 +1247,58 @@ impl Shared {
     }
 }
 
+/// `backfill_candidate(event_id)`: the id is an unresolved event's.
+#[derive(Debug)]
+struct IsCandidate {
+    shared: Arc<Shared>,
+    signature: datafusion::logical_expr::Signature,
+}
+
+impl PartialEq for IsCandidate {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+}
+
+impl Eq for IsCandidate {}
+
+impl std::hash::Hash for IsCandidate {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        Arc::as_ptr(&self.shared).hash(state)
+    }
+}
+
+impl datafusion::logical_expr::ScalarUDFImpl for IsCandidate {
+    fn name(&self) -> &str {
+        "backfill_candidate"
+    }
+
+    fn signature(&self) -> &datafusion::logical_expr::Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Boolean)
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: datafusion::logical_expr::ScalarFunctionArgs,
+    ) -> Result<datafusion::logical_expr::ColumnarValue> {
+        let ids = args.args[0].clone().into_array(args.number_rows)?;
+        let ids = cast(&ids, &DataType::Utf8)?;
+        let ids = ids.as_string::<i32>();
+        let rs = hasher();
+        let c = &self.shared.cands;
+        let hit: BooleanArray = (0..ids.len())
+            .map(|i| Some(ids.is_valid(i) && c.find(&rs, ids.value(i)).is_some()))
+            .collect();
+        Ok(datafusion::logical_expr::ColumnarValue::Array(Arc::new(
+            hit,
+        )))
+    }
+}
+
 /// One partition of the fetch: the `events` scan's partition, filtered to
 /// the candidates' chosen rows.
 struct Fetch {
@@ -1576,6 +1664,9 @@ mod tests {
             let (fetched, _) = d.fetch(&ctx).await.unwrap();
             let got = by_event(&fetched.collect().await.unwrap());
             d.check_fetched().unwrap();
+            for t in ["events", "ledger", "candidates"] {
+                assert!(ctx.table_exist(t).unwrap(), "the fetch left {t} registered");
+            }
             let ctx_note = format!("round {round}, limit {limit}, {scan:?}");
             assert_eq!((d.rows, d.events), (rows, events), "{ctx_note}");
             assert_eq!(d.candidates as usize, expected.len(), "{ctx_note}");

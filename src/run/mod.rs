@@ -426,6 +426,12 @@ async fn execute(
         report.conflicts = detection.conflicts;
     }
     lap(report, "scan");
+    report
+        .phase_ms
+        .insert("scan_narrow".into(), detection.narrow_ms);
+    report
+        .phase_ms
+        .insert("scan_buckets".into(), detection.buckets_ms);
 
     // Gaps: to their sink.
     if settings.scan.detect_gaps {

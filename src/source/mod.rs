@@ -148,6 +148,10 @@ pub struct ArchiveFile {
     /// The file's own event_time unit and its extreme raw values, to check
     /// that they survive the archive's unified unit.
     pub time_raw: Option<(TimeUnit, i64, i64)>,
+    /// The footer proves that every row has an event_id of its own: no
+    /// NULL and none in the reserved synthetic range (see
+    /// [`footer_ids_clean`]).
+    pub ids_clean: bool,
 }
 
 impl ArchiveFile {
@@ -204,6 +208,9 @@ pub struct Archive {
     pub synthesized: Vec<&'static str>,
     /// Source column names, in archive order, that outputs carry.
     pub source_columns: Vec<String>,
+    /// Every row has an event_id of its own (every file's footer proves
+    /// it): `events` skips the synthetic-id expression.
+    pub ids_clean: bool,
     /// Messages of Kafka sources that did not decode: dead-lettered as
     /// `undecodable`, keyed by the source URL.
     pub undecodable: Vec<(String, crate::kafka::source::Undecodable)>,
@@ -278,10 +285,10 @@ pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, Sour
         if pruned_sample.is_none()
             && let Some(p) = listing.pruned.first()
         {
-            pruned_sample = Some(read_footer(&loc, p.clone(), &scan.columns.event_time).await?);
+            pruned_sample = Some(read_footer(&loc, p.clone(), &scan.columns).await?);
         }
         let metas: Vec<ArchiveFile> = futures::stream::iter(listing.files)
-            .map(|m| read_footer(&loc, m, &scan.columns.event_time))
+            .map(|m| read_footer(&loc, m, &scan.columns))
             .buffer_unordered(16)
             .try_collect()
             .await?;
@@ -383,7 +390,12 @@ pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, Sour
         ctx.register_table("archive", df.into_view())?;
     }
     let source_columns = schema.fields().iter().map(|f| f.name().clone()).collect();
+    let ids_clean = reads.is_empty()
+        && !all_files.is_empty()
+        && !synthesized.contains(&"event_id")
+        && all_files.iter().all(|f| f.ids_clean);
     let archive = Archive {
+        ids_clean,
         schema,
         files: all_files,
         stats,
@@ -649,8 +661,9 @@ fn is_data_file(p: &Path) -> bool {
 async fn read_footer(
     loc: &Location,
     meta: ObjectMeta,
-    event_time: &str,
+    columns: &Columns,
 ) -> Result<ArchiveFile, SourceError> {
+    let event_time = columns.event_time.as_str();
     let display = loc.display_path(&meta.location);
     let reader = ParquetObjectReader::new(loc.store.clone(), meta.location.clone())
         .with_file_size(meta.size);
@@ -663,6 +676,7 @@ async fn read_footer(
     let md = builder.metadata();
     let time_raw = footer_time_raw(builder.schema(), md, event_time);
     Ok(ArchiveFile {
+        ids_clean: footer_ids_clean(builder.schema(), md, &columns.event_id),
         time_range: micros_range(time_raw),
         time_raw,
         display,
@@ -706,6 +720,68 @@ fn footer_time_raw(
     let mins = raw(conv.row_group_mins(md.row_groups()).ok()?)?;
     let maxes = raw(conv.row_group_maxes(md.row_groups()).ok()?)?;
     Some((*unit, *mins.iter().min()?, *maxes.iter().max()?))
+}
+
+/// Whether a file's row-group statistics prove that its event_id column
+/// has no NULL and no value starting with [`MISSING_EVENT_ID_PREFIX`]: then
+/// `events` can read the stored ids as they are, instead of testing every
+/// row for a synthetic one (a string comparison and a copy of every id, on
+/// every scan). A string starts with the prefix iff it lies in [prefix,
+/// prefix with its last byte raised); a row group whose [min, max] misses
+/// that range has none. Footer bounds may be truncated, but only outwards,
+/// so the test stays on the safe side. Anything unknown answers false.
+fn footer_ids_clean(
+    schema: &Schema,
+    md: &parquet::file::metadata::ParquetMetaData,
+    event_id: &str,
+) -> bool {
+    use arrow::array::{Array, AsArray};
+    use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
+    let Ok(field) = schema.field_with_name(event_id) else {
+        return false;
+    };
+    if !matches!(
+        field.data_type(),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+    ) {
+        return false;
+    }
+    let Ok(conv) =
+        StatisticsConverter::try_new(event_id, schema, md.file_metadata().schema_descr())
+    else {
+        return false;
+    };
+    let lo = MISSING_EVENT_ID_PREFIX.as_bytes();
+    let mut hi = lo.to_vec();
+    *hi.last_mut().expect("a non-empty prefix") += 1;
+    let strings = |a: arrow::array::ArrayRef| -> Option<Vec<Option<Vec<u8>>>> {
+        let a = arrow::compute::cast(&a, &DataType::Utf8).ok()?;
+        let a = a.as_string::<i32>();
+        Some(
+            (0..a.len())
+                .map(|i| a.is_valid(i).then(|| a.value(i).as_bytes().to_vec()))
+                .collect(),
+        )
+    };
+    let (Ok(nulls), Ok(mins), Ok(maxes)) = (
+        conv.row_group_null_counts(md.row_groups()),
+        conv.row_group_mins(md.row_groups()),
+        conv.row_group_maxes(md.row_groups()),
+    ) else {
+        return false;
+    };
+    let (Some(mins), Some(maxes)) = (strings(mins), strings(maxes)) else {
+        return false;
+    };
+    if nulls.null_count() > 0 || nulls.values().iter().any(|n| *n != 0) {
+        return false;
+    }
+    mins.iter()
+        .zip(maxes.iter())
+        .all(|(min, max)| match (min, max) {
+            (Some(min), Some(max)) => max.as_slice() < lo || min.as_slice() >= hi.as_slice(),
+            _ => false,
+        })
 }
 
 /// Nanoseconds in one `unit`.
@@ -1111,7 +1187,12 @@ async fn register_events(
     exprs.push(
         datafusion::functions::expr_fn::coalesce(vec![done, lit(false)]).alias("backfill_done"),
     );
-    let df = with_event_identity(df.select(exprs)?)?;
+    let df = if archive.ids_clean {
+        df.select(exprs)?
+            .with_column(MISSING_EVENT_ID_COLUMN, lit(false))?
+    } else {
+        with_event_identity(df.select(exprs)?)?
+    };
     ctx.register_table("events", df.into_view())?;
     Ok(())
 }
@@ -1335,6 +1416,7 @@ mod tests {
             row_groups: 1,
             time_range: micros_range(Some(raw)),
             time_raw: Some(raw),
+            ids_clean: false,
         };
         // One row at 1.5 us (in ns).
         let f = file((TimeUnit::Nanosecond, 1_500, 1_500));
