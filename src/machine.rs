@@ -25,12 +25,54 @@ const CGROUP_V1_LIMIT: &str = "/sys/fs/cgroup/memory/memory.limit_in_bytes";
 /// The default memory limit of the query engine on this machine, in bytes.
 pub fn default_memory_limit() -> usize {
     let read = |p: &str| std::fs::read_to_string(p).ok();
+    // The process's own cgroup and its ancestors (a container is usually a
+    // nested group; the limit may sit on any level), besides the root files.
+    let nested = read("/proc/self/cgroup")
+        .map(|t| cgroup_limit_files(&t))
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|f| read(f).as_deref().and_then(parse_cgroup_limit))
+        .min();
     let available = available_memory(
         read(MEMINFO).as_deref(),
         read(CGROUP_V2_MAX).as_deref(),
         read(CGROUP_V1_LIMIT).as_deref(),
     );
+    let available = match (available, nested) {
+        (Some(a), Some(n)) => Some(a.min(n)),
+        (a, n) => a.or(n),
+    };
     usize::try_from(memory_limit_for(available)).unwrap_or(usize::MAX)
+}
+
+/// The limit files of the process's memory cgroup and of each ancestor,
+/// from `/proc/self/cgroup`: v2 (`0::/a/b`) → `/sys/fs/cgroup/a/b/memory.max`,
+/// `/sys/fs/cgroup/a/memory.max`; v1 (`4:memory:/a/b`) →
+/// `/sys/fs/cgroup/memory/a/b/memory.limit_in_bytes`, and so on up.
+pub fn cgroup_limit_files(proc_self_cgroup: &str) -> Vec<String> {
+    let mut out = vec![];
+    for line in proc_self_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let (root, file) = if controllers.is_empty() {
+            ("/sys/fs/cgroup", "memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        let mut dir = path.trim_end_matches('/').to_string();
+        while !dir.is_empty() {
+            if !dir.split('/').any(|c| c == "..") {
+                out.push(format!("{root}{dir}/{file}"));
+            }
+            dir.truncate(dir.rfind('/').unwrap_or(0));
+        }
+    }
+    out
 }
 
 /// Half of `available`, at least [`MIN_DEFAULT_MEMORY_LIMIT`];
@@ -152,6 +194,31 @@ mod tests {
         assert_eq!(memory_limit_for(Some(2 << 30)), 1 << 30);
         assert_eq!(memory_limit_for(Some(300 << 20)), MIN_DEFAULT_MEMORY_LIMIT);
         assert_eq!(memory_limit_for(None), FALLBACK_MEMORY_LIMIT);
+    }
+
+    #[test]
+    fn cgroup_files_of_the_process_and_its_ancestors() {
+        let v1 = "9:name=systemd:/\n4:memory:/process_api/abc\n1:cpu:/\n";
+        assert_eq!(
+            cgroup_limit_files(v1),
+            [
+                "/sys/fs/cgroup/memory/process_api/abc/memory.limit_in_bytes",
+                "/sys/fs/cgroup/memory/process_api/memory.limit_in_bytes",
+            ]
+        );
+        assert_eq!(
+            cgroup_limit_files("0::/kubepods/pod1/c2\n"),
+            [
+                "/sys/fs/cgroup/kubepods/pod1/c2/memory.max",
+                "/sys/fs/cgroup/kubepods/pod1/memory.max",
+                "/sys/fs/cgroup/kubepods/memory.max",
+            ]
+        );
+        assert!(
+            cgroup_limit_files("0::/\n").is_empty(),
+            "the root is read already"
+        );
+        assert!(cgroup_limit_files("garbage").is_empty());
     }
 
     #[test]

@@ -201,6 +201,7 @@ pub async fn detect(
     est_rows: u64,
     spill_dir: &Path,
     gaps_schema: SchemaRef,
+    progress: Option<indicatif::ProgressBar>,
 ) -> Result<Detection> {
     let events = ctx.table("events").await?;
     let time_type = events
@@ -272,9 +273,14 @@ pub async fn detect(
     for p in 0..n_parts {
         let mut stream = plan.execute(p, task.clone())?;
         let shuffle = shuffle.clone();
+        let progress = progress.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(b) = stream.next().await {
-                let (e, k) = split(&b?, p_events, p_keys, keys_on)?;
+                let b = b?;
+                if let Some(p) = &progress {
+                    p.inc(b.num_rows() as u64);
+                }
+                let (e, k) = split(&b, p_events, p_keys, keys_on)?;
                 shuffle.lock().expect("shuffle lock").push(e, k)?;
             }
             Ok::<_, DataFusionError>(())
@@ -1658,7 +1664,7 @@ mod tests {
                 .value(0) as u64;
 
             let dir = tempfile::tempdir().unwrap();
-            let d = detect(&ctx, &scan, est_rows, dir.path(), gaps_schema)
+            let d = detect(&ctx, &scan, est_rows, dir.path(), gaps_schema, None)
                 .await
                 .unwrap();
             let (fetched, _) = d.fetch(&ctx).await.unwrap();

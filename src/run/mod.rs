@@ -63,8 +63,27 @@ impl Phases {
 
     pub fn set(&self, msg: impl Into<String>) {
         if let Some(b) = &self.bar {
+            if b.length().is_some() {
+                b.set_style(indicatif::ProgressStyle::default_spinner());
+                b.unset_length();
+            }
             b.set_message(msg.into());
         }
+    }
+
+    /// The scan as a bar over the rows the footers announce, with rate and
+    /// ETA; None when progress is off. [`Phases::set`] after it turns the
+    /// line back into a spinner.
+    pub fn rows_bar(&self, total: u64) -> Option<indicatif::ProgressBar> {
+        let b = self.bar.as_ref()?;
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {human_pos}/{human_len} rows, {per_sec}, ETA {eta}",
+        ) {
+            b.set_style(style.progress_chars("=> "));
+        }
+        b.set_length(total);
+        b.set_position(0);
+        Some(b.clone())
     }
 
     pub fn done(&self) {
@@ -405,7 +424,12 @@ async fn execute(
     };
     // One narrow pass decides resolution, conflicts and gaps (the views'
     // rules, detect::onepass); the candidates' wide rows are read after.
-    let est_rows: u64 = archive.files.iter().map(|f| f.rows.max(0) as u64).sum();
+    let est_rows: u64 = archive
+        .files
+        .iter()
+        .map(|f| f.rows.max(0) as u64)
+        .sum::<u64>()
+        + archive.stats.kafka_messages;
     let gaps_view_schema = Arc::new(gaps_df.schema().as_arrow().clone());
     drop(gaps_df);
     drop(candidates);
@@ -415,6 +439,7 @@ async fn execute(
         est_rows,
         &crate::job::spill_dir(&settings.scan),
         gaps_view_schema,
+        phases.rows_bar(est_rows),
     )
     .await?;
     let mut scan_metrics = ScanMetrics::default();
