@@ -72,6 +72,11 @@ pub const LEDGER_DEAD: &str = "backfill_ledger_dead";
 /// from the footers' row counts before anything is read.
 const EVENT_ROW_BYTES: usize = 100;
 const KEY_ROW_BYTES: usize = 70;
+/// Rows a bucket is sized for.
+const BUCKET_ROWS: usize = 200_000;
+/// Rows per batch of the narrow scan: its pieces per bucket stay large
+/// enough that splitting costs little per row.
+const NARROW_BATCH_ROWS: usize = 65_536;
 
 fn hasher() -> RandomState {
     RandomState::with_seed(0x0bac_f111)
@@ -232,12 +237,17 @@ pub async fn detect(
     // Half the pool for the buckets: the sort of the candidates and
     // DataFusion's own scans need the rest.
     let budget = (scan.memory_limit / 2).max(1);
+    // Enough buckets that one bucket's share of the budget holds it (four
+    // times over: it is read back whole, and its sort entries come on top),
+    // and small enough (~200k rows, a few MiB) that deciding it works in
+    // the CPU's cache instead of missing it on every row.
     let buckets = |row_bytes: usize| {
-        let want = (est_rows as usize)
+        let for_memory = (est_rows as usize)
             .saturating_mul(row_bytes)
             .saturating_mul(4)
             / budget.max(1);
-        want.clamp(8, 4096).next_power_of_two()
+        let for_cache = est_rows as usize / BUCKET_ROWS;
+        for_memory.max(for_cache).clamp(8, 4096).next_power_of_two()
     };
     let dir = Arc::new(
         tempfile::Builder::new()
@@ -263,7 +273,10 @@ pub async fn detect(
 
     // 1. The narrow pass: one task per scan partition.
     let started = std::time::Instant::now();
-    let task = ctx.task_ctx();
+    let task = Arc::new(
+        TaskContext::from(&ctx.state())
+            .with_session_config(ctx.copied_config().with_batch_size(NARROW_BATCH_ROWS)),
+    );
     let n_parts = plan.output_partitioning().partition_count();
     let (p_events, p_keys) = {
         let s = shuffle.lock().expect("shuffle lock");
