@@ -361,6 +361,7 @@ pub async fn detect(
         }
     }
     conflicts.seal();
+    cands.seal();
     let n_conflicts = conflicts.len;
     let gaps = if scan.detect_gaps {
         sort_gaps(ctx, gaps_schema, gap_batches).await?
@@ -1067,6 +1068,10 @@ impl GapRows {
 /// 50 bytes an event, so that tens of millions of them fit.
 #[derive(Default)]
 struct Candidates {
+    /// One bit per hash value (a Bloom filter with one probe), a few MiB
+    /// that stay in the CPU cache: most rows of the second scan are not
+    /// candidates and are turned away here without touching the table.
+    bits: Vec<u64>,
     table: HashTable<u32>,
     ids: Vec<u8>,
     ends: Vec<usize>,
@@ -1120,8 +1125,30 @@ impl Candidates {
         }
     }
 
+    /// Build the bit filter once every candidate is in.
+    fn seal(&mut self) {
+        let n_bits = (self.len() * 16).next_power_of_two().max(64);
+        self.bits = vec![0; n_bits / 64];
+        let rs = hasher();
+        for i in 0..self.len() {
+            let b = self.bit(mix(rs.hash_one(self.id(i as u32))));
+            self.bits[b / 64] |= 1 << (b % 64);
+        }
+    }
+
+    fn bit(&self, h: u64) -> usize {
+        // The top bits: the table and the buckets use the others.
+        (h.rotate_left(24) as usize) & (self.bits.len() * 64 - 1)
+    }
+
     fn find(&self, rs: &RandomState, id: &str) -> Option<u32> {
         let h = mix(rs.hash_one(id.as_bytes()));
+        if !self.bits.is_empty() {
+            let b = self.bit(h);
+            if self.bits[b / 64] & (1 << (b % 64)) == 0 {
+                return None;
+            }
+        }
         self.table
             .find(h, |&i| self.id(i) == id.as_bytes())
             .copied()
