@@ -4,6 +4,11 @@
 
 use std::process::ExitCode;
 
+use clap::Parser;
+use event_backfill::cli::{Cli, Command};
+use event_backfill::error::{EXIT_DLQ, EXIT_OK, EXIT_USAGE, Error};
+use event_backfill::{commands, job, run};
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
