@@ -482,6 +482,10 @@ async fn execute(
         Some(state.ledger_writer(&settings.run_id, run_nonce)?)
     };
     let mut decisions = Decisions::default();
+    // A point of the test build (not in `failpoint::POINTS`: nothing is
+    // written yet, so a crash here is a crash during the scan): between the
+    // two scans, where a test rewrites the archive under the run.
+    failpoint::hit("between_scans").await?;
     let (fetched, fetch_plan) = detection.fetch(ctx).await?;
     let candidates = detect::candidates_from(fetched, &settings.scan, archive)?;
     let plan = candidates.create_physical_plan().await?;
