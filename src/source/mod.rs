@@ -1133,18 +1133,68 @@ async fn register_events(
         // beyond what the column's unit can hold and falls away.
         df = df.filter(time().is_not_null())?;
     }
-    if let Some(f) = scan.from {
-        match window_bound(time_field, f) {
-            Bound::Value(v) => df = df.filter(time().gt_eq(lit(v)))?,
-            Bound::BeyondMax => df = df.filter(lit(false))?,
-            Bound::BeforeMin => {}
+    if let Some(coarse) = coarser_file_unit(archive, time_field) {
+        // Some files store a coarser unit than the archive reads (ms files
+        // beside µs ones). DataFusion rewrites a comparison with a literal
+        // into each file's own unit by truncating it, for row-group pruning
+        // and for filters pushed into the reader, which drops a row at
+        // 10.048 s from `< 10.0485 s`. So the window is applied twice: as
+        // bounds widened to whole `coarse` units, which survive that
+        // rewrite and still prune, and exactly, by a function DataFusion
+        // cannot rewrite, over values already cast to the archive's unit.
+        let tz = match time_field.data_type() {
+            DataType::Timestamp(_, tz) => tz.clone(),
+            _ => None,
+        };
+        let read = match time_field.data_type() {
+            DataType::Timestamp(u, _) => *u,
+            _ => TimeUnit::Microsecond,
+        };
+        let widen = |t: DateTime<Utc>, up: bool| -> Option<ScalarValue> {
+            let v = floor_or_ceil_in_unit(t, coarse, up);
+            let v = i64::try_from(convert_unit(i64::try_from(v).ok()?, coarse, read, up)).ok()?;
+            Some(timestamp_scalar(read, v, tz.clone()))
+        };
+        if let Some(v) = scan.from.and_then(|f| widen(f, false)) {
+            df = df.filter(time().gt_eq(lit(v)))?;
         }
-    }
-    if let Some(t) = scan.to {
-        match window_bound(time_field, t) {
-            Bound::Value(v) => df = df.filter(time().lt(lit(v)))?,
-            Bound::BeyondMax => {}
-            Bound::BeforeMin => df = df.filter(lit(false))?,
+        if let Some(v) = scan.to.and_then(|t| widen(t, true)) {
+            df = df.filter(time().lt(lit(v)))?;
+        }
+        // A bound beyond what the unit holds: `from` after every value or
+        // `to` before every value leaves nothing; the others fall away.
+        let bound = |t: Option<DateTime<Utc>>| t.map(|t| window_bound(time_field, t));
+        let (from, to) = (bound(scan.from), bound(scan.to));
+        if matches!(from, Some(Bound::BeyondMax)) || matches!(to, Some(Bound::BeforeMin)) {
+            df = df.filter(lit(false))?;
+        }
+        let value = |b: Option<Bound>| match b {
+            Some(Bound::Value(v)) => timestamp_value(&v),
+            _ => None,
+        };
+        let udf = datafusion::logical_expr::ScalarUDF::new_from_impl(InWindow {
+            from: value(from),
+            to: value(to),
+            signature: datafusion::logical_expr::Signature::any(
+                1,
+                datafusion::logical_expr::Volatility::Immutable,
+            ),
+        });
+        df = df.filter(udf.call(vec![time()]))?;
+    } else {
+        if let Some(f) = scan.from {
+            match window_bound(time_field, f) {
+                Bound::Value(v) => df = df.filter(time().gt_eq(lit(v)))?,
+                Bound::BeyondMax => df = df.filter(lit(false))?,
+                Bound::BeforeMin => {}
+            }
+        }
+        if let Some(t) = scan.to {
+            match window_bound(time_field, t) {
+                Bound::Value(v) => df = df.filter(time().lt(lit(v)))?,
+                Bound::BeyondMax => {}
+                Bound::BeforeMin => df = df.filter(lit(false))?,
+            }
         }
     }
     let renamed: BTreeMap<&str, &str> = c.pairs().iter().map(|(k, v)| (*v, *k)).collect();
@@ -1201,6 +1251,96 @@ async fn register_events(
 /// qualified name and folds case.
 pub fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The coarsest unit a file stores event_time in, when it is coarser than
+/// the unit the archive reads it in (None: no file is).
+fn coarser_file_unit(archive: &Archive, time_field: &Field) -> Option<TimeUnit> {
+    let DataType::Timestamp(read, _) = time_field.data_type() else {
+        return None;
+    };
+    archive
+        .files
+        .iter()
+        .filter_map(|f| f.time_raw.map(|r| r.0))
+        .filter(|u| nanos_per(*u) > nanos_per(*read))
+        .max_by_key(|u| nanos_per(*u))
+}
+
+/// `t` in `unit`, rounded down or up.
+fn floor_or_ceil_in_unit(t: DateTime<Utc>, unit: TimeUnit, up: bool) -> i128 {
+    let ns = t.timestamp() as i128 * 1_000_000_000 + t.timestamp_subsec_nanos() as i128;
+    let per = nanos_per(unit);
+    if up {
+        -((-ns).div_euclid(per))
+    } else {
+        ns.div_euclid(per)
+    }
+}
+
+fn timestamp_scalar(unit: TimeUnit, v: i64, tz: Option<Arc<str>>) -> ScalarValue {
+    match unit {
+        TimeUnit::Second => ScalarValue::TimestampSecond(Some(v), tz),
+        TimeUnit::Millisecond => ScalarValue::TimestampMillisecond(Some(v), tz),
+        TimeUnit::Microsecond => ScalarValue::TimestampMicrosecond(Some(v), tz),
+        TimeUnit::Nanosecond => ScalarValue::TimestampNanosecond(Some(v), tz),
+    }
+}
+
+fn timestamp_value(v: &ScalarValue) -> Option<i64> {
+    match v {
+        ScalarValue::TimestampSecond(v, _)
+        | ScalarValue::TimestampMillisecond(v, _)
+        | ScalarValue::TimestampMicrosecond(v, _)
+        | ScalarValue::TimestampNanosecond(v, _) => *v,
+        _ => None,
+    }
+}
+
+/// `backfill_in_window(event_time)`: the exact window over the raw values
+/// of the archive's unit, `from <= t < to` (None: unbounded). Opaque to
+/// DataFusion on purpose: it cannot be rewritten into a file's coarser unit.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct InWindow {
+    from: Option<i64>,
+    to: Option<i64>,
+    signature: datafusion::logical_expr::Signature,
+}
+
+impl datafusion::logical_expr::ScalarUDFImpl for InWindow {
+    fn name(&self) -> &str {
+        "backfill_in_window"
+    }
+
+    fn signature(&self) -> &datafusion::logical_expr::Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> datafusion::error::Result<DataType> {
+        Ok(DataType::Boolean)
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: datafusion::logical_expr::ScalarFunctionArgs,
+    ) -> datafusion::error::Result<datafusion::logical_expr::ColumnarValue> {
+        use arrow::array::{Array, AsArray, BooleanArray};
+        let t = args.args[0].clone().into_array(args.number_rows)?;
+        let t = arrow::compute::cast(&t, &DataType::Int64)?;
+        let t = t.as_primitive::<arrow::datatypes::Int64Type>();
+        let hit: BooleanArray = (0..t.len())
+            .map(|i| {
+                Some(
+                    t.is_valid(i)
+                        && self.from.is_none_or(|f| t.value(i) >= f)
+                        && self.to.is_none_or(|e| t.value(i) < e),
+                )
+            })
+            .collect();
+        Ok(datafusion::logical_expr::ColumnarValue::Array(Arc::new(
+            hit,
+        )))
+    }
 }
 
 /// A window bound in the stored column's own unit.

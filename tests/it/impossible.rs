@@ -412,6 +412,55 @@ fn sub_unit_window_bounds_are_exact() {
     }
 }
 
+/// A millisecond file beside a microsecond one (the archive reads µs):
+/// DataFusion rewrote `< .0485` into the ms file's unit by truncating it to
+/// `< .048`, for row-group pruning and for the filters pushed into the
+/// reader, so the event at .048 vanished (exit 0), or the second scan of
+/// the run missed a candidate the first had seen ("the archive changed").
+/// Row groups of 2 rows, so that pruning has something to cut.
+#[test]
+fn mixed_unit_archive_windows_are_exact() {
+    let from = "2024-01-01T00:00:00.0015Z";
+    let to = "2024-01-01T00:00:00.0045Z";
+    let at = |i: usize| format!("2024-01-01T00:00:00.{i:03}Z");
+    let mut a = Archive::new();
+    let ms = Layout {
+        row_group_size: Some(2),
+        ..Layout::default().time(TimeUnit::Millisecond, Some("UTC"))
+    };
+    let rows: Vec<Row> = (0..8)
+        .map(|i| Row::new(&format!("m{i}"), "k", i as i64, &at(i), Some("failed")))
+        .collect();
+    a.file("ms.parquet", &ms, &rows);
+    a.file(
+        "us.parquet",
+        &Layout::default().time(TimeUnit::Microsecond, Some("UTC")),
+        &[Row::new("u", "u", 1, "2024-01-01T00:00:00.003Z", Some("failed"))],
+    );
+    let source = read_source(&a.path());
+    let work = tempfile::tempdir().unwrap();
+    let src = a.path();
+    let mut job = Job::under(&src, &source, &work.path().join("out"));
+    let exact_ns = |s: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .timestamp_nanos_opt()
+            .unwrap()
+    };
+    job.cfg.from = Some(exact_ns(from));
+    job.cfg.to = Some(exact_ns(to));
+    job.flags = ["--from", from, "--to", to]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let (_, exp) = job.run("r1", &mut Ledger::default(), 0);
+    assert_eq!(
+        exp.replay.keys().collect::<Vec<_>>(),
+        ["m2", "m3", "m4", "u"],
+        "[.0015, .0045) holds .002, .003, .004 of the ms file and the µs event"
+    );
+}
+
 /// missing_events summed the gaps with a wrapping add: three gaps near
 /// i64::MAX read as a small number. It saturates now.
 #[test]
