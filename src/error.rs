@@ -112,6 +112,19 @@ fn is_plan_error(e: &datafusion::error::DataFusionError) -> bool {
 
 /// DataFusion errors can span lines and repeat their wrappers; keep one line.
 fn datafusion_line(e: &datafusion::error::DataFusionError) -> String {
+    if let datafusion::error::DataFusionError::ResourcesExhausted(detail) = e.find_root() {
+        // DataFusion's own text names settings a user cannot set
+        // (datafusion.runtime.memory_limit); ours names the flag.
+        let first = detail.lines().next().unwrap_or_default();
+        let first = first
+            .split(" with top memory consumers")
+            .next()
+            .unwrap_or_default()
+            .trim_end_matches([':', ' ']);
+        return format!(
+            "out of memory under --memory-limit (memory_limit in the job file): {first}; raise it: the detection spills, but each sort must hold a batch of the widest rows and its merge buffers"
+        );
+    }
     let s = e.to_string();
     let s = s.replace('\n', " ");
     let s = s.trim().to_string();

@@ -416,6 +416,24 @@ pub fn parse_size(what: &str, s: &str) -> Result<usize, JobError> {
     Ok((n * mult as f64) as usize)
 }
 
+/// The smallest memory limit accepted. Below it nothing useful runs: the
+/// engine's sorts reserve 10 MiB per core for their merge before they
+/// spill, and one decoded batch of a wide archive takes more.
+pub const MIN_MEMORY_LIMIT: usize = 64 << 20;
+
+fn min_memory_limit(what: &str, s: &str) -> Result<usize, JobError> {
+    let n = parse_size(what, s)?;
+    if n < MIN_MEMORY_LIMIT {
+        return Err(invalid(
+            what,
+            format!(
+                "'{s}' is below the minimum of 64M (the engine's merge buffers alone need that much)"
+            ),
+        ));
+    }
+    Ok(n)
+}
+
 /// A spill directory must exist and take files: DataFusion would otherwise
 /// create a missing one silently (a typo becomes a new folder) or fail in
 /// the middle of the scan, with an error that names no setting.
@@ -576,8 +594,8 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
         ));
     }
     let memory_limit = match (args.memory_limit.as_deref(), job.memory_limit.as_deref()) {
-        (Some(s), _) => parse_size("--memory-limit", s)?,
-        (None, Some(s)) => parse_size("memory_limit", s)?,
+        (Some(s), _) => min_memory_limit("--memory-limit", s)?,
+        (None, Some(s)) => min_memory_limit("memory_limit", s)?,
         (None, None) => crate::machine::default_memory_limit(),
     };
     let spill_dir = match (&args.spill_dir, job.spill_dir.as_deref()) {

@@ -649,7 +649,14 @@ impl Bucket {
             let f = File::create(&self.path).map_err(|e| spill_error(&self.path, e))?;
             self.writer = Some(StreamWriter::try_new(BufWriter::new(f), schema)?);
         }
-        self.writer.as_mut().expect("writer").write(b)?;
+        // A full disk shows here: name the file, so the spill dir is known.
+        self.writer
+            .as_mut()
+            .expect("writer")
+            .write(b)
+            .map_err(|e| {
+                DataFusionError::Execution(format!("spill file {}: {e}", self.path.display()))
+            })?;
         Ok(b.get_array_memory_size())
     }
 
@@ -660,7 +667,9 @@ impl Bucket {
         let mut batches = std::mem::take(&mut self.mem);
         let mut loaded = 0;
         if let Some(mut w) = self.writer.take() {
-            w.finish()?;
+            w.finish().map_err(|e| {
+                DataFusionError::Execution(format!("spill file {}: {e}", self.path.display()))
+            })?;
             drop(w);
             let f = File::open(&self.path).map_err(|e| spill_error(&self.path, e))?;
             for b in StreamReader::try_new(BufReader::new(f), None)? {

@@ -236,6 +236,12 @@ pub fn session(scan: &Scan) -> Result<SessionContext, SourceError> {
         .set_bool("datafusion.execution.parquet.pruning", true)
         .set_bool("datafusion.sql_parser.enable_ident_normalization", true);
     config.options_mut().execution.parquet.binary_as_string = false;
+    // Each sort partition (one per core) reserves this much for its merge
+    // before it spills; DataFusion's fixed 10 MiB on many cores would eat a
+    // small limit whole. A quarter of the limit across all of them.
+    let parts = config.target_partitions().max(1);
+    config.options_mut().execution.sort_spill_reservation_bytes =
+        (scan.memory_limit / (4 * parts)).clamp(1 << 20, 10 << 20);
     // Spill files go to --spill-dir, or (lazily, only if something spills)
     // to a fresh folder in the system temp dir. Either folder is removed
     // when the session ends.

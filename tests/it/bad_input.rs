@@ -371,6 +371,10 @@ fn malformed_column_and_memory_flags() {
             "no_such_contract_column",
         ),
         (["--memory-limit", "lots"], "lots"),
+        // 0.5 bytes parsed as 0 and was accepted; tiny limits fail later
+        // with the engine's words: refused up front now.
+        (["--memory-limit", "0.5"], "minimum of 64M"),
+        (["--memory-limit", "1K"], "minimum of 64M"),
     ] {
         let work = tempfile::tempdir().unwrap();
         let out = work.path().join("out");

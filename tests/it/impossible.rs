@@ -435,7 +435,13 @@ fn mixed_unit_archive_windows_are_exact() {
     a.file(
         "us.parquet",
         &Layout::default().time(TimeUnit::Microsecond, Some("UTC")),
-        &[Row::new("u", "u", 1, "2024-01-01T00:00:00.003Z", Some("failed"))],
+        &[Row::new(
+            "u",
+            "u",
+            1,
+            "2024-01-01T00:00:00.003Z",
+            Some("failed"),
+        )],
     );
     let source = read_source(&a.path());
     let work = tempfile::tempdir().unwrap();
