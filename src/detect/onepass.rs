@@ -725,9 +725,6 @@ impl Job {
 
 struct EvCols<'a> {
     eid: &'a StringArray,
-    att: &'a Int64Array,
-    time: &'a Int64Array,
-    done: &'a BooleanArray,
     status: &'a StringArray,
     error: &'a StringArray,
 }
@@ -766,28 +763,56 @@ struct Cand {
     tie: Option<(Option<String>, Option<String>)>,
 }
 
+/// One row of an event bucket with what the decision reads, so that the
+/// sweep after the sort reads memory in order; the batches are visited
+/// again only for ids (groups of several rows, candidates) and ties.
+#[derive(Clone, Copy)]
+struct EvRow {
+    h: u64,
+    att: i64,
+    time: i64,
+    b: u32,
+    r: u32,
+    has_time: bool,
+    done: bool,
+}
+
+impl EvRow {
+    fn time(&self) -> Option<i64> {
+        self.has_time.then_some(self.time)
+    }
+}
+
 fn decide_events(batches: &[RecordBatch]) -> Result<EventsOut> {
     let cols: Vec<EvCols> = batches
         .iter()
         .map(|b| EvCols {
             eid: b.column(ev::EID).as_string::<i32>(),
-            att: b.column(ev::ATT).as_primitive::<Int64Type>(),
-            time: b.column(ev::TIME).as_primitive::<Int64Type>(),
-            done: b.column(ev::DONE).as_boolean(),
             status: b.column(ev::STATUS).as_string::<i32>(),
             error: b.column(ev::ERROR).as_string::<i32>(),
         })
         .collect();
     let total: usize = batches.iter().map(|b| b.num_rows()).sum();
-    let mut entries: Vec<(u64, u32, u32)> = Vec::with_capacity(total);
+    let mut entries: Vec<EvRow> = Vec::with_capacity(total);
     for (bi, b) in batches.iter().enumerate() {
         let h = b.column(ev::HASH).as_primitive::<UInt64Type>().values();
+        let att = b.column(ev::ATT).as_primitive::<Int64Type>();
+        let time = b.column(ev::TIME).as_primitive::<Int64Type>();
+        let done = b.column(ev::DONE).as_boolean();
         for (r, h) in h.iter().enumerate() {
-            entries.push((*h, bi as u32, r as u32));
+            entries.push(EvRow {
+                h: *h,
+                att: att.value(r),
+                time: time.value(r),
+                b: bi as u32,
+                r: r as u32,
+                has_time: time.is_valid(r),
+                done: done.is_valid(r) && done.value(r),
+            });
         }
     }
-    entries.sort_unstable_by_key(|e| e.0);
-    let eid = |e: &(u64, u32, u32)| cols[e.1 as usize].eid.value(e.2 as usize);
+    entries.sort_unstable_by_key(|e| e.h);
+    let eid = |e: &EvRow| cols[e.b as usize].eid.value(e.r as usize);
     let mut out = EventsOut {
         rows: 0,
         events: 0,
@@ -796,13 +821,13 @@ fn decide_events(batches: &[RecordBatch]) -> Result<EventsOut> {
     let mut i = 0;
     while i < entries.len() {
         let mut j = i + 1;
-        while j < entries.len() && entries[j].0 == entries[i].0 {
+        while j < entries.len() && entries[j].h == entries[i].h {
             j += 1;
         }
         let run = &mut entries[i..j];
-        let first = eid(&run[0]);
-        if run.iter().any(|e| eid(e) != first) {
-            // A 64-bit collision between different ids: split by the ids.
+        // One row is one event; several rows with one hash are checked
+        // against the ids themselves (a 64-bit collision splits them).
+        if run.len() > 1 && run.iter().any(|e| eid(e) != eid(&run[0])) {
             run.sort_by(|a, b| eid(a).cmp(eid(b)));
             let mut s = 0;
             while s < run.len() {
@@ -824,35 +849,24 @@ fn decide_events(batches: &[RecordBatch]) -> Result<EventsOut> {
 /// The rows of one event: resolved, or its chosen row (the `unprocessed`
 /// view: highest attempts, then latest event_time with NULL last, then the
 /// smallest status and error with NULL last).
-fn decide_event(cols: &[EvCols], rows: &[(u64, u32, u32)], out: &mut EventsOut) {
+fn decide_event(cols: &[EvCols], rows: &[EvRow], out: &mut EventsOut) {
     out.rows += rows.len() as u64;
     out.events += 1;
-    let c = |e: &(u64, u32, u32)| (&cols[e.1 as usize], e.2 as usize);
-    if rows.iter().any(|e| {
-        let (c, r) = c(e);
-        c.done.is_valid(r) && c.done.value(r)
-    }) {
+    if rows.iter().any(|e| e.done) {
         return;
     }
-    let att = |e: &(u64, u32, u32)| {
-        let (c, r) = c(e);
-        c.att.value(r)
-    };
-    let time = |e: &(u64, u32, u32)| {
-        let (c, r) = c(e);
-        opt_i64(c.time, r)
-    };
-    let max_att = rows.iter().map(att).max().unwrap_or(0);
+    let c = |e: &EvRow| (&cols[e.b as usize], e.r as usize);
+    let max_att = rows.iter().map(|e| e.att).max().unwrap_or(0);
     let chosen_time = rows
         .iter()
-        .filter(|e| att(e) == max_att)
-        .filter_map(time)
+        .filter(|e| e.att == max_att)
+        .filter_map(EvRow::time)
         .max();
-    let mut best: Option<&(u64, u32, u32)> = None;
+    let mut best: Option<&EvRow> = None;
     let mut matching = 0;
     for e in rows
         .iter()
-        .filter(|e| att(e) == max_att && time(e) == chosen_time)
+        .filter(|e| e.att == max_att && e.time() == chosen_time)
     {
         matching += 1;
         best = match best {
@@ -893,17 +907,27 @@ struct KeysOut {
 struct KCols<'a> {
     key: &'a StringArray,
     eid: &'a StringArray,
-    time: &'a Int64Array,
-    missing: &'a BooleanArray,
 }
 
-/// One observed seq of a key: the smallest event_id of the rows that have
-/// one of their own, and that id's earliest event_time.
+/// One observed seq of a key: the row of the smallest event_id among the
+/// rows that have one of their own, and that id's earliest event_time.
 #[derive(Clone, Copy)]
-struct Seen<'a> {
+struct Seen {
     seq: i64,
-    eid: Option<&'a str>,
+    eid: Option<(u32, u32)>,
     time: Option<i64>,
+}
+
+/// One row of a key bucket with what the sweep reads (see [`EvRow`]).
+#[derive(Clone, Copy)]
+struct KRow {
+    h: u64,
+    seq: i64,
+    time: i64,
+    b: u32,
+    r: u32,
+    has_time: bool,
+    missing: bool,
 }
 
 fn decide_keys(batches: &[RecordBatch]) -> Result<KeysOut> {
@@ -912,21 +936,29 @@ fn decide_keys(batches: &[RecordBatch]) -> Result<KeysOut> {
         .map(|b| KCols {
             key: b.column(kc::KEY).as_string::<i32>(),
             eid: b.column(kc::EID).as_string::<i32>(),
-            time: b.column(kc::TIME).as_primitive::<Int64Type>(),
-            missing: b.column(kc::MISSING).as_boolean(),
         })
         .collect();
     let total: usize = batches.iter().map(|b| b.num_rows()).sum();
-    let mut entries: Vec<(u64, i64, u32, u32)> = Vec::with_capacity(total);
+    let mut entries: Vec<KRow> = Vec::with_capacity(total);
     for (bi, b) in batches.iter().enumerate() {
         let h = b.column(kc::HASH).as_primitive::<UInt64Type>().values();
-        let s = b.column(kc::SEQ).as_primitive::<Int64Type>().values();
+        let seq = b.column(kc::SEQ).as_primitive::<Int64Type>().values();
+        let time = b.column(kc::TIME).as_primitive::<Int64Type>();
+        let missing = b.column(kc::MISSING).as_boolean();
         for r in 0..b.num_rows() {
-            entries.push((h[r], s[r], bi as u32, r as u32));
+            entries.push(KRow {
+                h: h[r],
+                seq: seq[r],
+                time: time.value(r),
+                b: bi as u32,
+                r: r as u32,
+                has_time: time.is_valid(r),
+                missing: missing.is_valid(r) && missing.value(r),
+            });
         }
     }
-    entries.sort_unstable_by_key(|e| (e.0, e.1));
-    let key = |e: &(u64, i64, u32, u32)| cols[e.2 as usize].key.value(e.3 as usize);
+    entries.sort_unstable_by_key(|e| (e.h, e.seq));
+    let key = |e: &KRow| cols[e.b as usize].key.value(e.r as usize);
     let mut out = KeysOut {
         conflicts: vec![],
         gaps: GapRows::default(),
@@ -934,13 +966,13 @@ fn decide_keys(batches: &[RecordBatch]) -> Result<KeysOut> {
     let mut i = 0;
     while i < entries.len() {
         let mut j = i + 1;
-        while j < entries.len() && entries[j].0 == entries[i].0 {
+        while j < entries.len() && entries[j].h == entries[i].h {
             j += 1;
         }
         let run = &mut entries[i..j];
         let first = key(&run[0]);
         if run.iter().any(|e| key(e) != first) {
-            run.sort_by(|a, b| key(a).cmp(key(b)).then(a.1.cmp(&b.1)));
+            run.sort_by(|a, b| key(a).cmp(key(b)).then(a.seq.cmp(&b.seq)));
             let mut s = 0;
             while s < run.len() {
                 let mut t = s + 1;
@@ -960,57 +992,62 @@ fn decide_keys(batches: &[RecordBatch]) -> Result<KeysOut> {
 
 /// The rows of one key, ordered by seq: its conflicts (the `conflicts`
 /// view) and its gaps (the `gaps` view).
-fn decide_key(cols: &[KCols], rows: &[(u64, i64, u32, u32)], out: &mut KeysOut) {
-    let (c0, r0) = (&cols[rows[0].2 as usize], rows[0].3 as usize);
-    let key = c0.key.value(r0);
+fn decide_key(cols: &[KCols], rows: &[KRow], out: &mut KeysOut) {
+    let eid = |e: &KRow| cols[e.b as usize].eid.value(e.r as usize);
+    let key = cols[rows[0].b as usize].key.value(rows[0].r as usize);
+    let time = |e: &KRow| e.has_time.then_some(e.time);
     let mut prev: Option<Seen> = None;
     let mut i = 0;
     while i < rows.len() {
-        let seq = rows[i].1;
+        let seq = rows[i].seq;
         let mut j = i;
-        let mut min_eid: Option<&str> = None;
-        let mut max_eid: Option<&str> = None;
-        let mut min_time: Option<i64> = None;
-        while j < rows.len() && rows[j].1 == seq {
-            let (c, r) = (&cols[rows[j].2 as usize], rows[j].3 as usize);
+        while j < rows.len() && rows[j].seq == seq {
             j += 1;
-            if c.missing.is_valid(r) && c.missing.value(r) {
-                continue;
-            }
-            let e = c.eid.value(r);
-            let t = opt_i64(c.time, r);
-            match min_eid {
-                Some(m) if e > m => {}
-                Some(m) if e == m => {
-                    min_time = match (min_time, t) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    }
-                }
-                _ => {
-                    min_eid = Some(e);
-                    min_time = t;
-                }
-            }
-            if max_eid.is_none_or(|m| e > m) {
-                max_eid = Some(e);
-            }
         }
-        if let (Some(a), Some(b)) = (min_eid, max_eid)
-            && a < b
-        {
-            out.conflicts.push((key.to_string(), seq));
-        }
-        let seen = Seen {
-            seq,
-            eid: min_eid,
-            time: min_time,
+        let group = &rows[i..j];
+        let own = || group.iter().filter(|e| !e.missing);
+        let mut ids = own();
+        let seen = match (ids.next(), ids.next()) {
+            (None, _) => Seen {
+                seq,
+                eid: None,
+                time: None,
+            },
+            // The common case: one row, no id to compare.
+            (Some(one), None) => Seen {
+                seq,
+                eid: Some((one.b, one.r)),
+                time: time(one),
+            },
+            _ => {
+                let min = own().min_by(|a, b| eid(a).cmp(eid(b))).expect("two rows");
+                let max = own().max_by(|a, b| eid(a).cmp(eid(b))).expect("two rows");
+                let min_id = eid(min);
+                if min_id < eid(max) {
+                    out.conflicts.push((key.to_string(), seq));
+                }
+                Seen {
+                    seq,
+                    eid: Some((min.b, min.r)),
+                    time: own().filter(|e| eid(e) == min_id).filter_map(time).min(),
+                }
+            }
         };
         if let Some(p) = prev
             && seq - 1 > p.seq
         {
             let missing = ((seq as i128 - 1) - p.seq as i128).min(i64::MAX as i128) as i64;
-            out.gaps.push(key, p, seen, missing);
+            let id = |s: &Seen| s.eid.map(|(b, r)| cols[b as usize].eid.value(r as usize));
+            out.gaps.push(
+                key,
+                p.seq,
+                id(&p),
+                p.time,
+                seen.seq,
+                id(&seen),
+                seen.time,
+                missing,
+            );
         }
         prev = Some(seen);
         i = j;
@@ -1034,15 +1071,26 @@ impl GapRows {
         self.first.len()
     }
 
-    fn push(&mut self, key: &str, before: Seen, after: Seen, missing: i64) {
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        key: &str,
+        before_seq: i64,
+        before_id: Option<&str>,
+        before_time: Option<i64>,
+        after_seq: i64,
+        after_id: Option<&str>,
+        after_time: Option<i64>,
+        missing: i64,
+    ) {
         self.key.append_value(key);
-        self.first.push(before.seq + 1);
-        self.last.push(after.seq - 1);
+        self.first.push(before_seq + 1);
+        self.last.push(after_seq - 1);
         self.missing.push(missing);
-        self.before_id.append_option(before.eid);
-        self.before_time.push(before.time);
-        self.after_id.append_option(after.eid);
-        self.after_time.push(after.time);
+        self.before_id.append_option(before_id);
+        self.before_time.push(before_time);
+        self.after_id.append_option(after_id);
+        self.after_time.push(after_time);
     }
 
     /// As a batch of the `gaps` view's schema (times back in the stored
