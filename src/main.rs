@@ -18,23 +18,23 @@ unsafe extern "C" {
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
 }
 
-/// Never hand freed memory back to the OS during a run (mimalloc's default
-/// is after 10 ms). A scan frees and allocates its decode buffers batch
-/// after batch; handed back, every new batch faults its pages in again and
-/// the kernel zeroes them (transparent huge pages: 2 MiB a fault). Measured
-/// over a 10M-event run: 205k page faults and a fifth of the CPU in
-/// `clear_page` at 1 s delay, 3k faults with none (BENCHMARKS.md). A batch
-/// job's RSS is its high-water mark either way: memory freed stays for the
-/// next allocation instead. `mi_option_purge_delay` is index 15 of
-/// mimalloc v3's option enum; it is only set when it still holds its
-/// documented default (10), so that another mimalloc version (or
+/// Never hand freed memory back to the OS during a run (mimalloc v3 does
+/// after 1 s). A run frees and allocates decode buffers, bucket pieces and
+/// sort entries by the gigabyte; handed back, each reuse faults its pages
+/// in again and the kernel zeroes them (transparent huge pages: 2 MiB a
+/// fault). Measured over a 10M-event run: 196k page faults and a fifth of
+/// the CPU in `clear_page` by default, 4k faults with none (BENCHMARKS.md).
+/// A batch job's RSS is its high-water mark either way: freed memory is
+/// kept for the next allocation instead. `mi_option_purge_delay` is index
+/// 15 of mimalloc v3's option enum; it is only set while it holds v3's
+/// default (1000), so that another mimalloc version (or
 /// MIMALLOC_PURGE_DELAY in the environment) is left alone.
 fn tune_allocator() {
     const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
     // SAFETY: plain option accessors of the linked mimalloc; any index
     // below the enum's end is valid, and 15 is.
     unsafe {
-        if mi_option_get(MI_OPTION_PURGE_DELAY) == 10 {
+        if mi_option_get(MI_OPTION_PURGE_DELAY) == 1000 {
             mi_option_set(MI_OPTION_PURGE_DELAY, -1);
         }
     }
