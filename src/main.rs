@@ -28,7 +28,7 @@ unsafe extern "C" {
 /// kept for the next allocation instead. `mi_option_purge_delay` is index
 /// 15 of mimalloc v3's option enum; it is only set while it holds v3's
 /// default (1000), so that another mimalloc version (or
-/// MIMALLOC_PURGE_DELAY in the environment) is left alone.
+/// MIMALLOC_PURGE_DELAY set to another value) is left alone.
 fn tune_allocator() {
     const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
     // SAFETY: plain option accessors of the linked mimalloc; any index
