@@ -29,15 +29,32 @@ unsafe extern "C" {
 /// 15 of mimalloc v3's option enum; it is only set while it holds v3's
 /// default (1000), so that another mimalloc version (or
 /// MIMALLOC_PURGE_DELAY set to another value) is left alone.
-fn tune_allocator() {
+///
+/// With `--memory-limit` on the command line, memory is purged at once
+/// instead: the user asked for a bound, and memory kept for reuse counts in
+/// RSS (10M events at `--memory-limit 1G`: 2.1 GiB peak kept, 1.45 GiB
+/// purged, about the same time).
+fn tune_allocator(bounded: bool) {
     const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
     // SAFETY: plain option accessors of the linked mimalloc; any index
     // below the enum's end is valid, and 15 is.
     unsafe {
         if mi_option_get(MI_OPTION_PURGE_DELAY) == 1000 {
-            mi_option_set(MI_OPTION_PURGE_DELAY, -1);
+            mi_option_set(MI_OPTION_PURGE_DELAY, if bounded { 0 } else { -1 });
         }
     }
+}
+
+/// The command line bounds memory (`--memory-limit`).
+fn bounded(cmd: &Command) -> bool {
+    let scan = match cmd {
+        Command::Run(a) => &a.scan,
+        Command::Gaps(a) => &a.scan,
+        Command::Sql(a) => &a.scan,
+        Command::Explain(a) => &a.scan,
+        _ => return false,
+    };
+    scan.memory_limit.is_some()
 }
 
 fn main() -> ExitCode {
@@ -45,9 +62,11 @@ fn main() -> ExitCode {
     // redacted while settings are read, a clap error quoting an argument) is
     // scrubbed of the environment's secrets, whatever the URL around them.
     event_backfill::redact::register_env();
-    tune_allocator();
     let cli = match Cli::try_parse() {
-        Ok(c) => c,
+        Ok(c) => {
+            tune_allocator(bounded(&c.command));
+            c
+        }
         Err(e) if !e.use_stderr() => {
             // --help and --version print to stdout and succeed.
             let _ = e.print();

@@ -103,13 +103,22 @@ pub struct Decided {
 }
 
 /// The columns a run appends to every replay and DLQ row.
+/// The names of the columns every replay and dead letter carries, declared
+/// once (the Kafka sink's headers read them by these names).
+pub mod out_columns {
+    pub const RUN_ID: &str = "backfill_run_id";
+    pub const REASON: &str = "backfill_reason";
+    pub const ATTEMPT: &str = "backfill_attempt";
+    pub const DETECTED_AT: &str = "backfill_detected_at";
+}
+
 pub fn backfill_fields() -> Vec<Field> {
     vec![
-        Field::new("backfill_run_id", DataType::Utf8, false),
-        Field::new("backfill_reason", DataType::Utf8, false),
-        Field::new("backfill_attempt", DataType::Int32, false),
+        Field::new(out_columns::RUN_ID, DataType::Utf8, false),
+        Field::new(out_columns::REASON, DataType::Utf8, false),
+        Field::new(out_columns::ATTEMPT, DataType::Int32, false),
         Field::new(
-            "backfill_detected_at",
+            out_columns::DETECTED_AT,
             DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
             false,
         ),
@@ -329,6 +338,99 @@ impl Policy {
             },
         })
     }
+}
+
+/// The ledger id of an undecodable message: it has no event_id, but its
+/// coordinates are unique, so the DLQ still holds it once across runs.
+pub fn undecodable_id(url: &str, u: &crate::kafka::source::Undecodable) -> String {
+    format!("{url}#{}@{}", u.partition, u.offset)
+}
+
+/// Dead letters (reason `undecodable`) for Kafka messages that did not
+/// decode, and their ledger entries: raw bytes in the payload column, the
+/// decode error in the error column, the coordinates in the Kafka columns;
+/// everything else NULL. `todo` holds (source URL, message) pairs no
+/// earlier run dead-lettered.
+pub fn undecodable(
+    out_schema: &SchemaRef,
+    todo: &[(&str, &crate::kafka::source::Undecodable)],
+    columns: &crate::job::Columns,
+    k: &crate::kafka::KafkaSettings,
+    run_id: &str,
+    detected_at_us: i64,
+) -> Result<(RecordBatch, RecordBatch), PolicyError> {
+    use arrow::array::{
+        BinaryArray, Int32Array, Int64Array, TimestampMillisecondArray, new_null_array,
+    };
+    let n = todo.len();
+    let c = columns;
+    let mut cols: Vec<ArrayRef> = vec![];
+    for f in out_schema.fields() {
+        let name = f.name().as_str();
+        let col: ArrayRef = match name {
+            out_columns::RUN_ID => Arc::new(StringArray::from(vec![run_id; n])),
+            out_columns::REASON => Arc::new(StringArray::from(vec!["undecodable"; n])),
+            out_columns::ATTEMPT => Arc::new(Int32Array::from(vec![0; n])),
+            out_columns::DETECTED_AT => Arc::new(
+                TimestampMicrosecondArray::from(vec![detected_at_us; n]).with_timezone("UTC"),
+            ),
+            _ if name == c.payload => cast(
+                &BinaryArray::from_iter(todo.iter().map(|(_, u)| Some(u.value.as_slice()))),
+                f.data_type(),
+            )?,
+            _ if name == c.error => cast(
+                &StringArray::from_iter(todo.iter().map(|(_, u)| Some(u.error.clone()))),
+                f.data_type(),
+            )?,
+            _ if name == c.key => cast(
+                &StringArray::from_iter(todo.iter().map(|(_, u)| {
+                    u.key
+                        .as_ref()
+                        .map(|k| String::from_utf8_lossy(k).into_owned())
+                })),
+                f.data_type(),
+            )?,
+            _ if name == k.original_topic_column => cast(
+                &StringArray::from_iter(
+                    todo.iter()
+                        .map(|(url, _)| crate::kafka::parse_url(url).ok().map(|u| u.topic)),
+                ),
+                f.data_type(),
+            )?,
+            _ if name == k.original_partition_column => cast(
+                &Int32Array::from_iter(todo.iter().map(|(_, u)| Some(u.partition))),
+                f.data_type(),
+            )?,
+            _ if name == k.original_offset_column => cast(
+                &Int64Array::from_iter(todo.iter().map(|(_, u)| Some(u.offset))),
+                f.data_type(),
+            )?,
+            _ if name == k.original_timestamp_column => cast(
+                &TimestampMillisecondArray::from_iter(
+                    todo.iter()
+                        .map(|(_, u)| u.timestamp.map(|t| t.timestamp_millis())),
+                )
+                .with_timezone("UTC"),
+                f.data_type(),
+            )?,
+            _ => new_null_array(f.data_type(), n),
+        };
+        cols.push(col);
+    }
+    let dlq = RecordBatch::try_new(out_schema.clone(), cols)?;
+    let ledger = RecordBatch::try_new(
+        crate::detect::ledger_entries_schema(),
+        vec![
+            Arc::new(StringArray::from(vec![run_id; n])),
+            Arc::new(StringArray::from_iter_values(
+                todo.iter().map(|(url, u)| undecodable_id(url, u)),
+            )),
+            Arc::new(StringArray::from(vec!["dlq"; n])),
+            Arc::new(StringArray::from(vec!["undecodable"; n])),
+            Arc::new(Int32Array::from(vec![0; n])),
+        ],
+    )?;
+    Ok((dlq, ledger))
 }
 
 #[cfg(test)]

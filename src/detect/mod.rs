@@ -129,10 +129,10 @@ pub fn candidates_from(
     exprs.extend([
         col("event_id").alias(internal::EVENT_ID),
         col("error").alias(internal::ERROR),
-        col("archived_attempts").alias(internal::ARCHIVED_ATTEMPTS),
-        col("backfill_in_conflict").alias(internal::IN_CONFLICT),
-        col("backfill_ledger_replays").alias(internal::LEDGER_REPLAYS),
-        col("backfill_ledger_dead").alias(internal::LEDGER_DEAD),
+        col(onepass::ARCHIVED_ATTEMPTS).alias(internal::ARCHIVED_ATTEMPTS),
+        col(onepass::IN_CONFLICT).alias(internal::IN_CONFLICT),
+        col(onepass::LEDGER_REPLAYS).alias(internal::LEDGER_REPLAYS),
+        col(onepass::LEDGER_DEAD).alias(internal::LEDGER_DEAD),
         col(crate::source::MISSING_EVENT_ID_COLUMN).alias(internal::MISSING_EVENT_ID),
     ]);
     // Sort on the canonical columns before projecting them away.

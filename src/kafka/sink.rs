@@ -77,10 +77,10 @@ pub mod headers {
 }
 
 /// The `backfill_*` columns the run adds to every replay and DLQ row.
-const RUN_ID_COLUMN: &str = "backfill_run_id";
-const REASON_COLUMN: &str = "backfill_reason";
-const ATTEMPT_COLUMN: &str = "backfill_attempt";
-const DETECTED_AT_COLUMN: &str = "backfill_detected_at";
+use crate::policy::out_columns::{
+    ATTEMPT as ATTEMPT_COLUMN, DETECTED_AT as DETECTED_AT_COLUMN, REASON as REASON_COLUMN,
+    RUN_ID as RUN_ID_COLUMN,
+};
 /// The key column of gap rows (the gaps view's name, not the source's).
 const GAPS_KEY_COLUMN: &str = "key";
 

@@ -554,16 +554,9 @@ async fn execute(
     .await
 }
 
-/// The ledger id of an undecodable message: it has no event_id, but its
-/// coordinates are unique, so the DLQ still holds it once across runs.
-fn undecodable_id(url: &str, u: &crate::kafka::source::Undecodable) -> String {
-    format!("{url}#{}@{}", u.partition, u.offset)
-}
-
-/// Dead letters (reason `undecodable`) for Kafka messages that did not
-/// decode: raw bytes in the payload column, the decode error in the error
-/// column, the coordinates in the Kafka columns; everything else NULL.
-/// Messages an earlier committed run already dead-lettered are skipped.
+/// Dead letters for the Kafka messages that did not decode, except those
+/// an earlier committed run already dead-lettered (the ledger, read here;
+/// the rows themselves are the policy's: [`crate::policy::undecodable`]).
 async fn undecodable_rows(
     ctx: &SessionContext,
     settings: &RunSettings,
@@ -571,10 +564,6 @@ async fn undecodable_rows(
     out_schema: &SchemaRef,
     detected_at_us: i64,
 ) -> Result<(RecordBatch, RecordBatch, u64), Error> {
-    use arrow::array::{
-        BinaryArray, Int32Array, Int64Array, TimestampMillisecondArray, new_null_array,
-    };
-    use arrow::compute::cast;
     let done: std::collections::BTreeSet<String> = {
         let b = ctx
             .sql("SELECT event_id FROM ledger WHERE dead_lettered AND event_id LIKE 'kafka://%'")
@@ -590,80 +579,20 @@ async fn undecodable_rows(
             })
             .collect()
     };
-    let todo: Vec<&(String, crate::kafka::source::Undecodable)> = archive
+    let todo: Vec<(&str, &crate::kafka::source::Undecodable)> = archive
         .undecodable
         .iter()
-        .filter(|(url, u)| !done.contains(&undecodable_id(url, u)))
+        .filter(|(url, u)| !done.contains(&crate::policy::undecodable_id(url, u)))
+        .map(|(url, u)| (url.as_str(), u))
         .collect();
     let skipped = (archive.undecodable.len() - todo.len()) as u64;
-    let n = todo.len();
-    let k = settings.scan.kafka.clone().unwrap_or_default();
-    let c = &settings.scan.columns;
-    let mut cols: Vec<ArrayRef> = vec![];
-    for f in out_schema.fields() {
-        let name = f.name().as_str();
-        let col: ArrayRef = match name {
-            "backfill_run_id" => Arc::new(StringArray::from(vec![settings.run_id.as_str(); n])),
-            "backfill_reason" => Arc::new(StringArray::from(vec!["undecodable"; n])),
-            "backfill_attempt" => Arc::new(Int32Array::from(vec![0; n])),
-            "backfill_detected_at" => Arc::new(
-                TimestampMicrosecondArray::from(vec![detected_at_us; n]).with_timezone("UTC"),
-            ),
-            _ if name == c.payload => cast(
-                &BinaryArray::from_iter(todo.iter().map(|(_, u)| Some(u.value.as_slice()))),
-                f.data_type(),
-            )?,
-            _ if name == c.error => cast(
-                &StringArray::from_iter(todo.iter().map(|(_, u)| Some(u.error.clone()))),
-                f.data_type(),
-            )?,
-            _ if name == c.key => cast(
-                &StringArray::from_iter(todo.iter().map(|(_, u)| {
-                    u.key
-                        .as_ref()
-                        .map(|k| String::from_utf8_lossy(k).into_owned())
-                })),
-                f.data_type(),
-            )?,
-            _ if name == k.original_topic_column => cast(
-                &StringArray::from_iter(
-                    todo.iter()
-                        .map(|(url, _)| crate::kafka::parse_url(url).ok().map(|u| u.topic)),
-                ),
-                f.data_type(),
-            )?,
-            _ if name == k.original_partition_column => cast(
-                &Int32Array::from_iter(todo.iter().map(|(_, u)| Some(u.partition))),
-                f.data_type(),
-            )?,
-            _ if name == k.original_offset_column => cast(
-                &Int64Array::from_iter(todo.iter().map(|(_, u)| Some(u.offset))),
-                f.data_type(),
-            )?,
-            _ if name == k.original_timestamp_column => cast(
-                &TimestampMillisecondArray::from_iter(
-                    todo.iter()
-                        .map(|(_, u)| u.timestamp.map(|t| t.timestamp_millis())),
-                )
-                .with_timezone("UTC"),
-                f.data_type(),
-            )?,
-            _ => new_null_array(f.data_type(), n),
-        };
-        cols.push(col);
-    }
-    let dlq = RecordBatch::try_new(out_schema.clone(), cols)?;
-    let ledger = RecordBatch::try_new(
-        detect::ledger_entries_schema(),
-        vec![
-            Arc::new(StringArray::from(vec![settings.run_id.as_str(); n])),
-            Arc::new(StringArray::from_iter_values(
-                todo.iter().map(|(url, u)| undecodable_id(url, u)),
-            )),
-            Arc::new(StringArray::from(vec!["dlq"; n])),
-            Arc::new(StringArray::from(vec!["undecodable"; n])),
-            Arc::new(Int32Array::from(vec![0; n])),
-        ],
+    let (dlq, ledger) = crate::policy::undecodable(
+        out_schema,
+        &todo,
+        &settings.scan.columns,
+        &settings.scan.kafka.clone().unwrap_or_default(),
+        &settings.run_id,
+        detected_at_us,
     )?;
     Ok((dlq, ledger, skipped))
 }
