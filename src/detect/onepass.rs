@@ -818,32 +818,49 @@ fn decide_events(batches: &[RecordBatch]) -> Result<EventsOut> {
         events: 0,
         cands: vec![],
     };
+    for_each_group(
+        &mut entries,
+        |e| e.h,
+        eid,
+        |_, _| std::cmp::Ordering::Equal,
+        |rows| decide_event(&cols, rows, &mut out),
+    );
+    Ok(out)
+}
+
+/// Each group of `entries` (sorted by hash) that shares one real value:
+/// a run of one hash is one group unless its values differ (a 64-bit
+/// collision), then it is sorted by the values (and `then`) and split.
+fn for_each_group<'a, T>(
+    entries: &mut [T],
+    hash: impl Fn(&T) -> u64,
+    value: impl Fn(&T) -> &'a str,
+    then: impl Fn(&T, &T) -> std::cmp::Ordering,
+    mut f: impl FnMut(&[T]),
+) {
     let mut i = 0;
     while i < entries.len() {
         let mut j = i + 1;
-        while j < entries.len() && entries[j].h == entries[i].h {
+        while j < entries.len() && hash(&entries[j]) == hash(&entries[i]) {
             j += 1;
         }
         let run = &mut entries[i..j];
-        // One row is one event; several rows with one hash are checked
-        // against the ids themselves (a 64-bit collision splits them).
-        if run.len() > 1 && run.iter().any(|e| eid(e) != eid(&run[0])) {
-            run.sort_by(|a, b| eid(a).cmp(eid(b)));
+        if run.len() > 1 && run.iter().any(|e| value(e) != value(&run[0])) {
+            run.sort_by(|a, b| value(a).cmp(value(b)).then_with(|| then(a, b)));
             let mut s = 0;
             while s < run.len() {
                 let mut t = s + 1;
-                while t < run.len() && eid(&run[t]) == eid(&run[s]) {
+                while t < run.len() && value(&run[t]) == value(&run[s]) {
                     t += 1;
                 }
-                decide_event(&cols, &run[s..t], &mut out);
+                f(&run[s..t]);
                 s = t;
             }
         } else {
-            decide_event(&cols, run, &mut out);
+            f(run);
         }
         i = j;
     }
-    Ok(out)
 }
 
 /// The rows of one event: resolved, or its chosen row (the `unprocessed`
@@ -963,30 +980,13 @@ fn decide_keys(batches: &[RecordBatch]) -> Result<KeysOut> {
         conflicts: vec![],
         gaps: GapRows::default(),
     };
-    let mut i = 0;
-    while i < entries.len() {
-        let mut j = i + 1;
-        while j < entries.len() && entries[j].h == entries[i].h {
-            j += 1;
-        }
-        let run = &mut entries[i..j];
-        let first = key(&run[0]);
-        if run.iter().any(|e| key(e) != first) {
-            run.sort_by(|a, b| key(a).cmp(key(b)).then(a.seq.cmp(&b.seq)));
-            let mut s = 0;
-            while s < run.len() {
-                let mut t = s + 1;
-                while t < run.len() && key(&run[t]) == key(&run[s]) {
-                    t += 1;
-                }
-                decide_key(&cols, &run[s..t], &mut out);
-                s = t;
-            }
-        } else {
-            decide_key(&cols, run, &mut out);
-        }
-        i = j;
-    }
+    for_each_group(
+        &mut entries,
+        |e| e.h,
+        key,
+        |a, b| a.seq.cmp(&b.seq),
+        |rows| decide_key(&cols, rows, &mut out),
+    );
     Ok(out)
 }
 

@@ -359,18 +359,21 @@ fn bounds_beyond_the_unit_select_everything_or_nothing() {
     }
 }
 
+/// An RFC 3339 time in nanoseconds, exactly as written (the shared window
+/// helper rounds to microseconds).
+fn exact_ns(s: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .unwrap()
+        .timestamp_nanos_opt()
+        .unwrap()
+}
+
 /// Bounds with digits finer than the file's unit were rounded down: `--from
 /// .0005` kept the event at .000 and `--to .0015` dropped the one at .001.
 /// An event is in [from, to) exactly as written; checked against the
 /// reference model, which compares in nanoseconds.
 #[test]
 fn sub_unit_window_bounds_are_exact() {
-    let exact_ns = |s: &str| {
-        chrono::DateTime::parse_from_rfc3339(s)
-            .unwrap()
-            .timestamp_nanos_opt()
-            .unwrap()
-    };
     for (unit, digits, from, to) in [
         (
             TimeUnit::Millisecond,
@@ -447,12 +450,6 @@ fn mixed_unit_archive_windows_are_exact() {
     let work = tempfile::tempdir().unwrap();
     let src = a.path();
     let mut job = Job::under(&src, &source, &work.path().join("out"));
-    let exact_ns = |s: &str| {
-        chrono::DateTime::parse_from_rfc3339(s)
-            .unwrap()
-            .timestamp_nanos_opt()
-            .unwrap()
-    };
     job.cfg.from = Some(exact_ns(from));
     job.cfg.to = Some(exact_ns(to));
     job.flags = ["--from", from, "--to", to]
