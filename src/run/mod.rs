@@ -196,11 +196,14 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     state.register_ledger(&ctx, &manifests).await?;
     detect::register_views(&ctx, scan).await?;
 
+    // The plan: the outputs' schemas, known before anything is read (the
+    // views' shapes; the one-pass detection produces the same).
     let candidates = detect::candidates(&ctx, scan, &archive).await?;
     let cand_schema: SchemaRef = Arc::new(candidates.schema().as_arrow().clone());
     let out_schema = crate::policy::output_schema(&cand_schema);
-    let gaps_df = detect::gaps(&ctx).await?;
-    let gaps_schema = gaps_output_schema(gaps_df.schema().as_arrow());
+    let gaps_view_schema: SchemaRef =
+        Arc::new(detect::gaps(&ctx).await?.schema().as_arrow().clone());
+    let gaps_schema = gaps_output_schema(&gaps_view_schema);
 
     // Open and check every sink before the scan: fail in seconds.
     let out_loc: Option<Location> = match &settings.out {
@@ -294,21 +297,18 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
                 .await?;
             failpoint::hit("after_attempt_record").await?;
         }
-        execute(
-            &ctx,
-            &settings,
-            &archive,
-            &out_schema,
-            &state,
-            &run_nonce,
-            snapshot.head,
-            candidates,
-            gaps_df,
-            &mut sinks,
-            &mut report,
-            &phases,
-        )
-        .await
+        let plan = Plan {
+            ctx: &ctx,
+            archive: &archive,
+            out_schema: &out_schema,
+            gaps_view_schema,
+        };
+        let attempt = Attempt {
+            state: &state,
+            nonce: &run_nonce,
+            based_on: snapshot.head,
+        };
+        execute(&plan, &settings, &attempt, &mut sinks, &mut report, &phases).await
     }
     .await;
     if let Err(e) = result {
@@ -391,21 +391,45 @@ fn gaps_output_schema(gaps: &Schema) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn execute(
-    ctx: &SessionContext,
-    settings: &RunSettings,
-    archive: &source::Archive,
-    out_schema: &SchemaRef,
-    state: &State,
-    run_nonce: &str,
+/// What a run reads and the shapes it writes, settled before any row is
+/// read.
+struct Plan<'a> {
+    ctx: &'a SessionContext,
+    archive: &'a source::Archive,
+    /// Replay and DLQ rows.
+    out_schema: &'a SchemaRef,
+    /// The `gaps` view's rows (before the run's columns are added).
+    gaps_view_schema: SchemaRef,
+}
+
+/// This attempt at the run id: where it commits, under which nonce, and
+/// the log position it read its ledger at.
+struct Attempt<'a> {
+    state: &'a State,
+    nonce: &'a str,
     based_on: u64,
-    candidates: datafusion::dataframe::DataFrame,
-    gaps_df: datafusion::dataframe::DataFrame,
+}
+
+/// Execute the plan: detect, decide, write, then commit the attempt.
+async fn execute(
+    plan: &Plan<'_>,
+    settings: &RunSettings,
+    attempt: &Attempt<'_>,
     sinks: &mut [OpenSink],
     report: &mut Report,
     phases: &Phases,
 ) -> Result<(), Error> {
+    let Plan {
+        ctx,
+        archive,
+        out_schema,
+        ..
+    } = *plan;
+    let Attempt {
+        state,
+        nonce: run_nonce,
+        based_on,
+    } = *attempt;
     let detected_at_us = Utc::now().timestamp_micros();
     let policy = Policy {
         max_attempts: settings.max_attempts,
@@ -430,15 +454,12 @@ async fn execute(
         .map(|f| f.rows.max(0) as u64)
         .sum::<u64>()
         + archive.stats.kafka_messages;
-    let gaps_view_schema = Arc::new(gaps_df.schema().as_arrow().clone());
-    drop(gaps_df);
-    drop(candidates);
     let detection = detect::onepass::detect(
         ctx,
         &settings.scan,
         est_rows,
         &crate::job::spill_dir(&settings.scan),
-        gaps_view_schema,
+        plan.gaps_view_schema.clone(),
         phases.rows_bar(est_rows),
     )
     .await?;
