@@ -466,6 +466,50 @@ fn two_runs_at_once_never_both_act_on_one_event() {
     assert!(rows.iter().any(|r| r.0 == loser));
 }
 
+/// The archive changes between the run's two scans (files deleted while it
+/// holds between them): the run fails with one line, exit 1, and leaves
+/// nothing committed and nothing visible. Had a deletion come before the
+/// first scan instead (a slow machine), the run fails on the missing file:
+/// the same outcome.
+#[test]
+fn archive_changed_between_the_scans_fails_cleanly() {
+    let work = tempfile::tempdir().unwrap();
+    let a = archive(work.path());
+    let out = work.path().join("out");
+    let mut cmd = command(
+        Path::new(env!("CARGO_BIN_EXE_backfill")),
+        &run_args(a.to_str().unwrap(), out.to_str().unwrap(), "r1"),
+    );
+    cmd.env("BACKFILL_FAILPOINT", "between_scans:sleep-4000");
+    let mut child = cmd.spawn().unwrap();
+    let stdout = read_all(child.stdout.take().unwrap());
+    let stderr = read_all(child.stderr.take().unwrap());
+    std::thread::sleep(Duration::from_millis(2000));
+    for f in parquet_files(&a) {
+        std::fs::remove_file(f).unwrap();
+    }
+    let status = child.wait().unwrap();
+    let (o, e) = (stdout.join().unwrap(), stderr.join().unwrap());
+    assert_eq!(status.code(), Some(1), "{o}{e}");
+    let lines: Vec<&str> = e.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{e}");
+    assert!(
+        lines[0].contains("the archive changed during the run") || lines[0].contains("parquet"),
+        "{e}"
+    );
+    assert!(committed(&out.join("_state")).is_empty());
+    for sink in ["replay", "dlq", "gaps"] {
+        let published = std::fs::read_dir(out.join(sink))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("run_id="))
+                    .count()
+            })
+            .unwrap_or(0);
+        assert_eq!(published, 0, "{sink}: nothing visible");
+    }
+}
+
 /// Runs over disjoint windows act on disjoint events: both commit, however
 /// they overlap in time.
 #[test]
