@@ -368,6 +368,24 @@ fn exact_ns(s: &str) -> i64 {
         .unwrap()
 }
 
+/// What one run over `a` in [from, to) replays, checked against the
+/// reference model with the bounds exactly as written (the shared window
+/// helper rounds to microseconds).
+fn replayed_in_window(a: &Archive, from: &str, to: &str) -> Vec<String> {
+    let source = read_source(&a.path());
+    let work = tempfile::tempdir().unwrap();
+    let src = a.path();
+    let mut job = Job::under(&src, &source, &work.path().join("out"));
+    job.cfg.from = Some(exact_ns(from));
+    job.cfg.to = Some(exact_ns(to));
+    job.flags = ["--from", from, "--to", to]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let (_, exp) = job.run("r1", &mut Ledger::default(), 0);
+    exp.replay.keys().cloned().collect()
+}
+
 /// Bounds with digits finer than the file's unit were rounded down: `--from
 /// .0005` kept the event at .000 and `--to .0015` dropped the one at .001.
 /// An event is in [from, to) exactly as written; checked against the
@@ -399,19 +417,7 @@ fn sub_unit_window_bounds_are_exact() {
                 Row::new("e2", "k", 3, &at(2), Some("failed")),
             ],
         );
-        let source = read_source(&a.path());
-        let work = tempfile::tempdir().unwrap();
-        let src = a.path();
-        let mut job = Job::under(&src, &source, &work.path().join("out"));
-        // The shared window helper rounds to microseconds; not here.
-        job.cfg.from = Some(exact_ns(from));
-        job.cfg.to = Some(exact_ns(to));
-        job.flags = ["--from", from, "--to", to]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let (_, exp) = job.run("r1", &mut Ledger::default(), 0);
-        assert_eq!(exp.replay.keys().collect::<Vec<_>>(), ["e1"], "{unit:?}");
+        assert_eq!(replayed_in_window(&a, from, to), ["e1"], "{unit:?}");
     }
 }
 
@@ -446,19 +452,8 @@ fn mixed_unit_archive_windows_are_exact() {
             Some("failed"),
         )],
     );
-    let source = read_source(&a.path());
-    let work = tempfile::tempdir().unwrap();
-    let src = a.path();
-    let mut job = Job::under(&src, &source, &work.path().join("out"));
-    job.cfg.from = Some(exact_ns(from));
-    job.cfg.to = Some(exact_ns(to));
-    job.flags = ["--from", from, "--to", to]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let (_, exp) = job.run("r1", &mut Ledger::default(), 0);
     assert_eq!(
-        exp.replay.keys().collect::<Vec<_>>(),
+        replayed_in_window(&a, from, to),
         ["m2", "m3", "m4", "u"],
         "[.0015, .0045) holds .002, .003, .004 of the ms file and the µs event"
     );
