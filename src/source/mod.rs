@@ -800,25 +800,32 @@ fn nanos_per(unit: TimeUnit) -> i128 {
     }
 }
 
-/// `v` (in `from`) expressed in `to`, rounded down or up; i128 so that
-/// nothing overflows on the way.
-fn convert_unit(v: i64, from: TimeUnit, to: TimeUnit, round_up: bool) -> i128 {
-    let ns = v as i128 * nanos_per(from);
-    let per = nanos_per(to);
-    if round_up {
+/// `ns` nanoseconds in units of `per` nanoseconds, rounded down or up.
+fn div_round(ns: i128, per: i128, up: bool) -> i128 {
+    if up {
         -((-ns).div_euclid(per))
     } else {
         ns.div_euclid(per)
     }
 }
 
+/// `v` (in `from`) expressed in `to`, rounded down or up; i128 so that
+/// nothing overflows on the way.
+fn convert_unit(v: i64, from: TimeUnit, to: TimeUnit, round_up: bool) -> i128 {
+    div_round(v as i128 * nanos_per(from), nanos_per(to), round_up)
+}
+
+/// `t` in `unit`, rounded down or up.
+fn in_unit(t: DateTime<Utc>, unit: TimeUnit, up: bool) -> i128 {
+    let ns = t.timestamp() as i128 * 1_000_000_000 + t.timestamp_subsec_nanos() as i128;
+    div_round(ns, nanos_per(unit), up)
+}
+
 /// The smallest value of `unit` at or after `t`: for integer x, `x >= t`
 /// iff `x >= ceil(t)` and `x < t` iff `x < ceil(t)`, so both window bounds
 /// are exact in any unit, whatever digits the user wrote.
 fn ceil_in_unit(t: DateTime<Utc>, unit: TimeUnit) -> i128 {
-    let ns = t.timestamp() as i128 * 1_000_000_000 + t.timestamp_subsec_nanos() as i128;
-    let per = nanos_per(unit);
-    -((-ns).div_euclid(per))
+    in_unit(t, unit, true)
 }
 
 /// A file's event_time range in microseconds, as a superset (see
@@ -1139,68 +1146,60 @@ async fn register_events(
         // beyond what the column's unit can hold and falls away.
         df = df.filter(time().is_not_null())?;
     }
-    if let Some(coarse) = coarser_file_unit(archive, time_field) {
-        // Some files store a coarser unit than the archive reads (ms files
-        // beside µs ones). DataFusion rewrites a comparison with a literal
-        // into each file's own unit by truncating it, for row-group pruning
-        // and for filters pushed into the reader, which drops a row at
-        // 10.048 s from `< 10.0485 s`. So the window is applied twice: as
-        // bounds widened to whole `coarse` units, which survive that
-        // rewrite and still prune, and exactly, by a function DataFusion
-        // cannot rewrite, over values already cast to the archive's unit.
-        let tz = match time_field.data_type() {
-            DataType::Timestamp(_, tz) => tz.clone(),
-            _ => None,
-        };
-        let read = match time_field.data_type() {
-            DataType::Timestamp(u, _) => *u,
-            _ => TimeUnit::Microsecond,
-        };
-        let widen = |t: DateTime<Utc>, up: bool| -> Option<ScalarValue> {
-            let v = floor_or_ceil_in_unit(t, coarse, up);
-            let v = i64::try_from(convert_unit(i64::try_from(v).ok()?, coarse, read, up)).ok()?;
-            Some(timestamp_scalar(read, v, tz.clone()))
-        };
-        if let Some(v) = scan.from.and_then(|f| widen(f, false)) {
-            df = df.filter(time().gt_eq(lit(v)))?;
-        }
-        if let Some(v) = scan.to.and_then(|t| widen(t, true)) {
-            df = df.filter(time().lt(lit(v)))?;
-        }
-        // A bound beyond what the unit holds: `from` after every value or
-        // `to` before every value leaves nothing; the others fall away.
-        let bound = |t: Option<DateTime<Utc>>| t.map(|t| window_bound(time_field, t));
-        let (from, to) = (bound(scan.from), bound(scan.to));
-        if matches!(from, Some(Bound::BeyondMax)) || matches!(to, Some(Bound::BeforeMin)) {
-            df = df.filter(lit(false))?;
-        }
-        let value = |b: Option<Bound>| match b {
-            Some(Bound::Value(v)) => timestamp_value(&v),
-            _ => None,
-        };
-        let udf = datafusion::logical_expr::ScalarUDF::new_from_impl(InWindow {
-            from: value(from),
-            to: value(to),
-            signature: datafusion::logical_expr::Signature::any(
-                1,
-                datafusion::logical_expr::Volatility::Immutable,
-            ),
-        });
-        df = df.filter(udf.call(vec![time()]))?;
-    } else {
-        if let Some(f) = scan.from {
-            match window_bound(time_field, f) {
-                Bound::Value(v) => df = df.filter(time().gt_eq(lit(v)))?,
-                Bound::BeyondMax => df = df.filter(lit(false))?,
-                Bound::BeforeMin => {}
+    // A bound beyond what the unit holds: `from` after every value or `to`
+    // before every value leaves nothing; the others fall away.
+    let bound = |t: Option<DateTime<Utc>>| t.map(|t| window_bound(time_field, t));
+    let (from, to) = (bound(scan.from), bound(scan.to));
+    if matches!(from, Some(Bound::BeyondMax)) || matches!(to, Some(Bound::BeforeMin)) {
+        df = df.filter(lit(false))?;
+    }
+    let value = |b: &Option<Bound>| match b {
+        Some(Bound::Value(v)) => Some(v.clone()),
+        _ => None,
+    };
+    match coarser_file_unit(archive, time_field) {
+        None => {
+            if let Some(v) = value(&from) {
+                df = df.filter(time().gt_eq(lit(v)))?;
+            }
+            if let Some(v) = value(&to) {
+                df = df.filter(time().lt(lit(v)))?;
             }
         }
-        if let Some(t) = scan.to {
-            match window_bound(time_field, t) {
-                Bound::Value(v) => df = df.filter(time().lt(lit(v)))?,
-                Bound::BeyondMax => {}
-                Bound::BeforeMin => df = df.filter(lit(false))?,
+        Some(coarse) => {
+            // Some files store a coarser unit than the archive reads (ms
+            // files beside µs ones). DataFusion rewrites a comparison with a
+            // literal into each file's own unit by truncating it, for
+            // row-group pruning and for filters pushed into the reader,
+            // which drops a row at 10.048 s from `< 10.0485 s`. So the
+            // window is applied twice: as bounds widened to whole `coarse`
+            // units, which survive that rewrite and still prune, and
+            // exactly, by a function DataFusion cannot rewrite, over values
+            // already cast to the archive's unit.
+            let (read, tz) = match time_field.data_type() {
+                DataType::Timestamp(u, tz) => (*u, tz.clone()),
+                _ => (TimeUnit::Microsecond, None),
+            };
+            let widen = |t: DateTime<Utc>, up: bool| -> Option<ScalarValue> {
+                let v = i64::try_from(in_unit(t, coarse, up)).ok()?;
+                let v = i64::try_from(convert_unit(v, coarse, read, up)).ok()?;
+                Some(timestamp_scalar(read, v, tz.clone()))
+            };
+            if let Some(v) = scan.from.and_then(|f| widen(f, false)) {
+                df = df.filter(time().gt_eq(lit(v)))?;
             }
+            if let Some(v) = scan.to.and_then(|t| widen(t, true)) {
+                df = df.filter(time().lt(lit(v)))?;
+            }
+            let udf = datafusion::logical_expr::ScalarUDF::new_from_impl(InWindow {
+                from: value(&from).as_ref().and_then(timestamp_value),
+                to: value(&to).as_ref().and_then(timestamp_value),
+                signature: datafusion::logical_expr::Signature::any(
+                    1,
+                    datafusion::logical_expr::Volatility::Immutable,
+                ),
+            });
+            df = df.filter(udf.call(vec![time()]))?;
         }
     }
     let renamed: BTreeMap<&str, &str> = c.pairs().iter().map(|(k, v)| (*v, *k)).collect();
@@ -1271,17 +1270,6 @@ fn coarser_file_unit(archive: &Archive, time_field: &Field) -> Option<TimeUnit> 
         .filter_map(|f| f.time_raw.map(|r| r.0))
         .filter(|u| nanos_per(*u) > nanos_per(*read))
         .max_by_key(|u| nanos_per(*u))
-}
-
-/// `t` in `unit`, rounded down or up.
-fn floor_or_ceil_in_unit(t: DateTime<Utc>, unit: TimeUnit, up: bool) -> i128 {
-    let ns = t.timestamp() as i128 * 1_000_000_000 + t.timestamp_subsec_nanos() as i128;
-    let per = nanos_per(unit);
-    if up {
-        -((-ns).div_euclid(per))
-    } else {
-        ns.div_euclid(per)
-    }
 }
 
 fn timestamp_scalar(unit: TimeUnit, v: i64, tz: Option<Arc<str>>) -> ScalarValue {
@@ -1379,12 +1367,7 @@ fn window_bound(field: &Field, t: DateTime<Utc>) -> Bound {
             Bound::BeforeMin
         };
     };
-    Bound::Value(match unit {
-        TimeUnit::Second => ScalarValue::TimestampSecond(Some(v), tz),
-        TimeUnit::Millisecond => ScalarValue::TimestampMillisecond(Some(v), tz),
-        TimeUnit::Microsecond => ScalarValue::TimestampMicrosecond(Some(v), tz),
-        TimeUnit::Nanosecond => ScalarValue::TimestampNanosecond(Some(v), tz),
-    })
+    Bound::Value(timestamp_scalar(unit, v, tz))
 }
 
 /// `events` with a usable identity for every row: where the archive has no
