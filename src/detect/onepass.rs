@@ -245,7 +245,7 @@ pub async fn detect(
         let for_memory = (est_rows as usize)
             .saturating_mul(row_bytes)
             .saturating_mul(4)
-            / budget.max(1);
+            / budget;
         let for_cache = est_rows as usize / BUCKET_ROWS;
         for_memory.max(for_cache).clamp(8, 4096).next_power_of_two()
     };
@@ -264,8 +264,18 @@ pub async fn detect(
         .with_can_spill(true)
         .register(&pool);
     let shuffle = Arc::new(Mutex::new(Shuffles {
-        events: Shuffle::new("events", buckets(EVENT_ROW_BYTES), dir.path()),
-        keys: Shuffle::new("keys", buckets(KEY_ROW_BYTES), dir.path()),
+        events: Shuffle::new(
+            "events",
+            event_bucket_schema(),
+            buckets(EVENT_ROW_BYTES),
+            dir.path(),
+        ),
+        keys: Shuffle::new(
+            "keys",
+            key_bucket_schema(),
+            buckets(KEY_ROW_BYTES),
+            dir.path(),
+        ),
         reservation,
         budget,
         spilled_bytes: 0,
@@ -314,7 +324,7 @@ pub async fn detect(
             jobs.push(Job::Events(b));
         }
         for b in std::mem::take(&mut s.keys.buckets) {
-            jobs.push(Job::Keys(b));
+            jobs.push(Job::Keys(b, scan.detect_gaps));
         }
         let r = s.reservation.new_empty();
         r.grow(s.reservation.size());
@@ -363,11 +373,7 @@ pub async fn detect(
     conflicts.seal();
     cands.seal();
     let n_conflicts = conflicts.len;
-    let gaps = if scan.detect_gaps {
-        sort_gaps(ctx, gaps_schema, gap_batches).await?
-    } else {
-        vec![]
-    };
+    let gaps = sort_gaps(ctx, gaps_schema, gap_batches).await?;
     if ctx.table_exist("ledger_entries")? {
         cands.annotate_ledger(ctx).await?;
     }
@@ -571,10 +577,10 @@ impl Shuffles {
             self.spilled_bytes += freed as u64;
         }
         for (i, b) in e {
-            self.spilled_bytes += self.events.buckets[i].write(&b, &self.events.schema)? as u64;
+            self.spilled_bytes += self.events.buckets[i].write(&b)? as u64;
         }
         for (i, b) in k {
-            self.spilled_bytes += self.keys.buckets[i].write(&b, &self.keys.schema)? as u64;
+            self.spilled_bytes += self.keys.buckets[i].write(&b)? as u64;
         }
         Ok(())
     }
@@ -582,16 +588,10 @@ impl Shuffles {
 
 struct Shuffle {
     buckets: Vec<Bucket>,
-    schema: SchemaRef,
 }
 
 impl Shuffle {
-    fn new(name: &'static str, n: usize, dir: &Path) -> Self {
-        let schema = if name == "events" {
-            event_bucket_schema()
-        } else {
-            key_bucket_schema()
-        };
+    fn new(name: &str, schema: SchemaRef, n: usize, dir: &Path) -> Self {
         Shuffle {
             buckets: (0..n)
                 .map(|i| Bucket {
@@ -602,7 +602,6 @@ impl Shuffle {
                     writer: None,
                 })
                 .collect(),
-            schema,
         }
     }
 
@@ -625,10 +624,9 @@ impl Shuffle {
 
     /// Write a bucket's batches to its file; the bytes freed.
     fn spill(&mut self, i: usize) -> Result<usize> {
-        let schema = self.schema.clone();
         let b = &mut self.buckets[i];
         for batch in std::mem::take(&mut b.mem) {
-            b.write(&batch, &schema)?;
+            b.write(&batch)?;
         }
         Ok(std::mem::take(&mut b.bytes))
     }
@@ -636,6 +634,7 @@ impl Shuffle {
 
 struct Bucket {
     path: PathBuf,
+    /// Of every batch, in memory or in the spill file.
     schema: SchemaRef,
     mem: Vec<RecordBatch>,
     /// Memory of `mem`, as reserved.
@@ -644,19 +643,17 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn write(&mut self, b: &RecordBatch, schema: &SchemaRef) -> Result<usize> {
+    fn write(&mut self, b: &RecordBatch) -> Result<usize> {
         if self.writer.is_none() {
             let f = File::create(&self.path).map_err(|e| spill_error(&self.path, e))?;
-            self.writer = Some(StreamWriter::try_new(BufWriter::new(f), schema)?);
+            self.writer = Some(StreamWriter::try_new(BufWriter::new(f), &self.schema)?);
         }
         // A full disk shows here: name the file, so the spill dir is known.
         self.writer
             .as_mut()
             .expect("writer")
             .write(b)
-            .map_err(|e| {
-                DataFusionError::Execution(format!("spill file {}: {e}", self.path.display()))
-            })?;
+            .map_err(|e| spill_error(&self.path, e))?;
         Ok(b.get_array_memory_size())
     }
 
@@ -667,9 +664,7 @@ impl Bucket {
         let mut batches = std::mem::take(&mut self.mem);
         let mut loaded = 0;
         if let Some(mut w) = self.writer.take() {
-            w.finish().map_err(|e| {
-                DataFusionError::Execution(format!("spill file {}: {e}", self.path.display()))
-            })?;
+            w.finish().map_err(|e| spill_error(&self.path, e))?;
             drop(w);
             let f = File::open(&self.path).map_err(|e| spill_error(&self.path, e))?;
             for b in StreamReader::try_new(BufReader::new(f), None)? {
@@ -680,12 +675,11 @@ impl Bucket {
             reservation.grow(loaded);
             let _ = std::fs::remove_file(&self.path);
         }
-        let _ = &self.schema;
         Ok((batches, self.bytes, loaded))
     }
 }
 
-fn spill_error(path: &Path, e: std::io::Error) -> DataFusionError {
+fn spill_error(path: &Path, e: impl std::fmt::Display) -> DataFusionError {
     DataFusionError::Execution(format!("spill file {}: {e}", path.display()))
 }
 
@@ -694,7 +688,9 @@ fn spill_error(path: &Path, e: std::io::Error) -> DataFusionError {
 
 enum Job {
     Events(Bucket),
-    Keys(Bucket),
+    /// A key bucket, and whether its gap rows are wanted (conflicts alone
+    /// need no gaps).
+    Keys(Bucket, bool),
 }
 
 enum Out {
@@ -704,22 +700,18 @@ enum Out {
 
 impl Job {
     fn run(self, reservation: &MemoryReservation) -> Result<Out> {
-        match self {
-            Job::Events(b) => {
-                let (batches, kept, loaded) = b.load(reservation)?;
-                let out = decide_events(&batches)?;
-                drop(batches);
-                reservation.shrink((kept + loaded).min(reservation.size()));
-                Ok(Out::Events(out))
-            }
-            Job::Keys(b) => {
-                let (batches, kept, loaded) = b.load(reservation)?;
-                let out = decide_keys(&batches)?;
-                drop(batches);
-                reservation.shrink((kept + loaded).min(reservation.size()));
-                Ok(Out::Keys(Box::new(out)))
-            }
-        }
+        let (bucket, gaps) = match self {
+            Job::Events(b) => (b, None),
+            Job::Keys(b, gaps) => (b, Some(gaps)),
+        };
+        let (batches, kept, loaded) = bucket.load(reservation)?;
+        let out = match gaps {
+            None => Out::Events(decide_events(&batches)?),
+            Some(gaps) => Out::Keys(Box::new(decide_keys(&batches, gaps)?)),
+        };
+        drop(batches);
+        reservation.shrink((kept + loaded).min(reservation.size()));
+        Ok(out)
     }
 }
 
@@ -947,7 +939,7 @@ struct KRow {
     missing: bool,
 }
 
-fn decide_keys(batches: &[RecordBatch]) -> Result<KeysOut> {
+fn decide_keys(batches: &[RecordBatch], gaps: bool) -> Result<KeysOut> {
     let cols: Vec<KCols> = batches
         .iter()
         .map(|b| KCols {
@@ -985,14 +977,14 @@ fn decide_keys(batches: &[RecordBatch]) -> Result<KeysOut> {
         |e| e.h,
         key,
         |a, b| a.seq.cmp(&b.seq),
-        |rows| decide_key(&cols, rows, &mut out),
+        |rows| decide_key(&cols, rows, gaps, &mut out),
     );
     Ok(out)
 }
 
 /// The rows of one key, ordered by seq: its conflicts (the `conflicts`
-/// view) and its gaps (the `gaps` view).
-fn decide_key(cols: &[KCols], rows: &[KRow], out: &mut KeysOut) {
+/// view) and, if wanted, its gaps (the `gaps` view).
+fn decide_key(cols: &[KCols], rows: &[KRow], gaps: bool, out: &mut KeysOut) {
     let eid = |e: &KRow| cols[e.b as usize].eid.value(e.r as usize);
     let key = cols[rows[0].b as usize].key.value(rows[0].r as usize);
     let time = |e: &KRow| e.has_time.then_some(e.time);
@@ -1034,6 +1026,7 @@ fn decide_key(cols: &[KCols], rows: &[KRow], out: &mut KeysOut) {
             }
         };
         if let Some(p) = prev
+            && gaps
             && seq - 1 > p.seq
         {
             let missing = ((seq as i128 - 1) - p.seq as i128).min(i64::MAX as i128) as i64;
