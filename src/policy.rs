@@ -581,19 +581,19 @@ mod tests {
     /// of one name (DuckDB renames one, Kafka headers take the wrong one).
     #[test]
     fn source_columns_named_like_ours_are_replaced_not_duplicated() {
-        let b = batch(&[("e", None, None, false, None, None)]);
-        let mut fields: Vec<Field> = b
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
-        fields.push(Field::new("backfill_attempt", DataType::Int64, true));
-        fields.push(Field::new("backfill_run_id", DataType::Utf8, true));
-        let mut cols = b.columns().to_vec();
-        cols.push(Arc::new(Int64Array::from(vec![Some(7)])));
-        cols.push(Arc::new(StringArray::from(vec![Some("oldrun")])));
-        let b = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap();
+        let b = appended(
+            batch(&[("e", None, None, false, None, None)]),
+            vec![
+                (
+                    Field::new("backfill_attempt", DataType::Int64, true),
+                    Arc::new(Int64Array::from(vec![Some(7)])),
+                ),
+                (
+                    Field::new("backfill_run_id", DataType::Utf8, true),
+                    Arc::new(StringArray::from(vec![Some("oldrun")])),
+                ),
+            ],
+        );
         let d = policy(&[]).decide(&b).unwrap();
         let names: Vec<&str> = d
             .replay
@@ -641,22 +641,31 @@ mod tests {
         assert_eq!(d.counts.replayed + d.counts.dead_lettered, 2);
     }
 
-    /// The same batch with the missing-event-id flag set on these rows.
-    fn with_missing_ids(b: RecordBatch, missing: &[bool]) -> RecordBatch {
+    /// The batch with these columns added at the end.
+    fn appended(b: RecordBatch, extra: Vec<(Field, ArrayRef)>) -> RecordBatch {
         let mut fields: Vec<Field> = b
             .schema()
             .fields()
             .iter()
             .map(|f| f.as_ref().clone())
             .collect();
-        fields.push(Field::new(
-            internal::MISSING_EVENT_ID,
-            DataType::Boolean,
-            false,
-        ));
         let mut cols = b.columns().to_vec();
-        cols.push(Arc::new(BooleanArray::from(missing.to_vec())));
+        for (f, c) in extra {
+            fields.push(f);
+            cols.push(c);
+        }
         RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap()
+    }
+
+    /// The same batch with the missing-event-id flag set on these rows.
+    fn with_missing_ids(b: RecordBatch, missing: &[bool]) -> RecordBatch {
+        appended(
+            b,
+            vec![(
+                Field::new(internal::MISSING_EVENT_ID, DataType::Boolean, false),
+                Arc::new(BooleanArray::from(missing.to_vec())),
+            )],
+        )
     }
 
     /// Regression: attempts of i64::MAX or 3e9 failed the whole run (the

@@ -368,6 +368,22 @@ fn exact_ns(s: &str) -> i64 {
         .unwrap()
 }
 
+/// An archive of one file holding one failed event.
+fn one_failed_event() -> Archive {
+    let mut a = Archive::new();
+    a.rows(
+        "p.parquet",
+        &[Row::new(
+            "a",
+            "k",
+            1,
+            "2024-01-01T00:00:00Z",
+            Some("failed"),
+        )],
+    );
+    a
+}
+
 /// What one run over `a` in [from, to) replays, checked against the
 /// reference model with the bounds exactly as written (the shared window
 /// helper rounds to microseconds).
@@ -510,17 +526,7 @@ fn outputs_inside_the_source_are_not_read_back() {
     job.run("r3", &mut ledger, 0);
 
     // An explicit --state and a sink folder inside the source, likewise.
-    let mut a = Archive::new();
-    a.rows(
-        "p.parquet",
-        &[Row::new(
-            "a",
-            "k",
-            1,
-            "2024-01-01T00:00:00Z",
-            Some("failed"),
-        )],
-    );
+    let a = one_failed_event();
     let work = tempfile::tempdir().unwrap();
     let state = a.path().join("state").display().to_string();
     let replays = a.path().join("replays").display().to_string();
@@ -578,17 +584,7 @@ fn outputs_inside_the_source_through_a_symlink_are_not_read_back() {
 /// `--out` that is the archive itself leaves nothing to read: refused.
 #[test]
 fn out_equal_to_the_source_is_refused() {
-    let mut a = Archive::new();
-    a.rows(
-        "p.parquet",
-        &[Row::new(
-            "a",
-            "k",
-            1,
-            "2024-01-01T00:00:00Z",
-            Some("failed"),
-        )],
-    );
+    let a = one_failed_event();
     let src = a.source();
     let r = backfill(&[
         "run",
@@ -615,17 +611,7 @@ fn out_equal_to_the_source_is_refused() {
 /// path. It is read-only unless `--allow-writes`.
 #[test]
 fn sql_is_read_only_without_allow_writes() {
-    let mut a = Archive::new();
-    a.rows(
-        "p.parquet",
-        &[Row::new(
-            "a",
-            "k",
-            1,
-            "2024-01-01T00:00:00Z",
-            Some("failed"),
-        )],
-    );
+    let a = one_failed_event();
     let work = tempfile::tempdir().unwrap();
     let target = work.path().join("copied.parquet");
     let src = a.source();
