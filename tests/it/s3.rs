@@ -875,6 +875,20 @@ fn is_manifest_put(h: &Head) -> bool {
     h.method == "PUT" && h.target.contains("/_state/log/")
 }
 
+/// A proxy to the S3 server on `port` that does `action` to every log
+/// entry write (the commit) and forwards everything else.
+fn proxy_on_commits(port: u16, action: Action) -> Proxy {
+    let proxy = Proxy::start(&format!("127.0.0.1:{port}"));
+    proxy.set_rule(move |h| {
+        if is_manifest_put(h) {
+            action
+        } else {
+            Action::Forward
+        }
+    });
+    proxy
+}
+
 // ------------------------------------------------------------ tests
 
 /// The same generated archive on local disk and on S3 gives the same rows
@@ -1068,14 +1082,7 @@ fn race_to_commit(proxy: &Proxy, via: &S3Env, args: [&[&str]; 2]) -> (Run, u32, 
 fn racing_runs_on_s3_commit_exactly_once() {
     let (s3, env, b) = s3_with_archive("race", 2000, 20, 3, 2);
     let work = tempfile::tempdir().expect("tempdir");
-    let proxy = Proxy::start(&format!("127.0.0.1:{}", s3.port));
-    proxy.set_rule(|h| {
-        if is_manifest_put(h) {
-            Action::Hold
-        } else {
-            Action::Forward
-        }
-    });
+    let proxy = proxy_on_commits(s3.port, Action::Hold);
     let via = env.via(&proxy.endpoint);
     let src = format!("s3://{b}/archive");
     let out = format!("s3://{b}/out");
@@ -1151,14 +1158,7 @@ fn racing_runs_on_s3_commit_exactly_once() {
 #[test]
 fn two_runs_with_different_ids_on_s3_never_both_act_on_one_event() {
     let (s3, env, b) = s3_with_archive("race-ids", 2000, 20, 4, 2);
-    let proxy = Proxy::start(&format!("127.0.0.1:{}", s3.port));
-    proxy.set_rule(|h| {
-        if is_manifest_put(h) {
-            Action::Hold
-        } else {
-            Action::Forward
-        }
-    });
+    let proxy = proxy_on_commits(s3.port, Action::Hold);
     let via = env.via(&proxy.endpoint);
     let src = format!("s3://{b}/archive");
     let out = format!("s3://{b}/out");
@@ -1504,14 +1504,7 @@ fn state_gc_on_s3_removes_uncommitted_leftovers_only() {
 
     // An attempt whose commit was refused: its outputs stay staged (the
     // outcome of a failed commit is unknown to it, so it deletes nothing).
-    let proxy = Proxy::start(&format!("127.0.0.1:{}", s3.port));
-    proxy.set_rule(|h| {
-        if is_manifest_put(h) {
-            Action::Fail(403)
-        } else {
-            Action::Forward
-        }
-    });
+    let proxy = proxy_on_commits(s3.port, Action::Fail(403));
     let r = call(&env.via(&proxy.endpoint), run_args("refused"));
     r.expect_code(1);
     let line = the_error_line(&r);
