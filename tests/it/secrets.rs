@@ -345,12 +345,12 @@ fn typoed_kafka_property_never_echoes_its_value() {
     }
 }
 
-#[test]
-fn invalid_value_of_a_kafka_property_is_not_echoed() {
-    // librdkafka's "Invalid value ... for configuration property" quotes it.
+/// A run replaying to an unreachable broker with the secret canary as the
+/// value of one `[kafka.properties]` entry.
+fn replay_with_kafka_property(property: &str) -> (Work, Run) {
     let work = Work::new();
     let job = work.job(&format!(
-        "[kafka.properties]\n\"message.max.bytes\" = \"{CANARY}\"\n"
+        "[kafka.properties]\n\"{property}\" = \"{CANARY}\"\n"
     ));
     let src = work.archive.source();
     let run = work.run(
@@ -364,6 +364,13 @@ fn invalid_value_of_a_kafka_property_is_not_echoed() {
         ],
         &[],
     );
+    (work, run)
+}
+
+#[test]
+fn invalid_value_of_a_kafka_property_is_not_echoed() {
+    // librdkafka's "Invalid value ... for configuration property" quotes it.
+    let (work, run) = replay_with_kafka_property("message.max.bytes");
     assert_secret_error(&work, &run, 2, &["message.max.bytes"]);
 }
 
@@ -374,22 +381,7 @@ fn invalid_value_of_a_kafka_property_is_not_echoed() {
 #[test]
 fn a_secret_in_a_property_not_named_like_a_secret_is_not_echoed() {
     for property in ["security.protocol", "compression.type"] {
-        let work = Work::new();
-        let job = work.job(&format!(
-            "[kafka.properties]\n\"{property}\" = \"{CANARY}\"\n"
-        ));
-        let src = work.archive.source();
-        let run = work.run(
-            &[
-                "--job",
-                &job,
-                "--source",
-                &src,
-                "--replay-sink",
-                "kafka://127.0.0.1:1/replay",
-            ],
-            &[],
-        );
+        let (work, run) = replay_with_kafka_property(property);
         assert_secret_error(&work, &run, 2, &[property, "kafka://127.0.0.1:1/replay"]);
     }
     let work = Work::new();
