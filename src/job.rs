@@ -598,6 +598,9 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
         (None, Some(s)) => min_memory_limit("memory_limit", s)?,
         (None, None) => crate::machine::default_memory_limit(),
     };
+    if args.memory_limit.is_some() || job.memory_limit.is_some() {
+        crate::machine::memory_bounded();
+    }
     let spill_dir = match (&args.spill_dir, job.spill_dir.as_deref()) {
         (Some(p), _) => Some(check_spill_dir("--spill-dir", p)?),
         (None, Some(s)) => Some(check_spill_dir("spill_dir", FsPath::new(s))?),

@@ -22,6 +22,25 @@ const MEMINFO: &str = "/proc/meminfo";
 const CGROUP_V2_MAX: &str = "/sys/fs/cgroup/memory.max";
 const CGROUP_V1_LIMIT: &str = "/sys/fs/cgroup/memory/memory.limit_in_bytes";
 
+/// What the binary does when the settings bound memory: it tunes its
+/// allocator (`main.rs`), which the library cannot name. Registered once,
+/// before the settings are read.
+static ON_MEMORY_BOUND: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Register the binary's reaction to a memory bound (first call wins).
+pub fn on_memory_bound(f: fn()) {
+    let _ = ON_MEMORY_BOUND.set(f);
+}
+
+/// The settings give a memory limit (`--memory-limit` or `memory_limit`):
+/// tell the binary, so that RSS follows the limit instead of keeping what
+/// was freed for reuse.
+pub fn memory_bounded() {
+    if let Some(f) = ON_MEMORY_BOUND.get() {
+        f()
+    }
+}
+
 /// The default memory limit of the query engine on this machine, in bytes.
 pub fn default_memory_limit() -> usize {
     let read = |p: &str| std::fs::read_to_string(p).ok();

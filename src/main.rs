@@ -9,13 +9,29 @@ use event_backfill::cli::{Cli, Command};
 use event_backfill::error::{EXIT_DLQ, EXIT_OK, EXIT_USAGE, Error};
 use event_backfill::{commands, job, run};
 
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 // mimalloc's own C API (linked with the allocator above).
+#[cfg(feature = "mimalloc")]
 unsafe extern "C" {
+    fn mi_version() -> std::ffi::c_int;
     fn mi_option_get(option: std::ffi::c_int) -> std::ffi::c_long;
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+}
+
+/// mimalloc v3's option indexes (`mi_option_t` of its 3.x header); only
+/// used when `mi_version()` says 3.x.
+#[cfg(feature = "mimalloc")]
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+#[cfg(feature = "mimalloc")]
+const MI_OPTION_ALLOW_THP: std::ffi::c_int = 43;
+
+#[cfg(feature = "mimalloc")]
+fn mimalloc_v3() -> bool {
+    // SAFETY: a plain accessor of the linked mimalloc.
+    (300..400).contains(&(unsafe { mi_version() } / 100))
 }
 
 /// Never hand freed memory back to the OS during a run (mimalloc v3 does
@@ -25,48 +41,65 @@ unsafe extern "C" {
 /// fault). Measured over a 10M-event run: 196k page faults and a fifth of
 /// the CPU in `clear_page` by default, 4k faults with none (BENCHMARKS.md).
 /// A batch job's RSS is its high-water mark either way: freed memory is
-/// kept for the next allocation instead. `mi_option_purge_delay` is index
-/// 15 of mimalloc v3's option enum; it is only set while it holds v3's
-/// default (1000), so that another mimalloc version (or
-/// MIMALLOC_PURGE_DELAY set to another value) is left alone.
-///
-/// With `--memory-limit` on the command line, memory is purged at once
-/// instead: the user asked for a bound, and memory kept for reuse counts in
-/// RSS (10M events at `--memory-limit 1G`: 2.1 GiB peak kept, 1.45 GiB
-/// purged, about the same time).
-fn tune_allocator(bounded: bool) {
-    const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
-    // SAFETY: plain option accessors of the linked mimalloc; any index
-    // below the enum's end is valid, and 15 is.
-    unsafe {
-        if mi_option_get(MI_OPTION_PURGE_DELAY) == 1000 {
-            mi_option_set(MI_OPTION_PURGE_DELAY, if bounded { 0 } else { -1 });
+/// kept for the next allocation instead. Left alone when
+/// MIMALLOC_PURGE_DELAY holds another value than v3's default (1000).
+#[cfg(feature = "mimalloc")]
+fn tune_allocator() {
+    if mimalloc_v3() {
+        // SAFETY: option accessors of the linked mimalloc v3, whose enum
+        // has index 15.
+        unsafe {
+            if mi_option_get(MI_OPTION_PURGE_DELAY) == 1000 {
+                mi_option_set(MI_OPTION_PURGE_DELAY, -1);
+            }
         }
     }
 }
 
-/// The command line bounds memory (`--memory-limit`).
-fn bounded(cmd: &Command) -> bool {
-    let scan = match cmd {
-        Command::Run(a) => &a.scan,
-        Command::Gaps(a) => &a.scan,
-        Command::Sql(a) => &a.scan,
-        Command::Explain(a) => &a.scan,
-        _ => return false,
-    };
-    scan.memory_limit.is_some()
+/// The settings bound memory (`--memory-limit` or `memory_limit`): what is
+/// freed goes back to the OS at once, and no transparent huge page backs
+/// the heap. Kept memory counts in RSS, and so does a 2 MiB huge page of
+/// which a purge freed only 64 KiB: with huge pages the 10M-event run at
+/// `--memory-limit 1G` peaked at 1.35 GiB however soon it purged, at
+/// 256M still at 1.15 GiB; without them at 0.93 GiB and 0.65 GiB
+/// (BENCHMARKS.md, "Where the memory goes"). The price is system time for
+/// the page faults of reused memory.
+fn bound_allocator() {
+    #[cfg(feature = "mimalloc")]
+    if mimalloc_v3() {
+        // SAFETY: option accessors of the linked mimalloc v3 (indexes 15
+        // and 43 of its enum). The purge delay is read at every purge; the
+        // THP option at every new OS allocation.
+        unsafe {
+            let delay = mi_option_get(MI_OPTION_PURGE_DELAY);
+            if delay == 1000 || delay == -1 {
+                mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+            }
+            mi_option_set(MI_OPTION_ALLOW_THP, 0);
+        }
+    }
+    // The memory mimalloc (or malloc) mapped before this point was already
+    // advised for huge pages; the process-wide switch covers it too.
+    // SAFETY: prctl with integer arguments only; failure (an old kernel)
+    // just leaves huge pages on.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
 }
+
+/// The system allocator has no knob for a batch job.
+#[cfg(not(feature = "mimalloc"))]
+fn tune_allocator() {}
 
 fn main() -> ExitCode {
     // First of all: every message built from here on (a location shown
     // redacted while settings are read, a clap error quoting an argument) is
     // scrubbed of the environment's secrets, whatever the URL around them.
     event_backfill::redact::register_env();
+    tune_allocator();
+    event_backfill::machine::on_memory_bound(bound_allocator);
     let cli = match Cli::try_parse() {
-        Ok(c) => {
-            tune_allocator(bounded(&c.command));
-            c
-        }
+        Ok(c) => c,
         Err(e) if !e.use_stderr() => {
             // --help and --version print to stdout and succeed.
             let _ = e.print();
