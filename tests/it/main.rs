@@ -11,6 +11,7 @@ mod impossible;
 mod kafka;
 mod kafka_e2e;
 mod reference;
+mod rerun;
 mod s3;
 mod secrets;
 mod services;
