@@ -13,5 +13,6 @@ mod kafka_e2e;
 mod reference;
 mod rerun;
 mod s3;
+mod schedulers;
 mod secrets;
 mod services;
