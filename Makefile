@@ -30,8 +30,9 @@ demo: ## build, generate a sample archive, run the job over it, print the report
 	@echo "replays:  $(DEMO)/out/replay/   dead letters: $(DEMO)/out/dlq/   gaps: $(DEMO)/out/gaps/"
 	@echo "try:      $(BIN_DEBUG) sql --job jobs/demo.toml -f sql/examples/failures_by_error.sql"
 
-tools: ## install the test servers (tansu, s3s-fs) into $(CACHE), once
+tools: ## install the test servers (tansu, s3s-fs) and Airflow into $(CACHE), once
 	scripts/install-tools.sh all
+	scripts/install-tools.sh airflow
 
 # The test suite's binary has the crash points of src/failpoint.rs compiled
 # in; every cargo call of the suite passes the same features so that the

@@ -1,39 +1,234 @@
-"""Airflow DAG: one backfill run per data interval.
+"""Airflow 3 DAG: one backfill run per job file and per day.
 
-The run id is derived from the interval, so clearing or retrying a task
-re-runs the same id: `backfill` sees it committed and exits 0 without
-replaying anything twice. Exit codes: 0 ok, 1 runtime failure (retry),
-2 configuration error (do not retry), 3 DLQ not empty (--fail-on-dlq),
-4 another run on the same state won while this one ran (nothing visible;
-retry: the retry decides afresh).
+What it does, per data interval [data_interval_start, data_interval_end):
+
+- ``per_job.preflight``: ``backfill run --dry-run`` with the very flags of the
+  run (a configuration error fails here, before anything is written);
+- ``per_job.run``: the run itself, its JSON report (the ``--report`` file,
+  read back) pushed to XCom under ``report`` (and returned, on success);
+
+both in the task group ``per_job``, mapped over the job files
+(``per_job.expand(job=JOB_FILES)``): one preflight and one run per job file.
+
+The run id is the job file's name and the interval's first day
+(``nightly-20261130``): a retried or cleared task reruns the same id, and
+``backfill`` exits with the committed run's outcome without writing
+anything (docs/scheduling.md).
+
+Exit codes become task states (README, "Exit codes"):
+
+==== ============================================== ===========================
+code meaning                                        task
+==== ============================================== ===========================
+0    committed (or already committed and it was 0)  success
+1    runtime failure (store, broker): nothing       failed, retried
+     committed, or committed and not yet published
+2    configuration error (job file, flags, a run    failed, never retried
+     id committed with other settings)
+3    committed, dead letters under --fail-on-dlq;   failed, never retried: a
+     a rerun of the run id exits 3 again            human looks at the DLQ
+4    another run on the same state won; nothing     failed, retried (the retry
+     visible                                        decides afresh)
+==== ============================================== ===========================
+
+Exit 2 and 3 raise ``AirflowFailException``, which Airflow never retries;
+1 and 4 raise ``AirflowException``, retried ``retries`` times.
+
+Needs Airflow 3 (``airflow.sdk``, the standard provider); docs/scheduling.md
+has the changes for Airflow 2.x. The test suite loads this file into a real
+Airflow 3 (tests/it/schedulers.rs).
 """
 
-from datetime import datetime, timedelta
+from __future__ import annotations
 
-from airflow import DAG
-from airflow.operators.bash import BashOperator
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+import pendulum
+from airflow.sdk import DAG, CronDataIntervalTimetable, get_current_context, task, task_group
+
+try:  # Airflow >= 3.1: the Task SDK's own exceptions
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+except ImportError:  # Airflow 3.0
+    from airflow.exceptions import AirflowException, AirflowFailException
+
+log = logging.getLogger(__name__)
+
+#: One mapped task per job file. Each job must have a state of its own
+#: (``out`` or ``state`` in the file): the run ids of two job files differ,
+#: but two jobs on one state would race for the same events.
+JOB_FILES = [
+    "/opt/backfill/jobs/nightly.toml",
+]
+
+#: The binary, found on the worker's PATH unless BACKFILL_BIN names it.
+BACKFILL_BIN_DEFAULT = "backfill"
+
+#: KEY=VALUE lines (``export`` and quotes allowed, ``#`` comments) added to
+#: the run's environment, shared with jobs/crontab: the variables the job
+#: files expand (``${LAKE_BUCKET}``) and the store's credentials. Keep it
+#: readable by the worker's user only.
+ENV_FILE_DEFAULT = "/etc/backfill/backfill.env"
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_DLQ, EXIT_CONFLICT = 0, 1, 2, 3, 4
+
+#: The window as Airflow renders it: ``ts`` gives ISO 8601 with a ``T``
+#: (a bare ``{{ data_interval_start }}`` renders with a space in Airflow 3).
+WINDOW = {
+    "date_from": "{{ data_interval_start | ts }}",
+    "date_to": "{{ data_interval_end | ts }}",
+    "day": "{{ data_interval_start | ds_nodash }}",
+}
+
+
+def run_id_for(job: str, day: str) -> str:
+    """The run id of a job file for one day: stable across retries."""
+    return f"{Path(job).stem}-{day}"
+
+
+def backfill_argv(
+    job: str, date_from: str, date_to: str, day: str, report: str, dry_run: bool = False
+) -> list[str]:
+    """The command line of one run (the preflight adds ``--dry-run``)."""
+    argv = [
+        os.environ.get("BACKFILL_BIN", BACKFILL_BIN_DEFAULT),
+        "run",
+        "--job",
+        job,
+        "--from",
+        date_from,
+        "--to",
+        date_to,
+        "--run-id",
+        run_id_for(job, day),
+        "--report",
+        report,
+        "--fail-on-dlq",
+        "--progress",
+        "off",
+    ]
+    if dry_run:
+        argv.append("--dry-run")
+    return argv
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """The variables of an env file (what ``set -a; . FILE`` sets for the
+    simple files this DAG and jobs/crontab share); none if it is absent."""
+    env: dict[str, str] = {}
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return env
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.removeprefix("export ").split("=", 1)
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env[key.strip()] = value
+    return env
+
+
+def raise_for_exit(code: int, run_id: str, last_line: str, dry_run: bool = False) -> None:
+    """Map backfill's exit code to the task's state: return for success,
+    AirflowFailException (never retried) for 2 and 3, AirflowException
+    (retried) for 1, 4 and a kill."""
+    what = f"backfill {'--dry-run ' if dry_run else ''}{run_id}"
+    if code == EXIT_OK:
+        return
+    if code == EXIT_USAGE:
+        raise AirflowFailException(
+            f"{what}: exit 2, configuration error (not retried: fix the job file or flags): {last_line}"
+        )
+    if code == EXIT_DLQ:
+        raise AirflowFailException(
+            f"{what}: exit 3, the run is committed and dead-lettered events under --fail-on-dlq; "
+            "the DLQ needs a human (a retry exits 3 again)"
+        )
+    if code == EXIT_CONFLICT:
+        raise AirflowException(
+            f"{what}: exit 4, another run on the same state won; nothing of this one is visible (retried): {last_line}"
+        )
+    raise AirflowException(f"{what}: exit {code} (retried): {last_line}")
+
+
+def push_report(report: dict) -> None:
+    """The report to XCom under ``report``, whatever the exit code."""
+    get_current_context()["ti"].xcom_push(key="report", value=report)
+
+
+def run_backfill(job: str, date_from: str, date_to: str, day: str, dry_run: bool = False) -> dict | None:
+    """Run backfill once, log its output, push its report, and map its exit
+    code to the task's state (``raise_for_exit``)."""
+    env = {**os.environ, **read_env_file(os.environ.get("BACKFILL_ENV_FILE", ENV_FILE_DEFAULT))}
+    with tempfile.TemporaryDirectory(prefix="backfill-report-") as tmp:
+        report_file = os.path.join(tmp, "report.json")
+        argv = backfill_argv(job, date_from, date_to, day, report_file, dry_run)
+        log.info("running %s", " ".join(argv))
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        for line in done.stdout.splitlines():
+            log.info("%s", line)
+        for line in done.stderr.splitlines():
+            log.warning("%s", line)
+        report = None
+        if os.path.exists(report_file):
+            with open(report_file) as f:
+                report = json.load(f)
+    if report is not None:
+        push_report(report)
+    code = done.returncode
+    if dry_run and code == EXIT_DLQ:
+        # A dry run under --fail-on-dlq exits 3 when the run would
+        # dead-letter (or its id is committed and exited 3): not a reason
+        # to stop the run, which reports it itself.
+        log.warning("backfill --dry-run: the run would dead-letter events (exit 3)")
+        code = EXIT_OK
+    lines = [l for l in done.stderr.splitlines() if l.strip()]
+    raise_for_exit(code, run_id_for(job, day), lines[-1] if lines else "", dry_run)
+    return report
+
 
 with DAG(
-    dag_id="event_backfill_orders",
-    start_date=datetime(2024, 1, 1),
-    schedule="@daily",
+    dag_id="event_backfill",
+    # A data interval from one midnight (UTC) to the next: the run starts
+    # when the interval has ended. A plain cron schedule (`"@daily"`) in
+    # Airflow 3 is a CronTriggerTimetable, whose data interval is empty
+    # (start == end), and `--from X --to X` exits 2.
+    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
+    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=10)},
-    tags=["backfill", "kafka"],
+    default_args={
+        "retries": 2,
+        "retry_delay": timedelta(minutes=10),
+        "retry_exponential_backoff": True,
+        "execution_timeout": timedelta(hours=6),
+    },
+    tags=["backfill"],
 ) as dag:
-    BashOperator(
-        task_id="backfill",
-        bash_command=(
-            "backfill run --job /opt/backfill/jobs/nightly.toml "
-            "--from {{ data_interval_start.isoformat() }} "
-            "--to {{ data_interval_end.isoformat() }} "
-            "--run-id orders-{{ ds_nodash }} "
-            "--report /tmp/backfill-{{ ds_nodash }}.json "
-            "--progress off"
-        ),
-        # Exit 2 is a configuration error: retrying will not help.
-        skip_on_exit_code=None,
-        env={"LAKE_BUCKET": "{{ var.value.lake_bucket }}", "AWS_REGION": "eu-west-1"},
-        append_env=True,
-    )
+
+    @task
+    def preflight(job: str, date_from: str, date_to: str, day: str) -> dict | None:
+        """The run's flags with --dry-run: decide and report, write nothing."""
+        return run_backfill(job, date_from, date_to, day, dry_run=True)
+
+    @task
+    def run(job: str, date_from: str, date_to: str, day: str) -> dict | None:
+        """The run: its report to XCom, its exit code to the task's state."""
+        return run_backfill(job, date_from, date_to, day)
+
+    @task_group
+    def per_job(job: str) -> None:
+        """One job file: its preflight, then its run. A group per job, so
+        that one job's failing preflight holds back that job's run only."""
+        preflight(job=job, **WINDOW) >> run(job=job, **WINDOW)
+
+    per_job.expand(job=JOB_FILES)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real servers the integration tests talk to (a Kafka-protocol
-# broker and an S3-compatible server) into a cache outside the clone, and the
-# Python packages the benchmarks compare against. Idempotent: a tool already
+# broker and an S3-compatible server) into a cache outside the clone, the
+# Python packages the benchmarks compare against, and (`airflow`) Apache
+# Airflow for the DAG's test. Idempotent: a tool already
 # present at the pinned version is reused, so a warm machine pays nothing.
 set -euo pipefail
 
@@ -38,6 +39,8 @@ install_tansu() {
 case "${1:-all}" in
   s3s-fs) install_s3s_fs ;;
   tansu) install_tansu ;;
+  # Apache Airflow 3 in a venv, for the DAG's test: scripts/install-airflow.sh.
+  airflow) "$(dirname "$0")/install-airflow.sh" >/dev/null ;;
   all) install_s3s_fs; install_tansu ;;
-  *) echo "usage: $0 [all|s3s-fs|tansu]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|s3s-fs|tansu|airflow]" >&2; exit 2 ;;
 esac

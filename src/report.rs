@@ -17,6 +17,13 @@ pub struct Report {
     pub dry_run: bool,
     /// The run id was committed before; this invocation did nothing.
     pub already_committed: bool,
+    /// The exit code the run ended with, as committed: 0, or 3 when
+    /// `--fail-on-dlq` was given and it dead-lettered an event. A rerun of
+    /// a committed run id carries the committed run's code (and exits with
+    /// it). Absent in a dry run, and for runs committed by versions that
+    /// did not record it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<u8>,
     /// Earlier committed runs whose interrupted publishing this run finished.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rolled_forward: Vec<String>,
@@ -76,6 +83,18 @@ impl Report {
                 + self.skipped_dead_lettered as u128
     }
 
+    /// How a run with these figures ends: 3 when `--fail-on-dlq` was given
+    /// and it dead-lettered an event, else 0 (the README's exit codes).
+    /// Recorded with the commit, so that a rerun of the run id ends the
+    /// same way; `main` applies the same rule to the report it is handed.
+    pub fn exit_code_under(&self, fail_on_dlq: bool) -> u8 {
+        if fail_on_dlq && self.dead_lettered > 0 {
+            crate::error::EXIT_DLQ
+        } else {
+            crate::error::EXIT_OK
+        }
+    }
+
     /// Add a batch of gaps' `missing_count` values to `missing_events`,
     /// saturating: a span of seqs wider than u64 (or several near i64::MAX)
     /// must read as "huge", never wrap to a small number. Negative or NULL
@@ -98,7 +117,18 @@ impl Report {
     pub fn human(&self) -> String {
         let mut s = String::new();
         let head = if self.already_committed {
-            format!("run {} is already committed; nothing to do", self.run_id)
+            let then = match self.exit_code {
+                Some(crate::error::EXIT_DLQ) => format!(
+                    " (it exited 3: {} dead-lettered under --fail-on-dlq)",
+                    self.dead_lettered
+                ),
+                Some(code) if code != crate::error::EXIT_OK => format!(" (it exited {code})"),
+                _ => String::new(),
+            };
+            format!(
+                "run {} is already committed; nothing to do{then}",
+                self.run_id
+            )
         } else if self.dry_run {
             format!(
                 "run {} (dry run: nothing written or committed)",

@@ -1,8 +1,9 @@
-//! The end of a run: the commit protocol (ARCHITECTURE.md), and the two
-//! checks it makes before the scan — a report file that can be written, and
-//! an earlier attempt at the same run id that only needs committing. This
-//! module never decides anything: it makes what the run decided durable,
-//! then committed, then visible, in that order.
+//! The end of a run: the commit protocol (ARCHITECTURE.md), and the three
+//! checks it makes before the scan — a run id committed already (the same
+//! settings end as that run ended; other settings are refused), a report
+//! file that can be written, and an earlier attempt at the same run id that
+//! only needs committing. This module never decides anything: it makes what
+//! the run decided durable, then committed, then visible, in that order.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -15,7 +16,7 @@ use crate::failpoint;
 use crate::job::RunSettings;
 use crate::report::Report;
 use crate::sink::SinkReceipt;
-use crate::state::{LedgerWriter, Manifest, State};
+use crate::state::{LedgerWriter, Manifest, Outcome, State};
 
 /// What decides a run's outcome, recorded with it (no secrets: locations
 /// are redacted, and storage and Kafka settings are left out). A rerun of
@@ -41,6 +42,157 @@ pub(super) fn decision_settings(settings: &RunSettings) -> serde_json::Value {
         "dlq_sink": loc(&settings.dlq_sink),
         "gaps_sink": loc(&settings.gaps_sink),
     })
+}
+
+/// A rerun of a committed run id: nothing is written, and the run ends as
+/// the committed run ended (3 stays 3 under `--fail-on-dlq`), so that a
+/// retried or cleared scheduler task tells the same story as the first. The
+/// same id with other settings (another window, policy, sinks, or
+/// `--fail-on-dlq`) is another run under a taken name: refused, exit 2,
+/// naming what differs. An entry without recorded settings (written by an
+/// older version) is taken as done whatever this run's settings, as before;
+/// without a recorded outcome, the exit code follows this run's
+/// `--fail-on-dlq` and the committed figures, as before.
+pub(super) fn committed_again(m: &Manifest, settings: &RunSettings) -> Result<Report, Error> {
+    let mut report: Report = serde_json::from_value(m.report.clone()).unwrap_or_default();
+    report.already_committed = true;
+    if m.settings.is_null() {
+        return Ok(report);
+    }
+    let theirs = fingerprint(&m.settings, m.outcome.map(|o| o.fail_on_dlq));
+    let ours = fingerprint(&decision_settings(settings), Some(settings.fail_on_dlq));
+    let diffs = differences(&theirs, &ours);
+    if !diffs.is_empty() {
+        let (then, now): (Vec<String>, Vec<String>) = diffs.into_iter().unzip();
+        return Err(Error::Usage(format!(
+            "run id {} was committed with {}; this run has {}; rerun it with the committed settings, or give these settings a new run id",
+            settings.run_id,
+            then.join(", "),
+            now.join(", ")
+        )));
+    }
+    if let Some(o) = m.outcome {
+        // `main` derives the exit code from the report and the flag, both
+        // the committed run's here: they must give the recorded code.
+        if report.exit_code_under(settings.fail_on_dlq) != o.exit_code {
+            return Err(Error::Internal(format!(
+                "run id {} was committed with exit code {}, which its recorded report does not reproduce",
+                settings.run_id, o.exit_code
+            )));
+        }
+        report.exit_code = Some(o.exit_code);
+    }
+    Ok(report)
+}
+
+/// What a rerun of a committed run id must match, key by key: the decision
+/// settings, and `--fail-on-dlq` where the entry recorded its outcome.
+fn fingerprint(
+    settings: &serde_json::Value,
+    fail_on_dlq: Option<bool>,
+) -> BTreeMap<String, serde_json::Value> {
+    let mut out: BTreeMap<String, serde_json::Value> = settings
+        .as_object()
+        .map(|o| o.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    if let Some(f) = fail_on_dlq {
+        out.insert("fail_on_dlq".into(), f.into());
+    }
+    out
+}
+
+/// The settings that differ, as (committed, this run) phrases written as
+/// the flags that set them. Only keys both sides record are compared: a key
+/// a later version added is unknown for an earlier entry, not different.
+fn differences(
+    theirs: &BTreeMap<String, serde_json::Value>,
+    ours: &BTreeMap<String, serde_json::Value>,
+) -> Vec<(String, String)> {
+    let mut out = vec![];
+    for (key, then) in theirs {
+        let Some(now) = ours.get(key) else { continue };
+        if then == now {
+            continue;
+        }
+        match (key.as_str(), then.as_object(), now.as_object()) {
+            // One phrase per remapped column, not the whole mapping.
+            ("columns", Some(t), Some(n)) => {
+                let mut names: Vec<&String> = t.keys().chain(n.keys()).collect();
+                names.sort();
+                names.dedup();
+                for name in names {
+                    let (a, b) = (t.get(name), n.get(name));
+                    if a != b {
+                        let show = |v: Option<&serde_json::Value>| match v.and_then(|v| v.as_str())
+                        {
+                            Some(s) => format!("--column {name}={s}"),
+                            None => format!("no --column {name}"),
+                        };
+                        out.push((show(a), show(b)));
+                    }
+                }
+            }
+            _ => out.push((as_flag(key, then), as_flag(key, now))),
+        }
+    }
+    out
+}
+
+/// One setting written as the flag that sets it: `--to
+/// 2026-11-30T00:00:00Z`, `no --to`, `--no-gaps`, `--source a --source b`.
+fn as_flag(key: &str, value: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let flag = match key {
+        "sources" => "--source",
+        "from" => "--from",
+        "to" => "--to",
+        "done_statuses" => "--done-status",
+        "max_attempts" => "--max-attempts",
+        "permanent_errors" => "--permanent-error",
+        "out" => "--out",
+        "replay_sink" => "--replay-sink",
+        "dlq_sink" => "--dlq-sink",
+        "gaps_sink" => "--gaps-sink",
+        "fail_on_dlq" => "--fail-on-dlq",
+        // Negative flags: the setting is on unless the flag is given.
+        "detect_gaps" | "detect_conflicts" => {
+            let flag = if key == "detect_gaps" {
+                "--no-gaps"
+            } else {
+                "--no-conflicts"
+            };
+            return match value.as_bool() {
+                Some(false) => flag.to_string(),
+                _ => format!("no {flag}"),
+            };
+        }
+        other => return format!("{other} = {value}"),
+    };
+    let one = |v: &Value| match v.as_str() {
+        Some(s) if key == "from" || key == "to" => {
+            // As a user writes it (`Z`), not as stored (`+00:00`).
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| {
+                    t.with_timezone(&Utc)
+                        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+                })
+                .unwrap_or_else(|_| s.to_string())
+        }
+        Some(s) => s.to_string(),
+        None => v.to_string(),
+    };
+    match value {
+        Value::Null => format!("no {flag}"),
+        Value::Bool(true) => flag.to_string(),
+        Value::Bool(false) => format!("no {flag}"),
+        Value::Array(items) if items.is_empty() => format!("no {flag}"),
+        Value::Array(items) => items
+            .iter()
+            .map(|v| format!("{flag} {}", one(v)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        v => format!("{flag} {}", one(v)),
+    }
 }
 
 /// A commit whose outcome is unknown (the store failed and the entry could
@@ -99,6 +251,12 @@ pub(super) async fn commit_and_publish(
     };
     failpoint::hit("after_ledger").await?;
     phases.set("committing");
+    // Decided here, committed with the run: a rerun of the id ends the same.
+    let outcome = Outcome {
+        exit_code: report.exit_code_under(settings.fail_on_dlq),
+        fail_on_dlq: settings.fail_on_dlq,
+    };
+    report.exit_code = Some(outcome.exit_code);
     let mut manifest = Manifest {
         format_version: crate::state::FORMAT_VERSION,
         seq: 0,
@@ -112,6 +270,7 @@ pub(super) async fn commit_and_publish(
         report: serde_json::to_value(&*report).unwrap_or_default(),
         delivered,
         settings: decision_settings(settings),
+        outcome: Some(outcome),
     };
     // Everything is durable and every message acknowledged: a rerun after
     // a crash from here on commits this entry instead of sending again.
@@ -217,6 +376,17 @@ pub(super) async fn recover_prepared(
             continue;
         }
         let mut manifest = prepared.clone();
+        // The outputs are the attempt's; how the run ends is this
+        // invocation's (`--fail-on-dlq` decides nothing about outputs).
+        let mut figures: Report =
+            serde_json::from_value(manifest.report.clone()).unwrap_or_default();
+        let outcome = Outcome {
+            exit_code: figures.exit_code_under(settings.fail_on_dlq),
+            fail_on_dlq: settings.fail_on_dlq,
+        };
+        figures.exit_code = Some(outcome.exit_code);
+        manifest.report = serde_json::to_value(&figures).unwrap_or_default();
+        manifest.outcome = Some(outcome);
         // `commit` sets the entry's position, which publishing marks.
         match state.commit(&mut manifest).await {
             Ok(_) => {}
@@ -269,5 +439,43 @@ pub(super) fn check_writable(report: &str) -> Result<(), Error> {
             "--report {report}: cannot write in {}: {e}",
             dir.display()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A key only one side records (a later version's addition) is unknown,
+    /// not different; values read as the flags a user types.
+    #[test]
+    fn differences_are_flags_over_the_keys_both_record() {
+        let then = fingerprint(
+            &json!({"to": "2026-11-30T00:00:00+00:00", "detect_gaps": true,
+                    "columns": {"key": "order_id", "seq": "order_seq"}}),
+            None,
+        );
+        let now = fingerprint(
+            &json!({"to": "2026-12-01T00:00:00+00:00", "detect_gaps": false,
+                    "columns": {"key": "order_id", "seq": "seq"}, "new_key": 1}),
+            Some(true),
+        );
+        assert_eq!(
+            differences(&then, &now),
+            vec![
+                ("--column seq=order_seq".into(), "--column seq=seq".into()),
+                ("no --no-gaps".into(), "--no-gaps".into()),
+                (
+                    "--to 2026-11-30T00:00:00Z".into(),
+                    "--to 2026-12-01T00:00:00Z".into()
+                ),
+            ]
+        );
+        assert_eq!(as_flag("from", &serde_json::Value::Null), "no --from");
+        assert_eq!(
+            as_flag("sources", &json!(["a", "b"])),
+            "--source a --source b"
+        );
     }
 }

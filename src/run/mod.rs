@@ -140,22 +140,9 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     // Two ways to be done before the scan: the run id is committed already,
     // or an earlier attempt delivered everything and only needs committing.
     let early = if let Some(m) = snapshot.committed(&settings.run_id) {
-        let now = commit::decision_settings(&settings);
-        if !m.settings.is_null() && m.settings != now {
-            eprintln!(
-                "warning: {}",
-                crate::redact::line(&format!(
-                    "run id '{}' was committed with other settings ({}); nothing was done for these (use a new run id)",
-                    settings.run_id,
-                    settings_diff(&m.settings, &now)
-                ))
-            );
-        }
-        // The committed run's own figures: a retry of a run that exited 3
-        // (--fail-on-dlq) must exit 3 again, not turn the task green.
-        let mut committed: Report = serde_json::from_value(m.report.clone()).unwrap_or_default();
-        committed.already_committed = true;
-        Some(committed)
+        // The same settings end as the committed run ended; other settings
+        // are refused (exit 2), naming what differs.
+        Some(commit::committed_again(m, &settings)?)
     } else {
         // Everything below decides from the ledger: a damaged state stops
         // the run before the archive is listed.
@@ -349,26 +336,6 @@ fn folder_key(loc: &Location) -> String {
 fn nested(a: &str, b: &str) -> bool {
     let b = b.trim_end_matches('/');
     a == b || a.starts_with(&format!("{b}/"))
-}
-
-/// The keys whose values differ, as `key: old -> new`, for one line.
-fn settings_diff(old: &serde_json::Value, new: &serde_json::Value) -> String {
-    let (Some(o), Some(n)) = (old.as_object(), new.as_object()) else {
-        return "unknown".into();
-    };
-    let mut keys: Vec<&String> = o.keys().chain(n.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
-        .filter(|k| o.get(*k) != n.get(*k))
-        .map(|k| {
-            let show = |v: Option<&serde_json::Value>| {
-                v.map(|v| v.to_string()).unwrap_or_else(|| "none".into())
-            };
-            format!("{k}: {} -> {}", show(o.get(k)), show(n.get(k)))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn row_columns(scan: &crate::job::Scan) -> RowColumns {

@@ -127,9 +127,29 @@ pub struct Manifest {
     pub delivered: Vec<crate::sink::Delivered>,
     /// The settings that decided this run (window, sources, columns,
     /// policy, sinks; no secrets), for audits and to tell a rerun with
-    /// other settings from a retry.
+    /// other settings from a retry. `null` in entries of versions before
+    /// it was recorded: such a run's settings are unknown, and a rerun of
+    /// its id is not compared with them.
     #[serde(default)]
     pub settings: serde_json::Value,
+    /// How the run ended, so that a rerun of its id with the same settings
+    /// ends the same way (a retry after exit 3 must not turn a task
+    /// green). Absent in entries of versions before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+}
+
+/// The exit outcome of a committed run. Kept apart from
+/// [`Manifest::settings`], which a rerun must match to take over a prepared
+/// attempt's outputs: `--fail-on-dlq` changes how a run ends, never what it
+/// writes.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Outcome {
+    /// The exit code the run ended with: 0, or 3 (`--fail-on-dlq` and a
+    /// dead letter).
+    pub exit_code: u8,
+    /// `--fail-on-dlq` was given: part of the settings a rerun must match.
+    pub fail_on_dlq: bool,
 }
 
 /// An attempt of a run: what gc may prove it owns.

@@ -11,6 +11,8 @@ mod impossible;
 mod kafka;
 mod kafka_e2e;
 mod reference;
+mod rerun;
 mod s3;
+mod schedulers;
 mod secrets;
 mod services;

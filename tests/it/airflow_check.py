@@ -1,0 +1,196 @@
+"""Checks jobs/airflow_backfill_dag.py against the installed Airflow 3,
+without a scheduler or a metadata database (run by tests/it/schedulers.rs
+with the venv's python):
+
+1. the DagBag loads the file with no import error and no warning
+   (a deprecated Airflow 2 import warns);
+2. the timetable, as the scheduler sees it (the core timetable the DAG
+   serializes to), gives a data interval with start < end, where a plain
+   "@daily" schedule gives start == end;
+3. each task's templates render, for that interval, to the command line
+   the README documents;
+4. the task callables map backfill's exit codes to task states: a fake
+   `backfill` exits 0..4 and the raised exception is checked;
+5. the same callables against the real binary and a real archive: exit 3
+   under --fail-on-dlq, the report pushed to XCom, and a retry that exits 3
+   again instead of turning green; the preflight passes.
+
+Usage: python airflow_check.py DAG_FILE BACKFILL_BIN WORK_DIR
+Prints one `ok:` line per check; any failure raises (non-zero exit).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+dag_file, backfill_bin, work = (Path(a) for a in sys.argv[1:4])
+work.mkdir(parents=True, exist_ok=True)
+
+import pendulum  # noqa: E402
+from airflow.dag_processing.dagbag import DagBag  # noqa: E402
+from airflow.sdk.exceptions import AirflowException, AirflowFailException  # noqa: E402
+from airflow.serialization.encoders import coerce_to_core_timetable  # noqa: E402
+from airflow.timetables.base import TimeRestriction  # noqa: E402
+from airflow.timetables.trigger import CronTriggerTimetable  # noqa: E402
+
+
+def ok(msg: str) -> None:
+    print(f"ok: {msg}", flush=True)
+
+
+# 1. The DagBag: no import errors, no warnings (deprecated imports warn).
+dags = work / "dags"
+dags.mkdir(exist_ok=True)
+shutil.copy(dag_file, dags / dag_file.name)
+with warnings.catch_warnings():
+    warnings.simplefilter("always")
+    bag = DagBag(dag_folder=str(dags))
+assert not bag.import_errors, f"import errors: {bag.import_errors}"
+assert not bag.captured_warnings, f"warnings while importing: {bag.captured_warnings}"
+dag = bag.dags["event_backfill"]
+tasks = {t.task_id: t for t in dag.tasks}
+assert set(tasks) == {"per_job.preflight", "per_job.run"}, tasks
+assert tasks["per_job.preflight"] in tasks["per_job.run"].upstream_list
+group = dag.task_group.children["per_job"]
+assert type(group).__name__ == "MappedTaskGroup", type(group)
+ok(f"DagBag loads {dag_file.name}: tasks {sorted(tasks)}, mapped over the job files")
+
+# 2. The timetable the scheduler uses: a real window.
+timetable = coerce_to_core_timetable(dag.timetable)
+run_after = pendulum.datetime(2024, 1, 2, tz="UTC")
+interval = timetable.infer_manual_data_interval(run_after=run_after)
+assert interval.start < interval.end, interval
+assert (interval.start, interval.end) == (
+    pendulum.datetime(2024, 1, 1, tz="UTC"),
+    pendulum.datetime(2024, 1, 2, tz="UTC"),
+), interval
+first = timetable.next_dagrun_info(
+    last_automated_data_interval=None,
+    restriction=TimeRestriction(earliest=dag.start_date, latest=None, catchup=True),
+)
+assert first.data_interval.start < first.data_interval.end, first
+# What this guards against: Airflow 3's plain cron schedule.
+plain = CronTriggerTimetable("@daily", timezone="UTC").infer_manual_data_interval(run_after=run_after)
+assert plain.start == plain.end, plain
+ok(f"timetable {type(timetable).__name__}: [{interval.start}, {interval.end}) (a plain @daily gives start == end)")
+
+# 3. Templates rendered for that interval.
+context = {
+    "data_interval_start": interval.start,
+    "data_interval_end": interval.end,
+    "logical_date": interval.start,
+    "ds": interval.start.strftime("%Y-%m-%d"),
+    "ds_nodash": interval.start.strftime("%Y%m%d"),
+    "dag": dag,
+    "params": {},
+}
+job = str(work / "nightly.toml")
+rendered = {}
+for task_id, t in tasks.items():
+    assert t.retries == 2, (task_id, t.retries)
+    kwargs = {k: v for k, v in t.op_kwargs.items() if k != "job"}
+    r = t.render_template(kwargs, context, jinja_env=dag.get_template_env())
+    assert r == {
+        "date_from": "2024-01-01T00:00:00+00:00",
+        "date_to": "2024-01-02T00:00:00+00:00",
+        "day": "20240101",
+    }, (task_id, r)
+    rendered[task_id] = {"job": job, **r}
+module = sys.modules[tasks["per_job.run"].python_callable.__module__]
+argv = module.backfill_argv(report="/r.json", **rendered["per_job.run"])
+expected = [
+    "backfill", "run", "--job", job,
+    "--from", "2024-01-01T00:00:00+00:00", "--to", "2024-01-02T00:00:00+00:00",
+    "--run-id", "nightly-20240101", "--report", "/r.json",
+    "--fail-on-dlq", "--progress", "off",
+]  # fmt: skip
+assert argv == expected, argv
+assert module.backfill_argv(report="/r.json", dry_run=True, **rendered["per_job.preflight"]) == [
+    *expected,
+    "--dry-run",
+]
+ok("templates render: " + " ".join(argv))
+
+# 4. Exit codes to task states, against a fake backfill.
+pushed: list = []
+module.push_report = pushed.append
+fake = work / "fake-backfill"
+fake.write_text(
+    "#!/bin/sh\n"
+    'while [ $# -gt 0 ]; do [ "$1" = --report ] && printf \'{"exit":%s}\' "$FAKE_EXIT" > "$2"; shift; done\n'
+    'echo "error: fake failure $FAKE_EXIT" >&2\n'
+    'exit "$FAKE_EXIT"\n'
+)
+fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+os.environ["BACKFILL_BIN"] = str(fake)
+os.environ["BACKFILL_ENV_FILE"] = str(work / "absent.env")
+
+
+def outcome(task_id: str, code: int) -> str:
+    os.environ["FAKE_EXIT"] = str(code)
+    pushed.clear()
+    try:
+        tasks[task_id].python_callable(**rendered[task_id])
+    except AirflowFailException:
+        result = "failed, not retried"
+    except AirflowException:
+        result = "failed, retried"
+    else:
+        result = "success"
+    assert pushed == [{"exit": code}], (task_id, code, pushed)
+    return result
+
+
+states = {code: outcome("per_job.run", code) for code in range(5)}
+assert states == {
+    0: "success",
+    1: "failed, retried",
+    2: "failed, not retried",
+    3: "failed, not retried",
+    4: "failed, retried",
+}, states
+assert issubclass(AirflowFailException, AirflowException)
+pre = {code: outcome("per_job.preflight", code) for code in range(5)}
+assert pre == {**states, 3: "success"}, pre
+ok(f"exit codes -> run: {states}; preflight: 3 -> {pre[3]}")
+
+# 5. The real binary on a real archive: exit 3, report in XCom, retry 3.
+archive = work / "archive"
+subprocess.run(
+    [str(backfill_bin), "generate", "--out", str(archive), "--events", "2000",
+     "--keys", "20", "--seed", "3", "--days", "2", "--start", "2024-01-01"],
+    check=True, capture_output=True,
+)  # fmt: skip
+Path(job).write_text(f'source = "{archive}"\nout = "${{BACKFILL_TEST_OUT}}"\n')
+(work / "backfill.env").write_text(f"# shared with jobs/crontab\nexport BACKFILL_TEST_OUT='{work / 'out'}'\n")
+os.environ["BACKFILL_ENV_FILE"] = str(work / "backfill.env")
+os.environ["BACKFILL_BIN"] = str(backfill_bin)
+
+
+def real(task_id: str) -> str:
+    pushed.clear()
+    try:
+        tasks[task_id].python_callable(**rendered[task_id])
+        return "success"
+    except AirflowFailException as e:
+        return f"failed, not retried: {e}"
+
+
+assert real("per_job.preflight") == "success"
+assert pushed and pushed[0]["dry_run"] is True, pushed
+first_try = real("per_job.run")
+assert first_try.startswith("failed, not retried") and "exit 3" in first_try, first_try
+report = pushed[0]
+assert report["run_id"] == "nightly-20240101" and report["dead_lettered"] > 0, report
+assert report["exit_code"] == 3 and report["already_committed"] is False, report
+retry = real("per_job.run")
+assert retry.startswith("failed, not retried") and "exit 3" in retry, retry
+assert pushed[0]["already_committed"] is True and pushed[0]["exit_code"] == 3, pushed
+assert real("per_job.preflight") == "success"
+ok(f"real backfill: run {first_try!r}; its retry {retry!r}; {report['dead_lettered']} dead-lettered in XCom")
