@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use event_backfill::cli::{Cli, Command};
-use event_backfill::error::{EXIT_DLQ, EXIT_OK, EXIT_USAGE, Error};
+use event_backfill::error::{EXIT_OK, EXIT_USAGE, Error};
 use event_backfill::{commands, job, run};
 
 #[cfg(feature = "mimalloc")]
@@ -232,10 +232,8 @@ async fn dispatch(cmd: Command) -> Result<u8, Error> {
             } else {
                 commands::write_stdout(r.human().as_bytes())?;
             }
-            if fail_on_dlq && r.dead_lettered > 0 {
-                return Ok(EXIT_DLQ);
-            }
-            Ok(EXIT_OK)
+            // A committed run's recorded code decides a rerun's (3 stays 3).
+            Ok(r.exit_code.unwrap_or_else(|| r.exit_code_under(fail_on_dlq)))
         }
         Command::Gaps(a) => commands::gaps(a).await.map(|_| EXIT_OK),
         Command::Sql(a) => commands::sql(a).await.map(|_| EXIT_OK),
