@@ -308,6 +308,40 @@ impl Location {
         }
     }
 
+    /// For a local location: the folder exists and can be written, or can
+    /// be created (its nearest existing ancestor is a writable folder).
+    /// Nothing is created, so a dry run can check too. The reason it
+    /// cannot, as a phrase for the caller's one line; always `Ok` for
+    /// object stores (their write is checked by listing, see the sinks).
+    pub fn check_local_writable(&self) -> Result<(), String> {
+        if !self.is_local {
+            return Ok(());
+        }
+        let target = std::path::PathBuf::from(self.display_path(&self.prefix));
+        let mut dir = target.as_path();
+        loop {
+            match std::fs::metadata(dir) {
+                Ok(m) if m.is_dir() => break,
+                Ok(_) => return Err(format!("{} is not a folder", dir.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => match dir.parent() {
+                    Some(p) => dir = p,
+                    None => return Err(format!("{} does not exist", target.display())),
+                },
+                Err(e) => return Err(format!("{}: {e}", dir.display())),
+            }
+        }
+        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| format!("{}: a NUL in the path", dir.display()))?;
+        // access(2) answers for this process's user, root and read-only
+        // mounts included, which the permission bits alone do not.
+        // SAFETY: a NUL-terminated path that outlives the call.
+        if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(format!("cannot write in {}: {e}", dir.display()));
+        }
+        Ok(())
+    }
+
     /// A store path `rel` below this location's prefix.
     pub fn path(&self, rel: &str) -> Path {
         self.child(rel).prefix

@@ -233,7 +233,8 @@ async fn dispatch(cmd: Command) -> Result<u8, Error> {
                 commands::write_stdout(r.human().as_bytes())?;
             }
             // A committed run's recorded code decides a rerun's (3 stays 3).
-            Ok(r.exit_code.unwrap_or_else(|| r.exit_code_under(fail_on_dlq)))
+            Ok(r.exit_code
+                .unwrap_or_else(|| r.exit_code_under(fail_on_dlq)))
         }
         Command::Gaps(a) => commands::gaps(a).await.map(|_| EXIT_OK),
         Command::Sql(a) => commands::sql(a).await.map(|_| EXIT_OK),

@@ -763,6 +763,11 @@ fn json_rows(batch: &RecordBatch) -> Result<JsonRows, String> {
 #[async_trait]
 impl Sink for KafkaSink {
     async fn check(&mut self) -> Result<(), SinkError> {
+        self.preflight().await?;
+        self.init_transactions().await
+    }
+
+    async fn preflight(&mut self) -> Result<(), SinkError> {
         let producer = self.producer.clone();
         let topic = self.url.topic.clone();
         // Metadata is not Send; reduce it to "does the topic exist" in place.
@@ -818,7 +823,7 @@ impl Sink for KafkaSink {
                 self.url.topic, self.url.bootstrap
             )));
         }
-        self.init_transactions().await
+        Ok(())
     }
 
     async fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {

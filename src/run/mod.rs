@@ -124,6 +124,14 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
 
     let state = State::new(location::resolve(&settings.state, &scan.storage)?);
     report.state = Some(state.loc.original.clone());
+    // A state that cannot be written is the settings' fault (exit 2), found
+    // before anything is read; a dry run, a scheduler's preflight, too.
+    if let Err(reason) = state.loc.check_local_writable() {
+        return Err(Error::Usage(format!(
+            "state {}: {reason}",
+            state.loc.display_path(&state.loc.prefix)
+        )));
+    }
     phases.set("reading state");
     let snapshot = state.snapshot().await?;
     if !settings.dry_run {
@@ -207,7 +215,9 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
         folder_key(&state.loc),
     )];
     let mut stdout_taken = false;
-    if !settings.dry_run {
+    // Every sink is checked in a dry run too (a scheduler's
+    // preflight): nothing is created, and the opened sinks are dropped.
+    {
         for (kind, target, schema) in [
             (SinkKind::Replay, &settings.replay_sink, out_schema.clone()),
             (SinkKind::Dlq, &settings.dlq_sink, out_schema.clone()),
@@ -221,7 +231,7 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
                 (None, Some(o)) => sink::default_target(o, kind),
                 (None, None) => continue,
             };
-            stdout_taken |= target == "-";
+            stdout_taken |= target == "-" && !settings.dry_run;
             if target != "-" && !target.starts_with("kafka://") {
                 let base = location::resolve(&target, &scan.storage)?;
                 let here = base.display_path(&base.prefix);
@@ -260,8 +270,12 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
             };
             let mut s = sink::open(&target, ctx)?;
             phases.set(format!("checking the {} sink", kind.name()));
-            s.check().await?;
-            sinks.push(OpenSink { kind, sink: s });
+            if settings.dry_run {
+                s.preflight().await?;
+            } else {
+                s.check().await?;
+                sinks.push(OpenSink { kind, sink: s });
+            }
         }
     }
 

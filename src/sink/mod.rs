@@ -140,6 +140,13 @@ pub struct SinkContext {
 pub trait Sink: Send {
     /// Fail fast, before the scan: the target is reachable and writable.
     async fn check(&mut self) -> Result<(), SinkError>;
+
+    /// The checks of [`Sink::check`] that change nothing anywhere, for a
+    /// dry run: a Kafka sink's `check` also initialises its transactions,
+    /// which would fence a real run writing with the same transactional id.
+    async fn preflight(&mut self) -> Result<(), SinkError> {
+        self.check().await
+    }
     /// Accept one batch. May buffer; must not make anything final.
     async fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError>;
     /// Make everything durable (files complete at staged names and synced,

@@ -99,7 +99,15 @@ impl ParquetSink {
 impl Sink for ParquetSink {
     async fn check(&mut self) -> Result<(), SinkError> {
         if self.base.is_local {
-            return Ok(());
+            // Found before the scan, not after it (issue 9).
+            return self
+                .base
+                .check_local_writable()
+                .map_err(|message| SinkError::Config {
+                    kind: self.ctx.kind.name(),
+                    target: self.base.original.clone(),
+                    message,
+                });
         }
         // Bucket exists and the credentials are accepted: fail before the scan.
         match self

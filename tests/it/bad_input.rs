@@ -473,3 +473,61 @@ fn missing_or_unusable_spill_dir() {
     let run = backfill(&["sql", "--job", &job, "SELECT count(*) FROM events"]);
     assert_error(&run, 2, &["spill_dir", &m], &out);
 }
+
+/// A local sink folder that cannot be created is found before anything
+/// happens (the attempt record, the scan), not when the first row is
+/// written: the armed crash point after the attempt record is never hit.
+#[test]
+fn an_unwritable_local_sink_fails_before_the_scan() {
+    let archive = archive_with(&Layout::default());
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let blocker = work.path().join("a-file");
+    fs::write(&blocker, "not a folder").unwrap();
+    let dlq = blocker.join("dlq").display().to_string();
+    let src = archive.path().display().to_string();
+    let out_s = out.display().to_string();
+    for dry in [false, true] {
+        let mut args = vec![
+            "run",
+            "--source",
+            &src,
+            "--out",
+            &out_s,
+            "--run-id",
+            "bad-1",
+            "--dlq-sink",
+            &dlq,
+        ];
+        if dry {
+            args.push("--dry-run");
+        }
+        let run = backfill_in(
+            &args,
+            &[("BACKFILL_FAILPOINT", "after_attempt_record:crash")],
+            None,
+        );
+        assert_error(&run, 2, &["dlq sink", "a-file"], &out);
+    }
+}
+
+/// The same for the state folder, which a dry run reads but never writes.
+#[test]
+fn an_unwritable_state_fails_before_the_scan() {
+    let archive = archive_with(&Layout::default());
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let blocker = work.path().join("a-file");
+    fs::write(&blocker, "not a folder").unwrap();
+    let state = blocker.join("state").display().to_string();
+    let src = archive.path().display().to_string();
+    let out_s = out.display().to_string();
+    let run = backfill_in(
+        &[
+            "run", "--source", &src, "--out", &out_s, "--run-id", "bad-1", "--state", &state,
+        ],
+        &[("BACKFILL_FAILPOINT", "after_attempt_record:crash")],
+        None,
+    );
+    assert_error(&run, 2, &["state", "a-file"], &out);
+}
