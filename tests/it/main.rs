@@ -14,3 +14,4 @@ mod reference;
 mod s3;
 mod secrets;
 mod services;
+mod sql_shell;
