@@ -23,7 +23,7 @@ pub enum Command {
     Run(RunArgs),
     /// Print the gap report alone.
     Gaps(GapsArgs),
-    /// Ad-hoc SQL over the archive (`events`, `unprocessed`, `gaps`, `conflicts`).
+    /// SQL over the archive and the job's state: a query, a script, or a shell.
     Sql(SqlArgs),
     /// Print the physical plans of the detection.
     Explain(ExplainArgs),

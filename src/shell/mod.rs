@@ -317,6 +317,11 @@ impl Shell {
                 message: e.to_string(),
             })?;
         } else if printed.more {
+            // After the rows it is about, on a terminal showing both.
+            self.out.flush().map_err(|e| Error::Io {
+                what: "stdout".into(),
+                message: e.to_string(),
+            })?;
             eprintln!(
                 "warning: {}{what}: printed the first {} row(s); the rest were not fetched ({more})",
                 self.origin.prefix(),

@@ -31,8 +31,13 @@ pub struct Out {
 }
 
 impl Out {
+    /// Buffered: stdout is line-buffered, and JSON rows are written one
+    /// at a time. Flushed after each result.
     pub fn stdout() -> Out {
-        Out::new(Box::new(std::io::stdout()))
+        Out::new(Box::new(std::io::BufWriter::with_capacity(
+            1 << 16,
+            std::io::stdout(),
+        )))
     }
 
     pub fn new(w: Box<dyn Write + Send>) -> Out {
