@@ -25,7 +25,7 @@ use datafusion::prelude::SessionContext;
 
 use crate::cli::{Format, MaxRows, SqlArgs, parse_maxrows};
 use crate::error::Error;
-use crate::job;
+use crate::job::{self, Scan};
 use crate::run::Phases;
 use crate::source;
 use print::Out;
@@ -99,9 +99,9 @@ fn io_reason(e: &std::io::Error) -> String {
     }
 }
 
-/// `backfill sql`.
-pub async fn run(args: SqlArgs) -> Result<(), Error> {
-    let input = input(&args)?;
+/// The scan settings, and the state location the job's runs use (`None`
+/// without one): `--state`, the job's `state`, else `OUT/_state`.
+fn settings(args: &SqlArgs) -> Result<(Scan, Option<String>), Error> {
     let (mut scan, job) = job::scan_settings(&args.scan)?;
     let out_dir = args.out.clone().or(job.out.clone());
     let state_loc = args.state.clone().or(job.state.clone()).or_else(|| {
@@ -112,7 +112,7 @@ pub async fn run(args: SqlArgs) -> Result<(), Error> {
     // As `run` does: the job's own outputs inside the archive are not events.
     let sinks = job.sinks.clone().unwrap_or_default();
     scan.exclude = [
-        out_dir.clone(),
+        out_dir,
         state_loc.clone(),
         sinks.replay,
         sinks.dlq,
@@ -122,7 +122,13 @@ pub async fn run(args: SqlArgs) -> Result<(), Error> {
     .flatten()
     .filter(|l| l.as_str() != "-" && !l.starts_with("kafka://"))
     .collect();
+    Ok((scan, state_loc))
+}
 
+/// `backfill sql`.
+pub async fn run(args: SqlArgs) -> Result<(), Error> {
+    let input = input(&args)?;
+    let (scan, state_loc) = settings(&args)?;
     let ctx = source::session(&scan)?;
     // SHOW TABLES, SHOW COLUMNS and `\d` read information_schema.
     ctx.state_ref()
@@ -237,10 +243,7 @@ impl Shell {
         }
         for item in items {
             let flow = self.item(item).await;
-            self.out.flush().map_err(|e| Error::Io {
-                what: "stdout".into(),
-                message: e.to_string(),
-            })?;
+            self.out.flush().map_err(print::stdout_error)?;
             if flow? == Flow::Quit || self.out.closed() {
                 break;
             }
@@ -312,16 +315,10 @@ impl Shell {
                     started.elapsed().as_secs_f64()
                 ));
             }
-            writeln!(self.out, "{line}").map_err(|e| Error::Io {
-                what: "stdout".into(),
-                message: e.to_string(),
-            })?;
+            writeln!(self.out, "{line}").map_err(print::stdout_error)?;
         } else if printed.more {
             // After the rows it is about, on a terminal showing both.
-            self.out.flush().map_err(|e| Error::Io {
-                what: "stdout".into(),
-                message: e.to_string(),
-            })?;
+            self.out.flush().map_err(print::stdout_error)?;
             eprintln!(
                 "warning: {}{what}: printed the first {} row(s); the rest were not fetched ({more})",
                 self.origin.prefix(),
@@ -379,7 +376,7 @@ impl Shell {
             ("\\?" | "\\h" | "\\help", _) => {
                 self.out
                     .write_all(HELP.as_bytes())
-                    .map_err(|e| usage(e.to_string()))?;
+                    .map_err(print::stdout_error)?;
                 Ok(Flow::Continue)
             }
             ("\\d" | "\\dt", []) => {
@@ -408,7 +405,7 @@ impl Shell {
                     .map(|v| v.get_name().to_string())
                     .unwrap_or_default();
                 writeln!(self.out, "format {format}\nmaxrows {rows}")
-                    .map_err(|e| usage(e.to_string()))?;
+                    .map_err(print::stdout_error)?;
                 Ok(Flow::Continue)
             }
             ("\\pset", ["format", value]) => {

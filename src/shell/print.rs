@@ -83,7 +83,8 @@ impl Write for Out {
     }
 }
 
-fn stdout_error(e: std::io::Error) -> Error {
+/// A write to stdout that failed other than by a closed pipe.
+pub fn stdout_error(e: std::io::Error) -> Error {
     Error::Io {
         what: "stdout".into(),
         message: e.to_string(),

@@ -104,8 +104,7 @@ pub fn parse(
     recursion_limit: usize,
     text: &str,
 ) -> Result<Vec<Item>, ScriptError> {
-    let mut items = vec![];
-    let mut numbered = 0;
+    let mut parsed = Parsed::default();
     let mut buf = String::new();
     let mut buf_line = 1u64;
     // Whether `buf` holds a token that is not a comment: once it does, only a
@@ -116,7 +115,7 @@ pub fn parse(
         if !started {
             if let Some(cmd) = command(line) {
                 buf.clear();
-                items.push(Item::Command {
+                parsed.items.push(Item::Command {
                     line: lineno,
                     text: cmd,
                 });
@@ -133,14 +132,7 @@ pub fn parse(
                 Progress::Empty => started = false,
                 Progress::Open => started = true,
                 Progress::Complete => {
-                    split(
-                        dialect,
-                        recursion_limit,
-                        &buf,
-                        buf_line,
-                        &mut numbered,
-                        &mut items,
-                    )?;
+                    split(dialect, recursion_limit, &buf, buf_line, &mut parsed)?;
                     buf.clear();
                     started = false;
                 }
@@ -150,16 +142,16 @@ pub fn parse(
     if progress(dialect, &buf) != Progress::Empty {
         // The last statement needs no `;`; an unclosed string is an error
         // from the tokenizer here.
-        split(
-            dialect,
-            recursion_limit,
-            &buf,
-            buf_line,
-            &mut numbered,
-            &mut items,
-        )?;
+        split(dialect, recursion_limit, &buf, buf_line, &mut parsed)?;
     }
-    Ok(items)
+    Ok(parsed.items)
+}
+
+/// The items so far, and how many of them are statements.
+#[derive(Default)]
+struct Parsed {
+    items: Vec<Item>,
+    statements: usize,
 }
 
 /// Split `buf` (which starts on line `first_line` of the script) on its `;`
@@ -169,8 +161,7 @@ fn split(
     recursion_limit: usize,
     buf: &str,
     first_line: u64,
-    numbered: &mut usize,
-    items: &mut Vec<Item>,
+    parsed: &mut Parsed,
 ) -> Result<(), ScriptError> {
     let shift = first_line - 1;
     let tokens = Tokenizer::new(dialect, buf)
@@ -200,7 +191,8 @@ fn split(
         ) else {
             continue;
         };
-        *numbered += 1;
+        parsed.statements += 1;
+        let number = parsed.statements;
         let (start, end) = (group[first].span.start, group[last].span.end);
         let text = buf[offset(buf, start)..offset(buf, end)].to_string();
         let line = start.line + shift;
@@ -214,15 +206,15 @@ fn split(
                 t
             })
             .collect();
-        let parsed = DFParserBuilder::new(tokens)
+        let statements = DFParserBuilder::new(tokens)
             .with_dialect(dialect)
             .with_recursion_limit(recursion_limit)
             .build()
             .and_then(|mut p| p.parse_statements());
-        let mut statements = parsed.map_err(|e| {
+        let mut statements = statements.map_err(|e| {
             ScriptError(format!(
                 "{}: {}",
-                name(*numbered, line, &text),
+                name(number, line, &text),
                 parse_error_line(&e)
             ))
         })?;
@@ -233,12 +225,12 @@ fn split(
             _ => {
                 return Err(ScriptError(format!(
                     "{}: expected one statement",
-                    name(*numbered, line, &text)
+                    name(number, line, &text)
                 )));
             }
         };
-        items.push(Item::Sql(Box::new(Piece {
-            number: *numbered,
+        parsed.items.push(Item::Sql(Box::new(Piece {
+            number,
             line,
             text,
             statement,

@@ -10,21 +10,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::archive::{Archive, Layout, Row};
-use crate::cli::{Run, backfill, command, read_all};
+use crate::cli::{Run, backfill, command, wait};
 
+/// How long the terminal test waits for the shell to answer.
 const TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The binary with `input` on its stdin (a pipe, not a terminal).
 fn backfill_stdin(args: &[&str], input: &str) -> Run {
-    backfill_stdin_env(args, input, &[])
-}
-
-fn backfill_stdin_env(args: &[&str], input: &str, envs: &[(&str, &str)]) -> Run {
     let mut cmd = command(Path::new(env!("CARGO_BIN_EXE_backfill")), args);
     cmd.stdin(Stdio::piped());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
     let mut child = cmd.spawn().expect("spawn backfill");
     let mut stdin = child.stdin.take().expect("stdin");
     let input = input.to_string();
@@ -32,27 +26,9 @@ fn backfill_stdin_env(args: &[&str], input: &str, envs: &[(&str, &str)]) -> Run 
     let writer = std::thread::spawn(move || {
         let _ = stdin.write_all(input.as_bytes());
     });
-    let t_out = read_all(child.stdout.take().expect("stdout"));
-    let t_err = read_all(child.stderr.take().expect("stderr"));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for backfill") {
-            break status;
-        }
-        if start.elapsed() > TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("backfill {} did not finish in {TIMEOUT:?}", args.join(" "));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let run = wait(child, args);
     let _ = writer.join();
-    Run {
-        args: args.iter().map(|s| s.to_string()).collect(),
-        code: status.code(),
-        stdout: t_out.join().expect("stdout reader"),
-        stderr: t_err.join().expect("stderr reader"),
-    }
+    run
 }
 
 /// Events e00..e49 on key k1, seq 0..49, one a minute; every fifth failed
