@@ -23,7 +23,7 @@ pub enum Command {
     Run(RunArgs),
     /// Print the gap report alone.
     Gaps(GapsArgs),
-    /// Ad-hoc SQL over the archive (`events`, `unprocessed`, `gaps`, `conflicts`).
+    /// SQL over the archive and the job's state: a query, a script, or a shell.
     Sql(SqlArgs),
     /// Print the physical plans of the detection.
     Explain(ExplainArgs),
@@ -38,6 +38,8 @@ pub enum Command {
 pub enum Format {
     Table,
     Csv,
+    /// Tab-separated, with a header (CSV's quoting).
+    Tsv,
     Json,
     Ndjson,
 }
@@ -142,18 +144,51 @@ pub struct GapsArgs {
 pub struct SqlArgs {
     #[command(flatten)]
     pub scan: ScanArgs,
-    /// The query (or use -f).
+    /// Statements to run, separated by ';' (without QUERY and -f: a shell
+    /// on a terminal, else the statements piped into stdin).
     #[arg(value_name = "QUERY", conflicts_with = "file")]
     pub query: Option<String>,
-    /// Read the query (or several, separated by ';') from a file.
+    /// Read the statements from a file; `-` reads stdin.
     #[arg(short = 'f', long = "file", value_name = "FILE.sql")]
     pub file: Option<PathBuf>,
+    /// Output format of every result.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+    /// Rows printed of each result; the query stops reading there. 0 or
+    /// `inf`: no limit. Default: 40 when stdout is a terminal, else no limit.
+    #[arg(long, value_name = "N", value_parser = parse_maxrows)]
+    pub maxrows: Option<MaxRows>,
     /// Also run statements that write or reach beyond the archive (COPY,
     /// INSERT, CREATE EXTERNAL TABLE, ...): `sql` is read-only without it.
     #[arg(long)]
     pub allow_writes: bool,
+    /// The job's state, for the `ledger`, `runs` and `candidates` tables
+    /// (default: the job file's `state`, else OUT/_state). Only read.
+    #[arg(long, value_name = "LOC")]
+    pub state: Option<String>,
+    /// The job's output root: its state is OUT/_state, and its folders are
+    /// left out of the archive as `run` leaves them out.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<String>,
+}
+
+/// How many rows of each result `sql` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxRows {
+    Unlimited,
+    Limit(usize),
+}
+
+/// `--maxrows`: a row count, with 0 and `inf` meaning no limit (as
+/// datafusion-cli's `inf`; 0 rows would print nothing but headers).
+pub fn parse_maxrows(s: &str) -> Result<MaxRows, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("inf") || t == "0" {
+        return Ok(MaxRows::Unlimited);
+    }
+    t.parse::<usize>()
+        .map(MaxRows::Limit)
+        .map_err(|_| format!("'{s}' is not a row count: a number, or 0 or inf for no limit"))
 }
 
 #[derive(Debug, Clone, Args)]

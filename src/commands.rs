@@ -36,124 +36,15 @@ pub async fn gaps(args: GapsArgs) -> Result<(), Error> {
             "gaps: gap detection is switched off (--no-gaps or detect_gaps = false)".into(),
         ));
     }
-    let batches = crate::detect::gaps(&ctx).await?.collect().await?;
-    print_batches(&batches, args.format)
+    let df = crate::detect::gaps(&ctx).await?;
+    let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await?;
+    print_batches(schema, &batches, args.format)
 }
 
+/// `backfill sql`: see [`crate::shell`].
 pub async fn sql(args: SqlArgs) -> Result<(), Error> {
-    let text = match (&args.query, &args.file) {
-        (Some(q), None) => q.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| Error::Io {
-            what: format!("SQL file {}", f.display()),
-            message: e.to_string(),
-        })?,
-        _ => {
-            return Err(Error::Usage("sql: give a QUERY or -f FILE.sql".into()));
-        }
-    };
-    let (ctx, _, _) = prepare(&args.scan).await?;
-    // Like datafusion-cli: `SELECT * FROM 'out/replay/'` reads files by URL,
-    // so a run's outputs can be inspected next to the archive.
-    let ctx = ctx.enable_url_table();
-    let statements = split_statements(&text);
-    if statements.is_empty() {
-        return Err(Error::Usage("sql: the query is empty".into()));
-    }
-    for (i, stmt) in statements.iter().enumerate() {
-        let plan = ctx.state().create_logical_plan(stmt).await?;
-        if !args.allow_writes
-            && let Some(what) = writes(&plan)
-        {
-            return Err(Error::Usage(format!(
-                "sql: {what} is refused: `backfill sql` is read-only (pass --allow-writes to run it)"
-            )));
-        }
-        let df = ctx.execute_logical_plan(plan).await?;
-        let batches = df.collect().await?;
-        // Only the last statement's result is printed, as in `psql -f`
-        // with CREATE VIEW ... ; SELECT ...; scripts.
-        if i + 1 == statements.len() {
-            print_batches(&batches, args.format)?;
-        }
-    }
-    Ok(())
-}
-
-/// What in a plan could write or change anything outside this session,
-/// if anything. `sql` explores an archive, often a production one, and a
-/// typo'd `COPY ... TO` or an `INSERT` into an external table must not
-/// overwrite files there. Queries, EXPLAIN (without ANALYZE of a write),
-/// SHOW, DESCRIBE and session-only views are read-only. Decided on the
-/// plan, not the text: `EXPLAIN ANALYZE COPY ...` executes the COPY, and
-/// the plan says so wherever the statement hides it.
-fn writes(plan: &datafusion::logical_expr::LogicalPlan) -> Option<String> {
-    use datafusion::common::tree_node::TreeNode;
-    use datafusion::logical_expr::{DdlStatement, LogicalPlan};
-    let mut found = None;
-    let _ = plan.apply(|p| {
-        let what = match p {
-            LogicalPlan::Dml(d) => Some(format!("{} {}", d.op.name().to_uppercase(), d.table_name)),
-            LogicalPlan::Copy(c) => Some(format!("COPY ... TO '{}'", c.output_url)),
-            LogicalPlan::Ddl(DdlStatement::CreateView(_)) => None,
-            LogicalPlan::Ddl(d) => Some(sql_words(d.name())),
-            LogicalPlan::Statement(s) => Some(sql_words(s.name())),
-            _ => None,
-        };
-        if what.is_some() {
-            found = what;
-            return Ok(datafusion::common::tree_node::TreeNodeRecursion::Stop);
-        }
-        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
-    });
-    found
-}
-
-/// `CreateExternalTable` as the user typed it: `CREATE EXTERNAL TABLE`.
-fn sql_words(camel: &str) -> String {
-    let mut out = String::new();
-    for c in camel.chars() {
-        if c.is_uppercase() && !out.is_empty() {
-            out.push(' ');
-        }
-        out.extend(c.to_uppercase());
-    }
-    out
-}
-
-/// Split a script on `;` outside quotes and comments.
-fn split_statements(text: &str) -> Vec<String> {
-    let mut out = vec![];
-    let mut cur = String::new();
-    let mut chars = text.chars().peekable();
-    let (mut in_single, mut in_double) = (false, false);
-    while let Some(c) = chars.next() {
-        match c {
-            '\'' if !in_double => in_single = !in_single,
-            '"' if !in_single => in_double = !in_double,
-            '-' if !in_single && !in_double && chars.peek() == Some(&'-') => {
-                for c in chars.by_ref() {
-                    if c == '\n' {
-                        break;
-                    }
-                }
-                cur.push('\n');
-                continue;
-            }
-            ';' if !in_single && !in_double => {
-                if !cur.trim().is_empty() {
-                    out.push(cur.trim().to_string());
-                }
-                cur.clear();
-                continue;
-            }
-            _ => {}
-        }
-        cur.push(c);
-    }
-    if !cur.trim().is_empty() {
-        out.push(cur.trim().to_string());
-    }
-    out
+    crate::shell::run(args).await
 }
 
 pub async fn explain(args: ExplainArgs) -> Result<(), Error> {
@@ -271,48 +162,15 @@ async fn gc(args: GcArgs) -> Result<(), Error> {
     write_stdout(text.as_bytes())
 }
 
-/// Print batches as a table, CSV, a JSON array or JSON lines.
-pub fn print_batches(batches: &[RecordBatch], format: Format) -> Result<(), Error> {
-    let mut buf: Vec<u8> = vec![];
-    match format {
-        Format::Table => {
-            let t = arrow::util::pretty::pretty_format_batches(batches)?;
-            buf.extend_from_slice(t.to_string().as_bytes());
-            buf.push(b'\n');
-        }
-        Format::Csv => {
-            let mut w = arrow::csv::WriterBuilder::new()
-                .with_header(true)
-                .build(&mut buf);
-            let mut wrote = false;
-            for b in batches {
-                w.write(b)?;
-                wrote = true;
-            }
-            drop(w);
-            if !wrote {
-                buf.clear();
-            }
-        }
-        Format::Json => {
-            let mut w = arrow::json::ArrayWriter::new(&mut buf);
-            let refs: Vec<&RecordBatch> = batches.iter().collect();
-            w.write_batches(&refs)?;
-            w.finish()?;
-            drop(w);
-            if buf.is_empty() {
-                buf.extend_from_slice(b"[]");
-            }
-            buf.push(b'\n');
-        }
-        Format::Ndjson => {
-            let mut w = arrow::json::LineDelimitedWriter::new(&mut buf);
-            let refs: Vec<&RecordBatch> = batches.iter().collect();
-            w.write_batches(&refs)?;
-            w.finish()?;
-        }
-    }
-    write_stdout(&buf)
+/// Print batches as a table, CSV, TSV, a JSON array or JSON lines; an
+/// empty result still prints its header. The same printer as `sql`'s.
+pub fn print_batches(
+    schema: arrow::datatypes::SchemaRef,
+    batches: &[RecordBatch],
+    format: Format,
+) -> Result<(), Error> {
+    let mut out = crate::shell::print::Out::stdout();
+    crate::shell::print::print_batches(&mut out, schema, batches, format)
 }
 
 /// Write to stdout; a closed pipe (`| head`) is not an error.
@@ -325,63 +183,5 @@ pub fn write_stdout(bytes: &[u8]) -> Result<(), Error> {
             what: "stdout".into(),
             message: e.to_string(),
         }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{split_statements, writes};
-
-    /// `sql` is read-only: writes and catalog changes are found on the
-    /// plan, wherever the statement hides them.
-    #[tokio::test]
-    async fn writes_are_found_on_the_plan() {
-        let ctx = datafusion::prelude::SessionContext::new();
-        ctx.sql("CREATE TABLE t AS VALUES (1)")
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
-        let found = |sql: &'static str| {
-            let ctx = ctx.clone();
-            async move {
-                let plan = ctx.state().create_logical_plan(sql).await.unwrap();
-                writes(&plan)
-            }
-        };
-        for sql in [
-            "SELECT * FROM t",
-            "WITH x AS (SELECT 1) SELECT * FROM x",
-            "EXPLAIN SELECT * FROM t",
-            "DESCRIBE t",
-            "CREATE VIEW v AS SELECT * FROM t",
-        ] {
-            assert_eq!(found(sql).await, None, "{sql}");
-        }
-        for (sql, what) in [
-            ("COPY t TO '/tmp/x.parquet'", "COPY"),
-            ("EXPLAIN ANALYZE COPY t TO '/tmp/x.parquet'", "COPY"),
-            ("INSERT INTO t VALUES (2)", "INSERT"),
-            (
-                "CREATE EXTERNAL TABLE e STORED AS PARQUET LOCATION '/tmp/e/'",
-                "CREATE EXTERNAL TABLE",
-            ),
-            ("CREATE TABLE u AS SELECT 1", "CREATE MEMORY TABLE"),
-            ("DROP TABLE t", "DROP TABLE"),
-            ("SET datafusion.execution.batch_size = 1", "SET VARIABLE"),
-        ] {
-            let w = found(sql).await;
-            assert!(
-                w.as_deref().is_some_and(|w| w.contains(what)),
-                "{sql}: {w:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn splits_outside_quotes_and_comments() {
-        let s = split_statements("select ';' as a; -- x; y\nselect 2;\n\n");
-        assert_eq!(s, vec!["select ';' as a", "select 2"]);
     }
 }

@@ -20,6 +20,7 @@ pub mod policy;
 pub mod redact;
 pub mod report;
 pub mod run;
+pub mod shell;
 pub mod sink;
 pub mod source;
 pub mod state;

@@ -95,7 +95,13 @@ pub fn backfill_in(args: &[&str], envs: &[(&str, &str)], cwd: Option<&Path>) -> 
     if let Some(dir) = cwd {
         cmd.current_dir(dir);
     }
-    let mut child = cmd.spawn().expect("spawn backfill");
+    let child = cmd.spawn().expect("spawn backfill");
+    wait(child, args)
+}
+
+/// Wait (at most [`TIMEOUT`]) for a spawned `backfill ARGS` whose stdout and
+/// stderr are piped, and collect what it did.
+pub fn wait(mut child: std::process::Child, args: &[&str]) -> Run {
     let t_out = read_all(child.stdout.take().expect("stdout"));
     let t_err = read_all(child.stderr.take().expect("stderr"));
     let start = Instant::now();

@@ -16,3 +16,4 @@ mod s3;
 mod schedulers;
 mod secrets;
 mod services;
+mod sql_shell;

@@ -1,0 +1,889 @@
+//! `backfill sql`: SQL over the archive, the detection views and the job's
+//! state, as a one-shot query, a script (`-f FILE`, `-f -`, piped stdin) or
+//! an interactive shell on a terminal, in the manner of datafusion-cli.
+//!
+//! What it must never do: write. Every statement's plan is checked before
+//! it runs (and a script's plans before any of it runs, where they plan on
+//! their own), and anything that writes or changes the catalog beyond the
+//! session is refused unless `--allow-writes`; the job's state is read as
+//! `backfill run` reads it and never changed. Errors are one line naming the
+//! statement (its number, line and first words) or the file.
+
+pub mod print;
+pub mod script;
+pub mod state;
+
+use std::io::{IsTerminal, Read, Write};
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::ValueEnum;
+use datafusion::dataframe::DataFrame;
+use datafusion::error::DataFusionError;
+use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
+use datafusion::prelude::SessionContext;
+
+use crate::cli::{Format, MaxRows, SqlArgs, parse_maxrows};
+use crate::error::Error;
+use crate::job::{self, Scan};
+use crate::run::Phases;
+use crate::source;
+use print::Out;
+use script::{Item, Piece};
+
+/// Rows of each result on a terminal unless `--maxrows` says otherwise.
+pub const TERMINAL_MAXROWS: usize = 40;
+
+/// Where the statements come from; errors of a file or stdin name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Origin {
+    Argument,
+    File(String),
+    Stdin,
+    Shell,
+}
+
+impl Origin {
+    /// The prefix of an error line: `q.sql: `, `stdin: `, or nothing.
+    fn prefix(&self) -> String {
+        match self {
+            Origin::File(f) => format!("{f}: "),
+            Origin::Stdin => "stdin: ".into(),
+            Origin::Argument | Origin::Shell => String::new(),
+        }
+    }
+}
+
+/// What to run: a script read whole, or the interactive shell.
+enum Input {
+    Script(Origin, String),
+    Shell,
+}
+
+/// The statements' source, decided before the archive is listed: a file
+/// that cannot be read is a usage error that costs no listing.
+fn input(args: &SqlArgs) -> Result<Input, Error> {
+    if let Some(q) = &args.query {
+        return Ok(Input::Script(Origin::Argument, q.clone()));
+    }
+    match &args.file {
+        Some(f) if f.as_os_str() == "-" => Ok(Input::Script(Origin::Stdin, read_stdin()?)),
+        Some(f) => std::fs::read_to_string(f)
+            .map(|text| Input::Script(Origin::File(f.display().to_string()), text))
+            .map_err(|e| {
+                Error::Usage(format!(
+                    "-f {}: cannot read the SQL file: {}",
+                    f.display(),
+                    io_reason(&e)
+                ))
+            }),
+        None if std::io::stdin().is_terminal() => Ok(Input::Shell),
+        None => Ok(Input::Script(Origin::Stdin, read_stdin()?)),
+    }
+}
+
+fn read_stdin() -> Result<String, Error> {
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|e| Error::Usage(format!("stdin: cannot read SQL: {}", io_reason(&e))))?;
+    Ok(text)
+}
+
+/// `No such file or directory`, without the `(os error 2)` noise.
+fn io_reason(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// The scan settings, and the state location the job's runs use (`None`
+/// without one): `--state`, the job's `state`, else `OUT/_state`.
+fn settings(args: &SqlArgs) -> Result<(Scan, Option<String>), Error> {
+    let (mut scan, job) = job::scan_settings(&args.scan)?;
+    let out_dir = args.out.clone().or(job.out.clone());
+    let state_loc = args.state.clone().or(job.state.clone()).or_else(|| {
+        out_dir
+            .as_ref()
+            .map(|o| format!("{}/_state", o.trim_end_matches('/')))
+    });
+    // As `run` does: the job's own outputs inside the archive are not events.
+    let sinks = job.sinks.clone().unwrap_or_default();
+    scan.exclude = [
+        out_dir,
+        state_loc.clone(),
+        sinks.replay,
+        sinks.dlq,
+        sinks.gaps,
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|l| l.as_str() != "-" && !l.starts_with("kafka://"))
+    .collect();
+    Ok((scan, state_loc))
+}
+
+/// `backfill sql`.
+pub async fn run(args: SqlArgs) -> Result<(), Error> {
+    let input = input(&args)?;
+    let (scan, state_loc) = settings(&args)?;
+    let ctx = source::session(&scan)?;
+    // SHOW TABLES, SHOW COLUMNS and `\d` read information_schema.
+    ctx.state_ref()
+        .write()
+        .config_mut()
+        .options_mut()
+        .catalog
+        .information_schema = true;
+    // Parsed before the archive is listed: a typo costs no listing.
+    let script = match &input {
+        Input::Script(origin, text) => {
+            let items =
+                parse(&ctx, text).map_err(|e| Error::Usage(format!("{}{e}", origin.prefix())))?;
+            if items.is_empty() {
+                return Err(Error::Usage(match origin {
+                    Origin::Argument => "sql: the query is empty".into(),
+                    Origin::File(f) => format!("-f {f}: the file holds no statement"),
+                    _ => "sql: no statement on stdin: pipe statements in, pass QUERY or -f FILE.sql, or start `backfill sql` on a terminal for a shell".into(),
+                }));
+            }
+            Some((origin.clone(), items))
+        }
+        Input::Shell => None,
+    };
+
+    let phases = Phases::new(args.scan.progress);
+    phases.set("listing the archive");
+    let archive = source::register(&ctx, &scan).await?;
+    match &state_loc {
+        Some(loc) => {
+            phases.set("reading the state");
+            state::register(&ctx, loc, &scan.storage).await?;
+        }
+        None => state::register_none(&ctx)?,
+    }
+    crate::detect::register_views(&ctx, &scan).await?;
+    phases.done();
+    // Like datafusion-cli: `SELECT * FROM 'out/replay/'` reads files by
+    // URL, so a run's outputs can be inspected next to the archive.
+    let ctx = ctx.enable_url_table();
+
+    let maxrows = match args.maxrows {
+        Some(MaxRows::Limit(n)) => Some(n),
+        Some(MaxRows::Unlimited) => None,
+        None if std::io::stdout().is_terminal() => Some(TERMINAL_MAXROWS),
+        None => None,
+    };
+    let mut shell = Shell {
+        ctx,
+        format: args.format,
+        maxrows,
+        allow_writes: args.allow_writes,
+        out: Out::stdout(),
+        origin: Origin::Shell,
+    };
+    match script {
+        Some((origin, items)) => {
+            shell.origin = origin;
+            shell.script(&items).await
+        }
+        None => shell.interactive(archive.stats.files_scanned).await,
+    }
+}
+
+/// Parse with the session's dialect and recursion limit.
+fn parse(ctx: &SessionContext, text: &str) -> Result<Vec<Item>, script::ScriptError> {
+    let state = ctx.state();
+    let options = &state.config().options().sql_parser;
+    let dialect = datafusion::sql::sqlparser::dialect::dialect_from_str(options.dialect)
+        .ok_or_else(|| {
+            script::ScriptError(format!(
+                "unsupported SQL dialect '{}' (datafusion.sql_parser.dialect)",
+                options.dialect
+            ))
+        })?;
+    script::parse(dialect.as_ref(), options.recursion_limit.get(), text)
+}
+
+/// Whether to read on after an item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Quit,
+}
+
+/// A session: the context with every table, and how results print.
+struct Shell {
+    ctx: SessionContext,
+    format: Format,
+    /// `None`: every row.
+    maxrows: Option<usize>,
+    allow_writes: bool,
+    out: Out,
+    origin: Origin,
+}
+
+impl Shell {
+    /// Run a script: refused whole if any statement that plans on its own
+    /// writes; then in order, stopping at the first error (its exit code
+    /// is the script's) or `\q`.
+    async fn script(&mut self, items: &[Item]) -> Result<(), Error> {
+        if !self.allow_writes {
+            for item in items {
+                if let Item::Sql(p) = item
+                    // A statement that only plans after an earlier one ran
+                    // (a view it creates) is checked when its turn comes.
+                    && let Ok(plan) = self.ctx.state().statement_to_plan(p.statement.clone()).await
+                {
+                    self.guard(p, &plan)?;
+                }
+            }
+        }
+        for item in items {
+            let flow = self.item(item).await;
+            self.out.flush().map_err(print::stdout_error)?;
+            if flow? == Flow::Quit || self.out.closed() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn item(&mut self, item: &Item) -> Result<Flow, Error> {
+        match item {
+            Item::Sql(p) => self.statement(p).await.map(|_| Flow::Continue),
+            Item::Command { line, text } => self.command(*line, text).await,
+        }
+    }
+
+    /// Plan, check, run and print one statement.
+    async fn statement(&mut self, p: &Piece) -> Result<(), Error> {
+        let started = Instant::now();
+        let plan = self
+            .ctx
+            .state()
+            .statement_to_plan(p.statement.clone())
+            .await
+            .map_err(|e| self.failed(&p.name(), e))?;
+        self.guard(p, &plan)?;
+        let plan = limited(plan, self.maxrows).map_err(|e| self.failed(&p.name(), e))?;
+        let df = self
+            .ctx
+            .execute_logical_plan(plan)
+            .await
+            .map_err(|e| self.failed(&p.name(), e))?;
+        self.show(df, &p.name(), started).await
+    }
+
+    /// Print a result with its footer (tables) or its truncation warning
+    /// (other formats, on stderr: stdout stays machine-readable).
+    async fn show(&mut self, df: DataFrame, what: &str, started: Instant) -> Result<(), Error> {
+        let schema = Arc::new(df.schema().as_arrow().clone());
+        let stream = df
+            .execute_stream()
+            .await
+            .map_err(|e| self.failed(what, e))?;
+        let columns = !schema.fields().is_empty();
+        let printed = print::print_stream(&mut self.out, schema, stream, self.format, self.maxrows)
+            .await
+            .map_err(|e| match e {
+                Error::DataFusion(e) => self.failed(what, *e),
+                other => other,
+            })?;
+        if !columns {
+            return Ok(());
+        }
+        let more = if self.origin == Origin::Shell {
+            "\\pset maxrows inf shows all"
+        } else {
+            "--maxrows inf shows all"
+        };
+        if self.format == Format::Table {
+            let mut line = if printed.more {
+                format!(
+                    "First {} row(s) displayed; the rest were not fetched ({more}).",
+                    printed.rows
+                )
+            } else {
+                format!("{} row(s) fetched.", printed.rows)
+            };
+            if self.origin == Origin::Shell {
+                line.push_str(&format!(
+                    " Elapsed {:.3} seconds.",
+                    started.elapsed().as_secs_f64()
+                ));
+            }
+            writeln!(self.out, "{line}").map_err(print::stdout_error)?;
+        } else if printed.more {
+            // After the rows it is about, on a terminal showing both.
+            self.out.flush().map_err(print::stdout_error)?;
+            eprintln!(
+                "warning: {}{what}: printed the first {} row(s); the rest were not fetched ({more})",
+                self.origin.prefix(),
+                printed.rows
+            );
+        }
+        Ok(())
+    }
+
+    /// Refuse a statement that writes, unless `--allow-writes`.
+    fn guard(&self, p: &Piece, plan: &LogicalPlan) -> Result<(), Error> {
+        if self.allow_writes {
+            return Ok(());
+        }
+        match writes(plan) {
+            Some(what) => Err(Error::Usage(format!(
+                "{}{}: {what} is refused: `backfill sql` is read-only (pass --allow-writes to run it)",
+                self.origin.prefix(),
+                p.name()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// A DataFusion error of `what`, as one line naming it: SQL that does
+    /// not plan is a usage error (exit 2), anything else a runtime one.
+    fn failed(&self, what: &str, e: DataFusionError) -> Error {
+        let at = format!("{}{what}", self.origin.prefix());
+        if is_usage(&e) {
+            let line = e.to_string();
+            Error::Usage(format!(
+                "{at}: {}",
+                line.split_whitespace().collect::<Vec<_>>().join(" ")
+            ))
+        } else {
+            // The crate's own wording (e.g. out of memory under
+            // --memory-limit), after the statement.
+            Error::Io {
+                what: at,
+                message: Error::from(e).to_string(),
+            }
+        }
+    }
+
+    /// A shell command (`\d`, `\q`, ...).
+    async fn command(&mut self, line: u64, text: &str) -> Result<Flow, Error> {
+        let started = Instant::now();
+        let mut words = text.split_whitespace();
+        let cmd = words.next().unwrap_or_default();
+        let rest: Vec<&str> = words.collect();
+        let usage =
+            |msg: String| Error::Usage(format!("{}line {line}: {msg}", self.origin.prefix()));
+        match (cmd, rest.as_slice()) {
+            ("\\q" | "\\quit", []) => Ok(Flow::Quit),
+            ("\\?" | "\\h" | "\\help", _) => {
+                self.out
+                    .write_all(HELP.as_bytes())
+                    .map_err(print::stdout_error)?;
+                Ok(Flow::Continue)
+            }
+            ("\\d" | "\\dt", []) => {
+                let df = self.tables().await.map_err(|e| self.failed(text, e))?;
+                self.show(df, text, started).await?;
+                Ok(Flow::Continue)
+            }
+            ("\\d", [name]) => {
+                let df = self
+                    .columns(name)
+                    .await
+                    .map_err(|e| self.failed(text, e))?
+                    .ok_or_else(|| {
+                        usage(format!(
+                            "\\d {name}: there is no table or view named {name} (\\d lists them)"
+                        ))
+                    })?;
+                self.show(df, text, started).await?;
+                Ok(Flow::Continue)
+            }
+            ("\\pset", []) => {
+                let rows = self.maxrows.map_or("inf".to_string(), |n| n.to_string());
+                let format = self
+                    .format
+                    .to_possible_value()
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default();
+                writeln!(self.out, "format {format}\nmaxrows {rows}")
+                    .map_err(print::stdout_error)?;
+                Ok(Flow::Continue)
+            }
+            ("\\pset", ["format", value]) => {
+                self.format = Format::from_str(value, true).map_err(|_| {
+                    usage(format!(
+                        "\\pset format: '{value}' is not one of table, csv, tsv, json, ndjson"
+                    ))
+                })?;
+                Ok(Flow::Continue)
+            }
+            ("\\pset", ["maxrows", value]) => {
+                self.maxrows = match parse_maxrows(value)
+                    .map_err(|m| usage(format!("\\pset maxrows: {m}")))?
+                {
+                    MaxRows::Limit(n) => Some(n),
+                    MaxRows::Unlimited => None,
+                };
+                Ok(Flow::Continue)
+            }
+            _ => Err(usage(format!(
+                "{text}: not a command of this shell (\\? lists them)"
+            ))),
+        }
+    }
+
+    /// `\d`: the tables and views, with what each is for.
+    async fn tables(&self) -> datafusion::error::Result<DataFrame> {
+        let (catalog, schema) = self.default_schema();
+        let df = self
+            .ctx
+            .sql(&format!(
+                "SELECT table_name, lower(table_type) AS table_type FROM information_schema.tables \
+                 WHERE table_catalog = {} AND table_schema = {} ORDER BY table_name",
+                literal(&catalog),
+                literal(&schema)
+            ))
+            .await?;
+        let batches = df.collect().await?;
+        let mut name = arrow::array::StringBuilder::new();
+        let mut kind = arrow::array::StringBuilder::new();
+        let mut about = arrow::array::StringBuilder::new();
+        for b in &batches {
+            let names = arrow::array::AsArray::as_string::<i32>(b.column(0));
+            let kinds = arrow::array::AsArray::as_string::<i32>(b.column(1));
+            for i in 0..b.num_rows() {
+                name.append_value(names.value(i));
+                kind.append_value(kinds.value(i).replace("base table", "table"));
+                about.append_option(describe(names.value(i)));
+            }
+        }
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new("name", arrow::datatypes::DataType::Utf8, false),
+            arrow::datatypes::Field::new("type", arrow::datatypes::DataType::Utf8, false),
+            arrow::datatypes::Field::new("about", arrow::datatypes::DataType::Utf8, true),
+        ]));
+        let batch = arrow::record_batch::RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(name.finish()),
+                Arc::new(kind.finish()),
+                Arc::new(about.finish()),
+            ],
+        )?;
+        self.ctx.read_batch(batch)
+    }
+
+    /// `\d NAME`: its columns, or `None` when there is no such table.
+    /// `NAME` is an identifier as SQL reads it: unquoted is lower-cased,
+    /// `"Quoted"` is exact, `schema.name` names another schema.
+    async fn columns(&self, name: &str) -> datafusion::error::Result<Option<DataFrame>> {
+        let (_, default_schema) = self.default_schema();
+        let (schema, table) = match name.rsplit_once('.') {
+            Some((s, t)) => (identifier(s), identifier(t)),
+            None => (default_schema, identifier(name)),
+        };
+        let df = self
+            .ctx
+            .sql(&format!(
+                "SELECT column_name, data_type, is_nullable FROM information_schema.columns \
+                 WHERE table_schema = {} AND table_name = {} ORDER BY ordinal_position",
+                literal(&schema),
+                literal(&table)
+            ))
+            .await?;
+        let batches = df.collect().await?;
+        if batches.iter().all(|b| b.num_rows() == 0) {
+            return Ok(None);
+        }
+        Ok(Some(self.ctx.read_batches(batches)?))
+    }
+
+    fn default_schema(&self) -> (String, String) {
+        let state = self.ctx.state();
+        let c = &state.config().options().catalog;
+        (c.default_catalog.clone(), c.default_schema.clone())
+    }
+
+    /// The shell on a terminal: rustyline with history, multi-line
+    /// statements ending in `;`, Ctrl-C cancels a running statement or
+    /// clears the line, Ctrl-D or `\q` quits. Errors are printed and the
+    /// shell goes on.
+    async fn interactive(&mut self, files: u64) -> Result<(), Error> {
+        use rustyline::error::ReadlineError;
+        let config = rustyline::Config::builder()
+            .auto_add_history(true)
+            .max_history_size(10_000)
+            .map_err(|e| shell_error(&e))?
+            .build();
+        let mut rl =
+            rustyline::Editor::<Helper, rustyline::history::DefaultHistory>::with_config(config)
+                .map_err(|e| shell_error(&e))?;
+        rl.set_helper(Some(Helper {
+            ctx: self.ctx.clone(),
+        }));
+        let history = history_path();
+        if let Some(h) = &history {
+            // No file yet is the first session, not an error.
+            let _ = rl.load_history(h);
+        }
+        eprintln!(
+            "backfill sql over {files} archive file(s): \\d lists the tables, \\? helps, \\q quits."
+        );
+        loop {
+            let text = match rl.readline("backfill> ") {
+                Ok(text) => text,
+                Err(ReadlineError::Interrupted) => continue,
+                Err(ReadlineError::Eof) => break,
+                Err(e) => return Err(shell_error(&e)),
+            };
+            let items = match parse(&self.ctx, &text) {
+                Ok(items) => items,
+                Err(e) => {
+                    eprintln!("error: {}", crate::redact::line(&e.to_string()));
+                    continue;
+                }
+            };
+            let mut quit = false;
+            for item in &items {
+                let outcome = tokio::select! {
+                    r = self.item(item) => Some(r),
+                    _ = tokio::signal::ctrl_c() => None,
+                };
+                let _ = self.out.flush();
+                match outcome {
+                    Some(Ok(Flow::Continue)) => {}
+                    Some(Ok(Flow::Quit)) => {
+                        quit = true;
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        eprintln!("error: {}", e.line());
+                        break;
+                    }
+                    None => {
+                        eprintln!("cancelled");
+                        break;
+                    }
+                }
+            }
+            if quit || self.out.closed() {
+                break;
+            }
+        }
+        if let Some(h) = &history {
+            let saved = h
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .map_err(|e| e.to_string())
+                .and_then(|_| rl.save_history(h).map_err(|e| e.to_string()));
+            if let Err(e) = saved {
+                eprintln!("warning: history not saved to {}: {e}", h.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn shell_error(e: &rustyline::error::ReadlineError) -> Error {
+    Error::Io {
+        what: "the terminal".into(),
+        message: e.to_string(),
+    }
+}
+
+/// `$XDG_STATE_HOME/backfill/history`, else `~/.local/state/backfill/history`
+/// (the XDG base-directory default); `None` without either variable.
+pub fn history_path() -> Option<std::path::PathBuf> {
+    history_path_from(|v| std::env::var_os(v))
+}
+
+fn history_path_from(
+    var: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Option<std::path::PathBuf> {
+    let set = |name: &str| var(name).filter(|v| !v.is_empty());
+    let base = match set("XDG_STATE_HOME") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => std::path::PathBuf::from(set("HOME")?).join(".local/state"),
+    };
+    Some(base.join("backfill").join("history"))
+}
+
+/// The line editor's view of SQL: Enter runs what ends in `;` (or a shell
+/// command), and opens a new line otherwise.
+struct Helper {
+    ctx: SessionContext,
+}
+
+impl rustyline::validate::Validator for Helper {
+    fn validate(
+        &self,
+        vc: &mut rustyline::validate::ValidationContext,
+    ) -> rustyline::Result<rustyline::validate::ValidationResult> {
+        use rustyline::validate::ValidationResult;
+        let input = vc.input();
+        if input.trim().is_empty() || script::command(input.lines().next().unwrap_or("")).is_some()
+        {
+            return Ok(ValidationResult::Valid(None));
+        }
+        let state = self.ctx.state();
+        let name = &state.config().options().sql_parser.dialect;
+        let Some(dialect) = datafusion::sql::sqlparser::dialect::dialect_from_str(name) else {
+            // Let the parser say what is wrong.
+            return Ok(ValidationResult::Valid(None));
+        };
+        Ok(match script::progress(dialect.as_ref(), input) {
+            script::Progress::Open => ValidationResult::Incomplete,
+            _ => ValidationResult::Valid(None),
+        })
+    }
+}
+
+impl rustyline::completion::Completer for Helper {
+    type Candidate = String;
+}
+
+impl rustyline::hint::Hinter for Helper {
+    type Hint = String;
+}
+
+impl rustyline::highlight::Highlighter for Helper {}
+
+impl rustyline::Helper for Helper {}
+
+const HELP: &str = "\
+Statements end with ';' and may span lines. Commands:
+  \\d               the tables and views
+  \\d NAME          the columns of one
+  \\pset            the output settings
+  \\pset format F   table, csv, tsv, json or ndjson
+  \\pset maxrows N  rows printed of each result (0 or inf: all)
+  \\? or \\h         this help
+  \\q, quit, exit   leave (also Ctrl-D); Ctrl-C cancels a running statement
+Tables: archive, events, unprocessed, conflicts, gaps, candidates,
+ledger, ledger_entries and runs (from the job's state: --state, --out or
+the job file), information_schema; files by path, e.g. SELECT * FROM 'out/dlq/'.
+";
+
+/// What each of the tables `backfill sql` registers is for (`\d`).
+fn describe(table: &str) -> Option<&'static str> {
+    Some(match table {
+        "archive" => "every row of the archive as stored: no window, source column names",
+        "archive_files" => "the archive's files (without the Kafka sources)",
+        "events" => "the window, input-contract column names, plus backfill_done",
+        "unprocessed" => "one row per unresolved event: its chosen row",
+        "conflicts" => "(key, seq) pairs carried by more than one event_id",
+        "gaps" => "per key, each run of missing seq values",
+        "ledger_entries" => "what the committed runs of the state replayed and dead-lettered",
+        "ledger" => "per event, what the committed runs did with it",
+        "candidates" => {
+            "what the next run decides over: unprocessed events with conflict and ledger"
+        }
+        "runs" => "the committed runs of the state, with their reports",
+        _ => return None,
+    })
+}
+
+/// A SQL string literal.
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// An identifier as SQL reads it: `"Quoted"` exact, anything else
+/// lower-cased.
+fn identifier(s: &str) -> String {
+    match s.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+        Some(q) => q.replace("\"\"", "\""),
+        None => s.to_lowercase(),
+    }
+}
+
+/// SQL that does not plan: the user's to fix (exit 2).
+fn is_usage(e: &DataFusionError) -> bool {
+    use DataFusionError as D;
+    match e {
+        D::SQL(..) | D::Plan(_) | D::SchemaError(..) | D::NotImplemented(_) => true,
+        D::Context(_, inner) | D::Diagnostic(_, inner) => is_usage(inner),
+        _ => false,
+    }
+}
+
+/// A query reads at most one row past what is printed: DataFusion pushes
+/// the limit into the scan (and turns a sort into a top-k), so
+/// `SELECT * FROM events` on a terminal reads 41 rows, not the archive.
+fn limited(plan: LogicalPlan, maxrows: Option<usize>) -> datafusion::error::Result<LogicalPlan> {
+    let Some(n) = maxrows else {
+        return Ok(plan);
+    };
+    let query = !matches!(
+        plan,
+        LogicalPlan::Ddl(_)
+            | LogicalPlan::Dml(_)
+            | LogicalPlan::Copy(_)
+            | LogicalPlan::Explain(_)
+            | LogicalPlan::Analyze(_)
+            | LogicalPlan::Statement(_)
+            | LogicalPlan::DescribeTable(_)
+    );
+    if !query {
+        return Ok(plan);
+    }
+    LogicalPlanBuilder::from(plan)
+        .limit(0, Some(n.saturating_add(1)))?
+        .build()
+}
+
+/// What in a plan could write or change anything outside this session,
+/// if anything. `sql` explores an archive, often a production one, and a
+/// typo'd `COPY ... TO` or an `INSERT` into an external table must not
+/// overwrite files there. Queries, EXPLAIN (without ANALYZE of a write),
+/// SHOW, DESCRIBE and session-only views are read-only. Decided on the
+/// plan, not the text: `EXPLAIN ANALYZE COPY ...` executes the COPY, and
+/// the plan says so wherever the statement hides it.
+fn writes(plan: &LogicalPlan) -> Option<String> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::DdlStatement;
+    let mut found = None;
+    let _ = plan.apply(|p| {
+        let what = match p {
+            LogicalPlan::Dml(d) => Some(format!("{} {}", d.op.name().to_uppercase(), d.table_name)),
+            LogicalPlan::Copy(c) => Some(format!("COPY ... TO '{}'", c.output_url)),
+            LogicalPlan::Ddl(DdlStatement::CreateView(_)) => None,
+            LogicalPlan::Ddl(d) => Some(sql_words(d.name())),
+            LogicalPlan::Statement(s) => Some(sql_words(s.name())),
+            _ => None,
+        };
+        if what.is_some() {
+            found = what;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+/// `CreateExternalTable` as the user typed it: `CREATE EXTERNAL TABLE`.
+fn sql_words(camel: &str) -> String {
+    let mut out = String::new();
+    for c in camel.chars() {
+        if c.is_uppercase() && !out.is_empty() {
+            out.push(' ');
+        }
+        out.extend(c.to_uppercase());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `sql` is read-only: writes and catalog changes are found on the
+    /// plan, wherever the statement hides them.
+    #[tokio::test]
+    async fn writes_are_found_on_the_plan() {
+        let ctx = SessionContext::new();
+        ctx.sql("CREATE TABLE t AS VALUES (1)")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let found = |sql: &'static str| {
+            let ctx = ctx.clone();
+            async move {
+                let plan = ctx.state().create_logical_plan(sql).await.unwrap();
+                writes(&plan)
+            }
+        };
+        for sql in [
+            "SELECT * FROM t",
+            "WITH x AS (SELECT 1) SELECT * FROM x",
+            "EXPLAIN SELECT * FROM t",
+            "DESCRIBE t",
+            "CREATE VIEW v AS SELECT * FROM t",
+        ] {
+            assert_eq!(found(sql).await, None, "{sql}");
+        }
+        for (sql, what) in [
+            ("COPY t TO '/tmp/x.parquet'", "COPY"),
+            ("EXPLAIN ANALYZE COPY t TO '/tmp/x.parquet'", "COPY"),
+            ("INSERT INTO t VALUES (2)", "INSERT"),
+            (
+                "CREATE EXTERNAL TABLE e STORED AS PARQUET LOCATION '/tmp/e/'",
+                "CREATE EXTERNAL TABLE",
+            ),
+            ("CREATE TABLE u AS SELECT 1", "CREATE MEMORY TABLE"),
+            ("DROP TABLE t", "DROP TABLE"),
+            ("SET datafusion.execution.batch_size = 1", "SET VARIABLE"),
+        ] {
+            let w = found(sql).await;
+            assert!(
+                w.as_deref().is_some_and(|w| w.contains(what)),
+                "{sql}: {w:?}"
+            );
+        }
+    }
+
+    /// The row limit reaches the plan as a LIMIT one past it (so the scan
+    /// stops there); statements that are not queries are left alone.
+    #[tokio::test]
+    async fn queries_are_limited_one_past_maxrows() {
+        let ctx = SessionContext::new();
+        ctx.sql("CREATE TABLE t AS VALUES (1), (2), (3)")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let plan = ctx
+            .state()
+            .create_logical_plan("SELECT * FROM t ORDER BY 1")
+            .await
+            .unwrap();
+        let limited_plan = limited(plan.clone(), Some(40)).unwrap();
+        match &limited_plan {
+            LogicalPlan::Limit(l) => assert!(matches!(
+                l.get_fetch_type().unwrap(),
+                datafusion::logical_expr::logical_plan::FetchType::Literal(Some(41))
+            )),
+            other => panic!("not a limit: {other}"),
+        }
+        assert_eq!(limited(plan.clone(), None).unwrap(), plan);
+        let explain = ctx
+            .state()
+            .create_logical_plan("EXPLAIN SELECT * FROM t")
+            .await
+            .unwrap();
+        assert!(matches!(
+            limited(explain, Some(1)).unwrap(),
+            LogicalPlan::Explain(_)
+        ));
+    }
+
+    #[test]
+    fn identifiers_as_sql_reads_them() {
+        assert_eq!(identifier("Events"), "events");
+        assert_eq!(identifier("\"Events\""), "Events");
+        assert_eq!(literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn history_lives_in_the_xdg_state_dir() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        assert_eq!(
+            history_path_from(env(&[("XDG_STATE_HOME", "/s"), ("HOME", "/h")])),
+            Some("/s/backfill/history".into())
+        );
+        assert_eq!(
+            history_path_from(env(&[("XDG_STATE_HOME", ""), ("HOME", "/h")])),
+            Some("/h/.local/state/backfill/history".into())
+        );
+        assert_eq!(history_path_from(env(&[])), None);
+    }
+}

@@ -1,0 +1,525 @@
+//! Results to text: a table, CSV, TSV, a JSON array or JSON lines, at most
+//! `--maxrows` rows of each result.
+//!
+//! Rows are written as the query produces them (a table needs them all for
+//! its widths, so it holds what it prints), and reading stops at the row
+//! limit: the query is dropped, not drained. Binary columns print as text
+//! where the bytes are UTF-8 (archived payloads are JSON more often than
+//! not) and as `\x` and hex otherwise, in every format. An empty result
+//! still prints its header (CSV, TSV, table) or `[]` (JSON).
+
+use std::io::Write;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, StringBuilder};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use datafusion::physical_plan::SendableRecordBatchStream;
+use futures::StreamExt;
+
+use crate::cli::Format;
+use crate::error::Error;
+
+/// Where results go: stdout in the binary, a buffer in tests. A reader that
+/// went away (`| head`) is not an error: the writer notes it, swallows the
+/// rest, and the shell stops.
+pub struct Out {
+    w: Box<dyn Write + Send>,
+    closed: bool,
+    /// Results printed so far (tables are separated by a blank line).
+    pub results: usize,
+}
+
+impl Out {
+    /// Buffered: stdout is line-buffered, and JSON rows are written one
+    /// at a time. Flushed after each result.
+    pub fn stdout() -> Out {
+        Out::new(Box::new(std::io::BufWriter::with_capacity(
+            1 << 16,
+            std::io::stdout(),
+        )))
+    }
+
+    pub fn new(w: Box<dyn Write + Send>) -> Out {
+        Out {
+            w,
+            closed: false,
+            results: 0,
+        }
+    }
+
+    /// The reader of stdout went away: nothing more will be seen.
+    pub fn closed(&self) -> bool {
+        self.closed
+    }
+}
+
+impl Write for Out {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.closed {
+            return Ok(buf.len());
+        }
+        match self.w.write_all(buf) {
+            Ok(()) => Ok(buf.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(buf.len())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        match self.w.flush() {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            r => r,
+        }
+    }
+}
+
+/// A write to stdout that failed other than by a closed pipe.
+pub fn stdout_error(e: std::io::Error) -> Error {
+    Error::Io {
+        what: "stdout".into(),
+        message: e.to_string(),
+    }
+}
+
+/// What a result printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Printed {
+    /// Rows written.
+    pub rows: usize,
+    /// The result had more rows than the limit; they were not fetched.
+    pub more: bool,
+}
+
+/// Print one result, reading at most `maxrows` rows (and one more, to know
+/// whether there were more) from `stream`. A result without columns (DDL)
+/// prints nothing.
+pub async fn print_stream(
+    out: &mut Out,
+    schema: SchemaRef,
+    mut stream: SendableRecordBatchStream,
+    format: Format,
+    maxrows: Option<usize>,
+) -> Result<Printed, Error> {
+    if schema.fields().is_empty() {
+        // Still run it to its end: a DDL statement acts when polled.
+        while let Some(b) = stream.next().await {
+            b?;
+        }
+        return Ok(Printed {
+            rows: 0,
+            more: false,
+        });
+    }
+    let shown = display_schema(&schema);
+    let mut writer = BatchWriter::new(format, shown.clone());
+    let mut rows = 0usize;
+    let mut more = false;
+    while let Some(batch) = stream.next().await {
+        let mut batch = batch?;
+        if let Some(max) = maxrows
+            && rows + batch.num_rows() > max
+        {
+            batch = batch.slice(0, max - rows);
+            more = true;
+        }
+        rows += batch.num_rows();
+        writer.write(out, &displayable(&batch)?)?;
+        if more || out.closed() {
+            break;
+        }
+    }
+    // Dropping the stream cancels the query: nothing past the limit is read.
+    drop(stream);
+    writer.finish(out)?;
+    out.results += 1;
+    Ok(Printed { rows, more })
+}
+
+/// Print batches already in memory (the `gaps` command), all of them.
+pub fn print_batches(
+    out: &mut Out,
+    schema: SchemaRef,
+    batches: &[RecordBatch],
+    format: Format,
+) -> Result<(), Error> {
+    let shown = display_schema(&schema);
+    let mut writer = BatchWriter::new(format, shown.clone());
+    for b in batches {
+        writer.write(out, &displayable(b)?)?;
+    }
+    writer.finish(out)?;
+    out.results += 1;
+    out.flush().map_err(stdout_error)
+}
+
+/// One result being written in one format.
+enum BatchWriter {
+    /// Held until the end: a table's widths depend on every row.
+    Table(SchemaRef, Vec<RecordBatch>),
+    /// CSV or TSV; the header is written with the first batch (an empty one
+    /// at the end if no batch had rows).
+    Delimited(u8, SchemaRef, bool),
+    /// Whether a row was written (`[` is out).
+    Json(bool),
+    Ndjson,
+}
+
+impl BatchWriter {
+    fn new(format: Format, schema: SchemaRef) -> BatchWriter {
+        match format {
+            Format::Table => BatchWriter::Table(schema, vec![]),
+            Format::Csv => BatchWriter::Delimited(b',', schema, false),
+            Format::Tsv => BatchWriter::Delimited(b'\t', schema, false),
+            Format::Json => BatchWriter::Json(false),
+            Format::Ndjson => BatchWriter::Ndjson,
+        }
+    }
+
+    fn write(&mut self, out: &mut Out, batch: &RecordBatch) -> Result<(), Error> {
+        match self {
+            BatchWriter::Table(_, kept) => kept.push(batch.clone()),
+            BatchWriter::Delimited(delimiter, _, header_done) => {
+                let mut w = arrow::csv::WriterBuilder::new()
+                    .with_header(!*header_done)
+                    .with_delimiter(*delimiter)
+                    .build(&mut *out);
+                w.write(batch)?;
+                *header_done = true;
+            }
+            BatchWriter::Json(started) => {
+                // The array's brackets and commas are ours, so that the
+                // rows can be written as they come.
+                let mut buf = vec![];
+                {
+                    let mut w = arrow::json::WriterBuilder::new()
+                        .with_explicit_nulls(true)
+                        .build::<_, arrow::json::writer::LineDelimited>(&mut buf);
+                    w.write(batch)?;
+                    w.finish()?;
+                }
+                for line in buf.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                    out.write_all(if *started { b",\n" } else { b"[" })
+                        .map_err(stdout_error)?;
+                    out.write_all(line).map_err(stdout_error)?;
+                    *started = true;
+                }
+            }
+            BatchWriter::Ndjson => {
+                let mut w = arrow::json::WriterBuilder::new()
+                    .with_explicit_nulls(true)
+                    .build::<_, arrow::json::writer::LineDelimited>(&mut *out);
+                w.write(batch)?;
+                w.finish()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self, out: &mut Out) -> Result<(), Error> {
+        match self {
+            BatchWriter::Table(schema, kept) => {
+                if out.results > 0 {
+                    out.write_all(b"\n").map_err(stdout_error)?;
+                }
+                let t = arrow::util::pretty::pretty_format_batches_with_schema(schema, &kept)?;
+                writeln!(out, "{t}").map_err(stdout_error)?;
+            }
+            BatchWriter::Delimited(delimiter, schema, false) => {
+                // No rows: the header alone, from an empty batch.
+                let mut w = arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .with_delimiter(delimiter)
+                    .build(&mut *out);
+                w.write(&RecordBatch::new_empty(schema))?;
+            }
+            BatchWriter::Delimited(..) => {}
+            BatchWriter::Json(started) => {
+                out.write_all(if started { b"]\n" } else { b"[]\n" })
+                    .map_err(stdout_error)?;
+            }
+            BatchWriter::Ndjson => {}
+        }
+        Ok(())
+    }
+}
+
+fn is_binary(t: &DataType) -> bool {
+    matches!(
+        t,
+        DataType::Binary
+            | DataType::LargeBinary
+            | DataType::BinaryView
+            | DataType::FixedSizeBinary(_)
+    )
+}
+
+/// The schema as printed: binary columns become text.
+fn display_schema(schema: &SchemaRef) -> SchemaRef {
+    if !schema.fields().iter().any(|f| is_binary(f.data_type())) {
+        return schema.clone();
+    }
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            if is_binary(f.data_type()) {
+                Field::new(f.name(), DataType::Utf8, f.is_nullable())
+                    .with_metadata(f.metadata().clone())
+            } else {
+                f.as_ref().clone()
+            }
+        })
+        .collect();
+    Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
+}
+
+/// `batch` with its binary columns as text (see [`binary_text`]).
+fn displayable(batch: &RecordBatch) -> Result<RecordBatch, Error> {
+    if !batch.columns().iter().any(|c| is_binary(c.data_type())) {
+        return Ok(batch.clone());
+    }
+    let columns: Vec<ArrayRef> = batch
+        .columns()
+        .iter()
+        .map(|c| {
+            if is_binary(c.data_type()) {
+                binary_text(c)
+            } else {
+                c.clone()
+            }
+        })
+        .collect();
+    Ok(RecordBatch::try_new(
+        display_schema(&batch.schema()),
+        columns,
+    )?)
+}
+
+/// Each value as its text when the bytes are UTF-8, else as `\x` and hex
+/// (PostgreSQL's bytea output), so that a payload reads as the JSON or text
+/// it is and a hash as the bytes it is.
+fn binary_text(col: &ArrayRef) -> ArrayRef {
+    let mut b = StringBuilder::with_capacity(col.len(), 0);
+    let mut push = |bytes: Option<&[u8]>| match bytes {
+        None => b.append_null(),
+        Some(bytes) => match std::str::from_utf8(bytes) {
+            Ok(s) => b.append_value(s),
+            Err(_) => {
+                let mut s = String::with_capacity(2 + 2 * bytes.len());
+                s.push_str("\\x");
+                for byte in bytes {
+                    s.push_str(&format!("{byte:02x}"));
+                }
+                b.append_value(s);
+            }
+        },
+    };
+    match col.data_type() {
+        DataType::Binary => col.as_binary::<i32>().iter().for_each(&mut push),
+        DataType::LargeBinary => col.as_binary::<i64>().iter().for_each(&mut push),
+        DataType::BinaryView => col.as_binary_view().iter().for_each(&mut push),
+        DataType::FixedSizeBinary(_) => col.as_fixed_size_binary().iter().for_each(&mut push),
+        _ => unreachable!("binary_text is called on binary columns only"),
+    }
+    Arc::new(b.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{BinaryArray, Int64Array};
+    use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+    use std::sync::Mutex;
+
+    /// An `Out` whose bytes the test can read.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Shared {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    fn ints(schema: &SchemaRef, from: i64, n: i64) -> RecordBatch {
+        RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from_iter_values(from..from + n))],
+        )
+        .unwrap()
+    }
+
+    /// Batches of 10 rows, and then an error: a printer that reads past
+    /// what it prints hits the error.
+    fn stream_then_error(schema: &SchemaRef, good: i64) -> SendableRecordBatchStream {
+        let mut items: Vec<datafusion::error::Result<RecordBatch>> =
+            (0..good).map(|i| Ok(ints(schema, i * 10, 10))).collect();
+        items.push(Err(datafusion::error::DataFusionError::Execution(
+            "read past the row limit".into(),
+        )));
+        Box::pin(RecordBatchStreamAdapter::new(
+            schema.clone(),
+            futures::stream::iter(items),
+        ))
+    }
+
+    fn int_schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]))
+    }
+
+    #[tokio::test]
+    async fn stops_reading_at_the_row_limit() {
+        let schema = int_schema();
+        let buf = Shared::default();
+        let mut out = Out::new(Box::new(buf.clone()));
+        let printed = print_stream(
+            &mut out,
+            schema.clone(),
+            stream_then_error(&schema, 2),
+            Format::Csv,
+            Some(15),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            printed,
+            Printed {
+                rows: 15,
+                more: true
+            }
+        );
+        let text = buf.text();
+        assert_eq!(text.lines().count(), 16, "{text}");
+        assert!(
+            text.starts_with("n\n0\n") && text.ends_with("\n14\n"),
+            "{text}"
+        );
+        // Without a limit the same stream's error is reached and reported.
+        let mut out = Out::new(Box::new(Shared::default()));
+        let e = print_stream(
+            &mut out,
+            schema.clone(),
+            stream_then_error(&schema, 2),
+            Format::Csv,
+            None,
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("read past the row limit"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn exactly_the_limit_is_not_more() {
+        let schema = int_schema();
+        let mut out = Out::new(Box::new(Shared::default()));
+        let s = Box::pin(RecordBatchStreamAdapter::new(
+            schema.clone(),
+            futures::stream::iter(vec![Ok(ints(&schema, 0, 10))]),
+        ));
+        let printed = print_stream(&mut out, schema, s, Format::Table, Some(10))
+            .await
+            .unwrap();
+        assert_eq!(
+            printed,
+            Printed {
+                rows: 10,
+                more: false
+            }
+        );
+    }
+
+    #[test]
+    fn empty_results_keep_their_header() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("event_id", DataType::Utf8, false),
+            Field::new("payload", DataType::Binary, true),
+        ]));
+        for (format, want) in [
+            (Format::Csv, "event_id,payload\n"),
+            (Format::Tsv, "event_id\tpayload\n"),
+            (Format::Json, "[]\n"),
+            (Format::Ndjson, ""),
+        ] {
+            let buf = Shared::default();
+            let mut out = Out::new(Box::new(buf.clone()));
+            print_batches(&mut out, schema.clone(), &[], format).unwrap();
+            assert_eq!(buf.text(), want, "{format:?}");
+        }
+        let buf = Shared::default();
+        let mut out = Out::new(Box::new(buf.clone()));
+        print_batches(&mut out, schema, &[], Format::Table).unwrap();
+        assert!(
+            buf.text().contains("| event_id | payload |"),
+            "{}",
+            buf.text()
+        );
+    }
+
+    #[test]
+    fn binary_prints_as_text_when_utf8_else_as_hex() {
+        let schema = Arc::new(Schema::new(vec![Field::new("p", DataType::Binary, true)]));
+        let col = BinaryArray::from(vec![
+            Some(&b"{\"body\":\"e1\"}"[..]),
+            Some(&[0xff, 0x00, 0x10][..]),
+            None,
+        ]);
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(col)]).unwrap();
+        let buf = Shared::default();
+        let mut out = Out::new(Box::new(buf.clone()));
+        print_batches(
+            &mut out,
+            schema.clone(),
+            std::slice::from_ref(&batch),
+            Format::Csv,
+        )
+        .unwrap();
+        // (A lone NULL is `""`: arrow's CSV writer tells it from no line.)
+        assert_eq!(
+            buf.text(),
+            "p\n\"{\"\"body\"\":\"\"e1\"\"}\"\n\\xff0010\n\"\"\n"
+        );
+        let buf = Shared::default();
+        let mut out = Out::new(Box::new(buf.clone()));
+        print_batches(&mut out, schema, &[batch], Format::Ndjson).unwrap();
+        assert_eq!(
+            buf.text(),
+            "{\"p\":\"{\\\"body\\\":\\\"e1\\\"}\"}\n{\"p\":\"\\\\xff0010\"}\n{\"p\":null}\n"
+        );
+    }
+
+    #[test]
+    fn json_is_one_array_across_batches() {
+        let schema = int_schema();
+        let buf = Shared::default();
+        let mut out = Out::new(Box::new(buf.clone()));
+        print_batches(
+            &mut out,
+            schema.clone(),
+            &[ints(&schema, 0, 2), ints(&schema, 2, 1)],
+            Format::Json,
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&buf.text()).unwrap();
+        assert_eq!(v, serde_json::json!([{"n": 0}, {"n": 1}, {"n": 2}]));
+    }
+}

@@ -1,0 +1,716 @@
+//! `backfill sql` as a SQL shell: each test reproduces a failure of the old
+//! one-shot command (issue 9) and checks what a user sees instead, by
+//! running the binary with stdin piped (the shell's commands work there as
+//! on a terminal), and once on a real pseudo-terminal.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::archive::{Archive, Layout, Row};
+use crate::cli::{Run, backfill, command, wait};
+
+/// How long the terminal test waits for the shell to answer.
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The binary with `input` on its stdin (a pipe, not a terminal).
+fn backfill_stdin(args: &[&str], input: &str) -> Run {
+    let mut cmd = command(Path::new(env!("CARGO_BIN_EXE_backfill")), args);
+    cmd.stdin(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn backfill");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_string();
+    // A thread of its own: a large input must not block on a full pipe.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(input.as_bytes());
+    });
+    let run = wait(child, args);
+    let _ = writer.join();
+    run
+}
+
+/// Events e00..e49 on key k1, seq 0..49, one a minute; every fifth failed
+/// (e00 after 5 attempts, so a run dead-letters it and replays the other
+/// nine); payloads stored as Binary.
+fn archive() -> Archive {
+    let rows: Vec<Row> = (0..50)
+        .map(|i| {
+            let time = format!("2024-01-01T00:{i:02}:00Z");
+            let failed = i % 5 == 0;
+            let row = Row::new(
+                &format!("e{i:02}"),
+                "k1",
+                i,
+                &time,
+                Some(if failed { "failed" } else { "processed" }),
+            );
+            match (i, failed) {
+                (0, _) => row.attempts(5).error("timeout"),
+                (_, true) => row.error("timeout"),
+                _ => row,
+            }
+        })
+        .collect();
+    let mut a = Archive::new();
+    a.file(
+        "dt=2024-01-01/part-0.parquet",
+        &Layout::default().payload_binary(),
+        &rows,
+    );
+    a
+}
+
+/// `sql --source SRC ARGS...`.
+fn sql(src: &str, args: &[&str]) -> Run {
+    let mut all = vec!["sql", "--source", src];
+    all.extend_from_slice(args);
+    backfill(&all)
+}
+
+/// The one stderr line of a usage error (exit 2), with nothing on stdout.
+#[track_caller]
+fn usage_error(run: &Run) -> String {
+    run.expect_code(2);
+    let lines = run.stderr_lines();
+    assert_eq!(lines.len(), 1, "one line on stderr\n{}", run.describe());
+    assert!(lines[0].starts_with("error: "), "{}", run.describe());
+    assert!(
+        run.stdout.is_empty(),
+        "nothing on stdout\n{}",
+        run.describe()
+    );
+    lines[0].to_string()
+}
+
+/// `SHOW TABLES` failed: information_schema was off.
+#[test]
+fn show_tables_and_show_columns_read_information_schema() {
+    let a = archive();
+    let run = sql(
+        &a.source(),
+        &["--format", "csv", "SHOW TABLES; SHOW COLUMNS FROM events"],
+    );
+    run.ok();
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(
+        lines[0],
+        "table_catalog,table_schema,table_name,table_type",
+        "{}",
+        run.describe()
+    );
+    for table in [
+        "events",
+        "unprocessed",
+        "conflicts",
+        "gaps",
+        "candidates",
+        "ledger",
+        "runs",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.split(',').nth(2) == Some(table)),
+            "SHOW TABLES lists {table}\n{}",
+            run.describe()
+        );
+    }
+    // The second result follows with its own header.
+    let columns = lines
+        .iter()
+        .position(|l| l.contains("column_name"))
+        .unwrap_or_else(|| panic!("no SHOW COLUMNS result\n{}", run.describe()));
+    let described: Vec<&str> = lines[columns + 1..]
+        .iter()
+        .filter_map(|l| l.split(',').nth(3))
+        .collect();
+    assert_eq!(
+        &described[..5],
+        &["event_id", "key", "seq", "event_time", "status"],
+        "{}",
+        run.describe()
+    );
+}
+
+/// `\d` was a syntax error; with stdin piped the shell's commands run as
+/// on a terminal, and `\q` ends the script.
+#[test]
+fn backslash_d_lists_and_describes_tables_from_piped_stdin() {
+    let a = archive();
+    let run = backfill_stdin(
+        &["sql", "--source", &a.source(), "--format", "csv"],
+        "\\d\n\\d events\nSELECT count(*) AS n FROM events;\n\\q\nSELECT 'after quit' AS x;\n",
+    );
+    run.ok();
+    let out = &run.stdout;
+    assert!(out.starts_with("name,type,about\n"), "{}", run.describe());
+    for line in [
+        "events,view,",
+        "candidates,view,",
+        "ledger_entries,table,",
+        "runs,table,",
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(line)),
+            "\\d lists {line}\n{}",
+            run.describe()
+        );
+    }
+    assert!(
+        out.contains("column_name,data_type,is_nullable\nevent_id,Utf8,YES\nkey,Utf8,YES\n"),
+        "\\d events\n{}",
+        run.describe()
+    );
+    assert!(out.contains("\nn\n50\n"), "{}", run.describe());
+    assert!(!out.contains("after quit"), "\\q stops\n{}", run.describe());
+
+    // A command the shell does not have, or a table it does not have.
+    for (input, needle) in [
+        ("\\frobnicate\n", "\\frobnicate: not a command"),
+        ("SELECT 1;\n\\d nope\n", "no table or view named nope"),
+    ] {
+        let run = backfill_stdin(&["sql", "--source", &a.source()], input);
+        run.expect_code(2);
+        let lines = run.stderr_lines();
+        assert_eq!(lines.len(), 1, "{}", run.describe());
+        assert!(
+            lines[0].starts_with("error: stdin: line ") && lines[0].contains(needle),
+            "{}",
+            run.describe()
+        );
+    }
+}
+
+/// `SELECT * FROM events` printed every row. `--maxrows` stops the query
+/// there and says so under the table.
+#[test]
+fn maxrows_cuts_each_result_and_says_so() {
+    let a = archive();
+    let src = a.source();
+    let q = "SELECT event_id FROM events ORDER BY event_id";
+    let data_rows = |run: &Run| {
+        run.stdout
+            .lines()
+            .filter(|l| l.starts_with("| e") && !l.contains("event_id"))
+            .map(|l| l.trim_matches(['|', ' ']).to_string())
+            .collect::<Vec<_>>()
+    };
+    let run = sql(&src, &["--maxrows", "5", q]);
+    run.ok();
+    assert_eq!(
+        data_rows(&run),
+        vec!["e00", "e01", "e02", "e03", "e04"],
+        "{}",
+        run.describe()
+    );
+    assert_eq!(
+        run.stdout.lines().last(),
+        Some("First 5 row(s) displayed; the rest were not fetched (--maxrows inf shows all)."),
+        "{}",
+        run.describe()
+    );
+    for unlimited in ["inf", "0"] {
+        let run = sql(&src, &["--maxrows", unlimited, q]);
+        run.ok();
+        assert_eq!(data_rows(&run).len(), 50, "{}", run.describe());
+        assert_eq!(
+            run.stdout.lines().last(),
+            Some("50 row(s) fetched."),
+            "{}",
+            run.describe()
+        );
+    }
+    // Exactly the limit is not "more"; not a terminal: no limit by default.
+    for args in [&["--maxrows", "50", q][..], &[q][..]] {
+        let run = sql(&src, args);
+        run.ok();
+        assert_eq!(data_rows(&run).len(), 50, "{}", run.describe());
+        assert_eq!(run.stdout.lines().last(), Some("50 row(s) fetched."));
+    }
+    // Machine-readable formats keep stdout clean; the cut is said on stderr.
+    let run = sql(&src, &["--maxrows", "3", "--format", "csv", q]);
+    run.ok();
+    assert_eq!(
+        run.stdout,
+        "event_id\ne00\ne01\ne02\n",
+        "{}",
+        run.describe()
+    );
+    assert!(
+        run.stderr
+            .contains("warning: statement 1 (line 1: SELECT event_id")
+            && run.stderr.contains("printed the first 3 row(s)"),
+        "{}",
+        run.describe()
+    );
+    let run = sql(&src, &["--maxrows", "lots", q]);
+    let line = usage_error(&run);
+    assert!(
+        line.contains("'lots'") && line.contains("--maxrows"),
+        "{line}"
+    );
+}
+
+/// Only the last statement's result was printed.
+#[test]
+fn every_statement_prints_in_order() {
+    let a = archive();
+    let run = sql(
+        &a.source(),
+        &[
+            "--format",
+            "csv",
+            "SELECT 1 AS first; SELECT 'two' AS second;\nSELECT count(*) AS n FROM events",
+        ],
+    );
+    run.ok();
+    assert_eq!(
+        run.stdout,
+        "first\n1\nsecond\ntwo\nn\n50\n",
+        "{}",
+        run.describe()
+    );
+    let run = sql(
+        &a.source(),
+        &["CREATE VIEW v AS SELECT 1 AS first; SELECT first FROM v; SELECT 2 AS second"],
+    );
+    run.ok();
+    let first = run.stdout.find("| first |");
+    let second = run.stdout.find("| second |");
+    assert!(
+        first.is_some() && second.is_some() && first < second,
+        "{}",
+        run.describe()
+    );
+    assert_eq!(
+        run.stdout.matches("1 row(s) fetched.").count(),
+        2,
+        "a footer per result, none for CREATE VIEW\n{}",
+        run.describe()
+    );
+}
+
+/// `/* a; b */` split the statement in two; `';'` in a string too.
+#[test]
+fn semicolons_in_comments_and_strings_do_not_split() {
+    let a = archive();
+    let script = "/* a; b */ SELECT ';' AS semi; -- c; d\n\
+                  SELECT 'x;y' AS \"both;\", event_id FROM events WHERE event_id = 'e01';\n";
+    let run = sql(&a.source(), &["--format", "csv", script]);
+    run.ok();
+    assert_eq!(
+        run.stdout,
+        "semi\n;\nboth;,event_id\nx;y,e01\n",
+        "{}",
+        run.describe()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("q.sql");
+    std::fs::write(&file, script).unwrap();
+    let run = sql(
+        &a.source(),
+        &["--format", "csv", "-f", &file.display().to_string()],
+    );
+    run.ok();
+    assert_eq!(run.stdout, "semi\n;\nboth;,event_id\nx;y,e01\n");
+}
+
+/// Payloads stored as Binary printed as hex.
+#[test]
+fn binary_payloads_print_as_text() {
+    let a = archive();
+    let src = a.source();
+    let run = sql(
+        &src,
+        &[
+            "--format",
+            "csv",
+            "SELECT arrow_typeof(payload) AS t, payload FROM events WHERE event_id = 'e01'",
+        ],
+    );
+    run.ok();
+    assert_eq!(
+        run.stdout,
+        "t,payload\nBinary,\"{\"\"body\"\":\"\"e01\"\"}\"\n",
+        "{}",
+        run.describe()
+    );
+    let run = sql(
+        &src,
+        &[
+            "--format",
+            "json",
+            "SELECT payload, X'ff00' AS raw FROM events WHERE event_id = 'e02'",
+        ],
+    );
+    run.ok();
+    let v: serde_json::Value =
+        serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}\n{}", run.describe()));
+    assert_eq!(
+        v,
+        serde_json::json!([{"payload": "{\"body\":\"e02\"}", "raw": "\\xff00"}]),
+        "{}",
+        run.describe()
+    );
+    let run = sql(&src, &["SELECT payload FROM events WHERE event_id = 'e03'"]);
+    run.ok();
+    assert!(
+        run.stdout.contains("| {\"body\":\"e03\"} |"),
+        "{}",
+        run.describe()
+    );
+}
+
+/// An empty CSV result printed nothing, not even its header.
+#[test]
+fn empty_results_print_their_header() {
+    let a = archive();
+    let q = "SELECT event_id, key FROM events WHERE false";
+    for (format, want) in [
+        ("csv", "event_id,key\n"),
+        ("tsv", "event_id\tkey\n"),
+        ("json", "[]\n"),
+        ("ndjson", ""),
+    ] {
+        let run = sql(&a.source(), &["--format", format, q]);
+        run.ok();
+        assert_eq!(run.stdout, want, "{format}\n{}", run.describe());
+    }
+    let run = sql(&a.source(), &[q]);
+    run.ok();
+    assert!(
+        run.stdout.contains("| event_id | key |") && run.stdout.ends_with("0 row(s) fetched.\n"),
+        "{}",
+        run.describe()
+    );
+    // `gaps` shares the printer: no gaps, still a header.
+    let run = backfill(&["gaps", "--source", &a.source(), "--format", "csv"]);
+    run.ok();
+    assert!(
+        run.stdout
+            .starts_with("key,first_missing_seq,last_missing_seq,missing_count,")
+            && run.stdout.lines().count() == 1,
+        "{}",
+        run.describe()
+    );
+}
+
+/// `-f -` was refused; stdin without QUERY or -f is the same script.
+#[test]
+fn dash_f_and_piped_stdin_read_the_script() {
+    let a = archive();
+    let script = "SELECT count(*) AS n\nFROM events;\nSELECT 'done' AS status;\n";
+    for args in [
+        &["sql", "--source", &a.source(), "--format", "csv", "-f", "-"][..],
+        &["sql", "--source", &a.source(), "--format", "csv"][..],
+    ] {
+        let run = backfill_stdin(args, script);
+        run.ok();
+        assert_eq!(run.stdout, "n\n50\nstatus\ndone\n", "{}", run.describe());
+    }
+    let run = backfill_stdin(&["sql", "--source", &a.source()], "-- nothing\n");
+    let line = usage_error(&run);
+    assert!(line.contains("no statement on stdin"), "{line}");
+}
+
+/// Every file under `dir`, with its bytes: what `sql` must leave alone.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = vec![];
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                out.push((p, bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `ledger` and `candidates` ignored the job's state: after a committed
+/// run they showed nothing done. They now read the state `run` reads
+/// (`--out`, `--state` or the job file), and `runs` lists its runs;
+/// nothing under the state changes.
+#[test]
+fn ledger_runs_and_candidates_follow_the_jobs_state() {
+    let a = archive();
+    let src = a.source();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let out_s = out.display().to_string();
+    let state_s = out.join("_state").display().to_string();
+    let queries = "SELECT run_id, replayed, dead_lettered FROM runs;\n\
+                   SELECT count(*) AS events, sum(replays) AS replays FROM ledger;\n\
+                   SELECT event_id, backfill_ledger_replays, backfill_ledger_dead \
+                   FROM candidates WHERE event_id IN ('e00', 'e05') ORDER BY event_id;\n";
+
+    // Before the first run: an empty state, said on stderr.
+    let run = sql(&src, &["--out", &out_s, "--format", "csv", queries]);
+    run.ok();
+    assert_eq!(
+        run.stdout,
+        "run_id,replayed,dead_lettered\nevents,replays\n0,\n\
+         event_id,backfill_ledger_replays,backfill_ledger_dead\ne00,0,false\ne05,0,false\n",
+        "{}",
+        run.describe()
+    );
+    assert!(
+        run.stderr.contains("no backfill state at"),
+        "{}",
+        run.describe()
+    );
+
+    backfill(&[
+        "run",
+        "--source",
+        &src,
+        "--out",
+        &out_s,
+        "--run-id",
+        "r1",
+        "--progress",
+        "off",
+    ])
+    .ok();
+    let before = snapshot(&out.join("_state"));
+    assert!(!before.is_empty());
+
+    let job = work.path().join("job.toml");
+    std::fs::write(&job, format!("source = {src:?}\nout = {out_s:?}\n")).unwrap();
+    let job_s = job.display().to_string();
+    let want = "run_id,replayed,dead_lettered\nr1,9,1\nevents,replays\n10,9\n\
+                event_id,backfill_ledger_replays,backfill_ledger_dead\ne00,0,true\ne05,1,false\n";
+    for how in [
+        &["--source", &src, "--out", &out_s][..],
+        &["--source", &src, "--state", &state_s][..],
+        &["--job", &job_s][..],
+    ] {
+        let mut args = vec!["sql"];
+        args.extend_from_slice(how);
+        args.extend_from_slice(&["--format", "csv", queries]);
+        let run = backfill(&args);
+        run.ok();
+        assert_eq!(run.stdout, want, "{}", run.describe());
+        assert!(run.stderr.is_empty(), "{}", run.describe());
+    }
+    // Without the state nothing is known, as before.
+    let run = sql(
+        &src,
+        &["--format", "csv", "SELECT count(*) AS n FROM ledger"],
+    );
+    run.ok();
+    assert_eq!(run.stdout, "n\n0\n", "{}", run.describe());
+
+    assert_eq!(
+        snapshot(&out.join("_state")),
+        before,
+        "sql changed the state"
+    );
+}
+
+/// The read-only guard holds for every statement of a script and of the
+/// stdin shell: a refused write refuses the script before anything of it
+/// runs, unless the write depends on an earlier statement, in which case it
+/// is refused when its turn comes.
+#[test]
+fn writes_stay_refused_in_scripts_and_the_shell() {
+    let a = archive();
+    let src = a.source();
+    let work = tempfile::tempdir().unwrap();
+    let target = work.path().join("copied.parquet");
+    let t = target.display().to_string();
+
+    let run = sql(&src, &[&format!("SELECT 1 AS a; COPY (SELECT 1) TO '{t}'")]);
+    let line = usage_error(&run);
+    assert!(
+        line.contains("statement 2 (line 1: COPY")
+            && line.contains("is refused")
+            && line.contains("--allow-writes"),
+        "{line}"
+    );
+
+    let run = backfill_stdin(
+        &["sql", "--source", &src],
+        "\\d\nSELECT 1 AS a;\nINSERT INTO archive SELECT * FROM archive;\n",
+    );
+    let line = usage_error(&run);
+    assert!(
+        line.starts_with("error: stdin: statement 2 (line 3: INSERT") && line.contains("INSERT"),
+        "{line}"
+    );
+
+    // Plans only once the view exists: refused at its turn, and EXPLAIN
+    // ANALYZE does not hide it.
+    let script = format!(
+        "CREATE VIEW v AS SELECT 1 AS n;\nEXPLAIN ANALYZE COPY (SELECT * FROM v) TO '{t}';\n"
+    );
+    let run = backfill_stdin(&["sql", "--source", &src, "-f", "-"], &script);
+    let line = usage_error(&run);
+    assert!(
+        line.contains("statement 2 (line 2: EXPLAIN ANALYZE COPY"),
+        "{line}"
+    );
+    assert!(!target.exists(), "a refused COPY wrote {t}");
+
+    // The same script with --allow-writes writes: the guard is what stopped it.
+    let run = backfill_stdin(
+        &["sql", "--source", &src, "--allow-writes", "-f", "-"],
+        &script,
+    );
+    run.ok();
+    assert!(target.exists(), "{}", run.describe());
+}
+
+/// Bad SQL and bad files: one line naming the statement or the file, exit
+/// 2, and nothing of the script run.
+#[test]
+fn bad_sql_names_the_statement_and_runs_nothing() {
+    let a = archive();
+    let src = a.source();
+    let run = sql(&src, &["SELECT 1 AS a;\nSELEC 2"]);
+    let line = usage_error(&run);
+    assert!(
+        line.starts_with("error: statement 2 (line 2: SELEC 2): sql parser error:"),
+        "{line}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.sql");
+    std::fs::write(&file, "SELECT 1;\n\nSELECT 'open;\n").unwrap();
+    let f = file.display().to_string();
+    let line = usage_error(&sql(&src, &["-f", &f]));
+    assert!(
+        line.starts_with(&format!(
+            "error: {f}: line 3, column 8: Unterminated string"
+        )),
+        "{line}"
+    );
+
+    let missing = dir.path().join("missing.sql").display().to_string();
+    let line = usage_error(&sql(&src, &["-f", &missing]));
+    assert!(
+        line.contains(&format!("-f {missing}: cannot read the SQL file")),
+        "{line}"
+    );
+
+    let line = usage_error(&sql(&src, &["SELECT nope FROM events"]));
+    assert!(
+        line.contains("statement 1 (line 1: SELECT nope FROM events)") && line.contains("nope"),
+        "{line}"
+    );
+}
+
+/// The shell on a real terminal (a pseudo-terminal from util-linux
+/// `script`): rustyline reads a statement over two lines, `\d` and `\q`
+/// work, and the statement lands in the history file under
+/// `$XDG_STATE_HOME`.
+#[test]
+fn interactive_shell_on_a_terminal_keeps_history() {
+    let Some(script) = ["/usr/bin/script", "/bin/script"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        eprintln!(
+            "skipped: util-linux `script` is not installed (no pseudo-terminal to test with)"
+        );
+        return;
+    };
+    let a = archive();
+    let xdg = tempfile::tempdir().unwrap();
+    let cmd = format!(
+        "{} sql --source '{}' --progress off",
+        env!("CARGO_BIN_EXE_backfill"),
+        a.source()
+    );
+    let mut child = std::process::Command::new(script)
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("TERM", "xterm")
+        .env("XDG_STATE_HOME", xdg.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn script");
+    let mut stdin = child.stdin.take().unwrap();
+    let seen = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let seen = seen.clone();
+        let mut stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    // Type only once the shell waits at its prompt, as a person would (a
+    // key typed while rustyline asks the terminal for the cursor position
+    // would be taken for the answer). `wait` returns where `needle` ends,
+    // looking from `from` on.
+    let wait = |needle: &str, from: usize| -> usize {
+        let start = Instant::now();
+        loop {
+            if let Some(i) = seen
+                .lock()
+                .unwrap()
+                .get(from..)
+                .and_then(|s| s.find(needle))
+            {
+                return from + i + needle.len();
+            }
+            if start.elapsed() > TIMEOUT {
+                let _ = std::process::Command::new("kill")
+                    .arg(child.id().to_string())
+                    .status();
+                panic!(
+                    "no {needle:?} from the shell; it printed:\n{}",
+                    seen.lock().unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let p = wait("backfill> ", 0);
+    stdin.write_all(b"\\d\n").unwrap();
+    let p = wait("row(s) fetched", p);
+    let p = wait("backfill> ", p);
+    stdin.write_all(b"SELECT 6 *\n").unwrap();
+    let p = wait("SELECT 6 *", p);
+    stdin.write_all(b"7 AS answer;\n").unwrap();
+    let p = wait("row(s) fetched", p);
+    wait("backfill> ", p);
+    stdin.write_all(b"\\q\n").unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < TIMEOUT, "the shell did not quit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(stdin);
+    let _ = reader.join();
+    let text = seen.lock().unwrap().clone();
+    assert!(status.success(), "exit {status:?}\n{text}");
+    assert!(
+        text.contains("| candidates     | view  |") && text.contains("| answer |"),
+        "{text}"
+    );
+    assert!(text.contains("| 42     |"), "{text}");
+    let history = std::fs::read_to_string(xdg.path().join("backfill/history"))
+        .unwrap_or_else(|e| panic!("no history file: {e}\n{text}"));
+    assert!(
+        history.contains("SELECT 6 *\\n7 AS answer;"),
+        "one entry for the two-line statement\n{history}"
+    );
+}
