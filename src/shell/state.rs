@@ -170,6 +170,7 @@ mod tests {
             }),
             delivered: vec![],
             settings: serde_json::Value::Null,
+            outcome: None,
         };
         let b = runs_batch(&[m]).unwrap();
         let col = |name: &str| b.column(b.schema().index_of(name).unwrap()).clone();
