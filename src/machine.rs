@@ -22,6 +22,17 @@ const MEMINFO: &str = "/proc/meminfo";
 const CGROUP_V2_MAX: &str = "/sys/fs/cgroup/memory.max";
 const CGROUP_V1_LIMIT: &str = "/sys/fs/cgroup/memory/memory.limit_in_bytes";
 
+/// The share of `--memory-limit` given to DataFusion's memory pool (and,
+/// inside it, the detection's buckets and candidates). The rest is for
+/// what no pool sees: the binary and its threads, Parquet decoding ahead
+/// of the operators, the sinks' row groups, the allocator's free pages.
+/// Measured over 10M and 50M events that rest is 350-450 MiB whatever the
+/// limit, so the limit bounds the process's RSS only if the pool leaves it
+/// (BENCHMARKS.md, "Where the memory goes").
+pub fn pool_bytes(memory_limit: usize) -> usize {
+    memory_limit / 8 * 5
+}
+
 /// What the binary does when the settings bound memory: it tunes its
 /// allocator (`main.rs`), which the library cannot name. Registered once,
 /// before the settings are read.

@@ -236,7 +236,7 @@ pub async fn detect(
     let pool = ctx.runtime_env().memory_pool.clone();
     // Half the pool for the buckets: the sort of the candidates and
     // DataFusion's own scans need the rest.
-    let budget = (scan.memory_limit / 2).max(1);
+    let budget = (crate::machine::pool_bytes(scan.memory_limit) / 2).max(1);
     // Enough buckets that one bucket's share of the budget holds it (four
     // times over: it is read back whole, and its sort entries come on top),
     // and small enough (~200k rows, a few MiB) that deciding it works in
@@ -333,7 +333,10 @@ pub async fn detect(
     };
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let detect_conflicts = scan.detect_conflicts;
-    let outs: Vec<Result<Out>> = futures::stream::iter(jobs)
+    // Each bucket's result is folded in as it comes: held until all were
+    // done, the candidates' intermediate rows (a String each) outweighed
+    // the final table (50M events at `--memory-limit 1G`: +0.8 GiB).
+    let mut outs = futures::stream::iter(jobs)
         .map(|job| {
             let reservation = reservation.clone();
             async move {
@@ -342,18 +345,14 @@ pub async fn detect(
                     .map_err(|e| DataFusionError::External(Box::new(e)))?
             }
         })
-        .buffer_unordered(threads)
-        .collect()
-        .await;
-    reservation.free();
-    drop(dir);
+        .buffer_unordered(threads);
 
     let mut rows = 0u64;
     let mut events_n = 0u64;
-    let mut cands = Candidates::default();
+    let mut cands = Candidates::new(&pool);
     let mut conflicts = Conflicts::default();
     let mut gap_batches = vec![];
-    for o in outs {
+    while let Some(o) = outs.next().await {
         match o? {
             Out::Events(e) => {
                 rows += e.rows;
@@ -370,6 +369,9 @@ pub async fn detect(
             }
         }
     }
+    drop(outs);
+    reservation.free();
+    drop(dir);
     conflicts.seal();
     cands.seal();
     let n_conflicts = conflicts.len;
@@ -1115,44 +1117,157 @@ impl GapRows {
 // Candidates and the fetch
 
 /// Unresolved events, in a flat arena with a hash table of indices: about
-/// 50 bytes an event, so that tens of millions of them fit.
-#[derive(Default)]
+/// 90 bytes an event, so that tens of millions of them fit. What they hold
+/// is reserved in DataFusion's pool, so that the sort of the fetched rows,
+/// which runs while they are alive, spills sooner instead of pushing the
+/// process past `--memory-limit`.
 struct Candidates {
+    reservation: MemoryReservation,
     /// One bit per hash value (a Bloom filter with one probe), a few MiB
     /// that stay in the CPU cache: most rows of the second scan are not
     /// candidates and are turned away here without touching the table.
     bits: Vec<u64>,
     table: HashTable<u32>,
-    ids: Vec<u8>,
-    ends: Vec<usize>,
-    attempts: Vec<i64>,
-    time: Vec<Option<i64>>,
-    tie: Vec<u32>,
+    /// The ids' bytes, in chunks that are never reallocated.
+    ids: Vec<Vec<u8>>,
+    /// Where each id is: (chunk, start, end).
+    id_at: ChunkVec<(u32, u32, u32)>,
+    attempts: ChunkVec<i64>,
+    time: ChunkVec<Option<i64>>,
+    tie: ChunkVec<u32>,
     ties: Vec<(Option<String>, Option<String>)>,
-    replays: Vec<i64>,
-    dead: Vec<bool>,
-    taken: Vec<AtomicBool>,
+    replays: ChunkVec<i64>,
+    dead: ChunkVec<bool>,
+    taken: ChunkVec<AtomicBool>,
+}
+
+/// Rows of a [`ChunkVec`] chunk; bytes of an id chunk.
+const CHUNK_ROWS: usize = 1 << 16;
+const ID_CHUNK_BYTES: usize = 1 << 20;
+
+/// A vector in fixed chunks: growing it never copies what it holds, and
+/// never holds more than one chunk unused. A `Vec` doubling to tens of
+/// millions of rows holds up to twice its length, and both copies while
+/// it moves.
+struct ChunkVec<T> {
+    chunks: Vec<Vec<T>>,
+    len: usize,
+}
+
+impl<T> ChunkVec<T> {
+    fn new() -> Self {
+        ChunkVec {
+            chunks: vec![],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, v: T) {
+        if self.len.is_multiple_of(CHUNK_ROWS) {
+            self.chunks.push(Vec::with_capacity(CHUNK_ROWS));
+        }
+        if let Some(last) = self.chunks.last_mut() {
+            last.push(v);
+        }
+        self.len += 1;
+    }
+
+    fn heap_size(&self) -> usize {
+        self.chunks.len() * CHUNK_ROWS * std::mem::size_of::<T>()
+    }
+}
+
+impl<T> std::ops::Index<usize> for ChunkVec<T> {
+    type Output = T;
+    fn index(&self, i: usize) -> &T {
+        &self.chunks[i / CHUNK_ROWS][i % CHUNK_ROWS]
+    }
+}
+
+impl<T> std::ops::IndexMut<usize> for ChunkVec<T> {
+    fn index_mut(&mut self, i: usize) -> &mut T {
+        &mut self.chunks[i / CHUNK_ROWS][i % CHUNK_ROWS]
+    }
 }
 
 const NO_TIE: u32 = u32::MAX;
 
+/// A hash's bit in a filter of `n_bits` (a power of two): its top bits,
+/// as the table and the buckets use the others.
+fn bit_index(h: u64, n_bits: usize) -> usize {
+    (h.rotate_left(24) as usize) & (n_bits - 1)
+}
+
 impl Candidates {
+    fn new(pool: &Arc<dyn datafusion::execution::memory_pool::MemoryPool>) -> Self {
+        Candidates {
+            reservation: MemoryConsumer::new("backfill candidates").register(pool),
+            bits: vec![],
+            table: HashTable::new(),
+            ids: vec![],
+            id_at: ChunkVec::new(),
+            attempts: ChunkVec::new(),
+            time: ChunkVec::new(),
+            tie: ChunkVec::new(),
+            ties: vec![],
+            replays: ChunkVec::new(),
+            dead: ChunkVec::new(),
+            taken: ChunkVec::new(),
+        }
+    }
+
+    /// The bytes the arena and the table hold (capacities, not lengths).
+    fn heap_size(&self) -> usize {
+        self.bits.capacity() * 8
+            + self.table.allocation_size()
+            + self.ids.iter().map(Vec::capacity).sum::<usize>()
+            + self.id_at.heap_size()
+            + self.attempts.heap_size()
+            + self.time.heap_size()
+            + self.tie.heap_size()
+            + self.ties.capacity() * std::mem::size_of::<(Option<String>, Option<String>)>()
+            + self.replays.heap_size()
+            + self.dead.heap_size()
+            + self.taken.heap_size()
+    }
+
+    /// Keep the reservation equal to what is held. Forced: the candidates
+    /// cannot spill, the sort after them can.
+    fn account(&mut self) {
+        self.reservation.resize(self.heap_size());
+    }
+
     fn len(&self) -> usize {
-        self.ends.len()
+        self.id_at.len
     }
 
     fn id(&self, i: u32) -> &[u8] {
-        let i = i as usize;
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        &self.ids[start..self.ends[i]]
+        let (chunk, start, end) = self.id_at[i as usize];
+        &self.ids[chunk as usize][start as usize..end as usize]
+    }
+
+    /// Copy an id into the current chunk (a new one when it does not fit;
+    /// an id longer than a chunk gets one of its own).
+    fn push_id(&mut self, id: &[u8]) {
+        let fits = self
+            .ids
+            .last()
+            .is_some_and(|c| c.capacity() - c.len() >= id.len());
+        if !fits {
+            self.ids
+                .push(Vec::with_capacity(ID_CHUNK_BYTES.max(id.len())));
+        }
+        let chunk = self.ids.len() - 1;
+        let c = &mut self.ids[chunk];
+        let start = c.len();
+        c.extend_from_slice(id);
+        self.id_at
+            .push((chunk as u32, start as u32, c.len() as u32));
     }
 
     fn absorb(&mut self, cands: Vec<Cand>) {
-        let rs = hasher();
         for c in cands {
-            let i = self.len() as u32;
-            self.ids.extend_from_slice(c.event_id.as_bytes());
-            self.ends.push(self.ids.len());
+            self.push_id(c.event_id.as_bytes());
             self.attempts.push(c.attempts);
             self.time.push(c.time);
             match c.tie {
@@ -1165,30 +1280,32 @@ impl Candidates {
             self.replays.push(0);
             self.dead.push(false);
             self.taken.push(AtomicBool::new(false));
-            let h = mix(rs.hash_one(c.event_id.as_bytes()));
-            let (ids, ends) = (&self.ids, &self.ends);
-            self.table.insert_unique(h, i, |&j| {
-                let j = j as usize;
-                let start = if j == 0 { 0 } else { ends[j - 1] };
-                mix(rs.hash_one(&ids[start..ends[j]]))
-            });
         }
+        self.account();
     }
 
-    /// Build the bit filter once every candidate is in.
+    /// Build the hash table and the bit filter once every candidate is in,
+    /// each at its final size: grown row by row, the table would hold its
+    /// old and new copies at once on every doubling.
     fn seal(&mut self) {
-        let n_bits = (self.len() * 16).next_power_of_two().max(64);
-        self.bits = vec![0; n_bits / 64];
         let rs = hasher();
-        for i in 0..self.len() {
-            let b = self.bit(mix(rs.hash_one(self.id(i as u32))));
-            self.bits[b / 64] |= 1 << (b % 64);
+        let n = self.len();
+        let mut table = HashTable::with_capacity(n);
+        let n_bits = (n * 16).next_power_of_two().max(64);
+        let mut bits = vec![0u64; n_bits / 64];
+        for i in 0..n {
+            let h = mix(rs.hash_one(self.id(i as u32)));
+            let b = bit_index(h, n_bits);
+            bits[b / 64] |= 1 << (b % 64);
+            table.insert_unique(h, i as u32, |&j| mix(rs.hash_one(self.id(j))));
         }
+        self.table = table;
+        self.bits = bits;
+        self.account();
     }
 
     fn bit(&self, h: u64) -> usize {
-        // The top bits: the table and the buckets use the others.
-        (h.rotate_left(24) as usize) & (self.bits.len() * 64 - 1)
+        bit_index(h, self.bits.len() * 64)
     }
 
     fn find(&self, rs: &RandomState, id: &str) -> Option<u32> {

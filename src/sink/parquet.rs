@@ -23,8 +23,10 @@ use crate::location::{Location, store_error_line};
 const ROWS_PER_FILE: u64 = 1_000_000;
 /// Bytes a row group may hold in memory before it is written out. The
 /// writer buffers a whole row group; with large payloads, 128k rows would
-/// be gigabytes outside DataFusion's memory pool, so the cap is in bytes.
-const ROW_GROUP_BYTES: usize = 64 * 1024 * 1024;
+/// be gigabytes outside DataFusion's memory pool, so the cap is in bytes:
+/// 32 MiB, as up to three sinks and the ledger write at once, outside the
+/// pool (`machine::pool_bytes` leaves room for them).
+const ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
 
 pub struct ParquetSink {
     base: Location,

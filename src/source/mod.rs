@@ -240,8 +240,9 @@ pub fn session(scan: &Scan) -> Result<SessionContext, SourceError> {
     // before it spills; DataFusion's fixed 10 MiB on many cores would eat a
     // small limit whole. A quarter of the limit across all of them.
     let parts = config.target_partitions().max(1);
+    let pool = crate::machine::pool_bytes(scan.memory_limit);
     config.options_mut().execution.sort_spill_reservation_bytes =
-        (scan.memory_limit / (4 * parts)).clamp(1 << 20, 10 << 20);
+        (pool / (4 * parts)).clamp(1 << 20, 10 << 20);
     // Spill files go to --spill-dir, or (lazily, only if something spills)
     // to a fresh folder in the system temp dir. Either folder is removed
     // when the session ends.
@@ -250,7 +251,7 @@ pub fn session(scan: &Scan) -> Result<SessionContext, SourceError> {
         None => DiskManagerMode::OsTmpDirectory,
     });
     let runtime = RuntimeEnvBuilder::new()
-        .with_memory_limit(scan.memory_limit, 1.0)
+        .with_memory_limit(pool, 1.0)
         .with_disk_manager_builder(disk)
         .build_arc()?;
     Ok(SessionContext::new_with_config_rt(config, runtime))
