@@ -1,6 +1,7 @@
 //! `backfill`: parse, run, and map the outcome to an exit code — in one
 //! place. 0 ok, 1 runtime failure, 2 usage/configuration, 3 DLQ not empty
-//! with --fail-on-dlq. Errors are one line on stderr, `error: ...`.
+//! with --fail-on-dlq, 4 another run on the same state won (README, "Exit
+//! codes"). Errors are one line on stderr, `error: ...`.
 
 use std::process::ExitCode;
 

@@ -60,7 +60,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(8);
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Header names, in our namespace (the conventions of Kafka Connect's DLQ and
-/// Spring's DLT). Documented in the README's header reference.
+/// Spring's DLT). Documented in docs/kafka.md, "The messages".
 pub mod headers {
     pub const RUN_ID: &str = "backfill.run_id";
     pub const REASON: &str = "backfill.reason";

@@ -1,4 +1,4 @@
-//! An independent reference model of the README's decision rules.
+//! An independent reference model of the decision rules (docs/reference.md, "The decision").
 //!
 //! It reads Parquet with the parquet crate's synchronous reader into plain
 //! rows and applies the rules naively with maps, so that the binary's output
@@ -396,7 +396,7 @@ impl Expected {
     }
 }
 
-/// The reserved prefix of synthetic event ids (README "The decision").
+/// The reserved prefix of synthetic event ids (docs/reference.md "The decision").
 pub const MISSING_PREFIX: &str = "backfill:missing-event-id:";
 
 /// The id an archive row is decided and ledgered under: its event_id, or
@@ -427,7 +427,7 @@ fn get<'a>(r: &'a Record, col: &str) -> &'a Value {
     r.get(col).unwrap_or(&Value::Null)
 }
 
-/// Apply the README's decision rules, naively.
+/// Apply the decision rules of docs/reference.md, naively.
 pub fn decide(source: &Source, cfg: &Config, ledger: &Ledger) -> Expected {
     let c = &cfg.columns;
     let regexes: Vec<Regex> = cfg
@@ -447,7 +447,7 @@ pub fn decide(source: &Source, cfg: &Config, ledger: &Ledger) -> Expected {
         .collect();
 
     // Rows without an event_id (or with a reserved one) are events under a
-    // synthetic id built from key, seq and event_time (README "The
+    // synthetic id built from key, seq and event_time (docs/reference.md "The
     // decision"); `missing` remembers which ids are synthetic.
     let mut by_event: BTreeMap<String, Vec<&Record>> = BTreeMap::new();
     let mut missing: BTreeSet<String> = BTreeSet::new();
