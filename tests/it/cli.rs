@@ -55,13 +55,40 @@ impl Run {
         self.expect_code(0)
     }
 
-    /// The non-empty lines of stderr.
+    /// The non-empty lines of stderr that are not log records: the
+    /// `error:` line, a `-` sink's summary.
     pub fn stderr_lines(&self) -> Vec<&str> {
         self.stderr
             .lines()
-            .filter(|l| !l.trim().is_empty())
+            .filter(|l| !l.trim().is_empty() && !is_log_record(l))
             .collect()
     }
+
+    /// The log records on stderr (JSON lines: stderr is not a terminal
+    /// here), parsed.
+    pub fn log_records(&self) -> Vec<serde_json::Value> {
+        self.stderr
+            .lines()
+            .filter(|l| is_log_record(l))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The messages of the log records at `level` (`WARN`, `ERROR`, ...).
+    pub fn logged(&self, level: &str) -> Vec<String> {
+        self.log_records()
+            .iter()
+            .filter(|r| r["level"] == level)
+            .map(|r| r["message"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+}
+
+/// A log record: one JSON object with a `level`, as `backfill` logs when
+/// stderr is not a terminal.
+pub fn is_log_record(line: &str) -> bool {
+    line.starts_with('{')
+        && serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| v.get("level").is_some())
 }
 
 /// `program` with `args`, no stdin, stdout and stderr piped, no `RUST_LOG`
