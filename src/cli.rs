@@ -5,10 +5,12 @@
 //! wins; docs/cli.md lists them), so that a scheduler can set a job up in
 //! the environment alone. A flag that may carry credentials (a location:
 //! `s3://KEY:SECRET@...`, `kafka://user:pass@...`) hides its variable's
-//! value from `--help`.
+//! value from `--help`. A switch reads `1`/`true`/`yes`/`on` and
+//! `0`/`false`/`no`/`off` from its variable.
 
 use std::path::PathBuf;
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
@@ -180,10 +182,10 @@ pub struct ScanArgs {
     #[arg(long, value_name = "STATUS", env = "BACKFILL_DONE_STATUS")]
     pub done_status: Vec<String>,
     /// Do not detect sequence gaps (key and seq become optional).
-    #[arg(long, env = "BACKFILL_NO_GAPS")]
+    #[arg(long, env = "BACKFILL_NO_GAPS", value_parser = BoolishValueParser::new())]
     pub no_gaps: bool,
     /// Do not detect (key, seq) conflicts.
-    #[arg(long, env = "BACKFILL_NO_CONFLICTS")]
+    #[arg(long, env = "BACKFILL_NO_CONFLICTS", value_parser = BoolishValueParser::new())]
     pub no_conflicts: bool,
     /// Memory for the query engine before it spills to disk (e.g. 4G;
     /// default: half the machine's or the container's memory).
@@ -249,10 +251,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE", env = "BACKFILL_REPORT")]
     pub report: Option<String>,
     /// Decide and report; write and commit nothing.
-    #[arg(long, env = "BACKFILL_DRY_RUN")]
+    #[arg(long, env = "BACKFILL_DRY_RUN", value_parser = BoolishValueParser::new())]
     pub dry_run: bool,
     /// Exit 3 when this run dead-lettered anything.
-    #[arg(long, env = "BACKFILL_FAIL_ON_DLQ")]
+    #[arg(long, env = "BACKFILL_FAIL_ON_DLQ", value_parser = BoolishValueParser::new())]
     pub fail_on_dlq: bool,
 }
 
@@ -283,7 +285,7 @@ pub struct SqlArgs {
     pub format: Format,
     /// Also run statements that write or reach beyond the archive (COPY,
     /// INSERT, CREATE EXTERNAL TABLE, ...): `sql` is read-only without it.
-    #[arg(long, env = "BACKFILL_ALLOW_WRITES")]
+    #[arg(long, env = "BACKFILL_ALLOW_WRITES", value_parser = BoolishValueParser::new())]
     pub allow_writes: bool,
 }
 
@@ -363,6 +365,6 @@ pub struct GcArgs {
     #[arg(long, default_value_t = 60, env = "BACKFILL_MIN_AGE_MINUTES")]
     pub min_age_minutes: u64,
     /// List what would be removed; remove nothing.
-    #[arg(long, env = "BACKFILL_DRY_RUN")]
+    #[arg(long, env = "BACKFILL_DRY_RUN", value_parser = BoolishValueParser::new())]
     pub dry_run: bool,
 }

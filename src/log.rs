@@ -27,6 +27,7 @@ pub const FILTER_VAR: &str = "BACKFILL_LOG";
 /// messages (each retry of a store request is logged at info there).
 const OURS: [&str; 2] = ["event_backfill", "backfill"];
 const STORE_RETRIES: &str = "object_store::client::retry";
+const RDKAFKA_ECHO: &str = "rdkafka::client";
 
 /// What [`init`] settled on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +55,8 @@ pub fn resolve(format: LogFormat) -> LogFormat {
 /// The filter for `spec` (a `--log-level` value, else `BACKFILL_LOG`, else
 /// `default`, a level). A bare level applies to backfill's own events and
 /// the store's retries (at least warn shows those: a retry is worth seeing),
-/// other crates staying at warn; anything else is an `EnvFilter` directive
+/// other crates staying at warn (and rdkafka's echo of librdkafka's errors
+/// off below debug); anything else is an `EnvFilter` directive
 /// list, as `RUST_LOG` takes. `progress` lets the phase and progress events
 /// through whatever the level (`--progress on`).
 pub fn filter(spec: Option<&str>, default: &str, progress: bool) -> Result<EnvFilter, String> {
@@ -80,6 +82,14 @@ pub fn filter(spec: Option<&str>, default: &str, progress: bool) -> Result<EnvFi
             let mut d = vec![others.to_string()];
             d.extend(OURS.iter().map(|t| format!("{t}={level}")));
             d.push(format!("{STORE_RETRIES}={retries}"));
+            if !matches!(level.as_str(), "debug" | "trace") {
+                // rdkafka echoes every librdkafka error callback at error
+                // level, AllBrokersDown every 50 ms while a broker is
+                // down: 300 lines in an 8 s health check. librdkafka's own
+                // log lines (target `librdkafka`) say the same once, with
+                // its own suppression of repeats, and stay.
+                d.push(format!("{RDKAFKA_ECHO}=off"));
+            }
             d.join(",")
         }
         _ => spec.clone(),

@@ -216,8 +216,15 @@ impl Phases {
     pub fn rows_bar(&self, total: u64) -> Option<indicatif::ProgressBar> {
         let b = self.shared.bar.as_ref()?;
         if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {human_pos}/{human_len} rows, {per_sec}, ETA {eta}",
+            "{msg} [{bar:30}] {human_pos}/{human_len} rows, {rate}, ETA {eta}",
         ) {
+            // indicatif's own {per_sec} prints four decimals of a rate.
+            let style = style.with_key(
+                "rate",
+                |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{} rows/s", human::count(s.per_sec() as u64));
+                },
+            );
             b.set_style(style.progress_chars("=> "));
         }
         b.set_length(total);
