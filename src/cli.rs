@@ -30,18 +30,21 @@ pub struct Cli {
         value_enum,
         default_value_t = LogFormat::Auto,
         global = true,
-        env = "BACKFILL_LOG_FORMAT"
+        env = "BACKFILL_LOG_FORMAT",
+        help_heading = "Logs"
     )]
     pub log_format: LogFormat,
     /// What to log: a level (error, warn, info, debug, trace, off) for
     /// backfill's own events, or a filter such as
-    /// `info,object_store=debug` (RUST_LOG syntax). Default: info for `run`
-    /// and `state`, warn for the others; BACKFILL_LOG works too.
+    /// `info,object_store=debug` (RUST_LOG syntax). Default: info; warn for
+    /// `gaps`, `sql` and `explain`, whose answer is on stdout. BACKFILL_LOG
+    /// works too.
     #[arg(
         long,
         value_name = "LEVEL|FILTER",
         global = true,
-        env = "BACKFILL_LOG_LEVEL"
+        env = "BACKFILL_LOG_LEVEL",
+        help_heading = "Logs"
     )]
     pub log_level: Option<String>,
     /// With --progress on and stderr not a terminal: how often a progress
@@ -52,7 +55,8 @@ pub struct Cli {
         default_value = "10s",
         value_parser = parse_interval,
         global = true,
-        env = "BACKFILL_PROGRESS_INTERVAL"
+        env = "BACKFILL_PROGRESS_INTERVAL",
+        help_heading = "Logs"
     )]
     pub progress_interval: std::time::Duration,
 }
