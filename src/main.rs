@@ -310,21 +310,7 @@ async fn dispatch(cmd: Command) -> Result<u8, Error> {
             let code = r
                 .exit_code
                 .unwrap_or_else(|| r.exit_code_under(fail_on_dlq));
-            tracing::info!(
-                target: event_backfill::progress::TARGET,
-                event = "end",
-                phase = "run",
-                run_id = r.run_id.as_str(),
-                exit_code = code,
-                elapsed_ms = r.elapsed_ms,
-                rows = r.rows,
-                replayed = r.replayed,
-                dead_lettered = r.dead_lettered,
-                gaps = r.gaps,
-                conflicts = r.conflicts,
-                "{}",
-                r.outcome_line(code)
-            );
+            log_run_end(r, code);
             if let Some(f) = report_file.filter(|f| f != "-") {
                 // The run is over (committed, or nothing to do): a report that
                 // cannot be written is worth a warning, never a different
@@ -360,6 +346,37 @@ async fn dispatch(cmd: Command) -> Result<u8, Error> {
         Command::State(a) => commands::state(a.command).await.map(|_| EXIT_OK),
         Command::Completions(a) => completions(a.shell).map(|_| EXIT_OK),
         Command::Man(a) => man_page(&a.command).map(|_| EXIT_OK),
+    }
+}
+
+/// The run's end as one event, its message the summary's last line: at
+/// info, or at warn when the run exits non-zero (3: dead letters under
+/// `--fail-on-dlq`), so that a log alert on warnings catches it.
+fn log_run_end(r: &event_backfill::report::Report, code: u8) {
+    macro_rules! run_end {
+        ($level:expr) => {
+            tracing::event!(
+                target: event_backfill::progress::TARGET,
+                $level,
+                event = "end",
+                phase = "run",
+                run_id = r.run_id.as_str(),
+                exit_code = code,
+                elapsed_ms = r.elapsed_ms,
+                rows = r.rows,
+                replayed = r.replayed,
+                dead_lettered = r.dead_lettered,
+                gaps = r.gaps,
+                conflicts = r.conflicts,
+                "{}",
+                r.outcome_line(code)
+            )
+        };
+    }
+    if code == EXIT_OK {
+        run_end!(tracing::Level::INFO);
+    } else {
+        run_end!(tracing::Level::WARN);
     }
 }
 

@@ -724,3 +724,32 @@ fn secrets_in_env_values_stay_out_of_help_and_logs() {
         help.describe()
     );
 }
+
+/// A run that exits 3 (dead letters under `--fail-on-dlq`) ends with a
+/// WARN record, so that an alert on warnings catches it; its outcome line
+/// says why.
+#[test]
+fn a_run_exiting_3_ends_with_a_warning() {
+    let lake = Lake::new(2000);
+    let src = lake.archive();
+    let run = lake.run(
+        &["run", "--source", &src, "--out", "out", "--fail-on-dlq"],
+        &[],
+    );
+    run.expect_code(3);
+    let records = run.log_records();
+    let end = events(&records, "end", Some("run"));
+    assert_eq!(end.len(), 1, "{}", run.describe());
+    assert_eq!(end[0]["level"], "WARN", "{}", end[0]);
+    assert_eq!(end[0]["exit_code"], 3, "{}", end[0]);
+    assert!(end[0]["dead_lettered"].as_u64().unwrap() > 0, "{}", end[0]);
+    assert!(
+        run.stdout
+            .lines()
+            .last()
+            .unwrap()
+            .ends_with("; exit 3 (dead letters under --fail-on-dlq)"),
+        "{}",
+        run.stdout
+    );
+}
