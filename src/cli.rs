@@ -1,8 +1,16 @@
 //! Command-line definitions (clap derive): one struct per subcommand, the
 //! shared scan options flattened into each. No behaviour lives here.
+//!
+//! Every flag also reads a `BACKFILL_<FLAG>` environment variable (the flag
+//! wins; docs/cli.md lists them), so that a scheduler can set a job up in
+//! the environment alone. A flag that may carry credentials (a location:
+//! `s3://KEY:SECRET@...`, `kafka://user:pass@...`) hides its variable's
+//! value from `--help`. A switch reads `1`/`true`/`yes`/`on` and
+//! `0`/`false`/`no`/`off` from its variable.
 
 use std::path::PathBuf;
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
@@ -15,6 +23,77 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log format on stderr: human (timestamped lines), json (one object a
+    /// line), or auto: human on a terminal, json otherwise.
+    #[arg(
+        long,
+        value_enum,
+        default_value_t = LogFormat::Auto,
+        global = true,
+        env = "BACKFILL_LOG_FORMAT",
+        help_heading = "Logs"
+    )]
+    pub log_format: LogFormat,
+    /// What to log: a level (error, warn, info, debug, trace, off) for
+    /// backfill's own events, or a filter such as
+    /// `info,object_store=debug` (RUST_LOG syntax). Default: info; warn for
+    /// `gaps`, `sql` and `explain`, whose answer is on stdout. BACKFILL_LOG
+    /// works too.
+    #[arg(
+        long,
+        value_name = "LEVEL|FILTER",
+        global = true,
+        env = "BACKFILL_LOG_LEVEL",
+        help_heading = "Logs"
+    )]
+    pub log_level: Option<String>,
+    /// With --progress on and stderr not a terminal: how often a progress
+    /// line is logged (e.g. 10s, 500ms, 2m).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = parse_interval,
+        global = true,
+        env = "BACKFILL_PROGRESS_INTERVAL",
+        help_heading = "Logs"
+    )]
+    pub progress_interval: std::time::Duration,
+}
+
+/// `10s`, `500ms`, `2m` or a bare number of seconds; at least 10 ms, so a
+/// typo cannot turn the log into a flood.
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => (&t[..i], t[i..].trim()),
+        None => (t, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration such as 10s, 500ms or 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" | "min" => n * 60.0,
+        _ => return Err(format!("`{s}`: the unit is ms, s or m")),
+    };
+    if !secs.is_finite() || secs < 0.01 {
+        return Err(format!("`{s}` is shorter than 10ms"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// How log lines are written on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human on a terminal, JSON lines otherwise.
+    #[default]
+    Auto,
+    /// A timestamp, the level, the message and its fields.
+    Human,
+    /// One JSON object a line: timestamp, level, message, fields, target.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -31,6 +110,24 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Inspect or clean the state (ledger and manifests).
     State(StateArgs),
+    /// Print a completion script for SHELL: `source <(backfill completions bash)`.
+    Completions(CompletionsArgs),
+    /// Print a man page (roff): `backfill man | man -l -`, `backfill man run`.
+    Man(ManArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ManArgs {
+    /// The command whose page to print (`run`, `state gc`); none: the
+    /// top-level page.
+    #[arg(value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// Output formats for tabular results.
@@ -58,38 +155,53 @@ pub enum Progress {
 #[derive(Debug, Clone, Args, Default)]
 pub struct ScanArgs {
     /// TOML job file; flags override its settings.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "BACKFILL_JOB")]
     pub job: Option<PathBuf>,
     /// The archive (path, file://, s3://, gs://, az://, kafka://HOST:PORT/TOPIC); repeat for a union.
-    #[arg(long, value_name = "LOC")]
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_SOURCE",
+        hide_env_values = true
+    )]
     pub source: Vec<String>,
     /// Window start on event_time, RFC 3339, inclusive.
-    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "TIME",
+        allow_hyphen_values = true,
+        env = "BACKFILL_FROM"
+    )]
     pub from: Option<String>,
     /// Window end on event_time, RFC 3339, exclusive.
-    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "TIME",
+        allow_hyphen_values = true,
+        env = "BACKFILL_TO"
+    )]
     pub to: Option<String>,
     /// Remap an input-contract column: NAME=SOURCE_COLUMN (repeatable).
-    #[arg(long, value_name = "NAME=SOURCE_COLUMN")]
+    #[arg(long, value_name = "NAME=SOURCE_COLUMN", env = "BACKFILL_COLUMN")]
     pub column: Vec<String>,
     /// A status value that means done (repeatable; default: processed).
-    #[arg(long, value_name = "STATUS")]
+    #[arg(long, value_name = "STATUS", env = "BACKFILL_DONE_STATUS")]
     pub done_status: Vec<String>,
     /// Do not detect sequence gaps (key and seq become optional).
-    #[arg(long)]
+    #[arg(long, env = "BACKFILL_NO_GAPS", value_parser = BoolishValueParser::new())]
     pub no_gaps: bool,
     /// Do not detect (key, seq) conflicts.
-    #[arg(long)]
+    #[arg(long, env = "BACKFILL_NO_CONFLICTS", value_parser = BoolishValueParser::new())]
     pub no_conflicts: bool,
     /// Memory for the query engine before it spills to disk (e.g. 4G;
     /// default: half the machine's or the container's memory).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", env = "BACKFILL_MEMORY_LIMIT")]
     pub memory_limit: Option<String>,
     /// Directory the query engine spills to (default: the system temp dir).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "BACKFILL_SPILL_DIR")]
     pub spill_dir: Option<PathBuf>,
     /// Progress on stderr.
-    #[arg(long, value_enum, default_value_t = Progress::Auto)]
+    #[arg(long, value_enum, default_value_t = Progress::Auto, env = "BACKFILL_PROGRESS")]
     pub progress: Progress,
 }
 
@@ -98,37 +210,57 @@ pub struct RunArgs {
     #[command(flatten)]
     pub scan: ScanArgs,
     /// Output root: DIR/replay, DIR/dlq, DIR/gaps, DIR/_state.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "BACKFILL_OUT", hide_env_values = true)]
     pub out: Option<String>,
     /// Ledger and manifests (default OUT/_state).
-    #[arg(long, value_name = "LOC")]
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_STATE",
+        hide_env_values = true
+    )]
     pub state: Option<String>,
     /// Where replays go: a folder, kafka://HOST:PORT/TOPIC, or - for stdout.
-    #[arg(long, value_name = "LOC")]
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_REPLAY_SINK",
+        hide_env_values = true
+    )]
     pub replay_sink: Option<String>,
     /// Where dead letters go.
-    #[arg(long, value_name = "LOC")]
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_DLQ_SINK",
+        hide_env_values = true
+    )]
     pub dlq_sink: Option<String>,
     /// Where gap records go.
-    #[arg(long, value_name = "LOC")]
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_GAPS_SINK",
+        hide_env_values = true
+    )]
     pub gaps_sink: Option<String>,
     /// Retries before the dead-letter queue (default 3).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "BACKFILL_MAX_ATTEMPTS")]
     pub max_attempts: Option<i64>,
     /// Errors matching this regex go to the DLQ at once (repeatable).
-    #[arg(long, value_name = "REGEX")]
+    #[arg(long, value_name = "REGEX", env = "BACKFILL_PERMANENT_ERROR")]
     pub permanent_error: Vec<String>,
     /// Name of this run (default: run-<UTC time>); a committed id is never run twice.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", env = "BACKFILL_RUN_ID")]
     pub run_id: Option<String>,
     /// Also write the report as JSON to FILE.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "BACKFILL_REPORT")]
     pub report: Option<String>,
     /// Decide and report; write and commit nothing.
-    #[arg(long)]
+    #[arg(long, env = "BACKFILL_DRY_RUN", value_parser = BoolishValueParser::new())]
     pub dry_run: bool,
     /// Exit 3 when this run dead-lettered anything.
-    #[arg(long)]
+    #[arg(long, env = "BACKFILL_FAIL_ON_DLQ", value_parser = BoolishValueParser::new())]
     pub fail_on_dlq: bool,
 }
 
@@ -136,7 +268,7 @@ pub struct RunArgs {
 pub struct GapsArgs {
     #[command(flatten)]
     pub scan: ScanArgs,
-    #[arg(long, value_enum, default_value_t = Format::Table)]
+    #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
     pub format: Format,
 }
 
@@ -149,26 +281,36 @@ pub struct SqlArgs {
     #[arg(value_name = "QUERY", conflicts_with = "file")]
     pub query: Option<String>,
     /// Read the statements from a file; `-` reads stdin.
-    #[arg(short = 'f', long = "file", value_name = "FILE.sql")]
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "FILE.sql",
+        env = "BACKFILL_FILE"
+    )]
     pub file: Option<PathBuf>,
     /// Output format of every result.
-    #[arg(long, value_enum, default_value_t = Format::Table)]
+    #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
     pub format: Format,
     /// Rows printed of each result; the query stops reading there. 0 or
     /// `inf`: no limit. Default: 40 when stdout is a terminal, else no limit.
-    #[arg(long, value_name = "N", value_parser = parse_maxrows)]
+    #[arg(long, value_name = "N", value_parser = parse_maxrows, env = "BACKFILL_MAXROWS")]
     pub maxrows: Option<MaxRows>,
     /// Also run statements that write or reach beyond the archive (COPY,
     /// INSERT, CREATE EXTERNAL TABLE, ...): `sql` is read-only without it.
-    #[arg(long)]
+    #[arg(long, env = "BACKFILL_ALLOW_WRITES", value_parser = BoolishValueParser::new())]
     pub allow_writes: bool,
     /// The job's state, for the `ledger`, `runs` and `candidates` tables
     /// (default: the job file's `state`, else OUT/_state). Only read.
-    #[arg(long, value_name = "LOC")]
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_STATE",
+        hide_env_values = true
+    )]
     pub state: Option<String>,
     /// The job's output root: its state is OUT/_state, and its folders are
     /// left out of the archive as `run` leaves them out.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "BACKFILL_OUT", hide_env_values = true)]
     pub out: Option<String>,
 }
 
@@ -200,25 +342,25 @@ pub struct ExplainArgs {
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
     /// Where to write the archive (path or object-store URL).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "BACKFILL_OUT", hide_env_values = true)]
     pub out: String,
     /// Events to generate.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, env = "BACKFILL_EVENTS")]
     pub events: u64,
     /// Distinct keys (sequences are per key).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, env = "BACKFILL_KEYS")]
     pub keys: u64,
     /// Seed: the same seed gives the same archive.
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = 42, env = "BACKFILL_SEED")]
     pub seed: u64,
     /// Days spanned, one dt=YYYY-MM-DD folder each.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, env = "BACKFILL_DAYS")]
     pub days: u32,
     /// First day (YYYY-MM-DD).
-    #[arg(long, default_value = "2024-01-01")]
+    #[arg(long, default_value = "2024-01-01", env = "BACKFILL_START")]
     pub start: String,
     /// Files per day folder.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, env = "BACKFILL_FILES_PER_DAY")]
     pub files_per_day: u32,
 }
 
@@ -239,13 +381,18 @@ pub enum StateCommand {
 #[derive(Debug, Clone, Args)]
 pub struct StateLocArgs {
     /// Job file (for `state`, `out`, `[sinks]`, `[storage]`).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "BACKFILL_JOB")]
     pub job: Option<PathBuf>,
     /// State location (default OUT/_state).
-    #[arg(long, value_name = "LOC")]
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_STATE",
+        hide_env_values = true
+    )]
     pub state: Option<String>,
     /// Output root, to find the sinks' folders.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "BACKFILL_OUT", hide_env_values = true)]
     pub out: Option<String>,
 }
 
@@ -259,9 +406,9 @@ pub struct GcArgs {
     /// Only treat attempts older than this many minutes as abandoned (a
     /// younger one may still be running; an older one that is still running
     /// is fenced and will fail its commit, safe to rerun).
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, env = "BACKFILL_MIN_AGE_MINUTES")]
     pub min_age_minutes: u64,
     /// List what would be removed; remove nothing.
-    #[arg(long)]
+    #[arg(long, env = "BACKFILL_DRY_RUN", value_parser = BoolishValueParser::new())]
     pub dry_run: bool,
 }

@@ -126,8 +126,8 @@ async fn gc(args: GcArgs) -> Result<(), Error> {
         )));
     }
     if !args.sink.is_empty() {
-        eprintln!(
-            "warning: --sink is no longer needed: gc finds every sink an attempt wrote to in the state"
+        tracing::warn!(
+            "--sink is no longer needed: gc finds every sink an attempt wrote to in the state"
         );
     }
     let outcome = crate::state::gc(

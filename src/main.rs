@@ -1,7 +1,9 @@
-//! `backfill`: parse, run, and map the outcome to an exit code — in one
-//! place. 0 ok, 1 runtime failure, 2 usage/configuration, 3 DLQ not empty
-//! with --fail-on-dlq, 4 another run on the same state won (README, "Exit
-//! codes"). Errors are one line on stderr, `error: ...`.
+//! `backfill`: parse, start the logs, run, and map the outcome to an exit
+//! code — in one place. 0 ok, 1 runtime failure, 2 usage/configuration, 3
+//! DLQ not empty with --fail-on-dlq, 4 another run on the same state won
+//! (README, "Exit codes"). Errors are one line
+//! on stderr, `error: ...`; logs go to stderr too (src/log.rs); stdout holds
+//! only the summary, the rows of a `-` sink and `--report -`.
 
 use std::process::ExitCode;
 
@@ -111,6 +113,20 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // Commands that print a file of their own: no logs, no runtime.
+    match &cli.command {
+        Command::Completions(a) => return exit_with(completions(a.shell)),
+        Command::Man(a) => return exit_with(man_page(&a.command)),
+        _ => {}
+    }
+    let logs = match start_logs(&cli) {
+        Ok(l) => l,
+        Err(message) => {
+            eprintln!("error: {}", event_backfill::redact::line(&message));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    event_backfill::progress::configure(cli.progress_interval);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -126,10 +142,83 @@ fn main() -> ExitCode {
         Err(e) => {
             // `line` scrubs every secret known from the settings and the
             // environment: the last line of defence.
+            let line = e.line();
+            if logs.json() {
+                // The same line as a record, for whoever reads only the
+                // JSON lines; the plain `error:` line below stays as it
+                // was for people and scripts.
+                tracing::error!(exit_code = e.exit_code(), "{line}");
+            }
+            eprintln!("error: {line}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// The exit code of a command that only prints.
+fn exit_with(r: Result<(), Error>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::from(EXIT_OK),
+        Err(e) => {
             eprintln!("error: {}", e.line());
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// Logs on stderr as the flags ask. `run` and `state` tell their phases by
+/// default (a scheduler's log is all there is of a run); the commands whose
+/// output is the answer (`gaps`, `sql`, `explain`) only warn unless asked.
+fn start_logs(cli: &Cli) -> Result<event_backfill::log::Settings, String> {
+    use event_backfill::cli::Progress;
+    let (default, progress) = match &cli.command {
+        Command::Run(a) => ("info", a.scan.progress),
+        Command::Gaps(a) => ("warn", a.scan.progress),
+        Command::Sql(a) => ("warn", a.scan.progress),
+        Command::Explain(a) => ("warn", a.scan.progress),
+        _ => ("info", Progress::Off),
+    };
+    let filter =
+        event_backfill::log::filter(cli.log_level.as_deref(), default, progress == Progress::On)?;
+    Ok(event_backfill::log::init(cli.log_format, filter))
+}
+
+/// `backfill completions SHELL`: the script on stdout.
+fn completions(shell: clap_complete::Shell) -> Result<(), Error> {
+    use clap::CommandFactory;
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "backfill", &mut out);
+    commands::write_stdout(&out)
+}
+
+/// `backfill man [COMMAND...]`: the roff page of the command on stdout
+/// (`backfill-run(1)` for `run`).
+fn man_page(path: &[String]) -> Result<(), Error> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    cmd.build();
+    let mut name = cmd.get_name().to_string();
+    for word in path {
+        let Some(sub) = cmd.find_subcommand(word).cloned() else {
+            return Err(Error::Usage(format!(
+                "man: `{}` is not a command (see backfill --help)",
+                [name.replace('-', " "), word.clone()].join(" ")
+            )));
+        };
+        name = format!("{name}-{}", sub.get_name());
+        cmd = sub;
+    }
+    // clap names are `&'static str` (without its `string` feature); this
+    // process prints one page and ends.
+    let name: &'static str = name.leak();
+    let mut out = Vec::new();
+    clap_mangen::Man::new(cmd.name(name))
+        .render(&mut out)
+        .map_err(|e| Error::Io {
+            what: "the man page".into(),
+            message: e.to_string(),
+        })?;
+    commands::write_stdout(&out)
 }
 
 /// A clap usage error as the one line the README promises, without its
@@ -211,17 +300,26 @@ async fn dispatch(cmd: Command) -> Result<u8, Error> {
             let progress = args.scan.progress;
             let settings = job::run_settings(&args, chrono::Utc::now())?;
             let report_file = settings.report.clone();
+            let report_to_stdout = report_file.as_deref() == Some("-");
+            if report_to_stdout {
+                refuse_two_on_stdout(&settings)?;
+            }
             let fail_on_dlq = settings.fail_on_dlq;
             let outcome = run::run(settings, progress).await?;
             let r = &outcome.report;
-            if let Some(f) = report_file {
+            // A committed run's recorded code decides a rerun's (3 stays 3).
+            let code = r
+                .exit_code
+                .unwrap_or_else(|| r.exit_code_under(fail_on_dlq));
+            log_run_end(r, code);
+            if let Some(f) = report_file.filter(|f| f != "-") {
                 // The run is over (committed, or nothing to do): a report that
                 // cannot be written is worth a warning, never a different
                 // outcome. Written whole or not at all.
                 let json = serde_json::to_string_pretty(r).unwrap_or_default();
                 if let Err(e) = write_atomically(&f, json + "\n") {
-                    eprintln!(
-                        "warning: {}",
+                    tracing::warn!(
+                        "{}",
                         event_backfill::redact::line(&format!(
                             "report file {f}: {e}; the run's outcome is unaffected"
                         ))
@@ -229,18 +327,75 @@ async fn dispatch(cmd: Command) -> Result<u8, Error> {
                 }
             }
             if outcome.stdout_taken {
-                eprint!("{}", r.human());
+                eprint!("{}", r.human_with(code));
             } else {
-                commands::write_stdout(r.human().as_bytes())?;
+                commands::write_stdout(r.human_with(code).as_bytes())?;
             }
-            // A committed run's recorded code decides a rerun's (3 stays 3).
-            Ok(r.exit_code
-                .unwrap_or_else(|| r.exit_code_under(fail_on_dlq)))
+            if report_to_stdout {
+                // The last line of stdout, one compact object: what a
+                // scheduler that keeps the last line (Airflow's
+                // BashOperator) hands on.
+                let json = serde_json::to_string(r).unwrap_or_default();
+                commands::write_stdout(format!("{json}\n").as_bytes())?;
+            }
+            Ok(code)
         }
         Command::Gaps(a) => commands::gaps(a).await.map(|_| EXIT_OK),
         Command::Sql(a) => commands::sql(a).await.map(|_| EXIT_OK),
         Command::Explain(a) => commands::explain(a).await.map(|_| EXIT_OK),
         Command::Generate(a) => commands::generate(a).await.map(|_| EXIT_OK),
         Command::State(a) => commands::state(a.command).await.map(|_| EXIT_OK),
+        Command::Completions(a) => completions(a.shell).map(|_| EXIT_OK),
+        Command::Man(a) => man_page(&a.command).map(|_| EXIT_OK),
+    }
+}
+
+/// The run's end as one event, its message the summary's last line: at
+/// info, or at warn when the run exits non-zero (3: dead letters under
+/// `--fail-on-dlq`), so that a log alert on warnings catches it.
+fn log_run_end(r: &event_backfill::report::Report, code: u8) {
+    macro_rules! run_end {
+        ($level:expr) => {
+            tracing::event!(
+                target: event_backfill::progress::TARGET,
+                $level,
+                event = "end",
+                phase = "run",
+                run_id = r.run_id.as_str(),
+                exit_code = code,
+                elapsed_ms = r.elapsed_ms,
+                rows = r.rows,
+                replayed = r.replayed,
+                dead_lettered = r.dead_lettered,
+                gaps = r.gaps,
+                conflicts = r.conflicts,
+                "{}",
+                r.outcome_line(code)
+            )
+        };
+    }
+    if code == EXIT_OK {
+        run_end!(tracing::Level::INFO);
+    } else {
+        run_end!(tracing::Level::WARN);
+    }
+}
+
+/// `--report -` puts the report on stdout; a sink on `-` puts its rows
+/// there: together a reader could not tell them apart. Refused before
+/// anything is read.
+fn refuse_two_on_stdout(settings: &job::RunSettings) -> Result<(), Error> {
+    let on_stdout = [
+        ("replay", &settings.replay_sink),
+        ("dlq", &settings.dlq_sink),
+        ("gaps", &settings.gaps_sink),
+    ]
+    .into_iter()
+    .find(|(_, t)| t.as_deref() == Some("-"));
+    match on_stdout {
+        Some((kind, _)) => Err(Error::Usage(format!(
+            "--report - and the {kind} sink - both write to stdout; give the report a file (--report FILE) or the {kind} sink another target"
+        ))),
+        None => Ok(()),
     }
 }

@@ -113,8 +113,18 @@ impl Report {
         }
     }
 
-    /// The human summary.
+    /// The human summary, for a run that ends with its recorded code (0
+    /// when none is recorded, as in a dry run).
     pub fn human(&self) -> String {
+        self.human_with(self.exit_code.unwrap_or(crate::error::EXIT_OK))
+    }
+
+    /// The human summary of a run that exits with `code`: a head line,
+    /// aligned figures with units and absolute paths, and one outcome line
+    /// last ([`Report::outcome_line`]), the line a scheduler that keeps the
+    /// last line of output shows.
+    pub fn human_with(&self, code: u8) -> String {
+        use crate::human::{bytes, count, location, millis};
         let mut s = String::new();
         let head = if self.already_committed {
             let then = match self.exit_code {
@@ -146,6 +156,7 @@ impl Report {
         if self.already_committed {
             return s;
         }
+        const LABEL: usize = 16;
         let window = match (&self.window_from, &self.window_to) {
             (None, None) => "whole archive".to_string(),
             (f, t) => format!(
@@ -154,47 +165,150 @@ impl Report {
                 t.as_deref().unwrap_or("+inf")
             ),
         };
-        let _ = writeln!(s, "  window            {window}");
+        let _ = writeln!(s, "  {:<LABEL$}{window}", "window");
         let _ = writeln!(
             s,
-            "  scanned           {} rows in {} files ({} pruned), {} bytes",
-            self.rows, self.files_scanned, self.files_pruned, self.bytes_scanned
+            "  {:<LABEL$}{} rows, {}, in {} files ({} pruned by the window)",
+            "scanned",
+            count(self.rows),
+            bytes(self.bytes_scanned),
+            count(self.files_scanned),
+            count(self.files_pruned)
         );
-        let _ = writeln!(s, "  events            {}", self.events);
-        let _ = writeln!(s, "  resolved          {}", self.resolved);
-        let _ = writeln!(s, "  replayed          {}", self.replayed);
-        let _ = writeln!(s, "  dead-lettered     {}", self.dead_lettered);
-        for (k, v) in &self.dead_lettered_by_reason {
-            let _ = writeln!(s, "    {k:<22}{v}");
-        }
-        let _ = writeln!(s, "  skipped (in DLQ)  {}", self.skipped_dead_lettered);
-        let _ = writeln!(
-            s,
-            "  gaps              {} ({} missing events)",
-            self.gaps, self.missing_events
-        );
-        let _ = writeln!(s, "  conflicts         {}", self.conflicts);
+        // The counts, right-aligned in one column, a note after each.
+        let by_reason = self
+            .dead_lettered_by_reason
+            .iter()
+            .map(|(k, v)| format!("{k} {}", count(*v)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut figures: Vec<(&str, u64, String)> = vec![
+            ("events", self.events, String::new()),
+            ("resolved", self.resolved, String::new()),
+            ("replayed", self.replayed, String::new()),
+            ("dead-lettered", self.dead_lettered, by_reason),
+            ("already in DLQ", self.skipped_dead_lettered, String::new()),
+            (
+                "gaps",
+                self.gaps,
+                format!("{} missing events", count(self.missing_events)),
+            ),
+            ("conflicts", self.conflicts, String::new()),
+        ];
         if self.kafka_messages > 0 {
+            figures.push((
+                "kafka messages",
+                self.kafka_messages,
+                format!(
+                    "{} undecodable dead-lettered, {} already in the DLQ",
+                    count(self.undecodable_dead_lettered),
+                    count(self.undecodable_skipped)
+                ),
+            ));
+        }
+        let width = figures
+            .iter()
+            .map(|(_, n, _)| count(*n).len())
+            .max()
+            .unwrap_or(1);
+        for (label, n, note) in &figures {
+            let line = format!("  {label:<LABEL$}{:>width$}  {note}", count(*n));
+            let _ = writeln!(s, "{}", line.trim_end());
+        }
+        // Where the rows went: one line a sink, in the order of the flow.
+        let written: Vec<(&str, &crate::sink::SinkReceipt)> = ["replay", "dlq", "gaps"]
+            .into_iter()
+            .chain(
+                self.outputs
+                    .keys()
+                    .map(String::as_str)
+                    .filter(|k| !["replay", "dlq", "gaps"].contains(k)),
+            )
+            .filter_map(|k| self.outputs.get(k).map(|r| (k, r)))
+            .collect();
+        let rows_width = written
+            .iter()
+            .map(|(_, r)| count(r.rows).len())
+            .max()
+            .unwrap_or(1);
+        for (i, (kind, r)) in written.iter().enumerate() {
+            let what = match *kind {
+                "replay" => "replays",
+                "dlq" => "dead letters",
+                "gaps" => "gap records",
+                other => other,
+            };
+            let place = match r.outputs.as_slice() {
+                [] => format!("{} (nothing written)", location(&r.target)),
+                [one] => location(one),
+                [first, rest @ ..] => {
+                    format!("{} (+{} more)", location(first), count(rest.len() as u64))
+                }
+            };
+            let label = if i == 0 { "written" } else { "" };
             let _ = writeln!(
                 s,
-                "  kafka messages    {} ({} undecodable dead-lettered, {} already in the DLQ)",
-                self.kafka_messages, self.undecodable_dead_lettered, self.undecodable_skipped
+                "  {label:<LABEL$}{:>rows_width$} {what:<12}  {place}",
+                count(r.rows)
             );
         }
-        for (kind, r) in &self.outputs {
-            let first = r.outputs.first().map(String::as_str).unwrap_or("(no rows)");
-            let more = if r.outputs.len() > 1 {
-                format!(" (+{} more files)", r.outputs.len() - 1)
-            } else {
-                String::new()
-            };
-            let _ = writeln!(s, "  {kind:<18}{} rows -> {first}{more}", r.rows);
-        }
         if let Some(st) = &self.state {
-            let _ = writeln!(s, "  state             {st}");
+            let _ = writeln!(s, "  {:<LABEL$}{}", "state", location(st));
         }
-        let _ = writeln!(s, "  elapsed           {} ms", self.elapsed_ms);
+        let phases: Vec<String> = ["list", "scan", "gaps", "decide", "commit", "publish"]
+            .into_iter()
+            .filter_map(|p| {
+                self.phase_ms
+                    .get(p)
+                    .map(|ms| format!("{p} {}", millis(*ms)))
+            })
+            .collect();
+        let detail = if phases.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", phases.join(", "))
+        };
+        let _ = writeln!(
+            s,
+            "  {:<LABEL$}{}{detail}",
+            "elapsed",
+            millis(self.elapsed_ms)
+        );
+        let _ = writeln!(s, "{}", self.outcome_line(code));
         s
+    }
+
+    /// The run in one line, ending with its exit code: `run R committed:
+    /// 165 replayed, 86 dead-lettered, 11 gaps, 4 conflicts in 1.2 s; exit 0`.
+    pub fn outcome_line(&self, code: u8) -> String {
+        use crate::human::{count, millis};
+        if self.already_committed {
+            return format!(
+                "run {} is already committed; nothing to do; exit {code}",
+                self.run_id
+            );
+        }
+        let figures = format!(
+            "{} replayed, {} dead-lettered, {} gaps, {} conflicts in {}",
+            count(self.replayed),
+            count(self.dead_lettered),
+            count(self.gaps),
+            count(self.conflicts),
+            millis(self.elapsed_ms)
+        );
+        let why = if code == crate::error::EXIT_DLQ {
+            " (dead letters under --fail-on-dlq)"
+        } else {
+            ""
+        };
+        if self.dry_run {
+            format!(
+                "run {} dry run: would have {figures}; nothing written; exit {code}{why}",
+                self.run_id
+            )
+        } else {
+            format!("run {} committed: {figures}; exit {code}{why}", self.run_id)
+        }
     }
 }
 

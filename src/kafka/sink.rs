@@ -308,6 +308,9 @@ fn enqueue_batches(
             // Keep receiving (and dropping) so that `write` never blocks.
             continue;
         }
+        // Sends retried after a full queue, told once a batch (debug): one
+        // event a retry would be thousands a second under backpressure.
+        let mut queue_full = 0u64;
         'rows: for row in 0..b.rows {
             if row % 1024 == 0 && feed.stop.load(Ordering::Acquire) {
                 break;
@@ -364,6 +367,7 @@ fn enqueue_batches(
                             break 'rows;
                         }
                         record = r;
+                        queue_full += 1;
                         std::thread::sleep(backoff);
                     }
                     Err((e, _)) => {
@@ -374,6 +378,15 @@ fn enqueue_batches(
                     }
                 }
             }
+        }
+        if queue_full > 0 {
+            tracing::debug!(
+                topic = topic.as_str(),
+                retries = queue_full,
+                rows = b.rows as u64,
+                "kafka sink: {queue_full} sends to topic '{topic}' retried after {} ms: librdkafka's queue was full",
+                backoff.as_millis()
+            );
         }
     }
 }

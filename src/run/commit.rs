@@ -234,7 +234,27 @@ pub(super) async fn commit_and_publish(
     let mut publish = vec![];
     let mut delivered = vec![];
     for s in sinks.iter_mut() {
+        let flushed = Instant::now();
         let mut r = s.sink.finish().await?;
+        let kind = s.kind.name();
+        let files = r.outputs.len() as u64;
+        let place = crate::human::location(&r.target);
+        crate::progress::finished(
+            "write",
+            flushed.elapsed(),
+            &crate::progress::Figures {
+                rows: Some(r.rows),
+                files: Some(files),
+                sink: Some(kind),
+                location: Some(&place),
+                ..Default::default()
+            },
+            &format!(
+                "{kind} sink: {} to {place} ({})",
+                crate::human::plural(r.rows, "row"),
+                crate::human::plural(files, "output")
+            ),
+        );
         if let Some(p) = r.staged.take() {
             publish.push(p);
         }
@@ -291,6 +311,15 @@ pub(super) async fn commit_and_publish(
     report
         .phase_ms
         .insert("commit".into(), t.elapsed().as_millis() as u64);
+    crate::progress::finished(
+        "commit",
+        t.elapsed(),
+        &crate::progress::Figures {
+            seq: Some(seq),
+            ..Default::default()
+        },
+        &format!("committed run {} at log position {seq}", settings.run_id),
+    );
     let t = Instant::now();
 
     // Committed. From here on a failure cannot take the run back; what is
@@ -312,6 +341,12 @@ pub(super) async fn commit_and_publish(
     report
         .phase_ms
         .insert("publish".into(), t.elapsed().as_millis() as u64);
+    crate::progress::finished(
+        "publish",
+        t.elapsed(),
+        &crate::progress::Figures::default(),
+        "published the outputs",
+    );
     Ok(())
 }
 
@@ -334,8 +369,8 @@ pub(super) async fn recover_prepared(
             // Prepared for other settings (another window, other sinks):
             // its outputs are not this run's. Its Kafka messages, if any,
             // were delivered: at-least-once for them.
-            eprintln!(
-                "warning: {}",
+            tracing::warn!(
+                "{}",
                 crate::redact::line(&format!(
                     "attempt {} of run '{}' was prepared with other settings; running afresh",
                     prepared.nonce, prepared.run_id
@@ -391,8 +426,8 @@ pub(super) async fn recover_prepared(
         match state.commit(&mut manifest).await {
             Ok(_) => {}
             Err(e) if e.is_conflict() => {
-                eprintln!(
-                    "warning: {}",
+                tracing::warn!(
+                    "{}",
                     crate::redact::line(&format!(
                         "attempt {} of run '{}' had delivered its outputs but cannot commit ({e}); running again",
                         prepared.nonce, prepared.run_id
@@ -421,6 +456,10 @@ pub(super) async fn recover_prepared(
 /// Fail before the scan when the report file cannot be written: its folder
 /// is missing or read-only. Probed with a file of our own, never the report.
 pub(super) fn check_writable(report: &str) -> Result<(), Error> {
+    // `--report -`: stdout, which main checks against the sinks.
+    if report == "-" {
+        return Ok(());
+    }
     let path = std::path::Path::new(report);
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),

@@ -23,6 +23,7 @@ use crate::cli::Progress;
 use crate::detect;
 use crate::error::Error;
 use crate::failpoint;
+use crate::human;
 use crate::job::RunSettings;
 use crate::location::{self, Location};
 use crate::policy::{Decisions, Policy};
@@ -40,58 +41,8 @@ pub struct RunOutcome {
     pub stdout_taken: bool,
 }
 
-/// A spinner on stderr, drawn only when asked or when stderr is a terminal.
-pub struct Phases {
-    bar: Option<indicatif::ProgressBar>,
-}
-
-impl Phases {
-    pub fn new(progress: Progress) -> Self {
-        use std::io::IsTerminal;
-        let on = match progress {
-            Progress::On => true,
-            Progress::Off => false,
-            Progress::Auto => std::io::stderr().is_terminal(),
-        };
-        let bar = on.then(|| {
-            let b = indicatif::ProgressBar::new_spinner();
-            b.enable_steady_tick(std::time::Duration::from_millis(120));
-            b
-        });
-        Phases { bar }
-    }
-
-    pub fn set(&self, msg: impl Into<String>) {
-        if let Some(b) = &self.bar {
-            if b.length().is_some() {
-                b.set_style(indicatif::ProgressStyle::default_spinner());
-                b.unset_length();
-            }
-            b.set_message(msg.into());
-        }
-    }
-
-    /// The scan as a bar over the rows the footers announce, with rate and
-    /// ETA; None when progress is off. [`Phases::set`] after it turns the
-    /// line back into a spinner.
-    pub fn rows_bar(&self, total: u64) -> Option<indicatif::ProgressBar> {
-        let b = self.bar.as_ref()?;
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {human_pos}/{human_len} rows, {per_sec}, ETA {eta}",
-        ) {
-            b.set_style(style.progress_chars("=> "));
-        }
-        b.set_length(total);
-        b.set_position(0);
-        Some(b.clone())
-    }
-
-    pub fn done(&self) {
-        if let Some(b) = &self.bar {
-            b.finish_and_clear();
-        }
-    }
-}
+/// Progress moved to [`crate::progress`]; `run::Phases` stays its name here.
+pub use crate::progress::Phases;
 
 /// A unique id for this attempt: time and pid, so that racing attempts at
 /// one run id never share a temporary or ledger file.
@@ -139,8 +90,8 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
         // first, so that every committed run's folder is whole.
         match state.roll_forward(&snapshot, &scan.storage).await {
             Ok(runs) => report.rolled_forward = runs,
-            Err(e) => eprintln!(
-                "warning: {}",
+            Err(e) => tracing::warn!(
+                "{}",
                 crate::redact::line(&format!("{e}; `backfill state gc` retries it"))
             ),
         }
@@ -336,6 +287,11 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     })
 }
 
+/// How long the phase `name` took, as the report recorded it.
+fn phase_time(report: &Report, name: &str) -> std::time::Duration {
+    std::time::Duration::from_millis(report.phase_ms.get(name).copied().unwrap_or(0))
+}
+
 /// A location as a comparable folder: its store and its prefix, resolved
 /// through symlinks on local disk.
 fn folder_key(loc: &Location) -> String {
@@ -453,6 +409,31 @@ async fn execute(
         report.conflicts = detection.conflicts;
     }
     lap(report, "scan");
+    let narrow_bytes = scan_metrics.bytes_scanned;
+    crate::progress::finished(
+        "scan",
+        phase_time(report, "scan"),
+        &crate::progress::Figures {
+            rows: Some(report.rows),
+            bytes: Some(narrow_bytes),
+            events: Some(report.events),
+            conflicts: Some(report.conflicts),
+            spilled_bytes: Some(report.spilled_bytes),
+            ..Default::default()
+        },
+        &format!(
+            "scanned {} rows, {} ({} events, {} conflicts{})",
+            human::count(report.rows),
+            human::bytes(narrow_bytes),
+            human::count(report.events),
+            human::count(report.conflicts),
+            if report.spilled_bytes > 0 {
+                format!(", {} spilled", human::bytes(report.spilled_bytes))
+            } else {
+                String::new()
+            }
+        ),
+    );
     report
         .phase_ms
         .insert("scan_narrow".into(), detection.narrow_ms);
@@ -475,6 +456,22 @@ async fn execute(
         }
     }
     lap(report, "gaps");
+    if settings.scan.detect_gaps {
+        crate::progress::finished(
+            "gaps",
+            phase_time(report, "gaps"),
+            &crate::progress::Figures {
+                gaps: Some(report.gaps),
+                missing_events: Some(report.missing_events),
+                ..Default::default()
+            },
+            &format!(
+                "found {} gaps ({} missing events)",
+                human::count(report.gaps),
+                human::count(report.missing_events)
+            ),
+        );
+    }
 
     // Candidates → policy → replay / DLQ / ledger.
     phases.set("deciding");
@@ -528,6 +525,23 @@ async fn execute(
     }
     lap(report, "decide");
     report.bytes_scanned = scan_metrics.bytes_scanned;
+    crate::progress::finished(
+        "decide",
+        phase_time(report, "decide"),
+        &crate::progress::Figures {
+            rows: Some(decisions.replayed + decisions.dead_lettered),
+            bytes: Some(scan_metrics.bytes_scanned.saturating_sub(narrow_bytes)),
+            replayed: Some(decisions.replayed),
+            dead_lettered: Some(decisions.dead_lettered),
+            ..Default::default()
+        },
+        &format!(
+            "decided: {} to replay, {} to dead-letter (read {} of their rows)",
+            human::count(decisions.replayed),
+            human::count(decisions.dead_lettered),
+            human::bytes(scan_metrics.bytes_scanned.saturating_sub(narrow_bytes))
+        ),
+    );
     report.row_groups_pruned = scan_metrics.row_groups_pruned;
     report.replayed = decisions.replayed;
     report.dead_lettered = decisions.dead_lettered;

@@ -260,6 +260,7 @@ pub fn session(scan: &Scan) -> Result<SessionContext, SourceError> {
 /// List, footer-read, merge and validate the archive; register `archive`
 /// and `events` in `ctx`.
 pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, SourceError> {
+    let listing_started = std::time::Instant::now();
     let mut all_files = Vec::new();
     let mut stats = ScanStats::default();
     let mut pruned_sample: Option<ArchiveFile> = None;
@@ -287,7 +288,10 @@ pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, Sour
         stats.partitions_pruned += listing.partitions_pruned;
         stats.empty_files_skipped += listing.empty_skipped;
         for f in &listing.empty_files {
-            eprintln!("warning: skipping zero-byte file {}", loc.display_path(f));
+            tracing::warn!(
+                "{}",
+                crate::redact::line(&format!("skipping zero-byte file {}", loc.display_path(f)))
+            );
         }
         if pruned_sample.is_none()
             && let Some(p) = listing.pruned.first()
@@ -411,6 +415,39 @@ pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, Sour
         undecodable,
     };
     register_events(ctx, scan, &archive).await?;
+    let s = &archive.stats;
+    let (files, bytes) = (s.files_scanned, s.bytes_total);
+    let mut message = format!(
+        "listed {} files, {} ({} pruned by the window",
+        crate::human::count(files),
+        crate::human::bytes(bytes),
+        crate::human::count(s.files_pruned),
+    );
+    if s.partitions_pruned > 0 {
+        message.push_str(&format!(
+            ", {} partitions never listed",
+            crate::human::count(s.partitions_pruned)
+        ));
+    }
+    message.push(')');
+    if s.kafka_messages > 0 {
+        message.push_str(&format!(
+            "; read {} Kafka messages",
+            crate::human::count(s.kafka_messages)
+        ));
+    }
+    crate::progress::finished(
+        "list",
+        listing_started.elapsed(),
+        &crate::progress::Figures {
+            files: Some(files),
+            files_pruned: Some(s.files_pruned),
+            bytes: Some(bytes),
+            rows: (s.kafka_messages > 0).then_some(s.kafka_messages),
+            ..Default::default()
+        },
+        &message,
+    );
     Ok(archive)
 }
 

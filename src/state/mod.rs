@@ -705,6 +705,10 @@ impl State {
         Fut: std::future::Future<Output = Result<Option<u64>, StateError>>,
     {
         let mut head = based_on;
+        // The position a create-only write found taken: if reading the log
+        // again shows no entry there, something else holds the name (a
+        // folder, a dangling link); retrying would spin forever.
+        let mut taken: Option<u64> = None;
         loop {
             for e in self.entries_after(head).await? {
                 head = head.max(e.seq());
@@ -713,6 +717,13 @@ impl State {
                 }
             }
             let seq = head + 1;
+            if taken == Some(seq) {
+                return Err(StateError::BadManifest {
+                    location: self.loc.original.clone(),
+                    file: log_name(seq),
+                    message: "the name is taken by something that is not a log entry (a folder or a broken link?); move it away, then rerun".into(),
+                });
+            }
             entry.set_seq(seq);
             let path = self.loc.path(&log_name(seq));
             let body = serde_json::to_vec_pretty(&*entry).map_err(|e| StateError::Store {
@@ -740,7 +751,10 @@ impl State {
                 }
                 // Someone took the position: read it (and any after) and retry.
                 Err(object_store::Error::AlreadyExists { .. })
-                | Err(object_store::Error::Precondition { .. }) => continue,
+                | Err(object_store::Error::Precondition { .. }) => {
+                    taken = Some(seq);
+                    continue;
+                }
                 Err(e) => {
                     // The write may have reached the store although its answer
                     // did not (a lost response, a 5xx retried into "already

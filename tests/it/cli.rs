@@ -55,13 +55,40 @@ impl Run {
         self.expect_code(0)
     }
 
-    /// The non-empty lines of stderr.
+    /// The non-empty lines of stderr that are not log records: the
+    /// `error:` line, a `-` sink's summary.
     pub fn stderr_lines(&self) -> Vec<&str> {
         self.stderr
             .lines()
-            .filter(|l| !l.trim().is_empty())
+            .filter(|l| !l.trim().is_empty() && !is_log_record(l))
             .collect()
     }
+
+    /// The log records on stderr (JSON lines: stderr is not a terminal
+    /// here), parsed.
+    pub fn log_records(&self) -> Vec<serde_json::Value> {
+        self.stderr
+            .lines()
+            .filter(|l| is_log_record(l))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The messages of the log records at `level` (`WARN`, `ERROR`, ...).
+    pub fn logged(&self, level: &str) -> Vec<String> {
+        self.log_records()
+            .iter()
+            .filter(|r| r["level"] == level)
+            .map(|r| r["message"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+}
+
+/// A log record: one JSON object with a `level`, as `backfill` logs when
+/// stderr is not a terminal.
+pub fn is_log_record(line: &str) -> bool {
+    line.starts_with('{')
+        && serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| v.get("level").is_some())
 }
 
 /// `program` with `args`, no stdin, stdout and stderr piped, no `RUST_LOG`
@@ -169,6 +196,9 @@ fn run_help_lists_every_flag() {
         "--report",
         "--dry-run",
         "--fail-on-dlq",
+        "--log-format",
+        "--log-level",
+        "--progress-interval",
     ] {
         assert!(
             run.stdout.contains(flag),
@@ -327,4 +357,203 @@ fn every_usage_error_is_exactly_one_line() {
     let run = backfill(&["--version"]);
     run.ok();
     assert!(run.stdout.starts_with("backfill "), "{}", run.describe());
+}
+
+/// Every command and subcommand of the binary's definition, with the
+/// words that name it (`["state", "gc"]`).
+fn all_commands() -> Vec<(Vec<String>, clap::Command)> {
+    use clap::CommandFactory;
+    let mut cmd = event_backfill::cli::Cli::command();
+    cmd.build();
+    let mut out = vec![];
+    let mut todo = vec![(vec![], cmd)];
+    while let Some((path, c)) = todo.pop() {
+        for sub in c.get_subcommands() {
+            let mut p = path.clone();
+            p.push(sub.get_name().to_string());
+            todo.push((p, sub.clone()));
+        }
+        out.push((path, c));
+    }
+    out
+}
+
+/// Every flag of every command reads `BACKFILL_<FLAG>` (the long name in
+/// capitals, `-` as `_`); a flag that may carry credentials (a location)
+/// hides its variable's value from `--help`; docs/cli.md lists each
+/// variable.
+#[test]
+fn every_flag_has_a_backfill_env_var() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/cli.md"))
+        .expect("docs/cli.md");
+    let mut seen = 0;
+    for (path, cmd) in all_commands() {
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version") || arg.is_hide_set() {
+                continue;
+            }
+            let want = format!("BACKFILL_{}", long.to_uppercase().replace('-', "_"));
+            let got = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            assert_eq!(
+                got.as_deref(),
+                Some(want.as_str()),
+                "backfill {} --{long}",
+                path.join(" ")
+            );
+            let value = arg
+                .get_value_names()
+                .map(|v| v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap_or_default();
+            let location = value.iter().any(|v| v == "LOC")
+                || ["out", "state"].contains(&long)
+                || long.ends_with("-sink");
+            if location {
+                assert!(
+                    arg.is_hide_env_values_set(),
+                    "backfill {} --{long} may carry credentials: hide_env_values",
+                    path.join(" ")
+                );
+            }
+            assert!(
+                doc.contains(&format!("`{want}`")),
+                "docs/cli.md does not list {want}"
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen > 40, "only {seen} flags");
+}
+
+/// `backfill completions bash` prints a script bash parses and that
+/// registers a completion for `backfill` knowing its commands and flags;
+/// the other shells get a script too.
+#[test]
+fn completions_print_a_script_bash_can_source() {
+    let run = backfill(&["completions", "bash"]);
+    run.ok();
+    assert!(run.stderr.is_empty(), "{}", run.describe());
+    for word in [
+        "run",
+        "gaps",
+        "completions",
+        "--log-format",
+        "--replay-sink",
+    ] {
+        assert!(run.stdout.contains(word), "no {word}\n{}", run.stdout);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("backfill.bash");
+    std::fs::write(&script, &run.stdout).unwrap();
+    let check = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .expect("bash");
+    assert!(
+        check.status.success(),
+        "bash -n: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let sourced = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source '{}' && complete -p backfill",
+            script.display()
+        ))
+        .output()
+        .expect("bash");
+    assert!(
+        String::from_utf8_lossy(&sourced.stdout).contains("-F _backfill backfill"),
+        "{sourced:?}"
+    );
+    for shell in ["zsh", "fish", "powershell", "elvish"] {
+        let run = backfill(&["completions", shell]);
+        run.ok();
+        assert!(
+            // fish writes `-l log-format`, the others `--log-format`.
+            run.stdout.contains("backfill") && run.stdout.contains("log-format"),
+            "{}",
+            run.describe()
+        );
+    }
+    assert_usage_error(
+        &["completions", "tcsh"],
+        &["'tcsh'", "possible values: bash"],
+    );
+}
+
+/// `backfill man` prints a roff page that `man` renders (checked with
+/// `man -l -` where man is installed), naming the flags' variables;
+/// `backfill man run` the page of `run`.
+#[test]
+fn man_prints_a_page_that_renders() {
+    let run = backfill(&["man"]);
+    run.ok();
+    let page = &run.stdout;
+    assert!(page.contains(".TH backfill 1"), "{page}");
+    for section in [".SH NAME", ".SH SYNOPSIS", ".SH OPTIONS", ".SH SUBCOMMANDS"] {
+        assert!(page.contains(section), "no {section}\n{page}");
+    }
+    let sub = backfill(&["man", "run"]);
+    sub.ok();
+    assert!(
+        sub.stdout.contains(".TH backfill\\-run 1") || sub.stdout.contains(".TH backfill-run 1"),
+        "{}",
+        sub.stdout
+    );
+    assert!(
+        sub.stdout.contains("BACKFILL_REPLAY_SINK"),
+        "{}",
+        sub.stdout
+    );
+    let gc = backfill(&["man", "state", "gc"]);
+    gc.ok();
+    assert!(gc.stdout.contains("min\\-age\\-minutes"), "{}", gc.stdout);
+    let bad = backfill(&["man", "frobnicate"]);
+    bad.expect_code(2);
+    assert_eq!(
+        bad.stderr_lines(),
+        ["error: man: `backfill frobnicate` is not a command (see backfill --help)"]
+    );
+
+    let has_man = Command::new("man")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_man {
+        eprintln!("man is not installed: the roff headers above are all that is checked");
+        return;
+    }
+    use std::io::Write as _;
+    let mut man = Command::new("man")
+        .args(["-l", "-"])
+        .env("MANPAGER", "cat")
+        .env("PAGER", "cat")
+        .env("MANWIDTH", "100")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("man");
+    man.stdin
+        .take()
+        .unwrap()
+        .write_all(sub.stdout.as_bytes())
+        .unwrap();
+    let out = man.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "NAME",
+        "backfill-run",
+        "--replay-sink",
+        "BACKFILL_REPLAY_SINK",
+    ] {
+        assert!(text.contains(want), "rendered page lacks {want}\n{text}");
+    }
 }

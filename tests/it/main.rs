@@ -10,6 +10,7 @@ mod e2e;
 mod impossible;
 mod kafka;
 mod kafka_e2e;
+mod logs;
 mod reference;
 mod rerun;
 mod s3;

@@ -369,7 +369,7 @@ fn a_failing_cron_run_prints_what_cron_mails() {
         r.stdout.contains(&format!(
             "backfill {} failed: exit 3, committed, and dead-lettered events",
             m.run_id()
-        )) && r.stdout.contains("dead-lettered     1")
+        )) && r.stdout.contains(", 1 dead-lettered,")
             && !r.stdout.contains("exit 2"),
         "only this run's part of the log is printed\n{}",
         r.describe()

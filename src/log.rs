@@ -1,0 +1,289 @@
+//! Logs: the one place that decides how a log line is filtered, formatted,
+//! scrubbed and written. `tracing` events (ours: phases, figures, warnings;
+//! object_store's: every retry of a store request; librdkafka's, through
+//! the `log` bridge) go to stderr, as human lines with a timestamp and a
+//! level on a terminal and as JSON objects, one a line, otherwise
+//! (`--log-format`), filtered by `--log-level` / `BACKFILL_LOG`.
+//!
+//! This module must never write to stdout (the summary, the rows of a `-`
+//! sink and `--report -` own it), and never let a line out that did not
+//! pass through [`crate::redact::line`]: a JSON line is scrubbed value by
+//! value, so that it stays JSON.
+
+use std::io::Write;
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::cli::LogFormat;
+
+/// Read when `--log-level` (or `BACKFILL_LOG_LEVEL`) is not given, in the
+/// syntax of `RUST_LOG`.
+pub const FILTER_VAR: &str = "BACKFILL_LOG";
+
+/// The targets a bare level applies to: ours, and object_store's retry
+/// messages (each retry of a store request is logged at info there).
+const OURS: [&str; 2] = ["event_backfill", "backfill"];
+const STORE_RETRIES: &str = "object_store::client::retry";
+const RDKAFKA_ECHO: &str = "rdkafka::client";
+
+/// What [`init`] settled on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Human or Json: `auto` resolved against stderr.
+    pub format: LogFormat,
+}
+
+impl Settings {
+    pub fn json(&self) -> bool {
+        self.format == LogFormat::Json
+    }
+}
+
+/// `auto` as stderr is: human on a terminal, JSON otherwise.
+pub fn resolve(format: LogFormat) -> LogFormat {
+    use std::io::IsTerminal;
+    match format {
+        LogFormat::Auto if std::io::stderr().is_terminal() => LogFormat::Human,
+        LogFormat::Auto => LogFormat::Json,
+        f => f,
+    }
+}
+
+/// The filter for `spec` (a `--log-level` value, else `BACKFILL_LOG`, else
+/// `default`, a level). A bare level applies to backfill's own events and
+/// the store's retries (at least warn shows those: a retry is worth seeing),
+/// other crates staying at warn (and rdkafka's echo of librdkafka's errors
+/// off below debug); anything else is an `EnvFilter` directive
+/// list, as `RUST_LOG` takes. `progress` lets the phase and progress events
+/// through whatever the level (`--progress on`).
+pub fn filter(spec: Option<&str>, default: &str, progress: bool) -> Result<EnvFilter, String> {
+    let spec = match spec {
+        Some(s) if !s.trim().is_empty() => s.trim().to_string(),
+        _ => match std::env::var(FILTER_VAR) {
+            Ok(v) if !v.trim().is_empty() => v.trim().to_string(),
+            _ => default.to_string(),
+        },
+    };
+    let level = spec.to_ascii_lowercase();
+    let mut directives = match level.as_str() {
+        "off" | "error" | "warn" | "info" | "debug" | "trace" => {
+            let others = if matches!(level.as_str(), "off" | "error") {
+                level.as_str()
+            } else {
+                "warn"
+            };
+            let retries = match level.as_str() {
+                "warn" | "info" => "info",
+                l => l,
+            };
+            let mut d = vec![others.to_string()];
+            d.extend(OURS.iter().map(|t| format!("{t}={level}")));
+            d.push(format!("{STORE_RETRIES}={retries}"));
+            if !matches!(level.as_str(), "debug" | "trace") {
+                // rdkafka echoes every librdkafka error callback at error
+                // level, AllBrokersDown every 50 ms while a broker is
+                // down: 300 lines in an 8 s health check. librdkafka's own
+                // log lines (target `librdkafka`) say the same once, with
+                // its own suppression of repeats, and stay.
+                d.push(format!("{RDKAFKA_ECHO}=off"));
+            }
+            d.join(",")
+        }
+        _ => spec.clone(),
+    };
+    if progress {
+        directives.push_str(&format!(",{}=info", crate::progress::TARGET));
+    }
+    EnvFilter::builder()
+        .with_regex(false)
+        .parse(&directives)
+        .map_err(|e| {
+            format!(
+                "--log-level / {FILTER_VAR} `{spec}`: {e}; give a level (error, warn, info, debug, trace, off) or a filter such as info,object_store=debug"
+            )
+        })
+}
+
+/// Install the process's subscriber: `format` (auto resolved), `filter`.
+/// Also routes `log` records (librdkafka, DataFusion) into it. Called once,
+/// by `main`; a second call keeps the first subscriber.
+pub fn init(format: LogFormat, filter: EnvFilter) -> Settings {
+    let format = resolve(format);
+    let json = format == LogFormat::Json;
+    let writer = Stderr { json };
+    let color = !json
+        && std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let registry = tracing_subscriber::registry().with(filter);
+    let _ = if json {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .with_writer(writer),
+            )
+            .try_init()
+    } else {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_target(false)
+                    .with_ansi(color)
+                    .with_writer(writer),
+            )
+            .try_init()
+    };
+    Settings { format }
+}
+
+/// Hands the formatter one buffer per event; the buffer is scrubbed and
+/// written whole when the event is done.
+struct Stderr {
+    json: bool,
+}
+
+impl<'a> MakeWriter<'a> for Stderr {
+    type Writer = Line;
+
+    fn make_writer(&'a self) -> Line {
+        Line {
+            buf: Vec::with_capacity(256),
+            json: self.json,
+        }
+    }
+}
+
+/// One event's text, written to stderr on drop.
+struct Line {
+    buf: Vec<u8>,
+    json: bool,
+}
+
+impl Write for Line {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let text = String::from_utf8_lossy(&self.buf);
+        let mut out = String::with_capacity(text.len() + 16);
+        for l in text.lines() {
+            out.push_str(&scrub_line(l, self.json));
+            out.push('\n');
+        }
+        crate::progress::suspend(|| {
+            let mut e = std::io::stderr().lock();
+            let _ = e.write_all(out.as_bytes());
+            let _ = e.flush();
+        });
+    }
+}
+
+/// A log line without secrets: a JSON line value by value (a URL's cut at
+/// its last `@` must not swallow the fields after it), any other line as
+/// [`crate::redact::line`] takes it.
+///
+/// The fields keep the order the formatter wrote them in (timestamp
+/// first): each string that changes is replaced where it stands, in its
+/// JSON encoding. Should the result not parse (it cannot, short of a bug),
+/// the scrubbed object is written afresh.
+pub fn scrub_line(line: &str, json: bool) -> String {
+    if json && let Ok(mut v) = serde_json::from_str::<serde_json::Value>(line) {
+        let mut changes = vec![];
+        scrub_value(&mut v, &mut changes);
+        if changes.is_empty() {
+            return line.to_string();
+        }
+        let mut out = line.to_string();
+        for (from, to) in &changes {
+            out = out.replace(from.as_str(), to);
+        }
+        return match serde_json::from_str::<serde_json::Value>(&out) {
+            Ok(again) if again == v => out,
+            _ => v.to_string(),
+        };
+    }
+    crate::redact::line(line)
+}
+
+/// Scrub every string of `v`, noting each change as (old, new) JSON
+/// encodings.
+fn scrub_value(v: &mut serde_json::Value, changes: &mut Vec<(String, String)>) {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => {
+            let clean = crate::redact::line(s);
+            if clean != *s {
+                let from = Value::String(std::mem::take(s)).to_string();
+                let to = Value::String(clean.clone()).to_string();
+                changes.push((from, to));
+                *s = clean;
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| scrub_value(x, changes)),
+        Value::Object(o) => o.values_mut().for_each(|x| scrub_value(x, changes)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_level_is_ours_and_the_retries() {
+        let f = filter(Some("debug"), "info", false).unwrap().to_string();
+        assert!(f.contains("event_backfill=debug"), "{f}");
+        assert!(f.contains("object_store::client::retry=debug"), "{f}");
+        let f = filter(Some("warn"), "info", false).unwrap().to_string();
+        assert!(f.contains("object_store::client::retry=info"), "{f}");
+        let f = filter(None, "warn", true).unwrap().to_string();
+        assert!(f.contains("event_backfill::progress=info"), "{f}");
+    }
+
+    #[test]
+    fn a_filter_is_taken_as_written_and_a_bad_one_says_how_to_fix_it() {
+        let f = filter(Some("info,object_store=debug"), "info", false)
+            .unwrap()
+            .to_string();
+        assert!(f.contains("object_store=debug"), "{f}");
+        let e = filter(Some("info,a=loud"), "info", false).unwrap_err();
+        assert!(e.contains("give a level"), "{e}");
+    }
+
+    /// A URL with user info in one field does not take the next field
+    /// with it, and the line stays JSON.
+    #[test]
+    fn json_lines_are_scrubbed_value_by_value() {
+        let line = r#"{"message":"reading s3://AKIA:se/cr@et@bucket/x","location":"kafka://u:pw@host:9092/t","n":3}"#;
+        let out = scrub_line(line, true);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["message"], "reading s3://***@bucket/x");
+        assert_eq!(v["location"], "kafka://***@host:9092/t");
+        assert_eq!(v["n"], 3);
+        assert!(!out.contains("se/cr") && !out.contains("pw@"), "{out}");
+        // In place: the fields keep their order.
+        assert!(
+            out.starts_with(r#"{"message":"reading s3://***@bucket/x","location""#),
+            "{out}"
+        );
+        let clean = r#"{"timestamp":"t","level":"INFO","message":"m"}"#;
+        assert_eq!(scrub_line(clean, true), clean);
+    }
+}
