@@ -26,21 +26,56 @@ use crate::state::{LedgerWriter, Manifest, Outcome, State};
 pub(super) fn decision_settings(settings: &RunSettings) -> serde_json::Value {
     let scan = &settings.scan;
     let columns: BTreeMap<&str, &str> = scan.columns.pairs().into_iter().collect();
-    let loc = |s: &Option<String>| s.as_deref().map(crate::redact::url);
+    // What a location means, not how it was spelled: a local path resolved
+    // (absolute, `.` and `..` gone, no trailing `/`, `file://` or not), a
+    // store URL without its trailing `/` (its query, redacted, kept: it may
+    // carry options); Kafka URLs and `-` as written.
+    let meaning = |s: &str| -> String {
+        if s == "-" || s.starts_with("kafka://") {
+            return crate::redact::url(s);
+        }
+        match crate::location::resolve(s, &scan.storage) {
+            Ok(l) if l.is_local => l.display_path(&l.prefix),
+            _ => crate::redact::url(s.trim_end_matches('/')),
+        }
+    };
+    let out = settings
+        .out
+        .as_deref()
+        .and_then(|o| crate::location::resolve(o, &scan.storage).ok());
+    // A sink left to its default and the same folder given explicitly are
+    // one setting.
+    let sink = |given: &Option<String>, kind: crate::sink::SinkKind| -> Option<String> {
+        match (given, &out) {
+            (Some(t), _) => Some(meaning(t)),
+            (None, Some(o)) => Some(meaning(&crate::sink::default_target(o, kind))),
+            (None, None) => None,
+        }
+    };
+    // Sets, not lists: order and repeats do not change a decision.
+    let set = |v: &[String]| -> Vec<String> {
+        let mut v = v.to_vec();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let mut sources: Vec<String> = scan.sources.iter().map(|s| meaning(s)).collect();
+    sources.sort();
+    sources.dedup();
     serde_json::json!({
-        "sources": scan.sources.iter().map(|s| crate::redact::url(s)).collect::<Vec<_>>(),
+        "sources": sources,
         "from": scan.from.map(|t| t.to_rfc3339()),
         "to": scan.to.map(|t| t.to_rfc3339()),
         "columns": columns,
-        "done_statuses": scan.done_statuses,
+        "done_statuses": set(&scan.done_statuses),
         "detect_gaps": scan.detect_gaps,
         "detect_conflicts": scan.detect_conflicts,
         "max_attempts": settings.max_attempts,
-        "permanent_errors": settings.permanent_errors,
-        "out": loc(&settings.out),
-        "replay_sink": loc(&settings.replay_sink),
-        "dlq_sink": loc(&settings.dlq_sink),
-        "gaps_sink": loc(&settings.gaps_sink),
+        "permanent_errors": set(&settings.permanent_errors),
+        "out": settings.out.as_deref().map(meaning),
+        "replay_sink": sink(&settings.replay_sink, crate::sink::SinkKind::Replay),
+        "dlq_sink": sink(&settings.dlq_sink, crate::sink::SinkKind::Dlq),
+        "gaps_sink": sink(&settings.gaps_sink, crate::sink::SinkKind::Gaps),
     })
 }
 

@@ -176,8 +176,10 @@ fn the_same_run_id_with_another_window_exits_2_naming_it() {
             "nightly-2024-01-01",
             &["--to", DAY1, "--max-attempts", "5", "--gaps-sink", &gaps],
         ),
+        // The default sink is named by the folder it stands for.
         &format!(
-            "was committed with no --gaps-sink, --max-attempts 3; this run has --gaps-sink {gaps}, --max-attempts 5"
+            "was committed with --gaps-sink {}/gaps, --max-attempts 3; this run has --gaps-sink {gaps}, --max-attempts 5",
+            f.out
         ),
     );
     assert_eq!(before, snapshot(Path::new(&f.out)), "a refused rerun wrote");
@@ -278,4 +280,57 @@ fn a_refusal_never_prints_a_secret() {
         m["settings"].is_object() && m.get("outcome").is_some(),
         "{m}"
     );
+}
+
+/// Settings compare by what they mean: the same folders spelled otherwise
+/// (relative, `./`, a trailing `/`, `file://`, the default sink given
+/// explicitly) and the same statuses repeated or reordered are the same
+/// run, not "other settings" (exit 2 tells a scheduler never to retry).
+#[test]
+fn the_same_settings_spelled_otherwise_are_the_same_run() {
+    let f = Fixture::new();
+    let first = f.run(
+        "spelled",
+        &["--done-status", "processed", "--done-status", "skipped"],
+    );
+    assert_eq!(first.code, Some(0), "{}", first.describe());
+    let before = snapshot(Path::new(&f.out));
+    let replay = format!("{}/replay", f.out);
+    let file_url = format!("file://{}", f.archive);
+    let spellings: Vec<Vec<&str>> = vec![
+        vec!["--source", "./archive/", "--out", "./out/"],
+        vec!["--source", &file_url, "--out", "out"],
+        vec![
+            "--source",
+            "archive",
+            "--out",
+            "out",
+            "--replay-sink",
+            &replay,
+        ],
+    ];
+    for spelled in spellings {
+        let mut args = vec!["run", "--run-id", "spelled", "--progress", "off"];
+        args.extend_from_slice(&spelled);
+        args.extend_from_slice(&[
+            "--done-status",
+            "skipped",
+            "--done-status",
+            "processed",
+            "--done-status",
+            "processed",
+        ]);
+        let run = crate::cli::backfill_in(&args, &[], Some(&f.work));
+        assert_eq!(run.code, Some(0), "{spelled:?}\n{}", run.describe());
+        assert!(
+            run.stdout.contains("already committed"),
+            "{spelled:?}\n{}",
+            run.describe()
+        );
+        assert_eq!(
+            snapshot(Path::new(&f.out)),
+            before,
+            "{spelled:?}: nothing written"
+        );
+    }
 }
