@@ -710,7 +710,9 @@ fn is_usage(e: &DataFusionError) -> bool {
 /// the limit into the scan (and turns a sort into a top-k), so
 /// `SELECT * FROM events` on a terminal reads 41 rows, not the archive.
 fn limited(plan: LogicalPlan, maxrows: Option<usize>) -> datafusion::error::Result<LogicalPlan> {
-    let Some(n) = maxrows else {
+    // A limit past i64::MAX rows is none: DataFusion's LIMIT is an i64, and
+    // `--maxrows 18446744073709551615` became LIMIT -1, a planning error.
+    let Some(n) = maxrows.filter(|&n| n < i64::MAX as usize) else {
         return Ok(plan);
     };
     let query = !matches!(
@@ -848,6 +850,10 @@ mod tests {
             other => panic!("not a limit: {other}"),
         }
         assert_eq!(limited(plan.clone(), None).unwrap(), plan);
+        // Row counts past an i64 are no limit, not an overflowed one.
+        for huge in [i64::MAX as usize, usize::MAX] {
+            assert_eq!(limited(plan.clone(), Some(huge)).unwrap(), plan);
+        }
         let explain = ctx
             .state()
             .create_logical_plan("EXPLAIN SELECT * FROM t")
