@@ -59,11 +59,9 @@ pub(super) fn decision_settings(settings: &RunSettings) -> serde_json::Value {
         v.dedup();
         v
     };
-    let mut sources: Vec<String> = scan.sources.iter().map(|s| meaning(s)).collect();
-    sources.sort();
-    sources.dedup();
+    let sources: Vec<String> = scan.sources.iter().map(|s| meaning(s)).collect();
     serde_json::json!({
-        "sources": sources,
+        "sources": set(&sources),
         "from": scan.from.map(|t| t.to_rfc3339()),
         "to": scan.to.map(|t| t.to_rfc3339()),
         "columns": columns,

@@ -168,65 +168,63 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     let mut stdout_taken = false;
     // Every sink is checked in a dry run too (a scheduler's
     // preflight): nothing is created, and the opened sinks are dropped.
-    {
-        for (kind, target, schema) in [
-            (SinkKind::Replay, &settings.replay_sink, out_schema.clone()),
-            (SinkKind::Dlq, &settings.dlq_sink, out_schema.clone()),
-            (SinkKind::Gaps, &settings.gaps_sink, gaps_schema.clone()),
-        ] {
-            if kind == SinkKind::Gaps && !scan.detect_gaps {
-                continue;
-            }
-            let target = match (target, &out_loc) {
-                (Some(t), _) => t.clone(),
-                (None, Some(o)) => sink::default_target(o, kind),
-                (None, None) => continue,
-            };
-            stdout_taken |= target == "-" && !settings.dry_run;
-            if target != "-" && !target.starts_with("kafka://") {
-                let base = location::resolve(&target, &scan.storage)?;
-                let here = base.display_path(&base.prefix);
-                // Two outputs in one folder would write the same part names
-                // (and a reader could not tell replays from dead letters);
-                // the state inside an output would show its ledger to the
-                // output's readers. Local paths are compared resolved
-                // (symlinks, `..`).
-                let key = folder_key(&base);
-                for (other_kind, other, other_key) in &file_kinds {
-                    // A sink may hold the state's folder below it only if
-                    // it is not the state: the state below a sink is refused,
-                    // a sink below the state is harmless.
-                    let clash = if other_kind == "state" {
-                        nested(other_key, &key)
-                    } else {
-                        nested(&key, other_key) || nested(other_key, &key)
-                    };
-                    if clash {
-                        return Err(Error::Usage(format!(
-                            "the {} sink {target} and the {other_kind} {other} share a folder; give each output a folder of its own",
-                            kind.name(),
-                        )));
-                    }
+    for (kind, target, schema) in [
+        (SinkKind::Replay, &settings.replay_sink, out_schema.clone()),
+        (SinkKind::Dlq, &settings.dlq_sink, out_schema.clone()),
+        (SinkKind::Gaps, &settings.gaps_sink, gaps_schema.clone()),
+    ] {
+        if kind == SinkKind::Gaps && !scan.detect_gaps {
+            continue;
+        }
+        let target = match (target, &out_loc) {
+            (Some(t), _) => t.clone(),
+            (None, Some(o)) => sink::default_target(o, kind),
+            (None, None) => continue,
+        };
+        stdout_taken |= target == "-" && !settings.dry_run;
+        if target != "-" && !target.starts_with("kafka://") {
+            let base = location::resolve(&target, &scan.storage)?;
+            let here = base.display_path(&base.prefix);
+            // Two outputs in one folder would write the same part names
+            // (and a reader could not tell replays from dead letters);
+            // the state inside an output would show its ledger to the
+            // output's readers. Local paths are compared resolved
+            // (symlinks, `..`).
+            let key = folder_key(&base);
+            for (other_kind, other, other_key) in &file_kinds {
+                // A sink may hold the state's folder below it only if
+                // it is not the state: the state below a sink is refused,
+                // a sink below the state is harmless.
+                let clash = if other_kind == "state" {
+                    nested(other_key, &key)
+                } else {
+                    nested(&key, other_key) || nested(other_key, &key)
+                };
+                if clash {
+                    return Err(Error::Usage(format!(
+                        "the {} sink {target} and the {other_kind} {other} share a folder; give each output a folder of its own",
+                        kind.name(),
+                    )));
                 }
-                file_kinds.push((format!("{} sink", kind.name()), here, key));
             }
-            let ctx = SinkContext {
-                run_id: settings.run_id.clone(),
-                nonce: run_nonce.clone(),
-                kind,
-                schema,
-                columns: row_columns.clone(),
-                storage: scan.storage.clone(),
-                kafka: scan.kafka.clone(),
-            };
-            let mut s = sink::open(&target, ctx)?;
-            phases.set(format!("checking the {} sink", kind.name()));
-            if settings.dry_run {
-                s.preflight().await?;
-            } else {
-                s.check().await?;
-                sinks.push(OpenSink { kind, sink: s });
-            }
+            file_kinds.push((format!("{} sink", kind.name()), here, key));
+        }
+        let ctx = SinkContext {
+            run_id: settings.run_id.clone(),
+            nonce: run_nonce.clone(),
+            kind,
+            schema,
+            columns: row_columns.clone(),
+            storage: scan.storage.clone(),
+            kafka: scan.kafka.clone(),
+        };
+        let mut s = sink::open(&target, ctx)?;
+        phases.set(format!("checking the {} sink", kind.name()));
+        if settings.dry_run {
+            s.preflight().await?;
+        } else {
+            s.check().await?;
+            sinks.push(OpenSink { kind, sink: s });
         }
     }
 

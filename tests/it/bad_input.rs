@@ -74,10 +74,15 @@ fn assert_error(run: &Run, code: i32, names: &[&str], out: &Path) {
 
 /// `backfill run --source SRC --out OUT --run-id bad-1 EXTRA...`
 fn run_job(src: &str, out: &Path, extra: &[&str]) -> Run {
+    run_job_env(src, out, extra, &[])
+}
+
+/// [`run_job`] with environment variables.
+fn run_job_env(src: &str, out: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Run {
     let out = out.display().to_string();
     let mut args = vec!["run", "--source", src, "--out", &out, "--run-id", "bad-1"];
     args.extend_from_slice(extra);
-    backfill(&args)
+    backfill_in(&args, envs, None)
 }
 
 #[test]
@@ -474,6 +479,17 @@ fn missing_or_unusable_spill_dir() {
     assert_error(&run, 2, &["spill_dir", &m], &out);
 }
 
+/// A path below a regular file in `work`: a folder that cannot be created.
+fn below_a_file(work: &Path, name: &str) -> String {
+    let blocker = work.join("a-file");
+    fs::write(&blocker, "not a folder").unwrap();
+    blocker.join(name).display().to_string()
+}
+
+/// The crash point right after the attempt record, armed: a check that
+/// fails before it ends the run with its own error instead.
+const CRASH_AFTER_ATTEMPT: (&str, &str) = ("BACKFILL_FAILPOINT", "after_attempt_record:crash");
+
 /// A local sink folder that cannot be created is found before anything
 /// happens (the attempt record, the scan), not when the first row is
 /// written: the armed crash point after the attempt record is never hit.
@@ -482,31 +498,13 @@ fn an_unwritable_local_sink_fails_before_the_scan() {
     let archive = archive_with(&Layout::default());
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("out");
-    let blocker = work.path().join("a-file");
-    fs::write(&blocker, "not a folder").unwrap();
-    let dlq = blocker.join("dlq").display().to_string();
+    let dlq = below_a_file(work.path(), "dlq");
     let src = archive.path().display().to_string();
-    let out_s = out.display().to_string();
-    for dry in [false, true] {
-        let mut args = vec![
-            "run",
-            "--source",
-            &src,
-            "--out",
-            &out_s,
-            "--run-id",
-            "bad-1",
-            "--dlq-sink",
-            &dlq,
-        ];
-        if dry {
-            args.push("--dry-run");
-        }
-        let run = backfill_in(
-            &args,
-            &[("BACKFILL_FAILPOINT", "after_attempt_record:crash")],
-            None,
-        );
+    for extra in [
+        vec!["--dlq-sink", &dlq],
+        vec!["--dlq-sink", &dlq, "--dry-run"],
+    ] {
+        let run = run_job_env(&src, &out, &extra, &[CRASH_AFTER_ATTEMPT]);
         assert_error(&run, 2, &["dlq sink", "a-file"], &out);
     }
 }
@@ -517,17 +515,8 @@ fn an_unwritable_state_fails_before_the_scan() {
     let archive = archive_with(&Layout::default());
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("out");
-    let blocker = work.path().join("a-file");
-    fs::write(&blocker, "not a folder").unwrap();
-    let state = blocker.join("state").display().to_string();
+    let state = below_a_file(work.path(), "state");
     let src = archive.path().display().to_string();
-    let out_s = out.display().to_string();
-    let run = backfill_in(
-        &[
-            "run", "--source", &src, "--out", &out_s, "--run-id", "bad-1", "--state", &state,
-        ],
-        &[("BACKFILL_FAILPOINT", "after_attempt_record:crash")],
-        None,
-    );
+    let run = run_job_env(&src, &out, &["--state", &state], &[CRASH_AFTER_ATTEMPT]);
     assert_error(&run, 2, &["state", "a-file"], &out);
 }
