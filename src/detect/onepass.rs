@@ -30,8 +30,8 @@
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, Int64Array, RecordBatch, StringArray,
@@ -85,7 +85,7 @@ fn hasher() -> RandomState {
 /// Tests squeeze every hash into a few values, so that the collision paths
 /// (groups split by the real bytes) run on every archive.
 #[cfg(test)]
-static COLLIDE: AtomicBool = AtomicBool::new(false);
+static COLLIDE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn mix(h: u64) -> u64 {
     #[cfg(test)]
@@ -168,6 +168,10 @@ impl Detection {
             Field::new(LEDGER_DEAD, DataType::Boolean, false),
         ]);
         let schema = Arc::new(Schema::new(fields));
+        self.shared.reading.store(
+            plan.output_partitioning().partition_count(),
+            Ordering::Release,
+        );
         let parts: Vec<Arc<dyn PartitionStream>> =
             (0..plan.output_partitioning().partition_count())
                 .map(|partition| {
@@ -392,9 +396,10 @@ pub async fn detect(
         spilled_bytes,
         narrow_plan: plan,
         shared: Arc::new(Shared {
-            cands,
+            cands: RwLock::new(Some(cands)),
             conflicts: detect_conflicts.then_some(conflicts),
             fetched: AtomicU64::new(0),
+            reading: AtomicUsize::new(0),
         }),
     })
 }
@@ -1117,10 +1122,11 @@ impl GapRows {
 // Candidates and the fetch
 
 /// Unresolved events, in a flat arena with a hash table of indices: about
-/// 90 bytes an event, so that tens of millions of them fit. What they hold
-/// is reserved in DataFusion's pool, so that the sort of the fetched rows,
-/// which runs while they are alive, spills sooner instead of pushing the
-/// process past `--memory-limit`.
+/// 60 bytes an event (a UUID id packed in 17), so that tens of millions of
+/// them fit. What they hold is reserved in DataFusion's pool, so that the
+/// sort of the fetched rows, which runs while they are alive, spills sooner
+/// instead of pushing the process past `--memory-limit`; they are dropped
+/// as soon as the fetch has read the archive, before that sort merges.
 struct Candidates {
     reservation: MemoryReservation,
     /// One bit per hash value (a Bloom filter with one probe), a few MiB
@@ -1128,18 +1134,131 @@ struct Candidates {
     /// candidates and are turned away here without touching the table.
     bits: Vec<u64>,
     table: HashTable<u32>,
-    /// The ids' bytes, in chunks that are never reallocated.
+    /// The ids, packed ([`pack_id`]), in chunks that are never reallocated.
     ids: Vec<Vec<u8>>,
-    /// Where each id is: (chunk, start, end).
-    id_at: ChunkVec<(u32, u32, u32)>,
+    /// Where each id is ([`IdAt`]).
+    id_at: ChunkVec<u64>,
     attempts: ChunkVec<i64>,
-    time: ChunkVec<Option<i64>>,
+    /// The chosen row's event_time; [`NO_TIME`] in `flags` when NULL.
+    time: ChunkVec<i64>,
     tie: ChunkVec<u32>,
     ties: Vec<(Option<String>, Option<String>)>,
-    replays: ChunkVec<i64>,
-    dead: ChunkVec<bool>,
-    taken: ChunkVec<AtomicBool>,
+    /// Replays by earlier committed runs (the ledger), saturated.
+    replays: ChunkVec<u32>,
+    /// [`TAKEN`], [`DEAD`], [`NO_TIME`].
+    flags: ChunkVec<AtomicU8>,
 }
+
+/// The chosen row was found by the fetch (claimed once: duplicates of the
+/// row in the archive are not fetched twice).
+const TAKEN: u8 = 1;
+/// An earlier committed run dead-lettered the event (the ledger).
+const DEAD: u8 = 2;
+/// The chosen row's event_time is NULL.
+const NO_TIME: u8 = 4;
+
+/// How the candidate table stores an id: a UUID in its canonical lowercase
+/// spelling, the common id, as its 16 bytes after a tag byte 1 (17 bytes
+/// instead of 36); any other id as itself after a tag byte 0. Exact both
+/// ways: the tag keeps the two forms apart, and only the canonical spelling
+/// is packed, so that unpacking gives back the very bytes of the archive.
+fn pack_id(id: &[u8], out: &mut Vec<u8>) {
+    match parse_uuid(id) {
+        Some(u) => {
+            out.push(1);
+            out.extend_from_slice(&u);
+        }
+        None => {
+            out.push(0);
+            out.extend_from_slice(id);
+        }
+    }
+}
+
+fn packed_len(id: &[u8]) -> usize {
+    if parse_uuid(id).is_some() {
+        17
+    } else {
+        id.len() + 1
+    }
+}
+
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` in lowercase hex, as 16 bytes.
+fn parse_uuid(id: &[u8]) -> Option<[u8; 16]> {
+    if id.len() != 36 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    let mut n = 0;
+    for (i, &c) in id.iter().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            if c != b'-' {
+                return None;
+            }
+            continue;
+        }
+        let v = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => return None,
+        };
+        out[n / 2] |= if n % 2 == 0 { v << 4 } else { v };
+        n += 1;
+    }
+    Some(out)
+}
+
+/// The archive's bytes of a packed id (`buf` holds an unpacked UUID).
+fn unpack_id<'a>(stored: &'a [u8], buf: &'a mut [u8; 36]) -> &'a [u8] {
+    if stored.first() != Some(&1) {
+        return stored.get(1..).unwrap_or_default();
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = 0;
+    for (i, b) in buf.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            *b = b'-';
+            continue;
+        }
+        let byte = stored[1 + n / 2];
+        *b = HEX[usize::from(if n % 2 == 0 { byte >> 4 } else { byte & 15 })];
+        n += 1;
+    }
+    &buf[..]
+}
+
+/// A packed id is the archive's `id`.
+fn same_id(stored: &[u8], id: &[u8]) -> bool {
+    match stored.split_first() {
+        Some((0, raw)) => raw == id,
+        Some((1, uuid)) => parse_uuid(id).is_some_and(|u| uuid == u),
+        _ => false,
+    }
+}
+
+/// An id's place in 8 bytes: its chunk (32 bits), its start in the chunk
+/// (20 bits: chunks are 1 MiB) and its length (12 bits). A packed id of
+/// [`LONG_ID`] bytes or more has a chunk of its own, and its length field
+/// says "the whole chunk".
+struct IdAt;
+
+impl IdAt {
+    fn pack(chunk: usize, start: usize, len: usize) -> u64 {
+        let len = len.min(LONG_ID) as u64;
+        ((chunk as u64) << 32) | ((start as u64) << 12) | len
+    }
+
+    fn unpack(at: u64) -> (usize, usize, usize) {
+        (
+            (at >> 32) as usize,
+            ((at >> 12) & 0xF_FFFF) as usize,
+            (at & 0xFFF) as usize,
+        )
+    }
+}
+
+const LONG_ID: usize = 0xFFF;
+const _: () = assert!(ID_CHUNK_BYTES <= 1 << 20);
 
 /// Rows of a [`ChunkVec`] chunk; bytes of an id chunk.
 const CHUNK_ROWS: usize = 1 << 16;
@@ -1211,8 +1330,7 @@ impl Candidates {
             tie: ChunkVec::new(),
             ties: vec![],
             replays: ChunkVec::new(),
-            dead: ChunkVec::new(),
-            taken: ChunkVec::new(),
+            flags: ChunkVec::new(),
         }
     }
 
@@ -1227,8 +1345,7 @@ impl Candidates {
             + self.tie.heap_size()
             + self.ties.capacity() * std::mem::size_of::<(Option<String>, Option<String>)>()
             + self.replays.heap_size()
-            + self.dead.heap_size()
-            + self.taken.heap_size()
+            + self.flags.heap_size()
     }
 
     /// Keep the reservation equal to what is held. Forced: the candidates
@@ -1241,35 +1358,52 @@ impl Candidates {
         self.id_at.len
     }
 
+    /// The packed id of candidate `i`.
     fn id(&self, i: u32) -> &[u8] {
-        let (chunk, start, end) = self.id_at[i as usize];
-        &self.ids[chunk as usize][start as usize..end as usize]
+        let (chunk, start, len) = IdAt::unpack(self.id_at[i as usize]);
+        let c = &self.ids[chunk];
+        if len == LONG_ID {
+            c
+        } else {
+            &c[start..start + len]
+        }
     }
 
-    /// Copy an id into the current chunk (a new one when it does not fit;
-    /// an id longer than a chunk gets one of its own).
+    /// Pack an id into the current chunk (a new one when it does not fit;
+    /// a long id gets one of its own).
     fn push_id(&mut self, id: &[u8]) {
-        let fits = self
-            .ids
-            .last()
-            .is_some_and(|c| c.capacity() - c.len() >= id.len());
+        let len = packed_len(id);
+        let fits = len < LONG_ID
+            && self
+                .ids
+                .last()
+                .is_some_and(|c| c.capacity() - c.len() >= len);
         if !fits {
-            self.ids
-                .push(Vec::with_capacity(ID_CHUNK_BYTES.max(id.len())));
+            let capacity = if len < LONG_ID { ID_CHUNK_BYTES } else { len };
+            self.ids.push(Vec::with_capacity(capacity));
         }
         let chunk = self.ids.len() - 1;
         let c = &mut self.ids[chunk];
         let start = c.len();
-        c.extend_from_slice(id);
-        self.id_at
-            .push((chunk as u32, start as u32, c.len() as u32));
+        pack_id(id, c);
+        let start = if len < LONG_ID { start } else { 0 };
+        self.id_at.push(IdAt::pack(chunk, start, len));
+    }
+
+    /// The chosen row's event_time.
+    fn time(&self, i: usize) -> Option<i64> {
+        (self.flags[i].load(Ordering::Relaxed) & NO_TIME == 0).then(|| self.time[i])
+    }
+
+    fn dead(&self, i: usize) -> bool {
+        self.flags[i].load(Ordering::Relaxed) & DEAD != 0
     }
 
     fn absorb(&mut self, cands: Vec<Cand>) {
         for c in cands {
             self.push_id(c.event_id.as_bytes());
             self.attempts.push(c.attempts);
-            self.time.push(c.time);
+            self.time.push(c.time.unwrap_or(0));
             match c.tie {
                 Some(t) => {
                     self.tie.push(self.ties.len() as u32);
@@ -1278,8 +1412,8 @@ impl Candidates {
                 None => self.tie.push(NO_TIE),
             }
             self.replays.push(0);
-            self.dead.push(false);
-            self.taken.push(AtomicBool::new(false));
+            self.flags
+                .push(AtomicU8::new(if c.time.is_none() { NO_TIME } else { 0 }));
         }
         self.account();
     }
@@ -1293,11 +1427,17 @@ impl Candidates {
         let mut table = HashTable::with_capacity(n);
         let n_bits = (n * 16).next_power_of_two().max(64);
         let mut bits = vec![0u64; n_bits / 64];
+        // Hashed as the archive spells them, so that a probe is hashed
+        // without packing it.
+        let hash = |i: u32| {
+            let mut buf = [0u8; 36];
+            mix(rs.hash_one(unpack_id(self.id(i), &mut buf)))
+        };
         for i in 0..n {
-            let h = mix(rs.hash_one(self.id(i as u32)));
+            let h = hash(i as u32);
             let b = bit_index(h, n_bits);
             bits[b / 64] |= 1 << (b % 64);
-            table.insert_unique(h, i as u32, |&j| mix(rs.hash_one(self.id(j))));
+            table.insert_unique(h, i as u32, |&j| hash(j));
         }
         self.table = table;
         self.bits = bits;
@@ -1317,7 +1457,7 @@ impl Candidates {
             }
         }
         self.table
-            .find(h, |&i| self.id(i) == id.as_bytes())
+            .find(h, |&i| same_id(self.id(i), id.as_bytes()))
             .copied()
     }
 
@@ -1343,8 +1483,12 @@ impl Candidates {
                     continue;
                 }
                 if let Some(i) = self.find(&rs, id.value(r)) {
-                    self.replays[i as usize] = opt_i64(replays, r).unwrap_or(0);
-                    self.dead[i as usize] = dead.is_valid(r) && dead.value(r);
+                    let i = i as usize;
+                    let n = opt_i64(replays, r).unwrap_or(0);
+                    self.replays[i] = n.clamp(0, u32::MAX as i64) as u32;
+                    if dead.is_valid(r) && dead.value(r) {
+                        *self.flags[i].get_mut() |= DEAD;
+                    }
                 }
             }
         }
@@ -1379,18 +1523,49 @@ impl Conflicts {
 }
 
 struct Shared {
-    cands: Candidates,
+    /// `None` once the fetch has read the archive: the sort of the fetched
+    /// rows then merges what it spilled, and gets the candidates' memory.
+    cands: RwLock<Option<Candidates>>,
     conflicts: Option<Conflicts>,
     fetched: AtomicU64,
+    /// Fetch partitions still reading; the last to end drops the candidates.
+    reading: AtomicUsize,
 }
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Shared({} candidates)", self.cands.len())
+        let n = self
+            .cands
+            .read()
+            .ok()
+            .and_then(|c| c.as_ref().map(Candidates::len));
+        write!(f, "Shared({n:?} candidates)")
     }
 }
 
 impl Shared {
+    fn candidates(&self) -> Result<std::sync::RwLockReadGuard<'_, Option<Candidates>>> {
+        let c = self
+            .cands
+            .read()
+            .map_err(|_| DataFusionError::Internal("the candidates' lock is poisoned".into()))?;
+        if c.is_none() {
+            return Err(DataFusionError::Internal(
+                "the candidates were read after the fetch ended".into(),
+            ));
+        }
+        Ok(c)
+    }
+
+    /// A fetch partition read its last row.
+    fn partition_done(&self) {
+        if self.reading.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Ok(mut c) = self.cands.write()
+        {
+            c.take();
+        }
+    }
+
     /// The candidates' chosen rows of one `events` batch, each claimed
     /// once, with the columns the policy reads appended.
     fn annotate(&self, b: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
@@ -1413,7 +1588,10 @@ impl Shared {
         let key = key.as_string::<i32>();
         let seq = cast(named("seq")?, &DataType::Int64)?;
         let seq = seq.as_primitive::<Int64Type>();
-        let c = &self.cands;
+        let guard = self.candidates()?;
+        let Some(c) = guard.as_ref() else {
+            return Err(DataFusionError::Internal("no candidates".into()));
+        };
         let mut keep = BooleanBuilder::with_capacity(b.num_rows());
         let mut archived = vec![];
         let mut conflict = vec![];
@@ -1427,7 +1605,7 @@ impl Shared {
             };
             let iu = i as usize;
             let matches = opt_i64(att, r).unwrap_or(0) == c.attempts[iu]
-                && opt_i64(time, r) == c.time[iu]
+                && opt_i64(time, r) == c.time(iu)
                 && match c.tie[iu] {
                     NO_TIE => true,
                     t => {
@@ -1435,7 +1613,7 @@ impl Shared {
                         opt_str(status, r) == s.as_deref() && opt_str(error, r) == e.as_deref()
                     }
                 };
-            if !matches || c.taken[iu].swap(true, Ordering::AcqRel) {
+            if !matches || c.flags[iu].fetch_or(TAKEN, Ordering::AcqRel) & TAKEN != 0 {
                 keep.append_value(false);
                 continue;
             }
@@ -1445,8 +1623,8 @@ impl Shared {
                 (Some(cf), Some(k), Some(s)) => cf.contains(k, s),
                 _ => false,
             });
-            replays.push(c.replays[iu]);
-            dead.push(c.dead[iu]);
+            replays.push(i64::from(c.replays[iu]));
+            dead.push(c.dead(iu));
         }
         self.fetched
             .fetch_add(archived.len() as u64, Ordering::SeqCst);
@@ -1502,7 +1680,10 @@ impl datafusion::logical_expr::ScalarUDFImpl for IsCandidate {
         let ids = cast(&ids, &DataType::Utf8)?;
         let ids = ids.as_string::<i32>();
         let rs = hasher();
-        let c = &self.shared.cands;
+        let guard = self.shared.candidates()?;
+        let Some(c) = guard.as_ref() else {
+            return Err(DataFusionError::Internal("no candidates".into()));
+        };
         let hit: BooleanArray = (0..ids.len())
             .map(|i| Some(ids.is_valid(i) && c.find(&rs, ids.value(i)).is_some()))
             .collect();
@@ -1544,16 +1725,26 @@ impl PartitionStream for Fetch {
             }
         };
         let shared = self.shared.clone();
+        let done = self.shared.clone();
         let out_schema = schema.clone();
-        let stream = input.filter_map(move |b| {
-            let r = b.and_then(|b| shared.annotate(&b, &out_schema));
-            async move {
-                match r {
-                    Ok(b) if b.num_rows() == 0 => None,
-                    other => Some(other),
+        let stream = input
+            .filter_map(move |b| {
+                let r = b.and_then(|b| shared.annotate(&b, &out_schema));
+                async move {
+                    match r {
+                        Ok(b) if b.num_rows() == 0 => None,
+                        other => Some(other),
+                    }
                 }
-            }
-        });
+            })
+            // At the end of the partition's rows, before the sort merges.
+            .chain(
+                futures::stream::once(async move {
+                    done.partition_done();
+                    None
+                })
+                .filter_map(futures::future::ready),
+            );
         Box::pin(RecordBatchStreamAdapter::new(schema, stream))
     }
 }
@@ -1581,6 +1772,78 @@ mod tests {
         Option<String>,
         bool,
     );
+
+    #[test]
+    fn ids_pack_exactly() {
+        let long = "x".repeat(5000);
+        for id in [
+            "0b9c5d1e-2f3a-4b5c-8d6e-7f8091a2b3c4",
+            "0B9C5D1E-2F3A-4B5C-8D6E-7F8091A2B3C4",
+            "0b9c5d1e-2f3a-4b5c-8d6e-7f8091a2b3c",
+            "0b9c5d1e2f3a-4b5c-8d6e-7f8091a2b3c4-",
+            "g b9c5d1e-2f3a-4b5c-8d6e-7f8091a2b3c",
+            "",
+            "\u{0}\u{1}",
+            "e-1",
+            long.as_str(),
+        ] {
+            let mut stored = vec![];
+            pack_id(id.as_bytes(), &mut stored);
+            assert_eq!(stored.len(), packed_len(id.as_bytes()), "{id}");
+            let mut buf = [0u8; 36];
+            assert_eq!(unpack_id(&stored, &mut buf), id.as_bytes(), "{id}");
+            assert!(same_id(&stored, id.as_bytes()), "{id}");
+            assert!(!same_id(&stored, format!("{id}0").as_bytes()), "{id}");
+        }
+        let mut uuid = vec![];
+        pack_id(b"0b9c5d1e-2f3a-4b5c-8d6e-7f8091a2b3c4", &mut uuid);
+        assert_eq!(uuid.len(), 17);
+        assert!(!same_id(&uuid, b"0B9C5D1E-2F3A-4B5C-8D6E-7F8091A2B3C4"));
+        // The raw 17 bytes of a packed UUID are another id.
+        assert!(!same_id(&uuid, &uuid));
+    }
+
+    #[test]
+    fn ids_long_and_short_share_the_arena() {
+        let pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool> =
+            Arc::new(datafusion::execution::memory_pool::UnboundedMemoryPool::default());
+        let mut c = Candidates::new(&pool);
+        let ids: Vec<String> = (0..70_000)
+            .map(|i| match i % 3 {
+                0 => format!("{:08x}-0000-4000-8000-{:012x}", i, i),
+                1 => format!("e-{i}"),
+                _ if i % 1000 == 2 => format!("{}{i}", "y".repeat(4085 + (i / 1000) % 10)),
+                _ => format!("event {i} ünïcode"),
+            })
+            .collect();
+        c.absorb(
+            ids.iter()
+                .map(|id| Cand {
+                    event_id: id.clone(),
+                    attempts: 0,
+                    time: None,
+                    tie: None,
+                })
+                .collect(),
+        );
+        c.seal();
+        let rs = hasher();
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(c.find(&rs, id), Some(i as u32), "id {i}");
+        }
+        assert_eq!(c.find(&rs, "e-70000"), None);
+        assert_eq!(c.time(0), None);
+    }
+
+    /// Event ids of both forms the candidate table stores: UUIDs (packed)
+    /// and others, an uppercase UUID (not packed) among them.
+    fn event_name(e: u64) -> String {
+        match e % 3 {
+            0 => format!("{e:08x}-0000-4000-8000-{:012x}", e * 7),
+            1 if e % 2 == 1 => format!("{e:08X}-0000-4000-8000-{:012X}", e * 7),
+            _ => format!("e{e:03}"),
+        }
+    }
 
     struct Rng(u64);
     impl Rng {
@@ -1671,7 +1934,7 @@ mod tests {
                     _ => Some("bad request".to_string()),
                 };
                 rows.push((
-                    format!("e{e:03}"),
+                    event_name(e),
                     key.clone(),
                     seq,
                     time,
@@ -1748,7 +2011,7 @@ mod tests {
             for e in 0..n_events {
                 if rng.chance(15) {
                     let outcome = if rng.chance(70) { "replay" } else { "dlq" };
-                    ledger.push((format!("run-{run}"), format!("e{e:03}"), outcome));
+                    ledger.push((format!("run-{run}"), event_name(e), outcome));
                 }
             }
         }
