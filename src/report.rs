@@ -239,13 +239,18 @@ impl Report {
                 other => other,
             };
             let place = match r.outputs.as_slice() {
+                [] if self.dry_run => location(&r.target),
                 [] => format!("{} (nothing written)", location(&r.target)),
                 [one] => location(one),
                 [first, rest @ ..] => {
                     format!("{} (+{} more)", location(first), count(rest.len() as u64))
                 }
             };
-            let label = if i == 0 { "written" } else { "" };
+            let label = match (i, self.dry_run) {
+                (0, true) => "would write",
+                (0, false) => "written",
+                _ => "",
+            };
             let _ = writeln!(
                 s,
                 "  {label:<LABEL$}{:>rows_width$} {what:<12}  {place}",

@@ -222,6 +222,15 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
         phases.set(format!("checking the {} sink", kind.name()));
         if settings.dry_run {
             s.preflight().await?;
+            // The plan a dry run returns: where each kind of row would go
+            // (its count is filled in once decided).
+            report.outputs.insert(
+                kind.name().to_string(),
+                sink::SinkReceipt {
+                    target: crate::redact::url(&target),
+                    ..Default::default()
+                },
+            );
         } else {
             s.check().await?;
             sinks.push(OpenSink { kind, sink: s });
@@ -557,6 +566,18 @@ async fn execute(
         )));
     }
     if settings.dry_run {
+        for (kind, rows) in [
+            ("replay", report.replayed),
+            (
+                "dlq",
+                report.dead_lettered + report.undecodable_dead_lettered,
+            ),
+            ("gaps", report.gaps),
+        ] {
+            if let Some(r) = report.outputs.get_mut(kind) {
+                r.rows = rows;
+            }
+        }
         return Ok(());
     }
 
