@@ -260,8 +260,9 @@ impl RetrySettings {
 /// names the store for DataFusion (`file:///`, `s3://bucket`, ...).
 #[derive(Clone)]
 pub struct Location {
-    /// What the user wrote, for messages. Never holds a secret: URLs with
-    /// user info are rejected by [`resolve`].
+    /// What the user wrote, for messages, the report and the commit log.
+    /// Never holds a secret: URLs with user info, a query or a fragment are
+    /// rejected by [`resolve`].
     pub original: String,
     pub store: Arc<dyn ObjectStore>,
     /// Prefix inside the store, without a trailing slash.
@@ -378,7 +379,9 @@ impl Location {
 /// A URL with user info (any `@` after `://`, see
 /// [`crate::redact::has_userinfo`]) is refused before it is parsed: a
 /// parser's error would echo it, and a password may hold `/` or `@`, which
-/// moves the parser's idea of where the host starts.
+/// moves the parser's idea of where the host starts. So is a URL with a
+/// query or fragment, shown without it: [`Location::original`] is copied
+/// into the report and the commit log.
 pub fn resolve(location: &str, storage: &StorageSettings) -> Result<Location, LocationError> {
     if location.trim().is_empty() {
         return Err(LocationError::Invalid {
@@ -420,6 +423,18 @@ pub fn resolve(location: &str, storage: &StorageSettings) -> Result<Location, Lo
              user info); use the environment or [storage]"
                 .into(),
         ));
+    }
+    // No store reads a query or fragment (settings and credentials come
+    // from [storage] and the environment), so a SAS token or a password
+    // there would do nothing but ride along into every message, the report
+    // and the commit log; a `#` would also silently cut a `file://` path.
+    if let Some(shown) = crate::redact::hide_query(location) {
+        return Err(LocationError::Invalid {
+            location: shown,
+            reason: "a URL takes no query or fragment ('?...', '#...'); store settings and \
+                     credentials go in the job file's [storage] or the environment"
+                .into(),
+        });
     }
     let url = Url::parse(location).map_err(|e| invalid(format!("not a valid URL: {e}")))?;
     match url.scheme() {
@@ -745,6 +760,28 @@ mod tests {
             .to_string();
         assert!(!e.contains("secret"), "{e}");
         assert!(e.contains("credentials in the URL"), "{e}");
+    }
+
+    /// No store reads a query or fragment; kept, it rode into the report
+    /// and the commit log as the sink's target. Refused, shown without it.
+    #[test]
+    fn a_query_or_fragment_is_refused_without_its_value() {
+        for loc in [
+            "s3://bucket/x?x=Qs3cr%2Ft",
+            "az://c/p?sv=2024&sig=Qs3cr",
+            "gs://bucket?Qs3cr",
+            "file:///tmp/out?sasl.password=Qs3cr/t",
+            "file:///tmp/out#Qs3cr",
+        ] {
+            let e = resolve(loc, &StorageSettings::default())
+                .unwrap_err()
+                .to_string();
+            assert!(!e.contains("Qs3cr"), "{e}");
+            assert!(e.contains("takes no query or fragment"), "{e}");
+            assert!(e.contains("?***'") || e.contains("#***'"), "{e}");
+        }
+        // In a plain path `?` and `#` are characters of a folder's name.
+        assert!(resolve("/tmp/a?b#c", &StorageSettings::default()).is_ok());
     }
 
     /// `/`, `@`, `:` and a percent-encoded `/`: every way a URL parser could

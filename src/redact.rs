@@ -80,6 +80,20 @@ fn cut_userinfo(s: &str) -> String {
     }
 }
 
+/// The URL `s` with its query or fragment hidden whole (`s3://b/x?***`), or
+/// `None` when it has neither or is no URL (in a local path, `?` and `#`
+/// are characters of a name). For a location refused for carrying one:
+/// what follows the `?` may be a signature or a password under any name,
+/// which [`url`]'s guess by name (`sig`, `token`) would show.
+pub fn hide_query(s: &str) -> Option<String> {
+    let start = userinfo_start(s);
+    if start == 0 {
+        return None;
+    }
+    let q = start + s[start..].find(['?', '#'])?;
+    Some(format!("{}{}{REDACTED}", url(&s[..q]), &s[q..q + 1]))
+}
+
 /// True when `s` carries user info by [`url`]'s rule: an `@` after
 /// `scheme://`, or any `@` when `s` does not start with a scheme. A location
 /// or endpoint for which this holds must be refused: it would be echoed in
@@ -508,6 +522,24 @@ mod tests {
             urls_in("at (s3://u:p@b/x), \"kafka://a:1/t\""),
             "at (s3://***@b/x), \"kafka://a:1/t\""
         );
+    }
+
+    #[test]
+    fn a_refused_query_is_hidden_whole_and_paths_keep_theirs() {
+        assert_eq!(
+            hide_query("s3://b/x?v=1&pw=a b").as_deref(),
+            Some("s3://b/x?***")
+        );
+        assert_eq!(
+            hide_query("file:///t/o#f").as_deref(),
+            Some("file:///t/o#***")
+        );
+        assert_eq!(
+            hide_query("kafka://h:1?x/t").as_deref(),
+            Some("kafka://h:1?***")
+        );
+        assert_eq!(hide_query("s3://b/x"), None);
+        assert_eq!(hide_query("/data/a?b#c"), None);
     }
 
     #[test]

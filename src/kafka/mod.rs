@@ -395,8 +395,9 @@ pub struct KafkaUrl {
     pub topic: String,
 }
 
-/// Parse `kafka://HOST:PORT[,HOST:PORT]/TOPIC`. Credentials in the URL are
-/// refused (they would be echoed in every message); use `[kafka] properties`.
+/// Parse `kafka://HOST:PORT[,HOST:PORT]/TOPIC`. Credentials, a query and a
+/// fragment in the URL are refused (they would be echoed in every message);
+/// use `[kafka] properties`.
 ///
 /// Any `@` after `://` counts as credentials, checked before the URL is
 /// split: hosts and topics never contain `@`, and a password holding `/`
@@ -415,6 +416,16 @@ pub fn parse_url(url: &str) -> Result<KafkaUrl, KafkaError> {
              info); set sasl.username and sasl.password in [kafka] properties"
                 .into(),
         ));
+    }
+    // Before the split: a `?` among the brokers (`kafka://h:1?pw=x/t`) was
+    // echoed inside the message about the broker's port.
+    if let Some(shown) = crate::redact::hide_query(url) {
+        return Err(KafkaError::Url {
+            url: shown,
+            reason: "a Kafka URL takes no query or fragment ('?...', '#...'); client \
+                     settings go in the job file's [kafka] properties"
+                .into(),
+        });
     }
     let rest = url
         .strip_prefix("kafka://")
@@ -479,11 +490,8 @@ fn validate_topic(topic: &str) -> Result<(), String> {
         .char_indices()
         .find(|(_, c)| !(c.is_ascii_alphanumeric() || *c == '.' || *c == '_' || *c == '-'))
     {
-        // Nothing after the bad character is echoed: a query there may
-        // carry a password (`?sasl.password=...`).
-        if c == '?' {
-            return Err("a Kafka URL takes no query ('?...'); client settings go in the job file's [kafka] properties".into());
-        }
+        // Nothing after the bad character is echoed: whatever follows it
+        // was not meant as a topic.
         return Err(format!(
             "topic '{}' contains '{c}'; Kafka topics use only letters, digits, '.', '_' and '-'",
             &topic[..at]
@@ -710,6 +718,23 @@ mod tests {
         let shown = crate::redact::line(&e);
         assert!(!shown.contains("S3CRET"), "{shown}");
         assert!(shown.contains("takes no query"), "{shown}");
+    }
+
+    /// A `?` or `#` among the brokers is refused as a query too: split
+    /// first, the broker `h:1?sasl.password=...` was echoed by the message
+    /// about its port.
+    #[test]
+    fn a_query_before_the_topic_is_refused_without_its_value() {
+        for url in [
+            "kafka://a:1?sasl.password=S3CRET/t",
+            "kafka://a:1,b:2#S3CRET/t",
+            "kafka://a:1/t#S3CRET",
+        ] {
+            let e = parse_url(url).unwrap_err().to_string();
+            let shown = crate::redact::line(&e);
+            assert!(!shown.contains("S3CRET"), "{shown}");
+            assert!(shown.contains("takes no query or fragment"), "{shown}");
+        }
     }
 
     #[test]

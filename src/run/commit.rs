@@ -28,9 +28,13 @@ pub(super) fn decision_settings(settings: &RunSettings) -> serde_json::Value {
     let columns: BTreeMap<&str, &str> = scan.columns.pairs().into_iter().collect();
     // What a location means, not how it was spelled: a local path resolved
     // (absolute, `.` and `..` gone, no trailing `/`, `file://` or not), a
-    // store URL without its trailing `/` (its query, redacted, kept: it may
-    // carry options); Kafka URLs and `-` as written.
+    // store URL without its trailing `/`; Kafka URLs and `-` as written. A
+    // URL with a query is refused before anything is committed; in the
+    // message of a rerun refused for other settings it is shown without it.
     let meaning = |s: &str| -> String {
+        if let Some(shown) = crate::redact::hide_query(s) {
+            return shown;
+        }
         if s == "-" || s.starts_with("kafka://") {
             return crate::redact::url(s);
         }
