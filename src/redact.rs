@@ -123,28 +123,62 @@ fn is_scheme(s: &str) -> bool {
 /// leading punctuation (`'`, `"`, `(`, ...) is kept when a scheme follows
 /// it; when what precedes `://` is not a scheme (`'u:pa://ss@host'`), the
 /// whole word up to its last `@` is hidden.
+///
+/// A quoted URL runs to its closing quote, across whitespace: a location
+/// quoted as the user wrote it may hold a space or a newline in a password
+/// or a query value (`'s3://b/x?sasl.password=a b c'`), and cut at the
+/// space, the rest of the value was left in the message. The closing quote
+/// is the first one followed by whitespace, the end, or punctuation that
+/// ends a phrase (`':`, `',`, `')`), and is not hidden with the value. An
+/// unquoted URL ends at whitespace: one written by a program has its
+/// spaces percent-encoded.
 pub fn urls_in(text: &str) -> String {
     // Scrubbed whole before the cut, for the reason given at [`url`], and
     // before the split into words, so that a secret holding a space matches.
     let text = &scrub(text);
     let mut out = String::with_capacity(text.len());
-    let mut word_start = None;
-    for (i, c) in text.char_indices() {
-        match (c.is_whitespace(), word_start) {
-            (true, Some(start)) => {
-                out.push_str(&url_in_word(&text[start..i]));
-                out.push(c);
-                word_start = None;
-            }
-            (true, None) => out.push(c),
-            (false, None) => word_start = Some(i),
-            (false, Some(_)) => {}
+    let mut i = 0;
+    while i < text.len() {
+        let rest = &text[i..];
+        let blank = rest
+            .find(|c: char| !c.is_whitespace())
+            .unwrap_or(rest.len());
+        out.push_str(&rest[..blank]);
+        let rest = &rest[blank..];
+        if rest.is_empty() {
+            break;
         }
-    }
-    if let Some(start) = word_start {
-        out.push_str(&url_in_word(&text[start..]));
+        let word = rest.find(char::is_whitespace).unwrap_or(rest.len());
+        let token = quoted_url_len(rest, word).unwrap_or(word);
+        out.push_str(&url_in_word(&rest[..token]));
+        i += blank + token;
     }
     out
+}
+
+/// For a word (`rest[..word]`) that opens a quoted URL (`'s3://...`), the
+/// length of the quote and the URL up to its closing quote, which may lie
+/// beyond the word; `None` for any other word, or when the quote is never
+/// closed.
+fn quoted_url_len(rest: &str, word: usize) -> Option<usize> {
+    let sep = rest[..word].find("://")?;
+    let open = rest[..sep]
+        .chars()
+        .rev()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))?;
+    if !matches!(open, '\'' | '"' | '`') {
+        return None;
+    }
+    let mut chars = rest[sep..].char_indices().peekable();
+    while let Some((at, c)) = chars.next() {
+        let closes = chars.peek().is_none_or(|(_, next)| {
+            next.is_whitespace() || matches!(next, ':' | ';' | ',' | '.' | ')' | ']' | '}' | '>')
+        });
+        if c == open && closes {
+            return Some(sep + at);
+        }
+    }
+    None
 }
 
 fn url_in_word(word: &str) -> String {
@@ -540,6 +574,45 @@ mod tests {
         );
         assert_eq!(hide_query("s3://b/x"), None);
         assert_eq!(hide_query("/data/a?b#c"), None);
+    }
+
+    /// Cut at the first space or newline, a quoted URL left the rest of a
+    /// query value or password in the message.
+    #[test]
+    fn a_quoted_url_runs_to_its_closing_quote() {
+        for (msg, want) in [
+            (
+                "location 's3://b/x?sasl.password=a b c': refused",
+                "location 's3://b/x?sasl.password=***': refused",
+            ),
+            (
+                "location 's3://b/x?token=a\nb c' refused",
+                "location 's3://b/x?token=***' refused",
+            ),
+            (
+                "url \"kafka://h:1/t?sasl.password=it's a b\", then",
+                "url \"kafka://h:1/t?sasl.password=***\", then",
+            ),
+            ("at `s3://u:p w@b/x`.", "at `s3://***@b/x`."),
+            (
+                "location 's3://b/x?token=a%0Ab%20c' refused",
+                "location 's3://b/x?token=***' refused",
+            ),
+        ] {
+            assert_eq!(urls_in(msg), want, "{msg:?}");
+            assert_eq!(line(msg), want, "{msg:?}");
+        }
+        // A quote never closed, and an unquoted URL: the word alone.
+        assert_eq!(urls_in("'s3://b/x?token=a b"), "'s3://b/x?token=*** b");
+        assert_eq!(
+            urls_in("GET s3://b/x?v=1 failed: 'oops'"),
+            "GET s3://b/x?v=1 failed: 'oops'"
+        );
+        // What follows the closing quote is read as usual.
+        assert_eq!(
+            urls_in("'s3://b/x?token=a b' and 's3://u:p@c/y'"),
+            "'s3://b/x?token=***' and 's3://***@c/y'"
+        );
     }
 
     #[test]

@@ -594,3 +594,38 @@ fn a_query_or_fragment_in_any_location_is_refused_and_never_stored() {
         );
     }
 }
+
+/// The redactor cut a URL at the first whitespace: a query value holding a
+/// space or a newline, quoted by a message as the user wrote it, showed
+/// its rest (`'s3://b/x?sasl.password=*** one two'`). A quoted URL now
+/// runs to its closing quote. DataFusion's planning error quotes a table
+/// URL of `sql` twice, as written and behind its schema name.
+#[test]
+fn a_query_value_with_spaces_or_newlines_is_hidden_whole() {
+    let work = Work::new();
+    let src = work.archive.source();
+    for (sep, scheme) in [
+        (" ", "s3://b/x"),
+        ("\n", "file:///tmp/x"),
+        ("\t", "az://c/p"),
+    ] {
+        let query = format!("SELECT * FROM '{scheme}?sasl.password=Sp4ce{sep}0ne{sep}tw0'");
+        let run = backfill_in(&["sql", "--source", &src, &query], &[], None);
+        run.expect_code(2);
+        for (name, text) in [("stdout", &run.stdout), ("stderr", &run.stderr)] {
+            for needle in ["Sp4ce", "0ne", "tw0"] {
+                assert!(
+                    !text.contains(needle),
+                    "{name} leaks {needle}\n{}",
+                    run.describe()
+                );
+            }
+        }
+        let lines = run.stderr_lines();
+        assert!(
+            lines.len() == 1 && lines[0].contains(&format!("'{scheme}?sasl.password=***'")),
+            "one error line naming the table\n{}",
+            run.describe()
+        );
+    }
+}
