@@ -453,11 +453,11 @@ pub fn resolve(location: &str, storage: &StorageSettings) -> Result<Location, Lo
     }
 }
 
-/// Refuse an endpoint with user info, wherever it comes from: `[storage]
-/// endpoint`, an `*endpoint*` option, or one of the environment variables
-/// the store's builder reads (`AWS_ENDPOINT_URL`, `AWS_ENDPOINT`,
-/// `AWS_ENDPOINT_URL_S3`, `AZURE_STORAGE_ENDPOINT`, ...). The message names
-/// the setting and shows the endpoint redacted.
+/// Refuse an endpoint with user info, a query or whitespace, wherever it
+/// comes from: `[storage] endpoint`, an `*endpoint*` option, or one of the
+/// environment variables the store's builder reads (`AWS_ENDPOINT_URL`,
+/// `AWS_ENDPOINT`, `AWS_ENDPOINT_URL_S3`, `AZURE_STORAGE_ENDPOINT`, ...).
+/// The message names the setting and shows the endpoint redacted.
 fn check_endpoints(
     location: &str,
     scheme: &str,
@@ -497,6 +497,26 @@ fn check_endpoints(
                     crate::redact::url(&endpoint)
                 ),
             });
+        }
+        let refuse = |reason: String| LocationError::Invalid {
+            location: crate::redact::url(location),
+            reason: format!("{setting} {reason}"),
+        };
+        // A query may carry a token too; whitespace or a control character
+        // made object_store's request signer panic (an invalid URI).
+        if let Some(shown) = crate::redact::hide_query(&endpoint) {
+            return Err(refuse(format!(
+                "'{shown}' has a query or fragment, which an endpoint does not take"
+            )));
+        }
+        if endpoint
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(refuse(format!(
+                "'{}' holds whitespace or a control character; an endpoint is a URL such as http://127.0.0.1:9000",
+                crate::redact::url(&endpoint).escape_debug()
+            )));
         }
     }
     Ok(())
@@ -819,6 +839,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_no_canary(&e);
+    }
+
+    /// Whitespace in an endpoint made object_store's request signer panic;
+    /// a query may carry a token.
+    #[test]
+    fn an_endpoint_with_a_query_or_whitespace_is_refused() {
+        for (endpoint, want) in [
+            (
+                "http://127.0.0.1:9000/?token=Qs3cr",
+                "has a query or fragment",
+            ),
+            ("http://127.0.0.1:9000/#Qs3cr", "has a query or fragment"),
+            ("http://127.0.0.1 :9000", "whitespace"),
+            ("http://127.0.0.1:9000\n", "whitespace"),
+        ] {
+            let storage = StorageSettings {
+                endpoint: Some(endpoint.into()),
+                ..Default::default()
+            };
+            let e = resolve("s3://bucket/x", &storage).unwrap_err().to_string();
+            assert!(!e.contains("Qs3cr"), "{e}");
+            assert!(e.contains("[storage] endpoint") && e.contains(want), "{e}");
+        }
     }
 
     #[test]

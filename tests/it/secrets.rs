@@ -629,3 +629,34 @@ fn a_query_value_with_spaces_or_newlines_is_hidden_whole() {
         );
     }
 }
+
+/// An endpoint holding a space (here in a query value, where a token may
+/// hide) made object_store's request signer panic: exit 101 and a
+/// backtrace. Refused before anything is contacted, naming the setting,
+/// without the query.
+#[test]
+fn an_endpoint_with_a_query_or_a_space_is_refused_without_echo() {
+    let endpoint = "http://127.0.0.1:1/?token=Sp4ce 0ne tw0";
+    for (var, value) in [
+        ("AWS_ENDPOINT_URL", endpoint),
+        ("AWS_ENDPOINT_URL", "http://127.0.0.1 :1"),
+    ] {
+        let work = Work::new();
+        let job = work.job(
+            "[storage.retry]\nmax_retries = 0\nretry_timeout_secs = 1\nconnect_timeout_secs = 1\n",
+        );
+        let run = work.run(
+            &["--job", &job, "--source", "s3://bucket/events"],
+            &[
+                (var, value),
+                ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE"),
+                ("AWS_SECRET_ACCESS_KEY", CANARY),
+                ("AWS_ALLOW_HTTP", "true"),
+            ],
+        );
+        assert_secret_error(&work, &run, 2, &[var, "endpoint|whitespace"]);
+        for needle in ["Sp4ce", "0ne", "tw0"] {
+            assert!(!run.stderr.contains(needle), "{}", run.describe());
+        }
+    }
+}
