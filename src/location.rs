@@ -310,15 +310,45 @@ impl Location {
     }
 
     /// For a local location: the folder exists and can be written, or can
-    /// be created (its nearest existing ancestor is a writable folder).
-    /// Nothing is created, so a dry run can check too. The reason it
-    /// cannot, as a phrase for the caller's one line; always `Ok` for
-    /// object stores (their write is checked by listing, see the sinks).
+    /// be created (its nearest existing ancestor is a writable folder), on
+    /// a file system that stores files, with room in PATH_MAX for what a
+    /// run writes below it. The reason it cannot, as a phrase for the
+    /// caller's one line; always `Ok` for object stores (their write is
+    /// checked by listing, see the sinks).
+    ///
+    /// Writability is tried, not asked: a probe file is created in the
+    /// nearest existing folder and removed at once (nothing stays, so a dry
+    /// run can check too). access(2) answers yes to root for /proc, /sys
+    /// and immutable or root-squashed folders, and the run then failed
+    /// after the scan, at its first write.
     pub fn check_local_writable(&self) -> Result<(), String> {
         if !self.is_local {
             return Ok(());
         }
         let target = std::path::PathBuf::from(self.display_path(&self.prefix));
+        let len = target.as_os_str().len();
+        let path_max = libc::PATH_MAX as usize - 1;
+        if len + WRITTEN_BELOW > path_max {
+            return Err(format!(
+                "the path is {len} bytes long, and what a run writes below it takes up to \
+                 {WRITTEN_BELOW} more; Linux allows {path_max} (PATH_MAX): give a shorter path"
+            ));
+        }
+        if let Some(long) = target
+            .components()
+            .find(|c| c.as_os_str().len() > libc::NAME_MAX as usize)
+        {
+            return Err(format!(
+                "a folder name of {} bytes ({}...); file systems allow {}",
+                long.as_os_str().len(),
+                long.as_os_str()
+                    .to_string_lossy()
+                    .chars()
+                    .take(16)
+                    .collect::<String>(),
+                libc::NAME_MAX
+            ));
+        }
         let mut dir = target.as_path();
         loop {
             match std::fs::metadata(dir) {
@@ -331,16 +361,28 @@ impl Location {
                 Err(e) => return Err(format!("{}: {e}", dir.display())),
             }
         }
-        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-            .map_err(|_| format!("{}: a NUL in the path", dir.display()))?;
-        // access(2) answers for this process's user, root and read-only
-        // mounts included, which the permission bits alone do not.
-        // SAFETY: a NUL-terminated path that outlives the call.
-        if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(format!("cannot write in {}: {e}", dir.display()));
+        if let Some(kind) = kernel_file_system(dir) {
+            return Err(format!(
+                "{} is on the kernel's {kind} file system, which stores no files: give a folder on a disk",
+                dir.display()
+            ));
         }
-        Ok(())
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let probe = dir.join(format!(".backfill-probe-{}-{nanos}", std::process::id()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+        {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&probe);
+                Ok(())
+            }
+            Err(e) => Err(format!("cannot write in {}: {e}", dir.display())),
+        }
     }
 
     /// A store path `rel` below this location's prefix.
@@ -371,6 +413,41 @@ impl Location {
     pub fn register(&self, ctx: &SessionContext) {
         ctx.register_object_store(&self.store_url, self.store.clone());
     }
+}
+
+/// The most a run writes below a sink or state folder, in bytes: a sink's
+/// `/_staging/run_id=<RUN>/<NONCE>/part-00000.parquet.staged` with a
+/// 128-character run id (the longest [`crate::job::validate_run_id`]
+/// takes) and object_store's `#N` upload suffix is about 205; the state's
+/// `attempts/<RUN>/<NONCE>.prepared.json#N` is shorter.
+const WRITTEN_BELOW: usize = 256;
+
+/// The name of the kernel's pseudo file system `dir` is on (`proc`,
+/// `sysfs`, `cgroup2`, ...), where nothing can be stored; `None` for any
+/// other file system, or when statfs(2) fails (the probe then speaks).
+fn kernel_file_system(dir: &std::path::Path) -> Option<&'static str> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statfs fills the zeroed struct it is given; the path is
+    // NUL-terminated and outlives the call.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    [
+        (libc::PROC_SUPER_MAGIC as u32, "proc"),
+        (libc::SYSFS_MAGIC as u32, "sysfs"),
+        (libc::CGROUP_SUPER_MAGIC as u32, "cgroup"),
+        (libc::CGROUP2_SUPER_MAGIC as u32, "cgroup2"),
+        (libc::DEBUGFS_MAGIC as u32, "debugfs"),
+        (libc::TRACEFS_MAGIC as u32, "tracefs"),
+        (libc::SECURITYFS_MAGIC as u32, "securityfs"),
+        (libc::BPF_FS_MAGIC as u32, "bpf"),
+        (libc::DEVPTS_SUPER_MAGIC as u32, "devpts"),
+        (libc::SELINUX_MAGIC as u32, "selinuxfs"),
+    ]
+    .into_iter()
+    .find(|(magic, _)| st.f_type as u32 == *magic)
+    .map(|(_, name)| name)
 }
 
 /// Resolve a location string. Plain paths may be relative; they are made
@@ -780,6 +857,54 @@ mod tests {
             .to_string();
         assert!(!e.contains("secret"), "{e}");
         assert!(e.contains("credentials in the URL"), "{e}");
+    }
+
+    /// As root, access(2) said yes to /proc and /sys, and the length of a
+    /// path was not looked at.
+    #[test]
+    fn kernel_file_systems_and_paths_too_long_are_not_writable() {
+        let storage = StorageSettings::default();
+        for (path, want) in [
+            ("/proc/backfill-test/out", "proc file system"),
+            (
+                "/sys/backfill-test/out",
+                "sysfs file system|cannot write|does not exist",
+            ),
+        ] {
+            if !std::path::Path::new(path)
+                .parent()
+                .unwrap()
+                .parent()
+                .unwrap()
+                .is_dir()
+            {
+                continue;
+            }
+            let e = resolve(path, &storage)
+                .unwrap()
+                .check_local_writable()
+                .unwrap_err();
+            assert!(want.split('|').any(|w| e.contains(w)), "{path}: {e}");
+        }
+        let deep = format!("/tmp/{}", "d/".repeat(1920));
+        let e = resolve(&deep, &storage)
+            .unwrap()
+            .check_local_writable()
+            .unwrap_err();
+        assert!(e.contains("PATH_MAX"), "{e}");
+        let e = resolve(&format!("/tmp/{}", "n".repeat(256)), &storage)
+            .unwrap()
+            .check_local_writable()
+            .unwrap_err();
+        assert!(e.contains("file systems allow 255"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let loc = resolve(dir.path().join("a/b").to_str().unwrap(), &storage).unwrap();
+        loc.check_local_writable().unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "the probe stays"
+        );
     }
 
     /// No store reads a query or fragment; kept, it rode into the report

@@ -520,3 +520,57 @@ fn an_unwritable_state_fails_before_the_scan() {
     let run = run_job_env(&src, &out, &["--state", &state], &[CRASH_AFTER_ATTEMPT]);
     assert_error(&run, 2, &["state", "a-file"], &out);
 }
+
+/// As root (how the job runs), access(2) says yes to /proc and /sys, and
+/// the length of a path was not looked at: a sink or state there passed
+/// the check and failed at its first write, after the scan (exit 1). They
+/// are refused before anything happens now: exit 2, one line naming the
+/// path and why.
+#[test]
+fn a_sink_or_state_on_a_kernel_file_system_or_too_deep_fails_before_the_scan() {
+    let archive = archive_with(&Layout::default());
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let src = archive.path().display().to_string();
+    // Below PATH_MAX itself, but not with the run's own names below it.
+    let mut deep = work.path().join("deep").display().to_string();
+    while deep.len() < 3950 {
+        deep.push('/');
+        deep.push_str(&"d".repeat(200.min(3950 - deep.len()).max(1)));
+    }
+    let mut cases = vec![
+        (
+            "--dlq-sink",
+            "/proc/backfill-it/dlq".to_string(),
+            "dlq sink /proc/backfill-it/dlq",
+        ),
+        (
+            "--state",
+            "/proc/backfill-it/state".to_string(),
+            "state /proc/backfill-it/state",
+        ),
+        ("--dlq-sink", deep.clone(), "PATH_MAX"),
+        ("--state", deep.clone(), "PATH_MAX"),
+    ];
+    if Path::new("/sys").is_dir() {
+        cases.push((
+            "--replay-sink",
+            "/sys/backfill-it/replay".to_string(),
+            "replay sink /sys/backfill-it/replay",
+        ));
+    }
+    for (flag, path, names) in &cases {
+        for dry in [false, true] {
+            let mut extra = vec![*flag, path.as_str()];
+            if dry {
+                extra.push("--dry-run");
+            }
+            let run = run_job_env(&src, &out, &extra, &[CRASH_AFTER_ATTEMPT]);
+            assert_error(&run, 2, &[names], &out);
+        }
+    }
+    assert!(
+        !Path::new(&deep).exists() && !Path::new("/proc/backfill-it").exists(),
+        "a refused folder was created"
+    );
+}
