@@ -274,9 +274,40 @@ fn usage_error_line(e: &clap::Error) -> String {
                 .to_string()
         }
     };
+    // Clap names a flag the user did not type as if they had: say which
+    // variable stands for it (`BACKFILL_FILE` beside a QUERY).
+    let message = match e.kind() {
+        ErrorKind::ArgumentConflict => match set_by_environment(&cmd, &message) {
+            Some(why) => format!("{message} ({why})"),
+            None => message,
+        },
+        _ => message,
+    };
     // An argument clap quotes may hold a secret of the environment.
     let message = event_backfill::redact::line(&message);
     format!("{message} (see {} --help)", path.join(" "))
+}
+
+/// For a conflict `message` about a flag of `cmd` that is not on the
+/// command line but set by its `BACKFILL_*` variable: that it is. The
+/// variable stands for the flag, so it conflicts as the flag would
+/// (docs/cli.md); the value is not shown.
+fn set_by_environment(cmd: &clap::Command, message: &str) -> Option<String> {
+    let typed: Vec<String> = std::env::args().skip(1).collect();
+    cmd.get_arguments().find_map(|arg| {
+        let var = arg.get_env()?.to_str()?;
+        std::env::var_os(var)?;
+        let long = format!("--{}", arg.get_long()?);
+        let on_line = typed.iter().any(|t| {
+            t == &long
+                || t.starts_with(&format!("{long}="))
+                || arg
+                    .get_short()
+                    .is_some_and(|c| t.starts_with('-') && !t.starts_with("--") && t.contains(c))
+        });
+        (!on_line && message.contains(&format!("'{long}")))
+            .then(|| format!("{long} is set by the environment variable {var}: unset it"))
+    })
 }
 
 /// Write `text` to `path` through a temporary file in the same folder and a

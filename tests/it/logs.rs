@@ -671,6 +671,42 @@ fn env_vars_stand_in_for_flags_and_flags_win() {
     assert!(!lake.path("out/_state").exists());
 }
 
+/// `BACKFILL_FILE` beside a QUERY: the variable stands for `-f`, which
+/// excludes a QUERY, so the two are one usage error (exit 2), and its line
+/// now names the variable; clap's own named only `--file`, which the user
+/// had not typed. Typed, `-f` is named as before.
+#[test]
+fn backfill_file_beside_a_query_is_a_usage_error_naming_the_variable() {
+    let lake = Lake::new(200);
+    let src = lake.archive();
+    std::fs::write(lake.path("q.sql"), "SELECT 1 AS a").unwrap();
+    let query = ["sql", "--source", src.as_str(), "SELECT 2 AS b"];
+    let run = lake.run(&query, &[("BACKFILL_FILE", "q.sql")]);
+    run.expect_code(2);
+    let lines = run.stderr_lines();
+    assert!(
+        lines.len() == 1
+            && lines[0].starts_with("error: ")
+            && lines[0].contains("--file is set by the environment variable BACKFILL_FILE"),
+        "{}",
+        run.describe()
+    );
+    assert!(run.stdout.is_empty(), "{}", run.describe());
+    for typed in [&["-f", "q.sql"][..], &["--file=q.sql"]] {
+        let run = lake.run(&[&query[..], typed].concat(), &[("BACKFILL_FILE", "q.sql")]);
+        run.expect_code(2);
+        assert!(
+            !run.stderr.contains("BACKFILL_FILE") && run.stderr_lines().len() == 1,
+            "{}",
+            run.describe()
+        );
+    }
+    // Alone, the variable runs its file.
+    let run = lake.run(&query[..3], &[("BACKFILL_FILE", "q.sql")]);
+    run.ok();
+    assert!(run.stdout.contains("| 1 |"), "{}", run.describe());
+}
+
 /// A secret in a `BACKFILL_*` value (a location's user info) is in no
 /// `--help` and no log line.
 #[test]
