@@ -81,7 +81,8 @@ fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
     if !secs.is_finite() || secs < 0.01 {
         return Err(format!("`{s}` is shorter than 10ms"));
     }
-    Ok(std::time::Duration::from_secs_f64(secs))
+    // Past u64 seconds `from_secs_f64` panicked (exit 101, a backtrace).
+    std::time::Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is too long"))
 }
 
 /// How log lines are written on stderr.

@@ -92,6 +92,13 @@ pub fn filter(spec: Option<&str>, default: &str, progress: bool) -> Result<EnvFi
             }
             d.join(",")
         }
+        // A bare word is a target at every level for EnvFilter, so a typo'd
+        // level (`inf`, `warning`) turned every log line off, silently.
+        _ if !spec.contains(['=', ',', '[']) => {
+            return Err(format!(
+                "--log-level / {FILTER_VAR} `{spec}` is not a level; give error, warn, info, debug, trace or off, or a filter naming a target with its level, such as info,object_store=debug"
+            ));
+        }
         _ => spec.clone(),
     };
     if progress {
@@ -255,6 +262,16 @@ mod tests {
         assert!(f.contains("object_store::client::retry=info"), "{f}");
         let f = filter(None, "warn", true).unwrap().to_string();
         assert!(f.contains("event_backfill::progress=info"), "{f}");
+    }
+
+    #[test]
+    fn a_word_that_is_no_level_is_refused_not_taken_for_a_target() {
+        for typo in ["inf", "warning", "99", "info\nwarn", "object_store"] {
+            let e = filter(Some(typo), "info", false).unwrap_err();
+            assert!(e.contains("is not a level"), "{typo}: {e}");
+        }
+        assert!(filter(Some("object_store=trace"), "info", false).is_ok());
+        assert!(filter(Some(" WARN "), "info", false).is_ok());
     }
 
     #[test]

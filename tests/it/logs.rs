@@ -707,6 +707,59 @@ fn backfill_file_beside_a_query_is_a_usage_error_naming_the_variable() {
     assert!(run.stdout.contains("| 1 |"), "{}", run.describe());
 }
 
+/// Hostile log settings: a `--progress-interval` past u64 seconds panicked
+/// in its parser (exit 101, a backtrace); a level with a typo (`inf`,
+/// `warning`) was taken for a target and turned every log line off, exit
+/// 0. Both are usage errors now, from the flag or from the variable, one
+/// line each.
+#[test]
+fn hostile_log_settings_are_usage_errors_not_a_panic_or_silence() {
+    let lake = Lake::new(200);
+    let src = lake.archive();
+    let run_args = ["run", "--source", src.as_str(), "--out", "out", "--dry-run"];
+    let huge = "99999999999999999999999999999";
+    for (args, envs, names) in [
+        (
+            vec!["--progress-interval", huge],
+            vec![],
+            "--progress-interval|too long",
+        ),
+        (
+            vec![],
+            vec![("BACKFILL_PROGRESS_INTERVAL", "1e30m")],
+            "--progress-interval",
+        ),
+        (
+            vec![],
+            vec![("BACKFILL_PROGRESS_INTERVAL", &*format!("{huge}m"))],
+            "too long",
+        ),
+        (vec!["--log-level", "inf"], vec![], "`inf` is not a level"),
+        (
+            vec!["--log-level", "warning"],
+            vec![],
+            "`warning` is not a level",
+        ),
+        (
+            vec![],
+            vec![("BACKFILL_LOG_LEVEL", "warning")],
+            "is not a level",
+        ),
+    ] {
+        let run = lake.run(&[&args[..], &run_args[..]].concat(), &envs);
+        run.expect_code(2);
+        let lines = run.stderr_lines();
+        assert!(
+            lines.len() == 1
+                && lines[0].starts_with("error: ")
+                && names.split('|').all(|n| lines[0].contains(n)),
+            "{}",
+            run.describe()
+        );
+        assert!(!lake.path("out").exists(), "{}", run.describe());
+    }
+}
+
 /// A secret in a `BACKFILL_*` value (a location's user info) is in no
 /// `--help` and no log line.
 #[test]
