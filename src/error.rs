@@ -73,9 +73,10 @@ impl From<datafusion::error::DataFusionError> for Error {
 }
 
 impl Error {
-    /// The one line `main` prints after `error: `: whitespace folded, and
-    /// passed through [`crate::redact::line`] after registering the secrets
-    /// of the environment. Each module already keeps secrets out of its
+    /// The one line `main` prints after `error: `: whitespace folded, other
+    /// control characters escaped ([`crate::log::printable`]: a file name
+    /// may hold them), and passed through [`crate::redact::line`] after
+    /// registering the secrets of the environment. Each module already keeps secrets out of its
     /// messages; this is the last line of defence for text that came from a
     /// library (librdkafka, object_store, DataFusion) or a path we missed.
     pub fn line(&self) -> String {
@@ -83,7 +84,7 @@ impl Error {
         // Scrubbed before folding, so that a secret with a newline in it still
         // matches.
         let s = crate::redact::line(&self.to_string());
-        s.split_whitespace().collect::<Vec<_>>().join(" ")
+        crate::log::printable(&s.split_whitespace().collect::<Vec<_>>().join(" "))
     }
 
     pub fn exit_code(&self) -> u8 {

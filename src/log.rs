@@ -6,9 +6,9 @@
 //! (`--log-format`), filtered by `--log-level` / `BACKFILL_LOG`.
 //!
 //! This module must never write to stdout (the summary, the rows of a `-`
-//! sink and `--report -` own it), and never let a line out that did not
-//! pass through [`crate::redact::line`]: a JSON line is scrubbed value by
-//! value, so that it stays JSON.
+//! sink and `--report -` own it), never let a line out that did not pass
+//! through [`crate::redact::line`] (a JSON line is scrubbed value by value,
+//! so that it stays JSON), and never write an event as more than one line.
 
 use std::io::Write;
 
@@ -190,8 +190,22 @@ impl Drop for Line {
         }
         let text = String::from_utf8_lossy(&self.buf);
         let mut out = String::with_capacity(text.len() + 16);
-        for l in text.lines() {
-            out.push_str(&scrub_line(l, self.json));
+        if self.json {
+            // serde escapes every control character: one event, one line.
+            for l in text.lines() {
+                out.push_str(&scrub_line(l, true));
+                out.push('\n');
+            }
+        } else {
+            // One event, one line, whatever its message holds: a newline
+            // in it made two lines, the second without timestamp or level,
+            // and each was scrubbed alone. ESC stays: it is the formatter's
+            // colouring, and tracing-subscriber escapes it in field values.
+            let event = text.strip_suffix('\n').unwrap_or(&text);
+            out.push_str(&escape_controls(
+                &scrub_line(event, false),
+                &['\t', '\u{1b}'],
+            ));
             out.push('\n');
         }
         crate::progress::suspend(|| {
@@ -200,6 +214,32 @@ impl Drop for Line {
             let _ = e.flush();
         });
     }
+}
+
+/// `text` with every control character but the tab (and the Unicode line
+/// separators) written as its escape (`\n`, `\u{1b}`): a file name or a
+/// library's message can then neither break a line in two nor drive the
+/// terminal (colours, a rewritten or cleared line). For the `error:` line.
+pub fn printable(text: &str) -> String {
+    escape_controls(text, &['\t'])
+}
+
+/// [`printable`] sparing the characters in `keep`.
+fn escape_controls(text: &str, keep: &[char]) -> String {
+    let escaped =
+        |c: char| (c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')) && !keep.contains(&c);
+    if !text.chars().any(escaped) {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if escaped(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A log line without secrets: a JSON line value by value (a URL's cut at
@@ -272,6 +312,19 @@ mod tests {
         }
         assert!(filter(Some("object_store=trace"), "info", false).is_ok());
         assert!(filter(Some(" WARN "), "info", false).is_ok());
+    }
+
+    #[test]
+    fn control_characters_are_escaped_and_the_tab_kept() {
+        assert_eq!(
+            printable("a\nb\r\u{1b}[31mc\u{7}\td"),
+            "a\\nb\\r\\u{1b}[31mc\\u{7}\td"
+        );
+        assert_eq!(printable("plain é"), "plain é");
+        assert_eq!(
+            escape_controls("\u{1b}[2mINFO\u{1b}[0m x\ny\u{2028}", &['\u{1b}']),
+            "\u{1b}[2mINFO\u{1b}[0m x\\ny\\u{2028}"
+        );
     }
 
     #[test]

@@ -122,7 +122,8 @@ fn main() -> ExitCode {
     let logs = match start_logs(&cli) {
         Ok(l) => l,
         Err(message) => {
-            eprintln!("error: {}", event_backfill::redact::line(&message));
+            let line = event_backfill::redact::line(&message);
+            eprintln!("error: {}", event_backfill::log::printable(&line));
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -283,8 +284,9 @@ fn usage_error_line(e: &clap::Error) -> String {
         },
         _ => message,
     };
-    // An argument clap quotes may hold a secret of the environment.
-    let message = event_backfill::redact::line(&message);
+    // An argument clap quotes may hold a secret of the environment, or a
+    // control character.
+    let message = event_backfill::log::printable(&event_backfill::redact::line(&message));
     format!("{message} (see {} --help)", path.join(" "))
 }
 

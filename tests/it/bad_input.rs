@@ -574,3 +574,45 @@ fn a_sink_or_state_on_a_kernel_file_system_or_too_deep_fails_before_the_scan() {
         "a refused folder was created"
     );
 }
+
+/// A file name holding control characters (ESC, BEL, a carriage return):
+/// object_store refuses to list it, and its message quotes the name. The
+/// `error:` line printed them raw, so the name could recolour or rewrite
+/// the terminal; they are escaped now (`\u{1b}`), in human and JSON runs,
+/// and every log record still parses as one JSON line.
+#[test]
+fn control_characters_in_a_file_name_stay_out_of_the_error_line() {
+    let mut archive = archive_with(&Layout::default());
+    archive.raw("dt=2024-01-01/bad\u{1b}[2Jname\u{7}\r.parquet", b"");
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    for format in ["json", "human"] {
+        let run = run_job(&archive.source(), &out, &["--log-format", format]);
+        let raw: Vec<char> = run
+            .stderr
+            .chars()
+            .filter(|c| c.is_control() && *c != '\n')
+            .collect();
+        assert!(raw.is_empty(), "raw {raw:?} on stderr\n{}", run.describe());
+        let error = run
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .count();
+        assert_eq!(error, 1, "{}", run.describe());
+        assert!(
+            run.stderr.contains("bad\\u{1b}[2Jname"),
+            "{}",
+            run.describe()
+        );
+        run.expect_code(1);
+        if format == "json" {
+            for l in run.stderr.lines().filter(|l| !l.starts_with("error:")) {
+                assert!(
+                    serde_json::from_str::<serde_json::Value>(l).is_ok(),
+                    "not a JSON line: {l}"
+                );
+            }
+        }
+    }
+}

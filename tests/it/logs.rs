@@ -745,6 +745,12 @@ fn hostile_log_settings_are_usage_errors_not_a_panic_or_silence() {
             vec![("BACKFILL_LOG_LEVEL", "warning")],
             "is not a level",
         ),
+        // Its echo stays on one line.
+        (
+            vec![],
+            vec![("BACKFILL_LOG", "inf\nwarn")],
+            "`inf\\nwarn` is not a level",
+        ),
     ] {
         let run = lake.run(&[&args[..], &run_args[..]].concat(), &envs);
         run.expect_code(2);
