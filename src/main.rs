@@ -337,6 +337,9 @@ async fn dispatch(cmd: Command) -> Result<u8, Error> {
             if report_to_stdout {
                 refuse_two_on_stdout(&settings)?;
             }
+            if let Some(f) = report_file.as_deref().filter(|f| *f != "-") {
+                refuse_a_special_report_file(f)?;
+            }
             let fail_on_dlq = settings.fail_on_dlq;
             let outcome = run::run(settings, progress).await?;
             let r = &outcome.report;
@@ -411,6 +414,21 @@ fn log_run_end(r: &event_backfill::report::Report, code: u8) {
         run_end!(tracing::Level::INFO);
     } else {
         run_end!(tracing::Level::WARN);
+    }
+}
+
+/// A `--report` path that exists and is neither a file nor a folder (a
+/// device such as /dev/stdout or /dev/null, a pipe, a socket, or a link to
+/// one): the report is written beside it and renamed over it, which
+/// replaced the node itself (as root, /dev/null became a file), and a
+/// report sent to stdout that way would land among a `-` sink's rows.
+/// Refused before anything is read; `--report -` is stdout.
+fn refuse_a_special_report_file(path: &str) -> Result<(), Error> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() && !m.is_dir() => Err(Error::Usage(format!(
+            "--report {path}: not a regular file (a device, pipe or socket); give a file, or - for stdout"
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -766,6 +766,58 @@ fn hostile_log_settings_are_usage_errors_not_a_panic_or_silence() {
     }
 }
 
+/// `--report` naming a device or a link to one (/dev/stdout, /dev/null):
+/// the report was written beside it and renamed over it, replacing the
+/// node itself (as root, /dev/null became a file), and a report meant for
+/// stdout beside a `-` sink would have mixed with its rows. Refused before
+/// anything is read, exit 2; the link is left as it was.
+#[test]
+fn a_report_path_that_is_a_device_is_refused() {
+    let lake = Lake::new(200);
+    let src = lake.archive();
+    for (name, to) in [("to-null", "/dev/null"), ("to-stdout", "/proc/self/fd/1")] {
+        let link = lake.path(name);
+        std::os::unix::fs::symlink(to, &link).unwrap();
+        let report = link.display().to_string();
+        for extra in [&[][..], &["--dlq-sink", "-"]] {
+            let run = lake.run(
+                &[
+                    &[
+                        "run",
+                        "--source",
+                        src.as_str(),
+                        "--out",
+                        "out",
+                        "--report",
+                        &report,
+                    ][..],
+                    extra,
+                ]
+                .concat(),
+                &[],
+            );
+            run.expect_code(2);
+            assert_eq!(
+                run.stderr_lines(),
+                [format!(
+                    "error: --report {report}: not a regular file (a device, pipe or socket); give a file, or - for stdout"
+                )],
+                "{}",
+                run.describe()
+            );
+            assert!(run.stdout.is_empty(), "{}", run.describe());
+            assert!(!lake.path("out").exists(), "{}", run.describe());
+            assert!(
+                std::fs::symlink_metadata(&link)
+                    .unwrap()
+                    .file_type()
+                    .is_symlink(),
+                "the link was replaced"
+            );
+        }
+    }
+}
+
 /// A secret in a `BACKFILL_*` value (a location's user info) is in no
 /// `--help` and no log line.
 #[test]
