@@ -237,12 +237,18 @@ pub fn session(scan: &Scan) -> Result<SessionContext, SourceError> {
         .set_bool("datafusion.sql_parser.enable_ident_normalization", true);
     config.options_mut().execution.parquet.binary_as_string = false;
     // Each sort partition (one per core) reserves this much for its merge
-    // before it spills; DataFusion's fixed 10 MiB on many cores would eat a
-    // small limit whole. A quarter of the limit across all of them.
+    // before it spills: a quarter of the pool across all of them, up to
+    // 64 MiB each. DataFusion's fixed 10 MiB would eat a small limit whole,
+    // and on a large one it is too little: the merge of the fetched rows
+    // needs two buffered batches of two runs at least (~13 MiB for 200-byte
+    // rows); when its reservation falls short it gives it back to the pool
+    // and asks again from nothing, and by then the other partition's sort
+    // has taken the pool (50M events at `--memory-limit 1G`: "Additional
+    // allocation failed for ExternalSorterMerge[0]").
     let parts = config.target_partitions().max(1);
     let pool = crate::machine::pool_bytes(scan.memory_limit);
     config.options_mut().execution.sort_spill_reservation_bytes =
-        (pool / (4 * parts)).clamp(1 << 20, 10 << 20);
+        (pool / (4 * parts)).clamp(1 << 20, 64 << 20);
     // Spill files go to --spill-dir, or (lazily, only if something spills)
     // to a fresh folder in the system temp dir. Either folder is removed
     // when the session ends.
