@@ -68,26 +68,53 @@ fn input(args: &SqlArgs) -> Result<Input, Error> {
     }
     match &args.file {
         Some(f) if f.as_os_str() == "-" => Ok(Input::Script(Origin::Stdin, read_stdin()?)),
-        Some(f) => std::fs::read_to_string(f)
-            .map(|text| Input::Script(Origin::File(f.display().to_string()), text))
-            .map_err(|e| {
+        Some(f) => {
+            let what = format!("-f {}", f.display());
+            let bytes = std::fs::read(f).map_err(|e| {
                 Error::Usage(format!(
-                    "-f {}: cannot read the SQL file: {}",
-                    f.display(),
+                    "{what}: cannot read the SQL file: {}",
                     io_reason(&e)
                 ))
-            }),
+            })?;
+            let text = decode(&what, bytes)?;
+            Ok(Input::Script(Origin::File(f.display().to_string()), text))
+        }
         None if std::io::stdin().is_terminal() => Ok(Input::Shell),
         None => Ok(Input::Script(Origin::Stdin, read_stdin()?)),
     }
 }
 
 fn read_stdin() -> Result<String, Error> {
-    let mut text = String::new();
+    let mut bytes = vec![];
     std::io::stdin()
-        .read_to_string(&mut text)
+        .read_to_end(&mut bytes)
         .map_err(|e| Error::Usage(format!("stdin: cannot read SQL: {}", io_reason(&e))))?;
-    Ok(text)
+    decode("stdin", bytes)
+}
+
+/// SQL text from bytes, or a usage error saying where it is not UTF-8:
+/// "stream did not contain valid UTF-8" left a Latin-1 file's user
+/// searching, and a UTF-16 file (Windows Notepad's "Unicode") is not text
+/// the tokenizer can read at all.
+fn decode(what: &str, bytes: Vec<u8>) -> Result<String, Error> {
+    if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
+        return Err(Error::Usage(format!(
+            "{what}: the SQL is UTF-16 (it starts with a UTF-16 byte order mark): save it as UTF-8"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let bytes = e.as_bytes();
+        let at = e.utf8_error().valid_up_to();
+        let before = &bytes[..at];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        // Valid up to `at`, so this counts characters, as editors do.
+        let column = String::from_utf8_lossy(&before[line_start..]).chars().count() + 1;
+        Error::Usage(format!(
+            "{what}: line {line}, column {column}: byte 0x{:02x} is not UTF-8 (Latin-1 or another encoding?): save the SQL as UTF-8",
+            bytes[at]
+        ))
+    })
 }
 
 /// `No such file or directory`, without the `(os error 2)` noise.

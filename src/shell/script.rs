@@ -104,6 +104,11 @@ pub fn parse(
     recursion_limit: usize,
     text: &str,
 ) -> Result<Vec<Item>, ScriptError> {
+    // Windows editors start UTF-8 files with a byte order mark; the
+    // tokenizer took it for a character of the first statement ("Expected:
+    // an SQL statement, found: \u{feff}"). Editors hide it, so columns are
+    // counted without it too.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut parsed = Parsed::default();
     let mut buf = String::new();
     let mut buf_line = 1u64;
@@ -375,6 +380,14 @@ mod tests {
         assert!(e.0.contains("Line: 2"), "{e}");
         let e = parse(&GenericDialect {}, 50, "SELECT 1;\nSELECT 'open").unwrap_err();
         assert!(e.0.starts_with("line 2, column 8: Unterminated"), "{e}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_statement() {
+        assert_eq!(texts("\u{feff}SELECT 1;\n\\d\n"), vec!["SELECT 1", "\\d"]);
+        assert_eq!(texts("\u{feff}\\d events\n"), vec!["\\d events"]);
+        let e = parse(&GenericDialect {}, 50, "\u{feff}SELEC 1").unwrap_err();
+        assert!(e.0.contains("Column: 1"), "{e}");
     }
 
     #[test]

@@ -714,3 +714,50 @@ fn interactive_shell_on_a_terminal_keeps_history() {
         "one entry for the two-line statement\n{history}"
     );
 }
+
+/// A file saved by a Windows editor (a UTF-8 byte order mark, CRLF line
+/// ends) failed on its first statement ("found: \u{feff}"); a Latin-1 or
+/// UTF-16 file said only "stream did not contain valid UTF-8".
+#[test]
+fn windows_files_run_and_other_encodings_are_named() {
+    let a = archive();
+    let src = a.source();
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.display().to_string()
+    };
+    let bom = file(
+        "bom.sql",
+        b"\xef\xbb\xbfSELECT 1 AS one;\r\n\\d events\r\nSELECT 'two' AS two;\r\n",
+    );
+    let run = sql(&src, &["--format", "csv", "-f", &bom]);
+    run.ok();
+    assert!(
+        run.stdout.starts_with("one\n1\ncolumn_name,") && run.stdout.ends_with("two\ntwo\n"),
+        "{}",
+        run.describe()
+    );
+    let run = backfill_stdin(
+        &["sql", "--source", &src, "--format", "csv"],
+        "\u{feff}SELECT 1 AS one",
+    );
+    run.ok();
+    assert_eq!(run.stdout, "one\n1\n", "{}", run.describe());
+
+    let latin1 = file("latin1.sql", b"SELECT 1;\nSELECT 'caf\xe9' AS x;\n");
+    let line = usage_error(&sql(&src, &["-f", &latin1]));
+    assert!(
+        line.contains(&format!(
+            "-f {latin1}: line 2, column 12: byte 0xe9 is not UTF-8"
+        )) && line.contains("save the SQL as UTF-8"),
+        "{line}"
+    );
+    let utf16 = file("utf16.sql", b"\xff\xfeS\x00E\x00L\x00");
+    let line = usage_error(&sql(&src, &["-f", &utf16]));
+    assert!(
+        line.contains(&format!("-f {utf16}: the SQL is UTF-16")),
+        "{line}"
+    );
+}
