@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::ValueEnum;
+use datafusion::common::TableReference;
 use datafusion::dataframe::DataFrame;
 use datafusion::error::DataFusionError;
 use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
@@ -393,11 +394,35 @@ impl Shell {
     /// A shell command (`\d`, `\q`, ...).
     async fn command(&mut self, line: u64, text: &str) -> Result<Flow, Error> {
         let started = Instant::now();
+        let usage =
+            |msg: String| Error::Usage(format!("{}line {line}: {msg}", self.origin.prefix()));
+        // `\d NAME` takes the rest of the line: a quoted name may hold
+        // spaces (`\d "My Table"`), which split the command into words.
+        if let Some(arg) = text
+            .strip_prefix("\\d")
+            .filter(|a| a.starts_with(char::is_whitespace))
+        {
+            // psql drops a `;` typed after the name out of SQL habit.
+            let arg = arg.trim();
+            let name = arg.strip_suffix(';').unwrap_or(arg).trim_end();
+            let table = self
+                .table_reference(name)
+                .map_err(|m| usage(format!("\\d {name}: {m}")))?;
+            let df = self
+                .columns(&table)
+                .await
+                .map_err(|e| self.failed(text, e))?
+                .ok_or_else(|| {
+                    usage(format!(
+                        "\\d {name}: there is no table or view named {name} (\\d lists them)"
+                    ))
+                })?;
+            self.show(df, text, started).await?;
+            return Ok(Flow::Continue);
+        }
         let mut words = text.split_whitespace();
         let cmd = words.next().unwrap_or_default();
         let rest: Vec<&str> = words.collect();
-        let usage =
-            |msg: String| Error::Usage(format!("{}line {line}: {msg}", self.origin.prefix()));
         match (cmd, rest.as_slice()) {
             ("\\q" | "\\quit", []) => Ok(Flow::Quit),
             ("\\?" | "\\h" | "\\help", _) => {
@@ -408,19 +433,6 @@ impl Shell {
             }
             ("\\d" | "\\dt", []) => {
                 let df = self.tables().await.map_err(|e| self.failed(text, e))?;
-                self.show(df, text, started).await?;
-                Ok(Flow::Continue)
-            }
-            ("\\d", [name]) => {
-                let df = self
-                    .columns(name)
-                    .await
-                    .map_err(|e| self.failed(text, e))?
-                    .ok_or_else(|| {
-                        usage(format!(
-                            "\\d {name}: there is no table or view named {name} (\\d lists them)"
-                        ))
-                    })?;
                 self.show(df, text, started).await?;
                 Ok(Flow::Continue)
             }
@@ -499,29 +511,82 @@ impl Shell {
         self.ctx.read_batch(batch)
     }
 
-    /// `\d NAME`: its columns, or `None` when there is no such table.
-    /// `NAME` is an identifier as SQL reads it: unquoted is lower-cased,
-    /// `"Quoted"` is exact, `schema.name` names another schema.
-    async fn columns(&self, name: &str) -> datafusion::error::Result<Option<DataFrame>> {
-        let (_, default_schema) = self.default_schema();
-        let (schema, table) = match name.rsplit_once('.') {
-            Some((s, t)) => (identifier(s), identifier(t)),
-            None => (default_schema, identifier(name)),
-        };
-        let df = self
-            .ctx
-            .sql(&format!(
-                "SELECT column_name, data_type, is_nullable FROM information_schema.columns \
-                 WHERE table_schema = {} AND table_name = {} ORDER BY ordinal_position",
-                literal(&schema),
-                literal(&table)
-            ))
-            .await?;
-        let batches = df.collect().await?;
-        if batches.iter().all(|b| b.num_rows() == 0) {
-            return Ok(None);
+    /// `NAME` of `\d NAME` as SQL reads a table name: parts split on `.`
+    /// (`schema.name`, `catalog.schema.name`), unquoted parts lower-cased,
+    /// `"Quoted"` parts exact, with the session's dialect and
+    /// normalization, so that `\d` describes what `SELECT * FROM NAME`
+    /// reads.
+    fn table_reference(&self, name: &str) -> Result<TableReference, String> {
+        use datafusion::sql::sqlparser::parser::Parser;
+        use datafusion::sql::sqlparser::tokenizer::Token;
+        let state = self.ctx.state();
+        let options = &state.config().options().sql_parser;
+        let dialect = datafusion::sql::sqlparser::dialect::dialect_from_str(options.dialect)
+            .ok_or_else(|| format!("unsupported SQL dialect '{}'", options.dialect))?;
+        let not_a_name = || "not a table name (NAME, schema.NAME or \"Quoted Name\")".to_string();
+        let mut parser = Parser::new(dialect.as_ref())
+            .try_with_sql(name)
+            .map_err(|_| not_a_name())?;
+        let object = parser.parse_object_name(false).map_err(|_| not_a_name())?;
+        if parser.peek_token().token != Token::EOF {
+            return Err(not_a_name());
         }
-        Ok(Some(self.ctx.read_batches(batches)?))
+        let parts = object
+            .0
+            .iter()
+            .map(|part| {
+                let ident = part.as_ident().ok_or_else(not_a_name)?;
+                Ok(match ident.quote_style {
+                    None if options.enable_ident_normalization => ident.value.to_lowercase(),
+                    _ => ident.value.clone(),
+                })
+            })
+            .collect::<Result<Vec<String>, String>>()?;
+        Ok(match parts.as_slice() {
+            [table] => TableReference::bare(table.as_str()),
+            [schema, table] => TableReference::partial(schema.as_str(), table.as_str()),
+            [catalog, schema, table] => {
+                TableReference::full(catalog.as_str(), schema.as_str(), table.as_str())
+            }
+            _ => return Err(not_a_name()),
+        })
+    }
+
+    /// `\d NAME`: its columns as `DESCRIBE` shows them, or `None` when
+    /// there is no such table. Read from the table itself, not from
+    /// information_schema (which has no rows for its own tables, and whose
+    /// filter on the schema alone mixed catalogs up).
+    async fn columns(
+        &self,
+        table: &TableReference,
+    ) -> datafusion::error::Result<Option<DataFrame>> {
+        use arrow::datatypes::{DataType, Field, Schema};
+        let Ok(provider) = self.ctx.table_provider(table.clone()).await else {
+            return Ok(None);
+        };
+        let schema = provider.schema();
+        let mut name = arrow::array::StringBuilder::new();
+        let mut data_type = arrow::array::StringBuilder::new();
+        let mut nullable = arrow::array::StringBuilder::new();
+        for f in schema.fields() {
+            name.append_value(f.name());
+            data_type.append_value(f.data_type().to_string());
+            nullable.append_value(if f.is_nullable() { "YES" } else { "NO" });
+        }
+        let described = Arc::new(Schema::new(vec![
+            Field::new("column_name", DataType::Utf8, false),
+            Field::new("data_type", DataType::Utf8, false),
+            Field::new("is_nullable", DataType::Utf8, false),
+        ]));
+        let batch = arrow::record_batch::RecordBatch::try_new(
+            described,
+            vec![
+                Arc::new(name.finish()),
+                Arc::new(data_type.finish()),
+                Arc::new(nullable.finish()),
+            ],
+        )?;
+        Ok(Some(self.ctx.read_batch(batch)?))
     }
 
     fn default_schema(&self) -> (String, String) {
@@ -714,15 +779,6 @@ fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// An identifier as SQL reads it: `"Quoted"` exact, anything else
-/// lower-cased.
-fn identifier(s: &str) -> String {
-    match s.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
-        Some(q) => q.replace("\"\"", "\""),
-        None => s.to_lowercase(),
-    }
-}
-
 /// SQL that does not plan: the user's to fix (exit 2).
 fn is_usage(e: &DataFusionError) -> bool {
     use DataFusionError as D;
@@ -893,9 +949,7 @@ mod tests {
     }
 
     #[test]
-    fn identifiers_as_sql_reads_them() {
-        assert_eq!(identifier("Events"), "events");
-        assert_eq!(identifier("\"Events\""), "Events");
+    fn literals_double_their_quotes() {
         assert_eq!(literal("it's"), "'it''s'");
     }
 

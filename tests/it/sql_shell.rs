@@ -715,6 +715,53 @@ fn interactive_shell_on_a_terminal_keeps_history() {
     );
 }
 
+/// `\d "My Table"` was "not a command" (the quoted name was split into
+/// words), and `\d datafusion.public.events` found nothing (the catalog was
+/// taken for part of the schema name). `\d` now reads a name as `SELECT *
+/// FROM NAME` would: quoted parts exact, unquoted lower-cased, up to
+/// catalog.schema.name, a `;` after it dropped as psql does.
+#[test]
+fn backslash_d_reads_quoted_and_qualified_names() {
+    let a = archive();
+    let src = a.source();
+    let run = backfill_stdin(
+        &["sql", "--source", &src, "--format", "csv"],
+        "CREATE VIEW \"My Table\" AS SELECT 1 AS \"A b\";\n\
+         \\d \"My Table\"\n\
+         \\d datafusion.public.\"My Table\"\n\
+         \\d DataFusion.Public.EVENTS;\n\
+         \\d information_schema.tables\n",
+    );
+    run.ok();
+    let my_table = "column_name,data_type,is_nullable\nA b,Int64,NO\n";
+    assert!(
+        run.stdout.starts_with(&format!("{my_table}{my_table}")),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        run.stdout.contains("\nevent_id,Utf8,YES\nkey,Utf8,YES\n")
+            && run.stdout.contains("\ntable_catalog,Utf8,NO\n"),
+        "{}",
+        run.describe()
+    );
+
+    for (name, needle) in [
+        ("\"EVENTS\"", "there is no table or view named \"EVENTS\""),
+        ("nope.events", "there is no table or view named nope.events"),
+        ("a.b.c.d", "not a table name"),
+        ("my table", "not a table name"),
+    ] {
+        let run = backfill_stdin(&["sql", "--source", &src], &format!("\\d {name}\n"));
+        let line = usage_error(&run);
+        assert!(
+            line.starts_with(&format!("error: stdin: line 1: \\d {name}: "))
+                && line.contains(needle),
+            "{line}"
+        );
+    }
+}
+
 /// A file saved by a Windows editor (a UTF-8 byte order mark, CRLF line
 /// ends) failed on its first statement ("found: \u{feff}"); a Latin-1 or
 /// UTF-16 file said only "stream did not contain valid UTF-8".
