@@ -318,6 +318,12 @@ impl Shell {
             .await
             .map_err(|e| match e {
                 Error::DataFusion(e) => self.failed(what, *e),
+                // Formatting a value failed: the statement is named, as
+                // for any error of a statement.
+                Error::Arrow(e) => Error::Io {
+                    what: format!("{}{what}", self.origin.prefix()),
+                    message: e.to_string(),
+                },
                 other => other,
             })?;
         if !columns {

@@ -808,3 +808,79 @@ fn windows_files_run_and_other_encodings_are_named() {
         "{line}"
     );
 }
+
+/// `--format csv` or `tsv` with a struct, list or map column printed the
+/// header and then failed ("Nested type Struct(...) is not supported in
+/// CSV"), naming no statement. Nested values are now written as their JSON
+/// text, as DuckDB writes them into CSV; JSON keeps them as JSON.
+#[test]
+fn csv_and_tsv_write_nested_values_as_json_text() {
+    let a = archive();
+    let q = "SELECT event_id, named_struct('key', key, 'seq', seq) AS s, [seq, seq + 1] AS l, \
+             map(['k'], [key]) AS m, CAST(NULL AS BIGINT[]) AS n \
+             FROM events WHERE event_id = 'e01'";
+    for (format, want) in [
+        (
+            "csv",
+            "event_id,s,l,m,n\n\
+             e01,\"{\"\"key\"\":\"\"k1\"\",\"\"seq\"\":1}\",\"[1,2]\",\"{\"\"k\"\":\"\"k1\"\"}\",\n",
+        ),
+        (
+            "tsv",
+            "event_id\ts\tl\tm\tn\n\
+             e01\t\"{\"\"key\"\":\"\"k1\"\",\"\"seq\"\":1}\"\t[1,2]\t\"{\"\"k\"\":\"\"k1\"\"}\"\t\n",
+        ),
+        (
+            "ndjson",
+            "{\"event_id\":\"e01\",\"s\":{\"key\":\"k1\",\"seq\":1},\"l\":[1,2],\"m\":{\"k\":\"k1\"},\"n\":null}\n",
+        ),
+    ] {
+        let run = sql(&a.source(), &["--format", format, q]);
+        run.ok();
+        assert_eq!(run.stdout, want, "{format}\n{}", run.describe());
+    }
+    // No rows: the header alone, as for any result.
+    let run = sql(
+        &a.source(),
+        &[
+            "--format",
+            "csv",
+            "SELECT [seq] AS l FROM events WHERE false",
+        ],
+    );
+    run.ok();
+    assert_eq!(run.stdout, "l\n", "{}", run.describe());
+}
+
+/// A value holding a newline printed as two table rows, one holding ESC
+/// sent the terminal its escape sequence (`\x1b[31m` turned it red), and a
+/// tab broke the column's width. A table shows them escaped; CSV and JSON,
+/// for programs, keep the bytes.
+#[test]
+fn table_cells_escape_control_characters() {
+    let a = archive();
+    let q = "SELECT 'a' || chr(10) || 'b' AS nl, 'c' || chr(27) || '[31mred' AS esc, \
+             'x' || chr(9) || 'y' AS \"t\u{1b}ab\", chr(8238) || 'gnp.exe' AS bidi";
+    let run = sql(&a.source(), &[q]);
+    run.ok();
+    assert!(
+        run.stdout
+            .contains("| a\\nb | c\\x1b[31mred | x\\ty    | \\u{202e}gnp.exe |")
+            && run.stdout.contains("| nl   | esc          | t\\x1bab |"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        !run.stdout.contains(['\u{1b}', '\t', '\u{202e}']) && run.stdout.lines().count() == 6,
+        "{}",
+        run.describe()
+    );
+    let run = sql(&a.source(), &["--format", "csv", q]);
+    run.ok();
+    assert_eq!(
+        run.stdout,
+        "nl,esc,t\u{1b}ab,bidi\n\"a\nb\",c\u{1b}[31mred,x\ty,\u{202e}gnp.exe\n",
+        "{}",
+        run.describe()
+    );
+}
