@@ -155,6 +155,37 @@ fn settings(args: &SqlArgs) -> Result<(Scan, Option<String>), Error> {
 
 /// `backfill sql`.
 pub async fn run(args: SqlArgs) -> Result<(), Error> {
+    session(args).await.map_err(escaped)
+}
+
+/// `e` with the control characters of its text escaped (ESC as `\x1b`, as
+/// a table shows it; see [`print::escape_controls`]), keeping its exit
+/// code. The text of an error comes from SQL, data, file names and paths in
+/// the archive, and reaches a terminal: `SELECT * FROM "\x1b[2J"` cleared
+/// the screen with its "table not found". Line breaks and tabs are left to
+/// the fold into one line that `Error::line` does.
+fn escaped(e: Error) -> Error {
+    let text = e.to_string();
+    let clean = print::escape_error(&text);
+    if clean == text {
+        return e;
+    }
+    if e.exit_code() == crate::error::EXIT_USAGE {
+        return Error::Usage(clean.into_owned());
+    }
+    match clean.split_once(": ") {
+        Some((what, message)) => Error::Io {
+            what: what.to_string(),
+            message: message.to_string(),
+        },
+        None => Error::Io {
+            what: "sql".into(),
+            message: clean.into_owned(),
+        },
+    }
+}
+
+async fn session(args: SqlArgs) -> Result<(), Error> {
     let input = input(&args)?;
     let (scan, state_loc) = settings(&args)?;
     let ctx = source::session(&scan)?;
@@ -353,11 +384,12 @@ impl Shell {
         } else if printed.more {
             // After the rows it is about, on a terminal showing both.
             self.out.flush().map_err(print::stdout_error)?;
-            eprintln!(
-                "warning: {}{what}: printed the first {} row(s); the rest were not fetched ({more})",
+            let warning = format!(
+                "{}{what}: printed the first {} row(s); the rest were not fetched ({more})",
                 self.origin.prefix(),
                 printed.rows
             );
+            eprintln!("warning: {}", print::escape_error(&warning));
         }
         Ok(())
     }
@@ -636,7 +668,8 @@ impl Shell {
             let items = match parse(&self.ctx, &text) {
                 Ok(items) => items,
                 Err(e) => {
-                    eprintln!("error: {}", crate::redact::line(&e.to_string()));
+                    let line = crate::redact::line(&e.to_string());
+                    eprintln!("error: {}", print::escape_error(&line));
                     continue;
                 }
             };
@@ -654,7 +687,7 @@ impl Shell {
                         break;
                     }
                     Some(Err(e)) => {
-                        eprintln!("error: {}", e.line());
+                        eprintln!("error: {}", escaped(e).line());
                         break;
                     }
                     None => {

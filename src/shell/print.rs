@@ -415,9 +415,23 @@ fn display_text(col: &ArrayRef, cell: bool) -> Result<ArrayRef, Error> {
 /// otherwise than it is, as `\u{202e}`). For text that reaches a terminal
 /// from data, file names or SQL: a table cell, an error line.
 pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    escape(s, true)
+}
+
+/// [`escape_controls`] for an error or warning line, but for the line
+/// breaks and tabs that `Error::line` folds into spaces (DataFusion's
+/// messages span lines; `\n` in them would read worse than a space).
+pub fn escape_error(s: &str) -> std::borrow::Cow<'_, str> {
+    escape(s, false)
+}
+
+fn escape(s: &str, whitespace: bool) -> std::borrow::Cow<'_, str> {
     let escaped = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        (c.is_control() && (whitespace || !matches!(c, '\n' | '\r' | '\t')))
+            || matches!(
+                c,
+                '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+            )
     };
     if !s.chars().any(escaped) {
         return std::borrow::Cow::Borrowed(s);
@@ -425,12 +439,12 @@ pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
         match c {
+            c if !escaped(c) => out.push(c),
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if escaped(c) && (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c if escaped(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
-            c => out.push(c),
+            c if (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
         }
     }
     std::borrow::Cow::Owned(out)
@@ -694,6 +708,10 @@ mod tests {
     #[test]
     fn control_characters_are_escaped() {
         assert_eq!(escape_controls("plain é"), "plain é");
+        assert_eq!(
+            escape_error("table 'a\u{1b}[2J' not\nfound"),
+            "table 'a\\x1b[2J' not\nfound"
+        );
         assert_eq!(
             escape_controls("a\nb\r\tc\u{1b}[0m\u{7f}\u{9b}\u{202e}"),
             "a\\nb\\r\\tc\\x1b[0m\\x7f\\u{9b}\\u{202e}"

@@ -884,3 +884,68 @@ fn table_cells_escape_control_characters() {
         run.describe()
     );
 }
+
+/// Control characters from SQL, data or file names reached the terminal
+/// raw inside error and warning lines: `SELECT * FROM "\x1b[2J"` cleared
+/// the screen with its "table not found". They are escaped as in a table;
+/// the exit code is the error's own.
+#[test]
+fn errors_escape_control_characters() {
+    let a = archive();
+    let src = a.source();
+    let raw = |run: &Run| run.stderr.contains(['\u{1b}', '\u{202e}']);
+
+    let run = sql(&src, &["SELECT * FROM \"nope\u{1b}[2J\""]);
+    let line = usage_error(&run);
+    assert!(
+        line.contains("(line 1: SELECT * FROM \"nope\\x1b[2J\")")
+            && line.contains("'datafusion.public.nope\\x1b[2J' not found")
+            && !raw(&run),
+        "{}",
+        run.describe()
+    );
+
+    // From data: a value that does not cast (a runtime error, exit 1).
+    let run = sql(
+        &src,
+        &["SELECT CAST(event_id || chr(27) || '[2J' AS INT) FROM events"],
+    );
+    run.expect_code(1);
+    assert!(
+        run.stderr_lines()[0].contains("\\x1b[2J") && !raw(&run),
+        "{}",
+        run.describe()
+    );
+
+    // From a file name, in an error and in a warning.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad\u{1b}[31m\u{202e}.sql");
+    std::fs::write(&bad, "SELEC 1").unwrap();
+    let run = sql(&src, &["-f", &bad.display().to_string()]);
+    let line = usage_error(&run);
+    assert!(
+        line.contains("bad\\x1b[31m\\u{202e}.sql: statement 1") && !raw(&run),
+        "{line}"
+    );
+    let warned = dir.path().join("warned\u{1b}[31m.sql");
+    std::fs::write(&warned, "SELECT event_id FROM events").unwrap();
+    let run = sql(
+        &src,
+        &[
+            "--format",
+            "csv",
+            "--maxrows",
+            "1",
+            "-f",
+            &warned.display().to_string(),
+        ],
+    );
+    run.ok();
+    assert!(
+        run.stderr.contains("warning: ")
+            && run.stderr.contains("warned\\x1b[31m.sql: ")
+            && !raw(&run),
+        "{}",
+        run.describe()
+    );
+}
