@@ -296,7 +296,7 @@ impl Shell {
                     // (a view it creates) is checked when its turn comes.
                     && let Ok(plan) = self.ctx.state().statement_to_plan(p.statement.clone()).await
                 {
-                    self.guard(p, &plan)?;
+                    self.check(p, &plan)?;
                 }
             }
         }
@@ -326,14 +326,38 @@ impl Shell {
             .statement_to_plan(p.statement.clone())
             .await
             .map_err(|e| self.failed(&p.name(), e))?;
-        self.guard(p, &plan)?;
+        self.check(p, &plan)?;
+        // SET, DROP VIEW and their like only change the session's catalog:
+        // when they fail ("View 'v' doesn't exist", a setting's value that
+        // does not parse) the statement is at fault, not the data.
+        let catalog_only = catalog_only(&plan);
         let plan = limited(plan, self.maxrows).map_err(|e| self.failed(&p.name(), e))?;
         let df = self
             .ctx
             .execute_logical_plan(plan)
             .await
-            .map_err(|e| self.failed(&p.name(), e))?;
+            .map_err(|e| self.error(&p.name(), e, catalog_only))?;
         self.show(df, &p.name(), started).await
+    }
+
+    /// What is checked of a statement before it runs, and of a script's
+    /// statements before any of them does: a time zone that could not be
+    /// used, and the read-only guard.
+    fn check(&self, p: &Piece, plan: &LogicalPlan) -> Result<(), Error> {
+        if let LogicalPlan::Statement(datafusion::logical_expr::Statement::SetVariable(v)) = plan
+            && v.variable == TIME_ZONE
+            && v.value.parse::<arrow::array::timezone::Tz>().is_err()
+        {
+            // DataFusion takes any text and every later query that shows a
+            // time fails on it ("Invalid timezone").
+            return Err(Error::Usage(format!(
+                "{}{}: '{}' is not a time zone: give an offset ('+02:00') or a name ('Europe/Paris', 'UTC')",
+                self.origin.prefix(),
+                p.name(),
+                v.value
+            )));
+        }
+        self.guard(p, plan)
     }
 
     /// Print a result with its footer (tables) or its truncation warning
@@ -412,13 +436,17 @@ impl Shell {
     /// A DataFusion error of `what`, as one line naming it: SQL that does
     /// not plan is a usage error (exit 2), anything else a runtime one.
     fn failed(&self, what: &str, e: DataFusionError) -> Error {
+        let usage = is_usage(&e);
+        self.error(what, e, usage)
+    }
+
+    /// [`Shell::failed`], with the exit code chosen by the caller.
+    fn error(&self, what: &str, e: DataFusionError, usage: bool) -> Error {
         let at = format!("{}{what}", self.origin.prefix());
-        if is_usage(&e) {
+        if usage {
             let line = e.to_string();
-            Error::Usage(format!(
-                "{at}: {}",
-                line.split_whitespace().collect::<Vec<_>>().join(" ")
-            ))
+            let line = line.split_whitespace().collect::<Vec<_>>().join(" ");
+            Error::Usage(format!("{at}: {}", without_debug(&line)))
         } else {
             // The crate's own wording (e.g. out of memory under
             // --memory-limit), after the statement.
@@ -818,6 +846,58 @@ fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// DataFusion's name of the session's time zone, which `SET TIME ZONE`,
+/// `SET timezone` and `SET datafusion.execution.time_zone` all set.
+const TIME_ZONE: &str = "datafusion.execution.time_zone";
+
+/// A plan that only changes the session's catalog or settings: no data is
+/// read, so its failure is the statement's (exit 2).
+fn catalog_only(plan: &LogicalPlan) -> bool {
+    use datafusion::logical_expr::{DdlStatement as D, Statement as S};
+    matches!(
+        plan,
+        LogicalPlan::Statement(S::SetVariable(_) | S::ResetVariable(_) | S::Deallocate(_))
+            | LogicalPlan::Ddl(
+                D::CreateView(_)
+                    | D::DropView(_)
+                    | D::DropTable(_)
+                    | D::CreateCatalog(_)
+                    | D::CreateCatalogSchema(_)
+                    | D::DropCatalogSchema(_)
+                    | D::DropFunction(_)
+            )
+    )
+}
+
+/// A DataFusion message without the Rust debug dump of a syntax tree that
+/// some of its "not implemented" errors end with (`SET variant not
+/// implemented yet: SetRole { context_modifier: None, role_name: Some(Ident
+/// { value: "admin", quote_style: None, span: Span(Location(1,10)..` and
+/// on): the dump is cut to its type name and where it starts, as the
+/// statement is named already. A dump is known by the spans every node of
+/// the tree carries.
+fn without_debug(message: &str) -> String {
+    let Some(span) = message.find("Span(Location(") else {
+        return message.to_string();
+    };
+    let start = regex::Regex::new(r"\b[A-Z][A-Za-z0-9]*\s?[({]").expect("a valid regex");
+    let Some(m) = start.find(&message[..span]) else {
+        return message.to_string();
+    };
+    let name = m.as_str().trim_end_matches(['(', '{', ' ']);
+    let mut out = format!("{}{name}", &message[..m.start()]);
+    let at = regex::Regex::new(r"Location\((\d+),(\d+)\)").expect("a valid regex");
+    if let Some(c) = at.captures(&message[span..]) {
+        out.push_str(&format!(" at line {}, column {}", &c[1], &c[2]));
+    }
+    if out.contains("SET variant not implemented") {
+        out.push_str(
+            " (SET name = value and SET TIME ZONE are what DataFusion sets; SHOW ALL lists the settings)",
+        );
+    }
+    out
+}
+
 /// SQL that does not plan: the user's to fix (exit 2).
 fn is_usage(e: &DataFusionError) -> bool {
     use DataFusionError as D;
@@ -859,18 +939,26 @@ fn limited(plan: LogicalPlan, maxrows: Option<usize>) -> datafusion::error::Resu
 /// if anything. `sql` explores an archive, often a production one, and a
 /// typo'd `COPY ... TO` or an `INSERT` into an external table must not
 /// overwrite files there. Queries, EXPLAIN (without ANALYZE of a write),
-/// SHOW, DESCRIBE and session-only views are read-only. Decided on the
+/// SHOW, DESCRIBE, session-only views and the session's time zone are
+/// read-only. Decided on the
 /// plan, not the text: `EXPLAIN ANALYZE COPY ...` executes the COPY, and
 /// the plan says so wherever the statement hides it.
 fn writes(plan: &LogicalPlan) -> Option<String> {
     use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-    use datafusion::logical_expr::DdlStatement;
+    use datafusion::logical_expr::{DdlStatement, ResetVariable, SetVariable, Statement};
     let mut found = None;
     let _ = plan.apply(|p| {
         let what = match p {
             LogicalPlan::Dml(d) => Some(format!("{} {}", d.op.name().to_uppercase(), d.table_name)),
             LogicalPlan::Copy(c) => Some(format!("COPY ... TO '{}'", c.output_url)),
             LogicalPlan::Ddl(DdlStatement::CreateView(_)) => None,
+            // How this session shows times, nothing more.
+            LogicalPlan::Statement(Statement::SetVariable(SetVariable { variable, .. }))
+            | LogicalPlan::Statement(Statement::ResetVariable(ResetVariable { variable }))
+                if variable == TIME_ZONE =>
+            {
+                None
+            }
             LogicalPlan::Ddl(d) => Some(sql_words(d.name())),
             LogicalPlan::Statement(s) => Some(sql_words(s.name())),
             _ => None,
@@ -985,6 +1073,22 @@ mod tests {
             limited(explain, Some(1)).unwrap(),
             LogicalPlan::Explain(_)
         ));
+    }
+
+    #[test]
+    fn debug_dumps_are_cut_to_their_type_name() {
+        assert_eq!(
+            without_debug(
+                "This feature is not implemented: SET variant not implemented yet: SetRole { \
+                 context_modifier: None, role_name: Some(Ident { value: \"admin\", quote_style: \
+                 None, span: Span(Location(1,10)..Location(1,15)) }) }"
+            ),
+            "This feature is not implemented: SET variant not implemented yet: SetRole at line 1, \
+             column 10 (SET name = value and SET TIME ZONE are what DataFusion sets; SHOW ALL \
+             lists the settings)"
+        );
+        let plain = "Error during planning: table 'datafusion.public.x' not found";
+        assert_eq!(without_debug(plain), plain);
     }
 
     #[test]

@@ -238,10 +238,45 @@ fn split(
             number,
             line,
             text,
-            statement,
+            statement: time_zone(statement),
         })));
     }
     Ok(())
+}
+
+/// `SET TIME ZONE x` (PostgreSQL's and the standard's spelling) as the `SET
+/// timezone = x` DataFusion plans: DataFusion has no plan for it and
+/// answered with a Rust debug dump of the statement. `SET TIME ZONE LOCAL`
+/// and `DEFAULT` reset it, as in PostgreSQL.
+fn time_zone(statement: Statement) -> Statement {
+    use datafusion::sql::parser::ResetStatement;
+    use datafusion::sql::sqlparser::ast::{Expr, Ident, ObjectName, Set, Statement as Sql};
+    let Statement::Statement(sql) = statement else {
+        return statement;
+    };
+    let Sql::Set(Set::SetTimeZone {
+        local: false,
+        value,
+    }) = *sql
+    else {
+        return Statement::Statement(sql);
+    };
+    let variable = ObjectName::from(vec![Ident::new("timezone")]);
+    match &value {
+        Expr::Identifier(i)
+            if i.quote_style.is_none()
+                && (i.value.eq_ignore_ascii_case("local")
+                    || i.value.eq_ignore_ascii_case("default")) =>
+        {
+            Statement::Reset(ResetStatement::Variable(variable))
+        }
+        _ => Statement::Statement(Box::new(Sql::Set(Set::SingleAssignment {
+            scope: None,
+            hivevar: false,
+            variable,
+            values: vec![value],
+        }))),
+    }
 }
 
 fn is_blank(t: &Token) -> bool {

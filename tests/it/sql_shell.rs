@@ -949,3 +949,70 @@ fn errors_escape_control_characters() {
         run.describe()
     );
 }
+
+/// `SET TIME ZONE 'UTC'` answered with a Rust debug dump of the statement
+/// (`SetTimeZone { local: false, value: Value(ValueWithSpan { ...`), as
+/// did `SET ROLE` and the other SETs DataFusion has no plan for. The time
+/// zone is now set (it only changes how this session shows times, so no
+/// --allow-writes is needed) and prints nothing, as datafusion-cli's SET
+/// does; a zone that no query could use is refused when set, not by every
+/// later query; the other SETs are one readable line.
+#[test]
+fn set_time_zone_runs_and_other_sets_say_what_is_wrong() {
+    let a = archive();
+    let src = a.source();
+    let run = sql(
+        &src,
+        &[
+            "--format",
+            "csv",
+            "SET TIME ZONE 'Europe/Paris'; SHOW TIME ZONE; \
+             SET datafusion.execution.time_zone = '+02:00'; SHOW TIME ZONE; \
+             SET TIME ZONE LOCAL; SHOW TIME ZONE",
+        ],
+    );
+    run.ok();
+    assert_eq!(
+        run.stdout,
+        "name,value\ndatafusion.execution.time_zone,Europe/Paris\n\
+         name,value\ndatafusion.execution.time_zone,+02:00\n\
+         name,value\ndatafusion.execution.time_zone,\n",
+        "{}",
+        run.describe()
+    );
+    assert!(run.stderr_lines().is_empty(), "{}", run.describe());
+
+    let line = usage_error(&sql(&src, &["SELECT 1; SET TIME ZONE 'Mars/Olympus'"]));
+    assert!(
+        line.contains(
+            "statement 2 (line 1: SET TIME ZONE 'Mars/Olympus'): 'Mars/Olympus' is not a time zone"
+        ),
+        "{line}"
+    );
+    for q in [
+        "SET ROLE admin",
+        "SET NAMES utf8",
+        "SET LOCAL TIME ZONE 'UTC'",
+    ] {
+        let line = usage_error(&sql(&src, &["--allow-writes", q]));
+        assert!(
+            line.contains(&format!("(line 1: {q}): "))
+                && line.contains("SHOW ALL lists the settings")
+                && !line.contains("Span(")
+                && !line.contains('{'),
+            "{line}"
+        );
+    }
+    // A SET or DROP that fails is the statement's fault (exit 2), not the
+    // data's (it was 1).
+    for (q, needle) in [
+        (
+            "SET datafusion.execution.batch_size = 'lots'",
+            "Error parsing 'lots'",
+        ),
+        ("DROP VIEW nope", "View 'nope' doesn't exist"),
+    ] {
+        let line = usage_error(&sql(&src, &["--allow-writes", q]));
+        assert!(line.contains(needle), "{line}");
+    }
+}
