@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::ValueEnum;
-use datafusion::common::TableReference;
+use datafusion::common::{ResolvedTableReference, TableReference};
 use datafusion::dataframe::DataFrame;
 use datafusion::error::DataFusionError;
 use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
@@ -235,6 +235,7 @@ async fn session(args: SqlArgs) -> Result<(), Error> {
         None if std::io::stdout().is_terminal() => Some(TERMINAL_MAXROWS),
         None => None,
     };
+    let builtins = builtins(&ctx);
     let mut shell = Shell {
         ctx,
         format: args.format,
@@ -242,6 +243,7 @@ async fn session(args: SqlArgs) -> Result<(), Error> {
         allow_writes: args.allow_writes,
         out: Out::stdout(),
         origin: Origin::Shell,
+        builtins,
     };
     match script {
         Some((origin, items)) => {
@@ -282,22 +284,25 @@ struct Shell {
     allow_writes: bool,
     out: Out,
     origin: Origin,
+    /// The tables and views `backfill sql` registered (archive, events, the
+    /// sql/ views, the state's tables), by full name: none of them may be
+    /// replaced or dropped.
+    builtins: std::collections::BTreeSet<ResolvedTableReference>,
 }
 
 impl Shell {
     /// Run a script: refused whole if any statement that plans on its own
-    /// writes; then in order, stopping at the first error (its exit code
-    /// is the script's) or `\q`.
+    /// fails [`Shell::check`] (it writes, it replaces a built-in table);
+    /// then in order, stopping at the first error (its exit code is the
+    /// script's) or `\q`.
     async fn script(&mut self, items: &[Item]) -> Result<(), Error> {
-        if !self.allow_writes {
-            for item in items {
-                if let Item::Sql(p) = item
-                    // A statement that only plans after an earlier one ran
-                    // (a view it creates) is checked when its turn comes.
-                    && let Ok(plan) = self.ctx.state().statement_to_plan(p.statement.clone()).await
-                {
-                    self.check(p, &plan)?;
-                }
+        for item in items {
+            if let Item::Sql(p) = item
+                // A statement that only plans after an earlier one ran
+                // (a view it creates) is checked when its turn comes.
+                && let Ok(plan) = self.ctx.state().statement_to_plan(p.statement.clone()).await
+            {
+                self.check(p, &plan)?;
             }
         }
         for item in items {
@@ -341,9 +346,18 @@ impl Shell {
     }
 
     /// What is checked of a statement before it runs, and of a script's
-    /// statements before any of them does: a time zone that could not be
-    /// used, and the read-only guard.
+    /// statements before any of them does: a built-in table replaced or
+    /// dropped, a time zone that could not be used, and the read-only guard.
     fn check(&self, p: &Piece, plan: &LogicalPlan) -> Result<(), Error> {
+        if let Some(name) = self.replaced_builtin(plan) {
+            return Err(Error::Usage(format!(
+                "{}{}: {name} is one of backfill's own tables and views (\\d lists them): \
+                 replacing or dropping it is refused, as every later statement would read \
+                 something else under that name; give yours another name",
+                self.origin.prefix(),
+                p.name(),
+            )));
+        }
         if let LogicalPlan::Statement(datafusion::logical_expr::Statement::SetVariable(v)) = plan
             && v.variable == TIME_ZONE
             && v.value.parse::<arrow::array::timezone::Tz>().is_err()
@@ -416,6 +430,39 @@ impl Shell {
             eprintln!("warning: {}", print::escape_error(&warning));
         }
         Ok(())
+    }
+
+    /// The name of the built-in table or view `plan` would create over,
+    /// replace or drop, if any. `CREATE OR REPLACE VIEW events AS ...`
+    /// silently replaced the window for the rest of the session, so that
+    /// `unprocessed`, `candidates` and every later query read the
+    /// replacement: in a tool used to decide what to replay, that is
+    /// refused rather than announced. Decided on the plan, by full name, so
+    /// that `public.events` and `"events"` are the same name.
+    fn replaced_builtin(&self, plan: &LogicalPlan) -> Option<String> {
+        use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+        use datafusion::logical_expr::DdlStatement as D;
+        let (catalog, schema) = self.default_schema();
+        let mut found = None;
+        let _ = plan.apply(|p| {
+            let name = match p {
+                LogicalPlan::Ddl(D::CreateView(v)) => &v.name,
+                LogicalPlan::Ddl(D::CreateMemoryTable(t)) => &t.name,
+                LogicalPlan::Ddl(D::CreateExternalTable(t)) => &t.name,
+                LogicalPlan::Ddl(D::DropView(v)) => &v.name,
+                LogicalPlan::Ddl(D::DropTable(t)) => &t.name,
+                _ => return Ok(TreeNodeRecursion::Continue),
+            };
+            if self
+                .builtins
+                .contains(&name.clone().resolve(&catalog, &schema))
+            {
+                found = Some(name.table().to_string());
+                return Ok(TreeNodeRecursion::Stop);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        });
+        found
     }
 
     /// Refuse a statement that writes, unless `--allow-writes`.
@@ -844,6 +891,21 @@ fn describe(table: &str) -> Option<&'static str> {
 /// A SQL string literal.
 fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Every table and view in the session's default schema, by full name:
+/// taken once all of `backfill sql`'s own are registered.
+fn builtins(ctx: &SessionContext) -> std::collections::BTreeSet<ResolvedTableReference> {
+    let state = ctx.state();
+    let c = &state.config().options().catalog;
+    let (catalog, schema) = (c.default_catalog.as_str(), c.default_schema.as_str());
+    ctx.catalog(catalog)
+        .and_then(|cat| cat.schema(schema))
+        .map(|s| s.table_names())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| TableReference::full(catalog, schema, t).resolve(catalog, schema))
+        .collect()
 }
 
 /// DataFusion's name of the session's time zone, which `SET TIME ZONE`,

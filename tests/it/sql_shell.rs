@@ -1016,3 +1016,48 @@ fn set_time_zone_runs_and_other_sets_say_what_is_wrong() {
         assert!(line.contains(needle), "{line}");
     }
 }
+
+/// `CREATE OR REPLACE VIEW events AS ...` silently replaced the window for
+/// the rest of the session: `unprocessed`, `candidates` and every later
+/// query read the replacement. Replacing or dropping any of backfill's own
+/// tables and views is refused, however the name is spelled, before
+/// anything of the script runs; the session's own views are the user's.
+#[test]
+fn builtin_tables_are_not_replaced_or_dropped() {
+    let a = archive();
+    let src = a.source();
+    for (q, name) in [
+        (
+            "SELECT 1 AS first; CREATE OR REPLACE VIEW events AS SELECT 1 AS x; \
+             SELECT count(*) FROM unprocessed",
+            "events",
+        ),
+        ("CREATE VIEW Events AS SELECT 1", "events"),
+        ("CREATE OR REPLACE VIEW public.gaps AS SELECT 1", "gaps"),
+        ("DROP VIEW datafusion.public.candidates", "candidates"),
+        ("DROP TABLE IF EXISTS \"runs\"", "runs"),
+        ("CREATE OR REPLACE TABLE ledger AS SELECT 1", "ledger"),
+    ] {
+        // --allow-writes: refused for what it would replace, not as a write.
+        let line = usage_error(&sql(&src, &["--allow-writes", q]));
+        assert!(
+            line.contains(&format!(
+                "{name} is one of backfill's own tables and views (\\d lists them): replacing or dropping it is refused"
+            )),
+            "{q}\n{line}"
+        );
+    }
+    // A name of the user's own, even one that differs only by quoting, is
+    // theirs to replace; `events` is still the window.
+    let run = sql(
+        &src,
+        &[
+            "--format",
+            "csv",
+            "CREATE VIEW \"Events\" AS SELECT 1 AS x; CREATE OR REPLACE VIEW \"Events\" AS SELECT 2 AS x; \
+             SELECT x FROM \"Events\"; SELECT count(*) AS n FROM events",
+        ],
+    );
+    run.ok();
+    assert_eq!(run.stdout, "x\n2\nn\n50\n", "{}", run.describe());
+}
