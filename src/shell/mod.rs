@@ -153,9 +153,45 @@ fn settings(args: &SqlArgs) -> Result<(Scan, Option<String>), Error> {
     Ok((scan, state_loc))
 }
 
-/// `backfill sql`.
+/// The stack of the thread `sql` parses and plans on: DataFusion's planner
+/// and optimizer, and the syntax tree's derived `Clone` and `Drop`, recurse
+/// once per level of an expression, and a chain of 8,000 `+` overflowed the
+/// main thread's 8 MiB in a debug build (a process killed by SIGABRT, no
+/// error line). 64 MiB holds
+/// [`script::MAX_DEPTH`] levels with room to spare; it is address space,
+/// not memory, until used.
+const SESSION_STACK: usize = 64 << 20;
+
+/// The stack of the session runtime's workers, where the query's
+/// operators evaluate expressions (recursively, once per level): tokio's 2
+/// MiB overflowed at 3,000 terms in a debug build.
+const WORKER_STACK: usize = 16 << 20;
+
+/// `backfill sql`: the session runs on a thread and a runtime of its own,
+/// whose stacks hold statements as deep as [`script::MAX_DEPTH`] allows.
 pub async fn run(args: SqlArgs) -> Result<(), Error> {
-    session(args).await.map_err(escaped)
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let thread_error = |e: std::io::Error| Error::Io {
+        what: "sql: starting its thread".into(),
+        message: e.to_string(),
+    };
+    std::thread::Builder::new()
+        .name("backfill-sql".into())
+        .stack_size(SESSION_STACK)
+        .spawn(move || {
+            let outcome = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_stack_size(WORKER_STACK)
+                .build()
+                .map_err(thread_error)
+                .and_then(|rt| rt.block_on(session(args)));
+            let _ = tx.send(outcome);
+        })
+        .map_err(thread_error)?;
+    let outcome = rx
+        .await
+        .map_err(|_| Error::Internal("the sql session's thread ended without an outcome".into()))?;
+    outcome.map_err(escaped)
 }
 
 /// `e` with the control characters of its text escaped (ESC as `\x1b`, as

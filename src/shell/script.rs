@@ -220,7 +220,7 @@ fn split(
             ScriptError(format!(
                 "{}: {}",
                 name(number, line, &text),
-                parse_error_line(&e)
+                parse_error_line(&e, recursion_limit)
             ))
         })?;
         // No `;` inside the group: the parser found one statement, or said
@@ -234,6 +234,17 @@ fn split(
                 )));
             }
         };
+        if let Some(what) = too_deep(&statement) {
+            // Dropping a tree nested a million deep recurses as deep as it
+            // nests, and would overflow the stack this refusal protects:
+            // its memory is left to the process, which is about to stop
+            // (or, in the shell, goes on without it).
+            std::mem::forget(statement);
+            return Err(ScriptError(format!(
+                "{}: {what}",
+                name(number, line, &text)
+            )));
+        }
         parsed.items.push(Item::Sql(Box::new(Piece {
             number,
             line,
@@ -242,6 +253,98 @@ fn split(
         })));
     }
     Ok(())
+}
+
+/// How deep a statement's expressions may nest, and how many set
+/// operations (`UNION`, `EXCEPT`, `INTERSECT`) it may chain. The parser's
+/// recursion limit (`datafusion.sql_parser.recursion_limit`) stops
+/// parentheses and functions nested past it, but a chain of one operator
+/// (`1+1+1+...`, `a = 1 OR a = 2 OR ...`, `SELECT 1 UNION ALL SELECT 1 ...`)
+/// is parsed in a loop into a tree as deep as the chain is long, and the
+/// planner, the optimizer and the evaluation of the tree then recurse that
+/// deep: 10,000 terms overflowed the stack and killed the process. Past
+/// this depth a statement is refused, with one line; below it the session
+/// runs on stacks large enough for it (see `run` in the module).
+pub const MAX_DEPTH: usize = 2000;
+
+/// What is too deep in `statement`, if anything (see [`MAX_DEPTH`]).
+fn too_deep(statement: &Statement) -> Option<String> {
+    use datafusion::sql::parser::CopyToSource;
+    use datafusion::sql::sqlparser::ast::Visit;
+    let mut depth = Depth::default();
+    let flow = match statement {
+        Statement::Statement(s) => s.visit(&mut depth),
+        Statement::CopyTo(c) => match &c.source {
+            CopyToSource::Query(q) => q.visit(&mut depth),
+            CopyToSource::Relation(_) => std::ops::ControlFlow::Continue(()),
+        },
+        Statement::Explain(e) => return too_deep(&e.statement),
+        Statement::CreateExternalTable(_) | Statement::Reset(_) => {
+            std::ops::ControlFlow::Continue(())
+        }
+    };
+    match flow {
+        std::ops::ControlFlow::Break(what) => Some(what),
+        std::ops::ControlFlow::Continue(()) => None,
+    }
+}
+
+/// Counts the nesting of expressions as the visitor walks down and up, and
+/// stops at [`MAX_DEPTH`] (so that the walk itself recurses no deeper).
+#[derive(Default)]
+struct Depth {
+    exprs: usize,
+}
+
+impl datafusion::sql::sqlparser::ast::Visitor for Depth {
+    type Break = String;
+
+    fn pre_visit_query(
+        &mut self,
+        query: &datafusion::sql::sqlparser::ast::Query,
+    ) -> std::ops::ControlFlow<String> {
+        use datafusion::sql::sqlparser::ast::SetExpr;
+        // A chain of set operations nests to the left; the right side of
+        // each is parenthesised or of higher precedence (INTERSECT), and
+        // so within the parser's recursion limit.
+        let mut chain = 0;
+        let mut body = query.body.as_ref();
+        while let SetExpr::SetOperation { left, .. } = body {
+            chain += 1;
+            if chain > MAX_DEPTH {
+                return std::ops::ControlFlow::Break(format!(
+                    "more than {MAX_DEPTH} UNION, EXCEPT or INTERSECT in one chain is more \
+                     than `backfill sql` plans: split the query (a view per part), or read \
+                     the values from a file or a VALUES list"
+                ));
+            }
+            body = left;
+        }
+        std::ops::ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(
+        &mut self,
+        _: &datafusion::sql::sqlparser::ast::Expr,
+    ) -> std::ops::ControlFlow<String> {
+        self.exprs += 1;
+        if self.exprs > MAX_DEPTH {
+            return std::ops::ControlFlow::Break(format!(
+                "an expression nested more than {MAX_DEPTH} deep (a chain of that many \
+                 operators, such as x = 1 OR x = 2 OR ...) is more than `backfill sql` plans: \
+                 use x IN (1, 2, ...) for a list of values, or split the expression"
+            ));
+        }
+        std::ops::ControlFlow::Continue(())
+    }
+
+    fn post_visit_expr(
+        &mut self,
+        _: &datafusion::sql::sqlparser::ast::Expr,
+    ) -> std::ops::ControlFlow<String> {
+        self.exprs -= 1;
+        std::ops::ControlFlow::Continue(())
+    }
 }
 
 /// `SET TIME ZONE x` (PostgreSQL's and the standard's spelling) as the `SET
@@ -311,9 +414,15 @@ fn offset(text: &str, loc: Location) -> usize {
 
 /// A parser error as one line: the parser's own words, without the Rust
 /// debug wrapping (`SQL error: ParserError("...")`).
-fn parse_error_line(e: &datafusion::error::DataFusionError) -> String {
+fn parse_error_line(e: &datafusion::error::DataFusionError, recursion_limit: usize) -> String {
     use datafusion::error::DataFusionError as D;
+    use datafusion::sql::sqlparser::parser::ParserError;
     let s = match e.find_root() {
+        // "recursion limit exceeded" alone does not say what recursed.
+        D::SQL(pe, _) if matches!(**pe, ParserError::RecursionLimitExceeded) => format!(
+            "{pe}: parentheses, subqueries or function calls nested more than \
+             {recursion_limit} deep (datafusion.sql_parser.recursion_limit)"
+        ),
         D::SQL(pe, _) => pe.to_string(),
         other => other.to_string(),
     };
@@ -423,6 +532,48 @@ mod tests {
         assert_eq!(texts("\u{feff}\\d events\n"), vec!["\\d events"]);
         let e = parse(&GenericDialect {}, 50, "\u{feff}SELEC 1").unwrap_err();
         assert!(e.0.contains("Column: 1"), "{e}");
+    }
+
+    #[test]
+    fn chains_deeper_than_the_limit_are_refused_by_name() {
+        let chain = |op: &str, n: usize| vec!["1"; n].join(op);
+        // A chain of n terms nests n - 1 operators over its first term.
+        assert_eq!(
+            texts(&format!("SELECT {}", chain("+", MAX_DEPTH))),
+            vec![format!("SELECT {}", chain("+", MAX_DEPTH))]
+        );
+        let e = parse(
+            &GenericDialect {},
+            50,
+            &format!("SELECT 1;\nSELECT {}", chain("+", 10_000)),
+        )
+        .unwrap_err();
+        assert!(
+            e.0.starts_with("statement 2 (line 2: SELECT 1+1+")
+                && e.0.contains(&format!("nested more than {MAX_DEPTH} deep")),
+            "{e}"
+        );
+        let unions = vec!["SELECT 1"; MAX_DEPTH + 2].join(" UNION ALL ");
+        let e = parse(&GenericDialect {}, 50, &unions).unwrap_err();
+        assert!(e.0.contains("UNION, EXCEPT or INTERSECT"), "{e}");
+        // Inside EXPLAIN and COPY too.
+        let e = parse(
+            &GenericDialect {},
+            50,
+            &format!("EXPLAIN SELECT {}", chain(" OR ", 10_000)),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("nested more than"), "{e}");
+        let e = parse(
+            &GenericDialect {},
+            50,
+            &format!("SELECT {}1{}", "(".repeat(60), ")".repeat(60)),
+        )
+        .unwrap_err();
+        assert!(
+            e.0.contains("recursion limit exceeded: parentheses, subqueries or function calls nested more than 50 deep"),
+            "{e}"
+        );
     }
 
     #[test]

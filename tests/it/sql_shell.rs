@@ -1061,3 +1061,51 @@ fn builtin_tables_are_not_replaced_or_dropped() {
     run.ok();
     assert_eq!(run.stdout, "x\n2\nn\n50\n", "{}", run.describe());
 }
+
+/// `SELECT 1+1+...` with 10,000 terms overflowed the stack (SIGABRT, no
+/// error line), and so did a 2,000-term `OR` chain, planned on the main
+/// thread's 8 MiB. Chains past the limit are one line naming the statement,
+/// before anything of the script runs; chains below it run.
+#[test]
+fn deep_expressions_run_or_fail_with_one_line() {
+    let a = archive();
+    let src = a.source();
+    let terms = |n: usize| {
+        (0..n)
+            .map(|i| format!("event_id = 'e{i:02}'"))
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    };
+    // In files: a failure's description stays short.
+    let dir = tempfile::tempdir().unwrap();
+    let ors = dir.path().join("ors.sql");
+    std::fs::write(
+        &ors,
+        format!("SELECT count(*) AS n FROM events WHERE {}", terms(1998)),
+    )
+    .unwrap();
+    let run = sql(&src, &["--format", "csv", "-f", &ors.display().to_string()]);
+    run.ok();
+    assert_eq!(run.stdout, "n\n50\n", "{}", run.describe());
+
+    let file = dir.path().join("deep.sql");
+    std::fs::write(
+        &file,
+        format!(
+            "SELECT 1 AS first;\nSELECT {};\n",
+            vec!["1"; 10_000].join("+")
+        ),
+    )
+    .unwrap();
+    let f = file.display().to_string();
+    let line = usage_error(&sql(&src, &["-f", &f]));
+    assert!(
+        line.starts_with(&format!("error: {f}: statement 2 (line 2: SELECT 1+1+1+"))
+            && line.contains("nested more than 2000 deep"),
+        "{line}"
+    );
+    let unions = dir.path().join("unions.sql");
+    std::fs::write(&unions, vec!["SELECT 1 AS a"; 3000].join(" UNION ALL ")).unwrap();
+    let line = usage_error(&sql(&src, &["-f", &unions.display().to_string()]));
+    assert!(line.contains("more than 2000 UNION"), "{line}");
+}
