@@ -64,7 +64,7 @@ enum Input {
 /// The statements' source, decided before the archive is listed: a file
 /// that cannot be read is a usage error that costs no listing.
 fn input(args: &SqlArgs) -> Result<Input, Error> {
-    if let Some(q) = &args.query {
+    if let Some(q) = args.query.as_ref().or(args.command.as_ref()) {
         return Ok(Input::Script(Origin::Argument, q.clone()));
     }
     match &args.file {

@@ -1109,3 +1109,28 @@ fn deep_expressions_run_or_fail_with_one_line() {
     let line = usage_error(&sql(&src, &["-f", &unions.display().to_string()]));
     assert!(line.contains("more than 2000 UNION"), "{line}");
 }
+
+/// `backfill sql -c "SELECT ..."`, as datafusion-cli and psql take it, was
+/// "unexpected argument '-c' found".
+#[test]
+fn dash_c_is_the_query() {
+    let a = archive();
+    let src = a.source();
+    let run = sql(
+        &src,
+        &[
+            "--format",
+            "csv",
+            "-c",
+            "SELECT count(*) AS n FROM events;\n\\d",
+        ],
+    );
+    run.ok();
+    assert!(
+        run.stdout.starts_with("n\n50\nname,type,about\n"),
+        "{}",
+        run.describe()
+    );
+    let line = usage_error(&sql(&src, &["-c", "SELECT 1", "SELECT 2"]));
+    assert!(line.contains("'-c <SQL>' cannot be used with"), "{line}");
+}
