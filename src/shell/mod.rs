@@ -529,7 +529,10 @@ impl Shell {
         if usage {
             let line = e.to_string();
             let line = line.split_whitespace().collect::<Vec<_>>().join(" ");
-            Error::Usage(format!("{at}: {}", without_debug(&line)))
+            let line = self
+                .path_not_found(&line)
+                .unwrap_or_else(|| without_debug(&line));
+            Error::Usage(format!("{at}: {line}"))
         } else {
             // The crate's own wording (e.g. out of memory under
             // --memory-limit), after the statement.
@@ -538,6 +541,32 @@ impl Shell {
                 message: Error::from(e).to_string(),
             }
         }
+    }
+
+    /// DataFusion's answer to a path in FROM it cannot read (`SELECT * FROM
+    /// 'out/dlq/'` with a typo, a file without a known extension, a folder
+    /// without data files) is "table 'datafusion.public.out/dlq/' not
+    /// found": the path glued to the schema's name, as though it were a
+    /// table. Said as what it is, with what would be read.
+    fn path_not_found(&self, message: &str) -> Option<String> {
+        let (catalog, schema) = self.default_schema();
+        let prefix = format!("table '{catalog}.{schema}.");
+        let start = message.find(&prefix)? + prefix.len();
+        let name = message[start..].strip_suffix("' not found")?;
+        let path_like = name.contains('/') || name.contains('\\') || {
+            let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+            matches!(
+                ext.as_deref(),
+                Some("parquet" | "csv" | "tsv" | "json" | "ndjson" | "arrow" | "avro")
+            )
+        };
+        path_like.then(|| {
+            format!(
+                "'{name}' is no table, and no file or folder that can be read: a path in FROM \
+                 must exist and be a Parquet, CSV, JSON or Arrow file (known by its extension) \
+                 or a folder of them"
+            )
+        })
     }
 
     /// A shell command (`\d`, `\q`, ...).

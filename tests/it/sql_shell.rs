@@ -1134,3 +1134,29 @@ fn dash_c_is_the_query() {
     let line = usage_error(&sql(&src, &["-c", "SELECT 1", "SELECT 2"]));
     assert!(line.contains("'-c <SQL>' cannot be used with"), "{line}");
 }
+
+/// A path in FROM that cannot be read (a typo, a file of no known
+/// extension) said "table 'datafusion.public.out/dlq/' not found", the path
+/// glued to the schema as if it were a table's name.
+#[test]
+fn an_unreadable_path_in_from_is_named_as_a_path() {
+    let a = archive();
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("out/dlq/").display().to_string();
+    let line = usage_error(&sql(
+        &a.source(),
+        &[&format!("SELECT count(*) FROM '{missing}'")],
+    ));
+    assert!(
+        line.contains(&format!(
+            "'{missing}' is no table, and no file or folder that can be read"
+        )) && !line.contains("datafusion.public"),
+        "{line}"
+    );
+    // A table's name is still a table's.
+    let line = usage_error(&sql(&a.source(), &["SELECT count(*) FROM nope"]));
+    assert!(
+        line.contains("table 'datafusion.public.nope' not found"),
+        "{line}"
+    );
+}
