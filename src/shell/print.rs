@@ -411,9 +411,12 @@ fn display_text(col: &ArrayRef, cell: bool) -> Result<ArrayRef, Error> {
 
 /// `s` with its control characters written as escapes: `\n`, `\r`, `\t`,
 /// `\x1b` (and DEL, C1 controls such as U+009B, a terminal's escape
-/// introducer too, and the bidirectional overrides that make text read
-/// otherwise than it is, as `\u{202e}`). For text that reaches a terminal
-/// from data, file names or SQL: a table cell, an error line.
+/// introducer too, and as `\u{202e}` the bidirectional overrides that make
+/// text read otherwise than it is, the line and paragraph separators, and
+/// the invisible U+200B, U+2060 and U+FEFF, which make two keys that look
+/// alike differ). For text that reaches a terminal from data, file names
+/// or SQL: a table cell, an error line. The joiners U+200C and U+200D are
+/// left alone: scripts and emoji need them.
 pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
     escape(s, true)
 }
@@ -430,7 +433,13 @@ fn escape(s: &str, whitespace: bool) -> std::borrow::Cow<'_, str> {
         (c.is_control() && (whitespace || !matches!(c, '\n' | '\r' | '\t')))
             || matches!(
                 c,
-                '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+                '\u{200b}'
+                    | '\u{200e}'
+                    | '\u{200f}'
+                    | '\u{2028}'..='\u{202e}'
+                    | '\u{2060}'
+                    | '\u{2066}'..='\u{2069}'
+                    | '\u{feff}'
             )
     };
     if !s.chars().any(escaped) {
@@ -715,6 +724,10 @@ mod tests {
         assert_eq!(
             escape_controls("a\nb\r\tc\u{1b}[0m\u{7f}\u{9b}\u{202e}"),
             "a\\nb\\r\\tc\\x1b[0m\\x7f\\u{9b}\\u{202e}"
+        );
+        assert_eq!(
+            escape_controls("key\u{200b}1\u{feff}\u{2028}👨\u{200d}👩"),
+            "key\\u{200b}1\\u{feff}\\u{2028}👨\u{200d}👩"
         );
     }
 }

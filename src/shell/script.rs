@@ -117,13 +117,25 @@ pub fn parse(
     let mut started = false;
     for (i, line) in text.split_inclusive('\n').enumerate() {
         let lineno = i as u64 + 1;
+        // Between statements, the mark of a second file joined on (`cat
+        // a.sql b.sql | backfill sql`) is no more SQL than the first's.
+        let line = match started {
+            false => line.strip_prefix('\u{feff}').unwrap_or(line),
+            true => line,
+        };
         if !started {
             if let Some(cmd) = command(line) {
                 buf.clear();
+                let quit = cmd == "\\q";
                 parsed.items.push(Item::Command {
                     line: lineno,
                     text: cmd,
                 });
+                if quit {
+                    // As in psql: what follows `\q` is not read, and so
+                    // cannot fail to parse (notes kept below it in a file).
+                    return Ok(parsed.items);
+                }
                 continue;
             }
             if buf.trim().is_empty() {
@@ -507,6 +519,15 @@ mod tests {
     }
 
     #[test]
+    fn nothing_after_quit_is_read() {
+        assert_eq!(
+            texts("SELECT 1;\n\\q\nthese are notes, not SQL;\n'unclosed"),
+            vec!["SELECT 1", "\\q"]
+        );
+        assert_eq!(texts("SELECT 1;\nquit\nSELEC 2"), vec!["SELECT 1", "\\q"]);
+    }
+
+    #[test]
     fn non_ascii_text_is_cut_on_char_boundaries() {
         assert_eq!(
             texts("SELECT 'é;ü' AS x; SELECT 'ß'"),
@@ -530,6 +551,13 @@ mod tests {
     fn a_byte_order_mark_is_not_part_of_the_first_statement() {
         assert_eq!(texts("\u{feff}SELECT 1;\n\\d\n"), vec!["SELECT 1", "\\d"]);
         assert_eq!(texts("\u{feff}\\d events\n"), vec!["\\d events"]);
+        // Files joined one after the other, each with its mark.
+        assert_eq!(
+            texts("\u{feff}SELECT 1;\n\u{feff}SELECT 2;\n\u{feff}\\d\n"),
+            vec!["SELECT 1", "SELECT 2", "\\d"]
+        );
+        // Inside a string it is data.
+        assert_eq!(texts("SELECT '\n\u{feff}x'"), vec!["SELECT '\n\u{feff}x'"]);
         let e = parse(&GenericDialect {}, 50, "\u{feff}SELEC 1").unwrap_err();
         assert!(e.0.contains("Column: 1"), "{e}");
     }

@@ -1160,3 +1160,27 @@ fn an_unreadable_path_in_from_is_named_as_a_path() {
         "{line}"
     );
 }
+
+/// Hostile pass: Windows files joined on one stdin (`cat a.sql b.sql`)
+/// failed on the second file's byte order mark, printed invisibly in the
+/// error; notes kept below `\q` in a file failed to parse although `\q`
+/// ends the script; and a key with an invisible character in it (U+200B)
+/// looked in a table like the key without it.
+#[test]
+fn joined_files_notes_after_quit_and_invisible_characters() {
+    let a = archive();
+    let src = a.source();
+    let run = backfill_stdin(
+        &["sql", "--source", &src, "--format", "csv"],
+        "\u{feff}SELECT 1 AS one;\r\n\u{feff}SELECT 2 AS two;\r\n\\q\r\nnotes: run this after the backfill\r\n",
+    );
+    run.ok();
+    assert_eq!(run.stdout, "one\n1\ntwo\n2\n", "{}", run.describe());
+
+    let run = sql(
+        &src,
+        &["SELECT key || chr(8203) AS k FROM events WHERE event_id = 'e01'"],
+    );
+    run.ok();
+    assert!(run.stdout.contains("| k1\\u{200b} |"), "{}", run.describe());
+}
