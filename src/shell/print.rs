@@ -170,8 +170,9 @@ pub fn print_batches(
 /// One result being written in one format: how each column is shown, and
 /// the writer's state.
 struct BatchWriter {
-    shown: Vec<Shown>,
-    /// The schema as written: every converted column is text.
+    format: Format,
+    /// The result's schema as written (every converted column is text):
+    /// the header of a result without rows, and of a table.
     schema: SchemaRef,
     state: State,
 }
@@ -189,28 +190,6 @@ enum State {
 
 impl BatchWriter {
     fn new(format: Format, schema: &SchemaRef) -> BatchWriter {
-        let shown: Vec<Shown> = schema
-            .fields()
-            .iter()
-            .map(|f| Shown::of(f, format))
-            .collect();
-        let fields: Vec<Field> = schema
-            .fields()
-            .iter()
-            .zip(&shown)
-            .map(|(f, shown)| {
-                let name = match format {
-                    Format::Table => escape_controls(f.name()).into_owned(),
-                    _ => f.name().clone(),
-                };
-                let data_type = match shown {
-                    Shown::AsIs => f.data_type().clone(),
-                    _ => DataType::Utf8,
-                };
-                Field::new(name, data_type, f.is_nullable()).with_metadata(f.metadata().clone())
-            })
-            .collect();
-        let schema = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
         let state = match format {
             Format::Table => State::Table(vec![]),
             Format::Csv => State::Delimited(b',', false),
@@ -219,25 +198,29 @@ impl BatchWriter {
             Format::Ndjson => State::Ndjson,
         };
         BatchWriter {
-            shown,
-            schema,
+            format,
+            schema: shown_schema(schema, format).1,
             state,
         }
     }
 
-    /// `batch` with its columns converted as [`Shown`] says.
+    /// `batch` with its columns converted as [`Shown`] says, decided on the
+    /// batch's own types: they may differ from the result's schema
+    /// (`SELECT CAST(NULL AS INT) UNION ALL SELECT 1` is planned as Int32
+    /// and yields Int64), and a batch is what is written.
     fn convert(&self, batch: &RecordBatch) -> Result<RecordBatch, Error> {
-        if self.shown.iter().all(|s| *s == Shown::AsIs) {
+        let (shown, schema) = shown_schema(&batch.schema(), self.format);
+        if shown.iter().all(|s| *s == Shown::AsIs) {
             return Ok(batch.clone());
         }
         let columns = batch
             .columns()
             .iter()
             .zip(batch.schema().fields())
-            .zip(&self.shown)
+            .zip(&shown)
             .map(|((col, field), shown)| shown.convert(col, field))
             .collect::<Result<Vec<ArrayRef>, Error>>()?;
-        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+        Ok(RecordBatch::try_new(schema, columns)?)
     }
 
     fn write(&mut self, out: &mut Out, batch: &RecordBatch) -> Result<(), Error> {
@@ -307,6 +290,34 @@ impl BatchWriter {
         }
         Ok(())
     }
+}
+
+/// How each column of `schema` is written in `format`, and the schema as
+/// written.
+fn shown_schema(schema: &Schema, format: Format) -> (Vec<Shown>, SchemaRef) {
+    let shown: Vec<Shown> = schema
+        .fields()
+        .iter()
+        .map(|f| Shown::of(f, format))
+        .collect();
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .zip(&shown)
+        .map(|(f, shown)| {
+            let name = match format {
+                Format::Table => escape_controls(f.name()).into_owned(),
+                _ => f.name().clone(),
+            };
+            let data_type = match shown {
+                Shown::AsIs => f.data_type().clone(),
+                _ => DataType::Utf8,
+            };
+            Field::new(name, data_type, f.is_nullable()).with_metadata(f.metadata().clone())
+        })
+        .collect();
+    let schema = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+    (shown, schema)
 }
 
 /// How a column is written in a format.
@@ -729,5 +740,41 @@ mod tests {
             escape_controls("key\u{200b}1\u{feff}\u{2028}👨\u{200d}👩"),
             "key\\u{200b}1\\u{feff}\\u{2028}👨\u{200d}👩"
         );
+    }
+
+    /// DataFusion may yield batches whose types differ from the result's
+    /// schema (`SELECT CAST(NULL AS INT) ... UNION ALL SELECT 1` is
+    /// planned as Int32 and yields Int64); a table with a text column
+    /// failed on them ("column types must match schema types").
+    #[test]
+    fn batches_typed_otherwise_than_their_schema_print() {
+        let planned = Arc::new(Schema::new(vec![
+            Field::new("s", DataType::Utf8, true),
+            Field::new("n", DataType::Int32, true),
+        ]));
+        let yielded = Arc::new(Schema::new(vec![
+            Field::new("s", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            yielded,
+            vec![
+                Arc::new(arrow::array::StringArray::from(vec![Some("a"), None])),
+                Arc::new(Int64Array::from(vec![None, Some(1)])),
+            ],
+        )
+        .unwrap();
+        for format in [Format::Table, Format::Csv, Format::Json] {
+            let buf = Shared::default();
+            let mut out = Out::new(Box::new(buf.clone()));
+            print_batches(
+                &mut out,
+                planned.clone(),
+                std::slice::from_ref(&batch),
+                format,
+            )
+            .unwrap_or_else(|e| panic!("{format:?}: {e}"));
+            assert!(buf.text().contains('1'), "{format:?}: {}", buf.text());
+        }
     }
 }
