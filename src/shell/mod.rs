@@ -103,6 +103,23 @@ fn decode(what: &str, bytes: Vec<u8>) -> Result<String, Error> {
             "{what}: the SQL is UTF-16 (it starts with a UTF-16 byte order mark): save it as UTF-8"
         )));
     }
+    // A data file given for the script (`-f part-0.parquet`) is not an
+    // encoding problem, as the message below would have it.
+    if bytes.starts_with(b"PAR1") {
+        return Err(Error::Usage(format!(
+            "{what}: this is a Parquet file, not SQL: query it with SELECT * FROM 'FILE'"
+        )));
+    }
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        return Err(Error::Usage(format!(
+            "{what}: this is gzip-compressed: gunzip -c FILE | backfill sql ..."
+        )));
+    }
+    if bytes.iter().take(8192).any(|&b| b == 0) {
+        return Err(Error::Usage(format!(
+            "{what}: this is a binary file (it holds NUL bytes), not SQL text"
+        )));
+    }
     String::from_utf8(bytes).map_err(|e| {
         let bytes = e.as_bytes();
         let at = e.utf8_error().valid_up_to();

@@ -809,6 +809,45 @@ fn windows_files_run_and_other_encodings_are_named() {
     );
 }
 
+/// Hostile pass: a data file given as the script (`-f part-0.parquet`, a
+/// gzipped script) was said to be "not UTF-8 (Latin-1 or another
+/// encoding?)".
+#[test]
+fn data_files_given_as_scripts_are_named_for_what_they_are() {
+    let a = archive();
+    let src = a.source();
+    let dir = tempfile::tempdir().unwrap();
+    let parquet = std::fs::read_dir(a.path().join("dt=2024-01-01"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .display()
+        .to_string();
+    let gz = dir.path().join("q.sql.gz");
+    std::fs::write(&gz, b"\x1f\x8b\x08\x00\x00\x00\x00\x00").unwrap();
+    let bin = dir.path().join("q.bin");
+    std::fs::write(&bin, b"SELECT\x00 1").unwrap();
+    for (f, needle) in [
+        (
+            parquet,
+            "this is a Parquet file, not SQL: query it with SELECT * FROM 'FILE'",
+        ),
+        (
+            gz.display().to_string(),
+            "this is gzip-compressed: gunzip -c FILE | backfill sql",
+        ),
+        (
+            bin.display().to_string(),
+            "this is a binary file (it holds NUL bytes)",
+        ),
+    ] {
+        let line = usage_error(&sql(&src, &["-f", &f]));
+        assert!(line.contains(&format!("-f {f}: {needle}")), "{line}");
+    }
+}
+
 /// `--format csv` or `tsv` with a struct, list or map column printed the
 /// header and then failed ("Nested type Struct(...) is not supported in
 /// CSV"), naming no statement. Nested values are now written as their JSON
