@@ -544,6 +544,12 @@ impl Shell {
     fn error(&self, what: &str, e: DataFusionError, usage: bool) -> Error {
         let at = format!("{}{what}", self.origin.prefix());
         if usage {
+            // "Optimizer rule 'simplify_expressions' failed caused by" says
+            // where DataFusion was, not what is wrong.
+            let e = match e {
+                DataFusionError::Context(c, inner) if optimizer_context(&c) => *inner,
+                e => e,
+            };
             let line = e.to_string();
             let line = line.split_whitespace().collect::<Vec<_>>().join(" ");
             let line = self
@@ -1047,9 +1053,18 @@ fn is_usage(e: &DataFusionError) -> bool {
     use DataFusionError as D;
     match e {
         D::SQL(..) | D::Plan(_) | D::SchemaError(..) | D::NotImplemented(_) => true,
+        // The logical optimizer reads no data: what fails there is the
+        // statement's own constants (`WHERE event_time > '2024-13-45'`,
+        // `CAST('x' AS INT)`), which a retry cannot mend.
+        D::Context(c, _) if optimizer_context(c) => true,
         D::Context(_, inner) | D::Diagnostic(_, inner) => is_usage(inner),
         _ => false,
     }
+}
+
+/// The context DataFusion's logical optimizer wraps its rules' errors in.
+fn optimizer_context(context: &str) -> bool {
+    context.starts_with("Optimizer rule '")
 }
 
 /// A query reads at most one row past what is printed: DataFusion pushes

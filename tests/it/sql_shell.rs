@@ -1223,3 +1223,25 @@ fn joined_files_notes_after_quit_and_invisible_characters() {
     run.ok();
     assert!(run.stdout.contains("| k1\\u{200b} |"), "{}", run.describe());
 }
+
+/// Hostile pass: a constant of the statement that does not convert (`WHERE
+/// event_time > '2024-13-45'`) was exit 1, the code a scheduler retries,
+/// blamed on "Optimizer rule 'simplify_expressions' failed". It is the
+/// statement's fault, exit 2; a value of the data that does not convert is
+/// still exit 1.
+#[test]
+fn a_bad_constant_is_the_statements_fault() {
+    let a = archive();
+    let src = a.source();
+    let line = usage_error(&sql(
+        &src,
+        &["SELECT count(*) FROM events WHERE event_time > '2024-13-45'"],
+    ));
+    assert!(
+        line.contains("Error parsing timestamp from '2024-13-45'")
+            && !line.contains("Optimizer rule"),
+        "{line}"
+    );
+    let run = sql(&src, &["SELECT CAST(event_id AS INT) FROM events"]);
+    run.expect_code(1);
+}
