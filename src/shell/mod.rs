@@ -172,11 +172,10 @@ fn settings(args: &SqlArgs) -> Result<(Scan, Option<String>), Error> {
 
 /// The stack of the thread `sql` parses and plans on: DataFusion's planner
 /// and optimizer, and the syntax tree's derived `Clone` and `Drop`, recurse
-/// once per level of an expression, and a chain of 8,000 `+` overflowed the
-/// main thread's 8 MiB in a debug build (a process killed by SIGABRT, no
-/// error line). 64 MiB holds
-/// [`script::MAX_DEPTH`] levels with room to spare; it is address space,
-/// not memory, until used.
+/// once per level of an expression, and in a debug build a chain of 8,000
+/// `+` (or of 2,000 `OR`) overflowed the main thread's 8 MiB: a process
+/// killed by SIGABRT, no error line. 64 MiB holds [`script::MAX_DEPTH`]
+/// levels with room to spare; it is address space, not memory, until used.
 const SESSION_STACK: usize = 64 << 20;
 
 /// The stack of the session runtime's workers, where the query's

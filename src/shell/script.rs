@@ -316,21 +316,23 @@ impl datafusion::sql::sqlparser::ast::Visitor for Depth {
         query: &datafusion::sql::sqlparser::ast::Query,
     ) -> std::ops::ControlFlow<String> {
         use datafusion::sql::sqlparser::ast::SetExpr;
-        // A chain of set operations nests to the left; the right side of
-        // each is parenthesised or of higher precedence (INTERSECT), and
-        // so within the parser's recursion limit.
-        let mut chain = 0;
-        let mut body = query.body.as_ref();
-        while let SetExpr::SetOperation { left, .. } = body {
-            chain += 1;
-            if chain > MAX_DEPTH {
-                return std::ops::ControlFlow::Break(format!(
-                    "more than {MAX_DEPTH} UNION, EXCEPT or INTERSECT in one chain is more \
-                     than `backfill sql` plans: split the query (a view per part), or read \
-                     the values from a file or a VALUES list"
-                ));
+        // A chain of set operations nests to the left, and an INTERSECT
+        // chain on the right of a UNION to the left again: walked with a
+        // stack of its own, not by recursion, since it is what may be deep.
+        // A parenthesised query inside is the visitor's next query.
+        let mut todo = vec![(query.body.as_ref(), 0usize)];
+        while let Some((body, depth)) = todo.pop() {
+            if let SetExpr::SetOperation { left, right, .. } = body {
+                if depth + 1 > MAX_DEPTH {
+                    return std::ops::ControlFlow::Break(format!(
+                        "more than {MAX_DEPTH} UNION, EXCEPT or INTERSECT in one chain is \
+                         more than `backfill sql` plans: split the query (a view per part), \
+                         or read the values from a file or a VALUES list"
+                    ));
+                }
+                todo.push((left, depth + 1));
+                todo.push((right, depth + 1));
             }
-            body = left;
         }
         std::ops::ControlFlow::Continue(())
     }
@@ -583,6 +585,13 @@ mod tests {
         );
         let unions = vec!["SELECT 1"; MAX_DEPTH + 2].join(" UNION ALL ");
         let e = parse(&GenericDialect {}, 50, &unions).unwrap_err();
+        assert!(e.0.contains("UNION, EXCEPT or INTERSECT"), "{e}");
+        // INTERSECT binds tighter: its chain hangs on the UNION's right.
+        let intersects = format!(
+            "SELECT 1 UNION {}",
+            vec!["SELECT 1"; MAX_DEPTH + 2].join(" INTERSECT ")
+        );
+        let e = parse(&GenericDialect {}, 50, &intersects).unwrap_err();
         assert!(e.0.contains("UNION, EXCEPT or INTERSECT"), "{e}");
         // Inside EXPLAIN and COPY too.
         let e = parse(

@@ -1147,6 +1147,17 @@ fn deep_expressions_run_or_fail_with_one_line() {
     std::fs::write(&unions, vec!["SELECT 1 AS a"; 3000].join(" UNION ALL ")).unwrap();
     let line = usage_error(&sql(&src, &["-f", &unions.display().to_string()]));
     assert!(line.contains("more than 2000 UNION"), "{line}");
+    // INTERSECT binds tighter than UNION: its chain hangs on the right.
+    std::fs::write(
+        &unions,
+        format!(
+            "SELECT 1 AS a UNION {}",
+            vec!["SELECT 1 AS a"; 3000].join(" INTERSECT ")
+        ),
+    )
+    .unwrap();
+    let line = usage_error(&sql(&src, &["-f", &unions.display().to_string()]));
+    assert!(line.contains("more than 2000 UNION"), "{line}");
 }
 
 /// `backfill sql -c "SELECT ..."`, as datafusion-cli and psql take it, was
