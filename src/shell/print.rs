@@ -9,8 +9,9 @@
 //! still prints its header (CSV, TSV, table) or `[]` (JSON).
 //!
 //! Every column prints in every format: what a format cannot hold is
-//! turned into text first (nested values as JSON in CSV and TSV), so a
-//! result never fails half-printed after its header. A table, which is
+//! turned into text first (nested values as JSON in CSV and TSV), so no
+//! column fails to print after the header is out (a query that fails while
+//! it runs still stops its result where it failed). A table, which is
 //! for a terminal, shows control characters escaped (`\n`, `\x1b`): a
 //! value must not break the table's lines or send the terminal escape
 //! sequences.
