@@ -210,10 +210,10 @@ pub async fn run(args: SqlArgs) -> Result<(), Error> {
     outcome.map_err(escaped)
 }
 
-/// `e` with the control characters of its text escaped (ESC as `\x1b`, as
+/// `e` with the control characters of its text escaped (ESC as `\u{1b}`, as
 /// a table shows it; see [`print::escape_controls`]), keeping its exit
 /// code. The text of an error comes from SQL, data, file names and paths in
-/// the archive, and reaches a terminal: `SELECT * FROM "\x1b[2J"` cleared
+/// the archive, and reaches a terminal: `SELECT * FROM "\u{1b}[2J"` cleared
 /// the screen with its "table not found". Line breaks and tabs are left to
 /// the fold into one line that `Error::line` does.
 fn escaped(e: Error) -> Error {

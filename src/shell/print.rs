@@ -12,7 +12,7 @@
 //! turned into text first (nested values as JSON in CSV and TSV), so no
 //! column fails to print after the header is out (a query that fails while
 //! it runs still stops its result where it failed). A table, which is
-//! for a terminal, shows control characters escaped (`\n`, `\x1b`): a
+//! for a terminal, shows control characters escaped (`\n`, `\u{1b}`): a
 //! value must not break the table's lines or send the terminal escape
 //! sequences.
 
@@ -422,7 +422,7 @@ fn display_text(col: &ArrayRef, cell: bool) -> Result<ArrayRef, Error> {
 }
 
 /// `s` with its control characters written as escapes: `\n`, `\r`, `\t`,
-/// `\x1b` (and DEL, C1 controls such as U+009B, a terminal's escape
+/// `\u{1b}` (and DEL, C1 controls such as U+009B, a terminal's escape
 /// introducer too, and as `\u{202e}` the bidirectional overrides that make
 /// text read otherwise than it is, the line and paragraph separators, and
 /// the invisible U+200B, U+2060 and U+FEFF, which make two keys that look
@@ -464,7 +464,6 @@ fn escape(s: &str, whitespace: bool) -> std::borrow::Cow<'_, str> {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
             c => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
         }
     }
@@ -731,11 +730,11 @@ mod tests {
         assert_eq!(escape_controls("plain é"), "plain é");
         assert_eq!(
             escape_error("table 'a\u{1b}[2J' not\nfound"),
-            "table 'a\\x1b[2J' not\nfound"
+            "table 'a\\u{1b}[2J' not\nfound"
         );
         assert_eq!(
             escape_controls("a\nb\r\tc\u{1b}[0m\u{7f}\u{9b}\u{202e}"),
-            "a\\nb\\r\\tc\\x1b[0m\\x7f\\u{9b}\\u{202e}"
+            "a\\nb\\r\\tc\\u{1b}[0m\\u{7f}\\u{9b}\\u{202e}"
         );
         assert_eq!(
             escape_controls("key\u{200b}1\u{feff}\u{2028}👨\u{200d}👩"),

@@ -904,8 +904,10 @@ fn table_cells_escape_control_characters() {
     run.ok();
     assert!(
         run.stdout
-            .contains("| a\\nb | c\\x1b[31mred | x\\ty    | \\u{202e}gnp.exe |")
-            && run.stdout.contains("| nl   | esc          | t\\x1bab |"),
+            .contains("| a\\nb | c\\u{1b}[31mred | x\\ty      | \\u{202e}gnp.exe |")
+            && run
+                .stdout
+                .contains("| nl   | esc            | t\\u{1b}ab |"),
         "{}",
         run.describe()
     );
@@ -937,8 +939,8 @@ fn errors_escape_control_characters() {
     let run = sql(&src, &["SELECT * FROM \"nope\u{1b}[2J\""]);
     let line = usage_error(&run);
     assert!(
-        line.contains("(line 1: SELECT * FROM \"nope\\x1b[2J\")")
-            && line.contains("'datafusion.public.nope\\x1b[2J' not found")
+        line.contains("(line 1: SELECT * FROM \"nope\\u{1b}[2J\")")
+            && line.contains("'datafusion.public.nope\\u{1b}[2J' not found")
             && !raw(&run),
         "{}",
         run.describe()
@@ -951,7 +953,7 @@ fn errors_escape_control_characters() {
     );
     run.expect_code(1);
     assert!(
-        run.stderr_lines()[0].contains("\\x1b[2J") && !raw(&run),
+        run.stderr_lines()[0].contains("\\u{1b}[2J") && !raw(&run),
         "{}",
         run.describe()
     );
@@ -963,7 +965,7 @@ fn errors_escape_control_characters() {
     let run = sql(&src, &["-f", &bad.display().to_string()]);
     let line = usage_error(&run);
     assert!(
-        line.contains("bad\\x1b[31m\\u{202e}.sql: statement 1") && !raw(&run),
+        line.contains("bad\\u{1b}[31m\\u{202e}.sql: statement 1") && !raw(&run),
         "{line}"
     );
     let warned = dir.path().join("warned\u{1b}[31m.sql");
@@ -982,7 +984,7 @@ fn errors_escape_control_characters() {
     run.ok();
     assert!(
         run.stderr.contains("warning: ")
-            && run.stderr.contains("warned\\x1b[31m.sql: ")
+            && run.stderr.contains("warned\\u{1b}[31m.sql: ")
             && !raw(&run),
         "{}",
         run.describe()
