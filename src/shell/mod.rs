@@ -430,23 +430,36 @@ impl Shell {
     /// (other formats, on stderr: stdout stays machine-readable).
     async fn show(&mut self, df: DataFrame, what: &str, started: Instant) -> Result<(), Error> {
         let schema = Arc::new(df.schema().as_arrow().clone());
+        // A plan is read line by line: a table keeps its line breaks, which
+        // it escapes in data.
+        let plan = matches!(
+            df.logical_plan(),
+            LogicalPlan::Explain(_) | LogicalPlan::Analyze(_)
+        );
         let stream = df
             .execute_stream()
             .await
             .map_err(|e| self.failed(what, e))?;
         let columns = !schema.fields().is_empty();
-        let printed = print::print_stream(&mut self.out, schema, stream, self.format, self.maxrows)
-            .await
-            .map_err(|e| match e {
-                Error::DataFusion(e) => self.failed(what, *e),
-                // Formatting a value failed: the statement is named, as
-                // for any error of a statement.
-                Error::Arrow(e) => Error::Io {
-                    what: format!("{}{what}", self.origin.prefix()),
-                    message: e.to_string(),
-                },
-                other => other,
-            })?;
+        let printed = print::print_stream(
+            &mut self.out,
+            schema,
+            stream,
+            self.format,
+            self.maxrows,
+            plan,
+        )
+        .await
+        .map_err(|e| match e {
+            Error::DataFusion(e) => self.failed(what, *e),
+            // Formatting a value failed: the statement is named, as
+            // for any error of a statement.
+            Error::Arrow(e) => Error::Io {
+                what: format!("{}{what}", self.origin.prefix()),
+                message: e.to_string(),
+            },
+            other => other,
+        })?;
         if !columns {
             return Ok(());
         }

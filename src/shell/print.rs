@@ -110,13 +110,15 @@ pub struct Printed {
 
 /// Print one result, reading at most `maxrows` rows (and one more, to know
 /// whether there were more) from `stream`. A result without columns (DDL)
-/// prints nothing.
+/// prints nothing. `lines`: the result is text of ours or DataFusion's, not
+/// data (EXPLAIN's plans), whose line breaks a table keeps.
 pub async fn print_stream(
     out: &mut Out,
     schema: SchemaRef,
     mut stream: SendableRecordBatchStream,
     format: Format,
     maxrows: Option<usize>,
+    lines: bool,
 ) -> Result<Printed, Error> {
     if schema.fields().is_empty() {
         // Still run it to its end: a DDL statement acts when polled.
@@ -128,7 +130,7 @@ pub async fn print_stream(
             more: false,
         });
     }
-    let mut writer = BatchWriter::new(format, &schema);
+    let mut writer = BatchWriter::new(format, &schema, lines);
     let mut rows = 0usize;
     let mut more = false;
     while let Some(batch) = stream.next().await {
@@ -159,7 +161,7 @@ pub fn print_batches(
     batches: &[RecordBatch],
     format: Format,
 ) -> Result<(), Error> {
-    let mut writer = BatchWriter::new(format, &schema);
+    let mut writer = BatchWriter::new(format, &schema, false);
     for b in batches {
         writer.write(out, b)?;
     }
@@ -172,6 +174,8 @@ pub fn print_batches(
 /// the writer's state.
 struct BatchWriter {
     format: Format,
+    /// A table keeps the values' line breaks (EXPLAIN's plans).
+    lines: bool,
     /// The result's schema as written (every converted column is text):
     /// the header of a result without rows, and of a table.
     schema: SchemaRef,
@@ -190,7 +194,7 @@ enum State {
 }
 
 impl BatchWriter {
-    fn new(format: Format, schema: &SchemaRef) -> BatchWriter {
+    fn new(format: Format, schema: &SchemaRef, lines: bool) -> BatchWriter {
         let state = match format {
             Format::Table => State::Table(vec![]),
             Format::Csv => State::Delimited(b',', false),
@@ -200,7 +204,8 @@ impl BatchWriter {
         };
         BatchWriter {
             format,
-            schema: shown_schema(schema, format).1,
+            lines,
+            schema: shown_schema(schema, format, lines).1,
             state,
         }
     }
@@ -210,7 +215,7 @@ impl BatchWriter {
     /// (`SELECT CAST(NULL AS INT) UNION ALL SELECT 1` is planned as Int32
     /// and yields Int64), and a batch is what is written.
     fn convert(&self, batch: &RecordBatch) -> Result<RecordBatch, Error> {
-        let (shown, schema) = shown_schema(&batch.schema(), self.format);
+        let (shown, schema) = shown_schema(&batch.schema(), self.format, self.lines);
         if shown.iter().all(|s| *s == Shown::AsIs) {
             return Ok(batch.clone());
         }
@@ -295,11 +300,11 @@ impl BatchWriter {
 
 /// How each column of `schema` is written in `format`, and the schema as
 /// written.
-fn shown_schema(schema: &Schema, format: Format) -> (Vec<Shown>, SchemaRef) {
+fn shown_schema(schema: &Schema, format: Format, lines: bool) -> (Vec<Shown>, SchemaRef) {
     let shown: Vec<Shown> = schema
         .fields()
         .iter()
-        .map(|f| Shown::of(f, format))
+        .map(|f| Shown::of(f, format, lines))
         .collect();
     let fields: Vec<Field> = schema
         .fields()
@@ -337,12 +342,15 @@ enum Shown {
     Display,
     /// A table cell, as arrow displays it, control characters escaped.
     Cell,
+    /// A table cell of text that is not data (a plan), its line breaks
+    /// kept: an EXPLAIN is read line by line.
+    Lines,
     /// A binary table cell: [`binary_text`], control characters escaped.
     BinaryCell,
 }
 
 impl Shown {
-    fn of(field: &Field, format: Format) -> Shown {
+    fn of(field: &Field, format: Format, lines: bool) -> Shown {
         let t = field.data_type();
         match format {
             Format::Table if is_binary(t) => Shown::BinaryCell,
@@ -350,6 +358,7 @@ impl Shown {
             Format::Table if t.is_primitive() || t.is_null() || *t == DataType::Boolean => {
                 Shown::AsIs
             }
+            Format::Table if lines => Shown::Lines,
             Format::Table => Shown::Cell,
             _ if is_binary(t) => Shown::BinaryText,
             Format::Csv | Format::Tsv if t.is_nested() && json_encodes(field) => Shown::Json,
@@ -364,9 +373,10 @@ impl Shown {
             Shown::AsIs => col.clone(),
             Shown::BinaryText => binary_text(col),
             Shown::Json => json_text(col, field)?,
-            Shown::Display => display_text(col, false)?,
-            Shown::Cell => display_text(col, true)?,
-            Shown::BinaryCell => display_text(&binary_text(col), true)?,
+            Shown::Display => display_text(col, None)?,
+            Shown::Cell => display_text(col, Some(&[]))?,
+            Shown::Lines => display_text(col, Some(&['\n']))?,
+            Shown::BinaryCell => display_text(&binary_text(col), Some(&[]))?,
         })
     }
 }
@@ -401,8 +411,9 @@ fn json_text(col: &ArrayRef, field: &Field) -> Result<ArrayRef, Error> {
 }
 
 /// Each value as arrow displays it (as a table shows it); escaped for a
-/// table cell when `cell`. NULL stays NULL.
-fn display_text(col: &ArrayRef, cell: bool) -> Result<ArrayRef, Error> {
+/// table cell when `cell`, but for the characters it holds. NULL stays
+/// NULL.
+fn display_text(col: &ArrayRef, cell: Option<&[char]>) -> Result<ArrayRef, Error> {
     let options = arrow::util::display::FormatOptions::default().with_display_error(true);
     let formatter = arrow::util::display::ArrayFormatter::try_new(col.as_ref(), &options)?;
     let mut b = StringBuilder::with_capacity(col.len(), 0);
@@ -412,10 +423,9 @@ fn display_text(col: &ArrayRef, cell: bool) -> Result<ArrayRef, Error> {
             continue;
         }
         let text = formatter.value(i).to_string();
-        if cell {
-            b.append_value(escape_controls(&text));
-        } else {
-            b.append_value(text);
+        match cell {
+            Some(keep) => b.append_value(escape(&text, keep)),
+            None => b.append_value(text),
         }
     }
     Ok(Arc::new(b.finish()))
@@ -430,19 +440,20 @@ fn display_text(col: &ArrayRef, cell: bool) -> Result<ArrayRef, Error> {
 /// or SQL: a table cell, an error line. The joiners U+200C and U+200D are
 /// left alone: scripts and emoji need them.
 pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
-    escape(s, true)
+    escape(s, &[])
 }
 
 /// [`escape_controls`] for an error or warning line, but for the line
 /// breaks and tabs that `Error::line` folds into spaces (DataFusion's
 /// messages span lines; `\n` in them would read worse than a space).
 pub fn escape_error(s: &str) -> std::borrow::Cow<'_, str> {
-    escape(s, false)
+    escape(s, &['\n', '\r', '\t'])
 }
 
-fn escape(s: &str, whitespace: bool) -> std::borrow::Cow<'_, str> {
+/// [`escape_controls`] sparing the characters in `keep`.
+fn escape<'a>(s: &'a str, keep: &[char]) -> std::borrow::Cow<'a, str> {
     let escaped = |c: char| {
-        (c.is_control() && (whitespace || !matches!(c, '\n' | '\r' | '\t')))
+        (c.is_control() && !keep.contains(&c))
             || matches!(
                 c,
                 '\u{200b}'
@@ -573,6 +584,7 @@ mod tests {
             stream_then_error(&schema, 2),
             Format::Csv,
             Some(15),
+            false,
         )
         .await
         .unwrap();
@@ -597,6 +609,7 @@ mod tests {
             stream_then_error(&schema, 2),
             Format::Csv,
             None,
+            false,
         )
         .await
         .unwrap_err();
@@ -611,7 +624,7 @@ mod tests {
             schema.clone(),
             futures::stream::iter(vec![Ok(ints(&schema, 0, 10))]),
         ));
-        let printed = print_stream(&mut out, schema, s, Format::Table, Some(10))
+        let printed = print_stream(&mut out, schema, s, Format::Table, Some(10), false)
             .await
             .unwrap();
         assert_eq!(

@@ -924,6 +924,17 @@ fn table_cells_escape_control_characters() {
         "{}",
         run.describe()
     );
+    // A plan is not data: EXPLAIN keeps its lines, one operator a line.
+    let run = sql(&a.source(), &["EXPLAIN SELECT count(*) FROM events"]);
+    run.ok();
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.starts_with("|               |   Aggregate: "))
+            && !run.stdout.contains("\\n"),
+        "{}",
+        run.describe()
+    );
 }
 
 /// Control characters from SQL, data or file names reached the terminal
