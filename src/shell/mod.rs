@@ -460,14 +460,26 @@ impl Shell {
             },
             other => other,
         })?;
-        if !columns {
-            return Ok(());
-        }
         let more = if self.origin == Origin::Shell {
             "\\pset maxrows inf shows all"
         } else {
             "--maxrows inf shows all"
         };
+        if !columns {
+            // A query without columns (`SELECT FROM events`) printed nothing
+            // at all, as if it were a CREATE VIEW: a table says its rows.
+            if printed.rows > 0 && self.format == Format::Table {
+                let line = match printed.more {
+                    true => format!(
+                        "First {} row(s) fetched, without columns; the rest were not fetched ({more}).",
+                        printed.rows
+                    ),
+                    false => format!("{} row(s) fetched, without columns.", printed.rows),
+                };
+                writeln!(self.out, "{line}").map_err(print::stdout_error)?;
+            }
+            return Ok(());
+        }
         if self.format == Format::Table {
             let mut line = if printed.more {
                 format!(

@@ -109,8 +109,8 @@ pub struct Printed {
 }
 
 /// Print one result, reading at most `maxrows` rows (and one more, to know
-/// whether there were more) from `stream`. A result without columns (DDL)
-/// prints nothing. `lines`: the result is text of ours or DataFusion's, not
+/// whether there were more) from `stream`. A result without columns (DDL,
+/// `SELECT FROM t`) prints nothing; its rows are counted. `lines`: the result is text of ours or DataFusion's, not
 /// data (EXPLAIN's plans), whose line breaks a table keeps.
 pub async fn print_stream(
     out: &mut Out,
@@ -121,13 +121,18 @@ pub async fn print_stream(
     lines: bool,
 ) -> Result<Printed, Error> {
     if schema.fields().is_empty() {
-        // Still run it to its end: a DDL statement acts when polled.
+        // Still run it to its end: a DDL statement acts when polled. Its
+        // rows are counted: `SELECT FROM events` has some, and no columns.
+        let mut rows = 0;
         while let Some(b) = stream.next().await {
-            b?;
+            rows += b?.num_rows();
         }
-        return Ok(Printed {
-            rows: 0,
-            more: false,
+        return Ok(match maxrows {
+            Some(max) if rows > max => Printed {
+                rows: max,
+                more: true,
+            },
+            _ => Printed { rows, more: false },
         });
     }
     let mut writer = BatchWriter::new(format, &schema, lines);

@@ -383,6 +383,23 @@ fn empty_results_print_their_header() {
         "{}",
         run.describe()
     );
+    // Hostile pass: rows without columns printed nothing, as a CREATE VIEW.
+    let run = sql(&a.source(), &["SELECT FROM events"]);
+    run.ok();
+    assert_eq!(
+        run.stdout,
+        "50 row(s) fetched, without columns.\n",
+        "{}",
+        run.describe()
+    );
+    let run = sql(&a.source(), &["--maxrows", "5", "SELECT FROM events"]);
+    run.ok();
+    assert!(
+        run.stdout
+            .starts_with("First 5 row(s) fetched, without columns; the rest were not fetched"),
+        "{}",
+        run.describe()
+    );
     // `gaps` shares the printer: no gaps, still a header.
     let run = backfill(&["gaps", "--source", &a.source(), "--format", "csv"]);
     run.ok();
