@@ -281,6 +281,9 @@ pub struct SqlArgs {
     /// on a terminal, else the statements piped into stdin).
     #[arg(value_name = "QUERY", conflicts_with = "file")]
     pub query: Option<String>,
+    /// The same as QUERY, as datafusion-cli and psql spell it.
+    #[arg(short = 'c', value_name = "SQL", conflicts_with_all = ["query", "file"])]
+    pub command: Option<String>,
     /// Read the statements from a file; `-` reads stdin.
     #[arg(
         short = 'f',

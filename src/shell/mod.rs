@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::ValueEnum;
+use datafusion::common::{ResolvedTableReference, TableReference};
 use datafusion::dataframe::DataFrame;
 use datafusion::error::DataFusionError;
 use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
@@ -63,31 +64,75 @@ enum Input {
 /// The statements' source, decided before the archive is listed: a file
 /// that cannot be read is a usage error that costs no listing.
 fn input(args: &SqlArgs) -> Result<Input, Error> {
-    if let Some(q) = &args.query {
+    if let Some(q) = args.query.as_ref().or(args.command.as_ref()) {
         return Ok(Input::Script(Origin::Argument, q.clone()));
     }
     match &args.file {
         Some(f) if f.as_os_str() == "-" => Ok(Input::Script(Origin::Stdin, read_stdin()?)),
-        Some(f) => std::fs::read_to_string(f)
-            .map(|text| Input::Script(Origin::File(f.display().to_string()), text))
-            .map_err(|e| {
+        Some(f) => {
+            let what = format!("-f {}", f.display());
+            let bytes = std::fs::read(f).map_err(|e| {
                 Error::Usage(format!(
-                    "-f {}: cannot read the SQL file: {}",
-                    f.display(),
+                    "{what}: cannot read the SQL file: {}",
                     io_reason(&e)
                 ))
-            }),
+            })?;
+            let text = decode(&what, bytes)?;
+            Ok(Input::Script(Origin::File(f.display().to_string()), text))
+        }
         None if std::io::stdin().is_terminal() => Ok(Input::Shell),
         None => Ok(Input::Script(Origin::Stdin, read_stdin()?)),
     }
 }
 
 fn read_stdin() -> Result<String, Error> {
-    let mut text = String::new();
+    let mut bytes = vec![];
     std::io::stdin()
-        .read_to_string(&mut text)
+        .read_to_end(&mut bytes)
         .map_err(|e| Error::Usage(format!("stdin: cannot read SQL: {}", io_reason(&e))))?;
-    Ok(text)
+    decode("stdin", bytes)
+}
+
+/// SQL text from bytes, or a usage error saying where it is not UTF-8:
+/// "stream did not contain valid UTF-8" left a Latin-1 file's user
+/// searching, and a UTF-16 file (Windows Notepad's "Unicode") is not text
+/// the tokenizer can read at all.
+fn decode(what: &str, bytes: Vec<u8>) -> Result<String, Error> {
+    if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
+        return Err(Error::Usage(format!(
+            "{what}: the SQL is UTF-16 (it starts with a UTF-16 byte order mark): save it as UTF-8"
+        )));
+    }
+    // A data file given for the script (`-f part-0.parquet`) is not an
+    // encoding problem, as the message below would have it.
+    if bytes.starts_with(b"PAR1") {
+        return Err(Error::Usage(format!(
+            "{what}: this is a Parquet file, not SQL: query it with SELECT * FROM 'FILE'"
+        )));
+    }
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        return Err(Error::Usage(format!(
+            "{what}: this is gzip-compressed: gunzip -c FILE | backfill sql ..."
+        )));
+    }
+    if bytes.iter().take(8192).any(|&b| b == 0) {
+        return Err(Error::Usage(format!(
+            "{what}: this is a binary file (it holds NUL bytes), not SQL text"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let bytes = e.as_bytes();
+        let at = e.utf8_error().valid_up_to();
+        let before = &bytes[..at];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        // Valid up to `at`, so this counts characters, as editors do.
+        let column = String::from_utf8_lossy(&before[line_start..]).chars().count() + 1;
+        Error::Usage(format!(
+            "{what}: line {line}, column {column}: byte 0x{:02x} is not UTF-8 (Latin-1 or another encoding?): save the SQL as UTF-8",
+            bytes[at]
+        ))
+    })
 }
 
 /// `No such file or directory`, without the `(os error 2)` noise.
@@ -125,8 +170,74 @@ fn settings(args: &SqlArgs) -> Result<(Scan, Option<String>), Error> {
     Ok((scan, state_loc))
 }
 
-/// `backfill sql`.
+/// The stack of the thread `sql` parses and plans on: DataFusion's planner
+/// and optimizer, and the syntax tree's derived `Clone` and `Drop`, recurse
+/// once per level of an expression, and in a debug build a chain of 8,000
+/// `+` (or of 2,000 `OR`) overflowed the main thread's 8 MiB: a process
+/// killed by SIGABRT, no error line. 64 MiB holds [`script::MAX_DEPTH`]
+/// levels with room to spare; it is address space, not memory, until used.
+const SESSION_STACK: usize = 64 << 20;
+
+/// The stack of the session runtime's workers, where the query's
+/// operators evaluate expressions (recursively, once per level): tokio's 2
+/// MiB overflowed at 3,000 terms in a debug build.
+const WORKER_STACK: usize = 16 << 20;
+
+/// `backfill sql`: the session runs on a thread and a runtime of its own,
+/// whose stacks hold statements as deep as [`script::MAX_DEPTH`] allows.
 pub async fn run(args: SqlArgs) -> Result<(), Error> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let thread_error = |e: std::io::Error| Error::Io {
+        what: "sql: starting its thread".into(),
+        message: e.to_string(),
+    };
+    std::thread::Builder::new()
+        .name("backfill-sql".into())
+        .stack_size(SESSION_STACK)
+        .spawn(move || {
+            let outcome = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_stack_size(WORKER_STACK)
+                .build()
+                .map_err(thread_error)
+                .and_then(|rt| rt.block_on(session(args)));
+            let _ = tx.send(outcome);
+        })
+        .map_err(thread_error)?;
+    let outcome = rx
+        .await
+        .map_err(|_| Error::Internal("the sql session's thread ended without an outcome".into()))?;
+    outcome.map_err(escaped)
+}
+
+/// `e` with the control characters of its text escaped (ESC as `\u{1b}`, as
+/// a table shows it; see [`print::escape_controls`]), keeping its exit
+/// code. The text of an error comes from SQL, data, file names and paths in
+/// the archive, and reaches a terminal: `SELECT * FROM "\u{1b}[2J"` cleared
+/// the screen with its "table not found". Line breaks and tabs are left to
+/// the fold into one line that `Error::line` does.
+fn escaped(e: Error) -> Error {
+    let text = e.to_string();
+    let clean = print::escape_error(&text);
+    if clean == text {
+        return e;
+    }
+    if e.exit_code() == crate::error::EXIT_USAGE {
+        return Error::Usage(clean.into_owned());
+    }
+    match clean.split_once(": ") {
+        Some((what, message)) => Error::Io {
+            what: what.to_string(),
+            message: message.to_string(),
+        },
+        None => Error::Io {
+            what: "sql".into(),
+            message: clean.into_owned(),
+        },
+    }
+}
+
+async fn session(args: SqlArgs) -> Result<(), Error> {
     let input = input(&args)?;
     let (scan, state_loc) = settings(&args)?;
     let ctx = source::session(&scan)?;
@@ -176,6 +287,7 @@ pub async fn run(args: SqlArgs) -> Result<(), Error> {
         None if std::io::stdout().is_terminal() => Some(TERMINAL_MAXROWS),
         None => None,
     };
+    let builtins = builtins(&ctx);
     let mut shell = Shell {
         ctx,
         format: args.format,
@@ -183,6 +295,7 @@ pub async fn run(args: SqlArgs) -> Result<(), Error> {
         allow_writes: args.allow_writes,
         out: Out::stdout(),
         origin: Origin::Shell,
+        builtins,
     };
     match script {
         Some((origin, items)) => {
@@ -223,22 +336,25 @@ struct Shell {
     allow_writes: bool,
     out: Out,
     origin: Origin,
+    /// The tables and views `backfill sql` registered (archive, events, the
+    /// sql/ views, the state's tables), by full name: none of them may be
+    /// replaced or dropped.
+    builtins: std::collections::BTreeSet<ResolvedTableReference>,
 }
 
 impl Shell {
     /// Run a script: refused whole if any statement that plans on its own
-    /// writes; then in order, stopping at the first error (its exit code
-    /// is the script's) or `\q`.
+    /// fails [`Shell::check`] (it writes, it replaces a built-in table);
+    /// then in order, stopping at the first error (its exit code is the
+    /// script's) or `\q`.
     async fn script(&mut self, items: &[Item]) -> Result<(), Error> {
-        if !self.allow_writes {
-            for item in items {
-                if let Item::Sql(p) = item
-                    // A statement that only plans after an earlier one ran
-                    // (a view it creates) is checked when its turn comes.
-                    && let Ok(plan) = self.ctx.state().statement_to_plan(p.statement.clone()).await
-                {
-                    self.guard(p, &plan)?;
-                }
+        for item in items {
+            if let Item::Sql(p) = item
+                // A statement that only plans after an earlier one ran
+                // (a view it creates) is checked when its turn comes.
+                && let Ok(plan) = self.ctx.state().statement_to_plan(p.statement.clone()).await
+            {
+                self.check(p, &plan)?;
             }
         }
         for item in items {
@@ -267,39 +383,103 @@ impl Shell {
             .statement_to_plan(p.statement.clone())
             .await
             .map_err(|e| self.failed(&p.name(), e))?;
-        self.guard(p, &plan)?;
+        self.check(p, &plan)?;
+        // SET, DROP VIEW and their like only change the session's catalog:
+        // when they fail ("View 'v' doesn't exist", a setting's value that
+        // does not parse) the statement is at fault, not the data.
+        let catalog_only = catalog_only(&plan);
         let plan = limited(plan, self.maxrows).map_err(|e| self.failed(&p.name(), e))?;
         let df = self
             .ctx
             .execute_logical_plan(plan)
             .await
-            .map_err(|e| self.failed(&p.name(), e))?;
+            .map_err(|e| self.error(&p.name(), e, catalog_only))?;
         self.show(df, &p.name(), started).await
+    }
+
+    /// What is checked of a statement before it runs, and of a script's
+    /// statements before any of them does: a built-in table replaced or
+    /// dropped, a time zone that could not be used, and the read-only guard.
+    fn check(&self, p: &Piece, plan: &LogicalPlan) -> Result<(), Error> {
+        if let Some(name) = self.replaced_builtin(plan) {
+            return Err(Error::Usage(format!(
+                "{}{}: {name} is one of backfill's own tables and views (\\d lists them): \
+                 replacing or dropping it is refused, as every later statement would read \
+                 something else under that name; give yours another name",
+                self.origin.prefix(),
+                p.name(),
+            )));
+        }
+        if let LogicalPlan::Statement(datafusion::logical_expr::Statement::SetVariable(v)) = plan
+            && v.variable == TIME_ZONE
+            && v.value.parse::<arrow::array::timezone::Tz>().is_err()
+        {
+            // DataFusion takes any text and every later query that shows a
+            // time fails on it ("Invalid timezone").
+            return Err(Error::Usage(format!(
+                "{}{}: '{}' is not a time zone: give an offset ('+02:00') or a name ('Europe/Paris', 'UTC')",
+                self.origin.prefix(),
+                p.name(),
+                v.value
+            )));
+        }
+        self.guard(p, plan)
     }
 
     /// Print a result with its footer (tables) or its truncation warning
     /// (other formats, on stderr: stdout stays machine-readable).
     async fn show(&mut self, df: DataFrame, what: &str, started: Instant) -> Result<(), Error> {
         let schema = Arc::new(df.schema().as_arrow().clone());
+        // A plan is read line by line: a table keeps its line breaks, which
+        // it escapes in data.
+        let plan = matches!(
+            df.logical_plan(),
+            LogicalPlan::Explain(_) | LogicalPlan::Analyze(_)
+        );
         let stream = df
             .execute_stream()
             .await
             .map_err(|e| self.failed(what, e))?;
         let columns = !schema.fields().is_empty();
-        let printed = print::print_stream(&mut self.out, schema, stream, self.format, self.maxrows)
-            .await
-            .map_err(|e| match e {
-                Error::DataFusion(e) => self.failed(what, *e),
-                other => other,
-            })?;
-        if !columns {
-            return Ok(());
-        }
+        let printed = print::print_stream(
+            &mut self.out,
+            schema,
+            stream,
+            self.format,
+            self.maxrows,
+            plan,
+        )
+        .await
+        .map_err(|e| match e {
+            Error::DataFusion(e) => self.failed(what, *e),
+            // Formatting a value failed: the statement is named, as
+            // for any error of a statement.
+            Error::Arrow(e) => Error::Io {
+                what: format!("{}{what}", self.origin.prefix()),
+                message: e.to_string(),
+            },
+            other => other,
+        })?;
         let more = if self.origin == Origin::Shell {
             "\\pset maxrows inf shows all"
         } else {
             "--maxrows inf shows all"
         };
+        if !columns {
+            // A query without columns (`SELECT FROM events`) printed nothing
+            // at all, as if it were a CREATE VIEW: a table says its rows.
+            if printed.rows > 0 && self.format == Format::Table {
+                let line = match printed.more {
+                    true => format!(
+                        "First {} row(s) fetched, without columns; the rest were not fetched ({more}).",
+                        printed.rows
+                    ),
+                    false => format!("{} row(s) fetched, without columns.", printed.rows),
+                };
+                writeln!(self.out, "{line}").map_err(print::stdout_error)?;
+            }
+            return Ok(());
+        }
         if self.format == Format::Table {
             let mut line = if printed.more {
                 format!(
@@ -319,13 +499,47 @@ impl Shell {
         } else if printed.more {
             // After the rows it is about, on a terminal showing both.
             self.out.flush().map_err(print::stdout_error)?;
-            eprintln!(
-                "warning: {}{what}: printed the first {} row(s); the rest were not fetched ({more})",
+            let warning = format!(
+                "{}{what}: printed the first {} row(s); the rest were not fetched ({more})",
                 self.origin.prefix(),
                 printed.rows
             );
+            eprintln!("warning: {}", print::escape_error(&warning));
         }
         Ok(())
+    }
+
+    /// The name of the built-in table or view `plan` would create over,
+    /// replace or drop, if any. `CREATE OR REPLACE VIEW events AS ...`
+    /// silently replaced the window for the rest of the session, so that
+    /// `unprocessed`, `candidates` and every later query read the
+    /// replacement: in a tool used to decide what to replay, that is
+    /// refused rather than announced. Decided on the plan, by full name, so
+    /// that `public.events` and `"events"` are the same name.
+    fn replaced_builtin(&self, plan: &LogicalPlan) -> Option<String> {
+        use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+        use datafusion::logical_expr::DdlStatement as D;
+        let (catalog, schema) = self.default_schema();
+        let mut found = None;
+        let _ = plan.apply(|p| {
+            let name = match p {
+                LogicalPlan::Ddl(D::CreateView(v)) => &v.name,
+                LogicalPlan::Ddl(D::CreateMemoryTable(t)) => &t.name,
+                LogicalPlan::Ddl(D::CreateExternalTable(t)) => &t.name,
+                LogicalPlan::Ddl(D::DropView(v)) => &v.name,
+                LogicalPlan::Ddl(D::DropTable(t)) => &t.name,
+                _ => return Ok(TreeNodeRecursion::Continue),
+            };
+            if self
+                .builtins
+                .contains(&name.clone().resolve(&catalog, &schema))
+            {
+                found = Some(name.table().to_string());
+                return Ok(TreeNodeRecursion::Stop);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        });
+        found
     }
 
     /// Refuse a statement that writes, unless `--allow-writes`.
@@ -346,13 +560,26 @@ impl Shell {
     /// A DataFusion error of `what`, as one line naming it: SQL that does
     /// not plan is a usage error (exit 2), anything else a runtime one.
     fn failed(&self, what: &str, e: DataFusionError) -> Error {
+        let usage = is_usage(&e);
+        self.error(what, e, usage)
+    }
+
+    /// [`Shell::failed`], with the exit code chosen by the caller.
+    fn error(&self, what: &str, e: DataFusionError, usage: bool) -> Error {
         let at = format!("{}{what}", self.origin.prefix());
-        if is_usage(&e) {
+        if usage {
+            // "Optimizer rule 'simplify_expressions' failed caused by" says
+            // where DataFusion was, not what is wrong.
+            let e = match e {
+                DataFusionError::Context(c, inner) if optimizer_context(&c) => *inner,
+                e => e,
+            };
             let line = e.to_string();
-            Error::Usage(format!(
-                "{at}: {}",
-                line.split_whitespace().collect::<Vec<_>>().join(" ")
-            ))
+            let line = line.split_whitespace().collect::<Vec<_>>().join(" ");
+            let line = self
+                .path_not_found(&line)
+                .unwrap_or_else(|| without_debug(&line));
+            Error::Usage(format!("{at}: {line}"))
         } else {
             // The crate's own wording (e.g. out of memory under
             // --memory-limit), after the statement.
@@ -363,14 +590,64 @@ impl Shell {
         }
     }
 
+    /// DataFusion's answer to a path in FROM it cannot read (`SELECT * FROM
+    /// 'out/dlq/'` with a typo, a file without a known extension, a folder
+    /// without data files) is "table 'datafusion.public.out/dlq/' not
+    /// found": the path glued to the schema's name, as though it were a
+    /// table. Said as what it is, with what would be read.
+    fn path_not_found(&self, message: &str) -> Option<String> {
+        let (catalog, schema) = self.default_schema();
+        let prefix = format!("table '{catalog}.{schema}.");
+        let start = message.find(&prefix)? + prefix.len();
+        let name = message[start..].strip_suffix("' not found")?;
+        let path_like = name.contains('/') || name.contains('\\') || {
+            let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+            matches!(
+                ext.as_deref(),
+                Some("parquet" | "csv" | "tsv" | "json" | "ndjson" | "arrow" | "avro")
+            )
+        };
+        path_like.then(|| {
+            format!(
+                "'{name}' is no table, and no file or folder that can be read: a path in FROM \
+                 must exist and be a Parquet, CSV, JSON or Arrow file (known by its extension) \
+                 or a folder of them"
+            )
+        })
+    }
+
     /// A shell command (`\d`, `\q`, ...).
     async fn command(&mut self, line: u64, text: &str) -> Result<Flow, Error> {
         let started = Instant::now();
+        let usage =
+            |msg: String| Error::Usage(format!("{}line {line}: {msg}", self.origin.prefix()));
+        // `\d NAME` takes the rest of the line: a quoted name may hold
+        // spaces (`\d "My Table"`), which split the command into words.
+        if let Some(arg) = text
+            .strip_prefix("\\d")
+            .filter(|a| a.starts_with(char::is_whitespace))
+        {
+            // psql drops a `;` typed after the name out of SQL habit.
+            let arg = arg.trim();
+            let name = arg.strip_suffix(';').unwrap_or(arg).trim_end();
+            let table = self
+                .table_reference(name)
+                .map_err(|m| usage(format!("\\d {name}: {m}")))?;
+            let df = self
+                .columns(&table)
+                .await
+                .map_err(|e| self.failed(text, e))?
+                .ok_or_else(|| {
+                    usage(format!(
+                        "\\d {name}: there is no table or view named {name} (\\d lists them)"
+                    ))
+                })?;
+            self.show(df, text, started).await?;
+            return Ok(Flow::Continue);
+        }
         let mut words = text.split_whitespace();
         let cmd = words.next().unwrap_or_default();
         let rest: Vec<&str> = words.collect();
-        let usage =
-            |msg: String| Error::Usage(format!("{}line {line}: {msg}", self.origin.prefix()));
         match (cmd, rest.as_slice()) {
             ("\\q" | "\\quit", []) => Ok(Flow::Quit),
             ("\\?" | "\\h" | "\\help", _) => {
@@ -381,19 +658,6 @@ impl Shell {
             }
             ("\\d" | "\\dt", []) => {
                 let df = self.tables().await.map_err(|e| self.failed(text, e))?;
-                self.show(df, text, started).await?;
-                Ok(Flow::Continue)
-            }
-            ("\\d", [name]) => {
-                let df = self
-                    .columns(name)
-                    .await
-                    .map_err(|e| self.failed(text, e))?
-                    .ok_or_else(|| {
-                        usage(format!(
-                            "\\d {name}: there is no table or view named {name} (\\d lists them)"
-                        ))
-                    })?;
                 self.show(df, text, started).await?;
                 Ok(Flow::Continue)
             }
@@ -472,29 +736,82 @@ impl Shell {
         self.ctx.read_batch(batch)
     }
 
-    /// `\d NAME`: its columns, or `None` when there is no such table.
-    /// `NAME` is an identifier as SQL reads it: unquoted is lower-cased,
-    /// `"Quoted"` is exact, `schema.name` names another schema.
-    async fn columns(&self, name: &str) -> datafusion::error::Result<Option<DataFrame>> {
-        let (_, default_schema) = self.default_schema();
-        let (schema, table) = match name.rsplit_once('.') {
-            Some((s, t)) => (identifier(s), identifier(t)),
-            None => (default_schema, identifier(name)),
-        };
-        let df = self
-            .ctx
-            .sql(&format!(
-                "SELECT column_name, data_type, is_nullable FROM information_schema.columns \
-                 WHERE table_schema = {} AND table_name = {} ORDER BY ordinal_position",
-                literal(&schema),
-                literal(&table)
-            ))
-            .await?;
-        let batches = df.collect().await?;
-        if batches.iter().all(|b| b.num_rows() == 0) {
-            return Ok(None);
+    /// `NAME` of `\d NAME` as SQL reads a table name: parts split on `.`
+    /// (`schema.name`, `catalog.schema.name`), unquoted parts lower-cased,
+    /// `"Quoted"` parts exact, with the session's dialect and
+    /// normalization, so that `\d` describes what `SELECT * FROM NAME`
+    /// reads.
+    fn table_reference(&self, name: &str) -> Result<TableReference, String> {
+        use datafusion::sql::sqlparser::parser::Parser;
+        use datafusion::sql::sqlparser::tokenizer::Token;
+        let state = self.ctx.state();
+        let options = &state.config().options().sql_parser;
+        let dialect = datafusion::sql::sqlparser::dialect::dialect_from_str(options.dialect)
+            .ok_or_else(|| format!("unsupported SQL dialect '{}'", options.dialect))?;
+        let not_a_name = || "not a table name (NAME, schema.NAME or \"Quoted Name\")".to_string();
+        let mut parser = Parser::new(dialect.as_ref())
+            .try_with_sql(name)
+            .map_err(|_| not_a_name())?;
+        let object = parser.parse_object_name(false).map_err(|_| not_a_name())?;
+        if parser.peek_token().token != Token::EOF {
+            return Err(not_a_name());
         }
-        Ok(Some(self.ctx.read_batches(batches)?))
+        let parts = object
+            .0
+            .iter()
+            .map(|part| {
+                let ident = part.as_ident().ok_or_else(not_a_name)?;
+                Ok(match ident.quote_style {
+                    None if options.enable_ident_normalization => ident.value.to_lowercase(),
+                    _ => ident.value.clone(),
+                })
+            })
+            .collect::<Result<Vec<String>, String>>()?;
+        Ok(match parts.as_slice() {
+            [table] => TableReference::bare(table.as_str()),
+            [schema, table] => TableReference::partial(schema.as_str(), table.as_str()),
+            [catalog, schema, table] => {
+                TableReference::full(catalog.as_str(), schema.as_str(), table.as_str())
+            }
+            _ => return Err(not_a_name()),
+        })
+    }
+
+    /// `\d NAME`: its columns as `DESCRIBE` shows them, or `None` when
+    /// there is no such table. Read from the table itself, not from
+    /// information_schema (which has no rows for its own tables, and whose
+    /// filter on the schema alone mixed catalogs up).
+    async fn columns(
+        &self,
+        table: &TableReference,
+    ) -> datafusion::error::Result<Option<DataFrame>> {
+        use arrow::datatypes::{DataType, Field, Schema};
+        let Ok(provider) = self.ctx.table_provider(table.clone()).await else {
+            return Ok(None);
+        };
+        let schema = provider.schema();
+        let mut name = arrow::array::StringBuilder::new();
+        let mut data_type = arrow::array::StringBuilder::new();
+        let mut nullable = arrow::array::StringBuilder::new();
+        for f in schema.fields() {
+            name.append_value(f.name());
+            data_type.append_value(f.data_type().to_string());
+            nullable.append_value(if f.is_nullable() { "YES" } else { "NO" });
+        }
+        let described = Arc::new(Schema::new(vec![
+            Field::new("column_name", DataType::Utf8, false),
+            Field::new("data_type", DataType::Utf8, false),
+            Field::new("is_nullable", DataType::Utf8, false),
+        ]));
+        let batch = arrow::record_batch::RecordBatch::try_new(
+            described,
+            vec![
+                Arc::new(name.finish()),
+                Arc::new(data_type.finish()),
+                Arc::new(nullable.finish()),
+            ],
+        )?;
+        Ok(Some(self.ctx.read_batch(batch)?))
     }
 
     fn default_schema(&self) -> (String, String) {
@@ -538,7 +855,8 @@ impl Shell {
             let items = match parse(&self.ctx, &text) {
                 Ok(items) => items,
                 Err(e) => {
-                    eprintln!("error: {}", crate::redact::line(&e.to_string()));
+                    let line = crate::redact::line(&e.to_string());
+                    eprintln!("error: {}", print::escape_error(&line));
                     continue;
                 }
             };
@@ -556,7 +874,7 @@ impl Shell {
                         break;
                     }
                     Some(Err(e)) => {
-                        eprintln!("error: {}", e.line());
+                        eprintln!("error: {}", escaped(e).line());
                         break;
                     }
                     None => {
@@ -687,13 +1005,71 @@ fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// An identifier as SQL reads it: `"Quoted"` exact, anything else
-/// lower-cased.
-fn identifier(s: &str) -> String {
-    match s.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
-        Some(q) => q.replace("\"\"", "\""),
-        None => s.to_lowercase(),
+/// Every table and view in the session's default schema, by full name:
+/// taken once all of `backfill sql`'s own are registered.
+fn builtins(ctx: &SessionContext) -> std::collections::BTreeSet<ResolvedTableReference> {
+    let state = ctx.state();
+    let c = &state.config().options().catalog;
+    let (catalog, schema) = (c.default_catalog.as_str(), c.default_schema.as_str());
+    ctx.catalog(catalog)
+        .and_then(|cat| cat.schema(schema))
+        .map(|s| s.table_names())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| TableReference::full(catalog, schema, t).resolve(catalog, schema))
+        .collect()
+}
+
+/// DataFusion's name of the session's time zone, which `SET TIME ZONE`,
+/// `SET timezone` and `SET datafusion.execution.time_zone` all set.
+const TIME_ZONE: &str = "datafusion.execution.time_zone";
+
+/// A plan that only changes the session's catalog or settings: no data is
+/// read, so its failure is the statement's (exit 2).
+fn catalog_only(plan: &LogicalPlan) -> bool {
+    use datafusion::logical_expr::{DdlStatement as D, Statement as S};
+    matches!(
+        plan,
+        LogicalPlan::Statement(S::SetVariable(_) | S::ResetVariable(_) | S::Deallocate(_))
+            | LogicalPlan::Ddl(
+                D::CreateView(_)
+                    | D::DropView(_)
+                    | D::DropTable(_)
+                    | D::CreateCatalog(_)
+                    | D::CreateCatalogSchema(_)
+                    | D::DropCatalogSchema(_)
+                    | D::DropFunction(_)
+            )
+    )
+}
+
+/// A DataFusion message without the Rust debug dump of a syntax tree that
+/// some of its "not implemented" errors end with (`SET variant not
+/// implemented yet: SetRole { context_modifier: None, role_name: Some(Ident
+/// { value: "admin", quote_style: None, span: Span(Location(1,10)..` and
+/// on): the dump is cut to its type name and where it starts, as the
+/// statement is named already. A dump is known by the spans every node of
+/// the tree carries.
+fn without_debug(message: &str) -> String {
+    let Some(span) = message.find("Span(Location(") else {
+        return message.to_string();
+    };
+    let start = regex::Regex::new(r"\b[A-Z][A-Za-z0-9]*\s?[({]").expect("a valid regex");
+    let Some(m) = start.find(&message[..span]) else {
+        return message.to_string();
+    };
+    let name = m.as_str().trim_end_matches(['(', '{', ' ']);
+    let mut out = format!("{}{name}", &message[..m.start()]);
+    let at = regex::Regex::new(r"Location\((\d+),(\d+)\)").expect("a valid regex");
+    if let Some(c) = at.captures(&message[span..]) {
+        out.push_str(&format!(" at line {}, column {}", &c[1], &c[2]));
     }
+    if out.contains("SET variant not implemented") {
+        out.push_str(
+            " (SET name = value and SET TIME ZONE are what DataFusion sets; SHOW ALL lists the settings)",
+        );
+    }
+    out
 }
 
 /// SQL that does not plan: the user's to fix (exit 2).
@@ -701,9 +1077,18 @@ fn is_usage(e: &DataFusionError) -> bool {
     use DataFusionError as D;
     match e {
         D::SQL(..) | D::Plan(_) | D::SchemaError(..) | D::NotImplemented(_) => true,
+        // The logical optimizer reads no data: what fails there is the
+        // statement's own constants (`WHERE event_time > '2024-13-45'`,
+        // `CAST('x' AS INT)`), which a retry cannot mend.
+        D::Context(c, _) if optimizer_context(c) => true,
         D::Context(_, inner) | D::Diagnostic(_, inner) => is_usage(inner),
         _ => false,
     }
+}
+
+/// The context DataFusion's logical optimizer wraps its rules' errors in.
+fn optimizer_context(context: &str) -> bool {
+    context.starts_with("Optimizer rule '")
 }
 
 /// A query reads at most one row past what is printed: DataFusion pushes
@@ -737,18 +1122,26 @@ fn limited(plan: LogicalPlan, maxrows: Option<usize>) -> datafusion::error::Resu
 /// if anything. `sql` explores an archive, often a production one, and a
 /// typo'd `COPY ... TO` or an `INSERT` into an external table must not
 /// overwrite files there. Queries, EXPLAIN (without ANALYZE of a write),
-/// SHOW, DESCRIBE and session-only views are read-only. Decided on the
+/// SHOW, DESCRIBE, session-only views and the session's time zone are
+/// read-only. Decided on the
 /// plan, not the text: `EXPLAIN ANALYZE COPY ...` executes the COPY, and
 /// the plan says so wherever the statement hides it.
 fn writes(plan: &LogicalPlan) -> Option<String> {
     use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-    use datafusion::logical_expr::DdlStatement;
+    use datafusion::logical_expr::{DdlStatement, ResetVariable, SetVariable, Statement};
     let mut found = None;
     let _ = plan.apply(|p| {
         let what = match p {
             LogicalPlan::Dml(d) => Some(format!("{} {}", d.op.name().to_uppercase(), d.table_name)),
             LogicalPlan::Copy(c) => Some(format!("COPY ... TO '{}'", c.output_url)),
             LogicalPlan::Ddl(DdlStatement::CreateView(_)) => None,
+            // How this session shows times, nothing more.
+            LogicalPlan::Statement(Statement::SetVariable(SetVariable { variable, .. }))
+            | LogicalPlan::Statement(Statement::ResetVariable(ResetVariable { variable }))
+                if variable == TIME_ZONE =>
+            {
+                None
+            }
             LogicalPlan::Ddl(d) => Some(sql_words(d.name())),
             LogicalPlan::Statement(s) => Some(sql_words(s.name())),
             _ => None,
@@ -866,9 +1259,23 @@ mod tests {
     }
 
     #[test]
-    fn identifiers_as_sql_reads_them() {
-        assert_eq!(identifier("Events"), "events");
-        assert_eq!(identifier("\"Events\""), "Events");
+    fn debug_dumps_are_cut_to_their_type_name() {
+        assert_eq!(
+            without_debug(
+                "This feature is not implemented: SET variant not implemented yet: SetRole { \
+                 context_modifier: None, role_name: Some(Ident { value: \"admin\", quote_style: \
+                 None, span: Span(Location(1,10)..Location(1,15)) }) }"
+            ),
+            "This feature is not implemented: SET variant not implemented yet: SetRole at line 1, \
+             column 10 (SET name = value and SET TIME ZONE are what DataFusion sets; SHOW ALL \
+             lists the settings)"
+        );
+        let plain = "Error during planning: table 'datafusion.public.x' not found";
+        assert_eq!(without_debug(plain), plain);
+    }
+
+    #[test]
+    fn literals_double_their_quotes() {
         assert_eq!(literal("it's"), "'it''s'");
     }
 

@@ -7,6 +7,14 @@
 //! where the bytes are UTF-8 (archived payloads are JSON more often than
 //! not) and as `\x` and hex otherwise, in every format. An empty result
 //! still prints its header (CSV, TSV, table) or `[]` (JSON).
+//!
+//! Every column prints in every format: what a format cannot hold is
+//! turned into text first (nested values as JSON in CSV and TSV), so no
+//! column fails to print after the header is out (a query that fails while
+//! it runs still stops its result where it failed). A table, which is
+//! for a terminal, shows control characters escaped (`\n`, `\u{1b}`): a
+//! value must not break the table's lines or send the terminal escape
+//! sequences.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -101,27 +109,33 @@ pub struct Printed {
 }
 
 /// Print one result, reading at most `maxrows` rows (and one more, to know
-/// whether there were more) from `stream`. A result without columns (DDL)
-/// prints nothing.
+/// whether there were more) from `stream`. A result without columns (DDL,
+/// `SELECT FROM t`) prints nothing; its rows are counted. `lines`: the result is text of ours or DataFusion's, not
+/// data (EXPLAIN's plans), whose line breaks a table keeps.
 pub async fn print_stream(
     out: &mut Out,
     schema: SchemaRef,
     mut stream: SendableRecordBatchStream,
     format: Format,
     maxrows: Option<usize>,
+    lines: bool,
 ) -> Result<Printed, Error> {
     if schema.fields().is_empty() {
-        // Still run it to its end: a DDL statement acts when polled.
+        // Still run it to its end: a DDL statement acts when polled. Its
+        // rows are counted: `SELECT FROM events` has some, and no columns.
+        let mut rows = 0;
         while let Some(b) = stream.next().await {
-            b?;
+            rows += b?.num_rows();
         }
-        return Ok(Printed {
-            rows: 0,
-            more: false,
+        return Ok(match maxrows {
+            Some(max) if rows > max => Printed {
+                rows: max,
+                more: true,
+            },
+            _ => Printed { rows, more: false },
         });
     }
-    let shown = display_schema(&schema);
-    let mut writer = BatchWriter::new(format, shown.clone());
+    let mut writer = BatchWriter::new(format, &schema, lines);
     let mut rows = 0usize;
     let mut more = false;
     while let Some(batch) = stream.next().await {
@@ -133,7 +147,7 @@ pub async fn print_stream(
             more = true;
         }
         rows += batch.num_rows();
-        writer.write(out, &displayable(&batch)?)?;
+        writer.write(out, &batch)?;
         if more || out.closed() {
             break;
         }
@@ -152,51 +166,87 @@ pub fn print_batches(
     batches: &[RecordBatch],
     format: Format,
 ) -> Result<(), Error> {
-    let shown = display_schema(&schema);
-    let mut writer = BatchWriter::new(format, shown.clone());
+    let mut writer = BatchWriter::new(format, &schema, false);
     for b in batches {
-        writer.write(out, &displayable(b)?)?;
+        writer.write(out, b)?;
     }
     writer.finish(out)?;
     out.results += 1;
     out.flush().map_err(stdout_error)
 }
 
-/// One result being written in one format.
-enum BatchWriter {
+/// One result being written in one format: how each column is shown, and
+/// the writer's state.
+struct BatchWriter {
+    format: Format,
+    /// A table keeps the values' line breaks (EXPLAIN's plans).
+    lines: bool,
+    /// The result's schema as written (every converted column is text):
+    /// the header of a result without rows, and of a table.
+    schema: SchemaRef,
+    state: State,
+}
+
+enum State {
     /// Held until the end: a table's widths depend on every row.
-    Table(SchemaRef, Vec<RecordBatch>),
+    Table(Vec<RecordBatch>),
     /// CSV or TSV; the header is written with the first batch (an empty one
     /// at the end if no batch had rows).
-    Delimited(u8, SchemaRef, bool),
+    Delimited(u8, bool),
     /// Whether a row was written (`[` is out).
     Json(bool),
     Ndjson,
 }
 
 impl BatchWriter {
-    fn new(format: Format, schema: SchemaRef) -> BatchWriter {
-        match format {
-            Format::Table => BatchWriter::Table(schema, vec![]),
-            Format::Csv => BatchWriter::Delimited(b',', schema, false),
-            Format::Tsv => BatchWriter::Delimited(b'\t', schema, false),
-            Format::Json => BatchWriter::Json(false),
-            Format::Ndjson => BatchWriter::Ndjson,
+    fn new(format: Format, schema: &SchemaRef, lines: bool) -> BatchWriter {
+        let state = match format {
+            Format::Table => State::Table(vec![]),
+            Format::Csv => State::Delimited(b',', false),
+            Format::Tsv => State::Delimited(b'\t', false),
+            Format::Json => State::Json(false),
+            Format::Ndjson => State::Ndjson,
+        };
+        BatchWriter {
+            format,
+            lines,
+            schema: shown_schema(schema, format, lines).1,
+            state,
         }
     }
 
+    /// `batch` with its columns converted as [`Shown`] says, decided on the
+    /// batch's own types: they may differ from the result's schema
+    /// (`SELECT CAST(NULL AS INT) UNION ALL SELECT 1` is planned as Int32
+    /// and yields Int64), and a batch is what is written.
+    fn convert(&self, batch: &RecordBatch) -> Result<RecordBatch, Error> {
+        let (shown, schema) = shown_schema(&batch.schema(), self.format, self.lines);
+        if shown.iter().all(|s| *s == Shown::AsIs) {
+            return Ok(batch.clone());
+        }
+        let columns = batch
+            .columns()
+            .iter()
+            .zip(batch.schema().fields())
+            .zip(&shown)
+            .map(|((col, field), shown)| shown.convert(col, field))
+            .collect::<Result<Vec<ArrayRef>, Error>>()?;
+        Ok(RecordBatch::try_new(schema, columns)?)
+    }
+
     fn write(&mut self, out: &mut Out, batch: &RecordBatch) -> Result<(), Error> {
-        match self {
-            BatchWriter::Table(_, kept) => kept.push(batch.clone()),
-            BatchWriter::Delimited(delimiter, _, header_done) => {
+        let batch = self.convert(batch)?;
+        match &mut self.state {
+            State::Table(kept) => kept.push(batch),
+            State::Delimited(delimiter, header_done) => {
                 let mut w = arrow::csv::WriterBuilder::new()
                     .with_header(!*header_done)
                     .with_delimiter(*delimiter)
                     .build(&mut *out);
-                w.write(batch)?;
+                w.write(&batch)?;
                 *header_done = true;
             }
-            BatchWriter::Json(started) => {
+            State::Json(started) => {
                 // The array's brackets and commas are ours, so that the
                 // rows can be written as they come.
                 let mut buf = vec![];
@@ -204,7 +254,7 @@ impl BatchWriter {
                     let mut w = arrow::json::WriterBuilder::new()
                         .with_explicit_nulls(true)
                         .build::<_, arrow::json::writer::LineDelimited>(&mut buf);
-                    w.write(batch)?;
+                    w.write(&batch)?;
                     w.finish()?;
                 }
                 for line in buf.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
@@ -214,11 +264,11 @@ impl BatchWriter {
                     *started = true;
                 }
             }
-            BatchWriter::Ndjson => {
+            State::Ndjson => {
                 let mut w = arrow::json::WriterBuilder::new()
                     .with_explicit_nulls(true)
                     .build::<_, arrow::json::writer::LineDelimited>(&mut *out);
-                w.write(batch)?;
+                w.write(&batch)?;
                 w.finish()?;
             }
         }
@@ -226,31 +276,214 @@ impl BatchWriter {
     }
 
     fn finish(self, out: &mut Out) -> Result<(), Error> {
-        match self {
-            BatchWriter::Table(schema, kept) => {
+        match self.state {
+            State::Table(kept) => {
                 if out.results > 0 {
                     out.write_all(b"\n").map_err(stdout_error)?;
                 }
-                let t = arrow::util::pretty::pretty_format_batches_with_schema(schema, &kept)?;
+                let t = arrow::util::pretty::pretty_format_batches_with_schema(self.schema, &kept)?;
                 writeln!(out, "{t}").map_err(stdout_error)?;
             }
-            BatchWriter::Delimited(delimiter, schema, false) => {
+            State::Delimited(delimiter, false) => {
                 // No rows: the header alone, from an empty batch.
                 let mut w = arrow::csv::WriterBuilder::new()
                     .with_header(true)
                     .with_delimiter(delimiter)
                     .build(&mut *out);
-                w.write(&RecordBatch::new_empty(schema))?;
+                w.write(&RecordBatch::new_empty(self.schema))?;
             }
-            BatchWriter::Delimited(..) => {}
-            BatchWriter::Json(started) => {
+            State::Delimited(..) => {}
+            State::Json(started) => {
                 out.write_all(if started { b"]\n" } else { b"[]\n" })
                     .map_err(stdout_error)?;
             }
-            BatchWriter::Ndjson => {}
+            State::Ndjson => {}
         }
         Ok(())
     }
+}
+
+/// How each column of `schema` is written in `format`, and the schema as
+/// written.
+fn shown_schema(schema: &Schema, format: Format, lines: bool) -> (Vec<Shown>, SchemaRef) {
+    let shown: Vec<Shown> = schema
+        .fields()
+        .iter()
+        .map(|f| Shown::of(f, format, lines))
+        .collect();
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .zip(&shown)
+        .map(|(f, shown)| {
+            let name = match format {
+                Format::Table => escape_controls(f.name()).into_owned(),
+                _ => f.name().clone(),
+            };
+            let data_type = match shown {
+                Shown::AsIs => f.data_type().clone(),
+                _ => DataType::Utf8,
+            };
+            Field::new(name, data_type, f.is_nullable()).with_metadata(f.metadata().clone())
+        })
+        .collect();
+    let schema = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+    (shown, schema)
+}
+
+/// How a column is written in a format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shown {
+    /// As the format's writer writes its type.
+    AsIs,
+    /// Binary as text or `\x` hex ([`binary_text`]).
+    BinaryText,
+    /// Nested (struct, list, map) as JSON text: arrow's CSV writer refuses
+    /// nested types, and it did so after the header was out. DuckDB writes
+    /// them into CSV as text too.
+    Json,
+    /// As the table shows it (`{a: 1}`): a type the format's writer cannot
+    /// write at all (a union; a map with non-string keys in JSON).
+    Display,
+    /// A table cell, as arrow displays it, control characters escaped.
+    Cell,
+    /// A table cell of text that is not data (a plan), its line breaks
+    /// kept: an EXPLAIN is read line by line.
+    Lines,
+    /// A binary table cell: [`binary_text`], control characters escaped.
+    BinaryCell,
+}
+
+impl Shown {
+    fn of(field: &Field, format: Format, lines: bool) -> Shown {
+        let t = field.data_type();
+        match format {
+            Format::Table if is_binary(t) => Shown::BinaryCell,
+            // Numbers, booleans and times hold no control characters.
+            Format::Table if t.is_primitive() || t.is_null() || *t == DataType::Boolean => {
+                Shown::AsIs
+            }
+            Format::Table if lines => Shown::Lines,
+            Format::Table => Shown::Cell,
+            _ if is_binary(t) => Shown::BinaryText,
+            Format::Csv | Format::Tsv if t.is_nested() && json_encodes(field) => Shown::Json,
+            Format::Csv | Format::Tsv if t.is_nested() => Shown::Display,
+            Format::Json | Format::Ndjson if !json_encodes(field) => Shown::Display,
+            _ => Shown::AsIs,
+        }
+    }
+
+    fn convert(self, col: &ArrayRef, field: &Field) -> Result<ArrayRef, Error> {
+        Ok(match self {
+            Shown::AsIs => col.clone(),
+            Shown::BinaryText => binary_text(col),
+            Shown::Json => json_text(col, field)?,
+            Shown::Display => display_text(col, None)?,
+            Shown::Cell => display_text(col, Some(&[]))?,
+            Shown::Lines => display_text(col, Some(&['\n']))?,
+            Shown::BinaryCell => display_text(&binary_text(col), Some(&[]))?,
+        })
+    }
+}
+
+/// Whether arrow's JSON writer writes `field`'s type (it has no union,
+/// and only string keys for maps).
+fn json_encodes(field: &Field) -> bool {
+    let empty = arrow::array::new_empty_array(field.data_type());
+    let field = Arc::new(field.clone());
+    let options = arrow::json::writer::EncoderOptions::default();
+    arrow::json::writer::make_encoder(&field, empty.as_ref(), &options).is_ok()
+}
+
+/// Each value of a nested column as its JSON text (NULL stays NULL).
+fn json_text(col: &ArrayRef, field: &Field) -> Result<ArrayRef, Error> {
+    let field = Arc::new(field.clone());
+    let options = arrow::json::writer::EncoderOptions::default().with_explicit_nulls(true);
+    let mut encoder = arrow::json::writer::make_encoder(&field, col.as_ref(), &options)?;
+    let mut b = StringBuilder::with_capacity(col.len(), 0);
+    let mut buf = Vec::new();
+    for i in 0..col.len() {
+        if encoder.is_null(i) {
+            b.append_null();
+            continue;
+        }
+        buf.clear();
+        encoder.encode(i, &mut buf);
+        // The encoder writes JSON, which is UTF-8.
+        b.append_value(String::from_utf8_lossy(&buf));
+    }
+    Ok(Arc::new(b.finish()))
+}
+
+/// Each value as arrow displays it (as a table shows it); escaped for a
+/// table cell when `cell`, but for the characters it holds. NULL stays
+/// NULL.
+fn display_text(col: &ArrayRef, cell: Option<&[char]>) -> Result<ArrayRef, Error> {
+    let options = arrow::util::display::FormatOptions::default().with_display_error(true);
+    let formatter = arrow::util::display::ArrayFormatter::try_new(col.as_ref(), &options)?;
+    let mut b = StringBuilder::with_capacity(col.len(), 0);
+    for i in 0..col.len() {
+        if col.is_null(i) {
+            b.append_null();
+            continue;
+        }
+        let text = formatter.value(i).to_string();
+        match cell {
+            Some(keep) => b.append_value(escape(&text, keep)),
+            None => b.append_value(text),
+        }
+    }
+    Ok(Arc::new(b.finish()))
+}
+
+/// `s` with its control characters written as escapes: `\n`, `\r`, `\t`,
+/// `\u{1b}` (and DEL, C1 controls such as U+009B, a terminal's escape
+/// introducer too, and as `\u{202e}` the bidirectional overrides that make
+/// text read otherwise than it is, the line and paragraph separators, and
+/// the invisible U+200B, U+2060 and U+FEFF, which make two keys that look
+/// alike differ). For text that reaches a terminal from data, file names
+/// or SQL: a table cell, an error line. The joiners U+200C and U+200D are
+/// left alone: scripts and emoji need them.
+pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    escape(s, &[])
+}
+
+/// [`escape_controls`] for an error or warning line, but for the line
+/// breaks and tabs that `Error::line` folds into spaces (DataFusion's
+/// messages span lines; `\n` in them would read worse than a space).
+pub fn escape_error(s: &str) -> std::borrow::Cow<'_, str> {
+    escape(s, &['\n', '\r', '\t'])
+}
+
+/// [`escape_controls`] sparing the characters in `keep`.
+fn escape<'a>(s: &'a str, keep: &[char]) -> std::borrow::Cow<'a, str> {
+    let escaped = |c: char| {
+        (c.is_control() && !keep.contains(&c))
+            || matches!(
+                c,
+                '\u{200b}'
+                    | '\u{200e}'
+                    | '\u{200f}'
+                    | '\u{2028}'..='\u{202e}'
+                    | '\u{2060}'
+                    | '\u{2066}'..='\u{2069}'
+                    | '\u{feff}'
+            )
+    };
+    if !s.chars().any(escaped) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            c if !escaped(c) => out.push(c),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn is_binary(t: &DataType) -> bool {
@@ -261,48 +494,6 @@ fn is_binary(t: &DataType) -> bool {
             | DataType::BinaryView
             | DataType::FixedSizeBinary(_)
     )
-}
-
-/// The schema as printed: binary columns become text.
-fn display_schema(schema: &SchemaRef) -> SchemaRef {
-    if !schema.fields().iter().any(|f| is_binary(f.data_type())) {
-        return schema.clone();
-    }
-    let fields: Vec<Field> = schema
-        .fields()
-        .iter()
-        .map(|f| {
-            if is_binary(f.data_type()) {
-                Field::new(f.name(), DataType::Utf8, f.is_nullable())
-                    .with_metadata(f.metadata().clone())
-            } else {
-                f.as_ref().clone()
-            }
-        })
-        .collect();
-    Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
-}
-
-/// `batch` with its binary columns as text (see [`binary_text`]).
-fn displayable(batch: &RecordBatch) -> Result<RecordBatch, Error> {
-    if !batch.columns().iter().any(|c| is_binary(c.data_type())) {
-        return Ok(batch.clone());
-    }
-    let columns: Vec<ArrayRef> = batch
-        .columns()
-        .iter()
-        .map(|c| {
-            if is_binary(c.data_type()) {
-                binary_text(c)
-            } else {
-                c.clone()
-            }
-        })
-        .collect();
-    Ok(RecordBatch::try_new(
-        display_schema(&batch.schema()),
-        columns,
-    )?)
 }
 
 /// Each value as its text when the bytes are UTF-8, else as `\x` and hex
@@ -398,6 +589,7 @@ mod tests {
             stream_then_error(&schema, 2),
             Format::Csv,
             Some(15),
+            false,
         )
         .await
         .unwrap();
@@ -422,6 +614,7 @@ mod tests {
             stream_then_error(&schema, 2),
             Format::Csv,
             None,
+            false,
         )
         .await
         .unwrap_err();
@@ -436,7 +629,7 @@ mod tests {
             schema.clone(),
             futures::stream::iter(vec![Ok(ints(&schema, 0, 10))]),
         ));
-        let printed = print_stream(&mut out, schema, s, Format::Table, Some(10))
+        let printed = print_stream(&mut out, schema, s, Format::Table, Some(10), false)
             .await
             .unwrap();
         assert_eq!(
@@ -521,5 +714,85 @@ mod tests {
         .unwrap();
         let v: serde_json::Value = serde_json::from_str(&buf.text()).unwrap();
         assert_eq!(v, serde_json::json!([{"n": 0}, {"n": 1}, {"n": 2}]));
+    }
+
+    #[test]
+    fn nested_columns_are_json_text_in_csv() {
+        use arrow::array::{ListArray, StructArray};
+        use arrow::datatypes::Int64Type;
+        let list = ListArray::from_iter_primitive::<Int64Type, _, _>(vec![
+            Some(vec![Some(1), None]),
+            None,
+        ]);
+        let s = StructArray::from(vec![(
+            Arc::new(Field::new("a", DataType::Utf8, true)),
+            Arc::new(arrow::array::StringArray::from(vec![Some("x,\"y\""), None])) as ArrayRef,
+        )]);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("l", list.data_type().clone(), true),
+            Field::new("s", s.data_type().clone(), true),
+        ]));
+        let batch =
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(list), Arc::new(s)]).unwrap();
+        let buf = Shared::default();
+        let mut out = Out::new(Box::new(buf.clone()));
+        print_batches(&mut out, schema, &[batch], Format::Csv).unwrap();
+        assert_eq!(
+            buf.text(),
+            "l,s\n\"[1,null]\",\"{\"\"a\"\":\"\"x,\\\"\"y\\\"\"\"\"}\"\n,\"{\"\"a\"\":null}\"\n"
+        );
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape_controls("plain é"), "plain é");
+        assert_eq!(
+            escape_error("table 'a\u{1b}[2J' not\nfound"),
+            "table 'a\\u{1b}[2J' not\nfound"
+        );
+        assert_eq!(
+            escape_controls("a\nb\r\tc\u{1b}[0m\u{7f}\u{9b}\u{202e}"),
+            "a\\nb\\r\\tc\\u{1b}[0m\\u{7f}\\u{9b}\\u{202e}"
+        );
+        assert_eq!(
+            escape_controls("key\u{200b}1\u{feff}\u{2028}👨\u{200d}👩"),
+            "key\\u{200b}1\\u{feff}\\u{2028}👨\u{200d}👩"
+        );
+    }
+
+    /// DataFusion may yield batches whose types differ from the result's
+    /// schema (`SELECT CAST(NULL AS INT) ... UNION ALL SELECT 1` is
+    /// planned as Int32 and yields Int64); a table with a text column
+    /// failed on them ("column types must match schema types").
+    #[test]
+    fn batches_typed_otherwise_than_their_schema_print() {
+        let planned = Arc::new(Schema::new(vec![
+            Field::new("s", DataType::Utf8, true),
+            Field::new("n", DataType::Int32, true),
+        ]));
+        let yielded = Arc::new(Schema::new(vec![
+            Field::new("s", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            yielded,
+            vec![
+                Arc::new(arrow::array::StringArray::from(vec![Some("a"), None])),
+                Arc::new(Int64Array::from(vec![None, Some(1)])),
+            ],
+        )
+        .unwrap();
+        for format in [Format::Table, Format::Csv, Format::Json] {
+            let buf = Shared::default();
+            let mut out = Out::new(Box::new(buf.clone()));
+            print_batches(
+                &mut out,
+                planned.clone(),
+                std::slice::from_ref(&batch),
+                format,
+            )
+            .unwrap_or_else(|e| panic!("{format:?}: {e}"));
+            assert!(buf.text().contains('1'), "{format:?}: {}", buf.text());
+        }
     }
 }

@@ -104,6 +104,11 @@ pub fn parse(
     recursion_limit: usize,
     text: &str,
 ) -> Result<Vec<Item>, ScriptError> {
+    // Windows editors start UTF-8 files with a byte order mark; the
+    // tokenizer took it for a character of the first statement ("Expected:
+    // an SQL statement, found: \u{feff}"). Editors hide it, so columns are
+    // counted without it too.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut parsed = Parsed::default();
     let mut buf = String::new();
     let mut buf_line = 1u64;
@@ -112,13 +117,25 @@ pub fn parse(
     let mut started = false;
     for (i, line) in text.split_inclusive('\n').enumerate() {
         let lineno = i as u64 + 1;
+        // Between statements, the mark of a second file joined on (`cat
+        // a.sql b.sql | backfill sql`) is no more SQL than the first's.
+        let line = match started {
+            false => line.strip_prefix('\u{feff}').unwrap_or(line),
+            true => line,
+        };
         if !started {
             if let Some(cmd) = command(line) {
                 buf.clear();
+                let quit = cmd == "\\q";
                 parsed.items.push(Item::Command {
                     line: lineno,
                     text: cmd,
                 });
+                if quit {
+                    // As in psql: what follows `\q` is not read, and so
+                    // cannot fail to parse (notes kept below it in a file).
+                    return Ok(parsed.items);
+                }
                 continue;
             }
             if buf.trim().is_empty() {
@@ -215,7 +232,7 @@ fn split(
             ScriptError(format!(
                 "{}: {}",
                 name(number, line, &text),
-                parse_error_line(&e)
+                parse_error_line(&e, recursion_limit)
             ))
         })?;
         // No `;` inside the group: the parser found one statement, or said
@@ -229,14 +246,154 @@ fn split(
                 )));
             }
         };
+        if let Some(what) = too_deep(&statement) {
+            // Dropping a tree nested a million deep recurses as deep as it
+            // nests, and would overflow the stack this refusal protects:
+            // its memory is left to the process, which is about to stop
+            // (or, in the shell, goes on without it).
+            std::mem::forget(statement);
+            return Err(ScriptError(format!(
+                "{}: {what}",
+                name(number, line, &text)
+            )));
+        }
         parsed.items.push(Item::Sql(Box::new(Piece {
             number,
             line,
             text,
-            statement,
+            statement: time_zone(statement),
         })));
     }
     Ok(())
+}
+
+/// How deep a statement's expressions may nest, and how many set
+/// operations (`UNION`, `EXCEPT`, `INTERSECT`) it may chain. The parser's
+/// recursion limit (`datafusion.sql_parser.recursion_limit`) stops
+/// parentheses and functions nested past it, but a chain of one operator
+/// (`1+1+1+...`, `a = 1 OR a = 2 OR ...`, `SELECT 1 UNION ALL SELECT 1 ...`)
+/// is parsed in a loop into a tree as deep as the chain is long, and the
+/// planner, the optimizer and the evaluation of the tree then recurse that
+/// deep: 10,000 terms overflowed the stack and killed the process. Past
+/// this depth a statement is refused, with one line; below it the session
+/// runs on stacks large enough for it (see `run` in the module).
+pub const MAX_DEPTH: usize = 2000;
+
+/// What is too deep in `statement`, if anything (see [`MAX_DEPTH`]).
+fn too_deep(statement: &Statement) -> Option<String> {
+    use datafusion::sql::parser::CopyToSource;
+    use datafusion::sql::sqlparser::ast::Visit;
+    let mut depth = Depth::default();
+    let flow = match statement {
+        Statement::Statement(s) => s.visit(&mut depth),
+        Statement::CopyTo(c) => match &c.source {
+            CopyToSource::Query(q) => q.visit(&mut depth),
+            CopyToSource::Relation(_) => std::ops::ControlFlow::Continue(()),
+        },
+        Statement::Explain(e) => return too_deep(&e.statement),
+        Statement::CreateExternalTable(_) | Statement::Reset(_) => {
+            std::ops::ControlFlow::Continue(())
+        }
+    };
+    match flow {
+        std::ops::ControlFlow::Break(what) => Some(what),
+        std::ops::ControlFlow::Continue(()) => None,
+    }
+}
+
+/// Counts the nesting of expressions as the visitor walks down and up, and
+/// stops at [`MAX_DEPTH`] (so that the walk itself recurses no deeper).
+#[derive(Default)]
+struct Depth {
+    exprs: usize,
+}
+
+impl datafusion::sql::sqlparser::ast::Visitor for Depth {
+    type Break = String;
+
+    fn pre_visit_query(
+        &mut self,
+        query: &datafusion::sql::sqlparser::ast::Query,
+    ) -> std::ops::ControlFlow<String> {
+        use datafusion::sql::sqlparser::ast::SetExpr;
+        // A chain of set operations nests to the left, and an INTERSECT
+        // chain on the right of a UNION to the left again: walked with a
+        // stack of its own, not by recursion, since it is what may be deep.
+        // A parenthesised query inside is the visitor's next query.
+        let mut todo = vec![(query.body.as_ref(), 0usize)];
+        while let Some((body, depth)) = todo.pop() {
+            if let SetExpr::SetOperation { left, right, .. } = body {
+                if depth + 1 > MAX_DEPTH {
+                    return std::ops::ControlFlow::Break(format!(
+                        "more than {MAX_DEPTH} UNION, EXCEPT or INTERSECT in one chain is \
+                         more than `backfill sql` plans: split the query (a view per part), \
+                         or read the values from a file or a VALUES list"
+                    ));
+                }
+                todo.push((left, depth + 1));
+                todo.push((right, depth + 1));
+            }
+        }
+        std::ops::ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(
+        &mut self,
+        _: &datafusion::sql::sqlparser::ast::Expr,
+    ) -> std::ops::ControlFlow<String> {
+        self.exprs += 1;
+        if self.exprs > MAX_DEPTH {
+            return std::ops::ControlFlow::Break(format!(
+                "an expression nested more than {MAX_DEPTH} deep (a chain of that many \
+                 operators, such as x = 1 OR x = 2 OR ...) is more than `backfill sql` plans: \
+                 use x IN (1, 2, ...) for a list of values, or split the expression"
+            ));
+        }
+        std::ops::ControlFlow::Continue(())
+    }
+
+    fn post_visit_expr(
+        &mut self,
+        _: &datafusion::sql::sqlparser::ast::Expr,
+    ) -> std::ops::ControlFlow<String> {
+        self.exprs -= 1;
+        std::ops::ControlFlow::Continue(())
+    }
+}
+
+/// `SET TIME ZONE x` (PostgreSQL's and the standard's spelling) as the `SET
+/// timezone = x` DataFusion plans: DataFusion has no plan for it and
+/// answered with a Rust debug dump of the statement. `SET TIME ZONE LOCAL`
+/// and `DEFAULT` reset it, as in PostgreSQL.
+fn time_zone(statement: Statement) -> Statement {
+    use datafusion::sql::parser::ResetStatement;
+    use datafusion::sql::sqlparser::ast::{Expr, Ident, ObjectName, Set, Statement as Sql};
+    let Statement::Statement(sql) = statement else {
+        return statement;
+    };
+    let Sql::Set(Set::SetTimeZone {
+        local: false,
+        value,
+    }) = *sql
+    else {
+        return Statement::Statement(sql);
+    };
+    let variable = ObjectName::from(vec![Ident::new("timezone")]);
+    match &value {
+        Expr::Identifier(i)
+            if i.quote_style.is_none()
+                && (i.value.eq_ignore_ascii_case("local")
+                    || i.value.eq_ignore_ascii_case("default")) =>
+        {
+            Statement::Reset(ResetStatement::Variable(variable))
+        }
+        _ => Statement::Statement(Box::new(Sql::Set(Set::SingleAssignment {
+            scope: None,
+            hivevar: false,
+            variable,
+            values: vec![value],
+        }))),
+    }
 }
 
 fn is_blank(t: &Token) -> bool {
@@ -271,9 +428,15 @@ fn offset(text: &str, loc: Location) -> usize {
 
 /// A parser error as one line: the parser's own words, without the Rust
 /// debug wrapping (`SQL error: ParserError("...")`).
-fn parse_error_line(e: &datafusion::error::DataFusionError) -> String {
+fn parse_error_line(e: &datafusion::error::DataFusionError, recursion_limit: usize) -> String {
     use datafusion::error::DataFusionError as D;
+    use datafusion::sql::sqlparser::parser::ParserError;
     let s = match e.find_root() {
+        // "recursion limit exceeded" alone does not say what recursed.
+        D::SQL(pe, _) if matches!(**pe, ParserError::RecursionLimitExceeded) => format!(
+            "{pe}: parentheses, subqueries or function calls nested more than \
+             {recursion_limit} deep (datafusion.sql_parser.recursion_limit)"
+        ),
         D::SQL(pe, _) => pe.to_string(),
         other => other.to_string(),
     };
@@ -358,6 +521,15 @@ mod tests {
     }
 
     #[test]
+    fn nothing_after_quit_is_read() {
+        assert_eq!(
+            texts("SELECT 1;\n\\q\nthese are notes, not SQL;\n'unclosed"),
+            vec!["SELECT 1", "\\q"]
+        );
+        assert_eq!(texts("SELECT 1;\nquit\nSELEC 2"), vec!["SELECT 1", "\\q"]);
+    }
+
+    #[test]
     fn non_ascii_text_is_cut_on_char_boundaries() {
         assert_eq!(
             texts("SELECT 'é;ü' AS x; SELECT 'ß'"),
@@ -375,6 +547,70 @@ mod tests {
         assert!(e.0.contains("Line: 2"), "{e}");
         let e = parse(&GenericDialect {}, 50, "SELECT 1;\nSELECT 'open").unwrap_err();
         assert!(e.0.starts_with("line 2, column 8: Unterminated"), "{e}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_statement() {
+        assert_eq!(texts("\u{feff}SELECT 1;\n\\d\n"), vec!["SELECT 1", "\\d"]);
+        assert_eq!(texts("\u{feff}\\d events\n"), vec!["\\d events"]);
+        // Files joined one after the other, each with its mark.
+        assert_eq!(
+            texts("\u{feff}SELECT 1;\n\u{feff}SELECT 2;\n\u{feff}\\d\n"),
+            vec!["SELECT 1", "SELECT 2", "\\d"]
+        );
+        // Inside a string it is data.
+        assert_eq!(texts("SELECT '\n\u{feff}x'"), vec!["SELECT '\n\u{feff}x'"]);
+        let e = parse(&GenericDialect {}, 50, "\u{feff}SELEC 1").unwrap_err();
+        assert!(e.0.contains("Column: 1"), "{e}");
+    }
+
+    #[test]
+    fn chains_deeper_than_the_limit_are_refused_by_name() {
+        let chain = |op: &str, n: usize| vec!["1"; n].join(op);
+        // A chain of n terms nests n - 1 operators over its first term.
+        assert_eq!(
+            texts(&format!("SELECT {}", chain("+", MAX_DEPTH))),
+            vec![format!("SELECT {}", chain("+", MAX_DEPTH))]
+        );
+        let e = parse(
+            &GenericDialect {},
+            50,
+            &format!("SELECT 1;\nSELECT {}", chain("+", 10_000)),
+        )
+        .unwrap_err();
+        assert!(
+            e.0.starts_with("statement 2 (line 2: SELECT 1+1+")
+                && e.0.contains(&format!("nested more than {MAX_DEPTH} deep")),
+            "{e}"
+        );
+        let unions = vec!["SELECT 1"; MAX_DEPTH + 2].join(" UNION ALL ");
+        let e = parse(&GenericDialect {}, 50, &unions).unwrap_err();
+        assert!(e.0.contains("UNION, EXCEPT or INTERSECT"), "{e}");
+        // INTERSECT binds tighter: its chain hangs on the UNION's right.
+        let intersects = format!(
+            "SELECT 1 UNION {}",
+            vec!["SELECT 1"; MAX_DEPTH + 2].join(" INTERSECT ")
+        );
+        let e = parse(&GenericDialect {}, 50, &intersects).unwrap_err();
+        assert!(e.0.contains("UNION, EXCEPT or INTERSECT"), "{e}");
+        // Inside EXPLAIN and COPY too.
+        let e = parse(
+            &GenericDialect {},
+            50,
+            &format!("EXPLAIN SELECT {}", chain(" OR ", 10_000)),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("nested more than"), "{e}");
+        let e = parse(
+            &GenericDialect {},
+            50,
+            &format!("SELECT {}1{}", "(".repeat(60), ")".repeat(60)),
+        )
+        .unwrap_err();
+        assert!(
+            e.0.contains("recursion limit exceeded: parentheses, subqueries or function calls nested more than 50 deep"),
+            "{e}"
+        );
     }
 
     #[test]

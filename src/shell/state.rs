@@ -134,12 +134,10 @@ pub async fn register(
     let manifests: Vec<Manifest> = snapshot.runs().cloned().collect();
     if manifests.is_empty() && state.is_empty().await? {
         // A typo in --state would otherwise read as "nothing done yet".
-        eprintln!(
-            "warning: {}",
-            crate::redact::line(&format!(
-                "there is no backfill state at {location} yet: `ledger` and `runs` are empty"
-            ))
-        );
+        let warning = crate::redact::line(&format!(
+            "there is no backfill state at {location} yet: `ledger` and `runs` are empty"
+        ));
+        eprintln!("warning: {}", super::print::escape_error(&warning));
     }
     state.verify_ledgers(&manifests).await?;
     state.register_ledger(ctx, &manifests).await?;
