@@ -7,6 +7,9 @@
 # prints (a line saying what it means, then this run's part of the log), so
 # only failures and dead letters (exit 3, --fail-on-dlq) page.
 #
+# - files named after the job: its base name and the CRC (cksum) of its
+#   absolute path, so that a/nightly.toml and b/nightly.toml have a lock, a
+#   log and reports each: NAME-CRC.lock, NAME-CRC.log, NAME-CRC-DAY.json;
 # - a lock (flock -n): a second invocation while a run of the same job still
 #   holds it prints that and exits 75, running nothing;
 # - the environment comes from BACKFILL_ENV_FILE (KEY=VALUE lines, sourced:
@@ -19,7 +22,7 @@
 #   or `date -u -r N` (BSD, macOS): no `date -d yesterday` (GNU only).
 #
 # Env: BACKFILL_ENV_FILE (/etc/backfill/backfill.env), BACKFILL_LOG_DIR
-# (/var/log/backfill: NAME.log, NAME.lock, NAME-DAY.json), BACKFILL_DAY
+# (/var/log/backfill), BACKFILL_DAY
 # (YYYY-MM-DD: another day than yesterday, e.g. to catch up), BACKFILL_BIN
 # (backfill, from PATH).
 set -u
@@ -29,9 +32,22 @@ if [ $# -ne 1 ]; then
   exit 2
 fi
 job=$1
-name=$(basename "$job" .toml)
 log_dir=${BACKFILL_LOG_DIR:-/var/log/backfill}
 env_file=${BACKFILL_ENV_FILE:-/etc/backfill/backfill.env}
+
+# The absolute path, its folder's symlinks resolved: the same job reached by
+# two spellings shares one lock. Cron starts in HOME.
+case $job in
+  /*) ;;
+  *) job=$(pwd -P)/$job ;;
+esac
+base=${job##*/}
+if dir=$(cd -P -- "${job%/*}/" 2>/dev/null && pwd -P); then
+  job=${dir%/}/$base
+fi
+name=${base%.toml}
+crc=$(printf '%s' "$job" | cksum)
+tag=$name-$(printf '%08x' "${crc%% *}")
 
 # A day (YYYY-MM-DD) from seconds since the epoch, on GNU and BSD date.
 day_of() {
@@ -48,9 +64,9 @@ if ! mkdir -p "$log_dir"; then
 fi
 
 # Held until this script exits (fd 9 stays open in the backfill it runs).
-exec 9>>"$log_dir/$name.lock"
+exec 9>>"$log_dir/$tag.lock"
 if ! flock -n 9; then
-  echo "backfill $name: skipped: a run of this job still holds $log_dir/$name.lock"
+  echo "backfill $name: skipped: a run of this job still holds $log_dir/$tag.lock"
   exit 75
 fi
 
@@ -66,8 +82,8 @@ fi
 day=$(day_of "$start")
 next=$(day_of $((start + 86400)))
 run_id="$name-$day"
-report="$log_dir/$run_id.json"
-log="$log_dir/$name.log"
+report="$log_dir/$tag-$day.json"
+log="$log_dir/$tag.log"
 
 if [ -r "$env_file" ]; then
   set -a

@@ -197,31 +197,44 @@ impl Machine {
             jobs.join("backfill-cron.sh"),
         )
         .unwrap();
-        let etc = root.join("etc/backfill");
-        fs::create_dir_all(&etc).unwrap();
-        fs::write(
-            etc.join("nightly.toml"),
-            "source = \"${LAKE_DIR}/archive\"\nout = \"${LAKE_DIR}/out\"\n",
-        )
-        .unwrap();
-        fs::write(
-            etc.join("backfill.env"),
-            format!(
-                "# as jobs/backfill.env.example\nLAKE_DIR={}\n",
-                root.join("lake").display()
-            ),
-        )
-        .unwrap();
-        write_file(
-            &root.join(format!("lake/archive/dt={day}/part-0.parquet")),
-            &Layout::default(),
-            &rows(&day),
-        );
-        Machine {
+        let m = Machine {
             _dir: dir,
             root,
             day,
-        }
+        };
+        m.job("etc/backfill/nightly.toml", "out");
+        m.write_env(&format!(
+            "# as jobs/backfill.env.example\nLAKE_DIR={}\n",
+            m.root.join("lake").display()
+        ));
+        write_file(
+            &m.root
+                .join(format!("lake/archive/dt={}/part-0.parquet", m.day)),
+            &Layout::default(),
+            &rows(&m.day),
+        );
+        m
+    }
+
+    /// Write a job file at `path` (under the root) over the archive,
+    /// writing to `lake/OUT`; its absolute path.
+    fn job(&self, path: &str, out: &str) -> PathBuf {
+        let file = self.root.join(path);
+        fs::create_dir_all(file.parent().unwrap()).unwrap();
+        fs::write(
+            &file,
+            format!("source = \"${{LAKE_DIR}}/archive\"\nout = \"${{LAKE_DIR}}/{out}\"\n"),
+        )
+        .unwrap();
+        file
+    }
+
+    fn env_file(&self) -> PathBuf {
+        self.root.join("etc/backfill/backfill.env")
+    }
+
+    fn write_env(&self, text: &str) {
+        fs::write(self.env_file(), text).unwrap();
     }
 
     /// `path` of the crontab, relocated under the root.
@@ -239,35 +252,140 @@ impl Machine {
         format!("nightly-{}", self.day)
     }
 
+    fn script(&self) -> PathBuf {
+        self.root.join("opt/backfill/jobs/backfill-cron.sh")
+    }
+
     /// The crontab's command as cron starts it: an empty environment
     /// (`env -i`) but for the crontab's variables and what cron itself sets
     /// (HOME, LOGNAME), run by the crontab's SHELL with `-c`.
     fn cron(&self) -> Command {
+        self.cron_with(&self.relocate(&crontab().command), &[])
+    }
+
+    /// As [`Machine::cron`], with another command line (already relocated)
+    /// and variables added to, or replacing, the crontab's.
+    fn cron_with(&self, command: &str, vars: &[(&str, &str)]) -> Command {
         let entry = crontab();
+        let mut env: Vec<(String, String)> = entry
+            .vars
+            .iter()
+            .map(|(name, value)| (name.clone(), self.relocate(value)))
+            .filter(|(name, _)| !vars.iter().any(|(n, _)| n == name))
+            .collect();
+        env.extend(vars.iter().map(|(n, v)| (n.to_string(), v.to_string())));
+        let shell = env
+            .iter()
+            .find(|(n, _)| n == "SHELL")
+            .map_or("/bin/sh".to_string(), |(_, v)| v.clone());
         let mut cmd = Command::new("env");
         cmd.arg("-i");
-        let mut shell = "/bin/sh".to_string();
-        for (name, value) in &entry.vars {
-            let value = self.relocate(value);
-            if name == "SHELL" {
-                shell = value.clone();
-            }
+        for (name, value) in env {
             cmd.arg(format!("{name}={value}"));
         }
         cmd.arg(format!("HOME={}", self.root.display()))
             .arg("LOGNAME=backfill")
             .arg(shell)
             .arg("-c")
-            .arg(self.relocate(&entry.command));
+            .arg(command);
         cmd
     }
 
     fn run_cron(&self) -> Run {
-        finish(self.cron(), "the crontab line", Duration::from_secs(120))
+        run(self.cron())
     }
 
+    /// The files of the log folder whose names start with `prefix` and end
+    /// with `suffix`.
+    fn files(&self, prefix: &str, suffix: &str) -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = fs::read_dir(self.log_dir())
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        found.retain(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with(prefix) && name.ends_with(suffix)
+        });
+        found.sort();
+        found
+    }
+
+    /// The log of jobs/crontab's job (nightly-CRC.log); empty before it
+    /// exists.
     fn log(&self) -> String {
-        fs::read_to_string(self.log_dir().join("nightly.log")).unwrap_or_default()
+        let logs = self.files("nightly-", ".log");
+        assert!(logs.len() <= 1, "one log per job: {logs:?}");
+        logs.first()
+            .map(|p| fs::read_to_string(p).unwrap())
+            .unwrap_or_default()
+    }
+
+    /// The report of the run over yesterday (nightly-CRC-DAY.json).
+    fn report(&self) -> Json {
+        let reports = self.files("nightly-", &format!("-{}.json", self.day));
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        serde_json::from_str(&fs::read_to_string(&reports[0]).unwrap()).unwrap()
+    }
+
+    /// Wait (30 s at most) until `n` `.log` files of the log folder hold
+    /// `text`.
+    fn wait_for_logs(&self, text: &str, n: usize) {
+        let start = Instant::now();
+        while self
+            .files("", ".log")
+            .iter()
+            .filter(|p| fs::read_to_string(p).unwrap_or_default().contains(text))
+            .count()
+            < n
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "fewer than {n} logs say {text:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A command line of the crontab's job, as cron runs it.
+fn run(cmd: Command) -> Run {
+    finish(cmd, "the crontab line", Duration::from_secs(120))
+}
+
+/// `s` as one word of a `sh -c` command line.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// A command started in the background with its output collected.
+struct Started {
+    child: std::process::Child,
+    out: std::thread::JoinHandle<String>,
+    err: std::thread::JoinHandle<String>,
+}
+
+impl Started {
+    fn new(mut cmd: Command) -> Started {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let out = read_all(child.stdout.take().unwrap());
+        let err = read_all(child.stderr.take().unwrap());
+        Started { child, out, err }
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    fn wait(mut self) -> Run {
+        let status = self.child.wait().unwrap();
+        Run {
+            args: vec!["the crontab line".into()],
+            code: status.code(),
+            stdout: self.out.join().unwrap(),
+            stderr: self.err.join().unwrap(),
+        }
     }
 }
 
@@ -314,22 +432,10 @@ fn the_crontab_line_runs_under_env_i_and_prints_nothing_on_success() {
             && log.contains(&format!("{id}: exit 0")),
         "{log}"
     );
-    let report: Json =
-        serde_json::from_str(&fs::read_to_string(m.log_dir().join(format!("{id}.json"))).unwrap())
-            .unwrap();
+    let report = m.report();
     assert_eq!(report["run_id"], id.as_str(), "{report}");
     assert_eq!(report["replayed"], 1, "{report}");
-    let entry = manifest_of(&m.root.join("lake/out/_state"), &id).expect("the run is committed");
-    let next =
-        (chrono::NaiveDate::parse_from_str(&m.day, "%Y-%m-%d").unwrap() + Days::new(1)).to_string();
-    assert_eq!(
-        (&entry["settings"]["from"], &entry["settings"]["to"]),
-        (
-            &Json::from(format!("{}T00:00:00+00:00", m.day)),
-            &Json::from(format!("{next}T00:00:00+00:00"))
-        ),
-        "{entry}"
-    );
+    assert_window(&m.root.join("lake/out/_state"), &id, &m.day);
 
     let again = m.run_cron();
     assert!(
@@ -340,15 +446,30 @@ fn the_crontab_line_runs_under_env_i_and_prints_nothing_on_success() {
     assert!(m.log().contains(&format!("run {id} is already committed")));
 }
 
+/// The run `id` committed in `state` covers `[day, day + 1)`.
+#[track_caller]
+fn assert_window(state: &Path, id: &str, day: &str) {
+    let entry = manifest_of(state, id).expect("the run is committed");
+    let next =
+        (chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").unwrap() + Days::new(1)).to_string();
+    assert_eq!(
+        (&entry["settings"]["from"], &entry["settings"]["to"]),
+        (
+            &Json::from(format!("{day}T00:00:00+00:00")),
+            &Json::from(format!("{next}T00:00:00+00:00"))
+        ),
+        "{entry}"
+    );
+}
+
 /// What cron mails: a failing run prints why, then its part of the log.
 /// Without the environment file the job file's `${LAKE_DIR}` is unset:
 /// exit 2, naming it; with dead letters, exit 3 and the report's path.
 #[test]
 fn a_failing_cron_run_prints_what_cron_mails() {
     let m = Machine::new(dead_letter_rows);
-    let env_file = m.root.join("etc/backfill/backfill.env");
-    let saved = fs::read_to_string(&env_file).unwrap();
-    fs::remove_file(&env_file).unwrap();
+    let saved = fs::read_to_string(m.env_file()).unwrap();
+    fs::remove_file(m.env_file()).unwrap();
     let r = m.run_cron();
     assert_eq!(r.code, Some(2), "{}", r.describe());
     assert!(
@@ -362,7 +483,7 @@ fn a_failing_cron_run_prints_what_cron_mails() {
     );
     assert!(manifest_of(&m.root.join("lake/out/_state"), &m.run_id()).is_none());
 
-    fs::write(&env_file, saved).unwrap();
+    m.write_env(&saved);
     let r = m.run_cron();
     assert_eq!(r.code, Some(3), "{}", r.describe());
     assert!(
@@ -372,6 +493,13 @@ fn a_failing_cron_run_prints_what_cron_mails() {
         )) && r.stdout.contains(", 1 dead-lettered,")
             && !r.stdout.contains("exit 2"),
         "only this run's part of the log is printed\n{}",
+        r.describe()
+    );
+    let report = m.files("nightly-", &format!("-{}.json", m.day));
+    assert!(
+        r.stdout
+            .contains(&format!("(report: {})", report[0].display())),
+        "{}",
         r.describe()
     );
     // The next night's retry of the same day (or a rerun) alerts again.
@@ -391,51 +519,93 @@ fn a_failing_cron_run_prints_what_cron_mails() {
 #[test]
 fn a_second_cron_invocation_is_stopped_by_the_lock() {
     let m = Machine::new(clean_rows);
-    let env_file = m.root.join("etc/backfill/backfill.env");
-    let mut env = fs::read_to_string(&env_file).unwrap();
+    let mut env = fs::read_to_string(m.env_file()).unwrap();
     env.push_str("BACKFILL_FAILPOINT=after_write:sleep-4000\n");
-    fs::write(&env_file, env).unwrap();
+    m.write_env(&env);
 
-    let mut first = m.cron();
-    first
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut first = first.spawn().unwrap();
-    let out = read_all(first.stdout.take().unwrap());
-    let err = read_all(first.stderr.take().unwrap());
-    let start = Instant::now();
-    while !m.log().contains("start") {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the first run never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut first = Started::new(m.cron());
+    m.wait_for_logs(": start", 1);
     let second = m.run_cron();
     assert!(
-        first.try_wait().unwrap().is_none(),
+        first.running(),
         "the first run ended before the second started (is the build without --features failpoints?)"
     );
     assert_eq!(second.code, Some(75), "{}", second.describe());
+    let lock = m.files("nightly-", ".lock");
     assert!(
         second
             .stdout
             .contains("skipped: a run of this job still holds")
-            && second.stdout.contains("nightly.lock"),
-        "{}",
+            && lock.len() == 1
+            && second.stdout.contains(&lock[0].display().to_string()),
+        "{}\n{lock:?}",
         second.describe()
     );
-    let status = first.wait().unwrap();
-    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    let first = first.wait();
     assert!(
-        status.code() == Some(0) && out.is_empty() && err.is_empty(),
-        "first run: {status:?}\n{out}\n{err}"
+        first.code == Some(0) && first.stdout.is_empty() && first.stderr.is_empty(),
+        "first run: {}",
+        first.describe()
     );
     let log = m.log();
     assert_eq!(log.matches(": start").count(), 1, "{log}");
     assert!(
         log.contains(&format!("run {} committed", m.run_id())),
         "{log}"
+    );
+}
+
+/// Two job files with one base name (a/nightly.toml, b/nightly.toml) have
+/// a lock, a log and reports each: both run at once, and each log holds
+/// its own run only.
+#[test]
+fn two_jobs_with_one_base_name_have_a_lock_and_a_log_each() {
+    let m = Machine::new(clean_rows);
+    let mut env = fs::read_to_string(m.env_file()).unwrap();
+    env.push_str("BACKFILL_FAILPOINT=after_write:sleep-3000\n");
+    m.write_env(&env);
+    let line = |job: &Path| {
+        m.cron_with(
+            &format!(
+                "{} {}",
+                sh_quote(&m.script().display().to_string()),
+                sh_quote(&job.display().to_string())
+            ),
+            &[],
+        )
+    };
+    let a = m.job("etc/backfill/a/nightly.toml", "a");
+    let b = m.job("etc/backfill/b/nightly.toml", "b");
+    let mut first = Started::new(line(&a));
+    m.wait_for_logs(": start", 1);
+    assert!(first.running(), "the first run ended too soon");
+    let second = run(line(&b));
+    let first = first.wait();
+    for r in [&first, &second] {
+        assert!(
+            r.code == Some(0) && r.stdout.is_empty() && r.stderr.is_empty(),
+            "{}",
+            r.describe()
+        );
+    }
+    for out in ["a", "b"] {
+        assert_window(
+            &m.root.join(format!("lake/{out}/_state")),
+            &m.run_id(),
+            &m.day,
+        );
+    }
+    let logs = m.files("nightly-", ".log");
+    assert_eq!(logs.len(), 2, "{logs:?}");
+    for log in &logs {
+        let text = fs::read_to_string(log).unwrap();
+        assert_eq!(text.matches(": start").count(), 1, "{text}");
+        assert_eq!(text.matches(": exit 0").count(), 1, "{text}");
+    }
+    assert_eq!(m.files("nightly-", ".lock").len(), 2);
+    assert_eq!(
+        m.files("nightly-", &format!("-{}.json", m.day)).len(),
+        2,
+        "a report each"
     );
 }
