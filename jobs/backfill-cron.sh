@@ -12,19 +12,21 @@
 #   log and reports each: NAME-CRC.lock, NAME-CRC.log, NAME-CRC-DAY.json;
 # - a lock (flock -n): a second invocation while a run of the same job still
 #   holds it prints that and exits 75, running nothing;
-# - the environment comes from BACKFILL_ENV_FILE (KEY=VALUE lines, sourced:
-#   what the job file expands, e.g. ${LAKE_BUCKET}, and credentials), never
-#   from cron's almost empty one;
+# - the run's environment comes from BACKFILL_ENV_FILE, read as data: KEY=VALUE
+#   lines, `#` comments, blank lines, an optional `export `, one pair of
+#   quotes around a value; nothing in it is expanded or run. A line that is
+#   none of these stops the script (exit 2) naming the file and the line,
+#   never its text (it may hold a secret);
 # - the window is [yesterday, today) in UTC, or [BACKFILL_DAY, +1 day): the
 #   run id and the report are named after that day (nightly-2026-11-30,
 #   nightly-2026-11-30.json), so a rerun the same day is a retry;
 # - dates by epoch arithmetic, formatted with `date -u -d @N` (GNU, busybox)
 #   or `date -u -r N` (BSD, macOS): no `date -d yesterday` (GNU only).
 #
-# Env: BACKFILL_ENV_FILE (/etc/backfill/backfill.env), BACKFILL_LOG_DIR
-# (/var/log/backfill), BACKFILL_DAY
-# (YYYY-MM-DD: another day than yesterday, e.g. to catch up), BACKFILL_BIN
-# (backfill, from PATH).
+# Env, read from cron's environment (the crontab), not from the env file:
+# BACKFILL_ENV_FILE (/etc/backfill/backfill.env), BACKFILL_LOG_DIR
+# (/var/log/backfill), BACKFILL_DAY (YYYY-MM-DD: another day than
+# yesterday, e.g. to catch up), BACKFILL_BIN (backfill, from PATH).
 set -u
 
 if [ $# -ne 1 ]; then
@@ -34,6 +36,24 @@ fi
 job=$1
 log_dir=${BACKFILL_LOG_DIR:-/var/log/backfill}
 env_file=${BACKFILL_ENV_FILE:-/etc/backfill/backfill.env}
+bin=${BACKFILL_BIN:-backfill}
+label=backfill-cron.sh
+
+# What cron mails: one line saying why, on stdout, and into the log once
+# there is one; then exit with CODE.
+fail() {
+  code=$1
+  shift
+  echo "$label failed: exit $code, $*"
+  if [ -n "${log:-}" ]; then
+    echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) $label failed: exit $code, $*" >>"$log" 2>/dev/null
+  fi
+  exit "$code"
+}
+
+case $bin in
+  *=*) fail 2 "BACKFILL_BIN must not contain '=' (env would read it as a variable)" ;;
+esac
 
 # The absolute path, its folder's symlinks resolved: the same job reached by
 # two spellings shares one lock. Cron starts in HOME.
@@ -48,6 +68,7 @@ fi
 name=${base%.toml}
 crc=$(printf '%s' "$job" | cksum)
 tag=$name-$(printf '%08x' "${crc%% *}")
+label="backfill $name"
 
 # A day (YYYY-MM-DD) from seconds since the epoch, on GNU and BSD date.
 day_of() {
@@ -84,19 +105,64 @@ next=$(day_of $((start + 86400)))
 run_id="$name-$day"
 report="$log_dir/$tag-$day.json"
 log="$log_dir/$tag.log"
+label="backfill $run_id"
 
-if [ -r "$env_file" ]; then
-  set -a
-  # shellcheck disable=SC1090
-  . "$env_file"
-  set +a
+# The environment file, as data: each valid line becomes one KEY=VALUE
+# argument of env(1), kept in "$@" (the job argument was read above), so
+# that no key can change this script's own variables either. (`${1+"$@"}`:
+# bash 3.2, macOS's sh, calls an empty "$@" unbound under set -u.)
+set --
+env_note=
+if [ -e "$env_file" ]; then
+  if ! [ -f "$env_file" ] || ! [ -r "$env_file" ]; then
+    fail 2 "cannot read the environment file $env_file (BACKFILL_ENV_FILE)"
+  fi
+  n=0
+  cr=$(printf '\r')
+  while IFS= read -r line || [ -n "$line" ]; do
+    n=$((n + 1))
+    line=${line%"$cr"}
+    # Blanks around the line, and the `export ` of a shell-style file.
+    line=${line#"${line%%[![:space:]]*}"}
+    line=${line%"${line##*[![:space:]]}"}
+    case $line in
+      '' | '#'*) continue ;;
+      export[[:space:]]*)
+        line=${line#export}
+        line=${line#"${line%%[![:space:]]*}"} ;;
+    esac
+    bad="the environment file $env_file (BACKFILL_ENV_FILE), line $n:"
+    hidden="(the line is not shown: it may hold a secret)"
+    case $line in
+      *=*) ;;
+      *) fail 2 "$bad not KEY=VALUE $hidden" ;;
+    esac
+    key=${line%%=*}
+    key=${key%"${key##*[![:space:]]}"}
+    value=${line#*=}
+    value=${value#"${value%%[![:space:]]*}"}
+    case $key in
+      '' | [0-9]* | *[!A-Za-z0-9_]*)
+        fail 2 "$bad the name before '=' is not a variable name (letters, digits, '_') $hidden" ;;
+    esac
+    case $value in
+      \"*\" | \'*\')
+        value=${value#?}
+        value=${value%?} ;;
+      \"* | \'*)
+        fail 2 "$bad the value opens a quote it does not close $hidden" ;;
+    esac
+    set -- "$@" "$key=$value"
+  done <"$env_file"
+else
+  env_note="=== no environment file $env_file (BACKFILL_ENV_FILE)"
 fi
 
 before=$( (wc -l < "$log") 2>/dev/null || echo 0)
 (
   echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) $run_id: start"
-  [ -r "$env_file" ] || echo "=== no environment file $env_file (BACKFILL_ENV_FILE)"
-  "${BACKFILL_BIN:-backfill}" run --job "$job" \
+  [ -z "$env_note" ] || echo "$env_note"
+  env ${1+"$@"} "$bin" run --job "$job" \
     --from "${day}T00:00:00Z" --to "${next}T00:00:00Z" \
     --run-id "$run_id" --report "$report" --fail-on-dlq --progress off
   code=$?

@@ -5,6 +5,7 @@
 //! crontab's PATH, against an archive of yesterday's events.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -235,6 +236,14 @@ impl Machine {
 
     fn write_env(&self, text: &str) {
         fs::write(self.env_file(), text).unwrap();
+    }
+
+    /// Replace the binary on the crontab's PATH by a shell script.
+    fn fake_backfill(&self, script: &str) {
+        let bin = self.root.join("opt/backfill/bin/backfill");
+        fs::remove_file(&bin).unwrap();
+        fs::write(&bin, format!("#!/bin/sh\n{script}")).unwrap();
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
     }
 
     /// `path` of the crontab, relocated under the root.
@@ -553,6 +562,97 @@ fn a_second_cron_invocation_is_stopped_by_the_lock() {
         log.contains(&format!("run {} committed", m.run_id())),
         "{log}"
     );
+}
+
+/// The environment file is data, never shell: `$(...)`, backticks, `;` and
+/// spaces reach backfill as written, and nothing in the file runs.
+/// Comments, blank lines, `export `, one pair of quotes, CRLF line ends and
+/// a last line without its newline are what people write and are taken.
+#[test]
+fn the_environment_file_is_read_as_data_and_never_run() {
+    let m = Machine::new(clean_rows);
+    let ran = m.root.join("ran");
+    let seen = m.root.join("seen.env");
+    m.fake_backfill(&format!(
+        "env > {}\n",
+        sh_quote(&seen.display().to_string())
+    ));
+    let touch = format!("touch {}", ran.display());
+    m.write_env(&format!(
+        "# the run's environment\n\
+         \n\
+         SUBST=$({touch})\n\
+         export   TICKS=`{touch}`\n\
+         \x20 SEMI = a;{touch} \n\
+         SPACES=two words\n\
+         DOUBLE=\"$HOME and ${{HOME}} stay\"\n\
+         SINGLE='it''s # not a comment'\n\
+         HASH=p#ss\n\
+         EMPTY=\n\
+         EQUALS=a=b\r\n\
+         LAST=no newline"
+    ));
+    let r = m.run_cron();
+    assert!(
+        r.code == Some(0) && r.stdout.is_empty() && r.stderr.is_empty(),
+        "{}",
+        r.describe()
+    );
+    assert!(!ran.exists(), "the environment file ran a command");
+    let seen = fs::read_to_string(&seen).unwrap();
+    let vars: std::collections::BTreeMap<&str, &str> =
+        seen.lines().filter_map(|l| l.split_once('=')).collect();
+    for (name, value) in [
+        ("SUBST", format!("$({touch})")),
+        ("TICKS", format!("`{touch}`")),
+        ("SEMI", format!("a;{touch}")),
+        ("SPACES", "two words".into()),
+        ("DOUBLE", "$HOME and ${HOME} stay".into()),
+        ("SINGLE", "it''s # not a comment".into()),
+        ("HASH", "p#ss".into()),
+        ("EMPTY", String::new()),
+        ("EQUALS", "a=b".into()),
+        ("LAST", "no newline".into()),
+    ] {
+        assert_eq!(vars.get(name), Some(&value.as_str()), "{name} in\n{seen}");
+    }
+}
+
+/// A line that is not KEY=VALUE stops the script before anything runs:
+/// exit 2, one line naming the file and the line number (never the line's
+/// text, which may hold a secret), in the mail and in the log.
+#[test]
+fn an_environment_line_that_is_not_key_value_stops_the_run_naming_it() {
+    let m = Machine::new(clean_rows);
+    let ran = m.root.join("ran");
+    m.fake_backfill(&format!("touch {}\n", sh_quote(&ran.display().to_string())));
+    for (bad, why) in [
+        ("hunter2 is the password", "not KEY=VALUE"),
+        ("KAFKA PASSWORD=hunter2", "not a variable name"),
+        ("1PASSWORD=hunter2", "not a variable name"),
+        ("PASSWORD=\"hunter2", "opens a quote it does not close"),
+    ] {
+        m.write_env(&format!("# ok so far\nLAKE_DIR=/lake\n{bad}\nLATER=1\n"));
+        let r = m.run_cron();
+        assert_eq!(r.code, Some(2), "{bad}: {}", r.describe());
+        let line = format!(
+            "backfill {} failed: exit 2, the environment file {} (BACKFILL_ENV_FILE), line 3: ",
+            m.run_id(),
+            m.env_file().display()
+        );
+        assert!(
+            r.stdout.starts_with(&line)
+                && r.stdout.contains(why)
+                && r.stdout.lines().count() == 1
+                && r.stderr.is_empty()
+                && !r.stdout.contains("hunter2"),
+            "{bad}: {}",
+            r.describe()
+        );
+        assert!(!ran.exists(), "{bad}: backfill ran");
+        assert!(m.log().contains(&line), "{bad}: not logged\n{}", m.log());
+        assert!(!m.log().contains("hunter2"), "{}", m.log());
+    }
 }
 
 /// Two job files with one base name (a/nightly.toml, b/nightly.toml) have
