@@ -18,10 +18,11 @@
 #   none of these stops the script (exit 2) naming the file and the line,
 #   never its text (it may hold a secret);
 # - the window is [yesterday, today) in UTC, or [BACKFILL_DAY, +1 day): the
-#   run id and the report are named after that day (nightly-2026-11-30,
-#   nightly-2026-11-30.json), so a rerun the same day is a retry;
-# - dates by epoch arithmetic, formatted with `date -u -d @N` (GNU, busybox)
-#   or `date -u -r N` (BSD, macOS): no `date -d yesterday` (GNU only).
+#   run id and the report are named after that day (nightly-2026-11-30), so
+#   a rerun the same day is a retry. A BACKFILL_DAY that has not ended is
+#   refused: its run would commit part of a day under the id of the whole;
+# - dates by calendar arithmetic in the shell: of `date` only
+#   `date -u +%s` is asked (GNU, BSD, busybox), nothing that differs.
 #
 # Env, read from cron's environment (the crontab), not from the env file:
 # BACKFILL_ENV_FILE (/etc/backfill/backfill.env), BACKFILL_LOG_DIR
@@ -70,15 +71,6 @@ crc=$(printf '%s' "$job" | cksum)
 tag=$name-$(printf '%08x' "${crc%% *}")
 label="backfill $name"
 
-# A day (YYYY-MM-DD) from seconds since the epoch, on GNU and BSD date.
-day_of() {
-  date -u -d "@$1" +%Y-%m-%d 2>/dev/null || date -u -r "$1" +%Y-%m-%d
-}
-# Seconds since the epoch of a day's midnight (UTC), on GNU and BSD date.
-epoch_of() {
-  date -u -d "$1T00:00:00Z" +%s 2>/dev/null || date -u -j -f %Y-%m-%dT%H:%M:%S "$1T00:00:00" +%s
-}
-
 if ! mkdir -p "$log_dir"; then
   echo "backfill $name: cannot create the log folder $log_dir"
   exit 1
@@ -91,20 +83,61 @@ if ! flock -n 9; then
   exit 75
 fi
 
+# Calendar arithmetic (Howard Hinnant's civil-days algorithms), so that no
+# date(1) extension is needed. Days count from 1970-01-01; years >= 1970.
+days_of() { # YEAR MONTH DAY -> $days
+  _y=$(($1 - ($2 <= 2)))
+  _doy=$(((153 * ($2 + ($2 > 2 ? -3 : 9)) + 2) / 5 + $3 - 1))
+  _yoe=$((_y % 400))
+  days=$(((_y / 400) * 146097 + _yoe * 365 + _yoe / 4 - _yoe / 100 + _doy - 719468))
+}
+civil_of() { # DAYS -> $civil (YYYY-MM-DD)
+  _z=$(($1 + 719468))
+  _doe=$((_z % 146097))
+  _yoe=$(((_doe - _doe / 1460 + _doe / 36524 - _doe / 146096) / 365))
+  _doy=$((_doe - (365 * _yoe + _yoe / 4 - _yoe / 100)))
+  _mp=$(((5 * _doy + 2) / 153))
+  _m=$((_mp + (_mp < 10 ? 3 : -9)))
+  civil=$(printf '%04d-%02d-%02d' $((_z / 146097 * 400 + _yoe + (_m <= 2))) "$_m" \
+    $((_doy - (153 * _mp + 2) / 5 + 1)))
+}
+
+now=$(date -u +%s 2>/dev/null)
+case $now in
+  '' | *[!0-9]*) now=$(perl -e 'print time' 2>/dev/null) ;;
+esac
+case $now in
+  '' | *[!0-9]*) fail 2 "cannot read the clock: date -u +%s gave no number of seconds" ;;
+esac
+today=$((now / 86400))
 if [ -n "${BACKFILL_DAY:-}" ]; then
-  start=$(epoch_of "$BACKFILL_DAY") || {
-    echo "backfill $name: BACKFILL_DAY=$BACKFILL_DAY is not a day (YYYY-MM-DD)"
-    exit 2
-  }
+  case $BACKFILL_DAY in
+    19[7-9][0-9]-[0-9][0-9]-[0-9][0-9] | [2-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]) ;;
+    *) fail 2 "BACKFILL_DAY=$BACKFILL_DAY is not a day (YYYY-MM-DD, 1970 or later)" ;;
+  esac
+  # Leading zeros dropped: 08 is not octal here.
+  _mm=${BACKFILL_DAY#*-}
+  _dd=${_mm#*-}
+  _mm=${_mm%-*}
+  days_of "${BACKFILL_DAY%%-*}" "${_mm#0}" "${_dd#0}"
+  civil_of "$days"
+  if [ "$civil" != "$BACKFILL_DAY" ]; then
+    fail 2 "BACKFILL_DAY=$BACKFILL_DAY is not a day (YYYY-MM-DD, 1970 or later)"
+  fi
+  if [ "$days" -ge "$today" ]; then
+    fail 2 "BACKFILL_DAY=$BACKFILL_DAY has not ended (UTC): a run now would commit part of the day under the day's run id"
+  fi
+  start=$days
 else
-  # Midnight UTC of yesterday: POSIX days are 86400 s.
-  start=$(( $(date -u +%s) / 86400 * 86400 - 86400 ))
+  start=$((today - 1))
 fi
-day=$(day_of "$start")
-next=$(day_of $((start + 86400)))
-run_id="$name-$day"
-report="$log_dir/$tag-$day.json"
-log="$log_dir/$tag.log"
+civil_of "$start"
+day=$civil
+civil_of $((start + 1))
+next=$civil
+run_id=$name-$day
+report=$log_dir/$tag-$day.json
+log=$log_dir/$tag.log
 label="backfill $run_id"
 
 # The environment file, as data: each valid line becomes one KEY=VALUE

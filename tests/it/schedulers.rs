@@ -655,6 +655,94 @@ fn an_environment_line_that_is_not_key_value_stops_the_run_naming_it() {
     }
 }
 
+/// `date` as a system has it without GNU's `-d` or BSD's `-r`/`-j`/`-v`:
+/// `-u` and `+FORMAT`, anything else refused with a usage message on stderr.
+const POSIX_DATE: &str = r#"#!/bin/sh
+for a in "$@"; do
+  case $a in
+    -u | +*) ;;
+    *) echo "date: illegal option -- ${a#-}" >&2
+       echo "usage: date [-u] [+format]" >&2
+       exit 1 ;;
+  esac
+done
+exec /bin/date "$@"
+"#;
+
+/// A `date` without GNU's `-d` (macOS, the BSDs) or BSD's `-r`, `-j`,
+/// `-v`: the crontab line runs yesterday's window, quietly.
+#[test]
+fn a_date_without_gnu_or_bsd_options_is_enough() {
+    let m = Machine::new(clean_rows);
+    let date = m.root.join("opt/backfill/bin/date");
+    fs::write(&date, POSIX_DATE).unwrap();
+    fs::set_permissions(&date, fs::Permissions::from_mode(0o755)).unwrap();
+    let r = m.run_cron();
+    assert!(
+        r.code == Some(0) && r.stdout.is_empty() && r.stderr.is_empty(),
+        "{}",
+        r.describe()
+    );
+    assert_window(&m.root.join("lake/out/_state"), &m.run_id(), &m.day);
+}
+
+/// `BACKFILL_DAY` by the calendar, leap days and year ends included; what
+/// is not a day, or has not ended, stops the script with one line and
+/// nothing on stderr (no `date` fallback's complaint in the mail).
+#[test]
+fn backfill_day_is_checked_by_the_calendar_and_refused_in_one_line() {
+    let m = Machine::new(clean_rows);
+    let args = m.root.join("args");
+    m.fake_backfill(&format!(
+        "printf '%s\\n' \"$@\" > {}\n",
+        sh_quote(&args.display().to_string())
+    ));
+    let command = m.relocate(&crontab().command);
+    for (day, next) in [
+        ("2024-02-29", "2024-03-01"),
+        ("2000-02-29", "2000-03-01"),
+        ("1999-12-31", "2000-01-01"),
+        ("1970-01-01", "1970-01-02"),
+        ("2026-09-08", "2026-09-09"),
+    ] {
+        let r = run(m.cron_with(&command, &[("BACKFILL_DAY", day)]));
+        assert!(
+            r.code == Some(0) && r.stdout.is_empty() && r.stderr.is_empty(),
+            "{day}: {}",
+            r.describe()
+        );
+        let args = fs::read_to_string(&args).unwrap();
+        assert!(
+            args.contains(&format!(
+                "--from\n{day}T00:00:00Z\n--to\n{next}T00:00:00Z\n--run-id\nnightly-{day}\n"
+            )),
+            "{day}: {args}"
+        );
+    }
+    let today = Utc::now().date_naive();
+    for (day, why) in [
+        ("2023-02-29".to_string(), "is not a day"),
+        ("2100-02-29".into(), "is not a day"),
+        ("2026-13-01".into(), "is not a day"),
+        ("2026-1-1".into(), "is not a day"),
+        ("1969-12-31".into(), "is not a day"),
+        ("yesterday".into(), "is not a day"),
+        (today.to_string(), "has not ended"),
+        ((today + Days::new(1)).to_string(), "has not ended"),
+    ] {
+        let r = run(m.cron_with(&command, &[("BACKFILL_DAY", &day)]));
+        assert_eq!(r.code, Some(2), "{day}: {}", r.describe());
+        assert!(
+            r.stdout.starts_with(&format!(
+                "backfill nightly failed: exit 2, BACKFILL_DAY={day} {why}"
+            )) && r.stdout.lines().count() == 1
+                && r.stderr.is_empty(),
+            "{day}: {}",
+            r.describe()
+        );
+    }
+}
+
 /// Two job files with one base name (a/nightly.toml, b/nightly.toml) have
 /// a lock, a log and reports each: both run at once, and each log holds
 /// its own run only.
