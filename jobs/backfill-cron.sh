@@ -7,11 +7,14 @@
 # prints (a line saying what it means, then this run's part of the log), so
 # only failures and dead letters (exit 3, --fail-on-dlq) page.
 #
-# - files named after the job: its base name and the CRC (cksum) of its
-#   absolute path, so that a/nightly.toml and b/nightly.toml have a lock, a
-#   log and reports each: NAME-CRC.lock, NAME-CRC.log, NAME-CRC-DAY.json;
-# - a lock (flock -n): a second invocation while a run of the same job still
-#   holds it prints that and exits 75, running nothing;
+# - files named after the job: its base name (in backfill's run id alphabet)
+#   and the CRC (cksum) of its absolute path, so that a/nightly.toml and
+#   b/nightly.toml have a lock, a log and reports each: NAME-CRC.lock,
+#   NAME-CRC.log, NAME-CRC-DAY.json;
+# - a lock (flock(1), or perl's flock where there is no flock(1), as on
+#   macOS): a second invocation while a run of the same job still holds it
+#   prints that and exits 75, running nothing. The kernel drops the lock
+#   when its holders die, kill -9 included: a lock is never stale;
 # - the run's environment comes from BACKFILL_ENV_FILE, read as data: KEY=VALUE
 #   lines, `#` comments, blank lines, an optional `export `, one pair of
 #   quotes around a value; nothing in it is expanded or run. A line that is
@@ -23,6 +26,10 @@
 #   refused: its run would commit part of a day under the id of the whole;
 # - dates by calendar arithmetic in the shell: of `date` only
 #   `date -u +%s` is asked (GNU, BSD, busybox), nothing that differs.
+#
+# Exit: backfill's own code (0 quiet; 1 and 4 retry; 2 configuration; 3
+# dead letters), 2 for this script's own settings (its arguments, the env
+# file, BACKFILL_DAY, the log folder), 75 when another run holds the lock.
 #
 # Env, read from cron's environment (the crontab), not from the env file:
 # BACKFILL_ENV_FILE (/etc/backfill/backfill.env), BACKFILL_LOG_DIR
@@ -52,6 +59,13 @@ fail() {
   exit "$code"
 }
 
+case $job in
+  *://*)
+    # backfill reads a local file; a URL may carry credentials: not shown.
+    fail 2 "the job file must be a local path, not a URL (not shown: it may hold credentials)" ;;
+  */ | '')
+    fail 2 "the job file argument names a folder, not a file" ;;
+esac
 case $bin in
   *=*) fail 2 "BACKFILL_BIN must not contain '=' (env would read it as a variable)" ;;
 esac
@@ -66,22 +80,56 @@ base=${job##*/}
 if dir=$(cd -P -- "${job%/*}/" 2>/dev/null && pwd -P); then
   job=${dir%/}/$base
 fi
-name=${base%.toml}
+
+# The base name in the run id alphabet (letters, digits, '.', '_', '-',
+# starting with a letter or digit; backfill refuses other run ids).
+name=$(printf '%s' "${base%.toml}" | LC_ALL=C tr -c 'A-Za-z0-9._-' '_' | cut -c 1-100)
+case $name in
+  [A-Za-z0-9]*) ;;
+  *) name=job$name ;;
+esac
 crc=$(printf '%s' "$job" | cksum)
 tag=$name-$(printf '%08x' "${crc%% *}")
 label="backfill $name"
 
-if ! mkdir -p "$log_dir"; then
-  echo "backfill $name: cannot create the log folder $log_dir"
-  exit 1
+case $log_dir in
+  /*) ;;
+  *) log_dir=$(pwd -P)/$log_dir ;;
+esac
+lock=$log_dir/$tag.lock
+if ! err=$(mkdir -p -- "$log_dir" 2>&1); then
+  fail 2 "cannot create the log folder $log_dir (BACKFILL_LOG_DIR): ${err##*: }"
 fi
+for f in "$lock" "$log_dir/$tag.log"; do
+  if ! ( : >>"$f" ) 2>/dev/null; then
+    fail 2 "cannot write $f (BACKFILL_LOG_DIR): the folder or the file is not writable"
+  fi
+done
+log=$log_dir/$tag.log
 
-# Held until this script exits (fd 9 stays open in the backfill it runs).
-exec 9>>"$log_dir/$tag.lock"
-if ! flock -n 9; then
-  echo "backfill $name: skipped: a run of this job still holds $log_dir/$tag.lock"
-  exit 75
+# Held until this script exits (fd 9 stays open in the backfill it runs, so
+# a run outliving a killed script still holds it).
+exec 9>>"$lock"
+if command -v flock >/dev/null 2>&1; then
+  err=$(flock -n 9 2>&1)
+  held=$?
+elif command -v perl >/dev/null 2>&1; then
+  # flock(2) on fd 9 itself: the lock belongs to the open file, which this
+  # shell keeps open after perl exits.
+  err=$(perl -MFcntl=:flock -e 'open(my $fh, ">&=", 9) or die "fd 9: $!\n";
+    flock($fh, LOCK_EX | LOCK_NB) and exit 0; $!{EWOULDBLOCK} and exit 1; die "$!\n"' 2>&1)
+  held=$?
+else
+  err="neither flock(1) nor perl is on PATH"
+  held=2
 fi
+case $held in
+  0) ;;
+  1)
+    echo "backfill $name: skipped: a run of this job still holds $lock"
+    exit 75 ;;
+  *) fail 2 "cannot lock $lock: $err" ;;
+esac
 
 # Calendar arithmetic (Howard Hinnant's civil-days algorithms), so that no
 # date(1) extension is needed. Days count from 1970-01-01; years >= 1970.
@@ -137,7 +185,6 @@ civil_of $((start + 1))
 next=$civil
 run_id=$name-$day
 report=$log_dir/$tag-$day.json
-log=$log_dir/$tag.log
 label="backfill $run_id"
 
 # The environment file, as data: each valid line becomes one KEY=VALUE
@@ -191,7 +238,7 @@ else
   env_note="=== no environment file $env_file (BACKFILL_ENV_FILE)"
 fi
 
-before=$( (wc -l < "$log") 2>/dev/null || echo 0)
+before=$(wc -c <"$log" | tr -d ' ')
 (
   echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) $run_id: start"
   [ -z "$env_note" ] || echo "$env_note"
@@ -210,10 +257,12 @@ if [ "$code" -ne 0 ]; then
     2) why="configuration error (job file, flags, environment, a run id committed with other settings)" ;;
     3) why="committed, and dead-lettered events: the DLQ needs a human (report: $report)" ;;
     4) why="another run on the same state won; nothing of this run is visible: run again" ;;
+    126 | 127) why="$bin could not be run (BACKFILL_BIN, PATH)" ;;
+    129 | 1[3-9][0-9]) why="killed by signal $((code - 128)) (9: kill -9, or the out-of-memory killer)" ;;
     *) why="killed or failed to start" ;;
   esac
   echo "backfill $run_id failed: exit $code, $why"
   echo "log ($log):"
-  tail -n "+$((before + 1))" "$log"
+  tail -c "+$((before + 1))" "$log"
 fi
 exit "$code"

@@ -185,7 +185,13 @@ struct Machine {
 
 impl Machine {
     fn new(rows: impl Fn(&str) -> Vec<Row>) -> Machine {
-        let dir = tempfile::tempdir().unwrap();
+        Machine::under("cron-", rows)
+    }
+
+    /// As [`Machine::new`], in a temporary folder whose name starts with
+    /// `prefix` (spaces, say).
+    fn under(prefix: &str, rows: impl Fn(&str) -> Vec<Row>) -> Machine {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
         let root = dir.path().to_path_buf();
         let day = (Utc::now().date_naive() - Days::new(1)).to_string();
         let bin = root.join("opt/backfill/bin");
@@ -669,21 +675,61 @@ done
 exec /bin/date "$@"
 "#;
 
-/// A `date` without GNU's `-d` (macOS, the BSDs) or BSD's `-r`, `-j`,
-/// `-v`: the crontab line runs yesterday's window, quietly.
+/// A userland like macOS's: `date` without `-d`, no flock(1) (perl takes
+/// the lock). The crontab line runs yesterday's window, quietly, and a
+/// second invocation is still stopped by the lock.
 #[test]
-fn a_date_without_gnu_or_bsd_options_is_enough() {
+fn a_userland_without_gnu_date_or_flock_runs_and_locks() {
     let m = Machine::new(clean_rows);
     let date = m.root.join("opt/backfill/bin/date");
     fs::write(&date, POSIX_DATE).unwrap();
     fs::set_permissions(&date, fs::Permissions::from_mode(0o755)).unwrap();
-    let r = m.run_cron();
+    // The system's commands, but flock(1).
+    let userland = m.root.join("usr-bin-without-flock");
+    fs::create_dir_all(&userland).unwrap();
+    for dir in ["/usr/bin", "/bin"] {
+        for e in fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let link = userland.join(e.file_name());
+            if e.file_name() != "flock" && !link.exists() {
+                std::os::unix::fs::symlink(e.path(), link).unwrap();
+            }
+        }
+    }
+    let path = format!(
+        "{}:{}",
+        m.root.join("opt/backfill/bin").display(),
+        userland.display()
+    );
+    let cron = || m.cron_with(&m.relocate(&crontab().command), &[("PATH", &path)]);
+    let r = run(cron());
     assert!(
         r.code == Some(0) && r.stdout.is_empty() && r.stderr.is_empty(),
         "{}",
         r.describe()
     );
     assert_window(&m.root.join("lake/out/_state"), &m.run_id(), &m.day);
+
+    // A job of its own, not yet committed, held mid-run.
+    let mut env = fs::read_to_string(m.env_file()).unwrap();
+    env.push_str("BACKFILL_FAILPOINT=after_write:sleep-3000\n");
+    m.write_env(&env);
+    let other = m.job("etc/backfill/other/nightly.toml", "other");
+    let line = || {
+        let command = format!(
+            "{} {}",
+            sh_quote(&m.script().display().to_string()),
+            sh_quote(&other.display().to_string())
+        );
+        m.cron_with(&command, &[("PATH", &path)])
+    };
+    let mut first = Started::new(line());
+    m.wait_for_logs(": start", 2);
+    let second = run(line());
+    assert!(first.running(), "the first run ended too soon");
+    assert_eq!(second.code, Some(75), "{}", second.describe());
+    let first = first.wait();
+    assert_eq!(first.code, Some(0), "{}", first.describe());
 }
 
 /// `BACKFILL_DAY` by the calendar, leap days and year ends included; what
@@ -795,5 +841,206 @@ fn two_jobs_with_one_base_name_have_a_lock_and_a_log_each() {
         m.files("nightly-", &format!("-{}.json", m.day)).len(),
         2,
         "a report each"
+    );
+}
+
+/// Spaces in every path (the root, the job's folder and name, the log
+/// folder, the environment file, the lake) and a job name outside the run
+/// id alphabet: the run id takes the name with `_` for what run ids refuse.
+#[test]
+fn spaces_in_every_path_and_a_job_name_outside_the_run_id_alphabet() {
+    let m = Machine::under("cron root ", clean_rows);
+    let lake = m.root.join("the lake");
+    fs::rename(m.root.join("lake"), &lake).unwrap();
+    let env_file = m.root.join("etc/back fill/back fill.env");
+    fs::create_dir_all(env_file.parent().unwrap()).unwrap();
+    fs::write(&env_file, format!("LAKE_DIR=\"{}\"\n", lake.display())).unwrap();
+    let job = m.job("etc/back fill/my nightly (v2).toml", "out");
+    let log_dir = m.root.join("var/log/back fill");
+    let command = format!(
+        "{} {}",
+        sh_quote(&m.script().display().to_string()),
+        sh_quote(&job.display().to_string())
+    );
+    let r = run(m.cron_with(
+        &command,
+        &[
+            ("BACKFILL_ENV_FILE", &env_file.display().to_string()),
+            ("BACKFILL_LOG_DIR", &log_dir.display().to_string()),
+        ],
+    ));
+    assert!(
+        r.code == Some(0) && r.stdout.is_empty() && r.stderr.is_empty(),
+        "{}",
+        r.describe()
+    );
+    let id = format!("my_nightly__v2_-{}", m.day);
+    assert_window(&lake.join("out/_state"), &id, &m.day);
+    let logs: Vec<String> = fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        logs.iter()
+            .any(|l| l.starts_with("my_nightly__v2_-") && l.ends_with(".log")),
+        "{logs:?}"
+    );
+}
+
+/// What a hostile crontab can get wrong, each refused with one line and
+/// exit 2 (a human fixes it; a retry would not), nothing on stderr, no
+/// secret shown: a URL for a job file, a folder, a log folder that is a
+/// file, a log file that is a folder.
+#[test]
+fn a_broken_installation_is_one_line_and_exit_2() {
+    let m = Machine::new(clean_rows);
+    let script = sh_quote(&m.script().display().to_string());
+    let job = m
+        .root
+        .join("etc/backfill/nightly.toml")
+        .display()
+        .to_string();
+    let blocker = m.root.join("a-file");
+    fs::write(&blocker, "").unwrap();
+    let blocked = blocker.join("logs").display().to_string();
+    let refused = |command: &str, vars: &[(&str, &str)], want: &str| {
+        let r = run(m.cron_with(command, vars));
+        assert!(
+            r.code == Some(2)
+                && r.stdout.starts_with(want)
+                && r.stdout.lines().count() == 1
+                && r.stderr.is_empty()
+                && !r.stdout.contains("hunter2"),
+            "{command}: {}",
+            r.describe()
+        );
+    };
+    refused(
+        &format!("{script} 's3://user:hunter2@bucket/nightly.toml'"),
+        &[],
+        "backfill-cron.sh failed: exit 2, the job file must be a local path, not a URL",
+    );
+    refused(
+        &format!(
+            "{script} {}",
+            sh_quote(&format!("{}/etc/backfill/", m.root.display()))
+        ),
+        &[],
+        "backfill-cron.sh failed: exit 2, the job file argument names a folder",
+    );
+    refused(
+        &format!("{script} {}", sh_quote(&job)),
+        &[("BACKFILL_LOG_DIR", &blocked)],
+        "backfill nightly failed: exit 2, cannot create the log folder",
+    );
+    // The log file's name taken by a folder.
+    assert_eq!(m.run_cron().code, Some(0));
+    let log = m.files("nightly-", ".log").remove(0);
+    fs::remove_file(&log).unwrap();
+    fs::create_dir(&log).unwrap();
+    let r = m.run_cron();
+    assert!(
+        r.code == Some(2)
+            && r.stdout.starts_with(&format!(
+                "backfill nightly failed: exit 2, cannot write {}",
+                log.display()
+            ))
+            && r.stderr.is_empty(),
+        "{}",
+        r.describe()
+    );
+}
+
+/// kill -9 of the script and its backfill mid-run leaves the lock file but
+/// no lock (flock's lock dies with its holders): the next invocation runs
+/// and commits.
+#[test]
+fn a_run_killed_with_kill_9_leaves_no_stale_lock() {
+    use std::os::unix::process::CommandExt;
+    let m = Machine::new(clean_rows);
+    let saved = fs::read_to_string(m.env_file()).unwrap();
+    m.write_env(&format!(
+        "{saved}BACKFILL_FAILPOINT=after_write:sleep-30000\n"
+    ));
+    let mut cmd = m.cron();
+    cmd.process_group(0);
+    let mut first = Started::new(cmd);
+    m.wait_for_logs(": start", 1);
+    let group = first.child.id() as libc::pid_t;
+    // The group the test itself started: the shell, the script, backfill.
+    assert_eq!(unsafe { libc::killpg(group, libc::SIGKILL) }, 0);
+    assert!(first.child.wait().unwrap().code().is_none());
+    assert_eq!(m.files("nightly-", ".lock").len(), 1);
+
+    m.write_env(&saved);
+    let r = m.run_cron();
+    assert!(
+        r.code == Some(0) && r.stdout.is_empty() && r.stderr.is_empty(),
+        "{}",
+        r.describe()
+    );
+    assert_window(&m.root.join("lake/out/_state"), &m.run_id(), &m.day);
+}
+
+/// backfill's exit code is the script's, and only a non-zero one prints:
+/// the line saying what it means, then this run's part of the log.
+#[test]
+fn exit_codes_pass_through_and_only_failures_print() {
+    let m = Machine::new(clean_rows);
+    m.fake_backfill(
+        "echo \"fake run, exit $FAKE_EXIT\"\n\
+         [ \"$FAKE_EXIT\" = kill ] && kill -9 $$\n\
+         exit \"$FAKE_EXIT\"\n",
+    );
+    let saved = fs::read_to_string(m.env_file()).unwrap();
+    for (fake, code, why) in [
+        ("0", 0, ""),
+        ("1", 1, "runtime failure (store or broker)"),
+        ("2", 2, "configuration error"),
+        ("3", 3, "committed, and dead-lettered events"),
+        ("4", 4, "another run on the same state won"),
+        ("kill", 137, "killed by signal 9"),
+    ] {
+        m.write_env(&format!("{saved}FAKE_EXIT={fake}\n"));
+        let r = m.run_cron();
+        assert_eq!(r.code, Some(code), "{}", r.describe());
+        assert!(r.stderr.is_empty(), "{}", r.describe());
+        if code == 0 {
+            assert!(r.stdout.is_empty(), "{}", r.describe());
+            continue;
+        }
+        let first = r.stdout.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with(&format!(
+                "backfill {} failed: exit {code}, {why}",
+                m.run_id()
+            )),
+            "{}",
+            r.describe()
+        );
+        // The shell may add its own "Killed" line.
+        let tail: Vec<&str> = r.stdout.lines().skip(2).collect();
+        assert!(
+            (3..=4).contains(&tail.len())
+                && tail[0].ends_with(": start")
+                && tail[1] == format!("fake run, exit {fake}")
+                && tail[tail.len() - 1].ends_with(&format!(": exit {code}")),
+            "only this run's part of the log\n{}",
+            r.describe()
+        );
+    }
+    let missing = m.root.join("no/such/backfill").display().to_string();
+    let r = run(m.cron_with(
+        &m.relocate(&crontab().command),
+        &[("BACKFILL_BIN", &missing)],
+    ));
+    assert_eq!(r.code, Some(127), "{}", r.describe());
+    assert!(
+        r.stdout.starts_with(&format!(
+            "backfill {} failed: exit 127, {missing} could not be run (BACKFILL_BIN, PATH)",
+            m.run_id()
+        )),
+        "{}",
+        r.describe()
     );
 }
