@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import tempfile
 from datetime import timedelta
@@ -118,22 +119,30 @@ def backfill_argv(
 
 
 def read_env_file(path: str) -> dict[str, str]:
-    """The variables of an env file (what ``set -a; . FILE`` sets for the
-    simple files this DAG and jobs/crontab share); none if it is absent."""
+    """The variables of an env file, read as data as backfill-cron.sh reads
+    it: KEY=VALUE lines, comments, blank lines, ``export `` and one pair of
+    quotes; nothing expanded. Any other line stops the task naming the file
+    and the line number, never the line (it may hold a password). None if
+    the file is absent."""
     env: dict[str, str] = {}
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
         return env
-    for raw in text.splitlines():
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
-        if not line or line.startswith("#") or "=" not in line:
+        if not line or line.startswith("#"):
             continue
-        key, value = line.removeprefix("export ").split("=", 1)
+        key, sep, value = line.removeprefix("export ").partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise AirflowFailException(
+                f"{path}: line {number} is not KEY=VALUE (a comment starts with #)"
+            )
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
-        env[key.strip()] = value
+        env[key] = value
     return env
 
 

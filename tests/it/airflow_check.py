@@ -117,6 +117,26 @@ assert module.backfill_argv(report="/r.json", dry_run=True, **rendered["per_job.
 ]
 ok("templates render: " + " ".join(argv))
 
+# 3b. The env file is data: values are not run, a line that is not
+# KEY=VALUE stops the task naming the line, never its text.
+env_file = work / "backfill.env"
+env_file.write_text(
+    '# comment\n\nexport A="two words"\nB=$(touch /tmp/x);\r\nC=\'q\'\n'
+)
+assert module.read_env_file(str(env_file)) == {
+    "A": "two words",
+    "B": "$(touch /tmp/x);",
+    "C": "q",
+}, module.read_env_file(str(env_file))
+env_file.write_text("A=1\nhunter2-password\n")
+try:
+    module.read_env_file(str(env_file))
+    raise AssertionError("a line without = was accepted")
+except AirflowFailException as e:
+    assert "line 2" in str(e) and "hunter2" not in str(e), str(e)
+assert module.read_env_file(str(work / "absent.env")) == {}
+ok("the env file is read as data; a line that is not KEY=VALUE is named by number")
+
 # 4. Exit codes to task states, against a fake backfill.
 pushed: list = []
 module.push_report = pushed.append
