@@ -115,7 +115,7 @@ fn the_airflow_dag_loads_renders_and_maps_exit_codes_in_airflow_3() {
     let r = finish(cmd, "airflow_check.py", Duration::from_secs(300));
     let oks: Vec<&str> = r.stdout.lines().filter(|l| l.starts_with("ok: ")).collect();
     assert!(
-        r.code == Some(0) && oks.len() == 5,
+        r.code == Some(0) && oks.len() == 6,
         "the DAG check failed\n{}",
         r.describe()
     );
