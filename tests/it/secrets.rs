@@ -136,6 +136,22 @@ impl Work {
     }
 }
 
+/// None of `needles` (a secret's spellings) in stdout or stderr.
+#[track_caller]
+fn assert_no_needle(run: &Run, needles: &[String]) {
+    for (name, text) in [("stdout", &run.stdout), ("stderr", &run.stderr)] {
+        let leaks: Vec<_> = needles
+            .iter()
+            .filter(|n| text.contains(n.as_str()))
+            .collect();
+        assert!(
+            leaks.is_empty(),
+            "{name} leaks {leaks:?}\n{}",
+            run.describe()
+        );
+    }
+}
+
 /// Nothing of the canary in stdout, stderr, the output root or the report.
 #[track_caller]
 fn assert_no_leak(work: &Work, run: &Run) {
@@ -247,14 +263,7 @@ fn a_secret_holding_an_at_anywhere_in_a_url_is_not_echoed() {
             ] {
                 let run = work.run(&args, &[("AWS_SECRET_ACCESS_KEY", secret)]);
                 run.expect_code(2);
-                for (name, text) in [("stdout", &run.stdout), ("stderr", &run.stderr)] {
-                    let leaks: Vec<_> = needles.iter().filter(|n| text.contains(*n)).collect();
-                    assert!(
-                        leaks.is_empty(),
-                        "{name} leaks {leaks:?}\n{}",
-                        run.describe()
-                    );
-                }
+                assert_no_needle(&run, &needles);
                 let lines = run.stderr_lines();
                 assert!(
                     lines.len() == 1
@@ -562,14 +571,7 @@ fn a_query_or_fragment_in_any_location_is_refused_and_never_stored() {
         }
         let run = backfill_in(&args, &[], None);
         run.expect_code(2);
-        for (name, text) in [("stdout", &run.stdout), ("stderr", &run.stderr)] {
-            let leaks: Vec<_> = needles.iter().filter(|n| text.contains(*n)).collect();
-            assert!(
-                leaks.is_empty(),
-                "{name} leaks {leaks:?}\n{}",
-                run.describe()
-            );
-        }
+        assert_no_needle(&run, &needles);
         let lines = run.stderr_lines();
         assert!(
             lines.len() == 1
