@@ -1162,24 +1162,39 @@ const NO_TIME: u8 = 4;
 /// instead of 36); any other id as itself after a tag byte 0. Exact both
 /// ways: the tag keeps the two forms apart, and only the canonical spelling
 /// is packed, so that unpacking gives back the very bytes of the archive.
-fn pack_id(id: &[u8], out: &mut Vec<u8>) {
+fn pack_id(id: &[u8]) -> PackedId<'_> {
     match parse_uuid(id) {
-        Some(u) => {
-            out.push(1);
-            out.extend_from_slice(&u);
-        }
-        None => {
-            out.push(0);
-            out.extend_from_slice(id);
-        }
+        Some(u) => PackedId::Uuid(u),
+        None => PackedId::Raw(id),
     }
 }
 
-fn packed_len(id: &[u8]) -> usize {
-    if parse_uuid(id).is_some() {
-        17
-    } else {
-        id.len() + 1
+/// An id in the form [`pack_id`] chose, parsed once: its length decides
+/// the chunk before it is written.
+enum PackedId<'a> {
+    Uuid([u8; 16]),
+    Raw(&'a [u8]),
+}
+
+impl PackedId<'_> {
+    fn len(&self) -> usize {
+        match self {
+            PackedId::Uuid(u) => 1 + u.len(),
+            PackedId::Raw(id) => 1 + id.len(),
+        }
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            PackedId::Uuid(u) => {
+                out.push(1);
+                out.extend_from_slice(u);
+            }
+            PackedId::Raw(id) => {
+                out.push(0);
+                out.extend_from_slice(id);
+            }
+        }
     }
 }
 
@@ -1372,7 +1387,8 @@ impl Candidates {
     /// Pack an id into the current chunk (a new one when it does not fit;
     /// a long id gets one of its own).
     fn push_id(&mut self, id: &[u8]) {
-        let len = packed_len(id);
+        let packed = pack_id(id);
+        let len = packed.len();
         let fits = len < LONG_ID
             && self
                 .ids
@@ -1385,7 +1401,7 @@ impl Candidates {
         let chunk = self.ids.len() - 1;
         let c = &mut self.ids[chunk];
         let start = c.len();
-        pack_id(id, c);
+        packed.write(c);
         let start = if len < LONG_ID { start } else { 0 };
         self.id_at.push(IdAt::pack(chunk, start, len));
     }
@@ -1544,17 +1560,18 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
-    fn candidates(&self) -> Result<std::sync::RwLockReadGuard<'_, Option<Candidates>>> {
-        let c = self
+    /// `f` over the candidates, while the fetch still reads them.
+    fn with_candidates<R>(&self, f: impl FnOnce(&Candidates) -> Result<R>) -> Result<R> {
+        let guard = self
             .cands
             .read()
             .map_err(|_| DataFusionError::Internal("the candidates' lock is poisoned".into()))?;
-        if c.is_none() {
-            return Err(DataFusionError::Internal(
+        match guard.as_ref() {
+            Some(c) => f(c),
+            None => Err(DataFusionError::Internal(
                 "the candidates were read after the fetch ended".into(),
-            ));
+            )),
         }
-        Ok(c)
     }
 
     /// A fetch partition read its last row.
@@ -1569,6 +1586,15 @@ impl Shared {
     /// The candidates' chosen rows of one `events` batch, each claimed
     /// once, with the columns the policy reads appended.
     fn annotate(&self, b: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+        self.with_candidates(|c| self.annotate_with(c, b, schema))
+    }
+
+    fn annotate_with(
+        &self,
+        c: &Candidates,
+        b: &RecordBatch,
+        schema: &SchemaRef,
+    ) -> Result<RecordBatch> {
         let rs = hasher();
         let named = |n: &str| {
             b.column_by_name(n)
@@ -1588,10 +1614,6 @@ impl Shared {
         let key = key.as_string::<i32>();
         let seq = cast(named("seq")?, &DataType::Int64)?;
         let seq = seq.as_primitive::<Int64Type>();
-        let guard = self.candidates()?;
-        let Some(c) = guard.as_ref() else {
-            return Err(DataFusionError::Internal("no candidates".into()));
-        };
         let mut keep = BooleanBuilder::with_capacity(b.num_rows());
         let mut archived = vec![];
         let mut conflict = vec![];
@@ -1680,13 +1702,11 @@ impl datafusion::logical_expr::ScalarUDFImpl for IsCandidate {
         let ids = cast(&ids, &DataType::Utf8)?;
         let ids = ids.as_string::<i32>();
         let rs = hasher();
-        let guard = self.shared.candidates()?;
-        let Some(c) = guard.as_ref() else {
-            return Err(DataFusionError::Internal("no candidates".into()));
-        };
-        let hit: BooleanArray = (0..ids.len())
-            .map(|i| Some(ids.is_valid(i) && c.find(&rs, ids.value(i)).is_some()))
-            .collect();
+        let hit: BooleanArray = self.shared.with_candidates(|c| {
+            Ok((0..ids.len())
+                .map(|i| Some(ids.is_valid(i) && c.find(&rs, ids.value(i)).is_some()))
+                .collect())
+        })?;
         Ok(datafusion::logical_expr::ColumnarValue::Array(Arc::new(
             hit,
         )))
@@ -1788,15 +1808,16 @@ mod tests {
             long.as_str(),
         ] {
             let mut stored = vec![];
-            pack_id(id.as_bytes(), &mut stored);
-            assert_eq!(stored.len(), packed_len(id.as_bytes()), "{id}");
+            let packed = pack_id(id.as_bytes());
+            packed.write(&mut stored);
+            assert_eq!(stored.len(), packed.len(), "{id}");
             let mut buf = [0u8; 36];
             assert_eq!(unpack_id(&stored, &mut buf), id.as_bytes(), "{id}");
             assert!(same_id(&stored, id.as_bytes()), "{id}");
             assert!(!same_id(&stored, format!("{id}0").as_bytes()), "{id}");
         }
         let mut uuid = vec![];
-        pack_id(b"0b9c5d1e-2f3a-4b5c-8d6e-7f8091a2b3c4", &mut uuid);
+        pack_id(b"0b9c5d1e-2f3a-4b5c-8d6e-7f8091a2b3c4").write(&mut uuid);
         assert_eq!(uuid.len(), 17);
         assert!(!same_id(&uuid, b"0B9C5D1E-2F3A-4B5C-8D6E-7F8091A2B3C4"));
         // The raw 17 bytes of a packed UUID are another id.
