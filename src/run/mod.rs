@@ -567,14 +567,14 @@ async fn execute(
     }
     if settings.dry_run {
         for (kind, rows) in [
-            ("replay", report.replayed),
+            (SinkKind::Replay, report.replayed),
             (
-                "dlq",
+                SinkKind::Dlq,
                 report.dead_lettered + report.undecodable_dead_lettered,
             ),
-            ("gaps", report.gaps),
+            (SinkKind::Gaps, report.gaps),
         ] {
-            if let Some(r) = report.outputs.get_mut(kind) {
+            if let Some(r) = report.outputs.get_mut(kind.name()) {
                 r.rows = rows;
             }
         }
