@@ -59,7 +59,7 @@ use hashbrown::HashTable;
 use std::hash::BuildHasher;
 
 use crate::job::Scan;
-use crate::source::MISSING_EVENT_ID_COLUMN;
+use crate::source::{MISSING_EVENT_ID_COLUMN, RowBytes};
 
 /// Columns the fetch adds to `events` for the policy (the names of the
 /// `candidates` view).
@@ -77,6 +77,24 @@ const BUCKET_ROWS: usize = 200_000;
 /// Rows per batch of the narrow scan: its pieces per bucket stay large
 /// enough that splitting costs little per row.
 const NARROW_BATCH_ROWS: usize = 65_536;
+/// Rows per batch of the fetch and of the sort after it (DataFusion's
+/// default).
+const FETCH_BATCH_ROWS: usize = 8192;
+/// A batch takes at most this share of the pool. The narrow pass holds a
+/// batch and its two copies in the shuffle per scan partition, outside the
+/// pool; the sort of the fetched rows holds a batch twice while it sorts it
+/// and two batches per stream it merges. DataFusion's row counts (8192 and
+/// ours) assume narrow rows: 8192 rows of 100 KB payloads are 800 MiB, 64K
+/// ids of 5 KB 320 MiB, whatever `--memory-limit` says.
+const BATCH_SHARE_OF_POOL: usize = 64;
+
+/// Rows per batch so that a batch of rows of `row_bytes` takes at most
+/// 1/[`BATCH_SHARE_OF_POOL`] of `pool`: `max` when the rows are narrow or
+/// their width unknown (0), never fewer than one.
+pub fn batch_rows(pool: usize, row_bytes: u64, max: usize) -> usize {
+    let row = usize::try_from(row_bytes).unwrap_or(usize::MAX).max(1);
+    (pool / BATCH_SHARE_OF_POOL / row).clamp(1, max)
+}
 
 fn hasher() -> RandomState {
     RandomState::with_seed(0x0bac_f111)
@@ -120,12 +138,23 @@ pub struct Detection {
     pub buckets_ms: u64,
     /// The narrow scan, for its metrics.
     pub narrow_plan: Arc<dyn ExecutionPlan>,
+    /// Rows per batch of the fetch and its sort ([`batch_rows`]).
+    fetch_batch_rows: usize,
     shared: Arc<Shared>,
 }
 
 impl Detection {
     /// The chosen rows of the candidates: every column of `events` and the
     /// four the policy reads, unordered. Reading them is the second scan.
+    ///
+    /// The frame carries its own session settings, for the sort the caller
+    /// puts on it (execute it with [`DataFrame::task_ctx`]): batches of
+    /// [`batch_rows`] rows, so that wide rows fit the pool, and one sort
+    /// over all partitions instead of one per partition and a merge of
+    /// them. Those each merge their spill files with as much of the pool
+    /// as they can get (DataFusion's multi-level merge is greedy), and the
+    /// merge above them then found none left: `--memory-limit 64M` failed
+    /// on a plain archive of 1M events, one run in two.
     pub async fn fetch(&self, ctx: &SessionContext) -> Result<(DataFrame, Arc<dyn ExecutionPlan>)> {
         // Late materialization: the membership test is pushed into the
         // Parquet reader as a row filter, which decodes event_id, tests it,
@@ -149,6 +178,7 @@ impl Detection {
             .clone()
             .with_create_default_catalog_and_schema(false);
         config.options_mut().execution.parquet.pushdown_filters = true;
+        let config = config.with_batch_size(self.fetch_batch_rows);
         let state = datafusion::execution::SessionStateBuilder::new_from_existing(state)
             .with_config(config)
             .build();
@@ -184,7 +214,16 @@ impl Detection {
                 })
                 .collect();
         let table = StreamingTable::try_new(schema, parts)?;
-        Ok((ctx.read_table(Arc::new(table))?, plan))
+        let mut config = ctx
+            .copied_config()
+            .with_batch_size(self.fetch_batch_rows)
+            .with_create_default_catalog_and_schema(false);
+        config.options_mut().optimizer.repartition_sorts = false;
+        let state = datafusion::execution::SessionStateBuilder::new_from_existing(ctx.state())
+            .with_config(config)
+            .build();
+        let sorting = SessionContext::new_with_state(state);
+        Ok((sorting.read_table(Arc::new(table))?, plan))
     }
 
     /// After the fetch stream ended: every candidate was found. Anything
@@ -203,11 +242,13 @@ impl Detection {
 }
 
 /// Run the narrow pass and decide every bucket. `est_rows` (the footers'
-/// row count) sizes the buckets; `gaps_schema` is the `gaps` view's schema.
+/// row count) and `row_bytes` (their widest rows) size the buckets and the
+/// batches; `gaps_schema` is the `gaps` view's schema.
 pub async fn detect(
     ctx: &SessionContext,
     scan: &Scan,
     est_rows: u64,
+    row_bytes: RowBytes,
     spill_dir: &Path,
     gaps_schema: SchemaRef,
     progress: Option<indicatif::ProgressBar>,
@@ -238,9 +279,13 @@ pub async fn detect(
     let keys_on = scan.detect_gaps || scan.detect_conflicts;
 
     let pool = ctx.runtime_env().memory_pool.clone();
+    let pool_bytes = crate::machine::pool_bytes(scan.memory_limit);
     // Half the pool for the buckets: the sort of the candidates and
     // DataFusion's own scans need the rest.
-    let budget = (crate::machine::pool_bytes(scan.memory_limit) / 2).max(1);
+    let budget = (pool_bytes / 2).max(1);
+    // A bucket row holds the narrow strings (the footers say how wide)
+    // besides its fixed columns.
+    let wide = usize::try_from(row_bytes.narrow).unwrap_or(usize::MAX);
     // Enough buckets that one bucket's share of the budget holds it (four
     // times over: it is read back whole, and its sort entries come on top),
     // and small enough (~200k rows, a few MiB) that deciding it works in
@@ -271,13 +316,13 @@ pub async fn detect(
         events: Shuffle::new(
             "events",
             event_bucket_schema(),
-            buckets(EVENT_ROW_BYTES),
+            buckets(EVENT_ROW_BYTES.max(wide.saturating_add(40))),
             dir.path(),
         ),
         keys: Shuffle::new(
             "keys",
             key_bucket_schema(),
-            buckets(KEY_ROW_BYTES),
+            buckets(KEY_ROW_BYTES.max(wide.saturating_add(40))),
             dir.path(),
         ),
         reservation,
@@ -287,10 +332,13 @@ pub async fn detect(
 
     // 1. The narrow pass: one task per scan partition.
     let started = std::time::Instant::now();
-    let task = Arc::new(
-        TaskContext::from(&ctx.state())
-            .with_session_config(ctx.copied_config().with_batch_size(NARROW_BATCH_ROWS)),
-    );
+    let task = Arc::new(TaskContext::from(&ctx.state()).with_session_config(
+        ctx.copied_config().with_batch_size(batch_rows(
+            pool_bytes,
+            row_bytes.narrow,
+            NARROW_BATCH_ROWS,
+        )),
+    ));
     let n_parts = plan.output_partitioning().partition_count();
     let (p_events, p_keys) = {
         let s = shuffle.lock().expect("shuffle lock");
@@ -395,6 +443,7 @@ pub async fn detect(
         candidates,
         spilled_bytes,
         narrow_plan: plan,
+        fetch_batch_rows: batch_rows(pool_bytes, row_bytes.wide, FETCH_BATCH_ROWS),
         shared: Arc::new(Shared {
             cands: RwLock::new(Some(cands)),
             conflicts: detect_conflicts.then_some(conflicts),
@@ -1774,6 +1823,22 @@ mod tests {
     );
 
     #[test]
+    fn batches_follow_the_row_width() {
+        let pool = crate::machine::pool_bytes(64 << 20);
+        // Narrow rows, or an unknown width: DataFusion's row counts.
+        assert_eq!(batch_rows(10 << 30, 200, FETCH_BATCH_ROWS), 8192);
+        assert_eq!(batch_rows(pool, 0, NARROW_BATCH_ROWS), NARROW_BATCH_ROWS);
+        assert_eq!(batch_rows(pool, 80, NARROW_BATCH_ROWS), 8192);
+        // 100 KB payloads at 64M: a handful of rows (not 8192: 800 MiB).
+        let wide = batch_rows(pool, 100_000, FETCH_BATCH_ROWS);
+        assert!((1..=8).contains(&wide), "{wide}");
+        assert!(wide * 100_000 <= pool / BATCH_SHARE_OF_POOL);
+        // 5 KB ids in the narrow pass; a row wider than the pool: one row.
+        assert!(batch_rows(pool, 5_100, NARROW_BATCH_ROWS) < 200);
+        assert_eq!(batch_rows(pool, u64::MAX, FETCH_BATCH_ROWS), 1);
+    }
+
+    #[test]
     fn ids_pack_exactly() {
         let long = "x".repeat(5000);
         for id in [
@@ -2134,9 +2199,17 @@ mod tests {
                 .value(0) as u64;
 
             let dir = tempfile::tempdir().unwrap();
-            let d = detect(&ctx, &scan, est_rows, dir.path(), gaps_schema, None)
-                .await
-                .unwrap();
+            let d = detect(
+                &ctx,
+                &scan,
+                est_rows,
+                RowBytes::default(),
+                dir.path(),
+                gaps_schema,
+                None,
+            )
+            .await
+            .unwrap();
             let (fetched, _) = d.fetch(&ctx).await.unwrap();
             let got = by_event(&fetched.collect().await.unwrap());
             d.check_fetched().unwrap();

@@ -402,6 +402,7 @@ async fn execute(
         ctx,
         &settings.scan,
         est_rows,
+        archive.row_bytes(),
         &crate::job::spill_dir(&settings.scan),
         plan.gaps_view_schema.clone(),
         phases.rows_bar(est_rows),
@@ -494,8 +495,10 @@ async fn execute(
     failpoint::hit("between_scans").await?;
     let (fetched, fetch_plan) = detection.fetch(ctx).await?;
     let candidates = detect::candidates_from(fetched, &settings.scan, archive)?;
+    // The fetch's own settings (its batch size, one sort): see fetch().
+    let task = candidates.task_ctx();
     let plan = candidates.create_physical_plan().await?;
-    let mut stream = execute_stream(plan.clone(), ctx.task_ctx())?;
+    let mut stream = execute_stream(plan.clone(), Arc::new(task))?;
     while let Some(b) = stream.next().await {
         let b = b?;
         let d = policy.decide(&b)?;
