@@ -267,8 +267,34 @@ pub fn parse_job_text(
     }
     JobFile::deserialize(toml::Value::Table(table)).map_err(|e| JobError::Parse {
         file: file.to_string(),
-        message: e.message().replace('\n', " "),
+        message: placed_value_error(text, &e),
     })
+}
+
+/// A value of the wrong type (`memory_limit = 1073741824`, `max_attempts =
+/// "3"`) fails the deserialization of the interpolated table, which has no
+/// places: serde's message named neither the key nor the line. The text as
+/// written has them (interpolation turns strings into strings only, so the
+/// same value fails there): its line, and the key that starts it.
+fn placed_value_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().replace('\n', " ");
+    // The same failure only: a `${VAR}` may fail the text elsewhere.
+    let Some(span) = toml::from_str::<JobFile>(text)
+        .err()
+        .filter(|raw| raw.message().replace('\n', " ") == msg)
+        .and_then(|raw| raw.span())
+    else {
+        return msg;
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text[..start].rsplit('\n').next().unwrap_or_default();
+    match line.split_once('=') {
+        Some((key, _)) if !key.trim().is_empty() => {
+            format!("line {line_no}: `{}`: {msg}", key.trim())
+        }
+        _ => format!("line {line_no}: {msg}"),
+    }
 }
 
 fn one_line_toml_error(text: &str, e: &toml::de::Error) -> String {
@@ -759,6 +785,38 @@ mod tests {
             e.contains("storage.endpoint") && e.contains("${NOPE}"),
             "{e}"
         );
+    }
+
+    /// A value of the wrong type names its line and key (it named neither).
+    #[test]
+    fn mistyped_value_names_its_line_and_key() {
+        for (text, key, line) in [
+            (
+                "source = \"x\"\nmemory_limit = 1073741824\n",
+                "memory_limit",
+                2,
+            ),
+            ("memory_limit = -5\n", "memory_limit", 1),
+            (
+                "source = \"${BUCKET}\"\n\nmax_attempts = \"3\"\n",
+                "max_attempts",
+                3,
+            ),
+            (
+                "[storage]\nendpoint = \"e\"\n[columns]\nkey = 7\n",
+                "key",
+                4,
+            ),
+        ] {
+            let e = parse_job_text("j.toml", text, &env)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("line {line}: `{key}`: invalid type")),
+                "{text}: {e}"
+            );
+            assert!(!e.contains('\n'));
+        }
     }
 
     #[test]

@@ -128,3 +128,80 @@ fn payloads_of_100_kb_at_the_minimum_limit() {
     assert!(exp.replay.len() > 300 && !exp.dlq.is_empty());
     assert_empty(&spill);
 }
+
+/// Absurd limits, from the flag, the job file and the environment: exit 2
+/// and one `error:` line naming the setting. `-5G` was taken for a flag
+/// (`unexpected argument '-5'`); an integer `memory_limit` in the job file
+/// failed with serde's words alone (`invalid type: integer ...`), naming
+/// neither the key nor its line.
+#[test]
+fn absurd_limits_are_one_line_naming_the_setting() {
+    let mut a = Archive::new();
+    a.rows(
+        "dt=2024-01-01/part-0.parquet",
+        &[Row::new(
+            "e1",
+            "k",
+            1,
+            "2024-01-01T00:00:00Z",
+            Some("failed"),
+        )],
+    );
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let check = |r: &crate::cli::Run, names: &[&str]| {
+        assert_eq!(r.code, Some(2), "{}", r.describe());
+        let lines = r.stderr_lines();
+        assert_eq!(lines.len(), 1, "{}", r.describe());
+        for n in names {
+            assert!(
+                lines[0].starts_with("error: ") && lines[0].contains(n),
+                "{n}: {}",
+                r.describe()
+            );
+        }
+        assert!(!out.exists(), "nothing is written: {}", r.describe());
+    };
+    for (v, why) in [
+        ("-5G", "must be positive"),
+        ("--5G", "not a size"),
+        ("1E", "unknown unit"),
+        ("0", "must be positive"),
+        ("1", "minimum of 64M"),
+        ("63.99M", "minimum of 64M"),
+        ("", "not a size"),
+    ] {
+        check(
+            &run(&a.path(), &out, "m", &["--memory-limit", v]),
+            &["--memory-limit", why],
+        );
+    }
+    let s = a.source();
+    let (o, w) = (out.display().to_string(), work.path().to_path_buf());
+    for (value, names) in [
+        (
+            "1073741824",
+            &["job.toml", "line 3", "`memory_limit`", "integer"][..],
+        ),
+        ("-5", &["line 3", "`memory_limit`"]),
+        ("\"-5G\"", &["memory_limit: '-5G' must be positive"]),
+        ("\"1E\"", &["memory_limit: '1E'"]),
+    ] {
+        let job = w.join("job.toml");
+        fs::write(
+            &job,
+            format!("source = \"{s}\"\nout = \"{o}\"\nmemory_limit = {value}\n"),
+        )
+        .unwrap();
+        check(
+            &backfill(&["run", "--job", &job.display().to_string()]),
+            names,
+        );
+    }
+    let r = crate::cli::backfill_in(
+        &["run", "--source", &s, "--out", &o],
+        &[("BACKFILL_MEMORY_LIMIT", "1E")],
+        None,
+    );
+    check(&r, &["--memory-limit", "'1E'"]);
+}
