@@ -626,6 +626,22 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
     };
     if args.memory_limit.is_some() || job.memory_limit.is_some() {
         crate::machine::memory_bounded();
+        // More than there is: the pool never spills before the kernel (or
+        // the container's limit) kills the process, the very thing the
+        // setting is for.
+        if let Some(here) = crate::machine::available_here()
+            && memory_limit as u64 > here
+        {
+            let (what, value) = match (args.memory_limit.as_deref(), job.memory_limit.as_deref()) {
+                (Some(s), _) => ("--memory-limit", s),
+                (None, s) => ("memory_limit", s.unwrap_or_default()),
+            };
+            tracing::warn!(
+                "{what} {} is more than the {} this process may use (the RAM or its cgroup's limit): the run spills only past it, so the kernel may kill it first; leave the setting out for half of it",
+                value.trim(),
+                crate::human::bytes(here)
+            );
+        }
     }
     let spill_dir = match (&args.spill_dir, job.spill_dir.as_deref()) {
         (Some(p), _) => Some(check_spill_dir("--spill-dir", p)?),

@@ -54,6 +54,13 @@ pub fn memory_bounded() {
 
 /// The default memory limit of the query engine on this machine, in bytes.
 pub fn default_memory_limit() -> usize {
+    usize::try_from(memory_limit_for(available_here())).unwrap_or(usize::MAX)
+}
+
+/// The memory this process may use: the smallest of the physical RAM and
+/// the cgroup limits of its own group, its ancestors and the root; `None`
+/// when none can be read.
+pub fn available_here() -> Option<u64> {
     let read = |p: &str| std::fs::read_to_string(p).ok();
     // The process's own cgroup and its ancestors (a container is usually a
     // nested group; the limit may sit on any level), besides the root files.
@@ -68,11 +75,10 @@ pub fn default_memory_limit() -> usize {
         read(CGROUP_V2_MAX).as_deref(),
         read(CGROUP_V1_LIMIT).as_deref(),
     );
-    let available = match (available, nested) {
+    match (available, nested) {
         (Some(a), Some(n)) => Some(a.min(n)),
         (a, n) => a.or(n),
-    };
-    usize::try_from(memory_limit_for(available)).unwrap_or(usize::MAX)
+    }
 }
 
 /// The limit files of the process's memory cgroup and of each ancestor,

@@ -205,3 +205,39 @@ fn absurd_limits_are_one_line_naming_the_setting() {
     );
     check(&r, &["--memory-limit", "'1E'"]);
 }
+
+/// A limit beyond the machine runs (it is a limit, not a reservation),
+/// and says that it bounds nothing: the pool would spill only past what
+/// the kernel lets the process have. It was silent.
+#[test]
+fn a_limit_beyond_the_machine_is_a_warning() {
+    let mut a = Archive::new();
+    a.rows(
+        "dt=2024-01-01/part-0.parquet",
+        &[Row::new(
+            "e1",
+            "k",
+            1,
+            "2024-01-01T00:00:00Z",
+            Some("failed"),
+        )],
+    );
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    for (v, warned) in [
+        ("99999999999T", true),
+        ("18446744073709551616", true),
+        ("1.5G", false),
+    ] {
+        let r = run(&a.path(), &out, "big", &["--memory-limit", v, "--dry-run"]);
+        r.ok();
+        let w = r.logged("WARN");
+        assert_eq!(
+            w.iter()
+                .any(|l| l.contains(&format!("--memory-limit {v} is more than the"))),
+            warned,
+            "{}",
+            r.describe()
+        );
+    }
+}
