@@ -130,6 +130,9 @@ pub struct Detection {
     pub gaps: Vec<RecordBatch>,
     /// Unresolved events: what the fetch must find.
     pub candidates: u64,
+    /// Scans of the archive the fetch makes: one per generation of the
+    /// table of unresolved events (see [`Generations`]).
+    pub generations: u64,
     /// Bytes written to spill files.
     pub spilled_bytes: u64,
     /// Milliseconds of the narrow pass (scan and shuffle) and of deciding
@@ -198,11 +201,29 @@ impl Detection {
             Field::new(LEDGER_DEAD, DataType::Boolean, false),
         ]);
         let schema = Arc::new(Schema::new(fields));
-        self.shared.reading.store(
-            plan.output_partitioning().partition_count(),
-            Ordering::Release,
-        );
-        let parts: Vec<Arc<dyn PartitionStream>> =
+        let generations = !self
+            .shared
+            .generations
+            .lock()
+            .map_err(|_| DataFusionError::Internal("the generations' lock is poisoned".into()))?
+            .files
+            .is_empty();
+        let parts: Vec<Arc<dyn PartitionStream>> = if generations {
+            // One partition that scans the archive once per generation:
+            // each scan is all partitions at once (CoalescePartitionsExec:
+            // the decoding stays parallel), one generation in memory.
+            self.shared.reading.store(1, Ordering::Release);
+            vec![Arc::new(FetchGenerations {
+                plan: plan.clone(),
+                shared: self.shared.clone(),
+                schema: schema.clone(),
+                ctx: ctx.clone(),
+            })]
+        } else {
+            self.shared.reading.store(
+                plan.output_partitioning().partition_count(),
+                Ordering::Release,
+            );
             (0..plan.output_partitioning().partition_count())
                 .map(|partition| {
                     Arc::new(Fetch {
@@ -212,7 +233,8 @@ impl Detection {
                         schema: schema.clone(),
                     }) as Arc<dyn PartitionStream>
                 })
-                .collect();
+                .collect()
+        };
         let table = StreamingTable::try_new(schema, parts)?;
         let mut config = ctx
             .copied_config()
@@ -224,6 +246,16 @@ impl Detection {
             .build();
         let sorting = SessionContext::new_with_state(state);
         Ok((sorting.read_table(Arc::new(table))?, plan))
+    }
+
+    /// The fetch's scans after the first, when the candidates came in
+    /// generations (their metrics: bytes read).
+    pub fn rescans(&self) -> Vec<Arc<dyn ExecutionPlan>> {
+        self.shared
+            .rescans
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
     }
 
     /// After the fetch stream ended: every candidate was found. Anything
@@ -401,7 +433,16 @@ pub async fn detect(
 
     let mut rows = 0u64;
     let mut events_n = 0u64;
-    let mut cands = Candidates::new(&pool);
+    // The table of unresolved events cannot spill: past half the pool its
+    // rows go to a file, a generation that the fetch reads back and scans
+    // the archive for once the one before is done (see `Generations`).
+    let mut gens = Generations {
+        current: Candidates::new(&pool),
+        files: vec![],
+        count: 0,
+        budget: (pool_bytes / 2).max(1),
+        pool: pool.clone(),
+    };
     let mut conflicts = Conflicts::default();
     let mut gap_batches = vec![];
     while let Some(o) = outs.next().await {
@@ -409,7 +450,7 @@ pub async fn detect(
             Out::Events(e) => {
                 rows += e.rows;
                 events_n += e.events;
-                cands.absorb(e.cands);
+                gens.absorb(e.cands, dir.path())?;
             }
             Out::Keys(k) => {
                 for (key, seq) in k.conflicts {
@@ -423,15 +464,31 @@ pub async fn detect(
     }
     drop(outs);
     reservation.free();
-    drop(dir);
+    let spilled_bytes = spilled_bytes + gens.files.iter().map(|f| f.1).sum::<u64>();
     conflicts.seal();
+    let Generations {
+        current: mut cands,
+        mut files,
+        count: candidates,
+        ..
+    } = gens;
+    // The last generation was full: scanning for an empty one would waste
+    // a pass over the archive.
+    if cands.len() == 0
+        && let Some((path, _)) = files.pop()
+    {
+        cands = Candidates::read(&path, &pool)?;
+        let _ = std::fs::remove_file(&path);
+    }
+    // Generation files are read by the fetch; the folder goes with them.
+    let dir = (!files.is_empty()).then_some(dir);
+    let generations = 1 + files.len() as u64;
     cands.seal();
     let n_conflicts = conflicts.len;
     let gaps = sort_gaps(ctx, gaps_schema, gap_batches).await?;
     if ctx.table_exist("ledger_entries")? {
         cands.annotate_ledger(ctx).await?;
     }
-    let candidates = cands.len() as u64;
     let buckets_ms = started.elapsed().as_millis() as u64;
     Ok(Detection {
         narrow_ms,
@@ -441,11 +498,15 @@ pub async fn detect(
         conflicts: n_conflicts,
         gaps,
         candidates,
+        generations,
         spilled_bytes,
         narrow_plan: plan,
         fetch_batch_rows: batch_rows(pool_bytes, row_bytes.wide, FETCH_BATCH_ROWS),
         shared: Arc::new(Shared {
             cands: RwLock::new(Some(cands)),
+            generations: Mutex::new(GenFiles { files, dir }),
+            pool,
+            rescans: Mutex::new(vec![]),
             conflicts: detect_conflicts.then_some(conflicts),
             fetched: AtomicU64::new(0),
             reading: AtomicUsize::new(0),
@@ -1450,21 +1511,109 @@ impl Candidates {
 
     fn absorb(&mut self, cands: Vec<Cand>) {
         for c in cands {
-            self.push_id(c.event_id.as_bytes());
-            self.attempts.push(c.attempts);
-            self.time.push(c.time.unwrap_or(0));
-            match c.tie {
-                Some(t) => {
-                    self.tie.push(self.ties.len() as u32);
-                    self.ties.push(t);
-                }
-                None => self.tie.push(NO_TIE),
-            }
-            self.replays.push(0);
-            self.flags
-                .push(AtomicU8::new(if c.time.is_none() { NO_TIME } else { 0 }));
+            self.push(c.event_id.as_bytes(), c.attempts, c.time, c.tie);
         }
         self.account();
+    }
+
+    /// One candidate (the table is built by [`Candidates::seal`]).
+    fn push(
+        &mut self,
+        id: &[u8],
+        attempts: i64,
+        time: Option<i64>,
+        tie: Option<(Option<String>, Option<String>)>,
+    ) {
+        self.push_id(id);
+        self.attempts.push(attempts);
+        self.time.push(time.unwrap_or(0));
+        match tie {
+            Some(t) => {
+                self.tie.push(self.ties.len() as u32);
+                self.ties.push(t);
+            }
+            None => self.tie.push(NO_TIE),
+        }
+        self.replays.push(0);
+        self.flags
+            .push(AtomicU8::new(if time.is_none() { NO_TIME } else { 0 }));
+    }
+
+    /// Write the candidates (as decided, before the ledger) to `path`, in
+    /// [`generation_schema`]; the bytes written.
+    fn write(&self, path: &Path) -> Result<u64> {
+        let f = File::create(path).map_err(|e| spill_error(path, e))?;
+        let mut w = StreamWriter::try_new(BufWriter::new(f), &generation_schema())
+            .map_err(|e| spill_error(path, e))?;
+        let mut bytes = 0u64;
+        let mut buf = [0u8; 36];
+        let mut start = 0;
+        while start < self.len() {
+            let end = (start + 8192).min(self.len());
+            let mut id = arrow::array::BinaryBuilder::new();
+            let mut att = vec![];
+            let mut time = vec![];
+            let mut tied = vec![];
+            let mut status = StringBuilder::new();
+            let mut error = StringBuilder::new();
+            for i in start..end {
+                id.append_value(unpack_id(self.id(i as u32), &mut buf));
+                att.push(self.attempts[i]);
+                time.push(self.time(i));
+                let tie = match self.tie[i] {
+                    NO_TIE => None,
+                    t => Some(&self.ties[t as usize]),
+                };
+                tied.push(tie.is_some());
+                status.append_option(tie.and_then(|t| t.0.as_deref()));
+                error.append_option(tie.and_then(|t| t.1.as_deref()));
+            }
+            let b = RecordBatch::try_new(
+                generation_schema(),
+                vec![
+                    Arc::new(id.finish()),
+                    Arc::new(Int64Array::from(att)),
+                    Arc::new(Int64Array::from(time)),
+                    Arc::new(BooleanArray::from(tied)),
+                    Arc::new(status.finish()),
+                    Arc::new(error.finish()),
+                ],
+            )?;
+            bytes += b.get_array_memory_size() as u64;
+            w.write(&b).map_err(|e| spill_error(path, e))?;
+            start = end;
+        }
+        w.finish().map_err(|e| spill_error(path, e))?;
+        Ok(bytes)
+    }
+
+    /// Candidates written by [`Candidates::write`] (to be sealed).
+    fn read(
+        path: &Path,
+        pool: &Arc<dyn datafusion::execution::memory_pool::MemoryPool>,
+    ) -> Result<Candidates> {
+        let mut c = Candidates::new(pool);
+        let f = File::open(path).map_err(|e| spill_error(path, e))?;
+        for b in StreamReader::try_new(BufReader::new(f), None)? {
+            let b = b.map_err(|e| spill_error(path, e))?;
+            let id = b.column(0).as_binary::<i32>();
+            let att = b.column(1).as_primitive::<Int64Type>();
+            let time = b.column(2).as_primitive::<Int64Type>();
+            let tied = b.column(3).as_boolean();
+            let status = b.column(4).as_string::<i32>();
+            let error = b.column(5).as_string::<i32>();
+            for r in 0..b.num_rows() {
+                let tie = tied.value(r).then(|| {
+                    (
+                        opt_str(status, r).map(str::to_string),
+                        opt_str(error, r).map(str::to_string),
+                    )
+                });
+                c.push(id.value(r), att.value(r), opt_i64(time, r), tie);
+            }
+            c.account();
+        }
+        Ok(c)
     }
 
     /// Build the hash table and the bit filter once every candidate is in,
@@ -1510,14 +1659,18 @@ impl Candidates {
             .copied()
     }
 
-    /// What earlier committed runs did with each candidate (the `ledger`
-    /// view, streamed: only candidates are kept).
+    /// What earlier committed runs did with each candidate: the `ledger`
+    /// view's figures (replays: the entries `replay`; dead-lettered: any
+    /// entry `dlq`), counted over the raw entries as they stream by. The
+    /// view groups every event_id the state ever saw in a hash table that
+    /// cannot spill: ids of 1 KB in the ledger failed `--memory-limit 64M`
+    /// on the second run. Only candidates are kept.
     async fn annotate_ledger(&mut self, ctx: &SessionContext) -> Result<()> {
         if self.len() == 0 {
             return Ok(());
         }
         let df = ctx
-            .sql("SELECT event_id, CAST(replays AS BIGINT), dead_lettered FROM ledger")
+            .sql("SELECT event_id, outcome FROM ledger_entries")
             .await?;
         let mut stream = df.execute_stream().await?;
         let rs = hasher();
@@ -1525,18 +1678,18 @@ impl Candidates {
             let b = b?;
             let id = cast(b.column(0), &DataType::Utf8)?;
             let id = id.as_string::<i32>();
-            let replays = b.column(1).as_primitive::<Int64Type>();
-            let dead = b.column(2).as_boolean();
+            let outcome = cast(b.column(1), &DataType::Utf8)?;
+            let outcome = outcome.as_string::<i32>();
             for r in 0..b.num_rows() {
                 if !id.is_valid(r) {
                     continue;
                 }
                 if let Some(i) = self.find(&rs, id.value(r)) {
                     let i = i as usize;
-                    let n = opt_i64(replays, r).unwrap_or(0);
-                    self.replays[i] = n.clamp(0, u32::MAX as i64) as u32;
-                    if dead.is_valid(r) && dead.value(r) {
-                        *self.flags[i].get_mut() |= DEAD;
+                    match opt_str(outcome, r) {
+                        Some("replay") => self.replays[i] = self.replays[i].saturating_add(1),
+                        Some("dlq") => *self.flags[i].get_mut() |= DEAD,
+                        _ => {}
                     }
                 }
             }
@@ -1571,10 +1724,67 @@ impl Conflicts {
     }
 }
 
+/// A generation file's columns: a candidate as decided (see [`Cand`]).
+fn generation_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("event_id", DataType::Binary, false),
+        Field::new("attempts", DataType::Int64, false),
+        Field::new("event_time", DataType::Int64, true),
+        Field::new("tied", DataType::Boolean, false),
+        Field::new("status", DataType::Utf8, true),
+        Field::new("error", DataType::Utf8, true),
+    ]))
+}
+
+/// The table of unresolved events, in generations of at most half the
+/// pool. It cannot spill, and the sort of the fetched rows needs the rest
+/// while it is alive: held whole, 1.1M unresolved events of 10M (66 MiB)
+/// failed `--memory-limit 64M`, and 70k ids of 5 KB (330 MiB) failed 1G.
+/// A full generation is written to a file; the fetch scans the archive
+/// once per generation (see [`Detection::fetch`]).
+struct Generations {
+    /// Being filled.
+    current: Candidates,
+    /// Full generations: (file, bytes written).
+    files: Vec<(PathBuf, u64)>,
+    /// Candidates in all generations.
+    count: u64,
+    budget: usize,
+    pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool>,
+}
+
+impl Generations {
+    fn absorb(&mut self, cands: Vec<Cand>, dir: &Path) -> Result<()> {
+        self.count += cands.len() as u64;
+        self.current.absorb(cands);
+        if self.current.heap_size() > self.budget {
+            let path = dir.join(format!("candidates-{:05}.arrow", self.files.len()));
+            let bytes = self.current.write(&path)?;
+            self.files.push((path, bytes));
+            self.current = Candidates::new(&self.pool);
+        }
+        Ok(())
+    }
+}
+
+/// The generations the fetch has still to read, and their folder (removed
+/// with the last).
+struct GenFiles {
+    files: Vec<(PathBuf, u64)>,
+    dir: Option<Arc<tempfile::TempDir>>,
+}
+
 struct Shared {
     /// `None` once the fetch has read the archive: the sort of the fetched
     /// rows then merges what it spilled, and gets the candidates' memory.
     cands: RwLock<Option<Candidates>>,
+    /// Further generations of candidates, read after `cands`.
+    generations: Mutex<GenFiles>,
+    /// The pool the generations' tables are reserved in.
+    pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool>,
+    /// The scans of the archive for generations after the first (fresh
+    /// copies of the fetch's plan), for their metrics.
+    rescans: Mutex<Vec<Arc<dyn ExecutionPlan>>>,
     conflicts: Option<Conflicts>,
     fetched: AtomicU64,
     /// Fetch partitions still reading; the last to end drops the candidates.
@@ -1795,6 +2005,97 @@ impl PartitionStream for Fetch {
                 .filter_map(futures::future::ready),
             );
         Box::pin(RecordBatchStreamAdapter::new(schema, stream))
+    }
+}
+
+/// The fetch when the candidates came in generations: the archive is
+/// scanned once per generation, the next generation read (and matched with
+/// the ledger) when the scan of the one before has ended.
+struct FetchGenerations {
+    plan: Arc<dyn ExecutionPlan>,
+    shared: Arc<Shared>,
+    schema: SchemaRef,
+    ctx: SessionContext,
+}
+
+impl std::fmt::Debug for FetchGenerations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FetchGenerations")
+    }
+}
+
+impl PartitionStream for FetchGenerations {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, task: Arc<TaskContext>) -> SendableRecordBatchStream {
+        use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+        use datafusion::physical_plan::stream::RecordBatchReceiverStreamBuilder;
+        let mut builder = RecordBatchReceiverStreamBuilder::new(self.schema.clone(), 2);
+        let tx = builder.tx();
+        let (plan, shared, schema, ctx) = (
+            self.plan.clone(),
+            self.shared.clone(),
+            self.schema.clone(),
+            self.ctx.clone(),
+        );
+        builder.spawn(async move {
+            let mut scan = plan.clone();
+            loop {
+                let all = Arc::new(CoalescePartitionsExec::new(scan.clone()));
+                let mut stream = all.execute(0, task.clone())?;
+                while let Some(b) = stream.next().await {
+                    let b = shared.annotate(&b?, &schema)?;
+                    if b.num_rows() > 0 && tx.send(Ok(b)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                drop(stream);
+                // This generation is done: free it before the next is read.
+                shared
+                    .cands
+                    .write()
+                    .map_err(|_| {
+                        DataFusionError::Internal("the candidates' lock is poisoned".into())
+                    })?
+                    .take();
+                let next = {
+                    let mut g = shared.generations.lock().map_err(|_| {
+                        DataFusionError::Internal("the generations' lock is poisoned".into())
+                    })?;
+                    let next = (!g.files.is_empty()).then(|| g.files.remove(0));
+                    if next.is_none() {
+                        g.dir.take();
+                    }
+                    next
+                };
+                let Some((path, _)) = next else {
+                    shared.partition_done();
+                    return Ok(());
+                };
+                let pool = shared.pool.clone();
+                let read = path.clone();
+                let mut c = tokio::task::spawn_blocking(move || Candidates::read(&read, &pool))
+                    .await
+                    .map_err(|e| DataFusionError::External(Box::new(e)))??;
+                let _ = std::fs::remove_file(&path);
+                c.seal();
+                if ctx.table_exist("ledger_entries")? {
+                    c.annotate_ledger(&ctx).await?;
+                }
+                c.account();
+                *shared.cands.write().map_err(|_| {
+                    DataFusionError::Internal("the candidates' lock is poisoned".into())
+                })? = Some(c);
+                // A fresh copy of the scan: its file queue was drained.
+                scan = datafusion::physical_plan::execution_plan::reset_plan_states(plan.clone())?;
+                if let Ok(mut r) = shared.rescans.lock() {
+                    r.push(scan.clone());
+                }
+            }
+        });
+        builder.build()
     }
 }
 
@@ -2146,6 +2447,7 @@ mod tests {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         // What the rounds covered, so that the test cannot pass vacuously.
         let (mut seen_conflicts, mut seen_gaps, mut seen_spills, mut seen_ledger) = (0, 0, 0, 0);
+        let mut seen_generations = 0;
         for round in 0..120 {
             let (batches, ledger) = archive(&mut rng);
             let limit = if rng.chance(40) { 2048 } else { 1 << 30 };
@@ -2238,6 +2540,7 @@ mod tests {
             seen_conflicts += got.values().filter(|r| r[10] == "true").count();
             seen_gaps += d.gaps.iter().map(|b| b.num_rows()).sum::<usize>();
             seen_spills += usize::from(d.spilled_bytes > 0);
+            seen_generations += usize::from(d.generations > 1);
             seen_ledger += got
                 .values()
                 .filter(|r| r[11] != "0" || r[12] == "true")
@@ -2245,8 +2548,12 @@ mod tests {
         }
         COLLIDE.store(false, Ordering::Relaxed);
         assert!(
-            seen_conflicts > 0 && seen_gaps > 0 && seen_spills > 0 && seen_ledger > 0,
-            "coverage: {seen_conflicts} conflicts, {seen_gaps} gaps, {seen_spills} spills, {seen_ledger} ledger"
+            seen_conflicts > 0
+                && seen_gaps > 0
+                && seen_spills > 0
+                && seen_ledger > 0
+                && seen_generations > 0,
+            "coverage: {seen_conflicts} conflicts, {seen_gaps} gaps, {seen_spills} spills, {seen_ledger} ledger, {seen_generations} in generations"
         );
     }
 }

@@ -493,6 +493,14 @@ async fn execute(
     // written yet, so a crash here is a crash during the scan): between the
     // two scans, where a test rewrites the archive under the run.
     failpoint::hit("between_scans").await?;
+    if detection.generations > 1 {
+        tracing::info!(
+            generations = detection.generations,
+            "the table of {} unresolved events is larger than half the memory pool: the fetch reads the archive in {} passes, one per part of it",
+            human::count(detection.candidates),
+            detection.generations
+        );
+    }
     let (fetched, fetch_plan) = detection.fetch(ctx).await?;
     let candidates = detect::candidates_from(fetched, &settings.scan, archive)?;
     // The fetch's own settings (its batch size, one sort): see fetch().
@@ -520,6 +528,9 @@ async fn execute(
     }
     detection.check_fetched()?;
     scan_metrics.add(fetch_plan.as_ref());
+    for p in detection.rescans() {
+        scan_metrics.add(p.as_ref());
+    }
     if !archive.undecodable.is_empty() {
         phases.set("dead-lettering undecodable Kafka messages");
         let (dlq, entries, skipped) =
