@@ -624,6 +624,7 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
         (None, Some(s)) => min_memory_limit("memory_limit", s)?,
         (None, None) => crate::machine::default_memory_limit(),
     };
+    crate::machine::set_writer_budget(memory_limit);
     if args.memory_limit.is_some() || job.memory_limit.is_some() {
         crate::machine::memory_bounded();
         // More than there is: the pool never spills before the kernel (or

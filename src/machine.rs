@@ -33,6 +33,30 @@ pub fn pool_bytes(memory_limit: usize) -> usize {
     memory_limit / 8 * 5
 }
 
+/// The most a Parquet writer (an output sink, the ledger) buffers of a row
+/// group before it writes it out; under a small `--memory-limit`, less
+/// ([`set_writer_budget`]).
+pub const MAX_ROW_GROUP_BYTES: usize = 32 << 20;
+
+static ROW_GROUP_BYTES: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(MAX_ROW_GROUP_BYTES);
+
+/// Size the writers' row groups for `memory_limit`: 1/32 of it, between
+/// 1 MiB and [`MAX_ROW_GROUP_BYTES`]. Three sinks and the ledger buffer a
+/// row group each outside the pool, in the three eighths the pool leaves:
+/// at their fixed 32 MiB they alone were twice `--memory-limit 64M`.
+pub fn set_writer_budget(memory_limit: usize) {
+    ROW_GROUP_BYTES.store(
+        (memory_limit / 32).clamp(1 << 20, MAX_ROW_GROUP_BYTES),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// Bytes a Parquet writer buffers before it writes a row group out.
+pub fn row_group_bytes() -> usize {
+    ROW_GROUP_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// What the binary does when the settings bound memory: it tunes its
 /// allocator (`main.rs`), which the library cannot name. Registered once,
 /// before the settings are read.

@@ -319,5 +319,19 @@ fn unresolved_events_beyond_the_pool_are_fetched_in_generations() {
         );
         assert!(!exp.replay.is_empty() && !exp.dlq.is_empty());
         assert_empty(&spill);
+        // The ledger (40 MiB of ids) is cut in row groups by bytes, as the
+        // sinks are: by rows (1M) it was held whole until the run closed it.
+        let runs = work.path().join("out/_state/runs").join(id);
+        for f in fs::read_dir(&runs).unwrap() {
+            let f = f.unwrap().path();
+            if f.extension().is_some_and(|e| e == "parquet") {
+                use parquet::file::reader::FileReader;
+                let r =
+                    parquet::file::reader::SerializedFileReader::new(fs::File::open(&f).unwrap())
+                        .unwrap();
+                let groups = r.metadata().num_row_groups();
+                assert!(groups >= 8, "{groups} row groups in {}", f.display());
+            }
+        }
     }
 }
