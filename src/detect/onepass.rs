@@ -248,16 +248,6 @@ impl Detection {
         Ok((sorting.read_table(Arc::new(table))?, plan))
     }
 
-    /// The fetch's scans after the first, when the candidates came in
-    /// generations (their metrics: bytes read).
-    pub fn rescans(&self) -> Vec<Arc<dyn ExecutionPlan>> {
-        self.shared
-            .rescans
-            .lock()
-            .map(|r| r.clone())
-            .unwrap_or_default()
-    }
-
     /// After the fetch stream ended: every candidate was found. Anything
     /// else means the archive changed between the two scans.
     pub fn check_fetched(&self) -> Result<()> {
@@ -506,7 +496,6 @@ pub async fn detect(
             cands: RwLock::new(Some(cands)),
             generations: Mutex::new(GenFiles { files, dir }),
             pool,
-            rescans: Mutex::new(vec![]),
             conflicts: detect_conflicts.then_some(conflicts),
             fetched: AtomicU64::new(0),
             reading: AtomicUsize::new(0),
@@ -1782,9 +1771,6 @@ struct Shared {
     generations: Mutex<GenFiles>,
     /// The pool the generations' tables are reserved in.
     pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool>,
-    /// The scans of the archive for generations after the first (fresh
-    /// copies of the fetch's plan), for their metrics.
-    rescans: Mutex<Vec<Arc<dyn ExecutionPlan>>>,
     conflicts: Option<Conflicts>,
     fetched: AtomicU64,
     /// Fetch partitions still reading; the last to end drops the candidates.
@@ -2088,11 +2074,10 @@ impl PartitionStream for FetchGenerations {
                 *shared.cands.write().map_err(|_| {
                     DataFusionError::Internal("the candidates' lock is poisoned".into())
                 })? = Some(c);
-                // A fresh copy of the scan: its file queue was drained.
+                // A fresh copy of the scan: its file queue was drained. The
+                // copy shares the plan's metrics, so the report's bytes
+                // read count every pass.
                 scan = datafusion::physical_plan::execution_plan::reset_plan_states(plan.clone())?;
-                if let Ok(mut r) = shared.rescans.lock() {
-                    r.push(scan.clone());
-                }
             }
         });
         builder.build()

@@ -528,9 +528,6 @@ async fn execute(
     }
     detection.check_fetched()?;
     scan_metrics.add(fetch_plan.as_ref());
-    for p in detection.rescans() {
-        scan_metrics.add(p.as_ref());
-    }
     if !archive.undecodable.is_empty() {
         phases.set("dead-lettering undecodable Kafka messages");
         let (dlq, entries, skipped) =
