@@ -143,6 +143,9 @@ pub struct Detection {
     pub narrow_plan: Arc<dyn ExecutionPlan>,
     /// Rows per batch of the fetch and its sort ([`batch_rows`]).
     fetch_batch_rows: usize,
+    /// The merge headroom of the fetch's sort: 16 of its batches, at most
+    /// a quarter of the pool.
+    fetch_merge_bytes: usize,
     shared: Arc<Shared>,
 }
 
@@ -241,6 +244,12 @@ impl Detection {
             .with_batch_size(self.fetch_batch_rows)
             .with_create_default_catalog_and_schema(false);
         config.options_mut().optimizer.repartition_sorts = false;
+        // The one sort's merge headroom: a few of its batches, more than
+        // the session's share for one sort per core when the sort key is
+        // as wide as the rows (ids of 5 KB: the merge of the batches it
+        // spills holds their keys, and 5 MiB failed 6000 of them at 64M).
+        let merge = &mut config.options_mut().execution.sort_spill_reservation_bytes;
+        *merge = (*merge).max(self.fetch_merge_bytes);
         let state = datafusion::execution::SessionStateBuilder::new_from_existing(ctx.state())
             .with_config(config)
             .build();
@@ -473,6 +482,7 @@ pub async fn detect(
     // Generation files are read by the fetch; the folder goes with them.
     let dir = (!files.is_empty()).then_some(dir);
     let generations = 1 + files.len() as u64;
+    let fetch_batch_rows = batch_rows(pool_bytes, row_bytes.wide, FETCH_BATCH_ROWS);
     cands.seal();
     let n_conflicts = conflicts.len;
     let gaps = sort_gaps(ctx, gaps_schema, gap_batches).await?;
@@ -491,7 +501,11 @@ pub async fn detect(
         generations,
         spilled_bytes,
         narrow_plan: plan,
-        fetch_batch_rows: batch_rows(pool_bytes, row_bytes.wide, FETCH_BATCH_ROWS),
+        fetch_batch_rows,
+        fetch_merge_bytes: fetch_batch_rows
+            .saturating_mul(usize::try_from(row_bytes.wide).unwrap_or(usize::MAX))
+            .saturating_mul(16)
+            .min(pool_bytes / 4),
         shared: Arc::new(Shared {
             cands: RwLock::new(Some(cands)),
             generations: Mutex::new(GenFiles { files, dir }),

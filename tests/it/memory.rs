@@ -335,3 +335,38 @@ fn unresolved_events_beyond_the_pool_are_fetched_in_generations() {
         }
     }
 }
+
+/// Ids of 5 KB, 6000 unresolved at 64M. Their table is fetched in two
+/// generations; the sort after it merges the batches it spills, and with a
+/// sort key as wide as the rows that merge needs more than the 5 MiB of
+/// headroom a sort had (exit 1, "out of memory"). The fetch's one sort has
+/// 16 of its batches now.
+#[test]
+fn ids_of_5_kb_at_the_minimum_limit() {
+    let mut a = Archive::new();
+    let pad = "i".repeat(5000);
+    let rows: Vec<Row> = (0..6000)
+        .map(|n| {
+            Row::new(
+                &format!("{pad}{n:06}"),
+                &format!("k{}", n % 10),
+                n / 10,
+                "2024-01-01T00:00:00Z",
+                Some(if n % 9 == 0 { "processed" } else { "failed" }),
+            )
+            .attempts(n % 5)
+        })
+        .collect();
+    a.file(
+        "dt=2024-01-01/part-0.parquet",
+        &Layout::default().row_group_size(500),
+        &rows,
+    );
+    let src = a.path();
+    let source = read_source(&src);
+    let work = tempfile::tempdir().unwrap();
+    let job = Job::under(&src, &source, &work.path().join("out"))
+        .with(Config::default(), strings(&["--memory-limit", "64M"]));
+    let (_, exp) = job.run("ids-5kb", &mut Ledger::default(), 0);
+    assert!(exp.replay.len() > 2000 && !exp.dlq.is_empty());
+}
