@@ -329,6 +329,13 @@ pub async fn detect(
         let for_cache = est_rows as usize / BUCKET_ROWS;
         for_memory.max(for_cache).clamp(8, 4096).next_power_of_two()
     };
+    // What killed runs left in the spill dir goes first (crate::spill).
+    for gone in crate::spill::sweep(spill_dir) {
+        tracing::info!(
+            "removed {}: the spill folder of a run that was killed",
+            gone.display()
+        );
+    }
     let dir = Arc::new(
         tempfile::Builder::new()
             .prefix("backfill-spill-")
@@ -340,6 +347,7 @@ pub async fn detect(
                 ))
             })?,
     );
+    crate::spill::claim(dir.path()).map_err(|e| spill_error(dir.path(), e))?;
     let reservation = MemoryConsumer::new("backfill one-pass detection")
         .with_can_spill(true)
         .register(&pool);

@@ -321,6 +321,12 @@ pub fn session(scan: &Scan) -> Result<SessionContext, SourceError> {
         .with_memory_limit(pool, 1.0)
         .with_disk_manager_builder(disk)
         .build_arc()?;
+    // DataFusion's folders under --spill-dir are this run's: a later run
+    // removes them if this one is killed (crate::spill). Best effort: a
+    // folder that cannot take the file fails its first spill anyway.
+    for dir in runtime.disk_manager.temp_dir_paths() {
+        let _ = crate::spill::claim(&dir);
+    }
     Ok(SessionContext::new_with_config_rt(config, runtime))
 }
 

@@ -370,3 +370,74 @@ fn ids_of_5_kb_at_the_minimum_limit() {
     let (_, exp) = job.run("ids-5kb", &mut Ledger::default(), 0);
     assert!(exp.replay.len() > 2000 && !exp.dlq.is_empty());
 }
+
+/// A run killed mid-run (here between its two scans, as `kill -9` would:
+/// no destructor runs) leaves its spill folders; each held GBs at a large
+/// window, and a scheduler retrying the run filled the disk until every
+/// run failed. The next run over the same spill dir removes them (their
+/// owner's lock is free), never a live run's folder nor one it does not
+/// know.
+#[test]
+fn a_killed_runs_spill_folders_are_removed_by_the_next() {
+    let mut a = Archive::new();
+    let pad = "i".repeat(5000);
+    let rows: Vec<Row> = (0..6000)
+        .map(|n| {
+            Row::new(
+                &format!("{pad}{n:06}"),
+                &format!("k{}", n % 10),
+                n / 10,
+                "2024-01-01T00:00:00Z",
+                Some("failed"),
+            )
+        })
+        .collect();
+    a.file(
+        "dt=2024-01-01/part-0.parquet",
+        &Layout::default().row_group_size(500),
+        &rows,
+    );
+    let work = tempfile::tempdir().unwrap();
+    let spill = work.path().join("spill");
+    let foreign = spill.join("datafusion-of-another-tool");
+    fs::create_dir_all(&foreign).unwrap();
+    let out = work.path().join("out");
+    let s = spill.display().to_string();
+    let flags = ["--memory-limit", "64M", "--spill-dir", &s];
+    let (src, o) = (a.source(), out.display().to_string());
+    let args = [
+        &["run", "--source", &src, "--out", &o, "--run-id", "killed"][..],
+        &flags,
+    ]
+    .concat();
+    let r = crate::cli::backfill_in(&args, &[("BACKFILL_FAILPOINT", "between_scans")], None);
+    assert_ne!(r.code, Some(0), "{}", r.describe());
+    let left: BTreeSet<String> = fs::read_dir(&spill)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        left.iter().any(|n| n.starts_with("backfill-spill-"))
+            && left
+                .iter()
+                .any(|n| n.starts_with("datafusion-") && n != "datafusion-of-another-tool"),
+        "the crash left its folders: {left:?}"
+    );
+    let r = backfill(&args);
+    r.ok();
+    assert!(
+        r.logged("INFO")
+            .iter()
+            .filter(|l| l.contains("the spill folder of a run that was killed"))
+            .count()
+            == 2,
+        "{}",
+        r.describe()
+    );
+    let left: Vec<_> = fs::read_dir(&spill)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(left, vec![foreign], "only the foreign folder stays");
+    assert_eq!(ids(&out.join("replay"), "killed").len(), 6000);
+}
