@@ -125,9 +125,9 @@ pub struct Detection {
     pub events: u64,
     /// (key, seq) pairs carried by more than one event_id.
     pub conflicts: u64,
-    /// Gap rows in the `gaps` view's schema, ordered by key and first
-    /// missing seq.
-    pub gaps: Vec<RecordBatch>,
+    /// Gap rows found, unordered: [`Detection::gaps`] streams them in
+    /// order.
+    gaps: Mutex<GapSpill>,
     /// Unresolved events: what the fetch must find.
     pub candidates: u64,
     /// Scans of the archive the fetch makes: one per generation of the
@@ -150,6 +150,43 @@ pub struct Detection {
 }
 
 impl Detection {
+    /// The gap rows in the `gaps` view's schema, ordered by key and first
+    /// missing seq: one sort that spills (those past the gaps' share of the
+    /// pool are read back from the spill folder). Once.
+    pub async fn gaps(&self, ctx: &SessionContext) -> Result<SendableRecordBatchStream> {
+        let (schema, rows) = {
+            let mut g = self
+                .gaps
+                .lock()
+                .map_err(|_| DataFusionError::Internal("the gaps' lock is poisoned".into()))?;
+            let mem = std::mem::take(&mut g.mem);
+            // Handed to the sort, which reserves what it holds.
+            g.reservation.free();
+            let file = g.file.take().map(|(p, _)| p);
+            (g.schema.clone(), (mem, file, g.dir.take()))
+        };
+        let source = GapSource {
+            schema: schema.clone(),
+            rows: Mutex::new(Some(rows)),
+        };
+        let table = StreamingTable::try_new(schema, vec![Arc::new(source)])?;
+        let mut config = ctx
+            .copied_config()
+            .with_create_default_catalog_and_schema(false);
+        config.options_mut().optimizer.repartition_sorts = false;
+        let state = datafusion::execution::SessionStateBuilder::new_from_existing(ctx.state())
+            .with_config(config)
+            .build();
+        SessionContext::new_with_state(state)
+            .read_table(Arc::new(table))?
+            .sort(vec![
+                col("key").sort(true, true),
+                col("first_missing_seq").sort(true, true),
+            ])?
+            .execute_stream()
+            .await
+    }
+
     /// The chosen rows of the candidates: every column of `events` and the
     /// four the policy reads, unordered. Reading them is the second scan.
     ///
@@ -451,7 +488,17 @@ pub async fn detect(
         pool: pool.clone(),
     };
     let mut conflicts = Conflicts::default();
-    let mut gap_batches = vec![];
+    let mut gap_rows = GapSpill {
+        schema: gaps_schema.clone(),
+        mem: vec![],
+        reservation: MemoryConsumer::new("backfill gaps")
+            .with_can_spill(true)
+            .register(&pool),
+        budget: pool_bytes / 8,
+        file: None,
+        dir: None,
+        spilled_bytes: 0,
+    };
     while let Some(o) = outs.next().await {
         match o? {
             Out::Events(e) => {
@@ -464,7 +511,7 @@ pub async fn detect(
                     conflicts.insert(key, seq);
                 }
                 if k.gaps.len() > 0 {
-                    gap_batches.push(k.gaps.finish(&gaps_schema, &time_type)?);
+                    gap_rows.push(k.gaps.finish(&gaps_schema, &time_type)?, &dir)?;
                 }
             }
         }
@@ -493,7 +540,8 @@ pub async fn detect(
     let fetch_batch_rows = batch_rows(pool_bytes, row_bytes.wide, FETCH_BATCH_ROWS);
     cands.seal();
     let n_conflicts = conflicts.len;
-    let gaps = sort_gaps(ctx, gaps_schema, gap_batches).await?;
+    gap_rows.finish()?;
+    let spilled_bytes = spilled_bytes + gap_rows.spilled_bytes;
     if ctx.table_exist("ledger_entries")? {
         cands.annotate_ledger(ctx).await?;
     }
@@ -504,7 +552,7 @@ pub async fn detect(
         rows,
         events: events_n,
         conflicts: n_conflicts,
-        gaps,
+        gaps: Mutex::new(gap_rows),
         candidates,
         generations,
         spilled_bytes,
@@ -525,23 +573,104 @@ pub async fn detect(
     })
 }
 
-/// Gap rows from every bucket, ordered by key and first missing seq.
-async fn sort_gaps(
-    ctx: &SessionContext,
+/// Gap rows from every bucket, as they come: kept while they fit their
+/// share of the pool, then written to a file in the spill folder. There is
+/// a gap row per event when seq is a counter shared across keys; held
+/// whole (and then sorted and collected, twice that), they were outside
+/// the pool: 1M of them failed `--memory-limit 64M`.
+struct GapSpill {
     schema: SchemaRef,
-    batches: Vec<RecordBatch>,
-) -> Result<Vec<RecordBatch>> {
-    if batches.is_empty() {
-        return Ok(vec![]);
+    mem: Vec<RecordBatch>,
+    reservation: MemoryReservation,
+    budget: usize,
+    /// Rows past the budget, and the folder that holds them.
+    file: Option<(PathBuf, StreamWriter<BufWriter<File>>)>,
+    dir: Option<Arc<tempfile::TempDir>>,
+    spilled_bytes: u64,
+}
+
+impl GapSpill {
+    fn push(&mut self, b: RecordBatch, dir: &Arc<tempfile::TempDir>) -> Result<()> {
+        let size = b.get_array_memory_size();
+        if self.file.is_none()
+            && self.reservation.size() + size <= self.budget
+            && self.reservation.try_grow(size).is_ok()
+        {
+            self.mem.push(b);
+            return Ok(());
+        }
+        if self.file.is_none() {
+            let path = dir.path().join("gaps.arrow");
+            let f = File::create(&path).map_err(|e| spill_error(&path, e))?;
+            let w = StreamWriter::try_new(BufWriter::new(f), &self.schema)
+                .map_err(|e| spill_error(&path, e))?;
+            self.file = Some((path, w));
+            self.dir = Some(dir.clone());
+        }
+        if let Some((path, w)) = self.file.as_mut() {
+            w.write(&b).map_err(|e| spill_error(path, e))?;
+        }
+        self.spilled_bytes += size as u64;
+        Ok(())
     }
-    let table = datafusion::datasource::MemTable::try_new(schema, vec![batches])?;
-    ctx.read_table(Arc::new(table))?
-        .sort(vec![
-            col("key").sort(true, true),
-            col("first_missing_seq").sort(true, true),
-        ])?
-        .collect()
-        .await
+
+    fn finish(&mut self) -> Result<()> {
+        if let Some((path, w)) = self.file.as_mut() {
+            w.finish().map_err(|e| spill_error(path, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Gap rows to be read: those in memory, the file of the rest and the
+/// folder that holds it.
+type GapRowsLeft = (Vec<RecordBatch>, Option<PathBuf>, Option<Arc<tempfile::TempDir>>);
+
+/// The gap rows as a partition: those in memory, then the file's.
+struct GapSource {
+    schema: SchemaRef,
+    rows: Mutex<Option<GapRowsLeft>>,
+}
+
+impl std::fmt::Debug for GapSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GapSource")
+    }
+}
+
+impl PartitionStream for GapSource {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let taken = self.rows.lock().ok().and_then(|mut r| r.take());
+        let (mem, file, dir) = taken.unwrap_or_default();
+        let from_file = file.map(|path| {
+            let reader = File::open(&path)
+                .map_err(|e| spill_error(&path, e))
+                .and_then(|f| Ok(StreamReader::try_new(BufReader::new(f), None)?));
+            let path2 = path.clone();
+            let batches: Box<dyn Iterator<Item = Result<RecordBatch>> + Send> = match reader {
+                Ok(r) => Box::new(r.map(move |b| b.map_err(|e| spill_error(&path2, e)))),
+                Err(e) => Box::new(std::iter::once(Err(e))),
+            };
+            // The file and its folder go when the rows are read.
+            let done = futures::stream::once(async move {
+                let _ = std::fs::remove_file(&path);
+                drop(dir);
+                None
+            })
+            .filter_map(futures::future::ready);
+            futures::stream::iter(batches).chain(done)
+        });
+        let stream = futures::stream::iter(mem.into_iter().map(Ok));
+        let stream: futures::stream::BoxStream<'static, Result<RecordBatch>> = match from_file {
+            Some(f) => Box::pin(stream.chain(f)),
+            None => Box::pin(stream),
+        };
+        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream))
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -2535,7 +2664,14 @@ mod tests {
                 assert_eq!(got.get(id), Some(want), "event {id}: {ctx_note}");
             }
             assert_eq!(got.len(), expected.len(), "{ctx_note}");
-            assert_eq!(text(&d.gaps), expected_gaps, "{ctx_note}");
+            let gaps: Vec<RecordBatch> = d
+                .gaps(&ctx)
+                .await
+                .unwrap()
+                .map(|b| b.unwrap())
+                .collect()
+                .await;
+            assert_eq!(text(&gaps), expected_gaps, "{ctx_note}");
             if limit == 2048 && rows > 50 {
                 assert!(d.spilled_bytes > 0, "a 2 KiB limit spills: {ctx_note}");
             }
@@ -2545,7 +2681,7 @@ mod tests {
                 "spill files are removed"
             );
             seen_conflicts += got.values().filter(|r| r[10] == "true").count();
-            seen_gaps += d.gaps.iter().map(|b| b.num_rows()).sum::<usize>();
+            seen_gaps += gaps.iter().map(|b| b.num_rows()).sum::<usize>();
             seen_spills += usize::from(d.spilled_bytes > 0);
             seen_generations += usize::from(d.generations > 1);
             seen_ledger += got

@@ -454,7 +454,9 @@ async fn execute(
     // Gaps: to their sink.
     if settings.scan.detect_gaps {
         phases.set("writing gaps");
-        for b in &detection.gaps {
+        let mut gaps = detection.gaps(ctx).await?;
+        while let Some(b) = gaps.next().await {
+            let b = &b.map_err(|e| spill_full(e, &spill_dir))?;
             report.gaps += b.num_rows() as u64;
             if let Some(c) = b.column_by_name("missing_count") {
                 report.add_missing_counts(c.as_ref());

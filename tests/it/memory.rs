@@ -371,6 +371,63 @@ fn ids_of_5_kb_at_the_minimum_limit() {
     assert!(exp.replay.len() > 2000 && !exp.dlq.is_empty());
 }
 
+/// A gap row per event (seq a counter shared by the keys: each key sees
+/// every 1000th value), 400k of them at 64M. The gap rows were held whole
+/// outside the pool, then sorted by one sort per core and collected:
+/// "out of memory", exit 1. They are now kept within a share of the pool,
+/// the rest spilled, and streamed to the sink through one spilling sort.
+#[test]
+fn a_gap_per_event_at_the_minimum_limit() {
+    let mut a = Archive::new();
+    let layout = Layout::default().with_columns(&[
+        crate::archive::Col::EventId,
+        crate::archive::Col::Key,
+        crate::archive::Col::Seq,
+        crate::archive::Col::EventTime,
+        crate::archive::Col::Status,
+    ]);
+    for f in 0..2 {
+        let rows: Vec<Row> = (0..200_000)
+            .map(|i| {
+                let n = f * 200_000 + i;
+                Row::new(
+                    &format!("evt-{n:09}"),
+                    &format!("k{:04}", n % 1000),
+                    (n / 1000) * 2,
+                    "2024-01-01T00:00:00Z",
+                    Some("processed"),
+                )
+            })
+            .collect();
+        a.file(&format!("dt=2024-01-01/part-{f}.parquet"), &layout, &rows);
+    }
+    let work = tempfile::tempdir().unwrap();
+    let spill = work.path().join("spill");
+    fs::create_dir(&spill).unwrap();
+    let out = work.path().join("out");
+    let s = spill.display().to_string();
+    run(
+        &a.path(),
+        &out,
+        "gaps",
+        &["--memory-limit", "64M", "--spill-dir", &s],
+    )
+    .ok();
+    let gaps = read_output(&out.join("gaps"), "gaps");
+    assert_eq!(gaps.rows.len(), 399_000);
+    let place = |r: &crate::reference::Record| match (r.get("key"), r.get("first_missing_seq")) {
+        (Some(Value::Str(k)), Some(Value::Int(f))) => (k.clone(), *f),
+        other => panic!("{other:?}"),
+    };
+    let places: Vec<(String, i64)> = gaps.rows.iter().map(place).collect();
+    assert!(
+        places.windows(2).all(|w| w[0] < w[1]),
+        "ordered by key, first missing seq"
+    );
+    assert_eq!(places[0], ("k0000".to_string(), 1));
+    assert_empty(&spill);
+}
+
 /// A run killed mid-run (here between its two scans, as `kill -9` would:
 /// no destructor runs) leaves its spill folders; each held GBs at a large
 /// window, and a scheduler retrying the run filled the disk until every
