@@ -384,7 +384,14 @@ pub async fn detect(
                 ))
             })?,
     );
-    crate::spill::claim(dir.path()).map_err(|e| spill_error(dir.path(), e))?;
+    // Best effort: on a file system without locks the folder is only not
+    // removable by a later run, the run itself goes on.
+    if let Err(e) = crate::spill::claim(dir.path()) {
+        tracing::debug!(
+            "spill folder {} not marked as this run's: {e}",
+            dir.path().display()
+        );
+    }
     let reservation = MemoryConsumer::new("backfill one-pass detection")
         .with_can_spill(true)
         .register(&pool);
@@ -624,7 +631,11 @@ impl GapSpill {
 
 /// Gap rows to be read: those in memory, the file of the rest and the
 /// folder that holds it.
-type GapRowsLeft = (Vec<RecordBatch>, Option<PathBuf>, Option<Arc<tempfile::TempDir>>);
+type GapRowsLeft = (
+    Vec<RecordBatch>,
+    Option<PathBuf>,
+    Option<Arc<tempfile::TempDir>>,
+);
 
 /// The gap rows as a partition: those in memory, then the file's.
 struct GapSource {
