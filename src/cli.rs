@@ -196,7 +196,15 @@ pub struct ScanArgs {
     pub no_conflicts: bool,
     /// Memory for the query engine before it spills to disk (e.g. 4G;
     /// default: half the machine's or the container's memory).
-    #[arg(long, value_name = "SIZE", env = "BACKFILL_MEMORY_LIMIT")]
+    // A leading '-' is the value's (`-5G`, refused as not positive): taken
+    // for a flag, it was refused as `unexpected argument '-5'`, naming no
+    // setting.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        env = "BACKFILL_MEMORY_LIMIT",
+        allow_hyphen_values = true
+    )]
     pub memory_limit: Option<String>,
     /// Directory the query engine spills to (default: the system temp dir).
     #[arg(long, value_name = "DIR", env = "BACKFILL_SPILL_DIR")]

@@ -267,8 +267,34 @@ pub fn parse_job_text(
     }
     JobFile::deserialize(toml::Value::Table(table)).map_err(|e| JobError::Parse {
         file: file.to_string(),
-        message: e.message().replace('\n', " "),
+        message: placed_value_error(text, &e),
     })
+}
+
+/// A value of the wrong type (`memory_limit = 1073741824`, `max_attempts =
+/// "3"`) fails the deserialization of the interpolated table, which has no
+/// places: serde's message named neither the key nor the line. The text as
+/// written has them (interpolation turns strings into strings only, so the
+/// same value fails there): its line, and the key that starts it.
+fn placed_value_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().replace('\n', " ");
+    // The same failure only: a `${VAR}` may fail the text elsewhere.
+    let Some(span) = toml::from_str::<JobFile>(text)
+        .err()
+        .filter(|raw| raw.message().replace('\n', " ") == msg)
+        .and_then(|raw| raw.span())
+    else {
+        return msg;
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text[..start].rsplit('\n').next().unwrap_or_default();
+    match line.split_once('=') {
+        Some((key, _)) if !key.trim().is_empty() => {
+            format!("line {line_no}: `{}`: {msg}", key.trim())
+        }
+        _ => format!("line {line_no}: {msg}"),
+    }
 }
 
 fn one_line_toml_error(text: &str, e: &toml::de::Error) -> String {
@@ -598,8 +624,25 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
         (None, Some(s)) => min_memory_limit("memory_limit", s)?,
         (None, None) => crate::machine::default_memory_limit(),
     };
+    crate::machine::set_writer_budget(memory_limit);
     if args.memory_limit.is_some() || job.memory_limit.is_some() {
         crate::machine::memory_bounded();
+        // More than there is: the pool never spills before the kernel (or
+        // the container's limit) kills the process, the very thing the
+        // setting is for.
+        if let Some(here) = crate::machine::available_here()
+            && memory_limit as u64 > here
+        {
+            let (what, value) = match (args.memory_limit.as_deref(), job.memory_limit.as_deref()) {
+                (Some(s), _) => ("--memory-limit", s),
+                (None, s) => ("memory_limit", s.unwrap_or_default()),
+            };
+            tracing::warn!(
+                "{what} {} is more than the {} this process may use (the RAM or its cgroup's limit): the run spills only past it, so the kernel may kill it first; leave the setting out for half of it",
+                value.trim(),
+                crate::human::bytes(here)
+            );
+        }
     }
     let spill_dir = match (&args.spill_dir, job.spill_dir.as_deref()) {
         (Some(p), _) => Some(check_spill_dir("--spill-dir", p)?),
@@ -759,6 +802,38 @@ mod tests {
             e.contains("storage.endpoint") && e.contains("${NOPE}"),
             "{e}"
         );
+    }
+
+    /// A value of the wrong type names its line and key (it named neither).
+    #[test]
+    fn mistyped_value_names_its_line_and_key() {
+        for (text, key, line) in [
+            (
+                "source = \"x\"\nmemory_limit = 1073741824\n",
+                "memory_limit",
+                2,
+            ),
+            ("memory_limit = -5\n", "memory_limit", 1),
+            (
+                "source = \"${BUCKET}\"\n\nmax_attempts = \"3\"\n",
+                "max_attempts",
+                3,
+            ),
+            (
+                "[storage]\nendpoint = \"e\"\n[columns]\nkey = 7\n",
+                "key",
+                4,
+            ),
+        ] {
+            let e = parse_job_text("j.toml", text, &env)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("line {line}: `{key}`: invalid type")),
+                "{text}: {e}"
+            );
+            assert!(!e.contains('\n'));
+        }
     }
 
     #[test]

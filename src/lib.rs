@@ -26,4 +26,5 @@ pub mod run;
 pub mod shell;
 pub mod sink;
 pub mod source;
+pub mod spill;
 pub mod state;

@@ -33,6 +33,30 @@ pub fn pool_bytes(memory_limit: usize) -> usize {
     memory_limit / 8 * 5
 }
 
+/// The most a Parquet writer (an output sink, the ledger) buffers of a row
+/// group before it writes it out; under a small `--memory-limit`, less
+/// ([`set_writer_budget`]).
+pub const MAX_ROW_GROUP_BYTES: usize = 32 << 20;
+
+static ROW_GROUP_BYTES: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(MAX_ROW_GROUP_BYTES);
+
+/// Size the writers' row groups for `memory_limit`: 1/32 of it, between
+/// 1 MiB and [`MAX_ROW_GROUP_BYTES`]. Three sinks and the ledger buffer a
+/// row group each outside the pool, in the three eighths the pool leaves:
+/// at their fixed 32 MiB they alone were twice `--memory-limit 64M`.
+pub fn set_writer_budget(memory_limit: usize) {
+    ROW_GROUP_BYTES.store(
+        (memory_limit / 32).clamp(1 << 20, MAX_ROW_GROUP_BYTES),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// Bytes a Parquet writer buffers before it writes a row group out.
+pub fn row_group_bytes() -> usize {
+    ROW_GROUP_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// What the binary does when the settings bound memory: it tunes its
 /// allocator (`main.rs`), which the library cannot name. Registered once,
 /// before the settings are read.
@@ -54,6 +78,13 @@ pub fn memory_bounded() {
 
 /// The default memory limit of the query engine on this machine, in bytes.
 pub fn default_memory_limit() -> usize {
+    usize::try_from(memory_limit_for(available_here())).unwrap_or(usize::MAX)
+}
+
+/// The memory this process may use: the smallest of the physical RAM and
+/// the cgroup limits of its own group, its ancestors and the root; `None`
+/// when none can be read.
+pub fn available_here() -> Option<u64> {
     let read = |p: &str| std::fs::read_to_string(p).ok();
     // The process's own cgroup and its ancestors (a container is usually a
     // nested group; the limit may sit on any level), besides the root files.
@@ -68,11 +99,10 @@ pub fn default_memory_limit() -> usize {
         read(CGROUP_V2_MAX).as_deref(),
         read(CGROUP_V1_LIMIT).as_deref(),
     );
-    let available = match (available, nested) {
+    match (available, nested) {
         (Some(a), Some(n)) => Some(a.min(n)),
         (a, n) => a.or(n),
-    };
-    usize::try_from(memory_limit_for(available)).unwrap_or(usize::MAX)
+    }
 }
 
 /// The limit files of the process's memory cgroup and of each ancestor,

@@ -59,7 +59,7 @@ use hashbrown::HashTable;
 use std::hash::BuildHasher;
 
 use crate::job::Scan;
-use crate::source::MISSING_EVENT_ID_COLUMN;
+use crate::source::{MISSING_EVENT_ID_COLUMN, RowBytes};
 
 /// Columns the fetch adds to `events` for the policy (the names of the
 /// `candidates` view).
@@ -77,6 +77,24 @@ const BUCKET_ROWS: usize = 200_000;
 /// Rows per batch of the narrow scan: its pieces per bucket stay large
 /// enough that splitting costs little per row.
 const NARROW_BATCH_ROWS: usize = 65_536;
+/// Rows per batch of the fetch and of the sort after it (DataFusion's
+/// default).
+const FETCH_BATCH_ROWS: usize = 8192;
+/// A batch takes at most this share of the pool. The narrow pass holds a
+/// batch and its two copies in the shuffle per scan partition, outside the
+/// pool; the sort of the fetched rows holds a batch twice while it sorts it
+/// and two batches per stream it merges. DataFusion's row counts (8192 and
+/// ours) assume narrow rows: 8192 rows of 100 KB payloads are 800 MiB, 64K
+/// ids of 5 KB 320 MiB, whatever `--memory-limit` says.
+const BATCH_SHARE_OF_POOL: usize = 64;
+
+/// Rows per batch so that a batch of rows of `row_bytes` takes at most
+/// 1/[`BATCH_SHARE_OF_POOL`] of `pool`: `max` when the rows are narrow or
+/// their width unknown (0), never fewer than one.
+pub fn batch_rows(pool: usize, row_bytes: u64, max: usize) -> usize {
+    let row = usize::try_from(row_bytes).unwrap_or(usize::MAX).max(1);
+    (pool / BATCH_SHARE_OF_POOL / row).clamp(1, max)
+}
 
 fn hasher() -> RandomState {
     RandomState::with_seed(0x0bac_f111)
@@ -107,11 +125,14 @@ pub struct Detection {
     pub events: u64,
     /// (key, seq) pairs carried by more than one event_id.
     pub conflicts: u64,
-    /// Gap rows in the `gaps` view's schema, ordered by key and first
-    /// missing seq.
-    pub gaps: Vec<RecordBatch>,
+    /// Gap rows found, unordered: [`Detection::gaps`] streams them in
+    /// order.
+    gaps: Mutex<GapSpill>,
     /// Unresolved events: what the fetch must find.
     pub candidates: u64,
+    /// Scans of the archive the fetch makes: one per generation of the
+    /// table of unresolved events (see [`Generations`]).
+    pub generations: u64,
     /// Bytes written to spill files.
     pub spilled_bytes: u64,
     /// Milliseconds of the narrow pass (scan and shuffle) and of deciding
@@ -120,12 +141,63 @@ pub struct Detection {
     pub buckets_ms: u64,
     /// The narrow scan, for its metrics.
     pub narrow_plan: Arc<dyn ExecutionPlan>,
+    /// Rows per batch of the fetch and its sort ([`batch_rows`]).
+    fetch_batch_rows: usize,
+    /// The merge headroom of the fetch's sort: 16 of its batches, at most
+    /// a quarter of the pool.
+    fetch_merge_bytes: usize,
     shared: Arc<Shared>,
 }
 
 impl Detection {
+    /// The gap rows in the `gaps` view's schema, ordered by key and first
+    /// missing seq: one sort that spills (those past the gaps' share of the
+    /// pool are read back from the spill folder). Once.
+    pub async fn gaps(&self, ctx: &SessionContext) -> Result<SendableRecordBatchStream> {
+        let (schema, rows) = {
+            let mut g = self
+                .gaps
+                .lock()
+                .map_err(|_| DataFusionError::Internal("the gaps' lock is poisoned".into()))?;
+            let mem = std::mem::take(&mut g.mem);
+            // Handed to the sort, which reserves what it holds.
+            g.reservation.free();
+            let file = g.file.take().map(|(p, _)| p);
+            (g.schema.clone(), (mem, file, g.dir.take()))
+        };
+        let source = GapSource {
+            schema: schema.clone(),
+            rows: Mutex::new(Some(rows)),
+        };
+        let table = StreamingTable::try_new(schema, vec![Arc::new(source)])?;
+        let mut config = ctx
+            .copied_config()
+            .with_create_default_catalog_and_schema(false);
+        config.options_mut().optimizer.repartition_sorts = false;
+        let state = datafusion::execution::SessionStateBuilder::new_from_existing(ctx.state())
+            .with_config(config)
+            .build();
+        SessionContext::new_with_state(state)
+            .read_table(Arc::new(table))?
+            .sort(vec![
+                col("key").sort(true, true),
+                col("first_missing_seq").sort(true, true),
+            ])?
+            .execute_stream()
+            .await
+    }
+
     /// The chosen rows of the candidates: every column of `events` and the
     /// four the policy reads, unordered. Reading them is the second scan.
+    ///
+    /// The frame carries its own session settings, for the sort the caller
+    /// puts on it (execute it with [`DataFrame::task_ctx`]): batches of
+    /// [`batch_rows`] rows, so that wide rows fit the pool, and one sort
+    /// over all partitions instead of one per partition and a merge of
+    /// them. Those each merge their spill files with as much of the pool
+    /// as they can get (DataFusion's multi-level merge is greedy), and the
+    /// merge above them then found none left: `--memory-limit 64M` failed
+    /// on a plain archive of 1M events, one run in two.
     pub async fn fetch(&self, ctx: &SessionContext) -> Result<(DataFrame, Arc<dyn ExecutionPlan>)> {
         // Late materialization: the membership test is pushed into the
         // Parquet reader as a row filter, which decodes event_id, tests it,
@@ -149,6 +221,7 @@ impl Detection {
             .clone()
             .with_create_default_catalog_and_schema(false);
         config.options_mut().execution.parquet.pushdown_filters = true;
+        let config = config.with_batch_size(self.fetch_batch_rows);
         let state = datafusion::execution::SessionStateBuilder::new_from_existing(state)
             .with_config(config)
             .build();
@@ -168,11 +241,29 @@ impl Detection {
             Field::new(LEDGER_DEAD, DataType::Boolean, false),
         ]);
         let schema = Arc::new(Schema::new(fields));
-        self.shared.reading.store(
-            plan.output_partitioning().partition_count(),
-            Ordering::Release,
-        );
-        let parts: Vec<Arc<dyn PartitionStream>> =
+        let generations = !self
+            .shared
+            .generations
+            .lock()
+            .map_err(|_| DataFusionError::Internal("the generations' lock is poisoned".into()))?
+            .files
+            .is_empty();
+        let parts: Vec<Arc<dyn PartitionStream>> = if generations {
+            // One partition that scans the archive once per generation:
+            // each scan is all partitions at once (CoalescePartitionsExec:
+            // the decoding stays parallel), one generation in memory.
+            self.shared.reading.store(1, Ordering::Release);
+            vec![Arc::new(FetchGenerations {
+                plan: plan.clone(),
+                shared: self.shared.clone(),
+                schema: schema.clone(),
+                ctx: ctx.clone(),
+            })]
+        } else {
+            self.shared.reading.store(
+                plan.output_partitioning().partition_count(),
+                Ordering::Release,
+            );
             (0..plan.output_partitioning().partition_count())
                 .map(|partition| {
                     Arc::new(Fetch {
@@ -182,9 +273,25 @@ impl Detection {
                         schema: schema.clone(),
                     }) as Arc<dyn PartitionStream>
                 })
-                .collect();
+                .collect()
+        };
         let table = StreamingTable::try_new(schema, parts)?;
-        Ok((ctx.read_table(Arc::new(table))?, plan))
+        let mut config = ctx
+            .copied_config()
+            .with_batch_size(self.fetch_batch_rows)
+            .with_create_default_catalog_and_schema(false);
+        config.options_mut().optimizer.repartition_sorts = false;
+        // The one sort's merge headroom: a few of its batches, more than
+        // the session's share for one sort per core when the sort key is
+        // as wide as the rows (ids of 5 KB: the merge of the batches it
+        // spills holds their keys, and 5 MiB failed 6000 of them at 64M).
+        let merge = &mut config.options_mut().execution.sort_spill_reservation_bytes;
+        *merge = (*merge).max(self.fetch_merge_bytes);
+        let state = datafusion::execution::SessionStateBuilder::new_from_existing(ctx.state())
+            .with_config(config)
+            .build();
+        let sorting = SessionContext::new_with_state(state);
+        Ok((sorting.read_table(Arc::new(table))?, plan))
     }
 
     /// After the fetch stream ended: every candidate was found. Anything
@@ -203,11 +310,13 @@ impl Detection {
 }
 
 /// Run the narrow pass and decide every bucket. `est_rows` (the footers'
-/// row count) sizes the buckets; `gaps_schema` is the `gaps` view's schema.
+/// row count) and `row_bytes` (their widest rows) size the buckets and the
+/// batches; `gaps_schema` is the `gaps` view's schema.
 pub async fn detect(
     ctx: &SessionContext,
     scan: &Scan,
     est_rows: u64,
+    row_bytes: RowBytes,
     spill_dir: &Path,
     gaps_schema: SchemaRef,
     progress: Option<indicatif::ProgressBar>,
@@ -238,9 +347,13 @@ pub async fn detect(
     let keys_on = scan.detect_gaps || scan.detect_conflicts;
 
     let pool = ctx.runtime_env().memory_pool.clone();
+    let pool_bytes = crate::machine::pool_bytes(scan.memory_limit);
     // Half the pool for the buckets: the sort of the candidates and
     // DataFusion's own scans need the rest.
-    let budget = (crate::machine::pool_bytes(scan.memory_limit) / 2).max(1);
+    let budget = (pool_bytes / 2).max(1);
+    // A bucket row holds the narrow strings (the footers say how wide)
+    // besides its fixed columns.
+    let wide = usize::try_from(row_bytes.narrow).unwrap_or(usize::MAX);
     // Enough buckets that one bucket's share of the budget holds it (four
     // times over: it is read back whole, and its sort entries come on top),
     // and small enough (~200k rows, a few MiB) that deciding it works in
@@ -253,6 +366,13 @@ pub async fn detect(
         let for_cache = est_rows as usize / BUCKET_ROWS;
         for_memory.max(for_cache).clamp(8, 4096).next_power_of_two()
     };
+    // What killed runs left in the spill dir goes first (crate::spill).
+    for gone in crate::spill::sweep(spill_dir) {
+        tracing::info!(
+            "removed {}: the spill folder of a run that was killed",
+            gone.display()
+        );
+    }
     let dir = Arc::new(
         tempfile::Builder::new()
             .prefix("backfill-spill-")
@@ -264,6 +384,14 @@ pub async fn detect(
                 ))
             })?,
     );
+    // Best effort: on a file system without locks the folder is only not
+    // removable by a later run, the run itself goes on.
+    if let Err(e) = crate::spill::claim(dir.path()) {
+        tracing::debug!(
+            "spill folder {} not marked as this run's: {e}",
+            dir.path().display()
+        );
+    }
     let reservation = MemoryConsumer::new("backfill one-pass detection")
         .with_can_spill(true)
         .register(&pool);
@@ -271,13 +399,13 @@ pub async fn detect(
         events: Shuffle::new(
             "events",
             event_bucket_schema(),
-            buckets(EVENT_ROW_BYTES),
+            buckets(EVENT_ROW_BYTES.max(wide.saturating_add(40))),
             dir.path(),
         ),
         keys: Shuffle::new(
             "keys",
             key_bucket_schema(),
-            buckets(KEY_ROW_BYTES),
+            buckets(KEY_ROW_BYTES.max(wide.saturating_add(40))),
             dir.path(),
         ),
         reservation,
@@ -287,10 +415,13 @@ pub async fn detect(
 
     // 1. The narrow pass: one task per scan partition.
     let started = std::time::Instant::now();
-    let task = Arc::new(
-        TaskContext::from(&ctx.state())
-            .with_session_config(ctx.copied_config().with_batch_size(NARROW_BATCH_ROWS)),
-    );
+    let task = Arc::new(TaskContext::from(&ctx.state()).with_session_config(
+        ctx.copied_config().with_batch_size(batch_rows(
+            pool_bytes,
+            row_bytes.narrow,
+            NARROW_BATCH_ROWS,
+        )),
+    ));
     let n_parts = plan.output_partitioning().partition_count();
     let (p_events, p_keys) = {
         let s = shuffle.lock().expect("shuffle lock");
@@ -353,37 +484,74 @@ pub async fn detect(
 
     let mut rows = 0u64;
     let mut events_n = 0u64;
-    let mut cands = Candidates::new(&pool);
+    // The table of unresolved events cannot spill: past half the pool its
+    // rows go to a file, a generation that the fetch reads back and scans
+    // the archive for once the one before is done (see `Generations`).
+    let mut gens = Generations {
+        current: Candidates::new(&pool),
+        files: vec![],
+        count: 0,
+        budget: (pool_bytes / 2).max(1),
+        pool: pool.clone(),
+    };
     let mut conflicts = Conflicts::default();
-    let mut gap_batches = vec![];
+    let mut gap_rows = GapSpill {
+        schema: gaps_schema.clone(),
+        mem: vec![],
+        reservation: MemoryConsumer::new("backfill gaps")
+            .with_can_spill(true)
+            .register(&pool),
+        budget: pool_bytes / 8,
+        file: None,
+        dir: None,
+        spilled_bytes: 0,
+    };
     while let Some(o) = outs.next().await {
         match o? {
             Out::Events(e) => {
                 rows += e.rows;
                 events_n += e.events;
-                cands.absorb(e.cands);
+                gens.absorb(e.cands, dir.path())?;
             }
             Out::Keys(k) => {
                 for (key, seq) in k.conflicts {
                     conflicts.insert(key, seq);
                 }
                 if k.gaps.len() > 0 {
-                    gap_batches.push(k.gaps.finish(&gaps_schema, &time_type)?);
+                    gap_rows.push(k.gaps.finish(&gaps_schema, &time_type)?, &dir)?;
                 }
             }
         }
     }
     drop(outs);
     reservation.free();
-    drop(dir);
+    let spilled_bytes = spilled_bytes + gens.files.iter().map(|f| f.1).sum::<u64>();
     conflicts.seal();
+    let Generations {
+        current: mut cands,
+        mut files,
+        count: candidates,
+        ..
+    } = gens;
+    // The last generation was full: scanning for an empty one would waste
+    // a pass over the archive.
+    if cands.len() == 0
+        && let Some((path, _)) = files.pop()
+    {
+        cands = Candidates::read(&path, &pool)?;
+        let _ = std::fs::remove_file(&path);
+    }
+    // Generation files are read by the fetch; the folder goes with them.
+    let dir = (!files.is_empty()).then_some(dir);
+    let generations = 1 + files.len() as u64;
+    let fetch_batch_rows = batch_rows(pool_bytes, row_bytes.wide, FETCH_BATCH_ROWS);
     cands.seal();
     let n_conflicts = conflicts.len;
-    let gaps = sort_gaps(ctx, gaps_schema, gap_batches).await?;
+    gap_rows.finish()?;
+    let spilled_bytes = spilled_bytes + gap_rows.spilled_bytes;
     if ctx.table_exist("ledger_entries")? {
         cands.annotate_ledger(ctx).await?;
     }
-    let candidates = cands.len() as u64;
     let buckets_ms = started.elapsed().as_millis() as u64;
     Ok(Detection {
         narrow_ms,
@@ -391,12 +559,20 @@ pub async fn detect(
         rows,
         events: events_n,
         conflicts: n_conflicts,
-        gaps,
+        gaps: Mutex::new(gap_rows),
         candidates,
+        generations,
         spilled_bytes,
         narrow_plan: plan,
+        fetch_batch_rows,
+        fetch_merge_bytes: fetch_batch_rows
+            .saturating_mul(usize::try_from(row_bytes.wide).unwrap_or(usize::MAX))
+            .saturating_mul(16)
+            .min(pool_bytes / 4),
         shared: Arc::new(Shared {
             cands: RwLock::new(Some(cands)),
+            generations: Mutex::new(GenFiles { files, dir }),
+            pool,
             conflicts: detect_conflicts.then_some(conflicts),
             fetched: AtomicU64::new(0),
             reading: AtomicUsize::new(0),
@@ -404,23 +580,108 @@ pub async fn detect(
     })
 }
 
-/// Gap rows from every bucket, ordered by key and first missing seq.
-async fn sort_gaps(
-    ctx: &SessionContext,
+/// Gap rows from every bucket, as they come: kept while they fit their
+/// share of the pool, then written to a file in the spill folder. There is
+/// a gap row per event when seq is a counter shared across keys; held
+/// whole (and then sorted and collected, twice that), they were outside
+/// the pool: 1M of them failed `--memory-limit 64M`.
+struct GapSpill {
     schema: SchemaRef,
-    batches: Vec<RecordBatch>,
-) -> Result<Vec<RecordBatch>> {
-    if batches.is_empty() {
-        return Ok(vec![]);
+    mem: Vec<RecordBatch>,
+    reservation: MemoryReservation,
+    budget: usize,
+    /// Rows past the budget, and the folder that holds them.
+    file: Option<(PathBuf, StreamWriter<BufWriter<File>>)>,
+    dir: Option<Arc<tempfile::TempDir>>,
+    spilled_bytes: u64,
+}
+
+impl GapSpill {
+    fn push(&mut self, b: RecordBatch, dir: &Arc<tempfile::TempDir>) -> Result<()> {
+        let size = b.get_array_memory_size();
+        if self.file.is_none()
+            && self.reservation.size() + size <= self.budget
+            && self.reservation.try_grow(size).is_ok()
+        {
+            self.mem.push(b);
+            return Ok(());
+        }
+        if self.file.is_none() {
+            let path = dir.path().join("gaps.arrow");
+            let f = File::create(&path).map_err(|e| spill_error(&path, e))?;
+            let w = StreamWriter::try_new(BufWriter::new(f), &self.schema)
+                .map_err(|e| spill_error(&path, e))?;
+            self.file = Some((path, w));
+            self.dir = Some(dir.clone());
+        }
+        if let Some((path, w)) = self.file.as_mut() {
+            w.write(&b).map_err(|e| spill_error(path, e))?;
+        }
+        self.spilled_bytes += size as u64;
+        Ok(())
     }
-    let table = datafusion::datasource::MemTable::try_new(schema, vec![batches])?;
-    ctx.read_table(Arc::new(table))?
-        .sort(vec![
-            col("key").sort(true, true),
-            col("first_missing_seq").sort(true, true),
-        ])?
-        .collect()
-        .await
+
+    fn finish(&mut self) -> Result<()> {
+        if let Some((path, w)) = self.file.as_mut() {
+            w.finish().map_err(|e| spill_error(path, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Gap rows to be read: those in memory, the file of the rest and the
+/// folder that holds it.
+type GapRowsLeft = (
+    Vec<RecordBatch>,
+    Option<PathBuf>,
+    Option<Arc<tempfile::TempDir>>,
+);
+
+/// The gap rows as a partition: those in memory, then the file's.
+struct GapSource {
+    schema: SchemaRef,
+    rows: Mutex<Option<GapRowsLeft>>,
+}
+
+impl std::fmt::Debug for GapSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GapSource")
+    }
+}
+
+impl PartitionStream for GapSource {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let taken = self.rows.lock().ok().and_then(|mut r| r.take());
+        let (mem, file, dir) = taken.unwrap_or_default();
+        let from_file = file.map(|path| {
+            let reader = File::open(&path)
+                .map_err(|e| spill_error(&path, e))
+                .and_then(|f| Ok(StreamReader::try_new(BufReader::new(f), None)?));
+            let path2 = path.clone();
+            let batches: Box<dyn Iterator<Item = Result<RecordBatch>> + Send> = match reader {
+                Ok(r) => Box::new(r.map(move |b| b.map_err(|e| spill_error(&path2, e)))),
+                Err(e) => Box::new(std::iter::once(Err(e))),
+            };
+            // The file and its folder go when the rows are read.
+            let done = futures::stream::once(async move {
+                let _ = std::fs::remove_file(&path);
+                drop(dir);
+                None
+            })
+            .filter_map(futures::future::ready);
+            futures::stream::iter(batches).chain(done)
+        });
+        let stream = futures::stream::iter(mem.into_iter().map(Ok));
+        let stream: futures::stream::BoxStream<'static, Result<RecordBatch>> = match from_file {
+            Some(f) => Box::pin(stream.chain(f)),
+            None => Box::pin(stream),
+        };
+        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream))
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1417,21 +1678,109 @@ impl Candidates {
 
     fn absorb(&mut self, cands: Vec<Cand>) {
         for c in cands {
-            self.push_id(c.event_id.as_bytes());
-            self.attempts.push(c.attempts);
-            self.time.push(c.time.unwrap_or(0));
-            match c.tie {
-                Some(t) => {
-                    self.tie.push(self.ties.len() as u32);
-                    self.ties.push(t);
-                }
-                None => self.tie.push(NO_TIE),
-            }
-            self.replays.push(0);
-            self.flags
-                .push(AtomicU8::new(if c.time.is_none() { NO_TIME } else { 0 }));
+            self.push(c.event_id.as_bytes(), c.attempts, c.time, c.tie);
         }
         self.account();
+    }
+
+    /// One candidate (the table is built by [`Candidates::seal`]).
+    fn push(
+        &mut self,
+        id: &[u8],
+        attempts: i64,
+        time: Option<i64>,
+        tie: Option<(Option<String>, Option<String>)>,
+    ) {
+        self.push_id(id);
+        self.attempts.push(attempts);
+        self.time.push(time.unwrap_or(0));
+        match tie {
+            Some(t) => {
+                self.tie.push(self.ties.len() as u32);
+                self.ties.push(t);
+            }
+            None => self.tie.push(NO_TIE),
+        }
+        self.replays.push(0);
+        self.flags
+            .push(AtomicU8::new(if time.is_none() { NO_TIME } else { 0 }));
+    }
+
+    /// Write the candidates (as decided, before the ledger) to `path`, in
+    /// [`generation_schema`]; the bytes written.
+    fn write(&self, path: &Path) -> Result<u64> {
+        let f = File::create(path).map_err(|e| spill_error(path, e))?;
+        let mut w = StreamWriter::try_new(BufWriter::new(f), &generation_schema())
+            .map_err(|e| spill_error(path, e))?;
+        let mut bytes = 0u64;
+        let mut buf = [0u8; 36];
+        let mut start = 0;
+        while start < self.len() {
+            let end = (start + 8192).min(self.len());
+            let mut id = arrow::array::BinaryBuilder::new();
+            let mut att = vec![];
+            let mut time = vec![];
+            let mut tied = vec![];
+            let mut status = StringBuilder::new();
+            let mut error = StringBuilder::new();
+            for i in start..end {
+                id.append_value(unpack_id(self.id(i as u32), &mut buf));
+                att.push(self.attempts[i]);
+                time.push(self.time(i));
+                let tie = match self.tie[i] {
+                    NO_TIE => None,
+                    t => Some(&self.ties[t as usize]),
+                };
+                tied.push(tie.is_some());
+                status.append_option(tie.and_then(|t| t.0.as_deref()));
+                error.append_option(tie.and_then(|t| t.1.as_deref()));
+            }
+            let b = RecordBatch::try_new(
+                generation_schema(),
+                vec![
+                    Arc::new(id.finish()),
+                    Arc::new(Int64Array::from(att)),
+                    Arc::new(Int64Array::from(time)),
+                    Arc::new(BooleanArray::from(tied)),
+                    Arc::new(status.finish()),
+                    Arc::new(error.finish()),
+                ],
+            )?;
+            bytes += b.get_array_memory_size() as u64;
+            w.write(&b).map_err(|e| spill_error(path, e))?;
+            start = end;
+        }
+        w.finish().map_err(|e| spill_error(path, e))?;
+        Ok(bytes)
+    }
+
+    /// Candidates written by [`Candidates::write`] (to be sealed).
+    fn read(
+        path: &Path,
+        pool: &Arc<dyn datafusion::execution::memory_pool::MemoryPool>,
+    ) -> Result<Candidates> {
+        let mut c = Candidates::new(pool);
+        let f = File::open(path).map_err(|e| spill_error(path, e))?;
+        for b in StreamReader::try_new(BufReader::new(f), None)? {
+            let b = b.map_err(|e| spill_error(path, e))?;
+            let id = b.column(0).as_binary::<i32>();
+            let att = b.column(1).as_primitive::<Int64Type>();
+            let time = b.column(2).as_primitive::<Int64Type>();
+            let tied = b.column(3).as_boolean();
+            let status = b.column(4).as_string::<i32>();
+            let error = b.column(5).as_string::<i32>();
+            for r in 0..b.num_rows() {
+                let tie = tied.value(r).then(|| {
+                    (
+                        opt_str(status, r).map(str::to_string),
+                        opt_str(error, r).map(str::to_string),
+                    )
+                });
+                c.push(id.value(r), att.value(r), opt_i64(time, r), tie);
+            }
+            c.account();
+        }
+        Ok(c)
     }
 
     /// Build the hash table and the bit filter once every candidate is in,
@@ -1477,14 +1826,18 @@ impl Candidates {
             .copied()
     }
 
-    /// What earlier committed runs did with each candidate (the `ledger`
-    /// view, streamed: only candidates are kept).
+    /// What earlier committed runs did with each candidate: the `ledger`
+    /// view's figures (replays: the entries `replay`; dead-lettered: any
+    /// entry `dlq`), counted over the raw entries as they stream by. The
+    /// view groups every event_id the state ever saw in a hash table that
+    /// cannot spill: ids of 1 KB in the ledger failed `--memory-limit 64M`
+    /// on the second run. Only candidates are kept.
     async fn annotate_ledger(&mut self, ctx: &SessionContext) -> Result<()> {
         if self.len() == 0 {
             return Ok(());
         }
         let df = ctx
-            .sql("SELECT event_id, CAST(replays AS BIGINT), dead_lettered FROM ledger")
+            .sql("SELECT event_id, outcome FROM ledger_entries")
             .await?;
         let mut stream = df.execute_stream().await?;
         let rs = hasher();
@@ -1492,18 +1845,18 @@ impl Candidates {
             let b = b?;
             let id = cast(b.column(0), &DataType::Utf8)?;
             let id = id.as_string::<i32>();
-            let replays = b.column(1).as_primitive::<Int64Type>();
-            let dead = b.column(2).as_boolean();
+            let outcome = cast(b.column(1), &DataType::Utf8)?;
+            let outcome = outcome.as_string::<i32>();
             for r in 0..b.num_rows() {
                 if !id.is_valid(r) {
                     continue;
                 }
                 if let Some(i) = self.find(&rs, id.value(r)) {
                     let i = i as usize;
-                    let n = opt_i64(replays, r).unwrap_or(0);
-                    self.replays[i] = n.clamp(0, u32::MAX as i64) as u32;
-                    if dead.is_valid(r) && dead.value(r) {
-                        *self.flags[i].get_mut() |= DEAD;
+                    match opt_str(outcome, r) {
+                        Some("replay") => self.replays[i] = self.replays[i].saturating_add(1),
+                        Some("dlq") => *self.flags[i].get_mut() |= DEAD,
+                        _ => {}
                     }
                 }
             }
@@ -1538,10 +1891,64 @@ impl Conflicts {
     }
 }
 
+/// A generation file's columns: a candidate as decided (see [`Cand`]).
+fn generation_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("event_id", DataType::Binary, false),
+        Field::new("attempts", DataType::Int64, false),
+        Field::new("event_time", DataType::Int64, true),
+        Field::new("tied", DataType::Boolean, false),
+        Field::new("status", DataType::Utf8, true),
+        Field::new("error", DataType::Utf8, true),
+    ]))
+}
+
+/// The table of unresolved events, in generations of at most half the
+/// pool. It cannot spill, and the sort of the fetched rows needs the rest
+/// while it is alive: held whole, 1.1M unresolved events of 10M (66 MiB)
+/// failed `--memory-limit 64M`, and 70k ids of 5 KB (330 MiB) failed 1G.
+/// A full generation is written to a file; the fetch scans the archive
+/// once per generation (see [`Detection::fetch`]).
+struct Generations {
+    /// Being filled.
+    current: Candidates,
+    /// Full generations: (file, bytes written).
+    files: Vec<(PathBuf, u64)>,
+    /// Candidates in all generations.
+    count: u64,
+    budget: usize,
+    pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool>,
+}
+
+impl Generations {
+    fn absorb(&mut self, cands: Vec<Cand>, dir: &Path) -> Result<()> {
+        self.count += cands.len() as u64;
+        self.current.absorb(cands);
+        if self.current.heap_size() > self.budget {
+            let path = dir.join(format!("candidates-{:05}.arrow", self.files.len()));
+            let bytes = self.current.write(&path)?;
+            self.files.push((path, bytes));
+            self.current = Candidates::new(&self.pool);
+        }
+        Ok(())
+    }
+}
+
+/// The generations the fetch has still to read, and their folder (removed
+/// with the last).
+struct GenFiles {
+    files: Vec<(PathBuf, u64)>,
+    dir: Option<Arc<tempfile::TempDir>>,
+}
+
 struct Shared {
     /// `None` once the fetch has read the archive: the sort of the fetched
     /// rows then merges what it spilled, and gets the candidates' memory.
     cands: RwLock<Option<Candidates>>,
+    /// Further generations of candidates, read after `cands`.
+    generations: Mutex<GenFiles>,
+    /// The pool the generations' tables are reserved in.
+    pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool>,
     conflicts: Option<Conflicts>,
     fetched: AtomicU64,
     /// Fetch partitions still reading; the last to end drops the candidates.
@@ -1769,6 +2176,96 @@ impl PartitionStream for Fetch {
     }
 }
 
+/// The fetch when the candidates came in generations: the archive is
+/// scanned once per generation, the next generation read (and matched with
+/// the ledger) when the scan of the one before has ended.
+struct FetchGenerations {
+    plan: Arc<dyn ExecutionPlan>,
+    shared: Arc<Shared>,
+    schema: SchemaRef,
+    ctx: SessionContext,
+}
+
+impl std::fmt::Debug for FetchGenerations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FetchGenerations")
+    }
+}
+
+impl PartitionStream for FetchGenerations {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, task: Arc<TaskContext>) -> SendableRecordBatchStream {
+        use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+        use datafusion::physical_plan::stream::RecordBatchReceiverStreamBuilder;
+        let mut builder = RecordBatchReceiverStreamBuilder::new(self.schema.clone(), 2);
+        let tx = builder.tx();
+        let (plan, shared, schema, ctx) = (
+            self.plan.clone(),
+            self.shared.clone(),
+            self.schema.clone(),
+            self.ctx.clone(),
+        );
+        builder.spawn(async move {
+            let mut scan = plan.clone();
+            loop {
+                let all = Arc::new(CoalescePartitionsExec::new(scan.clone()));
+                let mut stream = all.execute(0, task.clone())?;
+                while let Some(b) = stream.next().await {
+                    let b = shared.annotate(&b?, &schema)?;
+                    if b.num_rows() > 0 && tx.send(Ok(b)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                drop(stream);
+                // This generation is done: free it before the next is read.
+                shared
+                    .cands
+                    .write()
+                    .map_err(|_| {
+                        DataFusionError::Internal("the candidates' lock is poisoned".into())
+                    })?
+                    .take();
+                let next = {
+                    let mut g = shared.generations.lock().map_err(|_| {
+                        DataFusionError::Internal("the generations' lock is poisoned".into())
+                    })?;
+                    let next = (!g.files.is_empty()).then(|| g.files.remove(0));
+                    if next.is_none() {
+                        g.dir.take();
+                    }
+                    next
+                };
+                let Some((path, _)) = next else {
+                    shared.partition_done();
+                    return Ok(());
+                };
+                let pool = shared.pool.clone();
+                let read = path.clone();
+                let mut c = tokio::task::spawn_blocking(move || Candidates::read(&read, &pool))
+                    .await
+                    .map_err(|e| DataFusionError::External(Box::new(e)))??;
+                let _ = std::fs::remove_file(&path);
+                c.seal();
+                if ctx.table_exist("ledger_entries")? {
+                    c.annotate_ledger(&ctx).await?;
+                }
+                c.account();
+                *shared.cands.write().map_err(|_| {
+                    DataFusionError::Internal("the candidates' lock is poisoned".into())
+                })? = Some(c);
+                // A fresh copy of the scan: its file queue was drained. The
+                // copy shares the plan's metrics, so the report's bytes
+                // read count every pass.
+                scan = datafusion::physical_plan::execution_plan::reset_plan_states(plan.clone())?;
+            }
+        });
+        builder.build()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The fast path against the views, event by event, over random
@@ -1792,6 +2289,22 @@ mod tests {
         Option<String>,
         bool,
     );
+
+    #[test]
+    fn batches_follow_the_row_width() {
+        let pool = crate::machine::pool_bytes(64 << 20);
+        // Narrow rows, or an unknown width: DataFusion's row counts.
+        assert_eq!(batch_rows(10 << 30, 200, FETCH_BATCH_ROWS), 8192);
+        assert_eq!(batch_rows(pool, 0, NARROW_BATCH_ROWS), NARROW_BATCH_ROWS);
+        assert_eq!(batch_rows(pool, 80, NARROW_BATCH_ROWS), 8192);
+        // 100 KB payloads at 64M: a handful of rows (not 8192: 800 MiB).
+        let wide = batch_rows(pool, 100_000, FETCH_BATCH_ROWS);
+        assert!((1..=8).contains(&wide), "{wide}");
+        assert!(wide * 100_000 <= pool / BATCH_SHARE_OF_POOL);
+        // 5 KB ids in the narrow pass; a row wider than the pool: one row.
+        assert!(batch_rows(pool, 5_100, NARROW_BATCH_ROWS) < 200);
+        assert_eq!(batch_rows(pool, u64::MAX, FETCH_BATCH_ROWS), 1);
+    }
 
     #[test]
     fn ids_pack_exactly() {
@@ -2102,6 +2615,7 @@ mod tests {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         // What the rounds covered, so that the test cannot pass vacuously.
         let (mut seen_conflicts, mut seen_gaps, mut seen_spills, mut seen_ledger) = (0, 0, 0, 0);
+        let mut seen_generations = 0;
         for round in 0..120 {
             let (batches, ledger) = archive(&mut rng);
             let limit = if rng.chance(40) { 2048 } else { 1 << 30 };
@@ -2155,9 +2669,17 @@ mod tests {
                 .value(0) as u64;
 
             let dir = tempfile::tempdir().unwrap();
-            let d = detect(&ctx, &scan, est_rows, dir.path(), gaps_schema, None)
-                .await
-                .unwrap();
+            let d = detect(
+                &ctx,
+                &scan,
+                est_rows,
+                RowBytes::default(),
+                dir.path(),
+                gaps_schema,
+                None,
+            )
+            .await
+            .unwrap();
             let (fetched, _) = d.fetch(&ctx).await.unwrap();
             let got = by_event(&fetched.collect().await.unwrap());
             d.check_fetched().unwrap();
@@ -2174,7 +2696,14 @@ mod tests {
                 assert_eq!(got.get(id), Some(want), "event {id}: {ctx_note}");
             }
             assert_eq!(got.len(), expected.len(), "{ctx_note}");
-            assert_eq!(text(&d.gaps), expected_gaps, "{ctx_note}");
+            let gaps: Vec<RecordBatch> = d
+                .gaps(&ctx)
+                .await
+                .unwrap()
+                .map(|b| b.unwrap())
+                .collect()
+                .await;
+            assert_eq!(text(&gaps), expected_gaps, "{ctx_note}");
             if limit == 2048 && rows > 50 {
                 assert!(d.spilled_bytes > 0, "a 2 KiB limit spills: {ctx_note}");
             }
@@ -2184,8 +2713,9 @@ mod tests {
                 "spill files are removed"
             );
             seen_conflicts += got.values().filter(|r| r[10] == "true").count();
-            seen_gaps += d.gaps.iter().map(|b| b.num_rows()).sum::<usize>();
+            seen_gaps += gaps.iter().map(|b| b.num_rows()).sum::<usize>();
             seen_spills += usize::from(d.spilled_bytes > 0);
+            seen_generations += usize::from(d.generations > 1);
             seen_ledger += got
                 .values()
                 .filter(|r| r[11] != "0" || r[12] == "true")
@@ -2193,8 +2723,12 @@ mod tests {
         }
         COLLIDE.store(false, Ordering::Relaxed);
         assert!(
-            seen_conflicts > 0 && seen_gaps > 0 && seen_spills > 0 && seen_ledger > 0,
-            "coverage: {seen_conflicts} conflicts, {seen_gaps} gaps, {seen_spills} spills, {seen_ledger} ledger"
+            seen_conflicts > 0
+                && seen_gaps > 0
+                && seen_spills > 0
+                && seen_ledger > 0
+                && seen_generations > 0,
+            "coverage: {seen_conflicts} conflicts, {seen_gaps} gaps, {seen_spills} spills, {seen_ledger} ledger, {seen_generations} in generations"
         );
     }
 }

@@ -398,15 +398,18 @@ async fn execute(
         .map(|f| f.rows.max(0) as u64)
         .sum::<u64>()
         + archive.stats.kafka_messages;
+    let spill_dir = crate::job::spill_dir(&settings.scan);
     let detection = detect::onepass::detect(
         ctx,
         &settings.scan,
         est_rows,
-        &crate::job::spill_dir(&settings.scan),
+        archive.row_bytes(),
+        &spill_dir,
         plan.gaps_view_schema.clone(),
         phases.rows_bar(est_rows),
     )
-    .await?;
+    .await
+    .map_err(|e| spill_full(e, &spill_dir))?;
     let mut scan_metrics = ScanMetrics::default();
     scan_metrics.add(detection.narrow_plan.as_ref());
     report.rows = detection.rows;
@@ -451,7 +454,9 @@ async fn execute(
     // Gaps: to their sink.
     if settings.scan.detect_gaps {
         phases.set("writing gaps");
-        for b in &detection.gaps {
+        let mut gaps = detection.gaps(ctx).await?;
+        while let Some(b) = gaps.next().await {
+            let b = &b.map_err(|e| spill_full(e, &spill_dir))?;
             report.gaps += b.num_rows() as u64;
             if let Some(c) = b.column_by_name("missing_count") {
                 report.add_missing_counts(c.as_ref());
@@ -492,12 +497,22 @@ async fn execute(
     // written yet, so a crash here is a crash during the scan): between the
     // two scans, where a test rewrites the archive under the run.
     failpoint::hit("between_scans").await?;
+    if detection.generations > 1 {
+        tracing::info!(
+            generations = detection.generations,
+            "the table of {} unresolved events is larger than half the memory pool: the fetch reads the archive in {} passes, one per part of it",
+            human::count(detection.candidates),
+            detection.generations
+        );
+    }
     let (fetched, fetch_plan) = detection.fetch(ctx).await?;
     let candidates = detect::candidates_from(fetched, &settings.scan, archive)?;
+    // The fetch's own settings (its batch size, one sort): see fetch().
+    let task = candidates.task_ctx();
     let plan = candidates.create_physical_plan().await?;
-    let mut stream = execute_stream(plan.clone(), ctx.task_ctx())?;
+    let mut stream = execute_stream(plan.clone(), Arc::new(task))?;
     while let Some(b) = stream.next().await {
-        let b = b?;
+        let b = b.map_err(|e| spill_full(e, &spill_dir))?;
         let d = policy.decide(&b)?;
         decisions.add(&d.counts);
         phases.set(format!(
@@ -682,5 +697,73 @@ fn pruned_count(v: &datafusion::physical_plan::metrics::MetricValue) -> u64 {
             pruning_metrics, ..
         } => pruning_metrics.pruned() as u64,
         other => other.as_usize() as u64,
+    }
+}
+
+/// A query-engine error from a full disk is the spill folder's: nothing
+/// else the engine writes (the sinks and the state name their own
+/// targets). DataFusion's sort said only `Arrow error: Io error: IO error:
+/// No space left on device`, naming no file, folder or setting.
+fn spill_full(e: datafusion::error::DataFusionError, dir: &std::path::Path) -> Error {
+    let text = e.to_string();
+    // ENOSPC, EDQUOT: in an io::Error of the chain, or only in its text
+    // (DataFusion formats some into a message).
+    let full = |s: &str| s.contains("(os error 28)") || s.contains("(os error 122)");
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    let mut is_full = full(&text);
+    let mut text = text.clone();
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(28 | 122))
+        {
+            is_full = true;
+            if !full(&text) {
+                text = format!("{text}: {io}");
+            }
+        }
+        cause = c.source();
+    }
+    if !is_full {
+        return e.into();
+    }
+    Error::Io {
+        what: format!(
+            "the spill folder {} (--spill-dir; default the system temp dir)",
+            dir.display()
+        ),
+        message: format!(
+            "full: {}; give it more room or point --spill-dir at a larger disk",
+            text.replace('\n', " ")
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sort's spill write failing on a full disk names the folder and
+    /// the flag (DataFusion's error named neither); other errors pass.
+    #[test]
+    fn a_full_disk_is_the_spill_folder() {
+        let full = datafusion::error::DataFusionError::ArrowError(
+            Box::new(arrow::error::ArrowError::IoError(
+                "IO error".into(),
+                std::io::Error::from_raw_os_error(28),
+            )),
+            None,
+        );
+        let e = spill_full(full, std::path::Path::new("/mnt/spill"));
+        let line = e.line();
+        assert!(
+            line.starts_with("the spill folder /mnt/spill (--spill-dir")
+                && line.contains("full: ")
+                && line.contains("os error 28"),
+            "{line}"
+        );
+        assert_eq!(e.exit_code(), crate::error::EXIT_RUNTIME);
+        let other = datafusion::error::DataFusionError::Execution("boom".into());
+        let e = spill_full(other, std::path::Path::new("/mnt/spill"));
+        assert!(!e.line().contains("spill folder"), "{}", e.line());
     }
 }

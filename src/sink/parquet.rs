@@ -24,9 +24,12 @@ const ROWS_PER_FILE: u64 = 1_000_000;
 /// Bytes a row group may hold in memory before it is written out. The
 /// writer buffers a whole row group; with large payloads, 128k rows would
 /// be gigabytes outside DataFusion's memory pool, so the cap is in bytes:
-/// 32 MiB, as up to three sinks and the ledger write at once, outside the
-/// pool (`machine::pool_bytes` leaves room for them).
-const ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
+/// at most 32 MiB, less under a small `--memory-limit`
+/// ([`crate::machine::row_group_bytes`]), as up to three sinks and the
+/// ledger write at once, outside the pool (`machine::pool_bytes` leaves
+/// room for them).
+#[cfg(test)]
+const ROW_GROUP_BYTES: usize = crate::machine::MAX_ROW_GROUP_BYTES;
 
 pub struct ParquetSink {
     base: Location,
@@ -137,7 +140,7 @@ impl Sink for ParquetSink {
         if let Err(e) = w.write(batch).await {
             return Err(self.err("write", e.to_string()));
         }
-        if w.memory_size() >= ROW_GROUP_BYTES
+        if w.memory_size() >= crate::machine::row_group_bytes()
             && let Err(e) = w.flush().await
         {
             return Err(self.err("write", e.to_string()));

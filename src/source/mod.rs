@@ -152,6 +152,64 @@ pub struct ArchiveFile {
     /// NULL and none in the reserved synthetic range (see
     /// [`footer_ids_clean`]).
     pub ids_clean: bool,
+    /// The widest row group's bytes per row, decoded: of every column, and
+    /// of the narrow pass's string columns (see [`RowBytes`]).
+    pub row_bytes: RowBytes,
+}
+
+/// Bytes a row takes once decoded, estimated from a footer: per row group,
+/// each column chunk's uncompressed size (or its byte arrays' unencoded
+/// size, where the writer recorded it and it is larger: a dictionary hides
+/// repeated values) over the group's rows; the widest group of the file.
+/// The batch sizes follow it, so that a batch of 100 KB payloads or of
+/// 5 KB ids stays inside `--memory-limit` (0: unknown, a Kafka source).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowBytes {
+    /// Every column: what the fetch of the candidates' rows reads.
+    pub wide: u64,
+    /// event_id, key, status and error: the strings of the narrow pass.
+    pub narrow: u64,
+}
+
+impl RowBytes {
+    /// The wider of two estimates, column by column.
+    pub fn max(self, o: RowBytes) -> RowBytes {
+        RowBytes {
+            wide: self.wide.max(o.wide),
+            narrow: self.narrow.max(o.narrow),
+        }
+    }
+}
+
+/// [`RowBytes`] of a file's footer; `narrow` names the source columns of
+/// the narrow pass's strings.
+pub fn footer_row_bytes(
+    md: &parquet::file::metadata::ParquetMetaData,
+    narrow: &[&str],
+) -> RowBytes {
+    let mut out = RowBytes::default();
+    for rg in md.row_groups() {
+        let rows = rg.num_rows().max(1) as u64;
+        let (mut wide, mut thin) = (0u64, 0u64);
+        for c in rg.columns() {
+            let bytes = c
+                .uncompressed_size()
+                .max(c.unencoded_byte_array_data_bytes().unwrap_or(0))
+                .max(0) as u64;
+            // Arrow's offsets or values: at least 4 bytes a row.
+            let per_row = bytes.div_ceil(rows) + 4;
+            wide += per_row;
+            if c.column_path()
+                .parts()
+                .first()
+                .is_some_and(|top| narrow.contains(&top.as_str()))
+            {
+                thin += per_row;
+            }
+        }
+        out = out.max(RowBytes { wide, narrow: thin });
+    }
+    out
 }
 
 impl ArchiveFile {
@@ -216,6 +274,15 @@ pub struct Archive {
     pub undecodable: Vec<(String, crate::kafka::source::Undecodable)>,
 }
 
+impl Archive {
+    /// The widest rows of the files read ([`RowBytes`]).
+    pub fn row_bytes(&self) -> RowBytes {
+        self.files
+            .iter()
+            .fold(RowBytes::default(), |a, f| a.max(f.row_bytes))
+    }
+}
+
 /// The session settings every command shares: Utf8 (not views) so that the
 /// policy kernels and outputs see the archive's own types; pushdown and
 /// page-index pruning on; a memory pool that spills instead of failing, to
@@ -260,6 +327,12 @@ pub fn session(scan: &Scan) -> Result<SessionContext, SourceError> {
         .with_memory_limit(pool, 1.0)
         .with_disk_manager_builder(disk)
         .build_arc()?;
+    // DataFusion's folders under --spill-dir are this run's: a later run
+    // removes them if this one is killed (crate::spill). Best effort: a
+    // folder that cannot take the file fails its first spill anyway.
+    for dir in runtime.disk_manager.temp_dir_paths() {
+        let _ = crate::spill::claim(&dir);
+    }
     Ok(SessionContext::new_with_config_rt(config, runtime))
 }
 
@@ -727,6 +800,15 @@ async fn read_footer(
     let time_raw = footer_time_raw(builder.schema(), md, event_time);
     Ok(ArchiveFile {
         ids_clean: footer_ids_clean(builder.schema(), md, &columns.event_id),
+        row_bytes: footer_row_bytes(
+            md,
+            &[
+                columns.event_id.as_str(),
+                columns.key.as_str(),
+                columns.status.as_str(),
+                columns.error.as_str(),
+            ],
+        ),
         time_range: micros_range(time_raw),
         time_raw,
         display,
@@ -1484,6 +1566,49 @@ mod tests {
         Arc::new(Schema::new(fields))
     }
 
+    /// The widest row group sets the width, the narrow strings apart.
+    #[test]
+    fn footer_row_bytes_find_the_widest_rows() {
+        use parquet::arrow::ArrowWriter;
+        use parquet::file::properties::WriterProperties;
+        let schema = s(vec![
+            Field::new("event_id", DataType::Utf8, false),
+            Field::new("payload", DataType::Utf8, false),
+        ]);
+        // Row group 1: ids of 10 bytes, payloads of 20; row group 2: ids
+        // of 3000 bytes, payloads of 50,000 (each distinct: no dictionary
+        // hides them).
+        let batch = |id: usize, payload: usize, n: usize| {
+            arrow::array::RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(arrow::array::StringArray::from_iter_values(
+                        (0..n).map(|i| format!("{i:0id$}")),
+                    )),
+                    Arc::new(arrow::array::StringArray::from_iter_values(
+                        (0..n).map(|i| format!("{i:0payload$}")),
+                    )),
+                ],
+            )
+            .unwrap()
+        };
+        let mut buf = vec![];
+        let props = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(100))
+            .build();
+        let mut w = ArrowWriter::try_new(&mut buf, schema.clone(), Some(props)).unwrap();
+        w.write(&batch(10, 20, 100)).unwrap();
+        w.write(&batch(3000, 50_000, 10)).unwrap();
+        w.close().unwrap();
+        let md = parquet::file::metadata::ParquetMetaDataReader::new()
+            .parse_and_finish(&bytes::Bytes::from(buf))
+            .unwrap();
+        let rb = footer_row_bytes(&md, &["event_id", "key"]);
+        assert!((3000..3200).contains(&rb.narrow), "{rb:?}");
+        assert!((53_000..53_400).contains(&rb.wide), "{rb:?}");
+        assert_eq!(footer_row_bytes(&md, &[]).narrow, 0);
+    }
+
     #[test]
     fn merge_unions_widens_and_normalizes() {
         let a = s(vec![
@@ -1590,6 +1715,7 @@ mod tests {
             time_range: micros_range(Some(raw)),
             time_raw: Some(raw),
             ids_clean: false,
+            row_bytes: RowBytes::default(),
         };
         // One row at 1.5 us (in ns).
         let f = file((TimeUnit::Nanosecond, 1_500, 1_500));

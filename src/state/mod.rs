@@ -927,6 +927,17 @@ impl LedgerWriter {
                 operation: "write ledger",
                 message: e.to_string(),
             })?;
+            // Row groups cut by bytes, as the sinks' are: by rows only (the
+            // writer's default, 1M), the ledger of a run held every entry
+            // until it closed, outside the pool (66k ids of 5 KB: 330 MiB
+            // at `--memory-limit 64M`).
+            if w.memory_size() >= crate::machine::row_group_bytes() {
+                w.flush().await.map_err(|e| StateError::Store {
+                    location: self.loc.original.clone(),
+                    operation: "write ledger",
+                    message: e.to_string(),
+                })?;
+            }
         }
         Ok(())
     }

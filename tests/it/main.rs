@@ -11,6 +11,7 @@ mod impossible;
 mod kafka;
 mod kafka_e2e;
 mod logs;
+mod memory;
 mod reference;
 mod rerun;
 mod s3;
