@@ -866,3 +866,289 @@ async fn read_topic_reads_back_everything_the_sink_wrote_in_batches() {
     want.sort();
     assert_eq!(ids, want);
 }
+
+/// What a managed cluster (Confluent Cloud, MSK with TLS) asks of a client:
+/// TLS, SCRAM-SHA-512 over it, and the broker's name checked against its
+/// certificate.
+fn managed_cluster_settings(protocol: &str) -> KafkaSettings {
+    let mut settings = KafkaSettings::default();
+    for (k, v) in [
+        ("security.protocol", protocol),
+        ("sasl.mechanisms", "SCRAM-SHA-512"),
+        ("sasl.username", "backfill"),
+        ("sasl.password", "not-a-real-password"),
+        ("ssl.endpoint.identification.algorithm", "https"),
+    ] {
+        settings.properties.insert(k.into(), v.into());
+    }
+    settings
+}
+
+/// librdkafka is built with OpenSSL (rdkafka's `ssl` feature): the producer
+/// is created with `SASL_SSL` (any case) or `SSL` and `SCRAM-SHA-512`, and
+/// the reader too (a build without it refuses them at creation: "OpenSSL
+/// not available at build time", exit 2). With no broker there, both fail
+/// as a broker outage does, not as a setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_scram_settings_are_accepted_by_this_build() {
+    let port = services::free_port();
+    let url = format!("kafka://127.0.0.1:{port}/replay");
+    let schema = replay_schema(true, false);
+    for protocol in ["sasl_ssl", "SSL"] {
+        let settings = managed_cluster_settings(protocol);
+        if let Err(e) = kafka::open(&url, ctx(SinkKind::Replay, schema.clone(), settings)) {
+            panic!("{protocol}: the producer refused the settings: {e}");
+        }
+    }
+    let settings = managed_cluster_settings("SASL_SSL");
+    let mut sink = open(&url, SinkKind::Replay, &schema, settings.clone());
+    let (check, read) = tokio::join!(sink.check(), read_topic(&url, None, None, &settings, None));
+    let e = check.expect_err("no broker there");
+    assert!(!e.is_config(), "the producer: {e}");
+    let e = read.expect_err("no broker there");
+    assert!(!e.is_config(), "the reader refused the settings: {e}");
+}
+
+/// `openssl s_server` on 127.0.0.1 with a fresh self-signed certificate for
+/// `localhost`: a TLS endpoint that prints, decrypted, what a client sends
+/// inside the session. `None` (the test then skips) without `openssl`.
+struct TlsEndpoint {
+    _dir: tempfile::TempDir,
+    cert: std::path::PathBuf,
+    /// A certificate for `localhost` the endpoint does not hold.
+    other_cert: std::path::PathBuf,
+    received: std::path::PathBuf,
+    port: u16,
+    server: std::process::Child,
+}
+
+impl TlsEndpoint {
+    fn start() -> Option<TlsEndpoint> {
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().unwrap();
+        let certificate = |name: &str| {
+            let (cert, key) = (
+                dir.path().join(format!("{name}.pem")),
+                dir.path().join(format!("{name}.key")),
+            );
+            let made = Command::new("openssl")
+                .args([
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                ])
+                .args([
+                    "-subj",
+                    "/CN=localhost",
+                    "-addext",
+                    "subjectAltName=DNS:localhost",
+                ])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            made.then_some((cert, key))
+        };
+        let (cert, key) = certificate("endpoint")?;
+        let (other_cert, _) = certificate("other")?;
+        let port = services::free_port();
+        let received = dir.path().join("received");
+        let server = Command::new("openssl")
+            .args([
+                "s_server",
+                "-quiet",
+                "-accept",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .stdin(Stdio::piped())
+            .stdout(std::fs::File::create(&received).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "s_server did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(TlsEndpoint {
+            _dir: dir,
+            cert,
+            other_cert,
+            received,
+            port,
+            server,
+        })
+    }
+
+    fn received(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.received).unwrap()).into_owned()
+    }
+}
+
+impl Drop for TlsEndpoint {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// TLS at run time, not only in the settings: against a TLS endpoint,
+/// librdkafka checks the certificate (against `ssl.ca.location`, and the
+/// name `localhost`), completes the handshake and sends its first request
+/// (with the client id `backfill`) inside the session; with a CA that did
+/// not sign the endpoint's certificate, nothing is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_verifies_the_broker_and_speaks_inside_the_session() {
+    let Some(endpoint) = TlsEndpoint::start() else {
+        println!("SKIPPED: no openssl command to play a TLS endpoint");
+        return;
+    };
+    let url = format!("kafka://localhost:{}/replay", endpoint.port);
+    let schema = replay_schema(true, false);
+    let settings = |ca: &std::path::Path| {
+        let mut s = KafkaSettings::default();
+        for (k, v) in [
+            ("security.protocol", "SSL"),
+            ("ssl.ca.location", &ca.display().to_string()),
+            ("ssl.endpoint.identification.algorithm", "https"),
+            ("broker.address.family", "v4"),
+        ] {
+            s.properties.insert(k.into(), v.to_string());
+        }
+        s
+    };
+    // s_server serves one client at a time: the wrong CA first.
+    let mut refused = open(
+        &url,
+        SinkKind::Replay,
+        &schema,
+        settings(&endpoint.other_cert),
+    );
+    let e = refused.check().await.expect_err("an unknown certificate");
+    assert!(!e.is_config(), "{e}");
+    assert!(
+        !endpoint.received().contains("backfill"),
+        "a request was sent to an endpoint whose certificate was not verified"
+    );
+    let mut trusted = open(&url, SinkKind::Replay, &schema, settings(&endpoint.cert));
+    let e = trusted.check().await.expect_err("s_server speaks no Kafka");
+    assert!(!e.is_config(), "{e}");
+    assert!(
+        endpoint.received().contains("backfill"),
+        "no request arrived inside the TLS session: {:?}",
+        endpoint.received()
+    );
+}
+
+/// A consumer that also counts the bytes it received from the brokers
+/// (librdkafka's statistics), to tell compressed batches from plain ones.
+struct CountingContext(std::sync::Mutex<u64>);
+
+impl rdkafka::ClientContext for CountingContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let rx = statistics.brokers.values().map(|b| b.rxbytes).sum();
+        *self.0.lock().unwrap() = rx;
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for CountingContext {}
+
+/// Every message of `topic` (at least `expect`), and the bytes fetched for
+/// them.
+async fn consume_counting_bytes(
+    server: &KafkaServer,
+    topic: &str,
+    expect: usize,
+) -> (Vec<OwnedMessage>, u64) {
+    let bootstrap = server.bootstrap.clone();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer<CountingContext> = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", unique_name("it-counter"))
+            .set("enable.auto.commit", "false")
+            .set("statistics.interval.ms", "100")
+            .create_with_context(CountingContext(std::sync::Mutex::new(0)))
+            .expect("test consumer");
+        let md = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(5))
+            .expect("metadata for the test consumer");
+        let mut tpl = TopicPartitionList::new();
+        for t in md.topics().iter().filter(|t| t.name() == topic) {
+            for p in t.partitions() {
+                tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)
+                    .expect("partition offset");
+            }
+        }
+        consumer.assign(&tpl).expect("assign");
+        let mut out = Vec::new();
+        let start = Instant::now();
+        while out.len() < expect && start.elapsed() < Duration::from_secs(30) {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                out.push(m.detach());
+            }
+        }
+        // Statistics come every 100 ms: one more after the last fetch.
+        let end = Instant::now();
+        while end.elapsed() < Duration::from_millis(500) {
+            let _ = consumer.poll(Duration::from_millis(50));
+        }
+        let rx = *consumer.context().0.lock().unwrap();
+        (out, rx)
+    })
+    .await
+    .expect("consumer thread")
+}
+
+/// librdkafka is built with zstd (rdkafka's `zstd` feature): a replay with
+/// `compression.type = "zstd"` reaches the broker compressed (the reader
+/// fetches a fraction of the payloads' size) and comes back byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_compressed_replays_round_trip_through_the_broker() {
+    let server = services::kafka();
+    let topic = unique_name("zstd");
+    server.create_topic(&topic, 2).await;
+    let schema = replay_schema(true, false);
+    let mut rows = rows("z", 4, 25);
+    for (i, r) in rows.iter_mut().enumerate() {
+        r.payload = format!("payload {i:04};").repeat(256).into_bytes();
+    }
+    let raw: usize = rows.iter().map(|r| r.payload.len()).sum();
+    let mut settings = KafkaSettings::default();
+    settings
+        .properties
+        .insert("compression.type".into(), "zstd".into());
+    let mut sink = open(&server.url(&topic), SinkKind::Replay, &schema, settings);
+    sink.check().await.expect("health check");
+    sink.write(&batch(&schema, &rows)).await.expect("write");
+    assert_eq!(sink.finish().await.expect("finish").rows, rows.len() as u64);
+    sink.precommit().await.expect("precommit");
+
+    let (msgs, fetched) = consume_counting_bytes(server, &topic, rows.len()).await;
+    assert_eq!(msgs.len(), rows.len(), "every replay arrives once");
+    let by_id: HashMap<&str, &Row> = rows.iter().map(|r| (r.event_id.as_str(), r)).collect();
+    for m in &msgs {
+        let row = by_id[headers(m)["backfill.event_id"].as_str()];
+        assert_eq!(
+            m.payload(),
+            Some(row.payload.as_slice()),
+            "{}",
+            row.event_id
+        );
+    }
+    assert_per_key_order(&msgs);
+    println!("fetched {fetched} bytes for {raw} bytes of payloads");
+    assert!(
+        fetched > 0 && (fetched as usize) < raw / 4,
+        "fetched {fetched} bytes for {raw} bytes of payloads: not compressed"
+    );
+}
