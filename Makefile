@@ -15,12 +15,14 @@ help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
 build: ## release build of the backfill binary
+	scripts/install-tools.sh system
 	cargo build --release --bin backfill
 	@echo "built $(BIN_RELEASE)"
 
 # `--all-targets` resolves dependency features as the test suite does, so the
 # demo and the tests share one build of DataFusion instead of two.
 demo: ## build, generate a sample archive, run the job over it, print the report
+	scripts/install-tools.sh system
 	cargo build --all-targets
 	rm -rf $(DEMO)
 	$(BIN_DEBUG) generate --out $(DEMO)/archive --events 200000 --keys 500 --seed 7 --days 3
