@@ -38,61 +38,72 @@ fn mimalloc_v3() -> bool {
 }
 
 /// Never hand freed memory back to the OS during a run (mimalloc v3 does
-/// after 1 s). A run frees and allocates decode buffers, bucket pieces and
-/// sort entries by the gigabyte; handed back, each reuse faults its pages
-/// in again and the kernel zeroes them (transparent huge pages: 2 MiB a
-/// fault). Measured over a 10M-event run: 196k page faults and a fifth of
-/// the CPU in `clear_page` by default, 4k faults with none (BENCHMARKS.md).
-/// A batch job's RSS is its high-water mark either way: freed memory is
-/// kept for the next allocation instead. Left alone when
-/// MIMALLOC_PURGE_DELAY holds another value than v3's default (1000).
+/// after 1 s), and never back the heap with transparent huge pages. A run
+/// frees and allocates decode buffers, bucket pieces and sort entries by
+/// the gigabyte; handed back, each reuse faults its pages in again and the
+/// kernel zeroes them: 196k page faults and a fifth of the CPU in
+/// `clear_page` over a 10M-event run by default, 4k with no purge. Huge
+/// pages cost more than they save here: each of those 4k faults zeroed
+/// (and with the kernel's `defrag = madvise`, compacted memory for) 2 MiB,
+/// 6.6–7.0 s of system time at 10M events against 2.2 s with 4 KiB pages,
+/// and 1 s more of wall time (BENCHMARKS.md). A batch job's RSS is its
+/// high-water mark either way: freed memory is kept for the next
+/// allocation instead. Each is left alone when its MIMALLOC_ variable is
+/// set.
 #[cfg(feature = "mimalloc")]
 fn tune_allocator() {
     if mimalloc_v3() {
         // SAFETY: option accessors of the linked mimalloc v3, whose enum
-        // has index 15.
+        // has indexes 15 and 43.
         unsafe {
             if mi_option_get(MI_OPTION_PURGE_DELAY) == 1000 {
                 mi_option_set(MI_OPTION_PURGE_DELAY, -1);
             }
+            if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+                mi_option_set(MI_OPTION_ALLOW_THP, 0);
+            }
+        }
+    }
+    no_huge_pages();
+}
+
+/// Transparent huge pages off for the whole process (kernels whose THP
+/// mode is `always` back any large mapping with them, whatever the
+/// allocator asks); left on when MIMALLOC_ALLOW_THP is set.
+fn no_huge_pages() {
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        // SAFETY: prctl with integer arguments only; failure (an old
+        // kernel) just leaves huge pages on.
+        unsafe {
+            libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
         }
     }
 }
 
 /// The settings bound memory (`--memory-limit` or `memory_limit`): what is
-/// freed goes back to the OS at once, and no transparent huge page backs
-/// the heap. Kept memory counts in RSS, and so does a 2 MiB huge page of
-/// which a purge freed only 64 KiB: with huge pages the 10M-event run at
-/// `--memory-limit 1G` peaked at 1.35 GiB however soon it purged, at
-/// 256M still at 1.15 GiB; without them at 0.93 GiB and 0.65 GiB
-/// (BENCHMARKS.md, "Where the memory goes"). The price is system time for
-/// the page faults of reused memory.
+/// freed goes back to the OS at once. Kept memory counts in RSS (10M
+/// events at `--memory-limit 1G`: 2.1 GiB peak kept, 1.45 GiB purged, same
+/// time; BENCHMARKS.md, "Where the memory goes"). The price is system time
+/// for the page faults of reused memory.
 fn bound_allocator() {
     #[cfg(feature = "mimalloc")]
     if mimalloc_v3() {
-        // SAFETY: option accessors of the linked mimalloc v3 (indexes 15
-        // and 43 of its enum). The purge delay is read at every purge; the
-        // THP option at every new OS allocation.
+        // SAFETY: option accessors of the linked mimalloc v3 (index 15 of
+        // its enum), read at every purge.
         unsafe {
             let delay = mi_option_get(MI_OPTION_PURGE_DELAY);
             if delay == 1000 || delay == -1 {
                 mi_option_set(MI_OPTION_PURGE_DELAY, 0);
             }
-            mi_option_set(MI_OPTION_ALLOW_THP, 0);
         }
-    }
-    // The memory mimalloc (or malloc) mapped before this point was already
-    // advised for huge pages; the process-wide switch covers it too.
-    // SAFETY: prctl with integer arguments only; failure (an old kernel)
-    // just leaves huge pages on.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
 }
 
-/// The system allocator has no knob for a batch job.
+/// The system allocator has no knob for a batch job but huge pages.
 #[cfg(not(feature = "mimalloc"))]
-fn tune_allocator() {}
+fn tune_allocator() {
+    no_huge_pages();
+}
 
 fn main() -> ExitCode {
     // First of all: every message built from here on (a location shown
