@@ -205,6 +205,22 @@ impl ExecutionPlan for NamedScanExec {
             .map(|inner| self.with_inner(inner)))
     }
 
+    /// A projection moves into the scan below, as it would without this
+    /// wrapper: DataFusion rewrites `input_file_name()` and
+    /// `file_row_index()` into the Parquet reader's own columns only there
+    /// (above the wrapper they failed, "source dependent and cannot be
+    /// evaluated directly"), and a scan that computes its projection
+    /// decodes only what it needs.
+    fn try_swapping_with_projection(
+        &self,
+        projection: &datafusion::physical_plan::projection::ProjectionExec,
+    ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+        Ok(self
+            .inner
+            .try_swapping_with_projection(projection)?
+            .map(|inner| self.with_inner(inner)))
+    }
+
     fn gather_filters_for_pushdown(
         &self,
         _phase: FilterPushdownPhase,

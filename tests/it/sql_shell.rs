@@ -1286,3 +1286,81 @@ fn a_bad_constant_is_the_statements_fault() {
     let run = sql(&src, &["SELECT CAST(event_id AS INT) FROM events"]);
     run.expect_code(1);
 }
+
+/// `input_file_name()` and `file_row_index()` name where an event is
+/// archived (the file and its row in it), in `events` and `archive`, with
+/// and without a window; they failed with "source dependent and cannot be
+/// evaluated directly": backfill's wrapper of the scan kept DataFusion from
+/// rewriting them into the Parquet reader's columns.
+#[test]
+fn input_file_name_and_file_row_index_name_where_an_event_is_archived() {
+    let mut a = Archive::new();
+    let rows = |from: i64| -> Vec<Row> {
+        (from..from + 3)
+            .map(|i| {
+                Row::new(
+                    &format!("e{i}"),
+                    "k1",
+                    i,
+                    &format!("2024-01-01T00:0{i}:00Z"),
+                    Some("failed"),
+                )
+            })
+            .collect()
+    };
+    a.rows("dt=2024-01-01/part-0.parquet", &rows(0));
+    a.rows("dt=2024-01-01/part-1.parquet", &rows(3));
+    let expected = [
+        "e0,part-0.parquet,0",
+        "e1,part-0.parquet,1",
+        "e2,part-0.parquet,2",
+        "e3,part-1.parquet,0",
+        "e4,part-1.parquet,1",
+        "e5,part-1.parquet,2",
+    ];
+    for (table, window) in [
+        ("events", vec![]),
+        ("archive", vec![]),
+        (
+            "events",
+            vec![
+                "--from",
+                "2024-01-01T00:01:00Z",
+                "--to",
+                "2024-01-01T00:05:00Z",
+            ],
+        ),
+    ] {
+        let query = format!(
+            "SELECT event_id, input_file_name() AS f, file_row_index() AS r \
+             FROM {table} ORDER BY event_id"
+        );
+        let mut args = vec!["--format", "csv"];
+        args.extend(window.iter().copied());
+        args.push(&query);
+        let run = sql(&a.source(), &args);
+        run.ok();
+        let got: Vec<String> = run
+            .stdout
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                assert_eq!(f.len(), 3, "{l}\n{}", run.describe());
+                let file = f[1].rsplit('/').next().unwrap_or_default();
+                assert!(
+                    f[1].contains("dt=2024-01-01/"),
+                    "the file's whole path: {l}\n{}",
+                    run.describe()
+                );
+                format!("{},{file},{}", f[0], f[2])
+            })
+            .collect();
+        let want: Vec<&str> = if window.is_empty() {
+            expected.to_vec()
+        } else {
+            expected[1..5].to_vec()
+        };
+        assert_eq!(got, want, "{table} {window:?}\n{}", run.describe());
+    }
+}
