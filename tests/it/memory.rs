@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::archive::{Archive, Layout, Row};
 use crate::cli::backfill;
@@ -36,6 +36,35 @@ fn ids(sink_dir: &Path, run_id: &str) -> BTreeSet<String> {
 fn assert_empty(dir: &Path) {
     let left: Vec<_> = fs::read_dir(dir).unwrap().collect();
     assert!(left.is_empty(), "the spill dir is not left empty: {left:?}");
+}
+
+/// A run's folders: `out`, and `spill` (created empty) for `--spill-dir`.
+struct Work {
+    dir: tempfile::TempDir,
+    spill: PathBuf,
+}
+
+impl Work {
+    fn new() -> Work {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = dir.path().join("spill");
+        fs::create_dir(&spill).unwrap();
+        Work { dir, spill }
+    }
+
+    fn out(&self) -> PathBuf {
+        self.dir.path().join("out")
+    }
+
+    /// `--memory-limit 64M --spill-dir SPILL`.
+    fn flags(&self) -> Vec<String> {
+        strings(&[
+            "--memory-limit",
+            "64M",
+            "--spill-dir",
+            &self.spill.display().to_string(),
+        ])
+    }
 }
 
 /// Every event unresolved, 200k of them: the sort of the fetched rows
@@ -71,21 +100,15 @@ fn every_event_unresolved_at_the_minimum_limit() {
             &rows,
         );
     }
-    let work = tempfile::tempdir().unwrap();
-    let spill = work.path().join("spill");
-    fs::create_dir(&spill).unwrap();
-    let out = work.path().join("out");
-    let s = spill.display().to_string();
-    let r = run(
-        &a.path(),
-        &out,
-        "all-unresolved",
-        &["--memory-limit", "64M", "--spill-dir", &s],
-    );
+    let work = Work::new();
+    let (out, spill) = (work.out(), &work.spill);
+    let flags = work.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let r = run(&a.path(), &out, "all-unresolved", &flags);
     r.ok();
     assert_eq!(ids(&out.join("replay"), "all-unresolved"), all);
     assert!(ids(&out.join("dlq"), "all-unresolved").is_empty());
-    assert_empty(&spill);
+    assert_empty(spill);
 }
 
 /// Payloads of 100 KB at the minimum limit. The fetch read (and the sort
@@ -112,21 +135,11 @@ fn payloads_of_100_kb_at_the_minimum_limit() {
     a.file("dt=2024-01-01/part-0.parquet", &Layout::default(), &rows);
     let src = a.path();
     let source = read_source(&src);
-    let work = tempfile::tempdir().unwrap();
-    let spill = work.path().join("spill");
-    fs::create_dir(&spill).unwrap();
-    let job = Job::under(&src, &source, &work.path().join("out")).with(
-        Config::default(),
-        strings(&[
-            "--memory-limit",
-            "64M",
-            "--spill-dir",
-            &spill.display().to_string(),
-        ]),
-    );
+    let work = Work::new();
+    let job = Job::under(&src, &source, &work.out()).with(Config::default(), work.flags());
     let (_, exp) = job.run("wide", &mut Ledger::default(), 0);
     assert!(exp.replay.len() > 300 && !exp.dlq.is_empty());
-    assert_empty(&spill);
+    assert_empty(&work.spill);
 }
 
 /// Absurd limits, from the flag, the job file and the environment: exit 2
@@ -281,23 +294,14 @@ fn unresolved_events_beyond_the_pool_are_fetched_in_generations() {
     }
     let src = a.path();
     let source = read_source(&src);
-    let work = tempfile::tempdir().unwrap();
-    let spill = work.path().join("spill");
-    fs::create_dir(&spill).unwrap();
+    let work = Work::new();
+    let spill = &work.spill;
     let cfg = Config {
         permanent: vec!["^fatal".into()],
         ..Config::default()
     };
-    let job = Job::under(&src, &source, &work.path().join("out")).with(
-        cfg,
-        strings(&[
-            "--memory-limit",
-            "64M",
-            "--spill-dir",
-            &spill.display().to_string(),
-        ]),
-    );
-    let job_file = work.path().join("job.toml");
+    let job = Job::under(&src, &source, &work.out()).with(cfg, work.flags());
+    let job_file = work.dir.path().join("job.toml");
     fs::write(&job_file, "permanent_errors = [\"^fatal\"]\n").unwrap();
     let job = Job {
         flags: [
@@ -318,10 +322,10 @@ fn unresolved_events_beyond_the_pool_are_fetched_in_generations() {
             r.describe()
         );
         assert!(!exp.replay.is_empty() && !exp.dlq.is_empty());
-        assert_empty(&spill);
+        assert_empty(spill);
         // The ledger (40 MiB of ids) is cut in row groups by bytes, as the
         // sinks are: by rows (1M) it was held whole until the run closed it.
-        let runs = work.path().join("out/_state/runs").join(id);
+        let runs = work.out().join("_state/runs").join(id);
         for f in fs::read_dir(&runs).unwrap() {
             let f = f.unwrap().path();
             if f.extension().is_some_and(|e| e == "parquet") {
@@ -401,18 +405,11 @@ fn a_gap_per_event_at_the_minimum_limit() {
             .collect();
         a.file(&format!("dt=2024-01-01/part-{f}.parquet"), &layout, &rows);
     }
-    let work = tempfile::tempdir().unwrap();
-    let spill = work.path().join("spill");
-    fs::create_dir(&spill).unwrap();
-    let out = work.path().join("out");
-    let s = spill.display().to_string();
-    run(
-        &a.path(),
-        &out,
-        "gaps",
-        &["--memory-limit", "64M", "--spill-dir", &s],
-    )
-    .ok();
+    let work = Work::new();
+    let (out, spill) = (work.out(), &work.spill);
+    let flags = work.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    run(&a.path(), &out, "gaps", &flags).ok();
     let gaps = read_output(&out.join("gaps"), "gaps");
     assert_eq!(gaps.rows.len(), 399_000);
     let place = |r: &crate::reference::Record| match (r.get("key"), r.get("first_missing_seq")) {
@@ -425,7 +422,7 @@ fn a_gap_per_event_at_the_minimum_limit() {
         "ordered by key, first missing seq"
     );
     assert_eq!(places[0], ("k0000".to_string(), 1));
-    assert_empty(&spill);
+    assert_empty(spill);
 }
 
 /// A run killed mid-run (here between its two scans, as `kill -9` would:
