@@ -1382,8 +1382,9 @@ impl GapRows {
 // ---------------------------------------------------------------------------
 // Candidates and the fetch
 
-/// Unresolved events, in a flat arena with a hash table of indices: about
-/// 60 bytes an event (a UUID id packed in 17), so that tens of millions of
+/// Unresolved events, in fixed slots with a hash table of indices: about
+/// 56 bytes an event whose id is a UUID (kept in its slot), other ids their
+/// length more (in an arena), so that tens of millions of
 /// them fit. What they hold is reserved in DataFusion's pool, so that the
 /// sort of the fetched rows, which runs while they are alive, spills sooner
 /// instead of pushing the process past `--memory-limit`; they are dropped
@@ -1395,8 +1396,8 @@ struct Candidates {
     /// candidates and are turned away here without touching the table.
     bits: Vec<u64>,
     table: HashTable<u32>,
-    /// Ids other than canonical UUIDs, packed ([`pack_id`]), in chunks
-    /// that are never reallocated.
+    /// Ids other than canonical UUIDs, as the archive spells them, in
+    /// chunks that are never reallocated.
     ids: Vec<Vec<u8>>,
     /// Each candidate's fixed fields, together: the fetch looks a row's
     /// candidate up at random, and one slot is one or two cache lines
@@ -1410,7 +1411,7 @@ struct Candidates {
 /// One candidate, 48 bytes.
 struct Slot {
     /// A canonical UUID's 16 bytes ([`UUID`] in `flags`), or the
-    /// [`IdAt`] of the id packed in the arena (the first 8 bytes).
+    /// [`IdAt`] of the id in the arena (the first 8 bytes).
     id: [u8; 16],
     attempts: i64,
     /// The chosen row's event_time; [`NO_TIME`] in `flags` when NULL.
@@ -1428,8 +1429,8 @@ struct Slot {
 #[derive(Debug, PartialEq)]
 enum StoredId<'a> {
     Uuid(&'a [u8; 16]),
-    /// Packed, tag byte included ([`pack_id`]).
-    Packed(&'a [u8]),
+    /// Any other id, as the archive spells it.
+    Raw(&'a [u8]),
 }
 
 /// The chosen row was found by the fetch (claimed once: duplicates of the
@@ -1441,47 +1442,6 @@ const DEAD: u8 = 2;
 const NO_TIME: u8 = 4;
 /// The id is a canonical UUID, stored in the slot itself.
 const UUID: u8 = 8;
-
-/// How the candidate table stores an id: a UUID in its canonical lowercase
-/// spelling, the common id, as its 16 bytes after a tag byte 1 (17 bytes
-/// instead of 36); any other id as itself after a tag byte 0. Exact both
-/// ways: the tag keeps the two forms apart, and only the canonical spelling
-/// is packed, so that unpacking gives back the very bytes of the archive.
-fn pack_id(id: &[u8]) -> PackedId<'_> {
-    match parse_uuid(id) {
-        Some(u) => PackedId::Uuid(u),
-        None => PackedId::Raw(id),
-    }
-}
-
-/// An id in the form [`pack_id`] chose, parsed once: its length decides
-/// the chunk before it is written.
-enum PackedId<'a> {
-    Uuid([u8; 16]),
-    Raw(&'a [u8]),
-}
-
-impl PackedId<'_> {
-    fn len(&self) -> usize {
-        match self {
-            PackedId::Uuid(u) => 1 + u.len(),
-            PackedId::Raw(id) => 1 + id.len(),
-        }
-    }
-
-    fn write(&self, out: &mut Vec<u8>) {
-        match self {
-            PackedId::Uuid(u) => {
-                out.push(1);
-                out.extend_from_slice(u);
-            }
-            PackedId::Raw(id) => {
-                out.push(0);
-                out.extend_from_slice(id);
-            }
-        }
-    }
-}
 
 /// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` in lowercase hex, as 16 bytes.
 fn parse_uuid(id: &[u8]) -> Option<[u8; 16]> {
@@ -1508,14 +1468,6 @@ fn parse_uuid(id: &[u8]) -> Option<[u8; 16]> {
     Some(out)
 }
 
-/// The archive's bytes of a packed id (`buf` holds an unpacked UUID).
-fn unpack_id<'a>(stored: &'a [u8], buf: &'a mut [u8; 36]) -> &'a [u8] {
-    match stored.split_first() {
-        Some((1, uuid)) if uuid.len() == 16 => unpack_uuid(uuid.try_into().expect("16 bytes"), buf),
-        _ => stored.get(1..).unwrap_or_default(),
-    }
-}
-
 /// A UUID's canonical lowercase spelling.
 fn unpack_uuid<'a>(uuid: &[u8; 16], buf: &'a mut [u8; 36]) -> &'a [u8] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -1532,17 +1484,8 @@ fn unpack_uuid<'a>(uuid: &[u8; 16], buf: &'a mut [u8; 36]) -> &'a [u8] {
     &buf[..]
 }
 
-/// A packed id is the archive's `id`.
-fn same_id(stored: &[u8], id: &[u8]) -> bool {
-    match stored.split_first() {
-        Some((0, raw)) => raw == id,
-        Some((1, uuid)) => parse_uuid(id).is_some_and(|u| uuid == u),
-        _ => false,
-    }
-}
-
 /// An id's place in 8 bytes: its chunk (32 bits), its start in the chunk
-/// (20 bits: chunks are 1 MiB) and its length (12 bits). A packed id of
+/// (20 bits: chunks are 1 MiB) and its length (12 bits). An id of
 /// [`LONG_ID`] bytes or more has a chunk of its own, and its length field
 /// says "the whole chunk".
 struct IdAt;
@@ -1667,7 +1610,7 @@ impl Candidates {
         let at = u64::from_le_bytes(slot.id[..8].try_into().expect("8 bytes"));
         let (chunk, start, len) = IdAt::unpack(at);
         let c = &self.ids[chunk];
-        StoredId::Packed(if len == LONG_ID {
+        StoredId::Raw(if len == LONG_ID {
             c
         } else {
             &c[start..start + len]
@@ -1679,19 +1622,20 @@ impl Candidates {
     fn id<'a>(&'a self, i: u32, buf: &'a mut [u8; 36]) -> &'a [u8] {
         match self.stored(i) {
             StoredId::Uuid(u) => unpack_uuid(u, buf),
-            StoredId::Packed(p) => unpack_id(p, buf),
+            StoredId::Raw(r) => r,
         }
     }
 
-    /// The slot's id field for `id`, and whether it is a UUID; other ids
-    /// go to the arena (a new chunk when the current one is full; a long
-    /// id gets one of its own).
+    /// The slot's id field for `id`, and whether it is a UUID (its 16
+    /// bytes: only the canonical lowercase spelling, so that unpacking
+    /// gives back the archive's very bytes). Other ids go to the arena as
+    /// they are (a new chunk when the current one is full; a long id gets
+    /// one of its own).
     fn push_id(&mut self, id: &[u8]) -> ([u8; 16], bool) {
-        let packed = pack_id(id);
-        if let PackedId::Uuid(u) = packed {
+        if let Some(u) = parse_uuid(id) {
             return (u, true);
         }
-        let len = packed.len();
+        let len = id.len();
         let fits = len < LONG_ID
             && self
                 .ids
@@ -1704,7 +1648,7 @@ impl Candidates {
         let chunk = self.ids.len() - 1;
         let c = &mut self.ids[chunk];
         let start = c.len();
-        packed.write(c);
+        c.extend_from_slice(id);
         let start = if len < LONG_ID { start } else { 0 };
         let mut field = [0u8; 16];
         field[..8].copy_from_slice(&IdAt::pack(chunk, start, len).to_le_bytes());
@@ -1876,7 +1820,7 @@ impl Candidates {
                         .as_ref()
                         == Some(u)
                 }
-                StoredId::Packed(p) => same_id(p, id.as_bytes()),
+                StoredId::Raw(r) => r == id.as_bytes(),
             })
             .copied()
     }
@@ -2377,21 +2321,32 @@ mod tests {
             "e-1",
             long.as_str(),
         ] {
-            let mut stored = vec![];
-            let packed = pack_id(id.as_bytes());
-            packed.write(&mut stored);
-            assert_eq!(stored.len(), packed.len(), "{id}");
+            let pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool> =
+                Arc::new(datafusion::execution::memory_pool::UnboundedMemoryPool::default());
+            let mut c = Candidates::new(&pool);
+            c.push(id.as_bytes(), 0, None, None);
+            c.seal();
             let mut buf = [0u8; 36];
-            assert_eq!(unpack_id(&stored, &mut buf), id.as_bytes(), "{id}");
-            assert!(same_id(&stored, id.as_bytes()), "{id}");
-            assert!(!same_id(&stored, format!("{id}0").as_bytes()), "{id}");
+            assert_eq!(c.id(0, &mut buf), id.as_bytes(), "{id}");
+            let rs = hasher();
+            assert_eq!(c.find(&rs, id), Some(0), "{id}");
+            assert_eq!(c.find(&rs, &format!("{id}0")), None, "{id}");
+            // Only the canonical lowercase spelling of a UUID is packed.
+            assert_eq!(
+                matches!(c.stored(0), StoredId::Uuid(_)),
+                id == "0b9c5d1e-2f3a-4b5c-8d6e-7f8091a2b3c4",
+                "{id}"
+            );
         }
-        let mut uuid = vec![];
-        pack_id(b"0b9c5d1e-2f3a-4b5c-8d6e-7f8091a2b3c4").write(&mut uuid);
-        assert_eq!(uuid.len(), 17);
-        assert!(!same_id(&uuid, b"0B9C5D1E-2F3A-4B5C-8D6E-7F8091A2B3C4"));
-        // The raw 17 bytes of a packed UUID are another id.
-        assert!(!same_id(&uuid, &uuid));
+        let pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool> =
+            Arc::new(datafusion::execution::memory_pool::UnboundedMemoryPool::default());
+        let mut c = Candidates::new(&pool);
+        c.push(b"0b9c5d1e-2f3a-4b5c-8d6e-7f8091a2b3c4", 0, None, None);
+        c.seal();
+        assert_eq!(
+            c.find(&hasher(), "0B9C5D1E-2F3A-4B5C-8D6E-7F8091A2B3C4"),
+            None
+        );
     }
 
     #[test]
