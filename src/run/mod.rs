@@ -711,7 +711,7 @@ fn spill_full(e: datafusion::error::DataFusionError, dir: &std::path::Path) -> E
     let full = |s: &str| s.contains("(os error 28)") || s.contains("(os error 122)");
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     let mut is_full = full(&text);
-    let mut text = text.clone();
+    let mut text = text;
     while let Some(c) = cause {
         if let Some(io) = c.downcast_ref::<std::io::Error>()
             && matches!(io.raw_os_error(), Some(28 | 122))

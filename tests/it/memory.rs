@@ -13,10 +13,10 @@ use crate::e2e::{Job, strings};
 use crate::reference::{Config, Ledger, Value, read_output, read_source};
 
 /// `backfill run` over `src` into `out` with `extra` flags.
-fn run(src: &Path, out: &Path, id: &str, extra: &[&str]) -> crate::cli::Run {
+fn run(src: &Path, out: &Path, id: &str, extra: &[impl AsRef<str>]) -> crate::cli::Run {
     let (s, o) = (src.display().to_string(), out.display().to_string());
     let mut args = vec!["run", "--source", &s, "--out", &o, "--run-id", id];
-    args.extend_from_slice(extra);
+    args.extend(extra.iter().map(AsRef::as_ref));
     backfill(&args)
 }
 
@@ -102,9 +102,7 @@ fn every_event_unresolved_at_the_minimum_limit() {
     }
     let work = Work::new();
     let (out, spill) = (work.out(), &work.spill);
-    let flags = work.flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let r = run(&a.path(), &out, "all-unresolved", &flags);
+    let r = run(&a.path(), &out, "all-unresolved", &work.flags());
     r.ok();
     assert_eq!(ids(&out.join("replay"), "all-unresolved"), all);
     assert!(ids(&out.join("dlq"), "all-unresolved").is_empty());
@@ -407,9 +405,7 @@ fn a_gap_per_event_at_the_minimum_limit() {
     }
     let work = Work::new();
     let (out, spill) = (work.out(), &work.spill);
-    let flags = work.flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    run(&a.path(), &out, "gaps", &flags).ok();
+    run(&a.path(), &out, "gaps", &work.flags()).ok();
     let gaps = read_output(&out.join("gaps"), "gaps");
     assert_eq!(gaps.rows.len(), 399_000);
     let place = |r: &crate::reference::Record| match (r.get("key"), r.get("first_missing_seq")) {
