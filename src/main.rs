@@ -54,29 +54,36 @@ fn mimalloc_v3() -> bool {
 fn tune_allocator() {
     if mimalloc_v3() {
         // SAFETY: option accessors of the linked mimalloc v3, whose enum
-        // has indexes 15 and 43.
+        // has index 15.
         unsafe {
             if mi_option_get(MI_OPTION_PURGE_DELAY) == 1000 {
                 mi_option_set(MI_OPTION_PURGE_DELAY, -1);
-            }
-            if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
-                mi_option_set(MI_OPTION_ALLOW_THP, 0);
             }
         }
     }
     no_huge_pages();
 }
 
-/// Transparent huge pages off for the whole process (kernels whose THP
-/// mode is `always` back any large mapping with them, whatever the
-/// allocator asks); left on when MIMALLOC_ALLOW_THP is set.
+/// Transparent huge pages off: the allocator stops asking for them, and
+/// the process refuses them (kernels whose THP mode is `always` back any
+/// large mapping with them, whatever the allocator asks). Left on when
+/// MIMALLOC_ALLOW_THP is set.
 fn no_huge_pages() {
-    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
-        // SAFETY: prctl with integer arguments only; failure (an old
-        // kernel) just leaves huge pages on.
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+        return;
+    }
+    #[cfg(feature = "mimalloc")]
+    if mimalloc_v3() {
+        // SAFETY: an option setter of the linked mimalloc v3 (index 43 of
+        // its enum), read at every new OS allocation.
         unsafe {
-            libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+            mi_option_set(MI_OPTION_ALLOW_THP, 0);
         }
+    }
+    // SAFETY: prctl with integer arguments only; failure (an old kernel)
+    // just leaves huge pages on.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
 }
 
