@@ -1,19 +1,26 @@
-"""Airflow 3 DAG: one backfill run per job file and per day.
+"""Airflow 3 DAG: one backfill per job file and per day, in SHARDS runs.
 
-What it does, per data interval [data_interval_start, data_interval_end):
+What it does, per data interval [data_interval_start, data_interval_end),
+in a task group per job file (named after the file: ``nightly``):
 
-- ``per_job.preflight``: ``backfill run --dry-run`` with the very flags of the
-  run (a configuration error fails here, before anything is written);
-- ``per_job.run``: the run itself, its JSON report (the ``--report`` file,
-  read back) pushed to XCom under ``report`` (and returned, on success);
+- ``nightly.preflight``: ``backfill run --dry-run`` with the very flags of
+  the run (a configuration error fails here, before anything is written);
+- ``nightly.run``: the run, mapped over the shards
+  (``run.partial(...).expand(shard=range(SHARDS))``): ``backfill run --shard
+  I/SHARDS``, each shard's JSON report (the ``--report`` file, read back)
+  pushed to XCom under ``report`` (and returned, on success);
+- ``nightly.merge``: once every shard has ended, ``backfill report merge``
+  over their reports: it fails the DAG run when a shard left no report or
+  the shards' figures do not balance, and returns the merged report.
 
-both in the task group ``per_job``, mapped over the job files
-(``per_job.expand(job=JOB_FILES)``): one preflight and one run per job file.
+With ``SHARDS = 1`` each job is one run without ``--shard`` and no merge.
+(Airflow cannot expand a task inside a mapped task group, so the groups are
+made per job file when the DAG file is parsed.)
 
 The run id is the job file's name and the interval's first day
-(``nightly-20261130``): a retried or cleared task reruns the same id, and
-``backfill`` exits with the committed run's outcome without writing
-anything (docs/scheduling.md).
+(``nightly-20261130``; a shard's is ``nightly-20261130-shard-2-of-4``): a
+retried or cleared task reruns the same id, and ``backfill`` exits with the
+committed run's outcome without writing anything (docs/scheduling.md).
 
 Exit codes become task states (README, "Exit codes"):
 
@@ -51,7 +58,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import DAG, CronDataIntervalTimetable, get_current_context, task, task_group
+from airflow.sdk import DAG, CronDataIntervalTimetable, TaskGroup, get_current_context, task
 
 try:  # Airflow >= 3.1: the Task SDK's own exceptions
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
@@ -66,6 +73,11 @@ log = logging.getLogger(__name__)
 JOB_FILES = [
     "/opt/backfill/jobs/nightly.toml",
 ]
+
+#: Runs per job and day: ``backfill run --shard I/SHARDS`` for I in
+#: 0..SHARDS-1, side by side, each deciding the events of its keys
+#: (docs/scheduling.md, "Shards"). 1: one run, no merge.
+SHARDS = 4
 
 #: The binary, found on the worker's PATH unless BACKFILL_BIN names it.
 BACKFILL_BIN_DEFAULT = "backfill"
@@ -87,15 +99,30 @@ WINDOW = {
 }
 
 
-def run_id_for(job: str, day: str) -> str:
-    """The run id of a job file for one day: stable across retries."""
-    return f"{Path(job).stem}-{day}"
+def run_id_for(job: str, day: str, shard: int | None = None) -> str:
+    """The run id of a job file for one day (a shard's with the suffix
+    backfill adds): stable across retries."""
+    base = f"{Path(job).stem}-{day}"
+    return base if shard is None else f"{base}-shard-{shard}-of-{SHARDS}"
+
+
+def group_id_for(job: str) -> str:
+    """The task group of a job file: its name, in the characters a task
+    group id may hold."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", Path(job).stem) or "job"
 
 
 def backfill_argv(
-    job: str, date_from: str, date_to: str, day: str, report: str, dry_run: bool = False
+    job: str,
+    date_from: str,
+    date_to: str,
+    day: str,
+    report: str,
+    dry_run: bool = False,
+    shard: int | None = None,
 ) -> list[str]:
-    """The command line of one run (the preflight adds ``--dry-run``)."""
+    """The command line of one run (the preflight adds ``--dry-run``, a
+    shard ``--shard I/SHARDS``)."""
     argv = [
         os.environ.get("BACKFILL_BIN", BACKFILL_BIN_DEFAULT),
         "run",
@@ -113,6 +140,8 @@ def backfill_argv(
         "--progress",
         "off",
     ]
+    if shard is not None:
+        argv += ["--shard", f"{shard}/{SHARDS}"]
     if dry_run:
         argv.append("--dry-run")
     return argv
@@ -174,13 +203,25 @@ def push_report(report: dict) -> None:
     get_current_context()["ti"].xcom_push(key="report", value=report)
 
 
-def run_backfill(job: str, date_from: str, date_to: str, day: str, dry_run: bool = False) -> dict | None:
+def backfill_env() -> dict[str, str]:
+    """The runs' environment: the worker's and the env file's."""
+    return {**os.environ, **read_env_file(os.environ.get("BACKFILL_ENV_FILE", ENV_FILE_DEFAULT))}
+
+
+def run_backfill(
+    job: str,
+    date_from: str,
+    date_to: str,
+    day: str,
+    dry_run: bool = False,
+    shard: int | None = None,
+) -> dict | None:
     """Run backfill once, log its output, push its report, and map its exit
     code to the task's state (``raise_for_exit``)."""
-    env = {**os.environ, **read_env_file(os.environ.get("BACKFILL_ENV_FILE", ENV_FILE_DEFAULT))}
+    env = backfill_env()
     with tempfile.TemporaryDirectory(prefix="backfill-report-") as tmp:
         report_file = os.path.join(tmp, "report.json")
-        argv = backfill_argv(job, date_from, date_to, day, report_file, dry_run)
+        argv = backfill_argv(job, date_from, date_to, day, report_file, dry_run, shard)
         log.info("running %s", " ".join(argv))
         done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
         for line in done.stdout.splitlines():
@@ -201,8 +242,50 @@ def run_backfill(job: str, date_from: str, date_to: str, day: str, dry_run: bool
         log.warning("backfill --dry-run: the run would dead-letter events (exit 3)")
         code = EXIT_OK
     lines = [l for l in done.stderr.splitlines() if l.strip()]
-    raise_for_exit(code, run_id_for(job, day), lines[-1] if lines else "", dry_run)
+    raise_for_exit(code, run_id_for(job, day, shard), lines[-1] if lines else "", dry_run)
     return report
+
+
+def merge_reports(job: str, day: str, reports: list[dict | None]) -> dict:
+    """``backfill report merge`` over the shards' reports (in shard order,
+    None for a shard that wrote none): the merged report, or the task fails
+    (not retried: a retry would merge the same reports) when a shard left
+    no report (it failed before its commit: retry that shard) or the
+    figures do not balance."""
+    missing = [i for i, r in enumerate(reports) if r is None]
+    if missing:
+        raise AirflowFailException(
+            f"{run_id_for(job, day)}: no report from shard {', '.join(f'{i}/{SHARDS}' for i in missing)}: "
+            "clear its run task; the merge runs again when it has ended"
+        )
+    with tempfile.TemporaryDirectory(prefix="backfill-merge-") as tmp:
+        files = []
+        for i, r in enumerate(reports):
+            path = os.path.join(tmp, f"shard-{i}.json")
+            with open(path, "w") as f:
+                json.dump(r, f)
+            files.append(path)
+        argv = [os.environ.get("BACKFILL_BIN", BACKFILL_BIN_DEFAULT), "report", "merge", "--json", *files]
+        log.info("running %s", " ".join(argv))
+        done = subprocess.run(argv, env=backfill_env(), capture_output=True, text=True, check=False)
+    for line in done.stderr.splitlines():
+        log.warning("%s", line)
+    if done.returncode != EXIT_OK:
+        lines = [l for l in done.stderr.splitlines() if l.strip()]
+        raise AirflowFailException(
+            f"backfill report merge {run_id_for(job, day)}: exit {done.returncode}: {lines[-1] if lines else ''}"
+        )
+    merged = json.loads(done.stdout)
+    log.info(
+        "%s: %s events = %s resolved + %s replayed + %s dead-lettered + %s already in the DLQ",
+        merged["run_id"],
+        merged["events"],
+        merged["resolved"],
+        merged["replayed"],
+        merged["dead_lettered"],
+        merged["skipped_dead_lettered"],
+    )
+    return merged
 
 
 with DAG(
@@ -230,14 +313,32 @@ with DAG(
         return run_backfill(job, date_from, date_to, day, dry_run=True)
 
     @task
-    def run(job: str, date_from: str, date_to: str, day: str) -> dict | None:
-        """The run: its report to XCom, its exit code to the task's state."""
-        return run_backfill(job, date_from, date_to, day)
+    def run(job: str, date_from: str, date_to: str, day: str, shard: int | None = None) -> dict | None:
+        """One shard's run (the whole window's with SHARDS = 1): its report
+        to XCom, its exit code to the task's state."""
+        return run_backfill(job, date_from, date_to, day, shard=shard)
 
-    @task_group
-    def per_job(job: str) -> None:
-        """One job file: its preflight, then its run. A group per job, so
-        that one job's failing preflight holds back that job's run only."""
-        preflight(job=job, **WINDOW) >> run(job=job, **WINDOW)
+    # After every shard, whatever their states: a shard that dead-letters
+    # (exit 3) has committed, and the balance is still worth checking.
+    @task(trigger_rule="all_done", retries=0)
+    def merge(job: str, day: str, group: str) -> dict:
+        """The shards' reports, from XCom, merged (``merge_reports``)."""
+        ti = get_current_context()["ti"]
+        # One pull per shard: a list pull leaves out the shards without a
+        # report, and the rest would shift.
+        reports = [
+            ti.xcom_pull(task_ids=f"{group}.run", key="report", map_indexes=i) for i in range(SHARDS)
+        ]
+        return merge_reports(job, day, reports)
 
-    per_job.expand(job=JOB_FILES)
+    for job in JOB_FILES:
+        # A group per job file, so that one job's failing preflight holds
+        # back that job's runs only.
+        group = group_id_for(job)
+        with TaskGroup(group_id=group):
+            checked = preflight(job=job, **WINDOW)
+            if SHARDS == 1:
+                checked >> run(job=job, **WINDOW)
+            else:
+                runs = run.partial(job=job, **WINDOW).expand(shard=list(range(SHARDS)))
+                checked >> runs >> merge(job=job, day=WINDOW["day"], group=group)

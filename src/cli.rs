@@ -111,6 +111,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Inspect or clean the state (ledger and manifests).
     State(StateArgs),
+    /// Work with run reports: merge the reports of shard runs into one.
+    Report(ReportArgs),
     /// Print a completion script for SHELL: `source <(backfill completions bash)`.
     Completions(CompletionsArgs),
     /// Print a man page (roff): `backfill man | man -l -`, `backfill man run`.
@@ -262,6 +264,10 @@ pub struct RunArgs {
     /// Name of this run (default: run-<UTC time>); a committed id is never run twice.
     #[arg(long, value_name = "ID", env = "BACKFILL_RUN_ID")]
     pub run_id: Option<String>,
+    /// Process shard I of N (0 ≤ I < N): the keys with FNV-1a(key) mod N =
+    /// I; the run id gets `-shard-I-of-N` (docs/scheduling.md, "Shards").
+    #[arg(long, value_name = "I/N", env = "BACKFILL_SHARD")]
+    pub shard: Option<String>,
     /// Also write the report as JSON to FILE.
     #[arg(long, value_name = "FILE", env = "BACKFILL_REPORT")]
     pub report: Option<String>,
@@ -374,6 +380,33 @@ pub struct GenerateArgs {
     /// Files per day folder.
     #[arg(long, default_value_t = 2, env = "BACKFILL_FILES_PER_DAY")]
     pub files_per_day: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    #[command(subcommand)]
+    pub command: ReportCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ReportCommand {
+    /// Sum the JSON reports of the N shard runs of one backfill (`run
+    /// --shard I/N --report FILE`) into one; exit 1 when they do not
+    /// balance, 2 when they are not the N shards of one backfill.
+    Merge(MergeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MergeArgs {
+    /// The shard runs' reports, one per shard, in any order.
+    #[arg(value_name = "REPORT.json", required = true)]
+    pub reports: Vec<PathBuf>,
+    /// Also write the merged report as JSON to FILE.
+    #[arg(long, value_name = "FILE", env = "BACKFILL_REPORT")]
+    pub report: Option<PathBuf>,
+    /// Print the merged report as JSON instead of the summary.
+    #[arg(long, env = "BACKFILL_JSON", value_parser = BoolishValueParser::new())]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

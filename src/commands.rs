@@ -1,5 +1,5 @@
-//! The read-only subcommands: `gaps`, `sql`, `explain`, `generate` and
-//! `state`. Each builds the same session and views as `run`, so what a user
+//! The read-only subcommands: `gaps`, `sql`, `explain`, `generate`,
+//! `state` and `report`. Each builds the same session and views as `run`, so what a user
 //! explores by hand is exactly what the job decides on.
 
 use std::io::Write;
@@ -8,8 +8,8 @@ use arrow::record_batch::RecordBatch;
 use datafusion::prelude::SessionContext;
 
 use crate::cli::{
-    ExplainArgs, Format, GapsArgs, GcArgs, GenerateArgs, ScanArgs, SqlArgs, StateCommand,
-    StateLocArgs,
+    ExplainArgs, Format, GapsArgs, GcArgs, GenerateArgs, ReportCommand, ScanArgs, SqlArgs,
+    StateCommand, StateLocArgs,
 };
 use crate::error::Error;
 use crate::job::{self, Scan};
@@ -183,5 +183,49 @@ pub fn write_stdout(bytes: &[u8]) -> Result<(), Error> {
             what: "stdout".into(),
             message: e.to_string(),
         }),
+    }
+}
+
+/// `backfill report merge`: one report from the shard runs' reports
+/// ([`crate::report::merge`]).
+pub fn report(cmd: ReportCommand) -> Result<(), Error> {
+    let ReportCommand::Merge(args) = cmd;
+    let mut reports = vec![];
+    for path in &args.reports {
+        let shown = path.display().to_string();
+        // A report named wrong is the caller's mistake (exit 2), as is one
+        // that is not a run's report: a JSON object with its figures.
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Usage(format!("report {shown} cannot be read: {e}")))?;
+        let not_a_report = |why: String| {
+            Error::Usage(format!(
+                "report {shown} is not a backfill run report: {why}"
+            ))
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| not_a_report(e.to_string()))?;
+        if !value.is_object() || value.get("run_id").and_then(|v| v.as_str()).is_none() {
+            return Err(not_a_report("not a JSON object with a run_id".into()));
+        }
+        let r: crate::report::Report =
+            serde_json::from_value(value).map_err(|e| not_a_report(e.to_string()))?;
+        reports.push(r);
+    }
+    let merged = crate::report::merge(&reports).map_err(|e| match e {
+        crate::report::MergeError::Shards(m) => Error::Usage(format!("report merge: {m}")),
+        crate::report::MergeError::Balance(m) => Error::Unbalanced(format!("report merge: {m}")),
+    })?;
+    let json = serde_json::to_string_pretty(&merged)
+        .map_err(|e| Error::Internal(format!("the merged report: {e}")))?;
+    if let Some(out) = &args.report {
+        std::fs::write(out, format!("{json}\n")).map_err(|e| Error::Io {
+            what: format!("report {}", out.display()),
+            message: e.to_string(),
+        })?;
+    }
+    if args.json {
+        write_stdout(format!("{json}\n").as_bytes())
+    } else {
+        write_stdout(merged.human().as_bytes())
     }
 }

@@ -46,6 +46,9 @@ pub enum Error {
     Io { what: String, message: String },
     #[error("{0}")]
     Usage(String),
+    /// Figures that do not add up (merged shard reports): exit 1.
+    #[error("{0}")]
+    Unbalanced(String),
     /// The run committed; making its outputs visible failed part way.
     #[error(
         "run '{run_id}' is committed, but publishing its outputs failed: {message}; the next run or `backfill state gc` finishes it"

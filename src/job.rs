@@ -214,6 +214,9 @@ pub struct Scan {
     pub detect_gaps: bool,
     pub detect_conflicts: bool,
     pub memory_limit: usize,
+    /// `--shard I/N`: this run decides the events and keys of one shard
+    /// ([`crate::shard`]); None: all of them.
+    pub shard: Option<crate::shard::Shard>,
     /// Where the query engine spills; `None`: the system temp dir. Checked to
     /// be an existing, writable directory. Use [`spill_dir`] to place files.
     pub spill_dir: Option<PathBuf>,
@@ -673,6 +676,7 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
         detect_gaps: !args.no_gaps && job.detect_gaps.unwrap_or(true),
         detect_conflicts: !args.no_conflicts && job.detect_conflicts.unwrap_or(true),
         memory_limit,
+        shard: None,
         spill_dir,
         partitions,
         storage: job.storage.clone().unwrap_or_default(),
@@ -738,11 +742,16 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
             )
         })?;
     }
-    let run_id = args
+    let mut run_id = args
         .run_id
         .clone()
         .or(job.run_id.clone())
         .unwrap_or_else(|| default_run_id(now));
+    if let Some(s) = &args.shard {
+        let shard: crate::shard::Shard = s.parse().map_err(|m| invalid("--shard", m))?;
+        run_id.push_str(&shard.run_id_suffix());
+        scan.shard = Some(shard);
+    }
     validate_run_id(&run_id)?;
     // Outputs written into the archive must not be read back as events.
     scan.exclude = [

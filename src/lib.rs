@@ -23,6 +23,7 @@ pub mod progress;
 pub mod redact;
 pub mod report;
 pub mod run;
+pub mod shard;
 pub mod shell;
 pub mod sink;
 pub mod source;

@@ -28,10 +28,16 @@ const CGROUP_V1_LIMIT: &str = "/sys/fs/cgroup/memory/memory.limit_in_bytes";
 /// of the operators, the sinks' row groups, the allocator's free pages.
 /// Measured over 10M and 50M events that rest is 350-450 MiB whatever the
 /// limit, so the limit bounds the process's RSS only if the pool leaves it
-/// (BENCHMARKS.md, "Where the memory goes").
+/// (BENCHMARKS.md, "Where the memory goes"): 3/8 of a small limit, and
+/// [`OUTSIDE_POOL`] of a large one, where 3/8 of the default (half of a
+/// 24 GiB machine) kept 4.5 GiB idle while 50M events spilled 4.9 GB.
 pub fn pool_bytes(memory_limit: usize) -> usize {
-    memory_limit / 8 * 5
+    (memory_limit / 8 * 5).max(memory_limit.saturating_sub(OUTSIDE_POOL))
 }
+
+/// What a large `--memory-limit` keeps outside the pool: several times the
+/// measured rest, for the sinks' row groups and decoding ahead.
+pub const OUTSIDE_POOL: usize = 3 << 29;
 
 /// The most a Parquet writer (an output sink, the ledger) buffers of a row
 /// group before it writes it out; under a small `--memory-limit`, less

@@ -399,6 +399,7 @@ async fn dispatch(cmd: Command) -> Result<u8, Error> {
         Command::Explain(a) => commands::explain(a).await.map(|_| EXIT_OK),
         Command::Generate(a) => commands::generate(a).await.map(|_| EXIT_OK),
         Command::State(a) => commands::state(a.command).await.map(|_| EXIT_OK),
+        Command::Report(a) => commands::report(a.command).map(|_| EXIT_OK),
         Command::Completions(a) => completions(a.shell).map(|_| EXIT_OK),
         Command::Man(a) => man_page(&a.command).map(|_| EXIT_OK),
     }

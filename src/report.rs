@@ -34,6 +34,13 @@ pub struct Report {
     pub recovered_attempt: Option<String>,
     pub window_from: Option<String>,
     pub window_to: Option<String>,
+    /// The shard this run decided (`--shard I/N`): its events, gaps and
+    /// conflicts are that shard's alone (see [`merge`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<crate::shard::Shard>,
+    /// The shard runs a merged report sums ([`merge`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_from: Vec<String>,
     /// Archive rows inside the window.
     pub rows: u64,
     pub files_scanned: u64,
@@ -166,6 +173,22 @@ impl Report {
             ),
         };
         let _ = writeln!(s, "  {:<LABEL$}{window}", "window");
+        if let Some(sh) = self.shard {
+            let _ = writeln!(
+                s,
+                "  {:<LABEL$}{} of {} (keys with FNV-1a(key) mod {} = {})",
+                "shard", sh.index, sh.count, sh.count, sh.index
+            );
+        }
+        if !self.merged_from.is_empty() {
+            let _ = writeln!(
+                s,
+                "  {:<LABEL$}{} shard runs: {}",
+                "merged",
+                self.merged_from.len(),
+                self.merged_from.join(", ")
+            );
+        }
         let _ = writeln!(
             s,
             "  {:<LABEL$}{} rows, {}, in {} files ({} pruned by the window)",
@@ -346,4 +369,208 @@ mod tests {
         };
         assert!(!r.balances());
     }
+}
+
+/// Why shard reports cannot be merged.
+#[derive(Debug, PartialEq)]
+pub enum MergeError {
+    /// The reports are not the N shards of one backfill (exit 2).
+    Shards(String),
+    /// A report, or their sum, breaks the balance (exit 1).
+    Balance(String),
+}
+
+/// One report from the reports of the N shard runs of one backfill
+/// (`backfill report merge`): every shard 0..N once, the same window, each
+/// balancing; the counts of events, decisions, gaps, conflicts, rows and
+/// bytes summed (each shard reads every file of the window, so the files
+/// are counted once and the bytes as read), the phases and the elapsed
+/// time the longest shard's (they run side by side). The sum must balance
+/// too.
+pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
+    let shards = |m: String| Err(MergeError::Shards(m));
+    let Some(first) = reports.first() else {
+        return shards("no reports to merge".into());
+    };
+    let Some(count) = first.shard.map(|s| s.count) else {
+        return shards(format!(
+            "{} is not a shard's report (no --shard)",
+            first.run_id
+        ));
+    };
+    if count == 0 || count > crate::shard::MAX_SHARDS {
+        return shards(format!(
+            "{} claims {count} shards: a shard count is between 1 and {}",
+            first.run_id,
+            crate::shard::MAX_SHARDS
+        ));
+    }
+    for r in reports {
+        if let Some(s) = r.shard
+            && s.index >= s.count
+        {
+            return shards(format!(
+                "{} claims shard {s}, which does not exist",
+                r.run_id
+            ));
+        }
+    }
+    // The id the shards share: each is `<base>-shard-I-of-N`.
+    let base = |r: &Report| {
+        r.shard.and_then(|s| {
+            r.run_id
+                .strip_suffix(&s.run_id_suffix())
+                .filter(|b| !b.is_empty())
+                .map(str::to_string)
+        })
+    };
+    let Some(first_base) = base(first) else {
+        return shards(format!(
+            "'{}' is not a shard run's id (ID-shard-I-of-N)",
+            first.run_id
+        ));
+    };
+    let mut seen = vec![None::<&str>; count as usize];
+    for r in reports {
+        let Some(s) = r.shard else {
+            return shards(format!("{} is not a shard's report (no --shard)", r.run_id));
+        };
+        if s.count != count {
+            return shards(format!(
+                "{} is shard {s} but {} is of {count} shards",
+                r.run_id, first.run_id
+            ));
+        }
+        if base(r).as_deref() != Some(first_base.as_str()) {
+            return shards(format!(
+                "'{}' is not a shard of {first_base}: not one backfill",
+                r.run_id
+            ));
+        }
+        if r.state != first.state {
+            return shards(format!(
+                "{} and {} committed to different states: not one backfill",
+                first.run_id, r.run_id
+            ));
+        }
+        if let Some(other) = seen[s.index as usize].replace(&r.run_id) {
+            return shards(format!(
+                "shard {s} is given twice: {other} and {}",
+                r.run_id
+            ));
+        }
+        if (&r.window_from, &r.window_to) != (&first.window_from, &first.window_to) {
+            return shards(format!(
+                "{} and {} have different windows: not one backfill",
+                first.run_id, r.run_id
+            ));
+        }
+        if r.dry_run != first.dry_run {
+            return shards(format!(
+                "{} and {} are not both dry runs",
+                first.run_id, r.run_id
+            ));
+        }
+        if !r.balances() {
+            return Err(MergeError::Balance(format!(
+                "{} does not balance: {} events != {} resolved + {} replayed + {} dead-lettered + {} already in the DLQ",
+                r.run_id,
+                r.events,
+                r.resolved,
+                r.replayed,
+                r.dead_lettered,
+                r.skipped_dead_lettered
+            )));
+        }
+    }
+    let missing: Vec<usize> = (0..seen.len()).filter(|i| seen[*i].is_none()).collect();
+    if !missing.is_empty() {
+        // The first few: 4 reports of 65,536 shards miss 65,532.
+        let mut named: Vec<String> = missing
+            .iter()
+            .take(8)
+            .map(|i| format!("{i}/{count}"))
+            .collect();
+        if missing.len() > 8 {
+            named.push(format!("and {} more", missing.len() - 8));
+        }
+        return shards(format!("missing the report of shard {}", named.join(", ")));
+    }
+    let mut m = Report {
+        run_id: first_base,
+        dry_run: first.dry_run,
+        // A rerun of a shard's id did nothing; the merge is "already
+        // committed" only when every shard's was.
+        already_committed: reports.iter().all(|r| r.already_committed),
+        window_from: first.window_from.clone(),
+        window_to: first.window_to.clone(),
+        files_scanned: first.files_scanned,
+        files_pruned: first.files_pruned,
+        partitions_pruned: first.partitions_pruned,
+        row_groups_pruned: first.row_groups_pruned,
+        kafka_messages: first.kafka_messages,
+        state: first.state.clone(),
+        ..Report::default()
+    };
+    let mut ordered: Vec<&Report> = reports.iter().collect();
+    ordered.sort_by_key(|r| r.shard.map(|s| s.index));
+    for r in ordered {
+        // Counts no run reaches: a report edited by hand.
+        let add = |a: &mut u64, b: u64| -> Result<(), MergeError> {
+            *a = a.checked_add(b).ok_or_else(|| {
+                MergeError::Shards(format!(
+                    "{}: its counts are too large to add up (edited by hand?)",
+                    r.run_id
+                ))
+            })?;
+            Ok(())
+        };
+        m.merged_from.push(r.run_id.clone());
+        m.exit_code = m.exit_code.max(r.exit_code);
+        add(&mut m.rows, r.rows)?;
+        add(&mut m.bytes_scanned, r.bytes_scanned)?;
+        add(&mut m.events, r.events)?;
+        add(&mut m.resolved, r.resolved)?;
+        add(&mut m.replayed, r.replayed)?;
+        add(&mut m.dead_lettered, r.dead_lettered)?;
+        for (reason, n) in &r.dead_lettered_by_reason {
+            add(
+                m.dead_lettered_by_reason.entry(reason.clone()).or_default(),
+                *n,
+            )?;
+        }
+        add(&mut m.skipped_dead_lettered, r.skipped_dead_lettered)?;
+        add(&mut m.gaps, r.gaps)?;
+        m.missing_events = m.missing_events.saturating_add(r.missing_events);
+        add(&mut m.conflicts, r.conflicts)?;
+        add(
+            &mut m.undecodable_dead_lettered,
+            r.undecodable_dead_lettered,
+        )?;
+        add(&mut m.undecodable_skipped, r.undecodable_skipped)?;
+        add(&mut m.spilled_bytes, r.spilled_bytes)?;
+        for (kind, receipt) in &r.outputs {
+            let out = m
+                .outputs
+                .entry(kind.clone())
+                .or_insert_with(|| SinkReceipt {
+                    target: receipt.target.clone(),
+                    ..SinkReceipt::default()
+                });
+            add(&mut out.rows, receipt.rows)?;
+            out.outputs.extend(receipt.outputs.iter().cloned());
+        }
+        for (phase, ms) in &r.phase_ms {
+            let p = m.phase_ms.entry(phase.clone()).or_default();
+            *p = (*p).max(*ms);
+        }
+        m.elapsed_ms = m.elapsed_ms.max(r.elapsed_ms);
+    }
+    if !m.balances() {
+        return Err(MergeError::Balance(format!(
+            "the shards' sum does not balance: {} events != {} resolved + {} replayed + {} dead-lettered + {} already in the DLQ",
+            m.events, m.resolved, m.replayed, m.dead_lettered, m.skipped_dead_lettered
+        )));
+    }
+    Ok(m)
 }

@@ -213,6 +213,7 @@ mod tests {
             detect_gaps: true,
             detect_conflicts: false,
             memory_limit: 1,
+            shard: None,
             spill_dir: None,
             partitions: vec![],
             storage: Default::default(),
@@ -232,5 +233,47 @@ mod tests {
             "{s}"
         );
         assert!(s.ends_with("WHERE false"));
+    }
+}
+
+/// Scan figures summed from DataFusion's Parquet metrics over a plan.
+#[derive(Debug, Default, Clone)]
+pub struct ScanMetrics {
+    pub bytes_scanned: u64,
+    pub row_groups_pruned: u64,
+}
+
+impl ScanMetrics {
+    pub fn merge(&mut self, other: &ScanMetrics) {
+        self.bytes_scanned += other.bytes_scanned;
+        self.row_groups_pruned += other.row_groups_pruned;
+    }
+
+    pub fn add(&mut self, plan: &dyn datafusion::physical_plan::ExecutionPlan) {
+        if let Some(m) = plan.metrics() {
+            for metric in m.iter() {
+                let v = metric.value();
+                match v.name() {
+                    "bytes_scanned" => self.bytes_scanned += v.as_usize() as u64,
+                    "row_groups_pruned_statistics" | "row_groups_pruned_bloom_filter" => {
+                        self.row_groups_pruned += pruned_count(v)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for c in plan.children() {
+            self.add(c.as_ref());
+        }
+    }
+}
+
+fn pruned_count(v: &datafusion::physical_plan::metrics::MetricValue) -> u64 {
+    use datafusion::physical_plan::metrics::MetricValue;
+    match v {
+        MetricValue::PruningMetrics {
+            pruning_metrics, ..
+        } => pruning_metrics.pruned() as u64,
+        other => other.as_usize() as u64,
     }
 }

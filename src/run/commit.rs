@@ -78,6 +78,7 @@ pub(super) fn decision_settings(settings: &RunSettings) -> serde_json::Value {
         "replay_sink": sink(&settings.replay_sink, crate::sink::SinkKind::Replay),
         "dlq_sink": sink(&settings.dlq_sink, crate::sink::SinkKind::Dlq),
         "gaps_sink": sink(&settings.gaps_sink, crate::sink::SinkKind::Gaps),
+        "shard": scan.shard.map(|s| s.to_string()),
     })
 }
 
@@ -120,6 +121,58 @@ pub(super) fn committed_again(m: &Manifest, settings: &RunSettings) -> Result<Re
         report.exit_code = Some(o.exit_code);
     }
     Ok(report)
+}
+
+/// One backfill (one run id) is split one way: a run of `ID` as shard I/N
+/// is refused (exit 2) when `ID` was committed unsharded or as shards of
+/// another N, and an unsharded `ID` when shards of it were; those runs
+/// decided their events already, and a retry with another shard count
+/// would decide them again as a later attempt.
+pub(super) fn check_split(
+    snapshot: &crate::state::Snapshot,
+    settings: &RunSettings,
+) -> Result<(), Error> {
+    let shard = settings.scan.shard;
+    let base = match shard {
+        Some(s) => settings
+            .run_id
+            .strip_suffix(&s.run_id_suffix())
+            .unwrap_or(&settings.run_id),
+        None => settings.run_id.as_str(),
+    };
+    // The shard count of a committed id of this backfill (None: unsharded).
+    let split_of = |id: &str| -> Option<Option<u32>> {
+        if id == base {
+            return Some(None);
+        }
+        let rest = id.strip_prefix(base)?.strip_prefix("-shard-")?;
+        let (i, n) = rest.split_once("-of-")?;
+        let (_, n) = (i.parse::<u32>().ok()?, n.parse::<u32>().ok()?);
+        Some(Some(n))
+    };
+    let ours = shard.map(|s| s.count);
+    let other = snapshot
+        .runs()
+        .filter_map(|m| split_of(&m.run_id).map(|n| (m.run_id.as_str(), n)))
+        .find(|(_, n)| *n != ours);
+    let Some((id, n)) = other else {
+        return Ok(());
+    };
+    let then = match n {
+        Some(n) => format!("as {n} shards ({id})"),
+        None => "unsharded".to_string(),
+    };
+    let now = match shard {
+        Some(s) => format!("this run is shard {s}"),
+        None => "this run is unsharded".to_string(),
+    };
+    let fix = match n {
+        Some(n) => format!("rerun it with --shard I/{n}"),
+        None => "rerun it without --shard".to_string(),
+    };
+    Err(Error::Usage(format!(
+        "run id {base} was committed {then}; {now}: {fix}, or give this backfill a new run id"
+    )))
 }
 
 /// What a rerun of a committed run id must match, key by key: the decision
@@ -191,6 +244,7 @@ fn as_flag(key: &str, value: &serde_json::Value) -> String {
         "dlq_sink" => "--dlq-sink",
         "gaps_sink" => "--gaps-sink",
         "fail_on_dlq" => "--fail-on-dlq",
+        "shard" => "--shard",
         // Negative flags: the setting is on unless the flag is given.
         "detect_gaps" | "detect_conflicts" => {
             let flag = if key == "detect_gaps" {

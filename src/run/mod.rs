@@ -15,7 +15,7 @@ use std::time::Instant;
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, TimestampMicrosecondArray};
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use chrono::Utc;
-use datafusion::physical_plan::{ExecutionPlan, execute_stream};
+use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 
@@ -69,6 +69,7 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
         run_id: settings.run_id.clone(),
         dry_run: settings.dry_run,
         window_from: scan.from.map(|t| t.to_rfc3339()),
+        shard: scan.shard,
         window_to: scan.to.map(|t| t.to_rfc3339()),
         ..Default::default()
     };
@@ -96,6 +97,7 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
             ),
         }
     }
+    commit::check_split(&snapshot, &settings)?;
     // Two ways to be done before the scan: the run id is committed already,
     // or an earlier attempt delivered everything and only needs committing.
     let early = if let Some(m) = snapshot.committed(&settings.run_id) {
@@ -399,18 +401,39 @@ async fn execute(
         .sum::<u64>()
         + archive.stats.kafka_messages;
     let spill_dir = crate::job::spill_dir(&settings.scan);
+    // A Parquet archive is read back by position: the fetch decodes the
+    // chosen rows alone (detect::onepass::Positions).
+    let positions = (archive.files_only && !archive.files.is_empty())
+        .then(|| detect::onepass::Positions::new(archive.file_paths()))
+        .flatten();
+    let positioned = if let Some(positions) = positions {
+        let positions = Arc::new(positions);
+        let events = crate::source::events_at(
+            ctx,
+            &settings.scan,
+            archive,
+            detect::onepass::file_ordinal(&positions),
+        )?;
+        Some((positions, events))
+    } else {
+        None
+    };
+    let shape = detect::onepass::Shape {
+        est_rows,
+        row_bytes: archive.row_bytes(),
+        positioned,
+    };
     let detection = detect::onepass::detect(
         ctx,
         &settings.scan,
-        est_rows,
-        archive.row_bytes(),
+        shape,
         &spill_dir,
         plan.gaps_view_schema.clone(),
         phases.rows_bar(est_rows),
     )
     .await
     .map_err(|e| spill_full(e, &spill_dir))?;
-    let mut scan_metrics = ScanMetrics::default();
+    let mut scan_metrics = detect::ScanMetrics::default();
     scan_metrics.add(detection.narrow_plan.as_ref());
     report.rows = detection.rows;
     report.events = detection.events;
@@ -505,7 +528,7 @@ async fn execute(
             detection.generations
         );
     }
-    let (fetched, fetch_plan) = detection.fetch(ctx).await?;
+    let fetched = detection.fetch(ctx).await?;
     let candidates = detect::candidates_from(fetched, &settings.scan, archive)?;
     // The fetch's own settings (its batch size, one sort): see fetch().
     let task = candidates.task_ctx();
@@ -531,7 +554,7 @@ async fn execute(
         }
     }
     detection.check_fetched()?;
-    scan_metrics.add(fetch_plan.as_ref());
+    scan_metrics.merge(&detection.fetch_metrics()?);
     if !archive.undecodable.is_empty() {
         phases.set("dead-lettering undecodable Kafka messages");
         let (dlq, entries, skipped) =
@@ -629,13 +652,22 @@ async fn undecodable_rows(
             })
             .collect()
     };
-    let todo: Vec<(&str, &crate::kafka::source::Undecodable)> = archive
+    // A shard dead-letters the messages whose ids are its own (they have
+    // no key: crate::shard).
+    let shard = settings.scan.shard;
+    let ours = |id: &str| shard.is_none_or(|s| s.holds(id.as_bytes()));
+    let mine: Vec<&(String, crate::kafka::source::Undecodable)> = archive
         .undecodable
         .iter()
+        .filter(|(url, u)| ours(&crate::policy::undecodable_id(url, u)))
+        .collect();
+    let todo: Vec<(&str, &crate::kafka::source::Undecodable)> = mine
+        .iter()
+        .copied()
         .filter(|(url, u)| !done.contains(&crate::policy::undecodable_id(url, u)))
         .map(|(url, u)| (url.as_str(), u))
         .collect();
-    let skipped = (archive.undecodable.len() - todo.len()) as u64;
+    let skipped = (mine.len() - todo.len()) as u64;
     let (dlq, ledger) = crate::policy::undecodable(
         out_schema,
         &todo,
@@ -661,43 +693,6 @@ fn with_run_columns(
         TimestampMicrosecondArray::from(vec![detected_at_us; n]).with_timezone("UTC"),
     ));
     Ok(RecordBatch::try_new(schema, cols)?)
-}
-
-/// Scan figures summed from DataFusion's Parquet metrics over a plan.
-#[derive(Debug, Default)]
-pub struct ScanMetrics {
-    pub bytes_scanned: u64,
-    pub row_groups_pruned: u64,
-}
-
-impl ScanMetrics {
-    pub fn add(&mut self, plan: &dyn ExecutionPlan) {
-        if let Some(m) = plan.metrics() {
-            for metric in m.iter() {
-                let v = metric.value();
-                match v.name() {
-                    "bytes_scanned" => self.bytes_scanned += v.as_usize() as u64,
-                    "row_groups_pruned_statistics" | "row_groups_pruned_bloom_filter" => {
-                        self.row_groups_pruned += pruned_count(v)
-                    }
-                    _ => {}
-                }
-            }
-        }
-        for c in plan.children() {
-            self.add(c.as_ref());
-        }
-    }
-}
-
-fn pruned_count(v: &datafusion::physical_plan::metrics::MetricValue) -> u64 {
-    use datafusion::physical_plan::metrics::MetricValue;
-    match v {
-        MetricValue::PruningMetrics {
-            pruning_metrics, ..
-        } => pruning_metrics.pruned() as u64,
-        other => other.as_usize() as u64,
-    }
 }
 
 /// A query-engine error from a full disk is the spill folder's: nothing

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use chrono::{DateTime, Utc};
 use datafusion::common::ScalarValue;
+use datafusion::dataframe::DataFrame;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -272,9 +273,22 @@ pub struct Archive {
     /// Messages of Kafka sources that did not decode: dead-lettered as
     /// `undecodable`, keyed by the source URL.
     pub undecodable: Vec<(String, crate::kafka::source::Undecodable)>,
+    /// Every row comes from a Parquet file (no Kafka source): rows have a
+    /// file and a row number in it (`input_file_name()`,
+    /// `file_row_index()`).
+    pub files_only: bool,
 }
 
 impl Archive {
+    /// Each file's path as `input_file_name()` gives it and its rows, in
+    /// file order.
+    pub fn file_paths(&self) -> Vec<(String, u64)> {
+        self.files
+            .iter()
+            .map(|f| (f.meta.location.to_string(), f.rows.max(0) as u64))
+            .collect()
+    }
+
     /// The widest rows of the files read ([`RowBytes`]).
     pub fn row_bytes(&self) -> RowBytes {
         self.files
@@ -333,7 +347,9 @@ pub fn session(scan: &Scan) -> Result<SessionContext, SourceError> {
     for dir in runtime.disk_manager.temp_dir_paths() {
         let _ = crate::spill::claim(&dir);
     }
-    Ok(SessionContext::new_with_config_rt(config, runtime))
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    ctx.register_udf(crate::shard::udf());
+    Ok(ctx)
 }
 
 /// List, footer-read, merge and validate the archive; register `archive`
@@ -459,7 +475,7 @@ pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, Sour
     }
     let synthesized = validate(&schema, scan, &location_name)?;
 
-    let files_table = archive_table(ctx, &schema, &all_files)?;
+    let files_table = archive_table(ctx, &schema, &all_files, None)?;
     if reads.is_empty() {
         ctx.register_table("archive", files_table)?;
     } else {
@@ -492,6 +508,7 @@ pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, Sour
         synthesized,
         source_columns,
         undecodable,
+        files_only: reads.is_empty(),
     };
     register_events(ctx, scan, &archive).await?;
     let s = &archive.stats;
@@ -535,6 +552,7 @@ fn archive_table(
     _ctx: &SessionContext,
     schema: &SchemaRef,
     files: &[ArchiveFile],
+    positions: Option<datafusion::logical_expr::ScalarUDF>,
 ) -> Result<Arc<dyn datafusion::catalog::TableProvider>, SourceError> {
     if files.is_empty() {
         let empty = datafusion::datasource::MemTable::try_new(schema.clone(), vec![vec![]])?;
@@ -558,7 +576,11 @@ fn archive_table(
             display: f.display.clone(),
         })
         .collect();
-    Ok(Arc::new(named::NamedFiles::new(listing, named)))
+    let table = named::NamedFiles::new(listing, named);
+    Ok(Arc::new(match positions {
+        Some(file_ordinal) => table.with_positions(file_ordinal),
+        None => table,
+    }))
 }
 
 /// The run's own outputs and state, where they lie inside the archive: a
@@ -1259,9 +1281,47 @@ async fn register_events(
     scan: &Scan,
     archive: &Archive,
 ) -> Result<(), SourceError> {
+    let df = events_frame(ctx.table("archive").await?, scan, archive, vec![])?;
+    ctx.register_table("events", df.into_view())?;
+    Ok(())
+}
+
+/// `events` with each row's place in the archive: `backfill_file`, the
+/// file's ordinal by `file_ordinal` (a function of the file's path, as
+/// `input_file_name()` gives it), and `backfill_row`, its index in the file
+/// (`file_row_index()`), which the archive's scan computes itself
+/// ([`named::NamedFiles::with_positions`]): selected from the view, they
+/// failed with "input_file_name() is source dependent" wherever the view
+/// computes a column (synthesized columns, ids made for rows without
+/// one). For a Parquet archive alone.
+pub fn events_at(
+    ctx: &SessionContext,
+    scan: &Scan,
+    archive: &Archive,
+    file_ordinal: datafusion::logical_expr::ScalarUDF,
+) -> Result<DataFrame, SourceError> {
+    let table = archive_table(ctx, &archive.schema, &archive.files, Some(file_ordinal))?;
+    let base = ctx.read_table(table)?;
+    events_frame(
+        base,
+        scan,
+        archive,
+        vec![col(named::FILE_COLUMN), col(named::ROW_COLUMN)],
+    )
+}
+
+/// The `events` view's frame over `archive` (the table of that name, or
+/// the same files with positions), with `extra` columns of it kept beside
+/// the canonical ones.
+fn events_frame(
+    archive_df: DataFrame,
+    scan: &Scan,
+    archive: &Archive,
+    extra: Vec<Expr>,
+) -> Result<DataFrame, SourceError> {
     let schema = &archive.schema;
     let c = &scan.columns;
-    let mut df = ctx.table("archive").await?;
+    let mut df = archive_df;
     let time_field = schema
         .field_with_name(&c.event_time)
         .map_err(|e| SourceError::DataFusion(e.into()))?;
@@ -1361,6 +1421,7 @@ async fn register_events(
         };
         exprs.push(lit(ScalarValue::try_from(&t)?).alias(*s));
     }
+    exprs.extend(extra);
     let done = col(quoted(&c.status)).in_list(
         scan.done_statuses.iter().map(|s| lit(s.as_str())).collect(),
         false,
@@ -1368,14 +1429,12 @@ async fn register_events(
     exprs.push(
         datafusion::functions::expr_fn::coalesce(vec![done, lit(false)]).alias("backfill_done"),
     );
-    let df = if archive.ids_clean {
+    Ok(if archive.ids_clean {
         df.select(exprs)?
             .with_column(MISSING_EVENT_ID_COLUMN, lit(false))?
     } else {
         with_event_identity(df.select(exprs)?)?
-    };
-    ctx.register_table("events", df.into_view())?;
-    Ok(())
+    })
 }
 
 /// Quote an identifier for `col()`, which otherwise parses `a.b` as a

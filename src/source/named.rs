@@ -51,21 +51,123 @@ pub struct NamedFile {
 pub struct NamedFiles {
     inner: Arc<dyn TableProvider>,
     files: Arc<Vec<NamedFile>>,
+    /// With positions: the function from a file's path to its ordinal,
+    /// and the schema with [`FILE_COLUMN`] and [`ROW_COLUMN`] appended.
+    positions: Option<(datafusion::logical_expr::ScalarUDF, SchemaRef)>,
 }
+
+/// The file's ordinal of each row, in a table [`NamedFiles::with_positions`].
+pub const FILE_COLUMN: &str = "backfill_file";
+/// The row's index in its file, in a table [`NamedFiles::with_positions`].
+pub const ROW_COLUMN: &str = "backfill_row";
 
 impl NamedFiles {
     pub fn new(inner: Arc<dyn TableProvider>, files: Vec<NamedFile>) -> Self {
         NamedFiles {
             inner,
             files: Arc::new(files),
+            positions: None,
         }
+    }
+
+    /// The table with two more columns, where each row is archived:
+    /// [`FILE_COLUMN`], `file_ordinal(input_file_name())`, and
+    /// [`ROW_COLUMN`], `file_row_index()`. The scan computes them itself,
+    /// in the Parquet reader: DataFusion evaluates both functions there
+    /// alone, and a projection above the scan reaches it only when no
+    /// other projection is in the way (common-expression elimination over
+    /// a view that computes columns puts one there, and the query then
+    /// fails with "input_file_name() is source dependent").
+    pub fn with_positions(mut self, file_ordinal: datafusion::logical_expr::ScalarUDF) -> Self {
+        let mut fields: Vec<arrow::datatypes::FieldRef> =
+            self.inner.schema().fields().iter().cloned().collect();
+        fields.push(Arc::new(arrow::datatypes::Field::new(
+            FILE_COLUMN,
+            arrow::datatypes::DataType::UInt32,
+            true,
+        )));
+        fields.push(Arc::new(arrow::datatypes::Field::new(
+            ROW_COLUMN,
+            arrow::datatypes::DataType::Int64,
+            true,
+        )));
+        let schema = Arc::new(arrow::datatypes::Schema::new(fields));
+        self.positions = Some((file_ordinal, schema));
+        self
+    }
+
+    /// The scan of `projection` (of [`NamedFiles::with_positions`]'s
+    /// schema): the file's columns from `inner`'s scan, with the position
+    /// columns' projection moved into it.
+    async fn scan_positions(
+        &self,
+        state: &dyn Session,
+        file_ordinal: &datafusion::logical_expr::ScalarUDF,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<(Arc<dyn ExecutionPlan>, Vec<String>)> {
+        use datafusion::functions::core::expr_fn::{file_row_index, input_file_name};
+        use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
+        let schema = self.inner.schema();
+        let n = schema.fields().len();
+        let wanted: Vec<usize> = match projection {
+            Some(p) => p.clone(),
+            None => (0..n + 2).collect(),
+        };
+        let own: Vec<usize> = wanted.iter().copied().filter(|i| *i < n).collect();
+        let inner = self.inner.scan(state, Some(&own), filters, limit).await?;
+        let df_schema = datafusion::common::DFSchema::try_from(inner.schema().as_ref().clone())?;
+        let mut exprs = vec![];
+        for i in &wanted {
+            let (expr, name) = match i.checked_sub(n) {
+                None => {
+                    let name = schema.field(*i).name();
+                    (
+                        datafusion::logical_expr::col(super::quoted(name)),
+                        name.clone(),
+                    )
+                }
+                Some(0) => (
+                    file_ordinal.call(vec![input_file_name()]),
+                    FILE_COLUMN.to_string(),
+                ),
+                Some(_) => (
+                    datafusion::logical_expr::cast(
+                        file_row_index(),
+                        arrow::datatypes::DataType::Int64,
+                    ),
+                    ROW_COLUMN.to_string(),
+                ),
+            };
+            exprs.push(ProjectionExpr {
+                expr: state.create_physical_expr(expr, &df_schema)?,
+                alias: name,
+            });
+        }
+        let projection = ProjectionExec::try_new(exprs, inner.clone())?;
+        let scan = inner
+            .try_swapping_with_projection(&projection)?
+            .ok_or_else(|| {
+                DataFusionError::Internal(
+                    "the archive's scan did not take the positions' projection".into(),
+                )
+            })?;
+        let columns = own
+            .iter()
+            .map(|i| schema.field(*i).name().clone())
+            .collect();
+        Ok((scan, columns))
     }
 }
 
 #[async_trait]
 impl TableProvider for NamedFiles {
     fn schema(&self) -> SchemaRef {
-        self.inner.schema()
+        match &self.positions {
+            Some((_, schema)) => schema.clone(),
+            None => self.inner.schema(),
+        }
     }
 
     fn table_type(&self) -> TableType {
@@ -79,14 +181,23 @@ impl TableProvider for NamedFiles {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let inner = self.inner.scan(state, projection, filters, limit).await?;
-        let schema = self.inner.schema();
-        let columns: Vec<String> = match projection {
-            Some(p) => p
-                .iter()
-                .filter_map(|i| schema.fields().get(*i).map(|f| f.name().clone()))
-                .collect(),
-            None => schema.fields().iter().map(|f| f.name().clone()).collect(),
+        let (inner, columns) = match &self.positions {
+            Some((file_ordinal, _)) => {
+                self.scan_positions(state, file_ordinal, projection, filters, limit)
+                    .await?
+            }
+            None => {
+                let inner = self.inner.scan(state, projection, filters, limit).await?;
+                let schema = self.inner.schema();
+                let columns: Vec<String> = match projection {
+                    Some(p) => p
+                        .iter()
+                        .filter_map(|i| schema.fields().get(*i).map(|f| f.name().clone()))
+                        .collect(),
+                    None => schema.fields().iter().map(|f| f.name().clone()).collect(),
+                };
+                (inner, columns)
+            }
         };
         Ok(Arc::new(NamedScanExec {
             inner,
@@ -99,7 +210,28 @@ impl TableProvider for NamedFiles {
         &self,
         filters: &[&Expr],
     ) -> Result<Vec<TableProviderFilterPushDown>> {
-        self.inner.supports_filters_pushdown(filters)
+        // A filter on a position column stays above the scan: the file
+        // table below does not have them.
+        let positional = |f: &Expr| {
+            self.positions.is_some()
+                && f.column_refs()
+                    .iter()
+                    .any(|c| c.name == FILE_COLUMN || c.name == ROW_COLUMN)
+        };
+        let own: Vec<&Expr> = filters.iter().copied().filter(|f| !positional(f)).collect();
+        let mut answers = self.inner.supports_filters_pushdown(&own)?.into_iter();
+        filters
+            .iter()
+            .map(|f| {
+                if positional(f) {
+                    Ok(TableProviderFilterPushDown::Unsupported)
+                } else {
+                    answers.next().ok_or_else(|| {
+                        DataFusionError::Internal("a filter without an answer".into())
+                    })
+                }
+            })
+            .collect()
     }
 }
 

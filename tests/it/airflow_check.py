@@ -55,11 +55,18 @@ assert not bag.import_errors, f"import errors: {bag.import_errors}"
 assert not bag.captured_warnings, f"warnings while importing: {bag.captured_warnings}"
 dag = bag.dags["event_backfill"]
 tasks = {t.task_id: t for t in dag.tasks}
-assert set(tasks) == {"per_job.preflight", "per_job.run"}, tasks
-assert tasks["per_job.preflight"] in tasks["per_job.run"].upstream_list
-group = dag.task_group.children["per_job"]
-assert type(group).__name__ == "MappedTaskGroup", type(group)
-ok(f"DagBag loads {dag_file.name}: tasks {sorted(tasks)}, mapped over the job files")
+assert set(tasks) == {"nightly.preflight", "nightly.run", "nightly.merge"}, tasks
+module = sys.modules[tasks["nightly.preflight"].python_callable.__module__]
+SHARDS = module.SHARDS
+assert SHARDS > 1, SHARDS
+assert tasks["nightly.preflight"] in tasks["nightly.run"].upstream_list
+assert tasks["nightly.run"] in tasks["nightly.merge"].upstream_list
+# The run is mapped over the shards; the merge runs after all of them,
+# failed ones included (a shard that dead-letters has committed).
+assert type(tasks["nightly.run"]).__name__ == "DecoratedMappedOperator", type(tasks["nightly.run"])
+assert tasks["nightly.run"].op_kwargs_expand_input.value == {"shard": list(range(SHARDS))}
+assert str(tasks["nightly.merge"].trigger_rule) in ("all_done", "TriggerRule.ALL_DONE"), tasks["nightly.merge"].trigger_rule
+ok(f"DagBag loads {dag_file.name}: tasks {sorted(tasks)}, the run mapped over {SHARDS} shards, then merged")
 
 # 2. The timetable the scheduler uses: a real window.
 timetable = coerce_to_core_timetable(dag.timetable)
@@ -92,9 +99,12 @@ context = {
 }
 job = str(work / "nightly.toml")
 rendered = {}
-for task_id, t in tasks.items():
-    assert t.retries == 2, (task_id, t.retries)
-    kwargs = {k: v for k, v in t.op_kwargs.items() if k != "job"}
+for task_id in ("nightly.preflight", "nightly.run"):
+    t = tasks[task_id]
+    op_kwargs = t.partial_kwargs["op_kwargs"] if task_id == "nightly.run" else t.op_kwargs
+    retries = t.partial_kwargs.get("retries", t.retries) if task_id == "nightly.run" else t.retries
+    assert retries == 2, (task_id, retries)
+    kwargs = {k: v for k, v in op_kwargs.items() if k != "job"}
     r = t.render_template(kwargs, context, jinja_env=dag.get_template_env())
     assert r == {
         "date_from": "2024-01-01T00:00:00+00:00",
@@ -102,19 +112,23 @@ for task_id, t in tasks.items():
         "day": "20240101",
     }, (task_id, r)
     rendered[task_id] = {"job": job, **r}
-module = sys.modules[tasks["per_job.run"].python_callable.__module__]
-argv = module.backfill_argv(report="/r.json", **rendered["per_job.run"])
+merge_day = tasks["nightly.merge"].render_template(
+    tasks["nightly.merge"].op_kwargs["day"], context, jinja_env=dag.get_template_env()
+)
+assert merge_day == "20240101", merge_day
+argv = module.backfill_argv(report="/r.json", shard=2, **rendered["nightly.run"])
 expected = [
     "backfill", "run", "--job", job,
     "--from", "2024-01-01T00:00:00+00:00", "--to", "2024-01-02T00:00:00+00:00",
     "--run-id", "nightly-20240101", "--report", "/r.json",
     "--fail-on-dlq", "--progress", "off",
 ]  # fmt: skip
-assert argv == expected, argv
-assert module.backfill_argv(report="/r.json", dry_run=True, **rendered["per_job.preflight"]) == [
+assert argv == [*expected, "--shard", f"2/{SHARDS}"], argv
+assert module.backfill_argv(report="/r.json", dry_run=True, **rendered["nightly.preflight"]) == [
     *expected,
     "--dry-run",
 ]
+assert module.run_id_for(job, "20240101", 2) == f"nightly-20240101-shard-2-of-{SHARDS}"
 ok("templates render: " + " ".join(argv))
 
 # 3b. The env file is data: values are not run, a line that is not
@@ -152,11 +166,18 @@ os.environ["BACKFILL_BIN"] = str(fake)
 os.environ["BACKFILL_ENV_FILE"] = str(work / "absent.env")
 
 
+def call(task_id: str, shard: int = 0):
+    """The task's callable with its rendered arguments (a shard's for the run)."""
+    if task_id == "nightly.run":
+        return tasks[task_id].python_callable(**rendered[task_id], shard=shard)
+    return tasks[task_id].python_callable(**rendered[task_id])
+
+
 def outcome(task_id: str, code: int) -> str:
     os.environ["FAKE_EXIT"] = str(code)
     pushed.clear()
     try:
-        tasks[task_id].python_callable(**rendered[task_id])
+        call(task_id)
     except AirflowFailException:
         result = "failed, not retried"
     except AirflowException:
@@ -167,7 +188,7 @@ def outcome(task_id: str, code: int) -> str:
     return result
 
 
-states = {code: outcome("per_job.run", code) for code in range(5)}
+states = {code: outcome("nightly.run", code) for code in range(5)}
 assert states == {
     0: "success",
     1: "failed, retried",
@@ -176,7 +197,7 @@ assert states == {
     4: "failed, retried",
 }, states
 assert issubclass(AirflowFailException, AirflowException)
-pre = {code: outcome("per_job.preflight", code) for code in range(5)}
+pre = {code: outcome("nightly.preflight", code) for code in range(5)}
 assert pre == {**states, 3: "success"}, pre
 ok(f"exit codes -> run: {states}; preflight: 3 -> {pre[3]}")
 
@@ -193,24 +214,62 @@ os.environ["BACKFILL_ENV_FILE"] = str(work / "backfill.env")
 os.environ["BACKFILL_BIN"] = str(backfill_bin)
 
 
-def real(task_id: str) -> str:
+def real(task_id: str, shard: int = 0) -> str:
     pushed.clear()
     try:
-        tasks[task_id].python_callable(**rendered[task_id])
+        call(task_id, shard)
         return "success"
     except AirflowFailException as e:
         return f"failed, not retried: {e}"
 
 
-assert real("per_job.preflight") == "success"
+assert real("nightly.preflight") == "success"
 assert pushed and pushed[0]["dry_run"] is True, pushed
-first_try = real("per_job.run")
-assert first_try.startswith("failed, not retried") and "exit 3" in first_try, first_try
-report = pushed[0]
-assert report["run_id"] == "nightly-20240101" and report["dead_lettered"] > 0, report
-assert report["exit_code"] == 3 and report["already_committed"] is False, report
-retry = real("per_job.run")
-assert retry.startswith("failed, not retried") and "exit 3" in retry, retry
-assert pushed[0]["already_committed"] is True and pushed[0]["exit_code"] == 3, pushed
-assert real("per_job.preflight") == "success"
-ok(f"real backfill: run {first_try!r}; its retry {retry!r}; {report['dead_lettered']} dead-lettered in XCom")
+reports, first_tries = [], []
+for shard in range(SHARDS):
+    first_tries.append(real("nightly.run", shard))
+    reports.append(pushed[0])
+# Every shard that dead-letters exits 3; the whole run dead-letters.
+assert any(t.startswith("failed, not retried") and "exit 3" in t for t in first_tries), first_tries
+for shard, (t, report) in enumerate(zip(first_tries, reports)):
+    assert report["run_id"] == f"nightly-20240101-shard-{shard}-of-{SHARDS}", report
+    assert report["shard"] == {"index": shard, "count": SHARDS}, report
+    assert report["exit_code"] == (3 if report["dead_lettered"] else 0), (t, report)
+    assert (t == "success") == (report["dead_lettered"] == 0), (t, report)
+retry = real("nightly.run", 0)
+assert pushed[0]["already_committed"] is True and pushed[0]["exit_code"] == reports[0]["exit_code"], pushed
+assert real("nightly.preflight") == "success"
+merged = module.merge_reports(job, "20240101", reports)
+assert merged["run_id"] == "nightly-20240101", merged
+assert merged["events"] == sum(r["events"] for r in reports) > 0, merged
+assert merged["dead_lettered"] > 0 and len(merged["merged_from"]) == SHARDS, merged
+# The merge fails the DAG run: a shard without a report, a broken balance.
+try:
+    module.merge_reports(job, "20240101", [reports[0], None, *reports[2:]])
+    raise AssertionError("a missing shard report was merged")
+except AirflowFailException as e:
+    assert f"no report from shard 1/{SHARDS}" in str(e), str(e)
+broken = [dict(r) for r in reports]
+broken[1]["replayed"] += 1
+try:
+    module.merge_reports(job, "20240101", broken)
+    raise AssertionError("an unbalanced report was merged")
+except AirflowFailException as e:
+    assert "exit 1" in str(e) and "does not balance" in str(e), str(e)
+# The merge task itself pulls each shard's report from XCom by map index.
+class FakeTI:
+    def xcom_pull(self, task_ids, key, map_indexes):
+        assert (task_ids, key) == ("nightly.run", "report"), (task_ids, key)
+        return reports[map_indexes]
+
+
+module.get_current_context = lambda: {"ti": FakeTI()}
+merge_task = tasks["nightly.merge"]
+via_task = merge_task.python_callable(**{**merge_task.op_kwargs, "day": "20240101"})
+assert via_task == merged, via_task
+exit3 = sum("exit 3" in t for t in first_tries)
+ok(
+    f"real backfill in {SHARDS} shards ({exit3} dead-lettered: exit 3), a retry returns the committed outcome; "
+    f"the merge task sums {merged['events']} events, {merged['dead_lettered']} dead-lettered; "
+    "a missing or unbalanced shard fails it"
+)

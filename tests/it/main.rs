@@ -18,4 +18,5 @@ mod s3;
 mod schedulers;
 mod secrets;
 mod services;
+mod shards;
 mod sql_shell;
