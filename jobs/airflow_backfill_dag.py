@@ -4,7 +4,8 @@ What it does, per data interval [data_interval_start, data_interval_end),
 in a task group per job file (named after the file: ``nightly``):
 
 - ``nightly.preflight``: ``backfill run --dry-run`` with the very flags of
-  the run (a configuration error fails here, before anything is written);
+  the first shard's run (a configuration error fails here, before anything
+  is written);
 - ``nightly.run``: the run, mapped over the shards
   (``run.partial(...).expand(shard=range(SHARDS))``): ``backfill run --shard
   I/SHARDS``, each shard's JSON report (the ``--report`` file, read back)
@@ -309,8 +310,11 @@ with DAG(
 
     @task
     def preflight(job: str, date_from: str, date_to: str, day: str) -> dict | None:
-        """The run's flags with --dry-run: decide and report, write nothing."""
-        return run_backfill(job, date_from, date_to, day, dry_run=True)
+        """The run's flags with --dry-run: decide and report, write nothing.
+        Sharded, as shard 0: a run id keeps its split, so an unsharded dry
+        run of a backfill whose shards are committed (a cleared DAG run)
+        would exit 2."""
+        return run_backfill(job, date_from, date_to, day, dry_run=True, shard=0 if SHARDS > 1 else None)
 
     @task
     def run(job: str, date_from: str, date_to: str, day: str, shard: int | None = None) -> dict | None:

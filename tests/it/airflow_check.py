@@ -124,8 +124,10 @@ expected = [
     "--fail-on-dlq", "--progress", "off",
 ]  # fmt: skip
 assert argv == [*expected, "--shard", f"2/{SHARDS}"], argv
-assert module.backfill_argv(report="/r.json", dry_run=True, **rendered["nightly.preflight"]) == [
+assert module.backfill_argv(report="/r.json", dry_run=True, shard=0, **rendered["nightly.preflight"]) == [
     *expected,
+    "--shard",
+    f"0/{SHARDS}",
     "--dry-run",
 ]
 assert module.run_id_for(job, "20240101", 2) == f"nightly-20240101-shard-2-of-{SHARDS}"
@@ -238,7 +240,10 @@ for shard, (t, report) in enumerate(zip(first_tries, reports)):
     assert (t == "success") == (report["dead_lettered"] == 0), (t, report)
 retry = real("nightly.run", 0)
 assert pushed[0]["already_committed"] is True and pushed[0]["exit_code"] == reports[0]["exit_code"], pushed
+# A cleared DAG run: the preflight (shard 0's dry run) finds shard 0
+# committed and passes.
 assert real("nightly.preflight") == "success"
+assert pushed[0]["already_committed"] is True, pushed
 merged = module.merge_reports(job, "20240101", reports)
 assert merged["run_id"] == "nightly-20240101", merged
 assert merged["events"] == sum(r["events"] for r in reports) > 0, merged
