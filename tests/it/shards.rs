@@ -37,6 +37,18 @@ fn error_lines(r: &Run) -> Vec<&str> {
         .collect()
 }
 
+/// The run exited `code` with one `error:` line that says `says`.
+#[track_caller]
+fn refused(r: &Run, code: i32, says: &str) {
+    r.expect_code(code);
+    let errs = error_lines(r);
+    assert!(
+        errs.len() == 1 && errs[0].contains(says),
+        "expected one error line with '{says}'\n{}",
+        r.describe()
+    );
+}
+
 fn report(path: &Path) -> Json {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -213,13 +225,7 @@ fn shard_run_ids_and_the_ledger_hold_each_event_once() {
         let mut args = vec!["run", "--source", &src, "--out", &out_s, "--run-id", "n"];
         args.extend(shard.iter().flat_map(|s| ["--shard", *s]));
         let r = run(&args);
-        r.expect_code(2);
-        let errs = error_lines(&r);
-        assert!(
-            errs.len() == 1 && errs[0].contains(says),
-            "{}",
-            r.describe()
-        );
+        refused(&r, 2, says);
     }
     // `backfill_shard` in SQL is the shard a key belongs to.
     let keys = run(&[
@@ -256,13 +262,11 @@ fn bad_shards_and_bad_merges_are_refused_in_one_line() {
         ("1", "not I/N"),
     ] {
         let r = run(&["run", "--source", &src, "--out", &out, "--shard", bad]);
-        r.expect_code(2);
-        let errs = error_lines(&r);
-        assert_eq!(errs.len(), 1, "{}", r.describe());
+        refused(&r, 2, says);
         assert!(
-            errs[0].starts_with("error: --shard") && errs[0].contains(says),
+            error_lines(&r)[0].starts_with("error: --shard"),
             "{}",
-            errs[0]
+            r.describe()
         );
     }
     assert!(
@@ -294,26 +298,16 @@ fn bad_shards_and_bad_merges_are_refused_in_one_line() {
         (vec![&a, &b, &b, &c], "given twice"),
     ] {
         let r = merge(&files);
-        r.expect_code(2);
-        let errs = error_lines(&r);
-        assert!(
-            errs.len() == 1 && errs[0].contains(says),
-            "{}",
-            r.describe()
-        );
+        refused(&r, 2, says);
     }
     let other = rep("o", "0/2");
-    let r = merge(&[&a, &b, &c, &other]);
-    r.expect_code(2);
-    assert!(r.stderr.contains("is of 3 shards"), "{}", r.describe());
+    refused(&merge(&[&a, &b, &c, &other]), 2, "is of 3 shards");
     // A report edited so that it no longer balances.
     let mut broken = report(&b);
     broken["replayed"] = Json::from(broken["replayed"].as_u64().unwrap() + 1);
     let bp = work.path().join("broken.json");
     std::fs::write(&bp, broken.to_string()).unwrap();
-    let r = merge(&[&a, &bp, &c]);
-    r.expect_code(1);
-    assert!(r.stderr.contains("does not balance"), "{}", r.describe());
+    refused(&merge(&[&a, &bp, &c]), 1, "does not balance");
     // Edited reports: one clean line and exit 2, never a panic or a
     // runaway allocation.
     let edited = |name: &str, edit: &dyn Fn(&mut Json)| {
@@ -357,22 +351,14 @@ fn bad_shards_and_bad_merges_are_refused_in_one_line() {
         (vec![&work.path().to_path_buf()], "cannot be read"),
     ] {
         let r = merge(&files);
-        r.expect_code(2);
-        let errs = error_lines(&r);
-        assert!(
-            errs.len() == 1 && errs[0].contains(says),
-            "{says}: {}",
-            r.describe()
-        );
+        refused(&r, 2, says);
     }
     let not_json = work.path().join("x.json");
     std::fs::write(&not_json, "{").unwrap();
-    let r = merge(&[&not_json]);
-    r.expect_code(2);
-    assert!(
-        r.stderr.contains("x.json is not a backfill run report"),
-        "{}",
-        r.describe()
+    refused(
+        &merge(&[&not_json]),
+        2,
+        "x.json is not a backfill run report",
     );
     // In any order, the merged run is the shards' common id.
     let merged = merge(&[&c, &a, &b]);
