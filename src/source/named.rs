@@ -146,13 +146,21 @@ impl NamedFiles {
             });
         }
         let projection = ProjectionExec::try_new(exprs, inner.clone())?;
-        let scan = inner
-            .try_swapping_with_projection(&projection)?
-            .ok_or_else(|| {
-                DataFusionError::Internal(
-                    "the archive's scan did not take the positions' projection".into(),
-                )
-            })?;
+        let scan = match inner.try_swapping_with_projection(&projection)? {
+            Some(scan) => scan,
+            // No file left to list (the archive changed under the run):
+            // the table's scan is empty, and so is this one; the fetch then
+            // says the archive changed.
+            None if inner.downcast_ref::<DataSourceExec>().is_none() => Arc::new(
+                datafusion::physical_plan::empty::EmptyExec::new(projection.schema()),
+            ),
+            None => {
+                return Err(DataFusionError::Internal(format!(
+                    "the archive's scan ({}) did not take the positions' projection",
+                    inner.name()
+                )));
+            }
+        };
         let columns = own
             .iter()
             .map(|i| schema.field(*i).name().clone())
