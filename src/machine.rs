@@ -28,11 +28,13 @@ const CGROUP_V1_LIMIT: &str = "/sys/fs/cgroup/memory/memory.limit_in_bytes";
 /// of the operators, the sinks' row groups, the allocator's free pages.
 /// Measured over 10M and 50M events that rest is 350-450 MiB whatever the
 /// limit, so the limit bounds the process's RSS only if the pool leaves it
-/// (BENCHMARKS.md, "Where the memory goes"): 3/8 of a small limit, and
+/// (BENCHMARKS.md, "Where the memory goes"): 7/16 of a small limit, and
 /// [`OUTSIDE_POOL`] of a large one, where 3/8 of the default (half of a
 /// 24 GiB machine) kept 4.5 GiB idle while 50M events spilled 4.9 GB.
+/// (3/8 of 1G was not enough: 50M events peaked at 933-1,100 MiB, over
+/// 1 GiB in three runs of seven; with 7/16, 814-1,018 MiB in three.)
 pub fn pool_bytes(memory_limit: usize) -> usize {
-    (memory_limit / 8 * 5).max(memory_limit.saturating_sub(OUTSIDE_POOL))
+    (memory_limit / 16 * 9).max(memory_limit.saturating_sub(OUTSIDE_POOL))
 }
 
 /// What a large `--memory-limit` keeps outside the pool: several times the
@@ -49,7 +51,7 @@ static ROW_GROUP_BYTES: std::sync::atomic::AtomicUsize =
 
 /// Size the writers' row groups for `memory_limit`: 1/32 of it, between
 /// 1 MiB and [`MAX_ROW_GROUP_BYTES`]. Three sinks and the ledger buffer a
-/// row group each outside the pool, in the three eighths the pool leaves:
+/// row group each outside the pool, in the seven sixteenths the pool leaves:
 /// at their fixed 32 MiB they alone were twice `--memory-limit 64M`.
 pub fn set_writer_budget(memory_limit: usize) {
     ROW_GROUP_BYTES.store(

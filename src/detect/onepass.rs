@@ -13,16 +13,20 @@
 //!    live in a reservation of DataFusion's memory pool; when it is full the
 //!    largest bucket is written to an Arrow IPC file under the spill
 //!    directory and read back when its turn comes, so memory is bounded by
-//!    the pool, not by the archive.
+//!    the pool, not by the archive. A Parquet archive's rows also carry
+//!    their place (file, row: [`Positions`]); in a sharded run, their
+//!    shard ([`crate::shard`]).
 //! 2. **Buckets**, two at a time on blocking threads: rows are sorted by
 //!    their 64-bit hash (collisions are split by the real bytes), and each
 //!    run of one event (or one key) is decided in a linear sweep. What is
-//!    kept is small: per unresolved event its id and the chosen row's
-//!    fingerprint, the conflicting (key, seq) pairs, and the gap rows.
-//! 3. **Late materialization.** A second scan reads the wide columns and
-//!    keeps only each candidate's chosen row (matched by the fingerprint,
-//!    claimed once), annotated with what the policy needs; DataFusion then
-//!    sorts those rows (a spilling sort) into the order replays are sent in.
+//!    kept is small: per unresolved event its id, the chosen row's place
+//!    and fingerprint, the conflicting (key, seq) pairs, and the gap rows.
+//! 3. **Late materialization.** A second scan reads each file through a
+//!    row selection of the chosen rows ([`select_rows`]; an archive with a
+//!    Kafka source: every row, filtered by id), checks each against its
+//!    candidate (id and fingerprint, claimed once) and annotates it with
+//!    what the policy needs; DataFusion then sorts those rows (a spilling
+//!    sort) into the order replays are sent in.
 //!
 //! Hash collisions cannot change a decision: equal hashes are only a hint,
 //! every group is confirmed by comparing the ids (or keys) themselves.
