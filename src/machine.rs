@@ -49,13 +49,14 @@ pub const MAX_ROW_GROUP_BYTES: usize = 32 << 20;
 static ROW_GROUP_BYTES: std::sync::atomic::AtomicUsize =
     std::sync::atomic::AtomicUsize::new(MAX_ROW_GROUP_BYTES);
 
-/// Size the writers' row groups for `memory_limit`: 1/32 of it, between
+/// Size the writers' row groups for `memory_limit`: 1/64 of it, between
 /// 1 MiB and [`MAX_ROW_GROUP_BYTES`]. Three sinks and the ledger buffer a
 /// row group each outside the pool, in the seven sixteenths the pool leaves:
-/// at their fixed 32 MiB they alone were twice `--memory-limit 64M`.
+/// at their fixed 32 MiB they alone were twice `--memory-limit 64M`, and at
+/// 1/32 they were 128 MiB of a 1G run's fetch phase, when its RSS peaks.
 pub fn set_writer_budget(memory_limit: usize) {
     ROW_GROUP_BYTES.store(
-        (memory_limit / 32).clamp(1 << 20, MAX_ROW_GROUP_BYTES),
+        (memory_limit / 64).clamp(1 << 20, MAX_ROW_GROUP_BYTES),
         std::sync::atomic::Ordering::Relaxed,
     );
 }
