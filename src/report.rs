@@ -90,6 +90,18 @@ impl Report {
                 + self.skipped_dead_lettered as u128
     }
 
+    /// The balance as an equation, for a message saying it does not hold.
+    pub fn balance_equation(&self) -> String {
+        format!(
+            "{} events != {} resolved + {} replayed + {} dead-lettered + {} already in the DLQ",
+            self.events,
+            self.resolved,
+            self.replayed,
+            self.dead_lettered,
+            self.skipped_dead_lettered
+        )
+    }
+
     /// How a run with these figures ends: 3 when `--fail-on-dlq` was given
     /// and it dead-lettered an event, else 0 (the README's exit codes).
     /// Recorded with the commit, so that a rerun of the run id ends the
@@ -473,13 +485,9 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
         }
         if !r.balances() {
             return Err(MergeError::Balance(format!(
-                "{} does not balance: {} events != {} resolved + {} replayed + {} dead-lettered + {} already in the DLQ",
+                "{} does not balance: {}",
                 r.run_id,
-                r.events,
-                r.resolved,
-                r.replayed,
-                r.dead_lettered,
-                r.skipped_dead_lettered
+                r.balance_equation()
             )));
         }
     }
@@ -568,8 +576,8 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
     }
     if !m.balances() {
         return Err(MergeError::Balance(format!(
-            "the shards' sum does not balance: {} events != {} resolved + {} replayed + {} dead-lettered + {} already in the DLQ",
-            m.events, m.resolved, m.replayed, m.dead_lettered, m.skipped_dead_lettered
+            "the shards' sum does not balance: {}",
+            m.balance_equation()
         )));
     }
     Ok(m)

@@ -541,19 +541,13 @@ pub async fn detect(
     // The table of unresolved events cannot spill: past half the pool its
     // rows go to a file, a generation that the fetch reads back and scans
     // the archive for once the one before is done (see `Generations`).
-    let selection_bytes = if positions.is_some() {
-        SELECTION_BYTES
-    } else {
-        0
-    };
     let mut gens = Generations {
-        current: Candidates::new(&pool),
+        current: Candidates::new(&pool, selection_bytes(positions.is_some())),
         files: vec![],
         count: 0,
         budget: (pool_bytes / 2).max(1),
         pool: pool.clone(),
     };
-    gens.current.selection_bytes = selection_bytes;
     let mut conflicts = Conflicts::default();
     // Those of this shard's keys (all of them unsharded).
     let mut own_conflicts = 0u64;
@@ -847,7 +841,7 @@ fn split(
         b.column(7).clone(),
         b.column(8).clone(),
         Arc::new(UInt64Array::from(h.clone())) as ArrayRef,
-        Arc::new(positions(b)?),
+        Arc::new(positions(b)?.0),
     ];
     if let Some(shard) = shard {
         let (ids, keys) = (eid.as_string::<i32>(), key.as_string::<i32>());
@@ -908,6 +902,17 @@ pub struct Positions {
 /// to read, and its entry in [`Candidates::by_pos`].
 const SELECTION_BYTES: usize = 48;
 
+/// What the fetch holds per candidate beside the table: its row selection
+/// when it reads by position, nothing when it tests ids.
+fn selection_bytes(positioned: bool) -> usize {
+    if positioned { SELECTION_BYTES } else { 0 }
+}
+
+/// A row's position: its file's ordinal and its index in the file.
+fn position(file: u64, row: u64) -> u64 {
+    file << ROW_BITS | (row & ROW_MASK)
+}
+
 /// Bytes per candidate that [`Candidates::seal`] adds: the hash table's
 /// index and control byte at its load factor, and the filter's bits.
 const SEAL_BYTES: usize = 8;
@@ -938,7 +943,8 @@ impl Positions {
     }
 }
 
-/// `plan` reading only the rows at `pos` (sorted): every Parquet file of
+/// `plan` reading only the rows at the positions of `pos` (sorted, with
+/// their candidates: [`Candidates::by_pos`]): every Parquet file of
 /// its scans gets a [`ParquetRowSelection`] of the rows chosen in it, and
 /// a file with none is not opened. The row filters and page index of the
 /// scan stay as they were; a file the positions do not know is read whole
@@ -948,28 +954,29 @@ impl Positions {
 fn select_rows(
     plan: Arc<dyn ExecutionPlan>,
     positions: &Positions,
-    pos: &[u64],
+    by_pos: &[(u64, u32)],
 ) -> Result<Arc<dyn ExecutionPlan>> {
     use datafusion::common::tree_node::{Transformed, TreeNode};
     use datafusion::datasource::physical_plan::parquet::ParquetRowSelection;
     use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig};
     use datafusion::datasource::source::DataSourceExec;
     use parquet::arrow::arrow_reader::{RowSelection, RowSelector};
+    let pos = |i: usize| by_pos[i].0;
     let mut selections = std::collections::HashMap::new();
     let mut i = 0;
-    while i < pos.len() {
-        let file = pos[i] >> ROW_BITS;
+    while i < by_pos.len() {
+        let file = pos(i) >> ROW_BITS;
         let total = *positions.rows.get(file as usize).ok_or_else(|| {
             DataFusionError::Internal(format!("a position names file {file}, beyond the archive"))
         })?;
         // At most a skip and a select per row and a skip at the end: sized
         // exactly, since a doubling vector held twice the reservation
         // (5.5M unresolved events at `--memory-limit 1G`: 1,044 MiB RSS).
-        let end = i + pos[i..].partition_point(|p| p >> ROW_BITS == file);
+        let end = i + by_pos[i..].partition_point(|(p, _)| p >> ROW_BITS == file);
         let mut selectors: Vec<RowSelector> = Vec::with_capacity(2 * (end - i) + 1);
         let mut at = 0u64;
-        while i < pos.len() && pos[i] >> ROW_BITS == file {
-            let row = pos[i] & ROW_MASK;
+        while i < end {
+            let row = pos(i) & ROW_MASK;
             i += 1;
             if row < at {
                 continue;
@@ -1031,21 +1038,23 @@ fn select_rows(
     .map(|t| t.data)
 }
 
-/// Each row's place in the archive, `file << 40 | row` (0 when the
-/// narrow batch has no position columns: a Kafka source).
-fn positions(b: &RecordBatch) -> Result<UInt64Array> {
-    if b.num_columns() < 11 {
-        return Ok(UInt64Array::from(vec![0u64; b.num_rows()]));
-    }
-    let file = cast(b.column(9), &DataType::UInt64)?;
-    let file = file.as_primitive::<UInt64Type>();
-    let row = b.column(10).as_primitive::<Int64Type>();
-    Ok(file
+/// Each row's place in the archive ([`position`]; 0 when the batch has no
+/// position columns: a Kafka source), with the indices of those columns.
+fn positions(b: &RecordBatch) -> Result<(UInt64Array, Option<(usize, usize)>)> {
+    let schema = b.schema();
+    let (Ok(f), Ok(r)) = (schema.index_of(FILE_COLUMN), schema.index_of(ROW_COLUMN)) else {
+        return Ok((UInt64Array::from(vec![0u64; b.num_rows()]), None));
+    };
+    let file = cast(b.column(f), &DataType::UInt64)?;
+    let row = cast(b.column(r), &DataType::UInt64)?;
+    let pos = file
+        .as_primitive::<UInt64Type>()
         .values()
         .iter()
-        .zip(row.values())
-        .map(|(f, r)| f << ROW_BITS | (*r as u64 & ROW_MASK))
-        .collect())
+        .zip(row.as_primitive::<UInt64Type>().values())
+        .map(|(f, r)| position(*f, *r))
+        .collect();
+    Ok((pos, Some((f, r))))
 }
 
 /// `backfill_file_ordinal(input_file_name())`, the `backfill_file` column
@@ -1966,10 +1975,14 @@ fn bloom_bits(h: u64, n_words: usize) -> (usize, u64) {
 }
 
 impl Candidates {
-    fn new(pool: &Arc<dyn datafusion::execution::memory_pool::MemoryPool>) -> Self {
+    /// An empty table; `selection_bytes` per candidate ([`selection_bytes`]).
+    fn new(
+        pool: &Arc<dyn datafusion::execution::memory_pool::MemoryPool>,
+        selection_bytes: usize,
+    ) -> Self {
         Self::with_reservation(
             MemoryConsumer::new("backfill candidates").register(pool),
-            0,
+            selection_bytes,
             0,
         )
     }
@@ -2372,9 +2385,7 @@ impl Generations {
             let path = dir.join(format!("candidates-{:05}.arrow", self.files.len()));
             let bytes = self.current.write(&path)?;
             self.files.push((path, bytes));
-            let selection_bytes = self.current.selection_bytes;
-            self.current = Candidates::new(&self.pool);
-            self.current.selection_bytes = selection_bytes;
+            self.current = Candidates::new(&self.pool, self.current.selection_bytes);
         }
         Ok(())
     }
@@ -2455,8 +2466,7 @@ impl Shared {
             DataFusionError::Internal("the candidates were read after the fetch ended".into())
         })?;
         let by_pos = c.sorted_positions();
-        let pos: Vec<u64> = by_pos.iter().map(|(p, _)| *p).collect();
-        let plan = select_rows(plan.clone(), positions, &pos)?;
+        let plan = select_rows(plan.clone(), positions, &by_pos)?;
         c.by_pos = by_pos;
         Ok(plan)
     }
@@ -2508,20 +2518,8 @@ impl Shared {
         };
         // Read by position: each row says where it is, and that names its
         // candidate (its id must still be the candidate's).
-        let file_col = b.schema().index_of(FILE_COLUMN).ok();
-        let row_col = b.schema().index_of(ROW_COLUMN).ok();
-        let at = match (file_col, row_col) {
-            (Some(f), Some(r)) => {
-                let file = cast(b.column(f), &DataType::UInt64)?;
-                let row = cast(b.column(r), &DataType::UInt64)?;
-                let (file, row) = (
-                    file.as_primitive::<UInt64Type>().clone(),
-                    row.as_primitive::<UInt64Type>().clone(),
-                );
-                Some((file, row))
-            }
-            _ => None,
-        };
+        let (at, position_cols) = positions(b)?;
+        let at = position_cols.map(|_| at.values().clone());
         let mut hint = 0;
         let mut buf = [0u8; 36];
         let id = cast(named("event_id")?, &DataType::Utf8)?;
@@ -2545,11 +2543,9 @@ impl Shared {
         let mut dead = vec![];
         for r in 0..b.num_rows() {
             let found = match &at {
-                Some((file, row)) if id.is_valid(r) => {
-                    let pos = file.value(r) << ROW_BITS | (row.value(r) & ROW_MASK);
-                    c.at_position(pos, &mut hint)
-                        .filter(|i| c.id(*i, &mut buf) == id.value(r).as_bytes())
-                }
+                Some(pos) if id.is_valid(r) => c
+                    .at_position(pos[r], &mut hint)
+                    .filter(|i| c.id(*i, &mut buf) == id.value(r).as_bytes()),
                 Some(_) => None,
                 None => id.is_valid(r).then(|| c.find(&rs, id.value(r))).flatten(),
             };
@@ -2591,7 +2587,7 @@ impl Shared {
             .columns()
             .iter()
             .enumerate()
-            .filter(|(j, _)| Some(*j) != file_col && Some(*j) != row_col)
+            .filter(|(j, _)| position_cols.is_none_or(|(f, r)| *j != f && *j != r))
             .map(|(_, a)| a.clone())
             .collect();
         cols.push(Arc::new(Int64Array::from(archived)));
@@ -2799,19 +2795,12 @@ impl PartitionStream for FetchGenerations {
                     shared.partition_done()?;
                     return Ok(());
                 };
-                let reservation = match held {
-                    Some(c) => c.reservation,
-                    None => MemoryConsumer::new("backfill candidates").register(&shared.pool),
+                let selection = selection_bytes(shared.positions.is_some());
+                let mut next = match held {
+                    Some(c) => Candidates::with_reservation(c.reservation, selection, 0),
+                    None => Candidates::new(&shared.pool, selection),
                 };
-                let next = Candidates::with_reservation(
-                    reservation,
-                    if shared.positions.is_some() {
-                        SELECTION_BYTES
-                    } else {
-                        0
-                    },
-                    shared.generation_floor,
-                );
+                next.floor = shared.generation_floor;
                 let read = path.clone();
                 let mut c = tokio::task::spawn_blocking(move || Candidates::read(&read, next))
                     .await
@@ -2896,7 +2885,7 @@ mod tests {
         ] {
             let pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool> =
                 Arc::new(datafusion::execution::memory_pool::UnboundedMemoryPool::default());
-            let mut c = Candidates::new(&pool);
+            let mut c = Candidates::new(&pool, 0);
             c.push(id.as_bytes(), 0, 0, None, None);
             c.seal();
             let mut buf = [0u8; 36];
@@ -2913,7 +2902,7 @@ mod tests {
         }
         let pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool> =
             Arc::new(datafusion::execution::memory_pool::UnboundedMemoryPool::default());
-        let mut c = Candidates::new(&pool);
+        let mut c = Candidates::new(&pool, 0);
         c.push(b"0b9c5d1e-2f3a-4b5c-8d6e-7f8091a2b3c4", 0, 0, None, None);
         c.seal();
         assert_eq!(
@@ -2926,7 +2915,7 @@ mod tests {
     fn ids_long_and_short_share_the_arena() {
         let pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool> =
             Arc::new(datafusion::execution::memory_pool::UnboundedMemoryPool::default());
-        let mut c = Candidates::new(&pool);
+        let mut c = Candidates::new(&pool, 0);
         let ids: Vec<String> = (0..70_000)
             .map(|i| match i % 3 {
                 0 => format!("{:08x}-0000-4000-8000-{:012x}", i, i),

@@ -595,12 +595,8 @@ async fn execute(
     report.resolved = report.events.saturating_sub(decisions.candidates);
     if !report.balances() {
         return Err(Error::Internal(format!(
-            "the report does not balance: events {} != resolved {} + replayed {} + dead-lettered {} + skipped {}",
-            report.events,
-            report.resolved,
-            report.replayed,
-            report.dead_lettered,
-            report.skipped_dead_lettered
+            "the report does not balance: {}",
+            report.balance_equation()
         )));
     }
     if settings.dry_run {

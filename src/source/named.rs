@@ -96,30 +96,23 @@ impl NamedFiles {
         self
     }
 
-    /// The scan of `projection` (of [`NamedFiles::with_positions`]'s
-    /// schema): the file's columns from `inner`'s scan, with the position
-    /// columns' projection moved into it.
-    async fn scan_positions(
+    /// `inner`, the scan of the file's own columns of `wanted` (indices of
+    /// [`NamedFiles::with_positions`]'s schema), with the projection of
+    /// `wanted`, the position columns included, moved into it.
+    fn positions_projected(
         &self,
         state: &dyn Session,
         file_ordinal: &datafusion::logical_expr::ScalarUDF,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
-    ) -> Result<(Arc<dyn ExecutionPlan>, Vec<String>)> {
+        inner: Arc<dyn ExecutionPlan>,
+        wanted: &[usize],
+    ) -> Result<Arc<dyn ExecutionPlan>> {
         use datafusion::functions::core::expr_fn::{file_row_index, input_file_name};
         use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
         let schema = self.inner.schema();
         let n = schema.fields().len();
-        let wanted: Vec<usize> = match projection {
-            Some(p) => p.clone(),
-            None => (0..n + 2).collect(),
-        };
-        let own: Vec<usize> = wanted.iter().copied().filter(|i| *i < n).collect();
-        let inner = self.inner.scan(state, Some(&own), filters, limit).await?;
         let df_schema = datafusion::common::DFSchema::try_from(inner.schema().as_ref().clone())?;
         let mut exprs = vec![];
-        for i in &wanted {
+        for i in wanted {
             let (expr, name) = match i.checked_sub(n) {
                 None => {
                     let name = schema.field(*i).name();
@@ -146,26 +139,19 @@ impl NamedFiles {
             });
         }
         let projection = ProjectionExec::try_new(exprs, inner.clone())?;
-        let scan = match inner.try_swapping_with_projection(&projection)? {
-            Some(scan) => scan,
+        match inner.try_swapping_with_projection(&projection)? {
+            Some(scan) => Ok(scan),
             // No file left to list (the archive changed under the run):
             // the table's scan is empty, and so is this one; the fetch then
             // says the archive changed.
-            None if inner.downcast_ref::<DataSourceExec>().is_none() => Arc::new(
+            None if inner.downcast_ref::<DataSourceExec>().is_none() => Ok(Arc::new(
                 datafusion::physical_plan::empty::EmptyExec::new(projection.schema()),
-            ),
-            None => {
-                return Err(DataFusionError::Internal(format!(
-                    "the archive's scan ({}) did not take the positions' projection",
-                    inner.name()
-                )));
-            }
-        };
-        let columns = own
-            .iter()
-            .map(|i| schema.field(*i).name().clone())
-            .collect();
-        Ok((scan, columns))
+            )),
+            None => Err(DataFusionError::Internal(format!(
+                "the archive's scan ({}) did not take the positions' projection",
+                inner.name()
+            ))),
+        }
     }
 }
 
@@ -189,23 +175,26 @@ impl TableProvider for NamedFiles {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let (inner, columns) = match &self.positions {
-            Some((file_ordinal, _)) => {
-                self.scan_positions(state, file_ordinal, projection, filters, limit)
-                    .await?
-            }
-            None => {
-                let inner = self.inner.scan(state, projection, filters, limit).await?;
-                let schema = self.inner.schema();
-                let columns: Vec<String> = match projection {
-                    Some(p) => p
-                        .iter()
-                        .filter_map(|i| schema.fields().get(*i).map(|f| f.name().clone()))
-                        .collect(),
-                    None => schema.fields().iter().map(|f| f.name().clone()).collect(),
-                };
-                (inner, columns)
-            }
+        let schema = self.inner.schema();
+        let n = schema.fields().len();
+        // The file's own columns the scan reads: the position columns are
+        // computed.
+        let own: Option<Vec<usize>> = match (&self.positions, projection) {
+            (None, p) => p.cloned(),
+            (Some(_), Some(p)) => Some(p.iter().copied().filter(|i| *i < n).collect()),
+            (Some(_), None) => Some((0..n).collect()),
+        };
+        let mut inner = self.inner.scan(state, own.as_ref(), filters, limit).await?;
+        if let Some((file_ordinal, _)) = &self.positions {
+            let wanted = projection.cloned().unwrap_or_else(|| (0..n + 2).collect());
+            inner = self.positions_projected(state, file_ordinal, inner, &wanted)?;
+        }
+        let columns: Vec<String> = match own {
+            Some(p) => p
+                .iter()
+                .filter_map(|i| schema.fields().get(*i).map(|f| f.name().clone()))
+                .collect(),
+            None => schema.fields().iter().map(|f| f.name().clone()).collect(),
         };
         Ok(Arc::new(NamedScanExec {
             inner,
