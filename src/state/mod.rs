@@ -676,12 +676,24 @@ impl State {
         let rel = format!("runs/{run_id}/ledger-{nonce}.parquet");
         let path = self.loc.path(&rel);
         let writer = BufWriter::new(self.loc.store.clone(), path.clone());
-        let w = AsyncArrowWriter::try_new(writer, crate::detect::ledger_entries_schema(), None)
-            .map_err(|e| StateError::Store {
-                location: self.loc.original.clone(),
-                operation: "start ledger",
-                message: e.to_string(),
-            })?;
+        // No dictionary for the ids: each is in the ledger once, and the
+        // writer would intern every one (see sink::parquet's properties).
+        let properties = parquet::file::properties::WriterProperties::builder()
+            .set_column_dictionary_enabled(
+                parquet::schema::types::ColumnPath::from("event_id"),
+                false,
+            )
+            .build();
+        let w = AsyncArrowWriter::try_new(
+            writer,
+            crate::detect::ledger_entries_schema(),
+            Some(properties),
+        )
+        .map_err(|e| StateError::Store {
+            location: self.loc.original.clone(),
+            operation: "start ledger",
+            message: e.to_string(),
+        })?;
         Ok(LedgerWriter {
             loc: self.loc.clone(),
             rel,
