@@ -64,9 +64,10 @@ pub struct ParquetSink {
 /// second of a 10M-event run), so it runs on a task of its own, fed
 /// through a channel of one batch. Under a small memory limit (row groups
 /// cut below their largest size) it stays in the loop: the batches in
-/// flight and the encoding beside the merge cost memory outside the pool,
-/// and 50M events at `--memory-limit 1G` peaked at 891-1,065 MiB with the
-/// task where they had peaked at 885-889 MiB without it.
+/// flight and the encoding beside the merge cost memory outside the pool
+/// (50M events at `--memory-limit 1G` peaked at 891-1,065 MiB over four
+/// runs with the task, 964-972 MiB in two without it: the spread is
+/// larger than the difference, so the cautious side is kept).
 enum FileWriter {
     Inline(Box<AsyncArrowWriter<BufWriter>>),
     Background {
