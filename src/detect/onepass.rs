@@ -1512,8 +1512,9 @@ fn sort_by_hash<T: Copy>(entries: Vec<T>, hash: impl Fn(&T) -> u64) -> Vec<T> {
 }
 
 /// Each group of `entries` (sorted by hash) that shares one real value:
-/// a run of one hash is one group unless its values differ (a 64-bit
-/// collision), then it is sorted by the values (and `then`) and split.
+/// a run of one hash is one group unless its values differ (a collision:
+/// [`sort_hash`] keeps 32 bits), then it is sorted by the values (and
+/// `then`) and split.
 fn for_each_group<'a, T>(
     entries: &mut [T],
     hash: impl Fn(&T) -> u64,

@@ -16,7 +16,7 @@ use object_store::ObjectStoreExt;
 use object_store::buffered::BufWriter;
 use parquet::arrow::AsyncArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{WriterProperties, WriterPropertiesBuilder};
 use parquet::schema::types::ColumnPath;
 
 use super::staged::{self, Publication, StagedFile};
@@ -79,8 +79,13 @@ enum FileWriter {
     },
 }
 
-/// One batch into `w`, and its row group out once it holds its bytes.
-async fn write_one(w: &mut AsyncArrowWriter<BufWriter>, b: &RecordBatch) -> Result<(), String> {
+/// One batch into `w`, and its row group out once it holds its bytes: by
+/// rows only (the writer's default), a row group of wide rows would be
+/// gigabytes outside the pool. The sinks' files and the ledger's.
+pub(crate) async fn write_one(
+    w: &mut AsyncArrowWriter<BufWriter>,
+    b: &RecordBatch,
+) -> Result<(), String> {
     w.write(b).await.map_err(|e| e.to_string())?;
     if w.memory_size() >= crate::machine::row_group_bytes() {
         w.flush().await.map_err(|e| e.to_string())?;
@@ -155,6 +160,19 @@ impl FileWriter {
     }
 }
 
+/// No dictionary for [`UNIQUE_COLUMNS`]: the writer interns every value
+/// of a dictionary column in a hash table until the dictionary outgrows
+/// its page (1 MiB), in each row group again, for nothing: 4 % of a
+/// 10M-event run's CPU went to interning ids and payloads. Keys, statuses,
+/// errors, topics and sources keep theirs (they repeat). The sinks' files
+/// and the ledger's.
+pub(crate) fn without_dictionaries(mut b: WriterPropertiesBuilder) -> WriterPropertiesBuilder {
+    for unique in UNIQUE_COLUMNS {
+        b = b.set_column_dictionary_enabled(ColumnPath::from(*unique), false);
+    }
+    b
+}
+
 impl ParquetSink {
     pub fn new(base: Location, ctx: SinkContext) -> Self {
         ParquetSink {
@@ -177,20 +195,13 @@ impl ParquetSink {
         }
     }
 
-    /// ZSTD, and no dictionary for the columns that are unique or nearly
-    /// so per event: the writer interns every value of a dictionary column
-    /// in a hash table until the dictionary outgrows its page (1 MiB), in
-    /// each row group again, for nothing: 4 % of a 10M-event run's CPU
-    /// went to interning ids and payloads. Keys, statuses, errors, topics
-    /// and sources keep theirs (they repeat).
     fn properties() -> WriterProperties {
-        let mut b = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::default()))
-            .set_max_row_group_row_count(Some(128 * 1024));
-        for unique in UNIQUE_COLUMNS {
-            b = b.set_column_dictionary_enabled(ColumnPath::from(*unique), false);
-        }
-        b.build()
+        without_dictionaries(
+            WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::default()))
+                .set_max_row_group_row_count(Some(128 * 1024)),
+        )
+        .build()
     }
 
     async fn close_current(&mut self) -> Result<(), SinkError> {

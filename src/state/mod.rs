@@ -676,14 +676,11 @@ impl State {
         let rel = format!("runs/{run_id}/ledger-{nonce}.parquet");
         let path = self.loc.path(&rel);
         let writer = BufWriter::new(self.loc.store.clone(), path.clone());
-        // No dictionary for the ids: each is in the ledger once, and the
-        // writer would intern every one (see sink::parquet's properties).
-        let properties = parquet::file::properties::WriterProperties::builder()
-            .set_column_dictionary_enabled(
-                parquet::schema::types::ColumnPath::from("event_id"),
-                false,
-            )
-            .build();
+        // No dictionary for the ids: each is in the ledger once.
+        let properties = crate::sink::parquet::without_dictionaries(
+            parquet::file::properties::WriterProperties::builder(),
+        )
+        .build();
         let w = AsyncArrowWriter::try_new(
             writer,
             crate::detect::ledger_entries_schema(),
@@ -933,23 +930,18 @@ impl LedgerWriter {
             return Ok(());
         }
         self.rows += batch.num_rows() as u64;
+        // Row groups cut by bytes, as the sinks' are: by rows only (the
+        // writer's default, 1M), the ledger of a run held every entry
+        // until it closed, outside the pool (66k ids of 5 KB: 330 MiB at
+        // `--memory-limit 64M`).
         if let Some(w) = self.writer.as_mut() {
-            w.write(batch).await.map_err(|e| StateError::Store {
-                location: self.loc.original.clone(),
-                operation: "write ledger",
-                message: e.to_string(),
-            })?;
-            // Row groups cut by bytes, as the sinks' are: by rows only (the
-            // writer's default, 1M), the ledger of a run held every entry
-            // until it closed, outside the pool (66k ids of 5 KB: 330 MiB
-            // at `--memory-limit 64M`).
-            if w.memory_size() >= crate::machine::row_group_bytes() {
-                w.flush().await.map_err(|e| StateError::Store {
+            crate::sink::parquet::write_one(w, batch)
+                .await
+                .map_err(|message| StateError::Store {
                     location: self.loc.original.clone(),
                     operation: "write ledger",
-                    message: e.to_string(),
+                    message,
                 })?;
-            }
         }
         Ok(())
     }
