@@ -132,6 +132,10 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     phases.set("listing the archive");
     let t = Instant::now();
     let ctx = source::session(scan)?;
+    let _watch = crate::machine::MemoryWatch::start(
+        ctx.runtime_env().memory_pool.clone(),
+        std::time::Duration::from_millis(200),
+    );
     let archive = source::register(&ctx, scan).await?;
     report
         .phase_ms
