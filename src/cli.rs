@@ -534,11 +534,19 @@ pub struct RedriveArgs {
     pub predicate: String,
     /// Where to send them: a folder, kafka://HOST:PORT/TOPIC, or - for
     /// stdout (default: the job's replay sink, else OUT/replay).
-    #[arg(long, value_name = "LOC", env = "BACKFILL_TO", hide_env_values = true)]
+    /// (Its variable is not BACKFILL_TO, `run`'s window end: a scheduler
+    /// exports that for its runs.)
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_REDRIVE_TO",
+        hide_env_values = true
+    )]
     pub to: Option<String>,
     /// Name of this redrive (default: redrive-<UTC time>); a committed id
-    /// is never run twice.
-    #[arg(long, value_name = "ID", env = "BACKFILL_RUN_ID")]
+    /// is never run twice. (Not BACKFILL_RUN_ID: a redrive in a run's
+    /// environment would take the run's id.)
+    #[arg(long, value_name = "ID", env = "BACKFILL_REDRIVE_RUN_ID")]
     pub run_id: Option<String>,
     /// Also send dead letters that an earlier redrive sent.
     #[arg(long, env = "BACKFILL_AGAIN", value_parser = BoolishValueParser::new())]

@@ -115,13 +115,6 @@ fn settings(args: &RedriveArgs) -> Result<Settings, Error> {
         )));
     }
     let to = or_default(args.to.clone().or(sinks.replay), SinkKind::Replay, "--to")?;
-    // BACKFILL_TO is also `run`'s window end: exported for a scheduled run,
-    // it must not become a folder named after a time.
-    if chrono::DateTime::parse_from_rfc3339(&to).is_ok() {
-        return Err(Error::Usage(format!(
-            "--to {to}: a time, not a sink (BACKFILL_TO is also the window end of `run`); give a folder, kafka://HOST:PORT/TOPIC or -"
-        )));
-    }
     let predicate = args.predicate.trim().to_string();
     if predicate.is_empty() {
         return Err(Error::Usage(
