@@ -109,6 +109,10 @@ pub enum Command {
     Explain(ExplainArgs),
     /// Write a synthetic archive with injected gaps, failures, duplicates and conflicts.
     Generate(GenerateArgs),
+    /// Replay dead letters of committed runs, selected by SQL, to a sink.
+    Redrive(RedriveArgs),
+    /// The history of committed runs: `runs list`, `runs show ID`.
+    Runs(RunsArgs),
     /// Inspect or clean the state (ledger and manifests).
     State(StateArgs),
     /// Work with run reports: merge the reports of shard runs into one.
@@ -417,8 +421,8 @@ pub struct StateArgs {
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum StateCommand {
-    /// List committed runs.
-    Runs(StateLocArgs),
+    /// List committed runs (the same as `backfill runs list`).
+    Runs(RunsListArgs),
     /// Remove what uncommitted runs left behind.
     Gc(GcArgs),
 }
@@ -456,4 +460,101 @@ pub struct GcArgs {
     /// List what would be removed; remove nothing.
     #[arg(long, env = "BACKFILL_DRY_RUN", value_parser = BoolishValueParser::new())]
     pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunsArgs {
+    #[command(subcommand)]
+    pub command: RunsCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum RunsCommand {
+    /// One line per committed run, oldest first: id, kind (run, shard,
+    /// redrive), commit time, window, counts, sinks, duration.
+    List(RunsListArgs),
+    /// One committed run: its report as committed and its ledger counts.
+    Show(RunsShowArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunsListArgs {
+    #[command(flatten)]
+    pub loc: StateLocArgs,
+    #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunsShowArgs {
+    /// The run id (as `runs list` shows it).
+    #[arg(value_name = "ID")]
+    pub run_id: String,
+    #[command(flatten)]
+    pub loc: StateLocArgs,
+    /// table: the summary the run printed and its ledger counts; csv/tsv:
+    /// `field,value` rows; json/ndjson: one object.
+    #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RedriveArgs {
+    /// Job file (for `out`, `state`, `[sinks]`, `[columns]`, `[storage]`,
+    /// `[kafka]`).
+    #[arg(long, value_name = "FILE", env = "BACKFILL_JOB")]
+    pub job: Option<PathBuf>,
+    /// Output root: the DLQ defaults to OUT/dlq, the state to OUT/_state,
+    /// --to to OUT/replay.
+    #[arg(long, value_name = "DIR", env = "BACKFILL_OUT", hide_env_values = true)]
+    pub out: Option<String>,
+    /// The state whose committed runs wrote the dead letters (default
+    /// OUT/_state); the redrive commits there too.
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_STATE",
+        hide_env_values = true
+    )]
+    pub state: Option<String>,
+    /// The DLQ folder committed runs wrote to (default: the job's DLQ
+    /// sink, else OUT/dlq). Only the files their log entries list are read.
+    #[arg(long, value_name = "LOC", env = "BACKFILL_DLQ", hide_env_values = true)]
+    pub dlq: Option<String>,
+    /// A SQL predicate over the dead letters' columns, e.g. "reason =
+    /// 'max_attempts_exceeded' AND error LIKE '%timeout%'"; `true` selects
+    /// every one. `reason`, `run_id`, `attempt` and `detected_at` name the
+    /// backfill_* columns.
+    #[arg(
+        long = "where",
+        value_name = "PREDICATE",
+        env = "BACKFILL_WHERE",
+        allow_hyphen_values = true
+    )]
+    pub predicate: String,
+    /// Where to send them: a folder, kafka://HOST:PORT/TOPIC, or - for
+    /// stdout (default: the job's replay sink, else OUT/replay).
+    /// (Its variable is not BACKFILL_TO, `run`'s window end: a scheduler
+    /// exports that for its runs.)
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_REDRIVE_TO",
+        hide_env_values = true
+    )]
+    pub to: Option<String>,
+    /// Name of this redrive (default: redrive-<UTC time>); a committed id
+    /// is never run twice. (Not BACKFILL_RUN_ID: a redrive in a run's
+    /// environment would take the run's id.)
+    #[arg(long, value_name = "ID", env = "BACKFILL_REDRIVE_RUN_ID")]
+    pub run_id: Option<String>,
+    /// Also send dead letters that an earlier redrive sent.
+    #[arg(long, env = "BACKFILL_AGAIN", value_parser = BoolishValueParser::new())]
+    pub again: bool,
+    /// Print what would be sent; send and commit nothing.
+    #[arg(long, env = "BACKFILL_DRY_RUN", value_parser = BoolishValueParser::new())]
+    pub dry_run: bool,
+    /// Progress on stderr.
+    #[arg(long, value_enum, default_value_t = Progress::Auto, env = "BACKFILL_PROGRESS")]
+    pub progress: Progress,
 }

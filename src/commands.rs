@@ -1,5 +1,5 @@
 //! The read-only subcommands: `gaps`, `sql`, `explain`, `generate`,
-//! `state` and `report`. Each builds the same session and views as `run`, so what a user
+//! `state` and `report` (`runs` is in [`crate::runs`]). Each builds the same session and views as `run`, so what a user
 //! explores by hand is exactly what the job decides on.
 
 use std::io::Write;
@@ -75,7 +75,7 @@ pub async fn generate(args: GenerateArgs) -> Result<(), Error> {
     write_stdout(format!("generated {}\n{json}\n", out.original).as_bytes())
 }
 
-fn state_location(args: &StateLocArgs) -> Result<(String, job::JobFile), Error> {
+pub(crate) fn state_location(args: &StateLocArgs) -> Result<(String, job::JobFile), Error> {
     let job = match &args.job {
         Some(p) => job::load_job_file(p)?,
         None => job::JobFile::default(),
@@ -95,23 +95,7 @@ fn state_location(args: &StateLocArgs) -> Result<(String, job::JobFile), Error> 
 
 pub async fn state(cmd: StateCommand) -> Result<(), Error> {
     match cmd {
-        StateCommand::Runs(args) => {
-            let (state, job) = state_location(&args)?;
-            let storage = job.storage.unwrap_or_default();
-            let st = crate::state::State::new(location::resolve(&state, &storage)?);
-            let mut text = String::new();
-            for m in st.manifests().await? {
-                let r = &m.report;
-                text.push_str(&format!(
-                    "{}\tcommitted {}\treplayed {}\tdead-lettered {}\n",
-                    m.run_id,
-                    m.committed_at.to_rfc3339(),
-                    r.get("replayed").and_then(|v| v.as_u64()).unwrap_or(0),
-                    r.get("dead_lettered").and_then(|v| v.as_u64()).unwrap_or(0),
-                ));
-            }
-            write_stdout(text.as_bytes())
-        }
+        StateCommand::Runs(args) => crate::runs::list(args).await,
         StateCommand::Gc(args) => gc(args).await,
     }
 }

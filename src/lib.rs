@@ -23,6 +23,7 @@ pub mod progress;
 pub mod redact;
 pub mod report;
 pub mod run;
+pub mod runs;
 pub mod shard;
 pub mod shell;
 pub mod sink;

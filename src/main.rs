@@ -195,6 +195,8 @@ fn start_logs(cli: &Cli) -> Result<event_backfill::log::Settings, String> {
         Command::Gaps(a) => ("warn", a.scan.progress),
         Command::Sql(a) => ("warn", a.scan.progress),
         Command::Explain(a) => ("warn", a.scan.progress),
+        Command::Runs(_) => ("warn", Progress::Off),
+        Command::Redrive(a) => ("info", a.progress),
         _ => ("info", Progress::Off),
     };
     let filter =
@@ -399,6 +401,18 @@ async fn dispatch(cmd: Command) -> Result<u8, Error> {
         Command::Explain(a) => commands::explain(a).await.map(|_| EXIT_OK),
         Command::Generate(a) => commands::generate(a).await.map(|_| EXIT_OK),
         Command::State(a) => commands::state(a.command).await.map(|_| EXIT_OK),
+        Command::Runs(a) => event_backfill::runs::runs(a.command).await.map(|_| EXIT_OK),
+        Command::Redrive(args) => {
+            let outcome = run::redrive::redrive(args).await?;
+            let r = &outcome.report;
+            let code = r.exit_code.unwrap_or(EXIT_OK);
+            if outcome.stdout_taken {
+                eprint!("{}", r.human_with(code));
+            } else {
+                commands::write_stdout(r.human_with(code).as_bytes())?;
+            }
+            Ok(code)
+        }
         Command::Report(a) => commands::report(a.command).map(|_| EXIT_OK),
         Command::Completions(a) => completions(a.shell).map(|_| EXIT_OK),
         Command::Man(a) => man_page(&a.command).map(|_| EXIT_OK),

@@ -110,6 +110,9 @@ pub mod out_columns {
     pub const REASON: &str = "backfill_reason";
     pub const ATTEMPT: &str = "backfill_attempt";
     pub const DETECTED_AT: &str = "backfill_detected_at";
+    /// Only in the rows of `backfill redrive`: the run that dead-lettered
+    /// the event.
+    pub const REDRIVE_OF: &str = "backfill_redrive_of";
 }
 
 pub fn backfill_fields() -> Vec<Field> {

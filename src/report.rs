@@ -77,6 +77,36 @@ pub struct Report {
     /// where a run's time went.
     pub phase_ms: BTreeMap<String, u64>,
     pub elapsed_ms: u64,
+    /// Set for `backfill redrive`: what it selected from the DLQ and why
+    /// rows were left out. Its `replayed` is the dead letters it sent;
+    /// the archive's figures (events, rows, ...) stay 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redrive: Option<Redrive>,
+}
+
+/// The figures of a redrive ([`crate::run::redrive`]): the dead letters
+/// the predicate selected balance as `selected = replayed +
+/// already_redriven + without_event_id`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Redrive {
+    /// The DLQ folder the dead letters were read from.
+    pub dlq: String,
+    /// The `--where` predicate, as given.
+    pub predicate: String,
+    /// `--again`: dead letters redriven before were sent again.
+    pub again: bool,
+    /// Dead letters of committed runs the predicate selected.
+    pub selected: u64,
+    /// Selected, but an earlier committed redrive sent them (left out
+    /// without `--again`).
+    pub already_redriven: u64,
+    /// Selected, but without an event_id (undecodable Kafka messages, rows
+    /// dead-lettered as missing_event_id): nothing could record them, so
+    /// they are never redriven.
+    pub without_event_id: u64,
+    /// Per run that dead-lettered them: how many were sent.
+    pub of_runs: BTreeMap<String, u64>,
 }
 
 impl Report {
@@ -144,6 +174,11 @@ impl Report {
     /// last line of output shows.
     pub fn human_with(&self, code: u8) -> String {
         use crate::human::{bytes, count, location, millis};
+        if let Some(r) = &self.redrive
+            && !self.already_committed
+        {
+            return self.redrive_human(r, code);
+        }
         let mut s = String::new();
         let head = if self.already_committed {
             let then = match self.exit_code {
@@ -154,8 +189,13 @@ impl Report {
                 Some(code) if code != crate::error::EXIT_OK => format!(" (it exited {code})"),
                 _ => String::new(),
             };
+            let what = if self.redrive.is_some() {
+                "redrive"
+            } else {
+                "run"
+            };
             format!(
-                "run {} is already committed; nothing to do{then}",
+                "{what} {} is already committed; nothing to do{then}",
                 self.run_id
             )
         } else if self.dry_run {
@@ -318,15 +358,117 @@ impl Report {
         s
     }
 
+    /// A redrive's summary: what the predicate selected, what was sent
+    /// where, what was left out and why, and the outcome line.
+    fn redrive_human(&self, r: &Redrive, code: u8) -> String {
+        use crate::human::{count, location, millis};
+        const LABEL: usize = 18;
+        let mut s = String::new();
+        let head = if self.dry_run {
+            format!(
+                "redrive {} (dry run: nothing sent or committed)",
+                self.run_id
+            )
+        } else {
+            format!("redrive {} committed", self.run_id)
+        };
+        let _ = writeln!(s, "{head}");
+        let _ = writeln!(s, "  {:<LABEL$}{}", "dlq", location(&r.dlq));
+        let _ = writeln!(s, "  {:<LABEL$}{}", "where", r.predicate);
+        let of_runs = r
+            .of_runs
+            .iter()
+            .map(|(k, v)| format!("{k} {}", count(*v)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let again = if r.again { "  (--again)" } else { "" };
+        let figures: [(&str, u64, String); 4] = [
+            ("selected", r.selected, String::new()),
+            (
+                if self.dry_run { "would send" } else { "sent" },
+                self.replayed,
+                if of_runs.is_empty() {
+                    String::new()
+                } else {
+                    format!("dead-lettered by {of_runs}")
+                },
+            ),
+            (
+                "already redriven",
+                r.already_redriven,
+                if r.already_redriven > 0 && !r.again {
+                    "left out: --again sends them again".to_string()
+                } else {
+                    again.trim().to_string()
+                },
+            ),
+            (
+                "without event_id",
+                r.without_event_id,
+                if r.without_event_id > 0 {
+                    "left out: a dead letter without an id cannot be recorded".to_string()
+                } else {
+                    String::new()
+                },
+            ),
+        ];
+        let width = figures
+            .iter()
+            .map(|(_, n, _)| count(*n).len())
+            .max()
+            .unwrap_or(1);
+        for (label, n, note) in &figures {
+            let line = format!("  {label:<LABEL$}{:>width$}  {note}", count(*n));
+            let _ = writeln!(s, "{}", line.trim_end());
+        }
+        if let Some(o) = self.outputs.get("replay") {
+            let place = match o.outputs.as_slice() {
+                [] => location(&o.target),
+                [one] => location(one),
+                [first, rest @ ..] => {
+                    format!("{} (+{} more)", location(first), count(rest.len() as u64))
+                }
+            };
+            let _ = writeln!(s, "  {:<LABEL$}{place}", "to");
+        }
+        if let Some(st) = &self.state {
+            let _ = writeln!(s, "  {:<LABEL$}{}", "state", location(st));
+        }
+        let _ = writeln!(s, "  {:<LABEL$}{}", "elapsed", millis(self.elapsed_ms));
+        let _ = writeln!(s, "{}", self.outcome_line(code));
+        s
+    }
+
     /// The run in one line, ending with its exit code: `run R committed:
     /// 165 replayed, 86 dead-lettered, 11 gaps, 4 conflicts in 1.2 s; exit 0`.
     pub fn outcome_line(&self, code: u8) -> String {
         use crate::human::{count, millis};
+        let what = if self.redrive.is_some() {
+            "redrive"
+        } else {
+            "run"
+        };
         if self.already_committed {
             return format!(
-                "run {} is already committed; nothing to do; exit {code}",
+                "{what} {} is already committed; nothing to do; exit {code}",
                 self.run_id
             );
+        }
+        if self.redrive.is_some() {
+            return if self.dry_run {
+                format!(
+                    "redrive {} dry run: would send {} dead letters; nothing sent; exit {code}",
+                    self.run_id,
+                    count(self.replayed)
+                )
+            } else {
+                format!(
+                    "redrive {} committed: {} dead letters sent in {}; exit {code}",
+                    self.run_id,
+                    count(self.replayed),
+                    millis(self.elapsed_ms)
+                )
+            };
         }
         let figures = format!(
             "{} replayed, {} dead-lettered, {} gaps, {} conflicts in {}",

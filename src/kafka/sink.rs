@@ -74,12 +74,14 @@ pub mod headers {
     pub const ORIGINAL_PARTITION: &str = "backfill.original.partition";
     pub const ORIGINAL_OFFSET: &str = "backfill.original.offset";
     pub const ORIGINAL_TIMESTAMP: &str = "backfill.original.timestamp";
+    /// `backfill redrive`: the run that dead-lettered the event.
+    pub const REDRIVE_OF: &str = "backfill.redrive_of";
 }
 
 /// The `backfill_*` columns the run adds to every replay and DLQ row.
 use crate::policy::out_columns::{
     ATTEMPT as ATTEMPT_COLUMN, DETECTED_AT as DETECTED_AT_COLUMN, REASON as REASON_COLUMN,
-    RUN_ID as RUN_ID_COLUMN,
+    REDRIVE_OF as REDRIVE_OF_COLUMN, RUN_ID as RUN_ID_COLUMN,
 };
 /// The key column of gap rows (the gaps view's name, not the source's).
 const GAPS_KEY_COLUMN: &str = "key";
@@ -166,6 +168,8 @@ impl Layout {
         if kind == SinkKind::Dlq {
             add(headers::ERROR, &columns.error, HeaderFormat::Text);
         }
+        // Present only in a redrive's rows.
+        add(headers::REDRIVE_OF, REDRIVE_OF_COLUMN, HeaderFormat::Text);
         add(
             headers::ORIGINAL_TOPIC,
             &settings.original_topic_column,

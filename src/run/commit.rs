@@ -18,6 +18,63 @@ use crate::report::Report;
 use crate::sink::SinkReceipt;
 use crate::state::{LedgerWriter, Manifest, Outcome, State};
 
+/// Whose commit this is and what decided it: everything the commit
+/// protocol needs to know about an attempt besides its outputs. `run` and
+/// `redrive` each build one, so that both go through one protocol (one
+/// prepare, one create-only log entry, one publish, one recovery).
+pub(crate) struct Identity {
+    pub run_id: String,
+    /// The settings recorded with the entry (no secrets), which a rerun of
+    /// the run id must match: [`decision_settings`] for a run.
+    pub settings: serde_json::Value,
+    pub fail_on_dlq: bool,
+    pub storage: crate::location::StorageSettings,
+    pub kafka: Option<crate::kafka::KafkaSettings>,
+    /// When the invocation started: the committed report's `elapsed_ms`
+    /// is the time up to its commit (what `runs list` shows).
+    pub started: Instant,
+}
+
+impl Identity {
+    pub(crate) fn of_run(settings: &RunSettings, started: Instant) -> Identity {
+        Identity {
+            run_id: settings.run_id.clone(),
+            settings: decision_settings(settings),
+            fail_on_dlq: settings.fail_on_dlq,
+            storage: settings.scan.storage.clone(),
+            kafka: settings.scan.kafka.clone(),
+            started,
+        }
+    }
+}
+
+/// What kind of entry recorded `settings`: `redrive`, or `run` (entries of
+/// runs carry no `kind`).
+fn kind_of(settings: &serde_json::Value) -> &str {
+    settings
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or("run")
+}
+
+/// What a location means, not how it was spelled: a local path resolved
+/// (absolute, `.` and `..` gone, no trailing `/`, `file://` or not), a
+/// store URL without its trailing `/`; Kafka URLs and `-` as written. A
+/// URL with a query is refused before anything is committed; in the
+/// message of a rerun refused for other settings it is shown without it.
+pub(super) fn location_meaning(s: &str, storage: &crate::location::StorageSettings) -> String {
+    if let Some(shown) = crate::redact::hide_query(s) {
+        return shown;
+    }
+    if s == "-" || s.starts_with("kafka://") {
+        return crate::redact::url(s);
+    }
+    match crate::location::resolve(s, storage) {
+        Ok(l) if l.is_local => l.display_path(&l.prefix),
+        _ => crate::redact::url(s.trim_end_matches('/')),
+    }
+}
+
 /// What decides a run's outcome, recorded with it (no secrets: locations
 /// are redacted, and storage and Kafka settings are left out). A rerun of
 /// the run id with other values is another run: it must not take over an
@@ -26,23 +83,7 @@ use crate::state::{LedgerWriter, Manifest, Outcome, State};
 pub(super) fn decision_settings(settings: &RunSettings) -> serde_json::Value {
     let scan = &settings.scan;
     let columns: BTreeMap<&str, &str> = scan.columns.pairs().into_iter().collect();
-    // What a location means, not how it was spelled: a local path resolved
-    // (absolute, `.` and `..` gone, no trailing `/`, `file://` or not), a
-    // store URL without its trailing `/`; Kafka URLs and `-` as written. A
-    // URL with a query is refused before anything is committed; in the
-    // message of a rerun refused for other settings it is shown without it.
-    let meaning = |s: &str| -> String {
-        if let Some(shown) = crate::redact::hide_query(s) {
-            return shown;
-        }
-        if s == "-" || s.starts_with("kafka://") {
-            return crate::redact::url(s);
-        }
-        match crate::location::resolve(s, &scan.storage) {
-            Ok(l) if l.is_local => l.display_path(&l.prefix),
-            _ => crate::redact::url(s.trim_end_matches('/')),
-        }
-    };
+    let meaning = |s: &str| location_meaning(s, &scan.storage);
     let out = settings
         .out
         .as_deref()
@@ -91,20 +132,29 @@ pub(super) fn decision_settings(settings: &RunSettings) -> serde_json::Value {
 /// older version) is taken as done whatever this run's settings, as before;
 /// without a recorded outcome, the exit code follows this run's
 /// `--fail-on-dlq` and the committed figures, as before.
-pub(super) fn committed_again(m: &Manifest, settings: &RunSettings) -> Result<Report, Error> {
+pub(super) fn committed_again(m: &Manifest, id: &Identity) -> Result<Report, Error> {
     let mut report: Report = serde_json::from_value(m.report.clone()).unwrap_or_default();
     report.already_committed = true;
-    if m.settings.is_null() {
+    if m.settings.is_null() && kind_of(&id.settings) == "run" {
         return Ok(report);
     }
+    // A run and a redrive share no settings worth comparing: the id is
+    // simply taken.
+    let (kind_then, kind) = (kind_of(&m.settings), kind_of(&id.settings));
+    if kind_then != kind {
+        return Err(Error::Usage(format!(
+            "run id {} is taken by a committed {kind_then}; give this {kind} another run id",
+            id.run_id
+        )));
+    }
     let theirs = fingerprint(&m.settings, m.outcome.map(|o| o.fail_on_dlq));
-    let ours = fingerprint(&decision_settings(settings), Some(settings.fail_on_dlq));
+    let ours = fingerprint(&id.settings, Some(id.fail_on_dlq));
     let diffs = differences(&theirs, &ours);
     if !diffs.is_empty() {
         let (then, now): (Vec<String>, Vec<String>) = diffs.into_iter().unzip();
         return Err(Error::Usage(format!(
-            "run id {} was committed with {}; this run has {}; rerun it with the committed settings, or give these settings a new run id",
-            settings.run_id,
+            "run id {} was committed with {}; this {kind} has {}; rerun it with the committed settings, or give these settings a new run id",
+            id.run_id,
             then.join(", "),
             now.join(", ")
         )));
@@ -112,10 +162,10 @@ pub(super) fn committed_again(m: &Manifest, settings: &RunSettings) -> Result<Re
     if let Some(o) = m.outcome {
         // `main` derives the exit code from the report and the flag, both
         // the committed run's here: they must give the recorded code.
-        if report.exit_code_under(settings.fail_on_dlq) != o.exit_code {
+        if report.exit_code_under(id.fail_on_dlq) != o.exit_code {
             return Err(Error::Internal(format!(
                 "run id {} was committed with exit code {}, which its recorded report does not reproduce",
-                settings.run_id, o.exit_code
+                id.run_id, o.exit_code
             )));
         }
         report.exit_code = Some(o.exit_code);
@@ -245,6 +295,9 @@ fn as_flag(key: &str, value: &serde_json::Value) -> String {
         "gaps_sink" => "--gaps-sink",
         "fail_on_dlq" => "--fail-on-dlq",
         "shard" => "--shard",
+        "dlq" => "--dlq",
+        "where" => "--where",
+        "again" => "--again",
         // Negative flags: the setting is on unless the flag is given.
         "detect_gaps" | "detect_conflicts" => {
             let flag = if key == "detect_gaps" {
@@ -309,7 +362,7 @@ fn committed(run_id: &str, e: Error) -> Error {
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn commit_and_publish(
     state: &State,
-    settings: &RunSettings,
+    id: &Identity,
     sinks: &mut [OpenSink],
     ledger: Option<LedgerWriter>,
     based_on: u64,
@@ -364,15 +417,16 @@ pub(super) async fn commit_and_publish(
     phases.set("committing");
     // Decided here, committed with the run: a rerun of the id ends the same.
     let outcome = Outcome {
-        exit_code: report.exit_code_under(settings.fail_on_dlq),
-        fail_on_dlq: settings.fail_on_dlq,
+        exit_code: report.exit_code_under(id.fail_on_dlq),
+        fail_on_dlq: id.fail_on_dlq,
     };
     report.exit_code = Some(outcome.exit_code);
+    report.elapsed_ms = id.started.elapsed().as_millis() as u64;
     let mut manifest = Manifest {
         format_version: crate::state::FORMAT_VERSION,
         seq: 0,
         based_on,
-        run_id: settings.run_id.clone(),
+        run_id: id.run_id.clone(),
         nonce: run_nonce.to_string(),
         committed_at: Utc::now(),
         ledger_files: ledger_file,
@@ -380,7 +434,7 @@ pub(super) async fn commit_and_publish(
         publish,
         report: serde_json::to_value(&*report).unwrap_or_default(),
         delivered,
-        settings: decision_settings(settings),
+        settings: id.settings.clone(),
         outcome: Some(outcome),
     };
     // Everything is durable and every message acknowledged: a rerun after
@@ -397,7 +451,7 @@ pub(super) async fn commit_and_publish(
         Err(e) if e.is_conflict() => return Err(e.into()),
         // The entry may or may not be there: deleting the staged files now
         // could take the outputs of a committed run.
-        Err(e) => return Err(commit_unknown(&settings.run_id, e)),
+        Err(e) => return Err(commit_unknown(&id.run_id, e)),
     };
     report
         .phase_ms
@@ -409,7 +463,7 @@ pub(super) async fn commit_and_publish(
             seq: Some(seq),
             ..Default::default()
         },
-        &format!("committed run {} at log position {seq}", settings.run_id),
+        &format!("committed run {} at log position {seq}", id.run_id),
     );
     let t = Instant::now();
 
@@ -427,8 +481,8 @@ pub(super) async fn commit_and_publish(
         Ok::<(), Error>(())
     }
     .await;
-    published.map_err(|e| committed(&settings.run_id, e))?;
-    state.forget_attempt(&settings.run_id, run_nonce).await;
+    published.map_err(|e| committed(&id.run_id, e))?;
+    state.forget_attempt(&id.run_id, run_nonce).await;
     report
         .phase_ms
         .insert("publish".into(), t.elapsed().as_millis() as u64);
@@ -451,12 +505,11 @@ pub(super) async fn commit_and_publish(
 /// were delivered, and the fresh run is at-least-once for them.
 pub(super) async fn recover_prepared(
     state: &State,
-    settings: &RunSettings,
+    id: &Identity,
 ) -> Result<Option<Report>, Error> {
-    let kafka = settings.scan.kafka.clone().unwrap_or_default();
-    let ours = decision_settings(settings);
-    for prepared in state.prepared(&settings.run_id).await? {
-        if prepared.settings != ours {
+    let kafka = id.kafka.clone().unwrap_or_default();
+    for prepared in state.prepared(&id.run_id).await? {
+        if prepared.settings != id.settings {
             // Prepared for other settings (another window, other sinks):
             // its outputs are not this run's. Its Kafka messages, if any,
             // were delivered: at-least-once for them.
@@ -492,7 +545,7 @@ pub(super) async fn recover_prepared(
                 &d.target,
                 &kafka,
                 &d.start_offsets,
-                &settings.run_id,
+                &id.run_id,
             )
             .await
             .map_err(crate::source::SourceError::from)?;
@@ -507,8 +560,8 @@ pub(super) async fn recover_prepared(
         let mut figures: Report =
             serde_json::from_value(manifest.report.clone()).unwrap_or_default();
         let outcome = Outcome {
-            exit_code: figures.exit_code_under(settings.fail_on_dlq),
-            fail_on_dlq: settings.fail_on_dlq,
+            exit_code: figures.exit_code_under(id.fail_on_dlq),
+            fail_on_dlq: id.fail_on_dlq,
         };
         figures.exit_code = Some(outcome.exit_code);
         manifest.report = serde_json::to_value(&figures).unwrap_or_default();
@@ -527,12 +580,12 @@ pub(super) async fn recover_prepared(
                 state.drop_prepared(&prepared.run_id, &prepared.nonce).await;
                 continue;
             }
-            Err(e) => return Err(commit_unknown(&settings.run_id, e)),
+            Err(e) => return Err(commit_unknown(&id.run_id, e)),
         };
         state
-            .publish_entry(&manifest, &settings.scan.storage)
+            .publish_entry(&manifest, &id.storage)
             .await
-            .map_err(|e| committed(&settings.run_id, e.into()))?;
+            .map_err(|e| committed(&id.run_id, e.into()))?;
         state
             .forget_attempt(&prepared.run_id, &prepared.nonce)
             .await;

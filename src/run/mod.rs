@@ -33,6 +33,7 @@ use crate::source;
 use crate::state::{AttemptRecord, Manifest, State};
 
 mod commit;
+pub mod redrive;
 
 /// The outcome of `run`, for main to print and map to an exit code.
 pub struct RunOutcome {
@@ -103,7 +104,10 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     let early = if let Some(m) = snapshot.committed(&settings.run_id) {
         // The same settings end as the committed run ended; other settings
         // are refused (exit 2), naming what differs.
-        Some(commit::committed_again(m, &settings)?)
+        Some(commit::committed_again(
+            m,
+            &commit::Identity::of_run(&settings, started),
+        )?)
     } else {
         // Everything below decides from the ledger: a damaged state stops
         // the run before the archive is listed.
@@ -116,7 +120,7 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
         if settings.dry_run {
             None
         } else {
-            commit::recover_prepared(&state, &settings).await?
+            commit::recover_prepared(&state, &commit::Identity::of_run(&settings, started)).await?
         }
     };
     if let Some(mut r) = early {
@@ -272,6 +276,7 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
             state: &state,
             nonce: &run_nonce,
             based_on: snapshot.head,
+            started,
         };
         execute(&plan, &settings, &attempt, &mut sinks, &mut report, &phases).await
     }
@@ -358,6 +363,8 @@ struct Attempt<'a> {
     state: &'a State,
     nonce: &'a str,
     based_on: u64,
+    /// When the invocation started.
+    started: Instant,
 }
 
 /// Execute the plan: detect, decide, write, then commit the attempt.
@@ -379,6 +386,7 @@ async fn execute(
         state,
         nonce: run_nonce,
         based_on,
+        ..
     } = *attempt;
     let detected_at_us = Utc::now().timestamp_micros();
     let policy = Policy {
@@ -622,7 +630,14 @@ async fn execute(
     failpoint::hit("after_write").await?;
 
     commit::commit_and_publish(
-        state, settings, sinks, ledger, based_on, run_nonce, report, phases,
+        state,
+        &commit::Identity::of_run(settings, attempt.started),
+        sinks,
+        ledger,
+        based_on,
+        run_nonce,
+        report,
+        phases,
     )
     .await
 }

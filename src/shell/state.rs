@@ -1,7 +1,8 @@
 //! The job's state as tables for `backfill sql`: `ledger_entries` (and so the
 //! `ledger` and `candidates` views over it) from the ledger files the
 //! committed runs name, exactly as `backfill run` reads them, and `runs`,
-//! one row per committed run from the commit log.
+//! one row per committed run from the commit log (also what `backfill
+//! runs list` prints).
 //!
 //! Read-only: this reads the log and registers tables over the ledger
 //! files. It never rolls a run forward, never fences, never writes a byte
@@ -10,7 +11,9 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, StringBuilder, TimestampMicrosecondBuilder, UInt64Builder};
+use arrow::array::{
+    ArrayRef, StringBuilder, TimestampMicrosecondBuilder, UInt8Builder, UInt64Builder,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use datafusion::datasource::MemTable;
@@ -39,9 +42,11 @@ fn runs_schema() -> SchemaRef {
     let mut fields = vec![
         Field::new("seq", DataType::UInt64, false),
         Field::new("run_id", DataType::Utf8, false),
+        Field::new("kind", DataType::Utf8, false),
         Field::new("committed_at", ts.clone(), false),
         Field::new("window_from", ts.clone(), true),
         Field::new("window_to", ts, true),
+        Field::new("shard", DataType::Utf8, true),
     ];
     fields.extend(
         COUNTS
@@ -49,6 +54,9 @@ fn runs_schema() -> SchemaRef {
             .map(|c| Field::new(*c, DataType::UInt64, true)),
     );
     fields.extend([
+        Field::new("sinks", DataType::Utf8, false),
+        Field::new("elapsed_ms", DataType::UInt64, true),
+        Field::new("exit_code", DataType::UInt8, true),
         Field::new("based_on", DataType::UInt64, false),
         Field::new("report", DataType::Utf8, false),
         Field::new("settings", DataType::Utf8, true),
@@ -61,6 +69,11 @@ fn runs_batch(manifests: &[Manifest]) -> Result<RecordBatch, Error> {
     let n = manifests.len();
     let mut seq = UInt64Builder::with_capacity(n);
     let mut run_id = StringBuilder::new();
+    let mut kind = StringBuilder::new();
+    let mut shard = StringBuilder::new();
+    let mut sinks = StringBuilder::new();
+    let mut elapsed = UInt64Builder::with_capacity(n);
+    let mut exit_code = UInt8Builder::with_capacity(n);
     let mut committed = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
     let mut from = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
     let mut to = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
@@ -79,12 +92,35 @@ fn runs_batch(manifests: &[Manifest]) -> Result<RecordBatch, Error> {
     for m in manifests {
         seq.append_value(m.seq);
         run_id.append_value(&m.run_id);
+        kind.append_value(m.kind());
         committed.append_value(m.committed_at.timestamp_micros());
         from.append_option(time(m.report.get("window_from")));
         to.append_option(time(m.report.get("window_to")));
+        shard.append_option(
+            m.report
+                .get("shard")
+                .and_then(|s| serde_json::from_value::<crate::shard::Shard>(s.clone()).ok())
+                .map(|s| s.to_string()),
+        );
         for (b, c) in counts.iter_mut().zip(COUNTS) {
             b.append_option(m.report.get(c).and_then(|v| v.as_u64()));
         }
+        // Where each kind of row went, in the order of the flow.
+        let mut targets: Vec<(usize, String)> = m
+            .outputs
+            .iter()
+            .map(|(k, r)| {
+                (
+                    sink_order(k),
+                    format!("{k}={}", crate::human::location(&r.target)),
+                )
+            })
+            .collect();
+        targets.sort();
+        let targets: Vec<String> = targets.into_iter().map(|(_, t)| t).collect();
+        sinks.append_value(targets.join(" "));
+        elapsed.append_option(m.report.get("elapsed_ms").and_then(|v| v.as_u64()));
+        exit_code.append_option(m.outcome.map(|o| o.exit_code));
         based_on.append_value(m.based_on);
         report.append_value(m.report.to_string());
         if m.settings.is_null() {
@@ -96,20 +132,35 @@ fn runs_batch(manifests: &[Manifest]) -> Result<RecordBatch, Error> {
     let mut columns: Vec<ArrayRef> = vec![
         Arc::new(seq.finish()),
         Arc::new(run_id.finish()),
+        Arc::new(kind.finish()),
         Arc::new(committed.finish()),
         Arc::new(from.finish()),
         Arc::new(to.finish()),
+        Arc::new(shard.finish()),
     ];
     columns.extend(counts.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
     columns.extend([
-        Arc::new(based_on.finish()) as ArrayRef,
+        Arc::new(sinks.finish()) as ArrayRef,
+        Arc::new(elapsed.finish()),
+        Arc::new(exit_code.finish()),
+        Arc::new(based_on.finish()),
         Arc::new(report.finish()),
         Arc::new(settings.finish()),
     ]);
     Ok(RecordBatch::try_new(runs_schema(), columns)?)
 }
 
-fn register_runs(ctx: &SessionContext, manifests: &[Manifest]) -> Result<(), Error> {
+/// replay, dlq, gaps first (the flow), anything else after.
+fn sink_order(kind: &str) -> usize {
+    ["replay", "dlq", "gaps"]
+        .iter()
+        .position(|k| *k == kind)
+        .unwrap_or(3)
+}
+
+/// Register `runs` over these committed runs (`backfill runs list` prints
+/// a projection of it through the shell's printers).
+pub fn register_runs(ctx: &SessionContext, manifests: &[Manifest]) -> Result<(), Error> {
     let table = MemTable::try_new(runs_schema(), vec![vec![runs_batch(manifests)?]])?;
     ctx.register_table("runs", Arc::new(table))?;
     Ok(())

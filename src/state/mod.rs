@@ -139,6 +139,22 @@ pub struct Manifest {
     pub outcome: Option<Outcome>,
 }
 
+impl Manifest {
+    /// What kind of run the entry committed: `redrive` (`backfill
+    /// redrive`), `shard` (`run --shard I/N`) or `run`.
+    pub fn kind(&self) -> &'static str {
+        if self.report.get("redrive").is_some_and(|r| !r.is_null())
+            || self.settings.get("kind").and_then(|k| k.as_str()) == Some("redrive")
+        {
+            "redrive"
+        } else if self.report.get("shard").is_some_and(|s| !s.is_null()) {
+            "shard"
+        } else {
+            "run"
+        }
+    }
+}
+
 /// The exit outcome of a committed run. Kept apart from
 /// [`Manifest::settings`], which a rerun must match to take over a prepared
 /// attempt's outputs: `--fail-on-dlq` changes how a run ends, never what it

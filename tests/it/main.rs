@@ -12,6 +12,7 @@ mod kafka;
 mod kafka_e2e;
 mod logs;
 mod memory;
+mod redrive;
 mod reference;
 mod rerun;
 mod s3;
