@@ -393,8 +393,18 @@ fn every_flag_has_a_backfill_env_var() {
             if matches!(long, "help" | "version") || arg.is_hide_set() {
                 continue;
             }
-            let want = format!("BACKFILL_{}", long.to_uppercase().replace('-', "_"));
+            let flag = long.to_uppercase().replace('-', "_");
+            // BACKFILL_<FLAG>, or BACKFILL_<COMMAND>_<FLAG> for a flag
+            // whose name means something else elsewhere (redrive's --to
+            // is a sink, run's a time a scheduler exports).
             let got = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            let plain = format!("BACKFILL_{flag}");
+            let scoped = format!("BACKFILL_{}_{flag}", path.join("_").to_uppercase());
+            let want = if got.as_deref() == Some(scoped.as_str()) {
+                scoped
+            } else {
+                plain
+            };
             assert_eq!(
                 got.as_deref(),
                 Some(want.as_str()),
