@@ -281,6 +281,13 @@ pub struct RunArgs {
     /// Exit 3 when this run dead-lettered anything.
     #[arg(long, env = "BACKFILL_FAIL_ON_DLQ", value_parser = BoolishValueParser::new())]
     pub fail_on_dlq: bool,
+    /// Events a key would replay after its first gap: replay them (default),
+    /// hold them for a later run, or dead-letter them (`after_gap`).
+    #[arg(long, value_enum, value_name = "WHAT", env = "BACKFILL_ON_GAP")]
+    pub on_gap: Option<crate::policy::OnBarrier>,
+    /// The same after a key's first conflicting seq (`after_conflict`).
+    #[arg(long, value_enum, value_name = "WHAT", env = "BACKFILL_ON_CONFLICT")]
+    pub on_conflict: Option<crate::policy::OnBarrier>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -74,6 +74,13 @@ pub struct JobFile {
     pub detect_conflicts: Option<bool>,
     /// Exit 3 when the run dead-lettered anything.
     pub fail_on_dlq: Option<bool>,
+    /// What a run does with a key's events that would be replayed after
+    /// its first gap: "replay" (default), "hold" (left for a later run,
+    /// once the gap is filled), "dlq" (reason `after_gap`).
+    pub on_gap: Option<crate::policy::OnBarrier>,
+    /// The same after a key's first conflicting seq: "replay" (default),
+    /// "hold", "dlq" (reason `after_conflict`).
+    pub on_conflict: Option<crate::policy::OnBarrier>,
     /// Memory pool for the query engine, e.g. "4G", "512M" (default: half
     /// the memory available, see [`crate::machine`]).
     pub memory_limit: Option<String>,
@@ -226,6 +233,12 @@ pub struct Scan {
     /// Locations the archive listing leaves out where they lie inside a
     /// source: the run's own outputs and state (`run` only).
     pub exclude: Vec<String>,
+    /// The candidates carry their key's gap barrier (`backfill_after_gap`).
+    /// On for `sql` (the view shows it) and for a run with `--on-gap
+    /// hold|dlq`; off in a default run, whose fast path then keeps no
+    /// per-key map of first gaps (an entry per key with a gap, outside the
+    /// memory pool).
+    pub gap_barrier: bool,
 }
 
 /// Validated settings of `backfill run`.
@@ -243,6 +256,8 @@ pub struct RunSettings {
     pub report: Option<String>,
     pub dry_run: bool,
     pub fail_on_dlq: bool,
+    pub on_gap: crate::policy::OnBarrier,
+    pub on_conflict: crate::policy::OnBarrier,
 }
 
 /// Read, interpolate and parse a job file.
@@ -682,6 +697,7 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
         storage: job.storage.clone().unwrap_or_default(),
         kafka: job.kafka.clone(),
         exclude: vec![],
+        gap_barrier: !args.no_gaps && job.detect_gaps.unwrap_or(true),
     })
 }
 
@@ -753,6 +769,34 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
         scan.shard = Some(shard);
     }
     validate_run_id(&run_id)?;
+    use crate::policy::OnBarrier;
+    let on_gap = args.on_gap.or(job.on_gap).unwrap_or_default();
+    let on_conflict = args.on_conflict.or(job.on_conflict).unwrap_or_default();
+    for (flag, on, detected, off) in [
+        (
+            "--on-gap",
+            on_gap,
+            scan.detect_gaps,
+            "--no-gaps or detect_gaps = false",
+        ),
+        (
+            "--on-conflict",
+            on_conflict,
+            scan.detect_conflicts,
+            "--no-conflicts or detect_conflicts = false",
+        ),
+    ] {
+        if on != OnBarrier::Replay && !detected {
+            return Err(invalid(
+                flag,
+                format!(
+                    "{} needs the detection it acts on, which is switched off ({off}); drop one of the two",
+                    on.name()
+                ),
+            ));
+        }
+    }
+    scan.gap_barrier = on_gap != OnBarrier::Replay;
     // Outputs written into the archive must not be read back as events.
     scan.exclude = [
         &out,
@@ -779,6 +823,8 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
         report: args.report.clone().or(job.report.clone()),
         dry_run: args.dry_run,
         fail_on_dlq: args.fail_on_dlq || job.fail_on_dlq.unwrap_or(false),
+        on_gap,
+        on_conflict,
     })
 }
 

@@ -6,7 +6,13 @@
 //! For each candidate (an unresolved event's chosen row), first match wins:
 //! skip (an earlier run dead-lettered it) → DLQ `missing_event_id` → DLQ
 //! `invalid_attempts` → DLQ `sequence_conflict` → DLQ `permanent_error` →
-//! DLQ `max_attempts_exceeded` → replay.
+//! DLQ `max_attempts_exceeded` → replay. Then the barriers, on what would
+//! be replayed alone: an event after its key's first gap (`--on-gap`) or
+//! after its key's first conflicting seq (`--on-conflict`) is replayed,
+//! held (`held_by_gap` / `held_by_conflict`: no ledger entry, so a later
+//! run decides it again) or dead-lettered (`after_gap` / `after_conflict`).
+//! A dead letter reaches no consumer, so an event the rules above
+//! dead-letter keeps its own reason: order is only at stake for replays.
 //!
 //! A row with an impossible value is a decision, not a failed run: every
 //! count here saturates instead of overflowing, and an attempts value that
@@ -46,6 +52,42 @@ pub const REASON_MISSING_EVENT_ID: &str = "missing_event_id";
 /// The archived attempts are negative or above [`MAX_ARCHIVED_ATTEMPTS`].
 pub const REASON_INVALID_ATTEMPTS: &str = "invalid_attempts";
 
+/// Replayed while its key's first gap (or first conflicting seq) lies
+/// before it: `--on-gap dlq` / `--on-conflict dlq`.
+pub const REASON_AFTER_GAP: &str = "after_gap";
+pub const REASON_AFTER_CONFLICT: &str = "after_conflict";
+/// Left out of the run (`--on-gap hold` / `--on-conflict hold`): counted,
+/// never written, not in the ledger.
+pub const HELD_BY_GAP: &str = "held_by_gap";
+pub const HELD_BY_CONFLICT: &str = "held_by_conflict";
+
+/// What a run does with the events of a key that would be replayed after
+/// the key's first gap (or first conflicting seq): consumers that need
+/// per-key order must not receive seq 105 before the missing 101–104.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, Serialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBarrier {
+    /// Replay them anyway (the default: order is the consumer's concern).
+    #[default]
+    Replay,
+    /// Leave them for a later run, once the gap is filled.
+    Hold,
+    /// Dead-letter them (`after_gap`, `after_conflict`).
+    Dlq,
+}
+
+impl OnBarrier {
+    pub fn name(self) -> &'static str {
+        match self {
+            OnBarrier::Replay => "replay",
+            OnBarrier::Hold => "hold",
+            OnBarrier::Dlq => "dlq",
+        }
+    }
+}
+
 /// The largest archived attempts value taken as a retry count. Anything
 /// above it is a corrupt counter, not a history of retries: no live system
 /// retries an event a million times. The bound also keeps every
@@ -61,6 +103,10 @@ pub struct Policy {
     pub run_id: String,
     /// Microseconds since the epoch, UTC; one value for the whole run.
     pub detected_at_us: i64,
+    /// Replays after the key's first gap (`backfill_after_gap`).
+    pub on_gap: OnBarrier,
+    /// Replays after the key's first conflicting seq.
+    pub on_conflict: OnBarrier,
 }
 
 /// Counts of one or more decided batches.
@@ -71,6 +117,9 @@ pub struct Decisions {
     pub dead_lettered: u64,
     pub skipped_dead_lettered: u64,
     pub dead_lettered_by_reason: BTreeMap<String, u64>,
+    /// Left out of this run by a barrier (`--on-gap hold`, ...).
+    pub held: u64,
+    pub held_by_reason: BTreeMap<String, u64>,
 }
 
 impl Decisions {
@@ -85,6 +134,11 @@ impl Decisions {
             .saturating_add(o.skipped_dead_lettered);
         for (k, v) in &o.dead_lettered_by_reason {
             let c = self.dead_lettered_by_reason.entry(k.clone()).or_default();
+            *c = c.saturating_add(*v);
+        }
+        self.held = self.held.saturating_add(o.held);
+        for (k, v) in &o.held_by_reason {
+            let c = self.held_by_reason.entry(k.clone()).or_default();
             *c = c.saturating_add(*v);
         }
     }
@@ -258,9 +312,35 @@ impl Policy {
         let is_permanent = boolean::and(&rest, &permanent)?;
         let rest = boolean::and_not(&rest, &is_permanent)?;
         let is_exceeded = boolean::and(&rest, &exceeded)?;
-        let is_replay = boolean::and_not(&rest, &is_exceeded)?;
+        let rest = boolean::and_not(&rest, &is_exceeded)?;
+        // The barriers, over what would be replayed: the gap's first.
+        let none = BooleanArray::from(vec![false; n]);
+        let barred = |rest: &BooleanArray, on: OnBarrier, flag: &str| {
+            Ok::<_, PolicyError>(match on {
+                OnBarrier::Replay => none.clone(),
+                _ => boolean::and(rest, &optional_flag(batch, flag)?)?,
+            })
+        };
+        let after_gap = barred(&rest, self.on_gap, internal::AFTER_GAP)?;
+        let rest = boolean::and_not(&rest, &after_gap)?;
+        let after_conflict = barred(&rest, self.on_conflict, internal::AFTER_CONFLICT)?;
+        let is_replay = boolean::and_not(&rest, &after_conflict)?;
+        let pick = |m: &BooleanArray, on: OnBarrier, want: OnBarrier| {
+            if on == want { m.clone() } else { none.clone() }
+        };
+        let is_after_gap = pick(&after_gap, self.on_gap, OnBarrier::Dlq);
+        let is_after_conflict = pick(&after_conflict, self.on_conflict, OnBarrier::Dlq);
+        let held_by_gap = pick(&after_gap, self.on_gap, OnBarrier::Hold);
+        let held_by_conflict = pick(&after_conflict, self.on_conflict, OnBarrier::Hold);
         let mut is_dlq = is_missing_id.clone();
-        for m in [&is_invalid, &is_conflict, &is_permanent, &is_exceeded] {
+        for m in [
+            &is_invalid,
+            &is_conflict,
+            &is_permanent,
+            &is_exceeded,
+            &is_after_gap,
+            &is_after_conflict,
+        ] {
             is_dlq = boolean::or(&is_dlq, m)?;
         }
 
@@ -270,6 +350,8 @@ impl Policy {
             &s(REASON_MAX_ATTEMPTS),
             &s(REASON_UNPROCESSED),
         )?;
+        let reason = zip::zip(&is_after_gap, &s(REASON_AFTER_GAP), &reason)?;
+        let reason = zip::zip(&is_after_conflict, &s(REASON_AFTER_CONFLICT), &reason)?;
         let reason = zip::zip(&is_permanent, &s(REASON_PERMANENT), &reason)?;
         let reason = zip::zip(&is_conflict, &s(REASON_CONFLICT), &reason)?;
         let reason = zip::zip(&is_invalid, &s(REASON_INVALID_ATTEMPTS), &reason)?;
@@ -323,9 +405,20 @@ impl Policy {
             (REASON_CONFLICT, &is_conflict),
             (REASON_PERMANENT, &is_permanent),
             (REASON_MAX_ATTEMPTS, &is_exceeded),
+            (REASON_AFTER_GAP, &is_after_gap),
+            (REASON_AFTER_CONFLICT, &is_after_conflict),
         ] {
             if count(m) > 0 {
                 by_reason.insert(name.to_string(), count(m));
+            }
+        }
+        let mut held_by_reason = BTreeMap::new();
+        for (name, m) in [
+            (HELD_BY_GAP, &held_by_gap),
+            (HELD_BY_CONFLICT, &held_by_conflict),
+        ] {
+            if count(m) > 0 {
+                held_by_reason.insert(name.to_string(), count(m));
             }
         }
         Ok(Decided {
@@ -338,6 +431,8 @@ impl Policy {
                 dead_lettered: count(&is_dlq),
                 skipped_dead_lettered: count(&skipped),
                 dead_lettered_by_reason: by_reason,
+                held: count(&held_by_gap) + count(&held_by_conflict),
+                held_by_reason,
             },
         })
     }
@@ -501,6 +596,8 @@ mod tests {
             permanent_errors: perm.iter().map(|s| s.to_string()).collect(),
             run_id: "r1".into(),
             detected_at_us: 1_700_000_000_000_000,
+            on_gap: OnBarrier::Replay,
+            on_conflict: OnBarrier::Replay,
         }
     }
 
@@ -519,6 +616,117 @@ mod tests {
             .as_primitive::<arrow::datatypes::Int32Type>()
             .values()
             .to_vec()
+    }
+
+    /// `batch` with the two barrier flags: (after gap, after conflict) per row.
+    fn with_barriers(b: RecordBatch, flags: &[(bool, bool)]) -> RecordBatch {
+        let mut fields: Vec<Field> = b
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new(internal::AFTER_GAP, DataType::Boolean, false));
+        fields.push(Field::new(
+            internal::AFTER_CONFLICT,
+            DataType::Boolean,
+            false,
+        ));
+        let mut cols = b.columns().to_vec();
+        cols.push(Arc::new(BooleanArray::from(
+            flags.iter().map(|f| f.0).collect::<Vec<_>>(),
+        )));
+        cols.push(Arc::new(BooleanArray::from(
+            flags.iter().map(|f| f.1).collect::<Vec<_>>(),
+        )));
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap()
+    }
+
+    /// The barriers act on would-be replays alone, the gap's first; held
+    /// events are neither written nor in the ledger; the balance holds.
+    #[test]
+    fn barriers_hold_or_dead_letter_what_would_be_replayed() {
+        let b = with_barriers(
+            batch(&[
+                // replay, no barrier
+                ("a", None, None, false, None, None),
+                // after a gap
+                ("b", None, None, false, None, None),
+                // after a conflict
+                ("c", None, Some(1), false, None, None),
+                // after both: the gap decides
+                ("d", None, None, false, None, None),
+                // after a gap but dead-lettered anyway: keeps its reason
+                ("e", Some("schema"), None, false, None, None),
+                // after a gap but skipped (dead-lettered before)
+                ("f", None, None, false, None, Some(true)),
+                // in conflict itself: sequence_conflict
+                ("g", None, None, true, None, None),
+            ]),
+            &[
+                (false, false),
+                (true, false),
+                (false, true),
+                (true, true),
+                (true, false),
+                (true, false),
+                (false, true),
+            ],
+        );
+        let mut p = policy(&["^schema"]);
+        // Replay: the flags change nothing.
+        let d = p.decide(&b).unwrap();
+        assert_eq!(strings(&d.replay, "event_id"), ["a", "b", "c", "d"]);
+        assert_eq!(d.counts.held, 0);
+
+        p.on_gap = OnBarrier::Hold;
+        p.on_conflict = OnBarrier::Dlq;
+        let d = p.decide(&b).unwrap();
+        assert_eq!(strings(&d.replay, "event_id"), ["a"]);
+        assert_eq!(strings(&d.dlq, "event_id"), ["c", "e", "g"]);
+        assert_eq!(
+            strings(&d.dlq, "backfill_reason"),
+            [REASON_AFTER_CONFLICT, REASON_PERMANENT, REASON_CONFLICT]
+        );
+        // A dead letter after a barrier carries the retries so far, as
+        // every dead letter does.
+        assert_eq!(ints(&d.dlq, "backfill_attempt"), [1, 0, 0]);
+        assert_eq!(strings(&d.ledger, "event_id"), ["a", "c", "e", "g"]);
+        assert_eq!(d.counts.held, 2);
+        assert_eq!(
+            d.counts.held_by_reason,
+            BTreeMap::from([(HELD_BY_GAP.to_string(), 2)])
+        );
+        let c = &d.counts;
+        assert_eq!(
+            c.candidates,
+            c.replayed + c.dead_lettered + c.skipped_dead_lettered + c.held
+        );
+
+        p.on_gap = OnBarrier::Dlq;
+        p.on_conflict = OnBarrier::Hold;
+        let d = p.decide(&b).unwrap();
+        assert_eq!(strings(&d.replay, "event_id"), ["a"]);
+        assert_eq!(strings(&d.dlq, "event_id"), ["b", "d", "e", "g"]);
+        assert_eq!(
+            strings(&d.dlq, "backfill_reason"),
+            [
+                REASON_AFTER_GAP,
+                REASON_AFTER_GAP,
+                REASON_PERMANENT,
+                REASON_CONFLICT
+            ]
+        );
+        assert_eq!(
+            d.counts.held_by_reason,
+            BTreeMap::from([(HELD_BY_CONFLICT.to_string(), 1)])
+        );
+        assert_eq!(d.counts.dead_lettered_by_reason[REASON_AFTER_GAP], 2);
+        // Without the flag columns (a redrive's batches): nothing is barred.
+        let d = p
+            .decide(&batch(&[("a", None, None, false, None, None)]))
+            .unwrap();
+        assert_eq!(strings(&d.replay, "event_id"), ["a"]);
     }
 
     #[test]

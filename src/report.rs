@@ -55,6 +55,13 @@ pub struct Report {
     pub dead_lettered: u64,
     pub dead_lettered_by_reason: BTreeMap<String, u64>,
     pub skipped_dead_lettered: u64,
+    /// Unresolved events left out of this run by a barrier (`--on-gap
+    /// hold`, `--on-conflict hold`): not written, not in the ledger; a
+    /// later run decides them again. By reason: `held_by_gap`,
+    /// `held_by_conflict`.
+    pub held: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub held_by_reason: BTreeMap<String, u64>,
     /// Gap ranges, and the events they miss.
     pub gaps: u64,
     pub missing_events: u64,
@@ -118,17 +125,19 @@ impl Report {
                 + self.replayed as u128
                 + self.dead_lettered as u128
                 + self.skipped_dead_lettered as u128
+                + self.held as u128
     }
 
     /// The balance as an equation, for a message saying it does not hold.
     pub fn balance_equation(&self) -> String {
         format!(
-            "{} events != {} resolved + {} replayed + {} dead-lettered + {} already in the DLQ",
+            "{} events != {} resolved + {} replayed + {} dead-lettered + {} already in the DLQ + {} held",
             self.events,
             self.resolved,
             self.replayed,
             self.dead_lettered,
-            self.skipped_dead_lettered
+            self.skipped_dead_lettered,
+            self.held
         )
     }
 
@@ -263,13 +272,26 @@ impl Report {
             ("replayed", self.replayed, String::new()),
             ("dead-lettered", self.dead_lettered, by_reason),
             ("already in DLQ", self.skipped_dead_lettered, String::new()),
+        ];
+        // Only when a barrier held something: the summary of a default run
+        // stays as it was.
+        if self.held > 0 {
+            let by_reason = self
+                .held_by_reason
+                .iter()
+                .map(|(k, v)| format!("{k} {}", count(*v)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            figures.push(("held", self.held, by_reason));
+        }
+        figures.extend([
             (
                 "gaps",
                 self.gaps,
                 format!("{} missing events", count(self.missing_events)),
             ),
             ("conflicts", self.conflicts, String::new()),
-        ];
+        ]);
         if self.kafka_messages > 0 {
             figures.push((
                 "kafka messages",
@@ -690,6 +712,10 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
             )?;
         }
         add(&mut m.skipped_dead_lettered, r.skipped_dead_lettered)?;
+        add(&mut m.held, r.held)?;
+        for (reason, n) in &r.held_by_reason {
+            add(m.held_by_reason.entry(reason.clone()).or_default(), *n)?;
+        }
         add(&mut m.gaps, r.gaps)?;
         m.missing_events = m.missing_events.saturating_add(r.missing_events);
         add(&mut m.conflicts, r.conflicts)?;

@@ -33,6 +33,10 @@ pub mod internal {
     pub const LEDGER_DEAD: &str = "__bf_ledger_dead";
     /// The archive row had no event_id; `event_id` holds a synthetic one.
     pub const MISSING_EVENT_ID: &str = "__bf_missing_event_id";
+    /// The event's seq lies after its key's first gap / first conflicting
+    /// seq (the barriers of `--on-gap` / `--on-conflict`).
+    pub const AFTER_GAP: &str = "__bf_after_gap";
+    pub const AFTER_CONFLICT: &str = "__bf_after_conflict";
     pub const PREFIX: &str = "__bf_";
 }
 
@@ -74,16 +78,29 @@ pub async fn register_views(ctx: &SessionContext, scan: &Scan) -> datafusion::er
 }
 
 /// The candidates view; without conflict detection its conflicts side is
-/// empty, so no event is dead-lettered as `sequence_conflict`.
+/// empty, so no event is dead-lettered as `sequence_conflict` (nor is
+/// behind a conflict barrier); without [`Scan::gap_barrier`] no event is
+/// behind a gap (the run's fast path then keeps no per-key gap map).
 pub fn candidates_sql(scan: &Scan) -> String {
-    if scan.detect_conflicts {
-        CANDIDATES_SQL.to_string()
-    } else {
-        CANDIDATES_SQL.replace(
-            "LEFT JOIN conflicts c",
-            "LEFT JOIN (SELECT * FROM conflicts WHERE false) c",
-        )
+    let mut sql = CANDIDATES_SQL.to_string();
+    if !scan.detect_conflicts {
+        sql = sql
+            .replace(
+                "LEFT JOIN conflicts c",
+                "LEFT JOIN (SELECT * FROM conflicts WHERE false) c",
+            )
+            .replace(
+                "FROM conflicts GROUP BY",
+                "FROM (SELECT * FROM conflicts WHERE false) nc GROUP BY",
+            );
     }
+    if !scan.gap_barrier {
+        sql = sql.replace(
+            "FROM gaps GROUP BY",
+            "FROM (SELECT * FROM gaps WHERE false) ng GROUP BY",
+        );
+    }
+    sql
 }
 
 /// The same view with no rows: `... WHERE false` wrapped around it keeps
@@ -134,6 +151,8 @@ pub fn candidates_from(
         col(onepass::LEDGER_REPLAYS).alias(internal::LEDGER_REPLAYS),
         col(onepass::LEDGER_DEAD).alias(internal::LEDGER_DEAD),
         col(crate::source::MISSING_EVENT_ID_COLUMN).alias(internal::MISSING_EVENT_ID),
+        col(onepass::AFTER_GAP).alias(internal::AFTER_GAP),
+        col(onepass::AFTER_CONFLICT).alias(internal::AFTER_CONFLICT),
     ]);
     // Sort on the canonical columns before projecting them away.
     let df = df.sort(vec![
@@ -219,10 +238,14 @@ mod tests {
             storage: Default::default(),
             kafka: None,
             exclude: vec![],
+            gap_barrier: true,
         };
         assert!(candidates_sql(&scan).contains("FROM conflicts WHERE false"));
+        assert!(!candidates_sql(&scan).contains("FROM gaps WHERE false"));
         scan.detect_conflicts = true;
         assert_eq!(candidates_sql(&scan), CANDIDATES_SQL);
+        scan.gap_barrier = false;
+        assert!(candidates_sql(&scan).contains("FROM gaps WHERE false"));
     }
 
     #[test]

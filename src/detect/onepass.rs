@@ -73,6 +73,10 @@ pub const ARCHIVED_ATTEMPTS: &str = "archived_attempts";
 pub const IN_CONFLICT: &str = "backfill_in_conflict";
 pub const LEDGER_REPLAYS: &str = "backfill_ledger_replays";
 pub const LEDGER_DEAD: &str = "backfill_ledger_dead";
+/// The barriers: the chosen row's seq lies after its key's first gap
+/// (first missing seq below it) or first conflicting seq.
+pub const AFTER_GAP: &str = "backfill_after_gap";
+pub const AFTER_CONFLICT: &str = "backfill_after_conflict";
 
 /// Bytes a row is assumed to take in a bucket, to size the bucket count
 /// from the footers' row counts before anything is read.
@@ -253,6 +257,8 @@ impl Detection {
             Field::new(IN_CONFLICT, DataType::Boolean, false),
             Field::new(LEDGER_REPLAYS, DataType::Int64, false),
             Field::new(LEDGER_DEAD, DataType::Boolean, false),
+            Field::new(AFTER_GAP, DataType::Boolean, false),
+            Field::new(AFTER_CONFLICT, DataType::Boolean, false),
         ]);
         let schema = Arc::new(Schema::new(fields));
         let generations = !self
@@ -514,7 +520,11 @@ pub async fn detect(
             jobs.push(Job::Events(b));
         }
         for b in std::mem::take(&mut s.keys.buckets) {
-            jobs.push(Job::Keys(b, scan.detect_gaps));
+            jobs.push(Job::Keys(
+                b,
+                scan.detect_gaps,
+                scan.detect_gaps && scan.gap_barrier,
+            ));
         }
         let r = s.reservation.new_empty();
         r.grow(s.reservation.size());
@@ -549,7 +559,7 @@ pub async fn detect(
         budget: (pool_bytes / 2).max(1),
         pool: pool.clone(),
     };
-    let mut conflicts = Conflicts::default();
+    let mut marks = KeyMarks::default();
     // Those of this shard's keys (all of them unsharded).
     let mut own_conflicts = 0u64;
     let mut gap_rows = GapSpill {
@@ -573,7 +583,12 @@ pub async fn detect(
             Out::Keys(k) => {
                 for (key, seq, ours) in k.conflicts {
                     own_conflicts += u64::from(ours);
-                    conflicts.insert(key, seq);
+                    if detect_conflicts {
+                        marks.conflict(key, seq);
+                    }
+                }
+                for (key, seq) in k.first_gaps {
+                    marks.first_gap(key, seq);
                 }
                 if k.gaps.len() > 0 {
                     gap_rows.push(k.gaps.finish(&gaps_schema, &time_type)?, &dir)?;
@@ -584,7 +599,7 @@ pub async fn detect(
     drop(outs);
     reservation.free();
     let spilled_bytes = spilled_bytes + gens.files.iter().map(|f| f.1).sum::<u64>();
-    conflicts.seal();
+    marks.seal();
     let Generations {
         current: mut cands,
         mut files,
@@ -640,7 +655,7 @@ pub async fn detect(
             cands: RwLock::new(Some(cands)),
             generations: Mutex::new(GenFiles { files, dir }),
             pool,
-            conflicts: detect_conflicts.then_some(conflicts),
+            marks,
             fetched: AtomicU64::new(0),
             probed: AtomicU64::new(0),
             reading: AtomicUsize::new(0),
@@ -1305,9 +1320,10 @@ fn spill_error(path: &Path, e: impl std::fmt::Display) -> DataFusionError {
 
 enum Job {
     Events(Bucket),
-    /// A key bucket, and whether its gap rows are wanted (conflicts alone
-    /// need no gaps).
-    Keys(Bucket, bool),
+    /// A key bucket, whether its gap rows are wanted (conflicts alone
+    /// need no gaps), and whether each key's first gap is (the gap
+    /// barrier, [`Scan::gap_barrier`]).
+    Keys(Bucket, bool, bool),
 }
 
 enum Out {
@@ -1323,12 +1339,14 @@ impl Job {
     ) -> Result<Out> {
         let (bucket, gaps) = match self {
             Job::Events(b) => (b, None),
-            Job::Keys(b, gaps) => (b, Some(gaps)),
+            Job::Keys(b, gaps, barrier) => (b, Some((gaps, barrier))),
         };
         let (batches, kept, loaded) = bucket.load(reservation)?;
         let out = match gaps {
             None => Out::Events(decide_events(&batches, shard)?),
-            Some(gaps) => Out::Keys(Box::new(decide_keys(&batches, gaps, shard)?)),
+            Some((gaps, barrier)) => {
+                Out::Keys(Box::new(decide_keys(&batches, gaps, barrier, shard)?))
+            }
         };
         drop(batches);
         reservation.shrink((kept + loaded).min(reservation.size()));
@@ -1605,6 +1623,10 @@ struct KeysOut {
     /// (key, seq, the key is this run's shard's).
     conflicts: Vec<(String, i64, bool)>,
     gaps: GapRows,
+    /// (key, its first missing seq), for the gap barrier: every key's,
+    /// this shard's or not (an event of this shard may sit under another
+    /// shard's key, as for conflicts).
+    first_gaps: Vec<(String, i64)>,
 }
 
 struct KCols<'a> {
@@ -1636,6 +1658,7 @@ struct KRow {
 fn decide_keys(
     batches: &[RecordBatch],
     gaps: bool,
+    barrier: bool,
     shard: Option<crate::shard::Shard>,
 ) -> Result<KeysOut> {
     let cols: Vec<KCols> = batches
@@ -1676,13 +1699,14 @@ fn decide_keys(
     let mut out = KeysOut {
         conflicts: vec![],
         gaps: GapRows::default(),
+        first_gaps: vec![],
     };
     for_each_group(
         &mut entries,
         |e| sort_hash(e.h),
         key,
         |a, b| a.seq.cmp(&b.seq),
-        |rows| decide_key(&cols, rows, gaps, shard, &mut out),
+        |rows| decide_key(&cols, rows, gaps, barrier, shard, &mut out),
     );
     Ok(out)
 }
@@ -1697,6 +1721,7 @@ fn decide_key(
     cols: &[KCols],
     rows: &[KRow],
     gaps: bool,
+    barrier: bool,
     shard: Option<crate::shard::Shard>,
     out: &mut KeysOut,
 ) {
@@ -1704,6 +1729,7 @@ fn decide_key(
     let key = cols[rows[0].b as usize].key.value(rows[0].r as usize);
     let ours = shard.is_none_or(|s| s.holds(key.as_bytes()));
     let gaps = gaps && ours;
+    let mut barrier = barrier;
     let time = |e: &KRow| e.has_time.then_some(e.time);
     let mut prev: Option<Seen> = None;
     let mut i = 0;
@@ -1742,6 +1768,14 @@ fn decide_key(
                 }
             }
         };
+        if let Some(p) = prev
+            && barrier
+            && seq - 1 > p.seq
+        {
+            // The key's first gap (rows come in seq order): the barrier.
+            out.first_gaps.push((key.to_string(), p.seq + 1));
+            barrier = false;
+        }
         if let Some(p) = prev
             && gaps
             && seq - 1 > p.seq
@@ -2384,27 +2418,48 @@ impl Candidates {
     }
 }
 
-/// (key, seq) pairs in conflict, for the candidates' flag.
+/// Per key: its seqs in conflict and its first gap, for the candidates'
+/// flags (in conflict, after a conflict, after a gap). Only keys with a
+/// conflict or (with the gap barrier) a gap have an entry, so a row is
+/// flagged with one lookup, as before the barriers.
 #[derive(Default)]
-struct Conflicts {
-    by_key: datafusion::common::HashMap<String, Vec<i64>>,
+struct KeyMarks {
+    by_key: datafusion::common::HashMap<String, Marks>,
 }
 
-impl Conflicts {
-    fn insert(&mut self, key: String, seq: i64) {
-        self.by_key.entry(key).or_default().push(seq);
+#[derive(Default)]
+struct Marks {
+    /// Sorted once sealed.
+    conflicts: Vec<i64>,
+    first_gap: Option<i64>,
+}
+
+impl KeyMarks {
+    fn conflict(&mut self, key: String, seq: i64) {
+        self.by_key.entry(key).or_default().conflicts.push(seq);
+    }
+
+    fn first_gap(&mut self, key: String, seq: i64) {
+        let m = self.by_key.entry(key).or_default();
+        m.first_gap = Some(m.first_gap.map_or(seq, |s| s.min(seq)));
     }
 
     fn seal(&mut self) {
         for v in self.by_key.values_mut() {
-            v.sort_unstable();
+            v.conflicts.sort_unstable();
         }
     }
 
-    fn contains(&self, key: &str, seq: i64) -> bool {
-        self.by_key
-            .get(key)
-            .is_some_and(|v| v.binary_search(&seq).is_ok())
+    /// (in conflict, after a conflict, after a gap) for a row's key and seq.
+    fn flags(&self, key: &str, seq: i64) -> (bool, bool, bool) {
+        match self.by_key.get(key) {
+            None => (false, false, false),
+            Some(m) => (
+                m.conflicts.binary_search(&seq).is_ok(),
+                m.conflicts.first().is_some_and(|&c| c < seq),
+                m.first_gap.is_some_and(|g| g < seq),
+            ),
+        }
     }
 }
 
@@ -2469,7 +2524,8 @@ struct Shared {
     generations: Mutex<GenFiles>,
     /// The pool the generations' tables are reserved in.
     pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool>,
-    conflicts: Option<Conflicts>,
+    /// Conflicts (when detected) and first gaps (with the gap barrier).
+    marks: KeyMarks,
     fetched: AtomicU64,
     /// Rows the fetch tested: with positions, the candidates' alone.
     probed: AtomicU64,
@@ -2602,6 +2658,8 @@ impl Shared {
         let mut keep = BooleanBuilder::with_capacity(b.num_rows());
         let mut archived = vec![];
         let mut conflict = vec![];
+        let mut after_conflict = vec![];
+        let mut after_gap = vec![];
         let mut replays = vec![];
         let mut dead = vec![];
         // Each row's candidate by position first, touching its slot: the
@@ -2654,10 +2712,13 @@ impl Shared {
             }
             keep.append_value(true);
             archived.push(slot.attempts);
-            conflict.push(match (&self.conflicts, opt_str(key, r), opt_i64(seq, r)) {
-                (Some(cf), Some(k), Some(s)) => cf.contains(k, s),
-                _ => false,
-            });
+            let (in_c, ac, ag) = match (opt_str(key, r), opt_i64(seq, r)) {
+                (Some(k), Some(s)) => self.marks.flags(k, s),
+                _ => (false, false, false),
+            };
+            conflict.push(in_c);
+            after_conflict.push(ac);
+            after_gap.push(ag);
             replays.push(i64::from(slot.replays));
             dead.push(c.dead(iu));
         }
@@ -2678,6 +2739,8 @@ impl Shared {
         cols.push(Arc::new(BooleanArray::from(conflict)));
         cols.push(Arc::new(Int64Array::from(replays)));
         cols.push(Arc::new(BooleanArray::from(dead)));
+        cols.push(Arc::new(BooleanArray::from(after_gap)));
+        cols.push(Arc::new(BooleanArray::from(after_conflict)));
         Ok(RecordBatch::try_new(schema.clone(), cols)?)
     }
 }
@@ -3114,6 +3177,7 @@ mod tests {
             kafka: None,
             exclude: vec![],
             spill_dir: None,
+            gap_barrier: true,
         }
     }
 
@@ -3299,6 +3363,8 @@ mod tests {
             IN_CONFLICT,
             LEDGER_REPLAYS,
             LEDGER_DEAD,
+            AFTER_GAP,
+            AFTER_CONFLICT,
         ];
         for b in batches {
             for r in 0..b.num_rows() {
@@ -3315,6 +3381,69 @@ mod tests {
         out
     }
 
+    /// The policy's decision per event over candidate rows (the view's or
+    /// the fast path's): "replay", "dlq <reason>", or "held"; and the
+    /// figures. The internal columns are the candidates' own, renamed as
+    /// `detect::candidates_from` does.
+    fn decide_all(
+        batches: &[RecordBatch],
+        policy: &crate::policy::Policy,
+    ) -> (BTreeMap<String, String>, crate::policy::Decisions) {
+        use super::super::internal;
+        let renames = [
+            ("event_id", internal::EVENT_ID),
+            ("error", internal::ERROR),
+            (ARCHIVED_ATTEMPTS, internal::ARCHIVED_ATTEMPTS),
+            (IN_CONFLICT, internal::IN_CONFLICT),
+            (LEDGER_REPLAYS, internal::LEDGER_REPLAYS),
+            (LEDGER_DEAD, internal::LEDGER_DEAD),
+            (MISSING_EVENT_ID_COLUMN, internal::MISSING_EVENT_ID),
+            (AFTER_GAP, internal::AFTER_GAP),
+            (AFTER_CONFLICT, internal::AFTER_CONFLICT),
+        ];
+        let mut out = BTreeMap::new();
+        let mut counts = crate::policy::Decisions::default();
+        for b in batches {
+            let mut fields = vec![Field::new("event_id", DataType::Utf8, true)];
+            let mut cols =
+                vec![cast(b.column_by_name("event_id").unwrap(), &DataType::Utf8).unwrap()];
+            for (from, to) in renames {
+                let c = b.column_by_name(from).unwrap();
+                fields.push(Field::new(to, c.data_type().clone(), true));
+                cols.push(c.clone());
+            }
+            let b = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap();
+            let d = policy.decide(&b).unwrap();
+            counts.add(&d.counts);
+            let ids = b.column(0).as_string::<i32>();
+            for r in 0..b.num_rows() {
+                out.insert(ids.value(r).to_string(), "held".to_string());
+            }
+            let ledger = d.ledger.column(1).as_string::<i32>();
+            for r in 0..d.ledger.num_rows() {
+                let outcome = d.ledger.column(2).as_string::<i32>().value(r);
+                let reason = d.ledger.column(3).as_string::<i32>().value(r);
+                let what = if outcome == "replay" {
+                    "replay".to_string()
+                } else {
+                    format!("dlq {reason}")
+                };
+                out.insert(ledger.value(r).to_string(), what);
+            }
+            // Skipped (dead-lettered before) is neither held nor acted on.
+            let dead = b
+                .column_by_name(internal::LEDGER_DEAD)
+                .unwrap()
+                .as_boolean();
+            for r in 0..b.num_rows() {
+                if dead.value(r) {
+                    out.insert(ids.value(r).to_string(), "skipped".to_string());
+                }
+            }
+        }
+        (out, counts)
+    }
+
     fn text(batches: &[RecordBatch]) -> String {
         arrow::util::pretty::pretty_format_batches(batches)
             .unwrap()
@@ -3327,10 +3456,28 @@ mod tests {
         // What the rounds covered, so that the test cannot pass vacuously.
         let (mut seen_conflicts, mut seen_gaps, mut seen_spills, mut seen_ledger) = (0, 0, 0, 0);
         let (mut seen_generations, mut seen_positions, mut seen_shards) = (0, 0, 0);
+        let (mut seen_after_gap, mut seen_after_conflict) = (0, 0);
+        let mut seen_barriers: BTreeMap<String, u64> = BTreeMap::new();
+        let barrier = |n: u64| match n {
+            0 => crate::policy::OnBarrier::Replay,
+            1 => crate::policy::OnBarrier::Hold,
+            _ => crate::policy::OnBarrier::Dlq,
+        };
         for round in 0..120 {
             let (batches, ledger) = archive(&mut rng);
             let limit = if rng.chance(40) { 2048 } else { 1 << 30 };
-            let scan = scan(limit, !rng.chance(15), !rng.chance(15));
+            let mut scan = scan(limit, !rng.chance(15), !rng.chance(15));
+            // A default run keeps no per-key gap map; the view then says
+            // no event is after a gap either.
+            scan.gap_barrier = scan.detect_gaps && !rng.chance(20);
+            let policy = crate::policy::Policy {
+                max_attempts: 1 + rng.below(4) as i64,
+                permanent_errors: vec!["^bad".into()],
+                run_id: "r".into(),
+                detected_at_us: 0,
+                on_gap: barrier(rng.below(3)),
+                on_conflict: barrier(rng.below(3)),
+            };
             let est_rows = if rng.chance(50) { 0 } else { 1 << 30 };
             COLLIDE.store(rng.chance(30), Ordering::Relaxed);
             let ctx = SessionContext::new();
@@ -3393,14 +3540,15 @@ mod tests {
             ctx.register_table("ledger_entries", Arc::new(lt)).unwrap();
             super::super::register_views(&ctx, &scan).await.unwrap();
 
-            let expected = by_event(
-                &ctx.table("candidates")
-                    .await
-                    .unwrap()
-                    .collect()
-                    .await
-                    .unwrap(),
-            );
+            let view_rows = ctx
+                .table("candidates")
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+            let expected = by_event(&view_rows);
+            let (expected_decisions, expected_counts) = decide_all(&view_rows, &policy);
             let counts = ctx
                 .sql("SELECT count(*), count(DISTINCT event_id) FROM events")
                 .await
@@ -3449,6 +3597,7 @@ mod tests {
                 positions.is_some()
             );
             let mut got: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            let mut fetched_rows: Vec<RecordBatch> = vec![];
             let mut gaps: Vec<RecordBatch> = vec![];
             let (mut d_rows, mut d_events, mut d_conflicts, mut spilled) = (0, 0, 0, 0);
             for shard in shards {
@@ -3466,7 +3615,9 @@ mod tests {
                     .await
                     .unwrap();
                 let fetched = d.fetch(&ctx).await.unwrap();
-                let mine = by_event(&fetched.collect().await.unwrap());
+                let fetched = fetched.collect().await.unwrap();
+                let mine = by_event(&fetched);
+                fetched_rows.extend(fetched);
                 d.check_fetched().unwrap();
                 for t in ["events", "ledger", "candidates"] {
                     assert!(ctx.table_exist(t).unwrap(), "the fetch left {t} registered");
@@ -3509,6 +3660,24 @@ mod tests {
                 assert_eq!(got.get(id), Some(want), "event {id}: {ctx_note}");
             }
             assert_eq!(got.len(), expected.len(), "{ctx_note}");
+            // The same decisions, barriers included, and the balance.
+            let (decisions, counts) = decide_all(&fetched_rows, &policy);
+            assert_eq!(decisions, expected_decisions, "{ctx_note}, {policy:?}");
+            assert_eq!(counts, expected_counts, "{ctx_note}, {policy:?}");
+            assert_eq!(
+                counts.candidates,
+                counts.replayed + counts.dead_lettered + counts.skipped_dead_lettered + counts.held,
+                "{ctx_note}, {policy:?}"
+            );
+            for (what, n) in counts
+                .held_by_reason
+                .iter()
+                .chain(counts.dead_lettered_by_reason.iter())
+            {
+                *seen_barriers.entry(what.clone()).or_default() += n;
+            }
+            seen_after_gap += got.values().filter(|r| r[13] == "true").count();
+            seen_after_conflict += got.values().filter(|r| r[14] == "true").count();
             // The shards' gap rows, in the order of one run's.
             let gaps = if gaps.is_empty() {
                 gaps
@@ -3542,6 +3711,21 @@ mod tests {
                 .count();
         }
         COLLIDE.store(false, Ordering::Relaxed);
+        assert!(
+            seen_after_gap > 0 && seen_after_conflict > 0,
+            "coverage: {seen_after_gap} after a gap, {seen_after_conflict} after a conflict"
+        );
+        for what in [
+            crate::policy::HELD_BY_GAP,
+            crate::policy::HELD_BY_CONFLICT,
+            crate::policy::REASON_AFTER_GAP,
+            crate::policy::REASON_AFTER_CONFLICT,
+        ] {
+            assert!(
+                seen_barriers.get(what).is_some_and(|n| *n > 0),
+                "coverage: no {what} in any round: {seen_barriers:?}"
+            );
+        }
         assert!(
             seen_conflicts > 0
                 && seen_gaps > 0

@@ -120,6 +120,10 @@ pub(super) fn decision_settings(settings: &RunSettings) -> serde_json::Value {
         "dlq_sink": sink(&settings.dlq_sink, crate::sink::SinkKind::Dlq),
         "gaps_sink": sink(&settings.gaps_sink, crate::sink::SinkKind::Gaps),
         "shard": scan.shard.map(|s| s.to_string()),
+        // Entries written before the barriers lack these: only keys both
+        // sides record are compared ([`differences`]).
+        "on_gap": settings.on_gap.name(),
+        "on_conflict": settings.on_conflict.name(),
     })
 }
 
@@ -294,6 +298,8 @@ fn as_flag(key: &str, value: &serde_json::Value) -> String {
         "dlq_sink" => "--dlq-sink",
         "gaps_sink" => "--gaps-sink",
         "fail_on_dlq" => "--fail-on-dlq",
+        "on_gap" => "--on-gap",
+        "on_conflict" => "--on-conflict",
         "shard" => "--shard",
         "dlq" => "--dlq",
         "where" => "--where",

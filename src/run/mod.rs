@@ -394,6 +394,8 @@ async fn execute(
         permanent_errors: settings.permanent_errors.clone(),
         run_id: settings.run_id.clone(),
         detected_at_us,
+        on_gap: settings.on_gap,
+        on_conflict: settings.on_conflict,
     };
 
     phases.set("scanning the archive");
@@ -604,6 +606,8 @@ async fn execute(
     report.dead_lettered = decisions.dead_lettered;
     report.skipped_dead_lettered = decisions.skipped_dead_lettered;
     report.dead_lettered_by_reason = decisions.dead_lettered_by_reason.clone();
+    report.held = decisions.held;
+    report.held_by_reason = decisions.held_by_reason.clone();
     report.resolved = report.events.saturating_sub(decisions.candidates);
     if !report.balances() {
         return Err(Error::Internal(format!(

@@ -3,6 +3,7 @@
 
 mod archive;
 mod bad_input;
+mod barrier;
 mod cli;
 mod commit;
 mod crash;
