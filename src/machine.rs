@@ -194,6 +194,83 @@ pub fn parse_cgroup_limit(text: &str) -> Option<u64> {
     text.trim().parse().ok().filter(|&b| b > 0)
 }
 
+/// The log target of the memory watch: `--log-level
+/// info,event_backfill::memory=debug` shows the pool against RSS.
+pub const MEMORY_TARGET: &str = "event_backfill::memory";
+
+/// The process's resident memory now, from `/proc/self/statm` (Linux);
+/// `None` elsewhere.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf with a constant name only reads.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(page).ok().map(|p| pages * p)
+}
+
+/// While alive, a task logs what DataFusion's memory pool holds beside the
+/// process's resident memory, every `every`, at debug level under
+/// [`MEMORY_TARGET`]; the highest of each on drop. The limit bounds RSS
+/// only if what the pool does not see stays in the share it leaves
+/// ([`pool_bytes`]): this is how that share is measured, on the user's
+/// archive as on ours. Nothing runs when the target is off.
+pub struct MemoryWatch {
+    task: Option<tokio::task::JoinHandle<()>>,
+    peaks: std::sync::Arc<std::sync::Mutex<(usize, u64)>>,
+}
+
+impl MemoryWatch {
+    pub fn start(
+        pool: std::sync::Arc<dyn datafusion::execution::memory_pool::MemoryPool>,
+        every: std::time::Duration,
+    ) -> Self {
+        let peaks = std::sync::Arc::new(std::sync::Mutex::new((0usize, 0u64)));
+        let task = tracing::enabled!(target: MEMORY_TARGET, tracing::Level::DEBUG).then(|| {
+            let peaks = peaks.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    let reserved = pool.reserved();
+                    let rss = resident_bytes().unwrap_or(0);
+                    if let Ok(mut p) = peaks.lock() {
+                        p.0 = p.0.max(reserved);
+                        p.1 = p.1.max(rss);
+                    }
+                    tracing::debug!(
+                        target: MEMORY_TARGET,
+                        pool_reserved = reserved,
+                        rss,
+                        outside_pool = rss.saturating_sub(reserved as u64),
+                        "memory: pool {} MiB, resident {} MiB",
+                        reserved >> 20,
+                        rss >> 20
+                    );
+                }
+            })
+        });
+        Self { task, peaks }
+    }
+}
+
+impl Drop for MemoryWatch {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            if let Ok(p) = self.peaks.lock() {
+                tracing::debug!(
+                    target: MEMORY_TARGET,
+                    pool_peak = p.0,
+                    rss_peak = p.1,
+                    "memory peaks: pool {} MiB, resident {} MiB",
+                    p.0 >> 20,
+                    p.1 >> 20
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,82 +373,5 @@ mod tests {
     fn this_machine_has_a_default() {
         let limit = default_memory_limit() as u64;
         assert!(limit >= MIN_DEFAULT_MEMORY_LIMIT, "{limit}");
-    }
-}
-
-/// The log target of the memory watch: `--log-level
-/// info,event_backfill::memory=debug` shows the pool against RSS.
-pub const MEMORY_TARGET: &str = "event_backfill::memory";
-
-/// The process's resident memory now, from `/proc/self/statm` (Linux);
-/// `None` elsewhere.
-pub fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf with a constant name only reads.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(page).ok().map(|p| pages * p)
-}
-
-/// While alive, a task logs what DataFusion's memory pool holds beside the
-/// process's resident memory, every `every`, at debug level under
-/// [`MEMORY_TARGET`]; the highest of each on drop. The limit bounds RSS
-/// only if what the pool does not see stays in the share it leaves
-/// ([`pool_bytes`]): this is how that share is measured, on the user's
-/// archive as on ours. Nothing runs when the target is off.
-pub struct MemoryWatch {
-    task: Option<tokio::task::JoinHandle<()>>,
-    peaks: std::sync::Arc<std::sync::Mutex<(usize, u64)>>,
-}
-
-impl MemoryWatch {
-    pub fn start(
-        pool: std::sync::Arc<dyn datafusion::execution::memory_pool::MemoryPool>,
-        every: std::time::Duration,
-    ) -> Self {
-        let peaks = std::sync::Arc::new(std::sync::Mutex::new((0usize, 0u64)));
-        let task = tracing::enabled!(target: MEMORY_TARGET, tracing::Level::DEBUG).then(|| {
-            let peaks = peaks.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                loop {
-                    tick.tick().await;
-                    let reserved = pool.reserved();
-                    let rss = resident_bytes().unwrap_or(0);
-                    if let Ok(mut p) = peaks.lock() {
-                        p.0 = p.0.max(reserved);
-                        p.1 = p.1.max(rss);
-                    }
-                    tracing::debug!(
-                        target: MEMORY_TARGET,
-                        pool_reserved = reserved,
-                        rss,
-                        outside_pool = rss.saturating_sub(reserved as u64),
-                        "memory: pool {} MiB, resident {} MiB",
-                        reserved >> 20,
-                        rss >> 20
-                    );
-                }
-            })
-        });
-        Self { task, peaks }
-    }
-}
-
-impl Drop for MemoryWatch {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-            if let Ok(p) = self.peaks.lock() {
-                tracing::debug!(
-                    target: MEMORY_TARGET,
-                    pool_peak = p.0,
-                    rss_peak = p.1,
-                    "memory peaks: pool {} MiB, resident {} MiB",
-                    p.0 >> 20,
-                    p.1 >> 20
-                );
-            }
-        }
     }
 }
