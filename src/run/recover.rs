@@ -75,16 +75,20 @@ pub async fn recover(
                 first: first.value(i),
                 last: last.value(i),
             });
-            if before.is_null(i) {
-                unbounded.0 = true;
-            } else {
-                let v = before.value(i);
-                from = Some(from.map_or(v, |f| f.min(v)));
+            // Both neighbours bound both ends: seq order is not always
+            // time order, and an empty span would be refused by the reader.
+            if before.is_null(i) || after.is_null(i) {
+                unbounded = (
+                    unbounded.0 || before.is_null(i),
+                    unbounded.1 || after.is_null(i),
+                );
             }
-            if after.is_null(i) {
-                unbounded.1 = true;
-            } else {
-                let v = after.value(i);
+            for v in [&before, &after]
+                .iter()
+                .filter(|c| !c.is_null(i))
+                .map(|c| c.value(i))
+            {
+                from = Some(from.map_or(v, |f| f.min(v)));
                 to = Some(to.map_or(v, |t| t.max(v)));
             }
         }
