@@ -27,7 +27,7 @@ fn t(min: u32) -> String {
 }
 
 /// key a: 1 processed, 2, (3, 4 missing), 5, 6 — the topic holds a3, a4.
-/// key b: 1, (2, 3 missing), 4 — the topic holds b2 only.
+/// key b: 1, (2, 3, 4 missing), 5 — the topic holds b2 and b4, not b3.
 /// key c: 1, (2 missing), 3 — the topic holds only c3, a later event.
 fn archive() -> Archive {
     let failed = |id: &str, key: &str, seq: i64, min: u32| {
@@ -42,7 +42,7 @@ fn archive() -> Archive {
             failed("a5", "a", 5, 4),
             failed("a6", "a", 6, 5),
             failed("b1", "b", 1, 10),
-            failed("b4", "b", 4, 13),
+            failed("b5", "b", 5, 14),
             failed("c1", "c", 1, 20),
             failed("c3", "c", 3, 22),
         ],
@@ -60,6 +60,7 @@ const TOPIC: &[(&str, &str, i64, u32)] = &[
     ("a4", "a", 4, 3),
     ("a5", "a", 5, 4),
     ("b2", "b", 2, 11),
+    ("b4", "b", 4, 13),
     ("c3", "c", 3, 22),
 ];
 
@@ -177,6 +178,23 @@ async fn gaps_are_classified_and_their_events_replayed_once_in_order() {
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("out");
 
+    // A dry run reads the topic and reports, and writes nothing.
+    let dry = run(
+        &a.source(),
+        &out,
+        "rec-0",
+        &recover_args(&url, &["--dry-run"]),
+    )
+    .await;
+    assert_eq!(dry.report["recovered"].as_u64(), Some(4), "{}", dry.report);
+    assert_eq!(dry.report["replayed"].as_u64(), Some(11), "{}", dry.report);
+    assert!(dry.replay.is_empty() && dry.gaps.is_empty());
+    assert!(
+        !out.join("_state").join("log").exists(),
+        "{}",
+        dry.run.describe()
+    );
+
     let first = run(&a.source(), &out, "rec-1", &recover_args(&url, &[])).await;
     let r = &first.report;
     assert_eq!(
@@ -191,11 +209,11 @@ async fn gaps_are_classified_and_their_events_replayed_once_in_order() {
     );
     assert_eq!(
         r["recovered"].as_u64(),
-        Some(3),
-        "a3, a4 (sent twice), b2: {r}"
+        Some(4),
+        "a3, a4 (sent twice), b2, b4: {r}"
     );
     assert_eq!(r["recovered_skipped"].as_u64(), Some(0), "{r}");
-    assert_eq!(r["events"].as_u64(), Some(8 + 3), "{r}");
+    assert_eq!(r["events"].as_u64(), Some(8 + 4), "{r}");
     let want: BTreeMap<String, String> = [("a", "recoverable"), ("b", "partial"), ("c", "lost")]
         .iter()
         .map(|(k, c)| (k.to_string(), c.to_string()))
@@ -204,13 +222,15 @@ async fn gaps_are_classified_and_their_events_replayed_once_in_order() {
     // Every unresolved event, the recovered ones in their keys' seq order.
     assert_eq!(
         ids(&first.replay),
-        ["a2", "a3", "a4", "a5", "a6", "b1", "b2", "b4", "c1", "c3"],
+        [
+            "a2", "a3", "a4", "a5", "a6", "b1", "b2", "b4", "b5", "c1", "c3"
+        ],
         "{}",
         first.run.describe()
     );
     for row in &first.replay {
         let id = text(row, "event_id").unwrap();
-        let recovered = ["a3", "a4", "b2"].contains(&id.as_str());
+        let recovered = ["a3", "a4", "b2", "b4"].contains(&id.as_str());
         assert_eq!(
             text(row, "kafka_topic").as_deref(),
             recovered.then_some(topic.as_str()),
@@ -239,12 +259,12 @@ async fn gaps_are_classified_and_their_events_replayed_once_in_order() {
     // recovered ones (replayed by rec-1, per the ledger) are not.
     let later = run(&a.source(), &out, "rec-2", &recover_args(&url, &[])).await;
     let r = &later.report;
-    assert_eq!(r["recovered"].as_u64(), Some(3), "{r}");
-    assert_eq!(r["recovered_skipped"].as_u64(), Some(3), "{r}");
+    assert_eq!(r["recovered"].as_u64(), Some(4), "{r}");
+    assert_eq!(r["recovered_skipped"].as_u64(), Some(4), "{r}");
     assert_eq!(r["events"].as_u64(), Some(8), "{r}");
     assert_eq!(
         ids(&later.replay),
-        ["a2", "a5", "a6", "b1", "b4", "c1", "c3"],
+        ["a2", "a5", "a6", "b1", "b5", "c1", "c3"],
         "{}",
         later.run.describe()
     );
@@ -277,7 +297,7 @@ async fn on_gap_hold_holds_a_key_only_at_a_gap_that_stays_open() {
     assert_eq!(
         plain.report["held"].as_u64(),
         Some(4),
-        "a5 a6 b4 c3: {}",
+        "a5 a6 b5 c3: {}",
         plain.report
     );
 
@@ -289,18 +309,18 @@ async fn on_gap_hold_holds_a_key_only_at_a_gap_that_stays_open() {
         &recover_args(&url, &["--on-gap", "hold"]),
     )
     .await;
-    // a's gap is filled: nothing of a is held. b's is partial: b2 comes
-    // back, b3 does not, so b4 is held; c's is lost, so c3 is.
+    // a's gap is filled: nothing of a is held. b's is partial: b2 and b4
+    // come back, b3 does not, so b4 (recovered) and b5 are held; c's is lost.
     assert_eq!(
         ids(&held.replay),
         ["a2", "a3", "a4", "a5", "a6", "b1", "b2", "c1"],
         "{}",
         held.run.describe()
     );
-    assert_eq!(held.report["held"].as_u64(), Some(2), "{}", held.report);
+    assert_eq!(held.report["held"].as_u64(), Some(3), "{}", held.report);
     assert_eq!(
         held.report["held_by_reason"]["held_by_gap"].as_u64(),
-        Some(2)
+        Some(3)
     );
 }
 
@@ -319,10 +339,10 @@ async fn recovered_replays_reach_a_kafka_sink_in_seq_order_with_their_origin() {
         &["--replay-sink", &server.url(&replay_topic)],
     );
     let o = run(&a.source(), &out, "rec-k", &extra).await;
-    assert_eq!(o.report["replayed"].as_u64(), Some(10), "{}", o.report);
+    assert_eq!(o.report["replayed"].as_u64(), Some(11), "{}", o.report);
     let msgs =
-        crate::kafka::consume(server, &replay_topic, false, 10, Duration::from_secs(30)).await;
-    assert_eq!(msgs.len(), 10);
+        crate::kafka::consume(server, &replay_topic, false, 11, Duration::from_secs(30)).await;
+    assert_eq!(msgs.len(), 11);
     let mut by_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for m in &msgs {
         let h = headers(m);
@@ -331,7 +351,7 @@ async fn recovered_replays_reach_a_kafka_sink_in_seq_order_with_their_origin() {
             .entry(h["backfill.key"].clone())
             .or_default()
             .push(h["backfill.seq"].parse().unwrap());
-        let recovered = ["a3", "a4", "b2"].contains(&id.as_str());
+        let recovered = ["a3", "a4", "b2", "b4"].contains(&id.as_str());
         assert_eq!(
             h.get("backfill.original.topic").map(String::as_str),
             recovered.then_some(topic.as_str()),
@@ -358,7 +378,7 @@ async fn recovered_replays_reach_a_kafka_sink_in_seq_order_with_their_origin() {
     }
     let want: BTreeMap<String, Vec<i64>> = [
         ("a", vec![2, 3, 4, 5, 6]),
-        ("b", vec![1, 2, 4]),
+        ("b", vec![1, 2, 4, 5]),
         ("c", vec![1, 3]),
     ]
     .iter()
