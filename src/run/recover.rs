@@ -203,39 +203,45 @@ pub async fn recover(
     out.counts.recovered_skipped = out.counts.recovered - decided;
     out.rows = kept;
 
-    for (g, gap) in list.iter().enumerate() {
-        let n = found[g].len() as i64;
-        let class = if n == 0 {
-            out.counts.gaps_lost += 1;
-            "lost"
-        } else if n == gap.last - gap.first + 1 {
-            out.counts.gaps_recoverable += 1;
-            "recoverable"
-        } else {
-            out.counts.gaps_partial += 1;
-            "partial"
-        };
+    for (gap, found) in list.iter().zip(&found) {
+        let class = class_of(gap, found);
+        match class {
+            "lost" => out.counts.gaps_lost += 1,
+            "recoverable" => out.counts.gaps_recoverable += 1,
+            _ => out.counts.gaps_partial += 1,
+        }
         out.classes.push(class);
     }
-    // The barrier of each key: its first seq that no gap's recovery fills.
     for (key, gs) in &by_key {
-        let mut first = None;
-        for &g in gs {
-            let mut s = list[g].first;
-            for &f in found[g].iter() {
-                if f != s {
-                    break;
-                }
-                s += 1;
-            }
-            if s <= list[g].last {
-                first = Some(s);
-                break;
-            }
-        }
+        let first = gs.iter().find_map(|&g| first_unfound(&list[g], &found[g]));
         out.first_missing.push((key.to_string(), first));
     }
     Ok(out)
+}
+
+/// A gap's class by how many of its missing seqs were found.
+fn class_of(gap: &Gap, found: &BTreeSet<i64>) -> &'static str {
+    let n = found.len() as i64;
+    if n == 0 {
+        "lost"
+    } else if n == gap.last - gap.first + 1 {
+        "recoverable"
+    } else {
+        "partial"
+    }
+}
+
+/// The first seq of `gap` the topic did not give back (`found`: the seqs
+/// it did, all inside the gap), if any: where the key's barrier moves to.
+fn first_unfound(gap: &Gap, found: &BTreeSet<i64>) -> Option<i64> {
+    let mut s = gap.first;
+    for &f in found {
+        if f != s {
+            break;
+        }
+        s += 1;
+    }
+    (s <= gap.last).then_some(s)
 }
 
 impl Recovered {
@@ -380,4 +386,42 @@ fn millis_column(b: &RecordBatch, name: &str) -> Result<Int64Array, Error> {
     };
     let c = arrow::compute::cast(&c, &DataType::Int64)?;
     Ok(c.as_primitive::<Int64Type>().clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gap(first: i64, last: i64) -> Gap {
+        Gap {
+            key: "k".into(),
+            first,
+            last,
+        }
+    }
+
+    fn set(v: &[i64]) -> BTreeSet<i64> {
+        v.iter().copied().collect()
+    }
+
+    /// The barrier moves to the first hole the topic leaves, not past a
+    /// recovered seq that follows it.
+    #[test]
+    fn the_first_unfound_seq_is_the_first_hole() {
+        let g = gap(2, 4);
+        assert_eq!(first_unfound(&g, &set(&[])), Some(2));
+        assert_eq!(first_unfound(&g, &set(&[2, 4])), Some(3));
+        assert_eq!(first_unfound(&g, &set(&[3, 4])), Some(2));
+        assert_eq!(first_unfound(&g, &set(&[2, 3])), Some(4));
+        assert_eq!(first_unfound(&g, &set(&[2, 3, 4])), None);
+    }
+
+    #[test]
+    fn classes_count_the_seqs_found() {
+        let g = gap(10, 12);
+        assert_eq!(class_of(&g, &set(&[])), "lost");
+        assert_eq!(class_of(&g, &set(&[11])), "partial");
+        assert_eq!(class_of(&g, &set(&[10, 11, 12])), "recoverable");
+        assert_eq!(class_of(&gap(5, 5), &set(&[5])), "recoverable");
+    }
 }
