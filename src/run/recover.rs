@@ -349,8 +349,7 @@ async fn ledger_done(ctx: &SessionContext, ids: &[String]) -> Result<HashSet<Str
     Ok(done)
 }
 
-/// A gap batch with its `recovery` class appended as a column of `schema`'s
-/// field `recovery`.
+/// The `recovery` column of a batch of gap rows, from their classes.
 pub fn recovery_column(classes: &[&'static str]) -> ArrayRef {
     Arc::new(StringArray::from(classes.to_vec()))
 }
