@@ -288,6 +288,14 @@ pub struct RunArgs {
     /// The same after a key's first conflicting seq (`after_conflict`).
     #[arg(long, value_enum, value_name = "WHAT", env = "BACKFILL_ON_CONFLICT")]
     pub on_conflict: Option<crate::policy::OnBarrier>,
+    /// Look for each gap's missing events in this topic (still within its
+    /// retention) and replay those found; the gaps get a `recovery` class.
+    #[arg(
+        long,
+        value_name = "kafka://HOST:PORT/TOPIC",
+        env = "BACKFILL_RECOVER_FROM"
+    )]
+    pub recover_from: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

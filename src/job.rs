@@ -81,6 +81,10 @@ pub struct JobFile {
     /// The same after a key's first conflicting seq: "replay" (default),
     /// "hold", "dlq" (reason `after_conflict`).
     pub on_conflict: Option<crate::policy::OnBarrier>,
+    /// A Kafka topic (`kafka://HOST:PORT/TOPIC`) that may still retain the
+    /// events of the archive's gaps: each gap is classified `recoverable`,
+    /// `partial` or `lost`, and the events found are replayed in the run.
+    pub recover_from: Option<String>,
     /// Memory pool for the query engine, e.g. "4G", "512M" (default: half
     /// the memory available, see [`crate::machine`]).
     pub memory_limit: Option<String>,
@@ -239,6 +243,11 @@ pub struct Scan {
     /// per-key map of first gaps (an entry per key with a gap, outside the
     /// memory pool).
     pub gap_barrier: bool,
+    /// `--recover-from`: the topic the gaps' missing events are looked for
+    /// in (`run` only). With it the archive's schema gains the Kafka
+    /// coordinate columns, NULL for archived rows, so that the sinks, opened
+    /// before any gap is known, can carry a recovered event's coordinates.
+    pub recover_from: Option<String>,
 }
 
 /// Validated settings of `backfill run`.
@@ -698,6 +707,7 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
         kafka: job.kafka.clone(),
         exclude: vec![],
         gap_barrier: !args.no_gaps && job.detect_gaps.unwrap_or(true),
+        recover_from: None,
     })
 }
 
@@ -797,6 +807,22 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
         }
     }
     scan.gap_barrier = on_gap != OnBarrier::Replay;
+    let recover_from = args.recover_from.clone().or(job.recover_from.clone());
+    if let Some(url) = &recover_from {
+        let flag = if args.recover_from.is_some() {
+            "--recover-from"
+        } else {
+            "recover_from"
+        };
+        crate::kafka::parse_url(url).map_err(|e| invalid(flag, e.to_string()))?;
+        if !scan.detect_gaps {
+            return Err(invalid(
+                flag,
+                "recovers the missing events of gaps, and gap detection is switched off (--no-gaps or detect_gaps = false); drop one of the two",
+            ));
+        }
+    }
+    scan.recover_from = recover_from;
     // Outputs written into the archive must not be read back as events.
     scan.exclude = [
         &out,

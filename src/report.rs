@@ -84,11 +84,37 @@ pub struct Report {
     /// where a run's time went.
     pub phase_ms: BTreeMap<String, u64>,
     pub elapsed_ms: u64,
+    /// Gap recovery (`--recover-from`): absent without it.
+    #[serde(flatten)]
+    pub recovery: Option<Recovery>,
     /// Set for `backfill redrive`: what it selected from the DLQ and why
     /// rows were left out. Its `replayed` is the dead letters it sent;
     /// the archive's figures (events, rows, ...) stay 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redrive: Option<Redrive>,
+}
+
+/// The figures of gap recovery (`--recover-from`). The events recovered
+/// and decided by this run are counted in `events` and balance like the
+/// archive's; those an earlier run already replayed or dead-lettered are
+/// `recovered_skipped`, outside the balance (this run decides nothing
+/// about them), so that a later run never sends them again.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Recovery {
+    /// Gaps whose every missing seq the topic still holds.
+    pub gaps_recoverable: u64,
+    /// Gaps of which the topic holds some missing seqs.
+    pub gaps_partial: u64,
+    /// Gaps of which the topic holds none (beyond its retention): report
+    /// them upstream.
+    pub gaps_lost: u64,
+    /// Distinct events found in the topic for the gaps.
+    pub recovered: u64,
+    /// Of those, the ones an earlier committed run already replayed or
+    /// dead-lettered (the ledger): not decided again.
+    pub recovered_skipped: u64,
+    /// Messages read from the recovery topic.
+    pub recovery_messages: u64,
 }
 
 /// The figures of a redrive ([`crate::run::redrive`]): the dead letters
@@ -292,6 +318,19 @@ impl Report {
             ),
             ("conflicts", self.conflicts, String::new()),
         ]);
+        if let Some(r) = &self.recovery {
+            figures.push((
+                "recovered",
+                r.recovered,
+                format!(
+                    "gaps {} recoverable, {} partial, {} lost; {} already replayed or dead-lettered",
+                    count(r.gaps_recoverable),
+                    count(r.gaps_partial),
+                    count(r.gaps_lost),
+                    count(r.recovered_skipped)
+                ),
+            ));
+        }
         if self.kafka_messages > 0 {
             figures.push((
                 "kafka messages",
@@ -717,6 +756,15 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
             add(m.held_by_reason.entry(reason.clone()).or_default(), *n)?;
         }
         add(&mut m.gaps, r.gaps)?;
+        if let Some(rr) = &r.recovery {
+            let mr = m.recovery.get_or_insert_with(Recovery::default);
+            add(&mut mr.gaps_recoverable, rr.gaps_recoverable)?;
+            add(&mut mr.gaps_partial, rr.gaps_partial)?;
+            add(&mut mr.gaps_lost, rr.gaps_lost)?;
+            add(&mut mr.recovered, rr.recovered)?;
+            add(&mut mr.recovered_skipped, rr.recovered_skipped)?;
+            add(&mut mr.recovery_messages, rr.recovery_messages)?;
+        }
         m.missing_events = m.missing_events.saturating_add(r.missing_events);
         add(&mut m.conflicts, r.conflicts)?;
         add(

@@ -239,6 +239,7 @@ mod tests {
             kafka: None,
             exclude: vec![],
             gap_barrier: true,
+            recover_from: None,
         };
         assert!(candidates_sql(&scan).contains("FROM conflicts WHERE false"));
         assert!(!candidates_sql(&scan).contains("FROM gaps WHERE false"));

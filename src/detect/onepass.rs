@@ -324,6 +324,37 @@ impl Detection {
             .clone())
     }
 
+    /// Gap recovery (`--recover-from`): move keys' gap barriers to the
+    /// first seq still missing once the topic's events are counted in
+    /// (`None`: every gap of the key was recovered, no barrier). Before the
+    /// fetch, which reads the marks; keys not given keep theirs.
+    pub fn reset_first_gaps(
+        &mut self,
+        first: impl IntoIterator<Item = (String, Option<i64>)>,
+    ) -> Result<()> {
+        let shared = Arc::get_mut(&mut self.shared).ok_or_else(|| {
+            DataFusionError::Internal("the gap barriers were reset after the fetch began".into())
+        })?;
+        for (key, seq) in first {
+            match seq {
+                Some(seq) => shared.marks.by_key.entry(key).or_default().first_gap = Some(seq),
+                None => {
+                    if let Some(m) = shared.marks.by_key.get_mut(&key) {
+                        m.first_gap = None;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// (in conflict, after a conflict, after a gap) of a (key, seq), as the
+    /// fetch flags its rows: for rows that come from elsewhere (recovered
+    /// from a topic) and join the candidates.
+    pub fn flags(&self, key: &str, seq: i64) -> (bool, bool, bool) {
+        self.shared.marks.flags(key, seq)
+    }
+
     /// After the fetch stream ended: every candidate was found. Anything
     /// else means the archive changed between the two scans.
     pub fn check_fetched(&self) -> Result<()> {
@@ -3178,6 +3209,7 @@ mod tests {
             exclude: vec![],
             spill_dir: None,
             gap_barrier: true,
+            recover_from: None,
         }
     }
 

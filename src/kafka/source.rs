@@ -243,21 +243,9 @@ fn offsets_for_time(
     Ok(out)
 }
 
-/// Read every message of the range, per partition in offset order.
-fn fetch(
-    url: &KafkaUrl,
-    from: Option<DateTime<Utc>>,
-    to: Option<DateTime<Utc>>,
-    settings: &KafkaSettings,
-) -> Result<Vec<Raw>, KafkaError> {
-    let mut cfg = client_config(url, settings, Role::Consumer)?;
-    // A partition whose start was deleted by retention meanwhile is read from
-    // what remains, not skipped to the end.
-    cfg.set("auto.offset.reset", "earliest");
-    let consumer: BaseConsumer = cfg.create().map_err(|e| KafkaError::Client {
-        url: url.original.clone(),
-        message: super::client_error_message(&e, &cfg),
-    })?;
+/// The topic's partitions, sorted, as the brokers' metadata lists them:
+/// unreachable brokers and a missing topic fail here.
+fn partitions_of(consumer: &BaseConsumer, url: &KafkaUrl) -> Result<Vec<i32>, KafkaError> {
     let metadata = consumer
         .fetch_metadata(Some(&url.topic), REQUEST_TIMEOUT)
         .map_err(|e| {
@@ -284,6 +272,61 @@ fn fetch(
     };
     let mut partitions: Vec<i32> = topic.partitions().iter().map(|p| p.id()).collect();
     partitions.sort_unstable();
+    Ok(partitions)
+}
+
+/// Before the scan: the brokers answer and the topic exists (what
+/// [`read_topic`] would find first), so that a run recovering gaps from an
+/// unreachable topic fails in seconds, not after reading the archive.
+pub async fn check_topic(url: &str, settings: &KafkaSettings) -> Result<(), KafkaError> {
+    let url = parse_url(url)?;
+    let settings = settings.clone();
+    let original = url.original.clone();
+    tokio::task::spawn_blocking(move || {
+        let cfg = client_config(&url, &settings, Role::Consumer)?;
+        let consumer: BaseConsumer = cfg.create().map_err(|e| KafkaError::Client {
+            url: url.original.clone(),
+            message: super::client_error_message(&e, &cfg),
+        })?;
+        partitions_of(&consumer, &url)
+            .map(|_| ())
+            .map_err(|e| match e {
+                KafkaError::Broker {
+                    url,
+                    operation,
+                    message,
+                } => KafkaError::Broker {
+                    url,
+                    operation,
+                    message: crate::kafka::scrub_message(&message, &settings),
+                },
+                other => other,
+            })
+    })
+    .await
+    .map_err(|e| KafkaError::Broker {
+        url: original,
+        operation: "metadata",
+        message: format!("the check did not complete: {e}"),
+    })?
+}
+
+/// Read every message of the range, per partition in offset order.
+fn fetch(
+    url: &KafkaUrl,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    settings: &KafkaSettings,
+) -> Result<Vec<Raw>, KafkaError> {
+    let mut cfg = client_config(url, settings, Role::Consumer)?;
+    // A partition whose start was deleted by retention meanwhile is read from
+    // what remains, not skipped to the end.
+    cfg.set("auto.offset.reset", "earliest");
+    let consumer: BaseConsumer = cfg.create().map_err(|e| KafkaError::Client {
+        url: url.original.clone(),
+        message: super::client_error_message(&e, &cfg),
+    })?;
+    let partitions = partitions_of(&consumer, url)?;
 
     let starts = match from {
         Some(f) => Some(offsets_for_time(&consumer, url, &partitions, f)?),

@@ -124,6 +124,7 @@ pub(super) fn decision_settings(settings: &RunSettings) -> serde_json::Value {
         // sides record are compared ([`differences`]).
         "on_gap": settings.on_gap.name(),
         "on_conflict": settings.on_conflict.name(),
+        "recover_from": scan.recover_from.as_deref().map(crate::redact::url),
     })
 }
 
@@ -300,6 +301,7 @@ fn as_flag(key: &str, value: &serde_json::Value) -> String {
         "fail_on_dlq" => "--fail-on-dlq",
         "on_gap" => "--on-gap",
         "on_conflict" => "--on-conflict",
+        "recover_from" => "--recover-from",
         "shard" => "--shard",
         "dlq" => "--dlq",
         "where" => "--where",

@@ -33,6 +33,7 @@ use crate::source;
 use crate::state::{AttemptRecord, Manifest, State};
 
 mod commit;
+mod recover;
 pub mod redrive;
 
 /// The outcome of `run`, for main to print and map to an exit code.
@@ -159,7 +160,7 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     let out_schema = crate::policy::output_schema(&cand_schema);
     let gaps_view_schema: SchemaRef =
         Arc::new(detect::gaps(&ctx).await?.schema().as_arrow().clone());
-    let gaps_schema = gaps_output_schema(&gaps_view_schema);
+    let gaps_schema = gaps_output_schema(&gaps_view_schema, scan.recover_from.is_some());
 
     // Open and check every sink before the scan: fail in seconds.
     let out_loc: Option<Location> = match &settings.out {
@@ -245,6 +246,15 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
             s.check().await?;
             sinks.push(OpenSink { kind, sink: s });
         }
+    }
+
+    if let Some(url) = &scan.recover_from {
+        // The topic gaps are recovered from answers before the scan: fail
+        // in seconds, as the sinks do.
+        phases.set("checking the recovery topic");
+        crate::kafka::source::check_topic(url, &scan.kafka.clone().unwrap_or_default())
+            .await
+            .map_err(source::SourceError::from)?;
     }
 
     let result = async {
@@ -338,8 +348,13 @@ fn row_columns(scan: &crate::job::Scan) -> RowColumns {
     }
 }
 
-fn gaps_output_schema(gaps: &Schema) -> SchemaRef {
+/// The gaps sink's rows: the view's, the recovery class with
+/// `--recover-from`, the run's columns.
+fn gaps_output_schema(gaps: &Schema, recovering: bool) -> SchemaRef {
     let mut fields: Vec<Field> = gaps.fields().iter().map(|f| f.as_ref().clone()).collect();
+    if recovering {
+        fields.push(recover::recovery_field());
+    }
     let bf = crate::policy::backfill_fields();
     fields.push(bf[0].clone());
     fields.push(bf[3].clone());
@@ -437,7 +452,7 @@ async fn execute(
         row_bytes: archive.row_bytes(),
         positioned,
     };
-    let detection = detect::onepass::detect(
+    let mut detection = detect::onepass::detect(
         ctx,
         &settings.scan,
         shape,
@@ -489,7 +504,33 @@ async fn execute(
         .insert("scan_buckets".into(), detection.buckets_ms);
 
     // Gaps: to their sink.
-    if settings.scan.detect_gaps {
+    let mut recovered = None;
+    if let (true, Some(url)) = (settings.scan.detect_gaps, &settings.scan.recover_from) {
+        // Recovery classifies every gap before any is written: the gap
+        // rows are held in memory for it (one per gap, narrow).
+        phases.set("recovering gaps from Kafka");
+        let mut gaps = detection.gaps(ctx).await?;
+        let mut all = vec![];
+        while let Some(b) = gaps.next().await {
+            all.push(b.map_err(|e| spill_full(e, &spill_dir))?);
+        }
+        let r = recover::recover(ctx, &settings.scan, archive, url, &all).await?;
+        let mut at = 0;
+        for b in &all {
+            report.gaps += b.num_rows() as u64;
+            if let Some(c) = b.column_by_name("missing_count") {
+                report.add_missing_counts(c.as_ref());
+            }
+            let classes = recover::recovery_column(&r.classes[at..at + b.num_rows()]);
+            at += b.num_rows();
+            let b = with_run_columns(b, &settings.run_id, detected_at_us, Some(classes))?;
+            for s in sinks.iter_mut().filter(|s| s.kind == SinkKind::Gaps) {
+                s.sink.write(&b).await?;
+            }
+        }
+        report.recovery = Some(r.counts.clone());
+        recovered = Some(r);
+    } else if settings.scan.detect_gaps {
         phases.set("writing gaps");
         let mut gaps = detection.gaps(ctx).await?;
         while let Some(b) = gaps.next().await {
@@ -498,7 +539,7 @@ async fn execute(
             if let Some(c) = b.column_by_name("missing_count") {
                 report.add_missing_counts(c.as_ref());
             }
-            let b = with_run_columns(b, &settings.run_id, detected_at_us)?;
+            let b = with_run_columns(b, &settings.run_id, detected_at_us, None)?;
             for s in sinks.iter_mut().filter(|s| s.kind == SinkKind::Gaps) {
                 s.sink.write(&b).await?;
             }
@@ -542,7 +583,24 @@ async fn execute(
             detection.generations
         );
     }
-    let fetched = detection.fetch(ctx).await?;
+    if let Some(r) = &recovered {
+        // Only a gap that stays open holds its key: the barrier moves to
+        // the first seq the topic did not give back.
+        if settings.scan.gap_barrier {
+            detection.reset_first_gaps(r.first_missing.iter().cloned())?;
+        }
+        report.events += r.decided();
+    }
+    let mut fetched = detection.fetch(ctx).await?;
+    if let Some(r) = &recovered
+        && r.decided() > 0
+    {
+        // The recovered events join the archive's candidates before the one
+        // sort, so that a key's replays reach the sinks in seq order.
+        let (schema, rows) = r.candidates(fetched.schema().as_arrow(), &detection)?;
+        let table = datafusion::datasource::MemTable::try_new(schema, vec![rows])?;
+        fetched = fetched.union(ctx.read_table(Arc::new(table))?)?;
+    }
     let candidates = detect::candidates_from(fetched, &settings.scan, archive)?;
     // The fetch's own settings (its batch size, one sort): see fetch().
     let task = candidates.task_ctx();
@@ -698,15 +756,18 @@ async fn undecodable_rows(
     Ok((dlq, ledger, skipped))
 }
 
-/// Append `backfill_run_id` and `backfill_detected_at` to a gaps batch.
+/// Append the recovery class (with `--recover-from`), `backfill_run_id`
+/// and `backfill_detected_at` to a gaps batch.
 fn with_run_columns(
     b: &RecordBatch,
     run_id: &str,
     detected_at_us: i64,
+    recovery: Option<ArrayRef>,
 ) -> Result<RecordBatch, Error> {
-    let schema = gaps_output_schema(b.schema().as_ref());
+    let schema = gaps_output_schema(b.schema().as_ref(), recovery.is_some());
     let n = b.num_rows();
     let mut cols: Vec<ArrayRef> = b.columns().to_vec();
+    cols.extend(recovery);
     cols.push(Arc::new(StringArray::from(vec![run_id; n])));
     cols.push(Arc::new(
         TimestampMicrosecondArray::from(vec![detected_at_us; n]).with_timezone("UTC"),

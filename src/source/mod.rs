@@ -473,6 +473,9 @@ pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, Sour
         // Union members must agree on nullability; Kafka rows may lack any column.
         schema = all_nullable(&schema);
     }
+    if scan.recover_from.is_some() {
+        schema = with_kafka_coordinates(&schema, &kafka_settings);
+    }
     let synthesized = validate(&schema, scan, &location_name)?;
 
     let files_table = archive_table(ctx, &schema, &all_files, None)?;
@@ -1196,13 +1199,37 @@ fn validate(
     Ok(synthesized)
 }
 
-fn all_nullable(s: &Schema) -> SchemaRef {
+pub(crate) fn all_nullable(s: &Schema) -> SchemaRef {
     Arc::new(Schema::new(
         s.fields()
             .iter()
             .map(|f| f.as_ref().clone().with_nullable(true))
             .collect::<Vec<_>>(),
     ))
+}
+
+/// The archive's schema with the four Kafka coordinate columns (named by
+/// `original_*_column`, typed as the topic reader fills them) where it
+/// lacks them, nullable: a run that recovers gaps from a topic opens its
+/// sinks before it knows whether it will recover anything, and a recovered
+/// event's replay carries its coordinates (`backfill.original.*` headers,
+/// Parquet columns), NULL for archived rows, which the scan fills in.
+fn with_kafka_coordinates(schema: &Schema, kafka: &crate::kafka::KafkaSettings) -> SchemaRef {
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    for (name, t) in [
+        (&kafka.original_topic_column, DataType::Utf8),
+        (&kafka.original_partition_column, DataType::Int32),
+        (&kafka.original_offset_column, DataType::Int64),
+        (
+            &kafka.original_timestamp_column,
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+        ),
+    ] {
+        if schema.field_with_name(name).is_err() {
+            fields.push(Field::new(name, t, true));
+        }
+    }
+    Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
 }
 
 /// JSON has no timestamp type: an inferred event_time is a string (RFC
@@ -1226,7 +1253,7 @@ fn coerce_event_time_schema(schema: &Schema, event_time: &str) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-fn coerce_event_time(
+pub(crate) fn coerce_event_time(
     schema: &SchemaRef,
     batches: Vec<arrow::record_batch::RecordBatch>,
     event_time: &str,
@@ -1239,7 +1266,7 @@ fn coerce_event_time(
 }
 
 /// Reorder, cast and null-fill a batch's columns to `schema` (by name).
-fn adapt_batch(
+pub(crate) fn adapt_batch(
     b: &arrow::record_batch::RecordBatch,
     schema: &SchemaRef,
 ) -> Result<arrow::record_batch::RecordBatch, SourceError> {
@@ -1313,7 +1340,7 @@ pub fn events_at(
 /// The `events` view's frame over `archive` (the table of that name, or
 /// the same files with positions), with `extra` columns of it kept beside
 /// the canonical ones.
-fn events_frame(
+pub(crate) fn events_frame(
     archive_df: DataFrame,
     scan: &Scan,
     archive: &Archive,

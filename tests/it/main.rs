@@ -13,6 +13,7 @@ mod kafka;
 mod kafka_e2e;
 mod logs;
 mod memory;
+mod recover;
 mod redrive;
 mod reference;
 mod rerun;
