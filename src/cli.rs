@@ -103,6 +103,8 @@ pub enum Command {
     Run(RunArgs),
     /// Print the gap report alone.
     Gaps(GapsArgs),
+    /// Print the intervals in which a group (key, source, ...) went silent.
+    Silences(SilencesArgs),
     /// SQL over the archive and the job's state: a query, a script, or a shell.
     Sql(SqlArgs),
     /// Print the physical plans of the detection.
@@ -281,12 +283,63 @@ pub struct RunArgs {
     /// Exit 3 when this run dead-lettered anything.
     #[arg(long, env = "BACKFILL_FAIL_ON_DLQ", value_parser = BoolishValueParser::new())]
     pub fail_on_dlq: bool,
+    /// Also find time silences (as `[detect.silence]`; implied by the
+    /// --silence-* flags).
+    #[arg(long, env = "BACKFILL_SILENCES", value_parser = BoolishValueParser::new(), help_heading = "Silences and volume anomalies")]
+    pub silences: bool,
+    /// Silences per this column of `events` (repeatable; default key).
+    #[arg(
+        long,
+        value_name = "COLUMN",
+        env = "BACKFILL_SILENCE_BY",
+        help_heading = "Silences and volume anomalies"
+    )]
+    pub silence_by: Vec<String>,
+    /// Silent for longer than this: 15m, or 5x median (default).
+    #[arg(
+        long,
+        value_name = "THRESHOLD",
+        allow_hyphen_values = true,
+        env = "BACKFILL_SILENCE_THRESHOLD",
+        help_heading = "Silences and volume anomalies"
+    )]
+    pub silence_threshold: Option<String>,
+    /// Where silences go (default OUT/silences).
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_SILENCES_SINK",
+        hide_env_values = true,
+        help_heading = "Silences and volume anomalies"
+    )]
+    pub silences_sink: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct GapsArgs {
     #[command(flatten)]
     pub scan: ScanArgs,
+    #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SilencesArgs {
+    #[command(flatten)]
+    pub scan: ScanArgs,
+    /// Group by this column of `events` (repeatable; default: the job
+    /// file's `[detect.silence] by`, else key).
+    #[arg(long, value_name = "COLUMN", env = "BACKFILL_SILENCE_BY")]
+    pub by: Vec<String>,
+    /// Silent for longer than this: a duration (15m) or a multiple of the
+    /// group's median inter-arrival time (5x median, the default).
+    #[arg(
+        long,
+        value_name = "THRESHOLD",
+        allow_hyphen_values = true,
+        env = "BACKFILL_SILENCE_THRESHOLD"
+    )]
+    pub threshold: Option<String>,
     #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
     pub format: Format,
 }
@@ -384,6 +437,18 @@ pub struct GenerateArgs {
     /// Files per day folder.
     #[arg(long, default_value_t = 2, env = "BACKFILL_FILES_PER_DAY")]
     pub files_per_day: u32,
+    /// Producers: key k belongs to source-(k mod N) (1: every row's source
+    /// is `generator`).
+    #[arg(long, default_value_t = 1, env = "BACKFILL_SOURCES")]
+    pub sources: u32,
+    /// Daily and weekly seasonality instead of a uniform rate (use
+    /// --days 28 or more for weeks of history).
+    #[arg(long, env = "BACKFILL_SEASONAL", value_parser = BoolishValueParser::new())]
+    pub seasonal: bool,
+    /// Inject volume outages (a drop to 10% for 2h, a 3h stop, a 2h
+    /// doubling) in the last three days; needs --sources 3 or more.
+    #[arg(long, env = "BACKFILL_OUTAGES", value_parser = BoolishValueParser::new())]
+    pub outages: bool,
 }
 
 #[derive(Debug, Clone, Args)]

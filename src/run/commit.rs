@@ -105,7 +105,7 @@ pub(super) fn decision_settings(settings: &RunSettings) -> serde_json::Value {
         v
     };
     let sources: Vec<String> = scan.sources.iter().map(|s| meaning(s)).collect();
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "sources": set(&sources),
         "from": scan.from.map(|t| t.to_rfc3339()),
         "to": scan.to.map(|t| t.to_rfc3339()),
@@ -120,7 +120,19 @@ pub(super) fn decision_settings(settings: &RunSettings) -> serde_json::Value {
         "dlq_sink": sink(&settings.dlq_sink, crate::sink::SinkKind::Dlq),
         "gaps_sink": sink(&settings.gaps_sink, crate::sink::SinkKind::Gaps),
         "shard": scan.shard.map(|s| s.to_string()),
-    })
+    });
+    // Only when asked: the settings of runs without them stay as they were.
+    if let (Some(s), Some(map)) = (&settings.silence, v.as_object_mut()) {
+        map.insert(
+            "silence".into(),
+            serde_json::json!({
+                "by": s.by,
+                "threshold": format!("{:?}", s.threshold),
+                "sink": sink(&settings.silences_sink, crate::sink::SinkKind::Silences),
+            }),
+        );
+    }
+    v
 }
 
 /// A rerun of a committed run id: nothing is written, and the run ends as

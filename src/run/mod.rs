@@ -147,6 +147,15 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     let manifests: Vec<Manifest> = snapshot.runs().cloned().collect();
     state.register_ledger(&ctx, &manifests).await?;
     detect::register_views(&ctx, scan).await?;
+    // Separate plans over the narrow columns, only when asked.
+    let silences_schema = match &settings.silence {
+        Some(s) => {
+            detect::silences::register(&ctx, s, scan.to).await?;
+            let df = detect::silences::silences(&ctx, s).await?;
+            Some(gaps_output_schema(df.schema().as_arrow()))
+        }
+        None => None,
+    };
 
     // The plan: the outputs' schemas, known before anything is read (the
     // views' shapes; the one-pass detection produces the same).
@@ -175,13 +184,30 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     // Every sink is checked in a dry run too (a scheduler's
     // preflight): nothing is created, and the opened sinks are dropped.
     for (kind, target, schema) in [
-        (SinkKind::Replay, &settings.replay_sink, out_schema.clone()),
-        (SinkKind::Dlq, &settings.dlq_sink, out_schema.clone()),
-        (SinkKind::Gaps, &settings.gaps_sink, gaps_schema.clone()),
+        (
+            SinkKind::Replay,
+            &settings.replay_sink,
+            Some(out_schema.clone()),
+        ),
+        (SinkKind::Dlq, &settings.dlq_sink, Some(out_schema.clone())),
+        (
+            SinkKind::Gaps,
+            &settings.gaps_sink,
+            Some(gaps_schema.clone()),
+        ),
+        (
+            SinkKind::Silences,
+            &settings.silences_sink,
+            silences_schema.clone(),
+        ),
     ] {
         if kind == SinkKind::Gaps && !scan.detect_gaps {
             continue;
         }
+        // Not asked for: no sink.
+        let Some(schema) = schema else {
+            continue;
+        };
         let target = match (target, &out_loc) {
             (Some(t), _) => t.clone(),
             (None, Some(o)) => sink::default_target(o, kind),
@@ -516,6 +542,22 @@ async fn execute(
         );
     }
 
+    // Silences: a plan of their own, to their sink.
+    if let Some(silence) = &settings.silence {
+        phases.set("finding silences");
+        let df = detect::silences::silences(ctx, silence).await?;
+        let mut stream = df.execute_stream().await?;
+        while let Some(b) = stream.next().await {
+            let b = &b.map_err(|e| spill_full(e, &spill_dir))?;
+            report.silences += b.num_rows() as u64;
+            let b = with_run_columns(b, &settings.run_id, detected_at_us)?;
+            for s in sinks.iter_mut().filter(|s| s.kind == SinkKind::Silences) {
+                s.sink.write(&b).await?;
+            }
+        }
+        lap(report, "silences");
+    }
+
     // Candidates → policy → replay / DLQ / ledger.
     phases.set("deciding");
     let mut ledger = if settings.dry_run {
@@ -554,7 +596,7 @@ async fn execute(
             match s.kind {
                 SinkKind::Replay => s.sink.write(&d.replay).await?,
                 SinkKind::Dlq => s.sink.write(&d.dlq).await?,
-                SinkKind::Gaps => {}
+                SinkKind::Gaps | SinkKind::Silences => {}
             }
         }
         if let Some(l) = ledger.as_mut() {
@@ -615,6 +657,7 @@ async fn execute(
                 report.dead_lettered + report.undecodable_dead_lettered,
             ),
             (SinkKind::Gaps, report.gaps),
+            (SinkKind::Silences, report.silences),
         ] {
             if let Some(r) = report.outputs.get_mut(kind.name()) {
                 r.rows = rows;

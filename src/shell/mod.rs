@@ -146,8 +146,9 @@ fn io_reason(e: &std::io::Error) -> String {
 
 /// The scan settings, and the state location the job's runs use (`None`
 /// without one): `--state`, the job's `state`, else `OUT/_state`.
-fn settings(args: &SqlArgs) -> Result<(Scan, Option<String>), Error> {
+fn settings(args: &SqlArgs) -> Result<(Scan, Option<String>, Detections), Error> {
     let (mut scan, job) = job::scan_settings(&args.scan)?;
+    let detections = Detections::of(&job)?;
     let out_dir = args.out.clone().or(job.out.clone());
     let state_loc = args.state.clone().or(job.state.clone()).or_else(|| {
         out_dir
@@ -162,12 +163,48 @@ fn settings(args: &SqlArgs) -> Result<(Scan, Option<String>), Error> {
         sinks.replay,
         sinks.dlq,
         sinks.gaps,
+        sinks.silences,
+        sinks.anomalies,
     ]
     .into_iter()
     .flatten()
     .filter(|l| l.as_str() != "-" && !l.starts_with("kafka://"))
     .collect();
-    Ok((scan, state_loc))
+    Ok((scan, state_loc, detections))
+}
+
+/// The `silences` view of a session: with the job file's
+/// `[detect.silence]` as `run` finds them; without it, with the defaults
+/// (by key, 5x median) where the archive has a `key` column, so that the
+/// view is there to explore.
+struct Detections {
+    silence: Option<crate::job::detect::Silence>,
+    /// Set in the job file: a column it names that is not there is an error.
+    configured: bool,
+}
+
+impl Detections {
+    fn of(job: &job::JobFile) -> Result<Detections, Error> {
+        let file = job.detect.as_ref().and_then(|d| d.silence.as_ref());
+        let flags = crate::job::detect::SilenceFlags {
+            asked: true,
+            ..Default::default()
+        };
+        Ok(Detections {
+            silence: crate::job::detect::silence(file, &flags)?,
+            configured: file.is_some(),
+        })
+    }
+
+    async fn register(&self, ctx: &SessionContext, scan: &Scan) -> Result<(), Error> {
+        let Some(silence) = &self.silence else {
+            return Ok(());
+        };
+        match crate::detect::silences::register(ctx, silence, scan.to).await {
+            Err(Error::Usage(_)) if !self.configured => Ok(()),
+            other => other,
+        }
+    }
 }
 
 /// The stack of the thread `sql` parses and plans on: DataFusion's planner
@@ -239,7 +276,7 @@ fn escaped(e: Error) -> Error {
 
 async fn session(args: SqlArgs) -> Result<(), Error> {
     let input = input(&args)?;
-    let (scan, state_loc) = settings(&args)?;
+    let (scan, state_loc, detections) = settings(&args)?;
     let ctx = source::session(&scan)?;
     // SHOW TABLES, SHOW COLUMNS and `\d` read information_schema.
     ctx.state_ref()
@@ -276,6 +313,7 @@ async fn session(args: SqlArgs) -> Result<(), Error> {
         None => state::register_none(&ctx)?,
     }
     crate::detect::register_views(&ctx, &scan).await?;
+    detections.register(&ctx, &scan).await?;
     phases.done();
     // Like datafusion-cli: `SELECT * FROM 'out/replay/'` reads files by
     // URL, so a run's outputs can be inspected next to the archive.
@@ -976,7 +1014,7 @@ Statements end with ';' and may span lines. Commands:
   \\pset maxrows N  rows printed of each result (0 or inf: all)
   \\? or \\h         this help
   \\q, quit, exit   leave (also Ctrl-D); Ctrl-C cancels a running statement
-Tables: archive, events, unprocessed, conflicts, gaps, candidates,
+Tables: archive, events, unprocessed, conflicts, gaps, silences, candidates,
 ledger, ledger_entries and runs (from the job's state: --state, --out or
 the job file), information_schema; files by path, e.g. SELECT * FROM 'out/dlq/'.
 ";
@@ -996,6 +1034,8 @@ fn describe(table: &str) -> Option<&'static str> {
             "what the next run decides over: unprocessed events with conflict and ledger"
         }
         "runs" => "the committed runs of the state, with their reports",
+        "silences" => "per group, the intervals with no event for longer than the threshold",
+        "silence_settings" => "the threshold and window end the silences view uses",
         _ => return None,
     })
 }

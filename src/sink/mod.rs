@@ -30,6 +30,8 @@ pub enum SinkKind {
     Replay,
     Dlq,
     Gaps,
+    /// Time silences ([`crate::detect::silences`]).
+    Silences,
 }
 
 impl SinkKind {
@@ -38,6 +40,7 @@ impl SinkKind {
             SinkKind::Replay => "replay",
             SinkKind::Dlq => "dlq",
             SinkKind::Gaps => "gaps",
+            SinkKind::Silences => "silences",
         }
     }
 }
@@ -94,7 +97,7 @@ pub struct SinkReceipt {
 /// and then commit the prepared attempt instead of sending them again.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct Delivered {
-    /// `replay`, `dlq` or `gaps`.
+    /// `replay`, `dlq`, `gaps` or `silences`.
     pub kind: String,
     /// The `kafka://` URL.
     pub target: String,

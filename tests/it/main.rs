@@ -20,4 +20,5 @@ mod schedulers;
 mod secrets;
 mod services;
 mod shards;
+mod silences;
 mod sql_shell;
