@@ -97,6 +97,9 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once per process: the size of the largest variant (run's flags)
+// costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Detect, decide, write replays / DLQ / gaps, and commit the run.
@@ -105,6 +108,8 @@ pub enum Command {
     Gaps(GapsArgs),
     /// Print the intervals in which a group (key, source, ...) went silent.
     Silences(SilencesArgs),
+    /// Print the time buckets whose event count is far from its seasonal baseline.
+    Anomalies(AnomaliesArgs),
     /// SQL over the archive and the job's state: a query, a script, or a shell.
     Sql(SqlArgs),
     /// Print the physical plans of the detection.
@@ -313,6 +318,45 @@ pub struct RunArgs {
         help_heading = "Silences and volume anomalies"
     )]
     pub silences_sink: Option<String>,
+    /// Also find volume anomalies (as `[detect.volume]`; implied by the
+    /// --volume-* flags).
+    #[arg(long, env = "BACKFILL_ANOMALIES", value_parser = BoolishValueParser::new(), help_heading = "Silences and volume anomalies")]
+    pub anomalies: bool,
+    /// Volume per this column of `events` (repeatable; default source).
+    #[arg(
+        long,
+        value_name = "COLUMN",
+        env = "BACKFILL_VOLUME_BY",
+        help_heading = "Silences and volume anomalies"
+    )]
+    pub volume_by: Vec<String>,
+    /// Bucket width, dividing a day (default 1h).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        allow_hyphen_values = true,
+        env = "BACKFILL_VOLUME_BUCKET",
+        help_heading = "Silences and volume anomalies"
+    )]
+    pub volume_bucket: Option<String>,
+    /// Flag buckets whose |score| passes this (default 5).
+    #[arg(
+        long,
+        value_name = "SCORE",
+        allow_hyphen_values = true,
+        env = "BACKFILL_VOLUME_THRESHOLD",
+        help_heading = "Silences and volume anomalies"
+    )]
+    pub volume_threshold: Option<f64>,
+    /// Where volume anomalies go (default OUT/anomalies).
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_ANOMALIES_SINK",
+        hide_env_values = true,
+        help_heading = "Silences and volume anomalies"
+    )]
+    pub anomalies_sink: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -340,6 +384,37 @@ pub struct SilencesArgs {
         env = "BACKFILL_SILENCE_THRESHOLD"
     )]
     pub threshold: Option<String>,
+    #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AnomaliesArgs {
+    #[command(flatten)]
+    pub scan: ScanArgs,
+    /// Group by this column of `events` (repeatable; default: the job
+    /// file's `[detect.volume] by`, else source).
+    #[arg(long, value_name = "COLUMN", env = "BACKFILL_VOLUME_BY")]
+    pub by: Vec<String>,
+    /// Bucket width, dividing a day: 15m, 1h (default), 1d.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        allow_hyphen_values = true,
+        env = "BACKFILL_VOLUME_BUCKET"
+    )]
+    pub bucket: Option<String>,
+    /// Flag buckets whose |score| passes this (default 5).
+    #[arg(
+        long,
+        value_name = "SCORE",
+        allow_hyphen_values = true,
+        env = "BACKFILL_VOLUME_THRESHOLD"
+    )]
+    pub threshold: Option<f64>,
+    /// Print every scored bucket, not only the flagged ones.
+    #[arg(long, env = "BACKFILL_ALL", value_parser = BoolishValueParser::new())]
+    pub all: bool,
     #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
     pub format: Format,
 }

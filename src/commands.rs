@@ -8,8 +8,8 @@ use arrow::record_batch::RecordBatch;
 use datafusion::prelude::SessionContext;
 
 use crate::cli::{
-    ExplainArgs, Format, GapsArgs, GcArgs, GenerateArgs, ReportCommand, ScanArgs, SilencesArgs,
-    SqlArgs, StateCommand, StateLocArgs,
+    AnomaliesArgs, ExplainArgs, Format, GapsArgs, GcArgs, GenerateArgs, ReportCommand, ScanArgs,
+    SilencesArgs, SqlArgs, StateCommand, StateLocArgs,
 };
 use crate::error::Error;
 use crate::job::{self, Scan};
@@ -69,6 +69,32 @@ pub async fn silences(args: SilencesArgs) -> Result<(), Error> {
     let (ctx, scan, _) = prepare_with(&args.scan, scan).await?;
     crate::detect::silences::register(&ctx, &silence, scan.to).await?;
     let df = crate::detect::silences::silences(&ctx, &silence).await?;
+    let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await?;
+    print_batches(schema, &batches, args.format)
+}
+
+/// `backfill anomalies`: the flagged buckets (or, with `--all`, every
+/// scored bucket), printed as `gaps` prints.
+pub async fn anomalies(args: AnomaliesArgs) -> Result<(), Error> {
+    let (scan, job) = job::scan_settings(&args.scan)?;
+    let file = job.detect.as_ref().and_then(|d| d.volume.as_ref());
+    let volume = job::detect::volume(
+        file,
+        &job::detect::VolumeFlags {
+            by: &args.by,
+            by_flag: "--by",
+            bucket: args.bucket.as_deref(),
+            bucket_flag: "--bucket",
+            threshold: args.threshold,
+            threshold_flag: "--threshold",
+            asked: true,
+        },
+    )?
+    .ok_or_else(|| Error::Internal("anomalies: no settings".into()))?;
+    let (ctx, scan, _) = prepare_with(&args.scan, scan).await?;
+    crate::detect::volume::register(&ctx, &volume, &scan).await?;
+    let df = crate::detect::volume::anomalies(&ctx, &volume, args.all).await?;
     let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
     let batches = df.collect().await?;
     print_batches(schema, &batches, args.format)

@@ -718,15 +718,20 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
             asked: args.silences || args.silences_sink.is_some(),
         },
     )?;
-    if detect_file.volume.is_some() {
-        return Err(invalid(
-            "detect.volume",
-            "volume anomalies are not in this version yet",
-        ));
-    }
-    let volume: Option<detect::Volume> = None;
+    let volume = detect::volume(
+        detect_file.volume.as_ref(),
+        &detect::VolumeFlags {
+            by: &args.volume_by,
+            by_flag: "--volume-by",
+            bucket: args.volume_bucket.as_deref(),
+            bucket_flag: "--volume-bucket",
+            threshold: args.volume_threshold,
+            threshold_flag: "--volume-threshold",
+            asked: args.anomalies || args.anomalies_sink.is_some(),
+        },
+    )?;
     let silences_sink = args.silences_sink.clone().or(sinks.silences);
-    let anomalies_sink = sinks.anomalies.clone();
+    let anomalies_sink = args.anomalies_sink.clone().or(sinks.anomalies);
     let state = args.state.clone().or(job.state.clone());
     let state = match (state, &out) {
         (Some(s), _) => s,
@@ -794,10 +799,10 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
         scan.shard = Some(shard);
         // A shard sees its keys' events only in the one-pass detection;
         // silences and volumes look at whole groups over the whole window.
-        if silence.is_some() {
+        if silence.is_some() || volume.is_some() {
             return Err(invalid(
                 "--shard",
-                "silences are found over the whole window, not per shard: run them without --shard (or with `backfill silences`)",
+                "silences and volume anomalies are found over the whole window, not per shard: run them without --shard (or with `backfill silences` / `backfill anomalies`)",
             ));
         }
     }

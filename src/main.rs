@@ -194,6 +194,7 @@ fn start_logs(cli: &Cli) -> Result<event_backfill::log::Settings, String> {
         Command::Run(a) => ("info", a.scan.progress),
         Command::Gaps(a) => ("warn", a.scan.progress),
         Command::Silences(a) => ("warn", a.scan.progress),
+        Command::Anomalies(a) => ("warn", a.scan.progress),
         Command::Sql(a) => ("warn", a.scan.progress),
         Command::Explain(a) => ("warn", a.scan.progress),
         Command::Runs(_) => ("warn", Progress::Off),
@@ -399,6 +400,7 @@ async fn dispatch(cmd: Command) -> Result<u8, Error> {
         }
         Command::Gaps(a) => commands::gaps(a).await.map(|_| EXIT_OK),
         Command::Silences(a) => commands::silences(a).await.map(|_| EXIT_OK),
+        Command::Anomalies(a) => commands::anomalies(a).await.map(|_| EXIT_OK),
         Command::Sql(a) => commands::sql(a).await.map(|_| EXIT_OK),
         Command::Explain(a) => commands::explain(a).await.map(|_| EXIT_OK),
         Command::Generate(a) => commands::generate(a).await.map(|_| EXIT_OK),

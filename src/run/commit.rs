@@ -132,6 +132,17 @@ pub(super) fn decision_settings(settings: &RunSettings) -> serde_json::Value {
             }),
         );
     }
+    if let (Some(s), Some(map)) = (&settings.volume, v.as_object_mut()) {
+        map.insert(
+            "volume".into(),
+            serde_json::json!({
+                "by": s.by,
+                "bucket_us": s.bucket_us,
+                "threshold": s.threshold,
+                "sink": sink(&settings.anomalies_sink, crate::sink::SinkKind::Anomalies),
+            }),
+        );
+    }
     v
 }
 

@@ -156,6 +156,14 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
         }
         None => None,
     };
+    let anomalies_schema = match &settings.volume {
+        Some(v) => {
+            detect::volume::register(&ctx, v, scan).await?;
+            let df = detect::volume::anomalies(&ctx, v, false).await?;
+            Some(gaps_output_schema(df.schema().as_arrow()))
+        }
+        None => None,
+    };
 
     // The plan: the outputs' schemas, known before anything is read (the
     // views' shapes; the one-pass detection produces the same).
@@ -199,6 +207,11 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
             SinkKind::Silences,
             &settings.silences_sink,
             silences_schema.clone(),
+        ),
+        (
+            SinkKind::Anomalies,
+            &settings.anomalies_sink,
+            anomalies_schema.clone(),
         ),
     ] {
         if kind == SinkKind::Gaps && !scan.detect_gaps {
@@ -557,6 +570,21 @@ async fn execute(
         }
         lap(report, "silences");
     }
+    // Volume anomalies: the flagged buckets, to their sink.
+    if let Some(volume) = &settings.volume {
+        phases.set("finding volume anomalies");
+        let df = detect::volume::anomalies(ctx, volume, false).await?;
+        let mut stream = df.execute_stream().await?;
+        while let Some(b) = stream.next().await {
+            let b = &b.map_err(|e| spill_full(e, &spill_dir))?;
+            report.anomalies += b.num_rows() as u64;
+            let b = with_run_columns(b, &settings.run_id, detected_at_us)?;
+            for s in sinks.iter_mut().filter(|s| s.kind == SinkKind::Anomalies) {
+                s.sink.write(&b).await?;
+            }
+        }
+        lap(report, "anomalies");
+    }
 
     // Candidates → policy → replay / DLQ / ledger.
     phases.set("deciding");
@@ -596,7 +624,7 @@ async fn execute(
             match s.kind {
                 SinkKind::Replay => s.sink.write(&d.replay).await?,
                 SinkKind::Dlq => s.sink.write(&d.dlq).await?,
-                SinkKind::Gaps | SinkKind::Silences => {}
+                SinkKind::Gaps | SinkKind::Silences | SinkKind::Anomalies => {}
             }
         }
         if let Some(l) = ledger.as_mut() {
@@ -658,6 +686,7 @@ async fn execute(
             ),
             (SinkKind::Gaps, report.gaps),
             (SinkKind::Silences, report.silences),
+            (SinkKind::Anomalies, report.anomalies),
         ] {
             if let Some(r) = report.outputs.get_mut(kind.name()) {
                 r.rows = rows;

@@ -173,37 +173,53 @@ fn settings(args: &SqlArgs) -> Result<(Scan, Option<String>, Detections), Error>
     Ok((scan, state_loc, detections))
 }
 
-/// The `silences` view of a session: with the job file's
-/// `[detect.silence]` as `run` finds them; without it, with the defaults
-/// (by key, 5x median) where the archive has a `key` column, so that the
-/// view is there to explore.
+/// The `silences` and `volume` views of a session: with the job file's
+/// `[detect.silence]` and `[detect.volume]` as `run` finds them; without
+/// them, with the defaults (silences by key at 5x median, volume by source
+/// per hour) where the archive has those columns, so that the views are
+/// there to explore.
 struct Detections {
     silence: Option<crate::job::detect::Silence>,
+    volume: Option<crate::job::detect::Volume>,
     /// Set in the job file: a column it names that is not there is an error.
-    configured: bool,
+    silence_configured: bool,
+    volume_configured: bool,
 }
 
 impl Detections {
     fn of(job: &job::JobFile) -> Result<Detections, Error> {
-        let file = job.detect.as_ref().and_then(|d| d.silence.as_ref());
-        let flags = crate::job::detect::SilenceFlags {
+        let silence_file = job.detect.as_ref().and_then(|d| d.silence.as_ref());
+        let volume_file = job.detect.as_ref().and_then(|d| d.volume.as_ref());
+        let silence_flags = crate::job::detect::SilenceFlags {
+            asked: true,
+            ..Default::default()
+        };
+        let volume_flags = crate::job::detect::VolumeFlags {
             asked: true,
             ..Default::default()
         };
         Ok(Detections {
-            silence: crate::job::detect::silence(file, &flags)?,
-            configured: file.is_some(),
+            silence: crate::job::detect::silence(silence_file, &silence_flags)?,
+            volume: crate::job::detect::volume(volume_file, &volume_flags)?,
+            silence_configured: silence_file.is_some(),
+            volume_configured: volume_file.is_some(),
         })
     }
 
     async fn register(&self, ctx: &SessionContext, scan: &Scan) -> Result<(), Error> {
-        let Some(silence) = &self.silence else {
-            return Ok(());
-        };
-        match crate::detect::silences::register(ctx, silence, scan.to).await {
-            Err(Error::Usage(_)) if !self.configured => Ok(()),
-            other => other,
+        if let Some(silence) = &self.silence {
+            match crate::detect::silences::register(ctx, silence, scan.to).await {
+                Err(Error::Usage(_)) if !self.silence_configured => {}
+                other => other?,
+            }
         }
+        if let Some(volume) = &self.volume {
+            match crate::detect::volume::register(ctx, volume, scan).await {
+                Err(Error::Usage(_)) if !self.volume_configured => {}
+                other => other?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1014,7 +1030,7 @@ Statements end with ';' and may span lines. Commands:
   \\pset maxrows N  rows printed of each result (0 or inf: all)
   \\? or \\h         this help
   \\q, quit, exit   leave (also Ctrl-D); Ctrl-C cancels a running statement
-Tables: archive, events, unprocessed, conflicts, gaps, silences, candidates,
+Tables: archive, events, unprocessed, conflicts, gaps, silences, volume, candidates,
 ledger, ledger_entries and runs (from the job's state: --state, --out or
 the job file), information_schema; files by path, e.g. SELECT * FROM 'out/dlq/'.
 ";
@@ -1036,6 +1052,8 @@ fn describe(table: &str) -> Option<&'static str> {
         "runs" => "the committed runs of the state, with their reports",
         "silences" => "per group, the intervals with no event for longer than the threshold",
         "silence_settings" => "the threshold and window end the silences view uses",
+        "volume" => "per group and time bucket, the count against its seasonal baseline",
+        "volume_settings" => "the bucket, threshold and window the volume view uses",
         _ => return None,
     })
 }

@@ -32,6 +32,8 @@ pub enum SinkKind {
     Gaps,
     /// Time silences ([`crate::detect::silences`]).
     Silences,
+    /// Volume anomalies ([`crate::detect::volume`]).
+    Anomalies,
 }
 
 impl SinkKind {
@@ -41,6 +43,7 @@ impl SinkKind {
             SinkKind::Dlq => "dlq",
             SinkKind::Gaps => "gaps",
             SinkKind::Silences => "silences",
+            SinkKind::Anomalies => "anomalies",
         }
     }
 }
@@ -97,7 +100,7 @@ pub struct SinkReceipt {
 /// and then commit the prepared attempt instead of sending them again.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct Delivered {
-    /// `replay`, `dlq`, `gaps` or `silences`.
+    /// `replay`, `dlq`, `gaps`, `silences` or `anomalies`.
     pub kind: String,
     /// The `kafka://` URL.
     pub target: String,

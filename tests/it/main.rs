@@ -22,3 +22,4 @@ mod services;
 mod shards;
 mod silences;
 mod sql_shell;
+mod volume;
