@@ -373,7 +373,7 @@ pub struct SilencesArgs {
     pub scan: ScanArgs,
     /// Group by this column of `events` (repeatable; default: the job
     /// file's `[detect.silence] by`, else key).
-    #[arg(long, value_name = "COLUMN", env = "BACKFILL_SILENCE_BY")]
+    #[arg(long, value_name = "COLUMN", env = "BACKFILL_BY")]
     pub by: Vec<String>,
     /// Silent for longer than this: a duration (15m) or a multiple of the
     /// group's median inter-arrival time (5x median, the default).
@@ -381,7 +381,7 @@ pub struct SilencesArgs {
         long,
         value_name = "THRESHOLD",
         allow_hyphen_values = true,
-        env = "BACKFILL_SILENCE_THRESHOLD"
+        env = "BACKFILL_THRESHOLD"
     )]
     pub threshold: Option<String>,
     #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
@@ -394,14 +394,14 @@ pub struct AnomaliesArgs {
     pub scan: ScanArgs,
     /// Group by this column of `events` (repeatable; default: the job
     /// file's `[detect.volume] by`, else source).
-    #[arg(long, value_name = "COLUMN", env = "BACKFILL_VOLUME_BY")]
+    #[arg(long, value_name = "COLUMN", env = "BACKFILL_BY")]
     pub by: Vec<String>,
     /// Bucket width, dividing a day: 15m, 1h (default), 1d.
     #[arg(
         long,
         value_name = "DURATION",
         allow_hyphen_values = true,
-        env = "BACKFILL_VOLUME_BUCKET"
+        env = "BACKFILL_BUCKET"
     )]
     pub bucket: Option<String>,
     /// Flag buckets whose |score| passes this (default 5).
@@ -409,7 +409,7 @@ pub struct AnomaliesArgs {
         long,
         value_name = "SCORE",
         allow_hyphen_values = true,
-        env = "BACKFILL_VOLUME_THRESHOLD"
+        env = "BACKFILL_THRESHOLD"
     )]
     pub threshold: Option<f64>,
     /// Print every scored bucket, not only the flagged ones.
