@@ -280,8 +280,52 @@ fn run_writes_and_counts_silences() {
     assert_eq!(row["source"], Value::Str(source));
     assert_eq!(row["silent_from"], Value::Ts(t0 * 1000));
     assert_eq!(row["silent_to"], Value::Ts(t1 * 1000));
-    assert_eq!(row["before_event_id"], Value::Str(id0));
+    assert_eq!(row["before_event_id"], Value::Str(id0.clone()));
     assert_eq!(row["backfill_run_id"], Value::Str("s1".into()));
+    // A dry run reports what the sink would get and writes nothing; `-`
+    // prints the rows as JSON lines (the summary goes to stderr).
+    let out3 = work.path().join("out3");
+    let run = backfill(&[
+        "run",
+        "--job",
+        job.to_str().unwrap(),
+        "--out",
+        out3.to_str().unwrap(),
+        "--run-id",
+        "s3",
+        "--dry-run",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    run.ok();
+    let r: Json = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["silences"], 1, "{r}");
+    assert_eq!(r["outputs"]["silences"]["rows"], 1, "{r}");
+    assert!(!out3.join("silences").exists());
+    let run = backfill(&[
+        "run",
+        "--job",
+        job.to_str().unwrap(),
+        "--out",
+        out3.to_str().unwrap(),
+        "--run-id",
+        "s4",
+        "--silences-sink",
+        "-",
+    ]);
+    run.ok();
+    let lines: Vec<Json> = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 1, "{}", run.describe());
+    assert_eq!(
+        lines[0]["before_event_id"],
+        id0.as_str(),
+        "{}",
+        run.describe()
+    );
     // Without the section (and no flag) no silences are looked for.
     let out2 = work.path().join("out2");
     let run = backfill(&[
