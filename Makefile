@@ -31,6 +31,11 @@ demo: ## build, generate a sample archive, run the job over it, print the report
 	@echo "report:   $(DEMO)/report.json"
 	@echo "replays:  $(DEMO)/out/replay/   dead letters: $(DEMO)/out/dlq/   gaps: $(DEMO)/out/gaps/"
 	@echo "try:      $(BIN_DEBUG) sql --job jobs/demo.toml -f sql/examples/failures_by_error.sql"
+	@echo
+	@echo "silences and volume anomalies, on five seasonal weeks with injected outages:"
+	$(BIN_DEBUG) generate --out $(DEMO)/seasonal --events 300000 --keys 60 --days 35 --sources 3 --seasonal --outages --seed 7
+	$(BIN_DEBUG) silences --source $(DEMO)/seasonal --by source --threshold 45m
+	$(BIN_DEBUG) anomalies --source $(DEMO)/seasonal --by source
 
 tools: ## install the test servers (tansu, s3s-fs) and Airflow into $(CACHE), once
 	scripts/install-tools.sh all

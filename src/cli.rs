@@ -97,12 +97,19 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once per process: the size of the largest variant (run's flags)
+// costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Detect, decide, write replays / DLQ / gaps, and commit the run.
     Run(RunArgs),
     /// Print the gap report alone.
     Gaps(GapsArgs),
+    /// Print the intervals in which a group (key, source, ...) went silent.
+    Silences(SilencesArgs),
+    /// Print the time buckets whose event count is far from its seasonal baseline.
+    Anomalies(AnomaliesArgs),
     /// SQL over the archive and the job's state: a query, a script, or a shell.
     Sql(SqlArgs),
     /// Print the physical plans of the detection.
@@ -296,12 +303,133 @@ pub struct RunArgs {
         env = "BACKFILL_RECOVER_FROM"
     )]
     pub recover_from: Option<String>,
+    /// Also find time silences (as `[detect.silence]`; implied by the
+    /// --silence-* flags).
+    #[arg(long, env = "BACKFILL_SILENCES", value_parser = BoolishValueParser::new(), help_heading = "Silences and volume anomalies")]
+    pub silences: bool,
+    /// Silences per this column of `events` (repeatable; default key).
+    #[arg(
+        long,
+        value_name = "COLUMN",
+        env = "BACKFILL_SILENCE_BY",
+        help_heading = "Silences and volume anomalies"
+    )]
+    pub silence_by: Vec<String>,
+    /// Silent for longer than this: 15m, or 5x median (default).
+    #[arg(
+        long,
+        value_name = "THRESHOLD",
+        allow_hyphen_values = true,
+        env = "BACKFILL_SILENCE_THRESHOLD",
+        help_heading = "Silences and volume anomalies"
+    )]
+    pub silence_threshold: Option<String>,
+    /// Where silences go (default OUT/silences).
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_SILENCES_SINK",
+        hide_env_values = true,
+        help_heading = "Silences and volume anomalies"
+    )]
+    pub silences_sink: Option<String>,
+    /// Also find volume anomalies (as `[detect.volume]`; implied by the
+    /// --volume-* flags).
+    #[arg(long, env = "BACKFILL_ANOMALIES", value_parser = BoolishValueParser::new(), help_heading = "Silences and volume anomalies")]
+    pub anomalies: bool,
+    /// Volume per this column of `events` (repeatable; default source).
+    #[arg(
+        long,
+        value_name = "COLUMN",
+        env = "BACKFILL_VOLUME_BY",
+        help_heading = "Silences and volume anomalies"
+    )]
+    pub volume_by: Vec<String>,
+    /// Bucket width, dividing a day (default 1h).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        allow_hyphen_values = true,
+        env = "BACKFILL_VOLUME_BUCKET",
+        help_heading = "Silences and volume anomalies"
+    )]
+    pub volume_bucket: Option<String>,
+    /// Flag buckets whose |score| passes this (default 5).
+    #[arg(
+        long,
+        value_name = "SCORE",
+        allow_hyphen_values = true,
+        env = "BACKFILL_VOLUME_THRESHOLD",
+        help_heading = "Silences and volume anomalies"
+    )]
+    pub volume_threshold: Option<f64>,
+    /// Where volume anomalies go (default OUT/anomalies).
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_ANOMALIES_SINK",
+        hide_env_values = true,
+        help_heading = "Silences and volume anomalies"
+    )]
+    pub anomalies_sink: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct GapsArgs {
     #[command(flatten)]
     pub scan: ScanArgs,
+    #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SilencesArgs {
+    #[command(flatten)]
+    pub scan: ScanArgs,
+    /// Group by this column of `events` (repeatable; default: the job
+    /// file's `[detect.silence] by`, else key).
+    #[arg(long, value_name = "COLUMN", env = "BACKFILL_BY")]
+    pub by: Vec<String>,
+    /// Silent for longer than this: a duration (15m) or a multiple of the
+    /// group's median inter-arrival time (5x median, the default).
+    #[arg(
+        long,
+        value_name = "THRESHOLD",
+        allow_hyphen_values = true,
+        env = "BACKFILL_THRESHOLD"
+    )]
+    pub threshold: Option<String>,
+    #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AnomaliesArgs {
+    #[command(flatten)]
+    pub scan: ScanArgs,
+    /// Group by this column of `events` (repeatable; default: the job
+    /// file's `[detect.volume] by`, else source).
+    #[arg(long, value_name = "COLUMN", env = "BACKFILL_BY")]
+    pub by: Vec<String>,
+    /// Bucket width, dividing a day: 15m, 1h (default), 1d.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        allow_hyphen_values = true,
+        env = "BACKFILL_BUCKET"
+    )]
+    pub bucket: Option<String>,
+    /// Flag buckets whose |score| passes this (default 5).
+    #[arg(
+        long,
+        value_name = "SCORE",
+        allow_hyphen_values = true,
+        env = "BACKFILL_THRESHOLD"
+    )]
+    pub threshold: Option<f64>,
+    /// Print every scored bucket, not only the flagged ones.
+    #[arg(long, env = "BACKFILL_ALL", value_parser = BoolishValueParser::new())]
+    pub all: bool,
     #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
     pub format: Format,
 }
@@ -399,6 +527,18 @@ pub struct GenerateArgs {
     /// Files per day folder.
     #[arg(long, default_value_t = 2, env = "BACKFILL_FILES_PER_DAY")]
     pub files_per_day: u32,
+    /// Producers: key k belongs to source-(k mod N) (1: every row's source
+    /// is `generator`).
+    #[arg(long, default_value_t = 1, env = "BACKFILL_SOURCES")]
+    pub sources: u32,
+    /// Daily and weekly seasonality instead of a uniform rate (use
+    /// --days 28 or more for weeks of history).
+    #[arg(long, env = "BACKFILL_SEASONAL", value_parser = BoolishValueParser::new())]
+    pub seasonal: bool,
+    /// Inject volume outages (a drop to 10% for 2h, a 3h stop, a 2h
+    /// doubling) in the last three days; needs --sources 3 or more.
+    #[arg(long, env = "BACKFILL_OUTAGES", value_parser = BoolishValueParser::new())]
+    pub outages: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -8,8 +8,8 @@ use arrow::record_batch::RecordBatch;
 use datafusion::prelude::SessionContext;
 
 use crate::cli::{
-    ExplainArgs, Format, GapsArgs, GcArgs, GenerateArgs, ReportCommand, ScanArgs, SqlArgs,
-    StateCommand, StateLocArgs,
+    AnomaliesArgs, ExplainArgs, Format, GapsArgs, GcArgs, GenerateArgs, ReportCommand, ScanArgs,
+    SilencesArgs, SqlArgs, StateCommand, StateLocArgs,
 };
 use crate::error::Error;
 use crate::job::{self, Scan};
@@ -20,6 +20,15 @@ use crate::source::{self, Archive};
 /// Session with `archive`, `events` and the detection views registered.
 pub async fn prepare(args: &ScanArgs) -> Result<(SessionContext, Scan, Archive), Error> {
     let (scan, _) = job::scan_settings(args)?;
+    prepare_with(args, scan).await
+}
+
+/// [`prepare`] with the scan settings already read (a command that also
+/// needs the job file's other sections).
+async fn prepare_with(
+    args: &ScanArgs,
+    scan: Scan,
+) -> Result<(SessionContext, Scan, Archive), Error> {
     let phases = Phases::new(args.progress);
     phases.set("listing the archive");
     let ctx = source::session(&scan)?;
@@ -37,6 +46,55 @@ pub async fn gaps(args: GapsArgs) -> Result<(), Error> {
         ));
     }
     let df = crate::detect::gaps(&ctx).await?;
+    let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await?;
+    print_batches(schema, &batches, args.format)
+}
+
+/// `backfill silences`: the silences alone, printed as `gaps` prints.
+pub async fn silences(args: SilencesArgs) -> Result<(), Error> {
+    let (scan, job) = job::scan_settings(&args.scan)?;
+    let file = job.detect.as_ref().and_then(|d| d.silence.as_ref());
+    let silence = job::detect::silence(
+        file,
+        &job::detect::SilenceFlags {
+            by: &args.by,
+            by_flag: "--by",
+            threshold: args.threshold.as_deref(),
+            threshold_flag: "--threshold",
+            asked: true,
+        },
+    )?
+    .ok_or_else(|| Error::Internal("silences: no settings".into()))?;
+    let (ctx, scan, _) = prepare_with(&args.scan, scan).await?;
+    crate::detect::silences::register(&ctx, &silence, scan.to).await?;
+    let df = crate::detect::silences::silences(&ctx, &silence).await?;
+    let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await?;
+    print_batches(schema, &batches, args.format)
+}
+
+/// `backfill anomalies`: the flagged buckets (or, with `--all`, every
+/// scored bucket), printed as `gaps` prints.
+pub async fn anomalies(args: AnomaliesArgs) -> Result<(), Error> {
+    let (scan, job) = job::scan_settings(&args.scan)?;
+    let file = job.detect.as_ref().and_then(|d| d.volume.as_ref());
+    let volume = job::detect::volume(
+        file,
+        &job::detect::VolumeFlags {
+            by: &args.by,
+            by_flag: "--by",
+            bucket: args.bucket.as_deref(),
+            bucket_flag: "--bucket",
+            threshold: args.threshold,
+            threshold_flag: "--threshold",
+            asked: true,
+        },
+    )?
+    .ok_or_else(|| Error::Internal("anomalies: no settings".into()))?;
+    let (ctx, scan, _) = prepare_with(&args.scan, scan).await?;
+    crate::detect::volume::register(&ctx, &volume, &scan).await?;
+    let df = crate::detect::volume::anomalies(&ctx, &volume, args.all).await?;
     let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
     let batches = df.collect().await?;
     print_batches(schema, &batches, args.format)
@@ -68,6 +126,9 @@ pub async fn generate(args: GenerateArgs) -> Result<(), Error> {
         days: args.days,
         start,
         files_per_day: args.files_per_day,
+        sources: args.sources,
+        seasonal: args.seasonal,
+        outages: args.outages,
         ..Default::default()
     };
     let summary = crate::generate::generate(&out, &opts).await?;

@@ -57,6 +57,16 @@ pub struct GenerateOptions {
     pub files_per_day: u32,
     /// Rows per Parquet row group (default 65536).
     pub row_group_rows: usize,
+    /// Producers (`--sources`): key `k` belongs to `source-{k % sources}`;
+    /// 1 (the default) writes `generator` for every row.
+    pub sources: u32,
+    /// Daily and weekly seasonality (`--seasonal`): events follow an hourly
+    /// rate (low at night, high by day, lower at weekends, ±10% from hour
+    /// to hour) instead of a uniform one.
+    pub seasonal: bool,
+    /// Inject volume outages (`--outages`; needs 3 sources and 3 days):
+    /// [`OUTAGES`], recorded in [`GenerateSummary::outages`].
+    pub outages: bool,
 }
 
 impl Default for GenerateOptions {
@@ -69,6 +79,9 @@ impl Default for GenerateOptions {
             start: NaiveDate::from_ymd_opt(2024, 1, 1).unwrap_or_default(),
             files_per_day: 2,
             row_group_rows: 65_536,
+            sources: 1,
+            seasonal: false,
+            outages: false,
         }
     }
 }
@@ -96,7 +109,37 @@ pub struct GenerateSummary {
     pub processed_events: u64,
     /// Bytes of all files written.
     pub bytes: u64,
+    /// The volume outages injected (`--outages`), in time order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub outages: Vec<InjectedOutage>,
+    /// Events an outage kept from being written (a drop or a stop).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub outage_dropped_events: u64,
 }
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// One injected outage: events of `source` with a base time in
+/// `[from, to)` (RFC 3339) were `drop` (1 in 10 written), `stop` (none
+/// written) or `storm` (every row written twice, as a replay storm does).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InjectedOutage {
+    pub kind: String,
+    pub source: String,
+    pub from: String,
+    pub to: String,
+}
+
+/// The outages of `--outages`: (kind, source number, days before the last
+/// day, start hour, hours). Daytime, in the last days, so that weeks of
+/// history precede them.
+pub const OUTAGES: [(&str, u64, u32, i64, i64); 3] = [
+    ("drop", 1, 2, 10, 2),
+    ("stop", 2, 1, 13, 3),
+    ("storm", 0, 0, 9, 2),
+];
 
 /// Errors of [`generate`].
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +230,24 @@ const BATCH_ROWS: usize = 8_192;
 // Independent random streams.
 const STREAM_GAP: u64 = 0x6761_7073; // "gaps"
 const STREAM_EVENT: u64 = 0x6576_656e; // "even"
+const STREAM_OUTAGE: u64 = 0x6f75_7461; // "outa"
+const STREAM_SEASON: u64 = 0x7365_6173; // "seas"
+
+/// The weight of hour `h` of the span (starting at `hour_start`, UTC) in a
+/// seasonal archive: a daily curve (0.2 at night, up to 1.0 mid-day), 0.6
+/// of it on Saturdays and Sundays, times a factor in [0.9, 1.1) of its own.
+fn seasonal_weight(seed: u64, hour_start: i64, h: i64) -> f64 {
+    use chrono::Datelike;
+    let t = chrono::DateTime::from_timestamp_micros(hour_start).unwrap_or_default();
+    let hour = (hour_start.div_euclid(3_600 * MICROS_PER_SECOND) % 24) as f64;
+    let day = 0.2 + 0.8 * (std::f64::consts::PI * (hour - 6.0) / 16.0).sin().max(0.0);
+    let week = match t.weekday() {
+        chrono::Weekday::Sat | chrono::Weekday::Sun => 0.6,
+        _ => 1.0,
+    };
+    let noise = 0.9 + 0.2 * SplitMix64::at(seed, STREAM_SEASON, h as u64, 0).unit();
+    day * week * noise
+}
 
 /// SplitMix64: small, fast, and good enough for choosing defects.
 struct SplitMix64(u64);
@@ -292,6 +353,12 @@ struct Plan {
     span_us: i64,
     files_per_day: i64,
     row_group_rows: usize,
+    sources: u64,
+    /// Seasonal: the cumulative weight at the start of each hour of the
+    /// span (one more entry than hours).
+    hour_cum: Option<Vec<f64>>,
+    /// (kind, source, from, to) in microseconds.
+    outages: Vec<(&'static str, u64, i64, i64)>,
 }
 
 impl Plan {
@@ -352,6 +419,45 @@ impl Plan {
                 ),
             ));
         };
+        if opts.sources < 1 {
+            return Err(invalid(
+                "--sources",
+                "--sources must be at least 1 (got 0)".into(),
+            ));
+        }
+        if opts.outages && (opts.sources < 3 || opts.days < 3) {
+            return Err(invalid(
+                "--outages",
+                format!(
+                    "--outages needs --sources 3 or more and --days 3 or more (got --sources {} --days {})",
+                    opts.sources, opts.days
+                ),
+            ));
+        }
+        let hour_us = 3_600 * MICROS_PER_SECOND;
+        let hour_cum = opts.seasonal.then(|| {
+            let hours = i64::from(opts.days) * 24;
+            let mut cum = Vec::with_capacity(hours as usize + 1);
+            let mut total = 0.0;
+            cum.push(total);
+            for h in 0..hours {
+                total += seasonal_weight(opts.seed, start_us + h * hour_us, h);
+                cum.push(total);
+            }
+            cum
+        });
+        let outages = if opts.outages {
+            OUTAGES
+                .iter()
+                .map(|&(kind, source, before_last, hour, hours)| {
+                    let day = i64::from(opts.days - 1 - before_last);
+                    let from = start_us + day * MICROS_PER_DAY + hour * hour_us;
+                    (kind, source, from, from + hours * hour_us)
+                })
+                .collect()
+        } else {
+            vec![]
+        };
         Ok(Plan {
             events: opts.events,
             keys: opts.keys,
@@ -361,11 +467,42 @@ impl Plan {
             span_us,
             files_per_day: i64::from(opts.files_per_day),
             row_group_rows: opts.row_group_rows,
+            sources: u64::from(opts.sources),
+            hour_cum,
+            outages,
         })
     }
 
-    /// The base time of event `i`: uniform and non-decreasing over the span.
+    /// The source of a key's events.
+    fn source_of(&self, key: u64) -> Option<u64> {
+        (self.sources > 1).then_some(key % self.sources)
+    }
+
+    /// The outage, if any, over event `i` of `key` at `base`.
+    fn outage(&self, key: u64, base: i64) -> Option<&'static str> {
+        let source = self.source_of(key)?;
+        self.outages
+            .iter()
+            .find(|(_, s, from, to)| *s == source && (*from..*to).contains(&base))
+            .map(|o| o.0)
+    }
+
+    /// The base time of event `i`: non-decreasing over the span; uniform,
+    /// or following the seasonal hourly weights (the inverse of their
+    /// cumulative sum, linear within an hour).
     fn base_time(&self, i: u64) -> i64 {
+        if let Some(cum) = &self.hour_cum {
+            let total = cum[cum.len() - 1];
+            let f = (i as f64 + 0.5) / self.events as f64 * total;
+            let h = cum
+                .partition_point(|&c| c <= f)
+                .saturating_sub(1)
+                .min(cum.len() - 2);
+            let within = (f - cum[h]) / (cum[h + 1] - cum[h]);
+            let hour_us = 3_600 * MICROS_PER_SECOND;
+            let t = self.start_us + h as i64 * hour_us + (within * hour_us as f64) as i64;
+            return t.clamp(self.start_us, self.start_us + self.span_us - 1);
+        }
         let off = i128::from(i) * i128::from(self.span_us) / i128::from(self.events);
         self.start_us + off as i64
     }
@@ -428,6 +565,17 @@ impl Plan {
         }
         let mut rng = SplitMix64::at(self.seed, STREAM_EVENT, i, 0);
         let base = self.base_time(i);
+        let outage = self.outage(key, base);
+        let dropped = match outage {
+            Some("stop") => true,
+            Some("drop") => SplitMix64::at(self.seed, STREAM_OUTAGE, i, 0).below(10) != 0,
+            _ => false,
+        };
+        if dropped {
+            summary.outage_dropped_events += 1;
+            return;
+        }
+        let storm = if outage == Some("storm") { 2 } else { 1 };
         let day_end = self.day_end(base);
         let amount_cents = 100 + rng.below(100_000);
 
@@ -503,7 +651,7 @@ impl Plan {
                 attempts,
                 error,
                 amount_cents,
-                copies: if duplicate == Some(k) { 2 } else { 1 },
+                copies: storm * if duplicate == Some(k) { 2 } else { 1 },
             });
         }
 
@@ -523,7 +671,7 @@ impl Plan {
                 attempts: Some(0),
                 error: Some(error),
                 amount_cents: 100 + rng.below(100_000),
-                copies: 1,
+                copies: storm,
             });
         }
     }
@@ -709,7 +857,10 @@ impl<'a> Writer<'a> {
             c.kafka_partition.append_value(partition as i32);
             c.kafka_offset.append_value(offset);
             c.kafka_timestamp.append_value(row.time.div_euclid(1000));
-            c.source.append_value(SOURCE);
+            match self.plan.source_of(row.key) {
+                Some(s) => c.source.append_value(format!("source-{s}")),
+                None => c.source.append_value(SOURCE),
+            }
             c.len += 1;
             self.summary.rows += 1;
             if self.cols.len >= self.batch_rows {
@@ -772,6 +923,21 @@ pub async fn generate(
     let plan = Plan::new(opts)?;
     let mut writer = Writer::new(out, &plan);
     writer.summary.events = plan.events;
+    let rfc = |us: i64| {
+        chrono::DateTime::from_timestamp_micros(us)
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    writer.summary.outages = plan
+        .outages
+        .iter()
+        .map(|&(kind, source, from, to)| InjectedOutage {
+            kind: kind.into(),
+            source: format!("source-{source}"),
+            from: rfc(from),
+            to: rfc(to),
+        })
+        .collect();
     // Rows wait here until no later event can produce an earlier row: every
     // row of event i is at or after base_time(i), which never decreases.
     let mut pending: BinaryHeap<Reverse<Row>> = BinaryHeap::new();

@@ -14,6 +14,8 @@ use crate::cli::{RunArgs, ScanArgs};
 use crate::kafka::KafkaSettings;
 use crate::location::StorageSettings;
 
+pub mod detect;
+
 /// Errors in settings: all are usage/configuration errors (exit 2).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -101,6 +103,8 @@ pub struct JobFile {
     pub storage: Option<StorageSettings>,
     /// Kafka settings for kafka:// sinks and sources.
     pub kafka: Option<KafkaSettings>,
+    /// `[detect.silence]`, `[detect.volume]`: detections run only when set.
+    pub detect: Option<detect::DetectFile>,
 }
 
 /// A string or a list of strings.
@@ -141,6 +145,10 @@ pub struct SinkTargets {
     pub replay: Option<String>,
     pub dlq: Option<String>,
     pub gaps: Option<String>,
+    /// Silences (`[detect.silence]`), default `<out>/silences`.
+    pub silences: Option<String>,
+    /// Volume anomalies (`[detect.volume]`), default `<out>/anomalies`.
+    pub anomalies: Option<String>,
 }
 
 /// `[[partitions]]`: one hive folder level, e.g. `name = "dt"`,
@@ -259,6 +267,12 @@ pub struct RunSettings {
     pub replay_sink: Option<String>,
     pub dlq_sink: Option<String>,
     pub gaps_sink: Option<String>,
+    /// Silences to find and where they go; `None`: not asked for.
+    pub silence: Option<detect::Silence>,
+    pub silences_sink: Option<String>,
+    /// Volume anomalies to find and where they go; `None`: not asked for.
+    pub volume: Option<detect::Volume>,
+    pub anomalies_sink: Option<String>,
     pub max_attempts: i64,
     pub permanent_errors: Vec<String>,
     pub run_id: String,
@@ -719,6 +733,31 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
     let replay_sink = args.replay_sink.clone().or(sinks.replay);
     let dlq_sink = args.dlq_sink.clone().or(sinks.dlq);
     let gaps_sink = args.gaps_sink.clone().or(sinks.gaps);
+    let detect_file = job.detect.clone().unwrap_or_default();
+    let silence = detect::silence(
+        detect_file.silence.as_ref(),
+        &detect::SilenceFlags {
+            by: &args.silence_by,
+            by_flag: "--silence-by",
+            threshold: args.silence_threshold.as_deref(),
+            threshold_flag: "--silence-threshold",
+            asked: args.silences || args.silences_sink.is_some(),
+        },
+    )?;
+    let volume = detect::volume(
+        detect_file.volume.as_ref(),
+        &detect::VolumeFlags {
+            by: &args.volume_by,
+            by_flag: "--volume-by",
+            bucket: args.volume_bucket.as_deref(),
+            bucket_flag: "--volume-bucket",
+            threshold: args.volume_threshold,
+            threshold_flag: "--volume-threshold",
+            asked: args.anomalies || args.anomalies_sink.is_some(),
+        },
+    )?;
+    let silences_sink = args.silences_sink.clone().or(sinks.silences);
+    let anomalies_sink = args.anomalies_sink.clone().or(sinks.anomalies);
     let state = args.state.clone().or(job.state.clone());
     let state = match (state, &out) {
         (Some(s), _) => s,
@@ -735,8 +774,15 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
             ("--replay-sink", &replay_sink),
             ("--dlq-sink", &dlq_sink),
             ("--gaps-sink", &gaps_sink),
+            ("--silences-sink", &silences_sink),
+            ("--anomalies-sink", &anomalies_sink),
         ] {
-            let needed = flag != "--gaps-sink" || scan.detect_gaps;
+            let needed = match flag {
+                "--gaps-sink" => scan.detect_gaps,
+                "--silences-sink" => silence.is_some(),
+                "--anomalies-sink" => volume.is_some(),
+                _ => true,
+            };
             if s.is_none() && needed {
                 return Err(invalid(
                     flag,
@@ -777,6 +823,14 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
         let shard: crate::shard::Shard = s.parse().map_err(|m| invalid("--shard", m))?;
         run_id.push_str(&shard.run_id_suffix());
         scan.shard = Some(shard);
+        // A shard sees its keys' events only in the one-pass detection;
+        // silences and volumes look at whole groups over the whole window.
+        if silence.is_some() || volume.is_some() {
+            return Err(invalid(
+                "--shard",
+                "silences and volume anomalies are found over the whole window, not per shard: run them without --shard (or with `backfill silences` / `backfill anomalies`)",
+            ));
+        }
     }
     validate_run_id(&run_id)?;
     use crate::policy::OnBarrier;
@@ -830,6 +884,8 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
         &replay_sink,
         &dlq_sink,
         &gaps_sink,
+        &silences_sink,
+        &anomalies_sink,
     ]
     .into_iter()
     .flatten()
@@ -843,6 +899,10 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
         replay_sink,
         dlq_sink,
         gaps_sink,
+        silence,
+        silences_sink,
+        volume,
+        anomalies_sink,
         max_attempts,
         permanent_errors,
         run_id,

@@ -193,6 +193,8 @@ fn start_logs(cli: &Cli) -> Result<event_backfill::log::Settings, String> {
     let (default, progress) = match &cli.command {
         Command::Run(a) => ("info", a.scan.progress),
         Command::Gaps(a) => ("warn", a.scan.progress),
+        Command::Silences(a) => ("warn", a.scan.progress),
+        Command::Anomalies(a) => ("warn", a.scan.progress),
         Command::Sql(a) => ("warn", a.scan.progress),
         Command::Explain(a) => ("warn", a.scan.progress),
         Command::Runs(_) => ("warn", Progress::Off),
@@ -397,6 +399,8 @@ async fn dispatch(cmd: Command) -> Result<u8, Error> {
             Ok(code)
         }
         Command::Gaps(a) => commands::gaps(a).await.map(|_| EXIT_OK),
+        Command::Silences(a) => commands::silences(a).await.map(|_| EXIT_OK),
+        Command::Anomalies(a) => commands::anomalies(a).await.map(|_| EXIT_OK),
         Command::Sql(a) => commands::sql(a).await.map(|_| EXIT_OK),
         Command::Explain(a) => commands::explain(a).await.map(|_| EXIT_OK),
         Command::Generate(a) => commands::generate(a).await.map(|_| EXIT_OK),
@@ -473,6 +477,8 @@ fn refuse_two_on_stdout(settings: &job::RunSettings) -> Result<(), Error> {
         ("replay", &settings.replay_sink),
         ("dlq", &settings.dlq_sink),
         ("gaps", &settings.gaps_sink),
+        ("silences", &settings.silences_sink),
+        ("anomalies", &settings.anomalies_sink),
     ]
     .into_iter()
     .find(|(_, t)| t.as_deref() == Some("-"));

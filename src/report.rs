@@ -67,6 +67,10 @@ pub struct Report {
     pub missing_events: u64,
     /// (key, seq) pairs carried by more than one event_id.
     pub conflicts: u64,
+    /// Silent intervals found (`[detect.silence]`; 0 when not asked).
+    pub silences: u64,
+    /// Flagged volume buckets (`[detect.volume]`; 0 when not asked).
+    pub anomalies: u64,
     /// Kafka-source messages that did not decode, dead-lettered as
     /// `undecodable` (not events: outside the balance above).
     pub undecodable_dead_lettered: u64,
@@ -331,6 +335,12 @@ impl Report {
                 ),
             ));
         }
+        if self.outputs.contains_key("silences") || self.silences > 0 {
+            figures.push(("silences", self.silences, String::new()));
+        }
+        if self.outputs.contains_key("anomalies") || self.anomalies > 0 {
+            figures.push(("anomalies", self.anomalies, String::new()));
+        }
         if self.kafka_messages > 0 {
             figures.push((
                 "kafka messages",
@@ -372,6 +382,8 @@ impl Report {
                 "replay" => "replays",
                 "dlq" => "dead letters",
                 "gaps" => "gap records",
+                "silences" => "silences",
+                "anomalies" => "anomalies",
                 other => other,
             };
             let place = match r.outputs.as_slice() {

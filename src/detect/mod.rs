@@ -15,6 +15,8 @@ use crate::job::Scan;
 use crate::source::{Archive, quoted};
 
 pub mod onepass;
+pub mod silences;
+pub mod volume;
 
 pub const UNPROCESSED_SQL: &str = include_str!("../../sql/unprocessed.sql");
 pub const CONFLICTS_SQL: &str = include_str!("../../sql/conflicts.sql");

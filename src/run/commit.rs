@@ -105,7 +105,7 @@ pub(super) fn decision_settings(settings: &RunSettings) -> serde_json::Value {
         v
     };
     let sources: Vec<String> = scan.sources.iter().map(|s| meaning(s)).collect();
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "sources": set(&sources),
         "from": scan.from.map(|t| t.to_rfc3339()),
         "to": scan.to.map(|t| t.to_rfc3339()),
@@ -125,7 +125,30 @@ pub(super) fn decision_settings(settings: &RunSettings) -> serde_json::Value {
         "on_gap": settings.on_gap.name(),
         "on_conflict": settings.on_conflict.name(),
         "recover_from": scan.recover_from.as_deref().map(crate::redact::url),
-    })
+    });
+    // Only when asked: the settings of runs without them stay as they were.
+    if let (Some(s), Some(map)) = (&settings.silence, v.as_object_mut()) {
+        map.insert(
+            "silence".into(),
+            serde_json::json!({
+                "by": s.by,
+                "threshold": format!("{:?}", s.threshold),
+                "sink": sink(&settings.silences_sink, crate::sink::SinkKind::Silences),
+            }),
+        );
+    }
+    if let (Some(s), Some(map)) = (&settings.volume, v.as_object_mut()) {
+        map.insert(
+            "volume".into(),
+            serde_json::json!({
+                "by": s.by,
+                "bucket_us": s.bucket_us,
+                "threshold": s.threshold,
+                "sink": sink(&settings.anomalies_sink, crate::sink::SinkKind::Anomalies),
+            }),
+        );
+    }
+    v
 }
 
 /// A rerun of a committed run id: nothing is written, and the run ends as

@@ -152,6 +152,23 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     let manifests: Vec<Manifest> = snapshot.runs().cloned().collect();
     state.register_ledger(&ctx, &manifests).await?;
     detect::register_views(&ctx, scan).await?;
+    // Separate plans over the narrow columns, only when asked.
+    let silences_schema = match &settings.silence {
+        Some(s) => {
+            detect::silences::register(&ctx, s, scan.to).await?;
+            let df = detect::silences::silences(&ctx, s).await?;
+            Some(gaps_output_schema(df.schema().as_arrow(), false))
+        }
+        None => None,
+    };
+    let anomalies_schema = match &settings.volume {
+        Some(v) => {
+            detect::volume::register(&ctx, v, scan).await?;
+            let df = detect::volume::anomalies(&ctx, v, false).await?;
+            Some(gaps_output_schema(df.schema().as_arrow(), false))
+        }
+        None => None,
+    };
 
     // The plan: the outputs' schemas, known before anything is read (the
     // views' shapes; the one-pass detection produces the same).
@@ -180,13 +197,35 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     // Every sink is checked in a dry run too (a scheduler's
     // preflight): nothing is created, and the opened sinks are dropped.
     for (kind, target, schema) in [
-        (SinkKind::Replay, &settings.replay_sink, out_schema.clone()),
-        (SinkKind::Dlq, &settings.dlq_sink, out_schema.clone()),
-        (SinkKind::Gaps, &settings.gaps_sink, gaps_schema.clone()),
+        (
+            SinkKind::Replay,
+            &settings.replay_sink,
+            Some(out_schema.clone()),
+        ),
+        (SinkKind::Dlq, &settings.dlq_sink, Some(out_schema.clone())),
+        (
+            SinkKind::Gaps,
+            &settings.gaps_sink,
+            Some(gaps_schema.clone()),
+        ),
+        (
+            SinkKind::Silences,
+            &settings.silences_sink,
+            silences_schema.clone(),
+        ),
+        (
+            SinkKind::Anomalies,
+            &settings.anomalies_sink,
+            anomalies_schema.clone(),
+        ),
     ] {
         if kind == SinkKind::Gaps && !scan.detect_gaps {
             continue;
         }
+        // Not asked for: no sink.
+        let Some(schema) = schema else {
+            continue;
+        };
         let target = match (target, &out_loc) {
             (Some(t), _) => t.clone(),
             (None, Some(o)) => sink::default_target(o, kind),
@@ -563,6 +602,37 @@ async fn execute(
         );
     }
 
+    // Silences: a plan of their own, to their sink.
+    if let Some(silence) = &settings.silence {
+        phases.set("finding silences");
+        let df = detect::silences::silences(ctx, silence).await?;
+        let mut stream = df.execute_stream().await?;
+        while let Some(b) = stream.next().await {
+            let b = &b.map_err(|e| spill_full(e, &spill_dir))?;
+            report.silences += b.num_rows() as u64;
+            let b = with_run_columns(b, &settings.run_id, detected_at_us, None)?;
+            for s in sinks.iter_mut().filter(|s| s.kind == SinkKind::Silences) {
+                s.sink.write(&b).await?;
+            }
+        }
+        lap(report, "silences");
+    }
+    // Volume anomalies: the flagged buckets, to their sink.
+    if let Some(volume) = &settings.volume {
+        phases.set("finding volume anomalies");
+        let df = detect::volume::anomalies(ctx, volume, false).await?;
+        let mut stream = df.execute_stream().await?;
+        while let Some(b) = stream.next().await {
+            let b = &b.map_err(|e| spill_full(e, &spill_dir))?;
+            report.anomalies += b.num_rows() as u64;
+            let b = with_run_columns(b, &settings.run_id, detected_at_us, None)?;
+            for s in sinks.iter_mut().filter(|s| s.kind == SinkKind::Anomalies) {
+                s.sink.write(&b).await?;
+            }
+        }
+        lap(report, "anomalies");
+    }
+
     // Candidates → policy → replay / DLQ / ledger.
     phases.set("deciding");
     let mut ledger = if settings.dry_run {
@@ -618,7 +688,7 @@ async fn execute(
             match s.kind {
                 SinkKind::Replay => s.sink.write(&d.replay).await?,
                 SinkKind::Dlq => s.sink.write(&d.dlq).await?,
-                SinkKind::Gaps => {}
+                SinkKind::Gaps | SinkKind::Silences | SinkKind::Anomalies => {}
             }
         }
         if let Some(l) = ledger.as_mut() {
@@ -681,6 +751,8 @@ async fn execute(
                 report.dead_lettered + report.undecodable_dead_lettered,
             ),
             (SinkKind::Gaps, report.gaps),
+            (SinkKind::Silences, report.silences),
+            (SinkKind::Anomalies, report.anomalies),
         ] {
             if let Some(r) = report.outputs.get_mut(kind.name()) {
                 r.rows = rows;

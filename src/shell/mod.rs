@@ -146,8 +146,9 @@ fn io_reason(e: &std::io::Error) -> String {
 
 /// The scan settings, and the state location the job's runs use (`None`
 /// without one): `--state`, the job's `state`, else `OUT/_state`.
-fn settings(args: &SqlArgs) -> Result<(Scan, Option<String>), Error> {
+fn settings(args: &SqlArgs) -> Result<(Scan, Option<String>, Detections), Error> {
     let (mut scan, job) = job::scan_settings(&args.scan)?;
+    let detections = Detections::of(&job)?;
     let out_dir = args.out.clone().or(job.out.clone());
     let state_loc = args.state.clone().or(job.state.clone()).or_else(|| {
         out_dir
@@ -162,12 +163,64 @@ fn settings(args: &SqlArgs) -> Result<(Scan, Option<String>), Error> {
         sinks.replay,
         sinks.dlq,
         sinks.gaps,
+        sinks.silences,
+        sinks.anomalies,
     ]
     .into_iter()
     .flatten()
     .filter(|l| l.as_str() != "-" && !l.starts_with("kafka://"))
     .collect();
-    Ok((scan, state_loc))
+    Ok((scan, state_loc, detections))
+}
+
+/// The `silences` and `volume` views of a session: with the job file's
+/// `[detect.silence]` and `[detect.volume]` as `run` finds them; without
+/// them, with the defaults (silences by key at 5x median, volume by source
+/// per hour) where the archive has those columns, so that the views are
+/// there to explore.
+struct Detections {
+    silence: Option<crate::job::detect::Silence>,
+    volume: Option<crate::job::detect::Volume>,
+    /// Set in the job file: a column it names that is not there is an error.
+    silence_configured: bool,
+    volume_configured: bool,
+}
+
+impl Detections {
+    fn of(job: &job::JobFile) -> Result<Detections, Error> {
+        let silence_file = job.detect.as_ref().and_then(|d| d.silence.as_ref());
+        let volume_file = job.detect.as_ref().and_then(|d| d.volume.as_ref());
+        let silence_flags = crate::job::detect::SilenceFlags {
+            asked: true,
+            ..Default::default()
+        };
+        let volume_flags = crate::job::detect::VolumeFlags {
+            asked: true,
+            ..Default::default()
+        };
+        Ok(Detections {
+            silence: crate::job::detect::silence(silence_file, &silence_flags)?,
+            volume: crate::job::detect::volume(volume_file, &volume_flags)?,
+            silence_configured: silence_file.is_some(),
+            volume_configured: volume_file.is_some(),
+        })
+    }
+
+    async fn register(&self, ctx: &SessionContext, scan: &Scan) -> Result<(), Error> {
+        if let Some(silence) = &self.silence {
+            match crate::detect::silences::register(ctx, silence, scan.to).await {
+                Err(Error::Usage(_)) if !self.silence_configured => {}
+                other => other?,
+            }
+        }
+        if let Some(volume) = &self.volume {
+            match crate::detect::volume::register(ctx, volume, scan).await {
+                Err(Error::Usage(_)) if !self.volume_configured => {}
+                other => other?,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The stack of the thread `sql` parses and plans on: DataFusion's planner
@@ -239,7 +292,7 @@ fn escaped(e: Error) -> Error {
 
 async fn session(args: SqlArgs) -> Result<(), Error> {
     let input = input(&args)?;
-    let (scan, state_loc) = settings(&args)?;
+    let (scan, state_loc, detections) = settings(&args)?;
     let ctx = source::session(&scan)?;
     // SHOW TABLES, SHOW COLUMNS and `\d` read information_schema.
     ctx.state_ref()
@@ -276,6 +329,7 @@ async fn session(args: SqlArgs) -> Result<(), Error> {
         None => state::register_none(&ctx)?,
     }
     crate::detect::register_views(&ctx, &scan).await?;
+    detections.register(&ctx, &scan).await?;
     phases.done();
     // Like datafusion-cli: `SELECT * FROM 'out/replay/'` reads files by
     // URL, so a run's outputs can be inspected next to the archive.
@@ -976,7 +1030,7 @@ Statements end with ';' and may span lines. Commands:
   \\pset maxrows N  rows printed of each result (0 or inf: all)
   \\? or \\h         this help
   \\q, quit, exit   leave (also Ctrl-D); Ctrl-C cancels a running statement
-Tables: archive, events, unprocessed, conflicts, gaps, candidates,
+Tables: archive, events, unprocessed, conflicts, gaps, silences, volume, candidates,
 ledger, ledger_entries and runs (from the job's state: --state, --out or
 the job file), information_schema; files by path, e.g. SELECT * FROM 'out/dlq/'.
 ";
@@ -996,6 +1050,10 @@ fn describe(table: &str) -> Option<&'static str> {
             "what the next run decides over: unprocessed events with conflict and ledger"
         }
         "runs" => "the committed runs of the state, with their reports",
+        "silences" => "per group, the intervals with no event for longer than the threshold",
+        "silence_settings" => "the threshold and window end the silences view uses",
+        "volume" => "per group and time bucket, the count against its seasonal baseline",
+        "volume_settings" => "the bucket, threshold and window the volume view uses",
         _ => return None,
     })
 }

@@ -30,6 +30,10 @@ pub enum SinkKind {
     Replay,
     Dlq,
     Gaps,
+    /// Time silences ([`crate::detect::silences`]).
+    Silences,
+    /// Volume anomalies ([`crate::detect::volume`]).
+    Anomalies,
 }
 
 impl SinkKind {
@@ -38,6 +42,8 @@ impl SinkKind {
             SinkKind::Replay => "replay",
             SinkKind::Dlq => "dlq",
             SinkKind::Gaps => "gaps",
+            SinkKind::Silences => "silences",
+            SinkKind::Anomalies => "anomalies",
         }
     }
 }
@@ -94,7 +100,7 @@ pub struct SinkReceipt {
 /// and then commit the prepared attempt instead of sending them again.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct Delivered {
-    /// `replay`, `dlq` or `gaps`.
+    /// `replay`, `dlq`, `gaps`, `silences` or `anomalies`.
     pub kind: String,
     /// The `kafka://` URL.
     pub target: String,

@@ -22,4 +22,6 @@ mod schedulers;
 mod secrets;
 mod services;
 mod shards;
+mod silences;
 mod sql_shell;
+mod volume;

@@ -1,0 +1,108 @@
+-- volume: per group and time bucket, the count of archived rows compared
+-- with a robust baseline learned from the same archive: the counts of the
+-- same bucket of the week (or, with less than 4 weeks of buckets, of the
+-- day) in the preceding weeks (days). docs/sql.md "volume" states the
+-- model; `flagged` marks the anomalies.
+--
+-- The group is `key` here; the binary substitutes the job's grouping
+-- columns (`[detect.volume] by`, `anomalies --by`) for every
+-- `key /*by*/,` (an empty list counts the whole stream). Settings come from
+-- `volume_settings`, a one-row table the binary registers:
+--   volume_bucket_us     BIGINT     the bucket width (divides a day)
+--   volume_threshold     DOUBLE     |score| above which a bucket is flagged
+--   volume_window_start  TIMESTAMP  `--from`, or NULL: the first event
+--   volume_window_end    TIMESTAMP  `--to`, or NULL: just after the last event
+CREATE OR REPLACE VIEW volume AS
+WITH settings AS (
+    SELECT volume_bucket_us AS b,
+           volume_threshold AS threshold,
+           volume_window_start,
+           volume_window_end
+    FROM volume_settings
+),
+-- The buckets, numbered from the epoch: bucket i is [i*b, (i+1)*b).
+span AS (
+    SELECT CAST(coalesce(s.volume_window_start, e.first_time) AS BIGINT) / s.b AS first_idx,
+           (CAST(coalesce(s.volume_window_end, e.last_time) AS BIGINT) - 1) / s.b AS last_idx
+    FROM settings s
+    CROSS JOIN (SELECT min(event_time) AS first_time,
+                       -- exclusive: one microsecond after the last event
+                       max(event_time) + INTERVAL '1 microsecond' AS last_time
+                FROM events) e
+),
+-- Weekly references when the buckets cover 4 weeks, else daily ones.
+season AS (
+    SELECT first_idx, last_idx, b,
+           CASE WHEN (last_idx - first_idx + 1) * b >= 28 * 86400000000
+                THEN 7 * 86400000000 / b ELSE 86400000000 / b END AS period,
+           CASE WHEN (last_idx - first_idx + 1) * b >= 28 * 86400000000
+                THEN 4 ELSE 7 END AS max_refs
+    FROM span CROSS JOIN settings
+),
+buckets AS (
+    SELECT unnest(generate_series(first_idx, last_idx)) AS idx FROM season
+),
+-- Every group in every bucket: a bucket without rows counts 0, so that a
+-- full stop shows.
+grid AS (
+    SELECT key /*by*/, idx, sum(n) AS observed
+    FROM (
+        SELECT key /*by*/, CAST(event_time AS BIGINT) / (SELECT b FROM settings) AS idx, 1 AS n
+        FROM events
+        WHERE event_time IS NOT NULL
+        UNION ALL
+        SELECT key /*by*/, idx, 0 AS n
+        FROM (SELECT DISTINCT key /*by*/, 1 AS one FROM events) g CROSS JOIN buckets
+    ) rows_and_zeros
+    WHERE idx BETWEEN (SELECT first_idx FROM season) AND (SELECT last_idx FROM season)
+    GROUP BY key /*by*/, idx
+),
+phased AS (
+    SELECT grid.*, idx % (SELECT period FROM season) AS phase FROM grid
+),
+-- Each bucket with its references: the same phase, 1..max_refs periods
+-- before it, inside the buckets.
+pairs AS (
+    SELECT key /*by*/, p.idx, p.observed, r.ref_observed
+    FROM phased p
+    JOIN (SELECT key /*by*/, phase, idx AS ref_idx, observed AS ref_observed FROM phased) r
+      USING (key /*by*/, phase)
+    CROSS JOIN season s
+    WHERE r.ref_idx < p.idx AND r.ref_idx >= p.idx - s.max_refs * s.period
+),
+baseline AS (
+    SELECT key /*by*/, idx, observed,
+           count(*) AS refs,
+           median(CAST(ref_observed AS DOUBLE)) AS expected
+    FROM pairs
+    GROUP BY key /*by*/, idx, observed
+),
+spread AS (
+    SELECT key /*by*/, idx, observed, refs, expected,
+           median(abs(CAST(ref_observed AS DOUBLE) - expected)) AS mad
+    FROM pairs JOIN baseline USING (key /*by*/, idx, observed)
+    GROUP BY key /*by*/, idx, observed, refs, expected
+),
+-- The scale: 1.4826 x MAD, never below sqrt(max(expected, 1)) (the noise
+-- of a count of `expected`), so identical references cannot make a
+-- difference of one event an anomaly.
+scored AS (
+    SELECT *,
+           (observed - expected)
+             / greatest(1.4826 * mad, sqrt(greatest(expected, 1.0))) AS score
+    FROM spread
+    WHERE refs >= 3
+)
+SELECT key /*by*/,
+       arrow_cast(to_timestamp_micros(idx * (SELECT b FROM settings)), 'Timestamp(µs, "UTC")')
+           AS bucket_start,
+       arrow_cast(to_timestamp_micros((idx + 1) * (SELECT b FROM settings)), 'Timestamp(µs, "UTC")')
+           AS bucket_end,
+       observed,
+       expected,
+       mad,
+       refs AS reference_buckets,
+       score,
+       CASE WHEN observed < expected THEN 'drop' ELSE 'spike' END AS direction,
+       abs(score) > (SELECT threshold FROM settings) AS flagged
+FROM scored;

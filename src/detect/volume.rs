@@ -1,0 +1,95 @@
+//! Volume anomalies: the `volume` view (`sql/volume.sql`) registered over
+//! `events` with the job's grouping columns, bucket and threshold. A plan
+//! of its own over the narrow columns (the grouping columns and
+//! event_time), run only when asked: the run's one-pass detection never
+//! pays for it. The model is in docs/sql.md ("volume").
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use datafusion::dataframe::DataFrame;
+use datafusion::prelude::SessionContext;
+
+use crate::error::Error;
+use crate::job::Scan;
+use crate::job::detect::Volume;
+use crate::source::quoted;
+
+pub const VOLUME_SQL: &str = include_str!("../../sql/volume.sql");
+
+/// Where `sql/volume.sql` names its grouping columns (each followed by a
+/// comma, so that an empty list leaves valid SQL).
+const BY_MARK: &str = "key /*by*/,";
+
+/// Names the view uses for its own columns: a grouping column of one of
+/// these names would be ambiguous.
+const RESERVED: [&str; 5] = ["idx", "observed", "phase", "ref_idx", "ref_observed"];
+
+/// Register `volume_settings` and `volume`; an unknown grouping column is
+/// the settings' fault (exit 2), named with its key or flag.
+pub async fn register(ctx: &SessionContext, volume: &Volume, scan: &Scan) -> Result<(), Error> {
+    let mut reserved: Vec<&str> = RESERVED.to_vec();
+    reserved.push("event_time");
+    super::silences::check_columns(ctx, &volume.by, &volume.by_origin, &reserved).await?;
+    let time = |t: Option<DateTime<Utc>>| match t {
+        Some(t) => format!("'{}'", t.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+        None => "NULL".into(),
+    };
+    let settings = format!(
+        "CREATE OR REPLACE VIEW volume_settings AS \
+         SELECT CAST({} AS BIGINT) AS volume_bucket_us, \
+                CAST({:?} AS DOUBLE) AS volume_threshold, \
+                arrow_cast({}, 'Timestamp(µs, \"UTC\")') AS volume_window_start, \
+                arrow_cast({}, 'Timestamp(µs, \"UTC\")') AS volume_window_end",
+        volume.bucket_us,
+        volume.threshold,
+        time(scan.from),
+        time(scan.to)
+    );
+    ctx.sql(&settings).await?.collect().await?;
+    ctx.sql(&with_columns(VOLUME_SQL, &volume.by))
+        .await?
+        .collect()
+        .await?;
+    Ok(())
+}
+
+fn with_columns(sql: &str, columns: &[String]) -> String {
+    let list: String = columns.iter().map(|c| format!("{}, ", quoted(c))).collect();
+    sql.replace(BY_MARK, &list)
+}
+
+/// The flagged buckets (`all`: every scored bucket), by group and time.
+pub async fn anomalies(
+    ctx: &SessionContext,
+    volume: &Volume,
+    all: bool,
+) -> datafusion::error::Result<DataFrame> {
+    let mut order: Vec<String> = volume.by.iter().map(|c| quoted(c)).collect();
+    order.push("bucket_start".into());
+    let filter = if all { "" } else { " WHERE flagged" };
+    ctx.sql(&format!(
+        "SELECT * FROM volume{filter} ORDER BY {}",
+        order.join(", ")
+    ))
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every grouping place is marked: no bare `key` is left, and no
+    /// grouping leaves a dangling comma.
+    #[test]
+    fn every_group_place_is_marked() {
+        for by in [vec![], vec!["source".to_string(), "kafka_partition".into()]] {
+            let s = with_columns(VOLUME_SQL, &by);
+            let code: String = s
+                .lines()
+                .map(|l| l.split("--").next().unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join("\n");
+            assert!(!code.contains("key"), "{code}");
+            assert!(!code.contains("(,") && !code.contains(", ,"), "{code}");
+        }
+    }
+}
