@@ -113,6 +113,8 @@ pub enum Command {
     Redrive(RedriveArgs),
     /// The history of committed runs: `runs list`, `runs show ID`.
     Runs(RunsArgs),
+    /// Per key, the state the processed events imply at a time T.
+    StateAt(StateAtArgs),
     /// Inspect or clean the state (ledger and manifests).
     State(StateArgs),
     /// Work with run reports: merge the reports of shard runs into one.
@@ -501,6 +503,36 @@ pub struct RunsShowArgs {
     pub loc: StateLocArgs,
     /// table: the summary the run printed and its ledger counts; csv/tsv:
     /// `field,value` rows; json/ndjson: one object.
+    #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StateAtArgs {
+    #[command(flatten)]
+    pub scan: ScanArgs,
+    /// T, RFC 3339 (or a date): the state implied by the processed events
+    /// at or before it.
+    #[arg(
+        long,
+        value_name = "TIME",
+        allow_hyphen_values = true,
+        env = "BACKFILL_AT"
+    )]
+    pub at: String,
+    /// One key's state only (pruned by Parquet statistics).
+    #[arg(long, value_name = "KEY", env = "BACKFILL_KEY")]
+    pub key: Option<String>,
+    /// Where the state goes: - for stdout (default), a Parquet folder, or
+    /// kafka://HOST:PORT/TOPIC.
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_SINK",
+        hide_env_values = true
+    )]
+    pub sink: Option<String>,
+    /// Format on stdout.
     #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
     pub format: Format,
 }

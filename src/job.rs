@@ -97,6 +97,9 @@ pub struct JobFile {
     pub storage: Option<StorageSettings>,
     /// Kafka settings for kafka:// sinks and sources.
     pub kafka: Option<KafkaSettings>,
+    /// `backfill state-at`: the state as aggregates, and the statuses that
+    /// mean a key was deleted.
+    pub state_at: Option<crate::state_at::StateAtSettings>,
 }
 
 /// A string or a list of strings.

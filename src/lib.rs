@@ -30,3 +30,4 @@ pub mod sink;
 pub mod source;
 pub mod spill;
 pub mod state;
+pub mod state_at;

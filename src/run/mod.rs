@@ -560,7 +560,7 @@ async fn execute(
             match s.kind {
                 SinkKind::Replay => s.sink.write(&d.replay).await?,
                 SinkKind::Dlq => s.sink.write(&d.dlq).await?,
-                SinkKind::Gaps => {}
+                SinkKind::Gaps | SinkKind::State => {}
             }
         }
         if let Some(l) = ledger.as_mut() {

@@ -30,6 +30,8 @@ pub enum SinkKind {
     Replay,
     Dlq,
     Gaps,
+    /// Per-key state (`backfill state-at`): one row per key.
+    State,
 }
 
 impl SinkKind {
@@ -38,6 +40,7 @@ impl SinkKind {
             SinkKind::Replay => "replay",
             SinkKind::Dlq => "dlq",
             SinkKind::Gaps => "gaps",
+            SinkKind::State => "state",
         }
     }
 }

@@ -22,3 +22,4 @@ mod secrets;
 mod services;
 mod shards;
 mod sql_shell;
+mod state_at;
