@@ -532,6 +532,11 @@ pub struct StateAtArgs {
         hide_env_values = true
     )]
     pub sink: Option<String>,
+    /// A kafka:// --sink is compacted: one message per key, tombstones for
+    /// deleted keys, a topic with cleanup.policy=compact (as `[kafka]
+    /// compact = true`).
+    #[arg(long, env = "BACKFILL_COMPACT", value_parser = BoolishValueParser::new())]
+    pub compact: bool,
     /// Format on stdout.
     #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
     pub format: Format,

@@ -40,15 +40,6 @@ pub struct StateAtSettings {
     /// Empty (the default): the latest processed event, whole.
     #[serde(default)]
     pub columns: BTreeMap<String, String>,
-    /// Status values that mean the key was deleted: a compacted Kafka sink
-    /// sends a tombstone (null value) for a key whose latest event has one.
-    /// Default `["deleted"]`.
-    #[serde(default = "default_deleted_statuses")]
-    pub deleted_statuses: Vec<String>,
-}
-
-fn default_deleted_statuses() -> Vec<String> {
-    vec!["deleted".into()]
 }
 
 /// The query for `fold` (none: the latest event), with `$1` for T.
@@ -232,6 +223,16 @@ pub async fn state_at(args: StateAtArgs) -> Result<(), Error> {
     scan_args.to = None;
     let settings = job.state_at.clone().unwrap_or_default();
     let target = args.sink.clone().unwrap_or_else(|| "-".into());
+    let mut kafka = job.kafka.clone();
+    if args.compact {
+        if !target.starts_with("kafka://") {
+            return Err(Error::Usage(format!(
+                "--compact: the sink {} is not a kafka:// topic; a Parquet folder or stdout already holds one row per key",
+                crate::redact::url(&target)
+            )));
+        }
+        kafka.get_or_insert_with(Default::default).compact = true;
+    }
     if let Some(k) = &args.key
         && k.is_empty()
     {
@@ -279,11 +280,12 @@ pub async fn state_at(args: StateAtArgs) -> Result<(), Error> {
             } else {
                 "last_event_time".into()
             },
+            status: "status".into(),
             error: "error".into(),
             payload: "payload".into(),
         }),
         storage,
-        kafka: job.kafka.clone(),
+        kafka,
     };
     let mut out = sink::open(&target, ctx_sink)?;
     let delivered = deliver(out.as_mut(), df).await;

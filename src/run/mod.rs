@@ -333,6 +333,7 @@ fn row_columns(scan: &crate::job::Scan) -> RowColumns {
         key: c.key.clone(),
         seq: c.seq.clone(),
         event_time: c.event_time.clone(),
+        status: c.status.clone(),
         error: c.error.clone(),
         payload: c.payload.clone(),
     }

@@ -663,6 +663,7 @@ pub async fn redrive(args: RedriveArgs) -> Result<RunOutcome, Error> {
             key: c.key.clone(),
             seq: c.seq.clone(),
             event_time: c.event_time.clone(),
+            status: c.status.clone(),
             error: c.error.clone(),
             payload: c.payload.clone(),
         }),

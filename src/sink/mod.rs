@@ -120,6 +120,9 @@ pub struct RowColumns {
     pub key: String,
     pub seq: String,
     pub event_time: String,
+    /// The status column: a compacted Kafka sink sends a tombstone for a
+    /// key whose row has a deleted status.
+    pub status: String,
     pub error: String,
     pub payload: String,
 }

@@ -6,6 +6,7 @@ mod bad_input;
 mod barrier;
 mod cli;
 mod commit;
+mod compact;
 mod crash;
 mod e2e;
 mod impossible;
