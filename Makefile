@@ -32,7 +32,7 @@ demo: ## build, generate a sample archive, run the job over it, print the report
 	@echo "replays:  $(DEMO)/out/replay/   dead letters: $(DEMO)/out/dlq/   gaps: $(DEMO)/out/gaps/"
 	@echo "try:      $(BIN_DEBUG) sql --job jobs/demo.toml -f sql/examples/failures_by_error.sql"
 
-tools: ## install the test servers (tansu, s3s-fs) and Airflow into $(CACHE), once
+tools: ## install the test servers (tansu, s3s-fs, redis-server) and Airflow into $(CACHE), once
 	scripts/install-tools.sh all
 	scripts/install-tools.sh airflow
 

@@ -810,7 +810,7 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
     ]
     .into_iter()
     .flatten()
-    .filter(|l| l.as_str() != "-" && !l.starts_with("kafka://"))
+    .filter(|l| !crate::sink::outside_the_lake(l))
     .cloned()
     .collect();
     Ok(RunSettings {

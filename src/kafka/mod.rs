@@ -28,6 +28,7 @@ use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize, Serializer};
 
 pub use sink::KafkaSink;
+pub(crate) use sink::encode_messages;
 pub use source::{TopicRead, Undecodable, read_topic};
 
 use crate::sink::{Sink, SinkContext, SinkError};

@@ -1092,6 +1092,88 @@ fn json_rows(batch: &RecordBatch) -> Result<JsonRows, String> {
     Ok(JsonRows { buf, spans })
 }
 
+/// One batch as messages, outside Kafka: per row the key, the headers
+/// (`backfill.*`, the run id first) and the value, exactly as the Kafka sink
+/// would send them. The Redis sink writes these fields, so that a consumer
+/// reads the same names from either.
+pub(crate) struct Messages {
+    pub keys: Option<BinaryArray>,
+    /// Per row: `(header, value)` pairs, run id first.
+    pub headers: Vec<Vec<(&'static str, String)>>,
+    /// Per row: the value (the payload's bytes or the row as JSON); `None`
+    /// for a null payload.
+    pub values: Vec<Option<Vec<u8>>>,
+}
+
+/// Encode `batch` as the Kafka sink would (its `Layout`, headers and
+/// values); errors name the column at fault.
+pub(crate) fn encode_messages(
+    batch: &RecordBatch,
+    kind: SinkKind,
+    columns: &RowColumns,
+    settings: &KafkaSettings,
+    run_id: &str,
+) -> Result<Messages, String> {
+    let layout = Layout::resolve(&batch.schema(), kind, columns, settings)?;
+    let named = |i: usize, e: String| {
+        format!(
+            "column '{}' cannot be used: {e}",
+            batch.schema().field(i).name()
+        )
+    };
+    let keys = match layout.key {
+        Some(i) => Some(as_binary(batch.column(i)).map_err(|e| named(i, e))?),
+        None => None,
+    };
+    let payloads = match layout.payload {
+        Some(i) => Some(as_binary(batch.column(i)).map_err(|e| named(i, e))?),
+        None => None,
+    };
+    let json = match payloads {
+        None => Some(json_rows(batch).map_err(|e| format!("rows as JSON: {e}"))?),
+        Some(_) => None,
+    };
+    let run_ids = match layout.run_id {
+        Some(i) => {
+            Some(as_header_strings(batch.column(i), HeaderFormat::Text).map_err(|e| named(i, e))?)
+        }
+        None => None,
+    };
+    let mut cols = Vec::with_capacity(layout.headers.len());
+    for (name, i, format) in &layout.headers {
+        cols.push((
+            *name,
+            as_header_strings(batch.column(*i), *format).map_err(|e| named(*i, e))?,
+        ));
+    }
+    let n = batch.num_rows();
+    let mut headers = Vec::with_capacity(n);
+    let mut values = Vec::with_capacity(n);
+    for row in 0..n {
+        let rid = match &run_ids {
+            Some(a) if a.is_valid(row) => a.value(row),
+            _ => run_id,
+        };
+        let mut h = vec![(headers::RUN_ID, rid.to_string())];
+        for (name, v) in &cols {
+            if v.is_valid(row) {
+                h.push((*name, v.value(row).to_string()));
+            }
+        }
+        headers.push(h);
+        values.push(match (&payloads, &json) {
+            (Some(p), _) => p.is_valid(row).then(|| p.value(row).to_vec()),
+            (None, Some(j)) => Some(j.row(row).to_vec()),
+            (None, None) => None,
+        });
+    }
+    Ok(Messages {
+        keys,
+        headers,
+        values,
+    })
+}
+
 #[async_trait]
 impl Sink for KafkaSink {
     async fn check(&mut self) -> Result<(), SinkError> {

@@ -192,7 +192,7 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
             (None, None) => continue,
         };
         stdout_taken |= target == "-" && !settings.dry_run;
-        if target != "-" && !target.starts_with("kafka://") {
+        if !crate::sink::outside_the_lake(&target) {
             let base = location::resolve(&target, &scan.storage)?;
             let here = base.display_path(&base.prefix);
             // Two outputs in one folder would write the same part names

@@ -173,7 +173,7 @@ fn settings(args: &SqlArgs) -> Result<ShellSettings, Error> {
     ]
     .into_iter()
     .flatten()
-    .filter(|l| l.as_str() != "-" && !l.starts_with("kafka://"))
+    .filter(|l| !crate::sink::outside_the_lake(l))
     .collect();
     let fold = job.state_at.map(|s| s.columns).unwrap_or_default();
     Ok((scan, state_loc, fold))

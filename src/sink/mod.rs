@@ -11,6 +11,7 @@
 //! `backfill state gc` from the log entry alone ([`staged`]).
 
 pub mod parquet;
+pub mod redis;
 pub mod staged;
 pub mod stdout;
 
@@ -183,8 +184,18 @@ pub fn open(target: &str, ctx: SinkContext) -> Result<Box<dyn Sink>, SinkError> 
     if target.starts_with("kafka://") {
         return crate::kafka::open(target, ctx);
     }
+    if redis::is_redis(target) {
+        return Ok(Box::new(redis::RedisSink::new(target, ctx)?));
+    }
     let loc = crate::location::resolve(target, &ctx.storage)?;
     Ok(Box::new(parquet::ParquetSink::new(loc, ctx)))
+}
+
+/// A target that is not a folder of the lake: stdout, a Kafka topic, a
+/// Redis server. Nothing of it is listed, staged or excluded from the
+/// archive.
+pub fn outside_the_lake(target: &str) -> bool {
+    target == "-" || target.starts_with("kafka://") || redis::is_redis(target)
 }
 
 /// Where a Parquet sink writes by default: `<out>/<kind>`.

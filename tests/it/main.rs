@@ -14,6 +14,7 @@ mod kafka;
 mod kafka_e2e;
 mod logs;
 mod memory;
+mod redis;
 mod redrive;
 mod reference;
 mod rerun;
