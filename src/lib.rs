@@ -13,6 +13,7 @@ pub mod error;
 pub mod failpoint;
 pub mod generate;
 pub mod human;
+pub mod infer;
 pub mod job;
 pub mod kafka;
 pub mod location;

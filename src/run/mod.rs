@@ -561,7 +561,7 @@ async fn execute(
             match s.kind {
                 SinkKind::Replay => s.sink.write(&d.replay).await?,
                 SinkKind::Dlq => s.sink.write(&d.dlq).await?,
-                SinkKind::Gaps | SinkKind::State => {}
+                SinkKind::Gaps | SinkKind::State | SinkKind::Inferred => {}
             }
         }
         if let Some(l) = ledger.as_mut() {

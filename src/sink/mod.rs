@@ -33,6 +33,8 @@ pub enum SinkKind {
     Gaps,
     /// Per-key state (`backfill state-at`): one row per key.
     State,
+    /// Compensating events `backfill infer` inferred from snapshots.
+    Inferred,
 }
 
 impl SinkKind {
@@ -42,6 +44,7 @@ impl SinkKind {
             SinkKind::Dlq => "dlq",
             SinkKind::Gaps => "gaps",
             SinkKind::State => "state",
+            SinkKind::Inferred => "inferred",
         }
     }
 }

@@ -10,6 +10,7 @@ mod compact;
 mod crash;
 mod e2e;
 mod impossible;
+mod infer;
 mod kafka;
 mod kafka_e2e;
 mod logs;
