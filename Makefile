@@ -37,7 +37,7 @@ demo: ## build, generate a sample archive, run the job over it, print the report
 	$(BIN_DEBUG) silences --source $(DEMO)/seasonal --by source --threshold 45m
 	$(BIN_DEBUG) anomalies --source $(DEMO)/seasonal --by source
 
-tools: ## install the test servers (tansu, s3s-fs) and Airflow into $(CACHE), once
+tools: ## install the test servers (tansu, s3s-fs, redis-server) and Airflow into $(CACHE), once
 	scripts/install-tools.sh all
 	scripts/install-tools.sh airflow
 

@@ -78,6 +78,9 @@ for EVENTS in $SIZES; do
     measure "duckdb-$EVENTS-$i" python3 bench/duckdb_backfill.py "$ARCHIVE" "$WORK/out-duckdb"
     measure "duckdbdetect-$EVENTS-$i" python3 bench/duckdb_backfill.py --detect-only "$ARCHIVE"
     measure "scan-$EVENTS-$i" "$BIN" sql --source "$ARCHIVE" "$NARROW"
+    # State as of the middle of the 7 days, every key, then one key (pruned).
+    measure "stateat-$EVENTS-$i" "$BIN" state-at --source "$ARCHIVE" --at 2024-01-04T12:00:00Z --format csv --progress off
+    measure "stateatkey-$EVENTS-$i" "$BIN" state-at --source "$ARCHIVE" --at 2024-01-04T12:00:00Z --key key-00042 --format csv --progress off
     a=$(checksum "$WORK/out-backfill"); b=$(checksum "$WORK/out-limited")
     if [ "$a" != "$b" ]; then
       echo "outputs differ between the unlimited and the $LIMIT run: $a / $b" >&2

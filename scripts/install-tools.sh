@@ -37,6 +37,30 @@ install_tansu() {
   fi
 }
 
+# redis-server for the Redis sink's tests: the Debian package, installed
+# with apt when neither PATH nor the cache has it (one `apt-get update`
+# first, sudo when not root), then linked into the cache's bin, where the
+# test fixture looks first. Elsewhere the message says what to install.
+install_redis() {
+  if [ -x "$BIN/redis-server" ]; then
+    echo "redis-server: cached at $BIN/redis-server"
+    return
+  fi
+  if ! command -v redis-server >/dev/null 2>&1; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+      echo "the Redis tests need redis-server: install it (Debian, Ubuntu: redis-server; Fedora: redis; macOS: brew install redis)" >&2
+      exit 1
+    fi
+    local sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+    echo "installing redis-server with apt-get"
+    "${sudo[@]}" apt-get update
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server
+  fi
+  ln -sf "$(command -v redis-server)" "$BIN/redis-server"
+  echo "redis-server: $("$BIN/redis-server" --version | head -c 60)"
+}
+
 # librdkafka is built with rdkafka's `ssl` feature against the system's
 # OpenSSL, which openssl-sys finds with pkg-config: its headers and
 # pkg-config must be installed. With apt, the missing ones are installed
@@ -75,6 +99,7 @@ case "${1:-all}" in
   # Apache Airflow 3 in a venv, for the DAG's test: scripts/install-airflow.sh.
   airflow) "$(dirname "$0")/install-airflow.sh" >/dev/null ;;
   system) install_system ;;
-  all) install_system; install_s3s_fs; install_tansu ;;
-  *) echo "usage: $0 [all|system|s3s-fs|tansu|airflow]" >&2; exit 2 ;;
+  redis) install_redis ;;
+  all) install_system; install_s3s_fs; install_tansu; install_redis ;;
+  *) echo "usage: $0 [all|system|s3s-fs|tansu|redis|airflow]" >&2; exit 2 ;;
 esac

@@ -120,6 +120,10 @@ pub enum Command {
     Redrive(RedriveArgs),
     /// The history of committed runs: `runs list`, `runs show ID`.
     Runs(RunsArgs),
+    /// Per key, the state the processed events imply at a time T.
+    StateAt(StateAtArgs),
+    /// Lost transactions inferred from two snapshots of per-key totals.
+    Infer(InferArgs),
     /// Inspect or clean the state (ledger and manifests).
     State(StateArgs),
     /// Work with run reports: merge the reports of shard runs into one.
@@ -649,6 +653,89 @@ pub struct RunsShowArgs {
     pub loc: StateLocArgs,
     /// table: the summary the run printed and its ledger counts; csv/tsv:
     /// `field,value` rows; json/ndjson: one object.
+    #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InferArgs {
+    /// --from T1 and --to T2 are the snapshots' times.
+    #[command(flatten)]
+    pub scan: ScanArgs,
+    /// The snapshot of per-key totals at T1: a Parquet or .csv file with
+    /// `key` and `total`.
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_BEFORE",
+        hide_env_values = true
+    )]
+    pub before: String,
+    /// The snapshot at T2.
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_AFTER",
+        hide_env_values = true
+    )]
+    pub after: String,
+    /// What an event adds to its key's total: a SQL expression over
+    /// `events` (default: the column `amount`).
+    #[arg(
+        long,
+        value_name = "EXPR",
+        default_value = "amount",
+        env = "BACKFILL_AMOUNT"
+    )]
+    pub amount: String,
+    /// Output root: the inferred events go to OUT/inferred/.
+    #[arg(long, value_name = "DIR", env = "BACKFILL_OUT", hide_env_values = true)]
+    pub out: Option<String>,
+    /// Also send the inferred events to this sink (a folder, kafka://,
+    /// redis://, -). Never done unless asked.
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_EMIT_INFERRED",
+        hide_env_values = true
+    )]
+    pub emit_inferred: Option<String>,
+    /// Format of the per-key report on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StateAtArgs {
+    #[command(flatten)]
+    pub scan: ScanArgs,
+    /// T, RFC 3339 (or a date): the state implied by the processed events
+    /// at or before it.
+    #[arg(
+        long,
+        value_name = "TIME",
+        allow_hyphen_values = true,
+        env = "BACKFILL_AT"
+    )]
+    pub at: String,
+    /// One key's state only (pruned by Parquet statistics).
+    #[arg(long, value_name = "KEY", env = "BACKFILL_KEY")]
+    pub key: Option<String>,
+    /// Where the state goes: - for stdout (default), a Parquet folder, or
+    /// kafka://HOST:PORT/TOPIC.
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_SINK",
+        hide_env_values = true
+    )]
+    pub sink: Option<String>,
+    /// A kafka:// --sink is compacted: one message per key, tombstones for
+    /// deleted keys, a topic with cleanup.policy=compact (as `[kafka]
+    /// compact = true`).
+    #[arg(long, env = "BACKFILL_COMPACT", value_parser = BoolishValueParser::new())]
+    pub compact: bool,
+    /// Format on stdout.
     #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
     pub format: Format,
 }

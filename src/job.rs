@@ -105,6 +105,9 @@ pub struct JobFile {
     pub kafka: Option<KafkaSettings>,
     /// `[detect.silence]`, `[detect.volume]`: detections run only when set.
     pub detect: Option<detect::DetectFile>,
+    /// `backfill state-at`: the state as aggregates, and the statuses that
+    /// mean a key was deleted.
+    pub state_at: Option<crate::state_at::StateAtSettings>,
 }
 
 /// A string or a list of strings.
@@ -889,7 +892,7 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
     ]
     .into_iter()
     .flatten()
-    .filter(|l| l.as_str() != "-" && !l.starts_with("kafka://"))
+    .filter(|l| !crate::sink::outside_the_lake(l))
     .cloned()
     .collect();
     Ok(RunSettings {

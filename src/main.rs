@@ -198,6 +198,8 @@ fn start_logs(cli: &Cli) -> Result<event_backfill::log::Settings, String> {
         Command::Sql(a) => ("warn", a.scan.progress),
         Command::Explain(a) => ("warn", a.scan.progress),
         Command::Runs(_) => ("warn", Progress::Off),
+        Command::StateAt(a) => ("warn", a.scan.progress),
+        Command::Infer(a) => ("warn", a.scan.progress),
         Command::Redrive(a) => ("info", a.progress),
         _ => ("info", Progress::Off),
     };
@@ -406,6 +408,8 @@ async fn dispatch(cmd: Command) -> Result<u8, Error> {
         Command::Generate(a) => commands::generate(a).await.map(|_| EXIT_OK),
         Command::State(a) => commands::state(a.command).await.map(|_| EXIT_OK),
         Command::Runs(a) => event_backfill::runs::runs(a.command).await.map(|_| EXIT_OK),
+        Command::StateAt(a) => event_backfill::state_at::state_at(a).await.map(|_| EXIT_OK),
+        Command::Infer(a) => event_backfill::infer::infer(a).await.map(|_| EXIT_OK),
         Command::Redrive(args) => {
             let outcome = run::redrive::redrive(args).await?;
             let r = &outcome.report;

@@ -28,6 +28,7 @@ use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize, Serializer};
 
 pub use sink::KafkaSink;
+pub(crate) use sink::encode_messages;
 pub use source::{TopicRead, Undecodable, read_topic};
 
 use crate::sink::{Sink, SinkContext, SinkError};
@@ -124,6 +125,23 @@ pub struct KafkaSettings {
     /// hang when a broker is gone.
     #[serde(default = "default_message_timeout_ms")]
     pub message_timeout_ms: u64,
+    /// Compacted output: every Kafka sink of the job sends one message per
+    /// key, its latest row (the last the command hands the sink for that
+    /// key: `run` and `redrive` hand rows ordered by key and seq, `state-at`
+    /// one row per key), to a topic with `cleanup.policy=compact`. The
+    /// health check refuses an existing topic that is not compacted, and
+    /// creates a missing one compacted when `allow_auto_create_topics` is
+    /// set. Rows are held in memory until the sink finishes.
+    #[serde(default)]
+    pub compact: bool,
+    /// With `compact`: a key whose latest row has one of these statuses is
+    /// sent as a tombstone (a null value), so that compaction deletes it.
+    #[serde(default = "default_tombstone_statuses")]
+    pub tombstone_statuses: Vec<String>,
+}
+
+fn default_tombstone_statuses() -> Vec<String> {
+    vec!["deleted".into()]
 }
 
 fn default_original_topic_column() -> String {
@@ -159,6 +177,8 @@ impl Default for KafkaSettings {
             original_timestamp_column: default_original_timestamp_column(),
             queue_full_backoff_ms: default_queue_full_backoff_ms(),
             message_timeout_ms: default_message_timeout_ms(),
+            compact: false,
+            tombstone_statuses: default_tombstone_statuses(),
         }
     }
 }
@@ -176,6 +196,8 @@ impl fmt::Debug for KafkaSettings {
             .field("original_partition_column", &self.original_partition_column)
             .field("original_offset_column", &self.original_offset_column)
             .field("original_timestamp_column", &self.original_timestamp_column)
+            .field("compact", &self.compact)
+            .field("tombstone_statuses", &self.tombstone_statuses)
             .field("queue_full_backoff_ms", &self.queue_full_backoff_ms)
             .field("message_timeout_ms", &self.message_timeout_ms)
             .finish()

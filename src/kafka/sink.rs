@@ -268,6 +268,8 @@ struct Prepared {
     times: Option<arrow::array::TimestampMillisecondArray>,
     run_ids: Option<StringArray>,
     header_cols: Vec<(&'static str, StringArray)>,
+    /// Compacted output: rows sent with a null value (a tombstone).
+    tombstones: Option<Vec<bool>>,
 }
 
 /// Batches handed over but not yet enqueued, at most: enough to keep the
@@ -343,7 +345,9 @@ fn enqueue_batches(
             {
                 record = record.key(k.value(row));
             }
+            let tombstone = b.tombstones.as_ref().is_some_and(|t| t[row]);
             match (&b.payloads, &b.json) {
+                _ if tombstone => {}
                 (Some(p), _) => {
                     if p.is_valid(row) {
                         record = record.payload(p.value(row));
@@ -423,6 +427,32 @@ pub struct KafkaSink {
     /// Per partition, the end offset before this attempt sent anything
     /// (read in `check` for a transactional sink).
     start_offsets: BTreeMap<i32, i64>,
+    /// `compact = true`: the rows held until `finish`, and per key where
+    /// its latest row is.
+    compacting: Option<Compacting>,
+    /// What the health check found: the topic exists.
+    topic_exists: bool,
+}
+
+/// What a compacted sink holds until `finish`: every batch written, and per
+/// message key the (batch, row) of the last row seen for it, in the order
+/// keys first appeared.
+#[derive(Debug, Default)]
+struct Compacting {
+    batches: Vec<RecordBatch>,
+    latest: std::collections::HashMap<Vec<u8>, usize>,
+    order: Vec<(usize, usize)>,
+}
+
+impl Compacting {
+    /// One batch holding each key's last row, in first-seen key order.
+    fn reduce(&self) -> Result<Option<RecordBatch>, arrow::error::ArrowError> {
+        if self.order.is_empty() {
+            return Ok(None);
+        }
+        let refs: Vec<&RecordBatch> = self.batches.iter().collect();
+        arrow::compute::interleave_record_batch(&refs, &self.order).map(Some)
+    }
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -492,6 +522,7 @@ impl KafkaSink {
                     client_error_message(&e, &cfg)
                 ))
             })?;
+        let compacting = settings.compact.then(Compacting::default);
         Ok(KafkaSink {
             url,
             ctx,
@@ -507,7 +538,291 @@ impl KafkaSink {
             handed: 0,
             settle_timeout,
             receipt: None,
+            compacting,
+            topic_exists: false,
         })
+    }
+
+    /// Encode one batch and hand it to the enqueuing thread.
+    async fn send(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
+        if let Some(e) = self.feed_error().or_else(|| self.delivery_error()) {
+            return Err(e);
+        }
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let layout = Layout::resolve(
+            &batch.schema(),
+            self.ctx.kind,
+            &self.ctx.columns,
+            &self.settings,
+        )
+        .map_err(|m| self.config(m))?;
+        let column_err = |i: usize, what: &str, e: String| {
+            self.config(format!(
+                "column '{}' cannot be used as {what}: {e}",
+                batch.schema().field(i).name()
+            ))
+        };
+        let keys = match layout.key {
+            Some(i) => {
+                Some(as_binary(batch.column(i)).map_err(|e| column_err(i, "the message key", e))?)
+            }
+            None => None,
+        };
+        let payloads = match layout.payload {
+            Some(i) => Some(
+                as_binary(batch.column(i)).map_err(|e| column_err(i, "the message value", e))?,
+            ),
+            None => None,
+        };
+        let json = if payloads.is_none() {
+            Some(json_rows(batch).map_err(|e| self.io("encode", format!("rows as JSON: {e}")))?)
+        } else {
+            None
+        };
+        let times = match layout.event_time {
+            Some(i) => {
+                let utc: Option<Arc<str>> = Some("UTC".into());
+                let t = cast_with_options(
+                    batch.column(i),
+                    &DataType::Timestamp(TimeUnit::Millisecond, utc),
+                    &strict(),
+                )
+                .map_err(|e| column_err(i, "the message timestamp", e.to_string()))?;
+                Some(t.as_primitive::<TimestampMillisecondType>().clone())
+            }
+            None => None,
+        };
+        let run_ids = match layout.run_id {
+            Some(i) => Some(
+                as_header_strings(batch.column(i), HeaderFormat::Text)
+                    .map_err(|e| column_err(i, "a header", e))?,
+            ),
+            None => None,
+        };
+        let mut header_cols = Vec::with_capacity(layout.headers.len());
+        for (name, i, format) in &layout.headers {
+            let values = as_header_strings(batch.column(*i), *format)
+                .map_err(|e| column_err(*i, "a header", e))?;
+            header_cols.push((*name, values));
+        }
+
+        if self.transactional && !self.in_transaction {
+            self.init_transactions().await?;
+            self.producer.begin_transaction().map_err(|e| {
+                self.io(
+                    "begin transaction",
+                    format!("topic '{}' on {}: {e}", self.url.topic, self.url.bootstrap),
+                )
+            })?;
+            self.in_transaction = true;
+        }
+
+        let tombstones = self.tombstones(batch);
+        let rows = batch.num_rows() as u64;
+        let prepared = Prepared {
+            rows: batch.num_rows(),
+            keys,
+            payloads,
+            json,
+            times,
+            run_ids,
+            header_cols,
+            tombstones,
+        };
+        let sent = match self.feeder_tx() {
+            Some(tx) => tx.send(prepared).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            // The enqueuing thread stopped: a produce error says why.
+            return Err(self.feed_error().unwrap_or_else(|| {
+                self.io(
+                    "produce",
+                    format!("topic '{}': the enqueuing thread stopped", self.url.topic),
+                )
+            }));
+        }
+        self.handed += rows;
+        match self.feed_error().or_else(|| self.delivery_error()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// `compact = true`: keep the batch, and note each row as its key's
+    /// latest. A row without a key cannot be compacted (Kafka refuses it on
+    /// a compacted topic): a configuration error naming the column.
+    fn hold(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let layout = Layout::resolve(
+            &batch.schema(),
+            self.ctx.kind,
+            &self.ctx.columns,
+            &self.settings,
+        )
+        .map_err(|m| self.config(m))?;
+        let Some(k) = layout.key else {
+            return Err(self.config(format!(
+                "compact = true needs a key column '{}' in the rows",
+                self.ctx.columns.key
+            )));
+        };
+        let keys = as_binary(batch.column(k)).map_err(|e| {
+            self.config(format!(
+                "column '{}' cannot be used as the message key: {e}",
+                batch.schema().field(k).name()
+            ))
+        })?;
+        if keys.null_count() > 0 {
+            return Err(self.config(format!(
+                "compact = true: a row has no key (column '{}' is null); a compacted topic takes keyed messages only",
+                batch.schema().field(k).name()
+            )));
+        }
+        let Some(c) = self.compacting.as_mut() else {
+            return Ok(());
+        };
+        let b = c.batches.len();
+        c.batches.push(batch.clone());
+        for row in 0..keys.len() {
+            match c.latest.get(keys.value(row)) {
+                Some(&slot) => c.order[slot] = (b, row),
+                None => {
+                    c.latest.insert(keys.value(row).to_vec(), c.order.len());
+                    c.order.push((b, row));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Per row, whether it is a tombstone: `compact = true` and its status
+    /// is one of `tombstone_statuses`. `None` when nothing is.
+    fn tombstones(&self, batch: &RecordBatch) -> Option<Vec<bool>> {
+        if !self.settings.compact || self.settings.tombstone_statuses.is_empty() {
+            return None;
+        }
+        let col = batch.column_by_name(&self.ctx.columns.status)?;
+        let text = arrow::compute::cast(col, &DataType::Utf8).ok()?;
+        let text = text.as_string::<i32>();
+        let marks: Vec<bool> = (0..text.len())
+            .map(|i| {
+                text.is_valid(i)
+                    && self
+                        .settings
+                        .tombstone_statuses
+                        .iter()
+                        .any(|s| s == text.value(i))
+            })
+            .collect();
+        marks.iter().any(|m| *m).then_some(marks)
+    }
+
+    /// An admin client with the sink's own settings (security properties
+    /// included).
+    fn admin(
+        &self,
+    ) -> Result<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>, SinkError> {
+        let cfg = client_config(&self.url, &self.settings, Role::Producer)
+            .map_err(|e| self.config(e.to_string()))?;
+        cfg.create().map_err(|e| {
+            self.config(format!(
+                "invalid Kafka configuration: {}",
+                client_error_message(&e, &cfg)
+            ))
+        })
+    }
+
+    /// `compact = true` on an existing topic: its `cleanup.policy` must
+    /// include `compact`, or the broker would delete old states by age and
+    /// keep every message: refused, naming the policy and the fix.
+    async fn require_compacted_topic(&self) -> Result<(), SinkError> {
+        use rdkafka::admin::{AdminOptions, ResourceSpecifier};
+        let admin = self.admin()?;
+        let opts = AdminOptions::new().request_timeout(Some(CHECK_TIMEOUT));
+        let described = admin
+            .describe_configs([&ResourceSpecifier::Topic(&self.url.topic)], &opts)
+            .await
+            .map_err(|e| {
+                self.io(
+                    "health check",
+                    format!("describing topic '{}': {e}", self.url.topic),
+                )
+            })?;
+        let resource = described
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                self.io(
+                    "health check",
+                    format!("the broker did not describe topic '{}'", self.url.topic),
+                )
+            })?
+            .map_err(|code| {
+                self.io(
+                    "health check",
+                    format!("describing topic '{}': {code}", self.url.topic),
+                )
+            })?;
+        let policy = resource
+            .entries
+            .iter()
+            .find(|e| e.name == "cleanup.policy")
+            .and_then(|e| e.value.clone())
+            .unwrap_or_else(|| "delete".into());
+        if policy.split(',').any(|p| p.trim() == "compact") {
+            return Ok(());
+        }
+        Err(self.config(format!(
+            "compact = true but topic '{}' has cleanup.policy={policy}; a compacted sink needs \
+             cleanup.policy=compact (kafka-configs --alter --entity-type topics --entity-name {} \
+             --add-config cleanup.policy=compact), or write to another topic",
+            self.url.topic, self.url.topic
+        )))
+    }
+
+    /// `compact = true` and the topic is missing (which the health check
+    /// allows only with `allow_auto_create_topics`): create it compacted,
+    /// with the broker's default partitions and replication. Left to the
+    /// broker's auto-creation it would get the default `delete` policy.
+    async fn create_compacted_topic(&self) -> Result<(), SinkError> {
+        use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+        let admin = self.admin()?;
+        let opts = AdminOptions::new().request_timeout(Some(CHECK_TIMEOUT));
+        let topic = NewTopic::new(&self.url.topic, -1, TopicReplication::Fixed(-1))
+            .set("cleanup.policy", "compact");
+        let results = admin.create_topics([&topic], &opts).await.map_err(|e| {
+            self.io(
+                "create topic",
+                format!("topic '{}' (cleanup.policy=compact): {e}", self.url.topic),
+            )
+        })?;
+        for r in results {
+            match r {
+                Ok(_) => {}
+                // Created meanwhile by someone else: check it as any
+                // existing topic.
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    return self.require_compacted_topic().await;
+                }
+                Err((name, code)) => {
+                    return Err(self.io(
+                        "create topic",
+                        format!("topic '{name}' (cleanup.policy=compact): {code}"),
+                    ));
+                }
+            }
+        }
+        tracing::info!(
+            topic = self.url.topic.as_str(),
+            "created topic '{}' with cleanup.policy=compact",
+            self.url.topic
+        );
+        Ok(())
     }
 
     /// Every error of a created sink goes through here or [`Self::config`]:
@@ -778,10 +1093,95 @@ fn json_rows(batch: &RecordBatch) -> Result<JsonRows, String> {
     Ok(JsonRows { buf, spans })
 }
 
+/// One batch as messages, outside Kafka: per row the key, the headers
+/// (`backfill.*`, the run id first) and the value, exactly as the Kafka sink
+/// would send them. The Redis sink writes these fields, so that a consumer
+/// reads the same names from either.
+pub(crate) struct Messages {
+    pub keys: Option<BinaryArray>,
+    /// Per row: `(header, value)` pairs, run id first.
+    pub headers: Vec<Vec<(&'static str, String)>>,
+    /// Per row: the value (the payload's bytes or the row as JSON); `None`
+    /// for a null payload.
+    pub values: Vec<Option<Vec<u8>>>,
+}
+
+/// Encode `batch` as the Kafka sink would (its `Layout`, headers and
+/// values); errors name the column at fault.
+pub(crate) fn encode_messages(
+    batch: &RecordBatch,
+    kind: SinkKind,
+    columns: &RowColumns,
+    settings: &KafkaSettings,
+    run_id: &str,
+) -> Result<Messages, String> {
+    let layout = Layout::resolve(&batch.schema(), kind, columns, settings)?;
+    let named = |i: usize, e: String| {
+        format!(
+            "column '{}' cannot be used: {e}",
+            batch.schema().field(i).name()
+        )
+    };
+    let keys = match layout.key {
+        Some(i) => Some(as_binary(batch.column(i)).map_err(|e| named(i, e))?),
+        None => None,
+    };
+    let payloads = match layout.payload {
+        Some(i) => Some(as_binary(batch.column(i)).map_err(|e| named(i, e))?),
+        None => None,
+    };
+    let json = match payloads {
+        None => Some(json_rows(batch).map_err(|e| format!("rows as JSON: {e}"))?),
+        Some(_) => None,
+    };
+    let run_ids = match layout.run_id {
+        Some(i) => {
+            Some(as_header_strings(batch.column(i), HeaderFormat::Text).map_err(|e| named(i, e))?)
+        }
+        None => None,
+    };
+    let mut cols = Vec::with_capacity(layout.headers.len());
+    for (name, i, format) in &layout.headers {
+        cols.push((
+            *name,
+            as_header_strings(batch.column(*i), *format).map_err(|e| named(*i, e))?,
+        ));
+    }
+    let n = batch.num_rows();
+    let mut headers = Vec::with_capacity(n);
+    let mut values = Vec::with_capacity(n);
+    for row in 0..n {
+        let rid = match &run_ids {
+            Some(a) if a.is_valid(row) => a.value(row),
+            _ => run_id,
+        };
+        let mut h = vec![(headers::RUN_ID, rid.to_string())];
+        for (name, v) in &cols {
+            if v.is_valid(row) {
+                h.push((*name, v.value(row).to_string()));
+            }
+        }
+        headers.push(h);
+        values.push(match (&payloads, &json) {
+            (Some(p), _) => p.is_valid(row).then(|| p.value(row).to_vec()),
+            (None, Some(j)) => Some(j.row(row).to_vec()),
+            (None, None) => None,
+        });
+    }
+    Ok(Messages {
+        keys,
+        headers,
+        values,
+    })
+}
+
 #[async_trait]
 impl Sink for KafkaSink {
     async fn check(&mut self) -> Result<(), SinkError> {
         self.preflight().await?;
+        if self.settings.compact && !self.topic_exists {
+            self.create_compacted_topic().await?;
+        }
         self.init_transactions().await
     }
 
@@ -834,6 +1234,10 @@ impl Sink for KafkaSink {
         })?;
         let (exists, offsets) = found;
         self.start_offsets = offsets;
+        self.topic_exists = exists;
+        if exists && self.settings.compact {
+            self.require_compacted_topic().await?;
+        }
         if !exists && !self.settings.allow_auto_create_topics {
             return Err(self.config(format!(
                 "topic '{}' does not exist on {} (create it, or set allow_auto_create_topics = true \
@@ -845,113 +1249,24 @@ impl Sink for KafkaSink {
     }
 
     async fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
-        if let Some(e) = self.feed_error().or_else(|| self.delivery_error()) {
-            return Err(e);
+        if self.compacting.is_some() {
+            return self.hold(batch);
         }
-        if batch.num_rows() == 0 {
-            return Ok(());
-        }
-        let layout = Layout::resolve(
-            &batch.schema(),
-            self.ctx.kind,
-            &self.ctx.columns,
-            &self.settings,
-        )
-        .map_err(|m| self.config(m))?;
-        let column_err = |i: usize, what: &str, e: String| {
-            self.config(format!(
-                "column '{}' cannot be used as {what}: {e}",
-                batch.schema().field(i).name()
-            ))
-        };
-        let keys = match layout.key {
-            Some(i) => {
-                Some(as_binary(batch.column(i)).map_err(|e| column_err(i, "the message key", e))?)
-            }
-            None => None,
-        };
-        let payloads = match layout.payload {
-            Some(i) => Some(
-                as_binary(batch.column(i)).map_err(|e| column_err(i, "the message value", e))?,
-            ),
-            None => None,
-        };
-        let json = if payloads.is_none() {
-            Some(json_rows(batch).map_err(|e| self.io("encode", format!("rows as JSON: {e}")))?)
-        } else {
-            None
-        };
-        let times = match layout.event_time {
-            Some(i) => {
-                let utc: Option<Arc<str>> = Some("UTC".into());
-                let t = cast_with_options(
-                    batch.column(i),
-                    &DataType::Timestamp(TimeUnit::Millisecond, utc),
-                    &strict(),
-                )
-                .map_err(|e| column_err(i, "the message timestamp", e.to_string()))?;
-                Some(t.as_primitive::<TimestampMillisecondType>().clone())
-            }
-            None => None,
-        };
-        let run_ids = match layout.run_id {
-            Some(i) => Some(
-                as_header_strings(batch.column(i), HeaderFormat::Text)
-                    .map_err(|e| column_err(i, "a header", e))?,
-            ),
-            None => None,
-        };
-        let mut header_cols = Vec::with_capacity(layout.headers.len());
-        for (name, i, format) in &layout.headers {
-            let values = as_header_strings(batch.column(*i), *format)
-                .map_err(|e| column_err(*i, "a header", e))?;
-            header_cols.push((*name, values));
-        }
-
-        if self.transactional && !self.in_transaction {
-            self.init_transactions().await?;
-            self.producer.begin_transaction().map_err(|e| {
-                self.io(
-                    "begin transaction",
-                    format!("topic '{}' on {}: {e}", self.url.topic, self.url.bootstrap),
-                )
-            })?;
-            self.in_transaction = true;
-        }
-
-        let rows = batch.num_rows() as u64;
-        let prepared = Prepared {
-            rows: batch.num_rows(),
-            keys,
-            payloads,
-            json,
-            times,
-            run_ids,
-            header_cols,
-        };
-        let sent = match self.feeder_tx() {
-            Some(tx) => tx.send(prepared).await.is_ok(),
-            None => false,
-        };
-        if !sent {
-            // The enqueuing thread stopped: a produce error says why.
-            return Err(self.feed_error().unwrap_or_else(|| {
-                self.io(
-                    "produce",
-                    format!("topic '{}': the enqueuing thread stopped", self.url.topic),
-                )
-            }));
-        }
-        self.handed += rows;
-        match self.feed_error().or_else(|| self.delivery_error()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.send(batch).await
     }
 
     async fn finish(&mut self) -> Result<SinkReceipt, SinkError> {
         if let Some(r) = &self.receipt {
             return Ok(r.clone());
+        }
+        // A compacted sink sends now: one row per key, its latest.
+        if let Some(c) = self.compacting.take() {
+            let reduced = c
+                .reduce()
+                .map_err(|e| self.io("compact", format!("latest row per key: {e}")))?;
+            if let Some(batch) = reduced {
+                self.send(&batch).await?;
+            }
         }
         // Everything handed over is enqueued first.
         self.stop_feeder(false).await;

@@ -66,7 +66,7 @@ pub(super) fn location_meaning(s: &str, storage: &crate::location::StorageSettin
     if let Some(shown) = crate::redact::hide_query(s) {
         return shown;
     }
-    if s == "-" || s.starts_with("kafka://") {
+    if crate::sink::outside_the_lake(s) {
         return crate::redact::url(s);
     }
     match crate::location::resolve(s, storage) {

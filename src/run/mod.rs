@@ -232,7 +232,7 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
             (None, None) => continue,
         };
         stdout_taken |= target == "-" && !settings.dry_run;
-        if target != "-" && !target.starts_with("kafka://") {
+        if !crate::sink::outside_the_lake(&target) {
             let base = location::resolve(&target, &scan.storage)?;
             let here = base.display_path(&base.prefix);
             // Two outputs in one folder would write the same part names
@@ -382,6 +382,7 @@ fn row_columns(scan: &crate::job::Scan) -> RowColumns {
         key: c.key.clone(),
         seq: c.seq.clone(),
         event_time: c.event_time.clone(),
+        status: c.status.clone(),
         error: c.error.clone(),
         payload: c.payload.clone(),
     }
@@ -688,7 +689,11 @@ async fn execute(
             match s.kind {
                 SinkKind::Replay => s.sink.write(&d.replay).await?,
                 SinkKind::Dlq => s.sink.write(&d.dlq).await?,
-                SinkKind::Gaps | SinkKind::Silences | SinkKind::Anomalies => {}
+                SinkKind::Gaps
+                | SinkKind::Silences
+                | SinkKind::Anomalies
+                | SinkKind::State
+                | SinkKind::Inferred => {}
             }
         }
         if let Some(l) = ledger.as_mut() {

@@ -108,7 +108,7 @@ fn settings(args: &RedriveArgs) -> Result<Settings, Error> {
         }
     };
     let dlq = or_default(args.dlq.clone().or(sinks.dlq), SinkKind::Dlq, "--dlq")?;
-    if dlq == "-" || dlq.starts_with("kafka://") {
+    if crate::sink::outside_the_lake(&dlq) {
         return Err(Error::Usage(format!(
             "--dlq {}: redrive reads the Parquet folder committed runs wrote their dead letters to; a DLQ on stdout or a Kafka topic is not kept by backfill",
             crate::redact::url(&dlq)
@@ -635,7 +635,7 @@ pub async fn redrive(args: RedriveArgs) -> Result<RunOutcome, Error> {
     // reads or the state.
     let mut stdout_taken = false;
     let mut targets = vec![];
-    if s.to != "-" && !s.to.starts_with("kafka://") {
+    if !crate::sink::outside_the_lake(&s.to) {
         let base = location::resolve(&s.to, &s.storage)?;
         let key = folder_key(&base);
         for (what, other) in [("the DLQ", &dlq), ("the state", &state.loc)] {
@@ -663,6 +663,7 @@ pub async fn redrive(args: RedriveArgs) -> Result<RunOutcome, Error> {
             key: c.key.clone(),
             seq: c.seq.clone(),
             event_time: c.event_time.clone(),
+            status: c.status.clone(),
             error: c.error.clone(),
             payload: c.payload.clone(),
         }),

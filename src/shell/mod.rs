@@ -144,9 +144,18 @@ fn io_reason(e: &std::io::Error) -> String {
     }
 }
 
-/// The scan settings, and the state location the job's runs use (`None`
-/// without one): `--state`, the job's `state`, else `OUT/_state`.
-fn settings(args: &SqlArgs) -> Result<(Scan, Option<String>, Detections), Error> {
+/// What the shell's settings give: the scan; the state location the job's
+/// runs use (`None` without one: `--state`, the job's `state`, else
+/// `OUT/_state`); the silence and volume detections; and the job's
+/// `[state_at] columns` fold for `state_at('T')`.
+type ShellSettings = (
+    Scan,
+    Option<String>,
+    Detections,
+    std::collections::BTreeMap<String, String>,
+);
+
+fn settings(args: &SqlArgs) -> Result<ShellSettings, Error> {
     let (mut scan, job) = job::scan_settings(&args.scan)?;
     let detections = Detections::of(&job)?;
     let out_dir = args.out.clone().or(job.out.clone());
@@ -168,9 +177,10 @@ fn settings(args: &SqlArgs) -> Result<(Scan, Option<String>, Detections), Error>
     ]
     .into_iter()
     .flatten()
-    .filter(|l| l.as_str() != "-" && !l.starts_with("kafka://"))
+    .filter(|l| !crate::sink::outside_the_lake(l))
     .collect();
-    Ok((scan, state_loc, detections))
+    let fold = job.state_at.map(|s| s.columns).unwrap_or_default();
+    Ok((scan, state_loc, detections, fold))
 }
 
 /// The `silences` and `volume` views of a session: with the job file's
@@ -292,7 +302,7 @@ fn escaped(e: Error) -> Error {
 
 async fn session(args: SqlArgs) -> Result<(), Error> {
     let input = input(&args)?;
-    let (scan, state_loc, detections) = settings(&args)?;
+    let (scan, state_loc, detections, fold) = settings(&args)?;
     let ctx = source::session(&scan)?;
     // SHOW TABLES, SHOW COLUMNS and `\d` read information_schema.
     ctx.state_ref()
@@ -330,6 +340,13 @@ async fn session(args: SqlArgs) -> Result<(), Error> {
     }
     crate::detect::register_views(&ctx, &scan).await?;
     detections.register(&ctx, &scan).await?;
+    // `state_at('T')`: the state as of T over this window, with the job's
+    // fold (checked now, so that a bad fold is named before the first query).
+    crate::state_at::validate_fold(&ctx, &fold).await?;
+    ctx.register_udtf(
+        "state_at",
+        std::sync::Arc::new(crate::state_at::StateAtFunction { fold }),
+    );
     phases.done();
     // Like datafusion-cli: `SELECT * FROM 'out/replay/'` reads files by
     // URL, so a run's outputs can be inspected next to the archive.

@@ -11,6 +11,7 @@
 //! `backfill state gc` from the log entry alone ([`staged`]).
 
 pub mod parquet;
+pub mod redis;
 pub mod staged;
 pub mod stdout;
 
@@ -34,6 +35,10 @@ pub enum SinkKind {
     Silences,
     /// Volume anomalies ([`crate::detect::volume`]).
     Anomalies,
+    /// Per-key state (`backfill state-at`): one row per key.
+    State,
+    /// Compensating events `backfill infer` inferred from snapshots.
+    Inferred,
 }
 
 impl SinkKind {
@@ -44,6 +49,8 @@ impl SinkKind {
             SinkKind::Gaps => "gaps",
             SinkKind::Silences => "silences",
             SinkKind::Anomalies => "anomalies",
+            SinkKind::State => "state",
+            SinkKind::Inferred => "inferred",
         }
     }
 }
@@ -123,6 +130,9 @@ pub struct RowColumns {
     pub key: String,
     pub seq: String,
     pub event_time: String,
+    /// The status column: a compacted Kafka sink sends a tombstone for a
+    /// key whose row has a deleted status.
+    pub status: String,
     pub error: String,
     pub payload: String,
 }
@@ -183,8 +193,18 @@ pub fn open(target: &str, ctx: SinkContext) -> Result<Box<dyn Sink>, SinkError> 
     if target.starts_with("kafka://") {
         return crate::kafka::open(target, ctx);
     }
+    if redis::is_redis(target) {
+        return Ok(Box::new(redis::RedisSink::new(target, ctx)?));
+    }
     let loc = crate::location::resolve(target, &ctx.storage)?;
     Ok(Box::new(parquet::ParquetSink::new(loc, ctx)))
+}
+
+/// A target that is not a folder of the lake: stdout, a Kafka topic, a
+/// Redis server. Nothing of it is listed, staged or excluded from the
+/// archive.
+pub fn outside_the_lake(target: &str) -> bool {
+    target == "-" || target.starts_with("kafka://") || redis::is_redis(target)
 }
 
 /// Where a Parquet sink writes by default: `<out>/<kind>`.

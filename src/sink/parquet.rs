@@ -357,6 +357,7 @@ mod tests {
             key: "key".into(),
             seq: "seq".into(),
             event_time: "event_time".into(),
+            status: "status".into(),
             error: "error".into(),
             payload: "payload".into(),
         };

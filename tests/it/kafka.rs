@@ -35,6 +35,7 @@ fn columns() -> Arc<RowColumns> {
         key: "key".into(),
         seq: "seq".into(),
         event_time: "event_time".into(),
+        status: "status".into(),
         error: "error".into(),
         payload: "payload".into(),
     })

@@ -349,6 +349,94 @@ impl S3Server {
     }
 }
 
+/// A redis-server (no persistence) on 127.0.0.1, from the tools' cache
+/// (scripts/install-tools.sh links it there) or PATH.
+pub struct RedisServer {
+    pub port: u16,
+    process: Option<Watched>,
+}
+
+impl RedisServer {
+    fn start_on(port: u16) -> RedisServer {
+        let cached = tools_bin_dir().join("redis-server");
+        let program = if cached.exists() {
+            cached
+        } else {
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                .map(|d| d.join("redis-server"))
+                .find(|p| p.is_file())
+                .unwrap_or_else(|| {
+                    panic!("redis-server is not installed: run scripts/install-tools.sh redis")
+                })
+        };
+        let dir = scratch_dir("redis");
+        let args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            // Small stream nodes, so that approximate trimming (MAXLEN ~)
+            // trims near the limit even in a small test.
+            "--stream-node-max-entries",
+            "10",
+            "--dir",
+            &dir.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let process = Watched::spawn("redis-server", &program, &args, port, dir);
+        RedisServer {
+            port,
+            process: Some(process),
+        }
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kill the server (SIGKILL). Private servers only.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill();
+        }
+    }
+
+    /// A fresh, empty server on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        *self = RedisServer::start_on(self.port);
+    }
+
+    /// A plain client connection, for reading back what a sink wrote.
+    pub fn client(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection())
+            .unwrap_or_else(|e| panic!("connect to redis on {}: {e}", self.port))
+    }
+}
+
+static REDIS: OnceLock<RedisServer> = OnceLock::new();
+
+/// The shared Redis server, started on first use; killed when the test
+/// binary exits. Use fresh key and stream names per test.
+pub fn redis() -> &'static RedisServer {
+    REDIS.get_or_init(|| RedisServer::start_on(free_port()))
+}
+
+/// A Redis server of the calling test's own, killed when dropped.
+pub fn start_redis_private() -> RedisServer {
+    RedisServer::start_on(free_port())
+}
+
 static KAFKA: OnceLock<KafkaServer> = OnceLock::new();
 static S3: OnceLock<S3Server> = OnceLock::new();
 

@@ -1,0 +1,194 @@
+//! `backfill infer`: the transactions lost between two snapshots of
+//! per-key totals, inferred from what the snapshots moved and what the
+//! archive holds between them (`sql/infer.sql`). Where the data decides it
+//! (an amount missing and exactly one seq gap), one compensating event per
+//! key, flagged `inferred = true` with its seq range and derivation,
+//! written to `OUT/inferred/`; sent to a replay sink only when asked
+//! (`--emit-inferred LOC`). Everything else is reported as `ambiguous`,
+//! never guessed. Reads the archive and the snapshots only; records
+//! nothing in the state.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use datafusion::dataframe::DataFrame;
+use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
+
+use crate::cli::InferArgs;
+use crate::error::Error;
+use crate::sink::{self, RowColumns, SinkContext, SinkKind};
+
+pub const INFER_SQL: &str = include_str!("../sql/infer.sql");
+
+/// The inferred events of the per-key report (`inference`).
+const INFERRED_SQL: &str = "SELECT arrow_cast(key, 'Utf8') AS key, first_missing_seq AS seq_from, last_missing_seq AS seq_to, \
+    missing_amount AS amount, true AS inferred, \
+    concat('total_after ', CAST(total_after AS VARCHAR), ' - total_before ', CAST(total_before AS VARCHAR), \
+           ' - archived ', CAST(archived AS VARCHAR), ' = ', CAST(missing_amount AS VARCHAR), \
+           '; one gap: seq ', CAST(first_missing_seq AS VARCHAR), '..', CAST(last_missing_seq AS VARCHAR)) AS derivation_text \
+    FROM inference WHERE verdict = 'inferred' ORDER BY key";
+
+/// The inferred events with plain Utf8 text (DataFusion's string functions
+/// return views; the outputs keep Arrow's plain strings, as `run`'s do).
+const INFERRED_OUT_SQL: &str = "SELECT key, seq_from, seq_to, amount, inferred, \
+    arrow_cast(derivation_text, 'Utf8') AS derivation FROM inferred_raw";
+
+/// Register a snapshot file (Parquet, or CSV by its extension) as `name`;
+/// it must have `key` and `total`.
+async fn register_snapshot(
+    ctx: &SessionContext,
+    name: &str,
+    flag: &str,
+    loc: &str,
+    storage: &crate::location::StorageSettings,
+) -> Result<(), Error> {
+    let resolved = crate::location::resolve(loc, storage)?;
+    resolved.register(ctx);
+    // Registered above for its scheme: DataFusion reads the URL as given.
+    let url = loc.to_string();
+    let bad = |e: datafusion::error::DataFusionError| {
+        Error::Usage(format!(
+            "{flag} {}: cannot read it as a snapshot: {}",
+            crate::redact::url(loc),
+            e.strip_backtrace().lines().next().unwrap_or_default()
+        ))
+    };
+    if loc.ends_with(".csv") {
+        ctx.register_csv(name, &url, CsvReadOptions::new().has_header(true))
+            .await
+            .map_err(bad)?;
+    } else {
+        ctx.register_parquet(name, &url, ParquetReadOptions::default())
+            .await
+            .map_err(bad)?;
+    }
+    let schema = ctx.table(name).await?.schema().clone();
+    for col in ["key", "total"] {
+        if schema.field_with_unqualified_name(col).is_err() {
+            return Err(Error::Usage(format!(
+                "{flag} {}: the snapshot has no `{col}` column (a snapshot is key, total)",
+                crate::redact::url(loc)
+            )));
+        }
+    }
+    // The key compared as text, whatever its type in the file.
+    let df = ctx
+        .sql(&format!(
+            "SELECT CAST(key AS VARCHAR) AS key, total FROM {name}"
+        ))
+        .await?;
+    ctx.deregister_table(name)?;
+    ctx.register_table(name, df.into_view())?;
+    Ok(())
+}
+
+/// The per-key report over the registered `events`, `gaps` and snapshots.
+pub async fn report(ctx: &SessionContext, amount: &str) -> Result<DataFrame, Error> {
+    let sql = INFER_SQL.replace("/*amount*/", amount);
+    ctx.sql(&sql).await.map_err(|e| {
+        let m = e.strip_backtrace();
+        Error::Usage(format!(
+            "--amount {amount:?}: {}",
+            m.lines().next().unwrap_or_default()
+        ))
+    })
+}
+
+/// `backfill infer`.
+pub async fn infer(args: InferArgs) -> Result<(), Error> {
+    let (scan, job) = crate::job::scan_settings(&args.scan)?;
+    if scan.from.is_none() || scan.to.is_none() {
+        return Err(Error::Usage(
+            "infer: give the interval between the snapshots: --from T1 (the first snapshot's time) and --to T2".into(),
+        ));
+    }
+    if !scan.detect_gaps {
+        return Err(Error::Usage(
+            "infer: needs gap detection (the lost events' seq ranges); drop --no-gaps".into(),
+        ));
+    }
+    let ctx = crate::source::session(&scan)?;
+    crate::source::register(&ctx, &scan).await?;
+    crate::detect::register_views(&ctx, &scan).await?;
+    register_snapshot(
+        &ctx,
+        "snapshot_before",
+        "--before",
+        &args.before,
+        &scan.storage,
+    )
+    .await?;
+    register_snapshot(
+        &ctx,
+        "snapshot_after",
+        "--after",
+        &args.after,
+        &scan.storage,
+    )
+    .await?;
+    let report = report(&ctx, &args.amount).await?;
+    let schema = Arc::new(report.schema().as_arrow().clone());
+    let rows = report.clone().collect().await?;
+    ctx.register_table("inference", report.into_view())?;
+    crate::commands::print_batches(schema, &rows, args.format)?;
+
+    let raw = ctx.sql(INFERRED_SQL).await?;
+    ctx.register_table("inferred_raw", raw.into_view())?;
+    let inferred = ctx.sql(INFERRED_OUT_SQL).await?;
+    let mut targets = vec![];
+    if let Some(out) = args.out.clone().or(job.out.clone()) {
+        targets.push(format!("{}/inferred", out.trim_end_matches('/')));
+    }
+    if let Some(t) = &args.emit_inferred {
+        targets.push(t.clone());
+    }
+    let run_id = format!("infer-{}", Utc::now().format("%Y%m%dT%H%M%S%.3fZ"));
+    for target in targets {
+        let batches = inferred.clone().collect().await?;
+        let schema = Arc::new(inferred.schema().as_arrow().clone());
+        let ctx_sink = SinkContext {
+            run_id: run_id.clone(),
+            nonce: format!(
+                "{}-{}",
+                Utc::now().timestamp_nanos_opt().unwrap_or_default(),
+                std::process::id()
+            ),
+            kind: SinkKind::Inferred,
+            schema,
+            columns: Arc::new(RowColumns {
+                event_id: "event_id".into(),
+                key: "key".into(),
+                seq: "seq_from".into(),
+                event_time: "event_time".into(),
+                status: "status".into(),
+                error: "error".into(),
+                payload: "payload".into(),
+            }),
+            storage: scan.storage.clone(),
+            kafka: job.kafka.clone(),
+        };
+        let mut out = sink::open(&target, ctx_sink)?;
+        let delivered = async {
+            out.check().await?;
+            for b in &batches {
+                out.write(b).await?;
+            }
+            let r = out.finish().await?;
+            out.precommit().await?;
+            out.publish().await?;
+            Ok::<_, Error>(r.rows)
+        }
+        .await;
+        match delivered {
+            Ok(n) => tracing::info!(
+                "{}",
+                crate::redact::line(&format!("{n} inferred event(s) written to {target}"))
+            ),
+            Err(e) => {
+                out.abort().await;
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
