@@ -27,5 +27,5 @@ mod services;
 mod shards;
 mod silences;
 mod sql_shell;
-mod volume;
 mod state_at;
+mod volume;
