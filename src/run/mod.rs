@@ -331,20 +331,9 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     }
     .await;
     if let Err(e) = result {
-        // Committed runs are not aborted: their outputs are the state's now.
-        if matches!(e, Error::Committed { .. } | Error::CommitUnknown { .. }) {
-            phases.done();
-            return Err(e);
-        }
-        phases.set("aborting");
-        for s in sinks.iter_mut() {
-            s.sink.abort().await;
-        }
-        if !settings.dry_run {
-            state.discard_attempt(&settings.run_id, &run_nonce).await;
-        }
-        phases.done();
-        return Err(e);
+        let attempt =
+            (!settings.dry_run).then_some((&state, settings.run_id.as_str(), run_nonce.as_str()));
+        return Err(abort(e, &mut sinks, attempt, &phases).await);
     }
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     phases.done();
@@ -352,6 +341,28 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
         report,
         stdout_taken,
     })
+}
+
+/// An attempt (a run's or a redrive's) failed: its sinks drop what they
+/// staged and its attempt record goes (none for a dry run), unless it
+/// committed, when the outputs are the state's now. Returns the error.
+pub(super) async fn abort(
+    e: Error,
+    sinks: &mut [OpenSink],
+    attempt: Option<(&State, &str, &str)>,
+    phases: &Phases,
+) -> Error {
+    if !matches!(e, Error::Committed { .. } | Error::CommitUnknown { .. }) {
+        phases.set("aborting");
+        for s in sinks.iter_mut() {
+            s.sink.abort().await;
+        }
+        if let Some((state, run_id, nonce)) = attempt {
+            state.discard_attempt(run_id, nonce).await;
+        }
+    }
+    phases.done();
+    e
 }
 
 /// How long the phase `name` took, as the report recorded it.

@@ -779,19 +779,8 @@ pub async fn redrive(args: RedriveArgs) -> Result<RunOutcome, Error> {
     }
     .await;
     if let Err(e) = result {
-        if matches!(e, Error::Committed { .. } | Error::CommitUnknown { .. }) {
-            phases.done();
-            return Err(e);
-        }
-        phases.set("aborting");
-        for o in sinks.iter_mut() {
-            o.sink.abort().await;
-        }
-        if !s.dry_run {
-            state.discard_attempt(&s.run_id, &run_nonce).await;
-        }
-        phases.done();
-        return Err(e);
+        let attempt = (!s.dry_run).then_some((&state, s.run_id.as_str(), run_nonce.as_str()));
+        return Err(super::abort(e, &mut sinks, attempt, &phases).await);
     }
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     phases.done();
