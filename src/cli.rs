@@ -303,8 +303,9 @@ pub struct RunArgs {
     /// retention) and replay those found; the gaps get a `recovery` class.
     #[arg(
         long,
-        value_name = "kafka://HOST:PORT/TOPIC",
-        env = "BACKFILL_RECOVER_FROM"
+        value_name = "LOC",
+        env = "BACKFILL_RECOVER_FROM",
+        hide_env_values = true
     )]
     pub recover_from: Option<String>,
     /// Also find time silences (as `[detect.silence]`; implied by the

@@ -139,17 +139,20 @@ pub async fn recover(
         v.sort_by_key(|&i| list[i].first);
     }
     let mut found: Vec<BTreeSet<i64>> = vec![BTreeSet::new(); list.len()];
-    // One row per event: a message the producer sent twice is one event.
+    // One row per event: a message the producer sent twice is one event. A
+    // message without an event id recovers nothing (no ledger entry could
+    // ever say it was sent).
     let mut seen: HashSet<String> = HashSet::new();
-    let mut kept: Vec<RecordBatch> = vec![];
+    let mut inside: Vec<(RecordBatch, Vec<(usize, i64)>)> = vec![];
     let mut ids: Vec<String> = vec![];
     for b in &events {
         let key = string_column(b, "key")?;
         let seq = int_column(b, "seq")?;
         let id = string_column(b, "event_id")?;
         let mut keep = Vec::with_capacity(b.num_rows());
+        let mut places = vec![];
         for i in 0..b.num_rows() {
-            let hit = (!key.is_null(i) && !seq.is_null(i))
+            let hit = (!key.is_null(i) && !seq.is_null(i) && !id.is_null(i))
                 .then(|| {
                     let (k, s) = (key.value(i), seq.value(i));
                     let gs = by_key.get(k)?;
@@ -158,23 +161,50 @@ pub async fn recover(
                     (s <= list[g].last).then_some((g, s))
                 })
                 .flatten();
-            let Some((g, s)) = hit else {
-                keep.push(false);
-                continue;
-            };
-            found[g].insert(s);
-            let identity = if id.is_null(i) {
-                format!("{}\u{0}{s}", key.value(i))
-            } else {
-                id.value(i).to_string()
-            };
-            let new = seen.insert(identity);
-            if new && !id.is_null(i) {
+            let new = hit.is_some() && seen.insert(id.value(i).to_string());
+            if let (true, Some(place)) = (new, hit) {
                 ids.push(id.value(i).to_string());
+                places.push(place);
             }
             keep.push(new);
         }
         let b = arrow::compute::filter_record_batch(b, &BooleanArray::from(keep))?;
+        if b.num_rows() > 0 {
+            inside.push((b, places));
+        }
+    }
+    // Not recovered: an id the archive already holds (that event is decided
+    // from its archived rows: replaying it would send it twice), and a
+    // missing seq the topic holds under two ids (a conflict nobody can
+    // settle: the seq stays missing, as an archived conflict is not
+    // replayed either).
+    let known = ids_in(ctx, "events", None, &ids).await?;
+    let mut per_seq: HashMap<(usize, i64), u32> = HashMap::new();
+    for (b, places) in &inside {
+        let id = string_column(b, "event_id")?;
+        for (i, place) in places.iter().enumerate() {
+            if !known.contains(id.value(i)) {
+                *per_seq.entry(*place).or_default() += 1;
+            }
+        }
+    }
+    let mut kept: Vec<RecordBatch> = vec![];
+    ids.clear();
+    for (b, places) in inside {
+        let id = string_column(&b, "event_id")?;
+        let keep: BooleanArray = places
+            .iter()
+            .enumerate()
+            .map(|(i, place)| {
+                let ok = !known.contains(id.value(i)) && per_seq.get(place) == Some(&1);
+                if ok {
+                    found[place.0].insert(place.1);
+                    ids.push(id.value(i).to_string());
+                }
+                Some(ok)
+            })
+            .collect();
+        let b = arrow::compute::filter_record_batch(&b, &keep)?;
         if b.num_rows() > 0 {
             kept.push(b);
         }
@@ -184,7 +214,7 @@ pub async fn recover(
     // Events an earlier run replayed or dead-lettered are done: replaying
     // them in every later run (the gap stays in the archive) would send
     // them again and again.
-    let done = ledger_done(ctx, &ids).await?;
+    let done = ids_in(ctx, "ledger_entries", Some(&["replay", "dlq"]), &ids).await?;
     if !done.is_empty() {
         let mut rest = vec![];
         for b in kept {
@@ -317,24 +347,31 @@ impl Recovered {
     }
 }
 
-/// The ids among `ids` that a committed run replayed or dead-lettered.
-async fn ledger_done(ctx: &SessionContext, ids: &[String]) -> Result<HashSet<String>, Error> {
+/// The ids among `ids` that `table` holds: `events` (the archive), or
+/// `ledger_entries` with one of `outcomes` (what committed runs replayed or
+/// dead-lettered). Only with `--recover-from`, over the recovered ids.
+async fn ids_in(
+    ctx: &SessionContext,
+    table: &str,
+    outcomes: Option<&[&str]>,
+    ids: &[String],
+) -> Result<HashSet<String>, Error> {
     let mut done = HashSet::new();
-    if ids.is_empty() || !ctx.table_exist("ledger_entries")? {
+    if ids.is_empty() || !ctx.table_exist(table)? {
         return Ok(done);
     }
     for chunk in ids.chunks(4096) {
+        let mut wanted =
+            col("event_id").in_list(chunk.iter().map(|s| lit(s.as_str())).collect(), false);
+        if let Some(outcomes) = outcomes {
+            wanted = col("outcome")
+                .in_list(outcomes.iter().map(|o| lit(*o)).collect(), false)
+                .and(wanted);
+        }
         let df = ctx
-            .table("ledger_entries")
+            .table(table)
             .await?
-            .filter(
-                col("outcome")
-                    .in_list(vec![lit("replay"), lit("dlq")], false)
-                    .and(
-                        col("event_id")
-                            .in_list(chunk.iter().map(|s| lit(s.as_str())).collect(), false),
-                    ),
-            )?
+            .filter(wanted)?
             .select(vec![col("event_id")])?;
         for b in df.collect().await? {
             let c = arrow::compute::cast(b.column(0), &DataType::Utf8)?;

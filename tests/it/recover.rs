@@ -453,3 +453,67 @@ fn recover_from_needs_a_kafka_url_and_gap_detection() {
     off.expect_code(2);
     assert!(off.stderr.contains("gap detection"), "{}", off.describe());
 }
+
+/// What a topic may hold besides the missing events, none of which may be
+/// replayed: a missing seq under two event ids (a conflict nobody can
+/// settle), the id of an event the archive already holds (processed) under
+/// a missing seq, and a message without an event id. Only d2 comes back;
+/// d's gap (2-4) is partial, and d1 is counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_known_and_idless_messages_recover_nothing() {
+    let server = services::kafka();
+    let topic = unique_name("recover-hostile");
+    server.create_topic(&topic, 1).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &server.bootstrap)
+        .create()
+        .expect("test producer");
+    let messages: &[(Option<&str>, i64, u32)] = &[
+        (Some("d2"), 2, 31),
+        (Some("d3"), 3, 32),
+        (Some("x3"), 3, 32),
+        (Some("d1"), 4, 33),
+        (None, 4, 33),
+    ];
+    for (id, seq, min) in messages {
+        let mut value = serde_json::json!({
+            "key": "d", "seq": seq, "event_time": t(*min), "payload": "{}",
+        });
+        if let Some(id) = id {
+            value["event_id"] = Json::from(*id);
+        }
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .key("d")
+                    .timestamp(ts(&t(*min)) / 1000)
+                    .payload(&value.to_string()),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
+    }
+    let mut a = Archive::new();
+    a.rows(
+        "part-0.parquet",
+        &[
+            Row::new("d1", "d", 1, &t(30), Some("processed")),
+            Row::new("d5", "d", 5, &t(34), Some("failed")).error("timeout"),
+        ],
+    );
+    let work = tempfile::tempdir().unwrap();
+    let out = run(
+        &a.source(),
+        &work.path().join("out"),
+        "hostile",
+        &recover_args(&server.url(&topic), &[]),
+    )
+    .await;
+    assert_eq!(ids(&out.replay), ["d2", "d5"], "{}", out.run.describe());
+    assert_eq!(
+        classes(&out.gaps),
+        BTreeMap::from([("d".to_string(), "partial".to_string())])
+    );
+    assert_eq!(out.report["events"].as_u64(), Some(3), "{}", out.report);
+    assert_eq!(out.report["recovered"].as_u64(), Some(1), "{}", out.report);
+}
