@@ -389,10 +389,7 @@ impl Report {
             let place = match r.outputs.as_slice() {
                 [] if self.dry_run => location(&r.target),
                 [] => format!("{} (nothing written)", location(&r.target)),
-                [one] => location(one),
-                [first, rest @ ..] => {
-                    format!("{} (+{} more)", location(first), count(rest.len() as u64))
-                }
+                outputs => shown_outputs(&r.target, outputs),
             };
             let label = match (i, self.dry_run) {
                 (0, true) => "would write",
@@ -497,10 +494,7 @@ impl Report {
         if let Some(o) = self.outputs.get("replay") {
             let place = match o.outputs.as_slice() {
                 [] => location(&o.target),
-                [one] => location(one),
-                [first, rest @ ..] => {
-                    format!("{} (+{} more)", location(first), count(rest.len() as u64))
-                }
+                outputs => shown_outputs(&o.target, outputs),
             };
             let _ = writeln!(s, "  {:<LABEL$}{place}", "to");
         }
@@ -567,10 +561,43 @@ impl Report {
     }
 }
 
+/// A sink's outputs as the summary shows them: the first and how many
+/// more. A file is a path or URL of its own; a Kafka span (`topic/p:a-b`)
+/// or a Redis stream is not a place on its own, so it follows its sink's
+/// URL instead of being taken for a relative path.
+fn shown_outputs(target: &str, outputs: &[String]) -> String {
+    let Some(first) = outputs.first() else {
+        return crate::human::location(target);
+    };
+    let first =
+        if target.contains("://") && !target.starts_with("file://") && !first.contains("://") {
+            format!("{} [{first}]", crate::human::location(target))
+        } else {
+            crate::human::location(first)
+        };
+    match outputs.len() {
+        1 => first,
+        n => format!("{first} (+{} more)", crate::human::count(n as u64 - 1)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use arrow::array::Int64Array;
+
+    #[test]
+    fn kafka_spans_follow_their_url_and_files_stand_alone() {
+        let spans = ["orders/0:0-475".to_string(), "orders/1:0-12".to_string()];
+        assert_eq!(
+            shown_outputs("kafka://b:9092/orders", &spans),
+            "kafka://b:9092/orders [orders/0:0-475] (+1 more)"
+        );
+        let file = ["s3://lake/out/replay/part-0.parquet".to_string()];
+        assert_eq!(shown_outputs("s3://lake/out/replay", &file), file[0]);
+        let local = ["/data/out/replay/part-0.parquet".to_string()];
+        assert_eq!(shown_outputs("/data/out/replay", &local), local[0]);
+    }
 
     /// Regression: the sum over gaps wrapped around on huge seq spans.
     #[test]

@@ -714,7 +714,8 @@ pub async fn redrive(args: RedriveArgs) -> Result<RunOutcome, Error> {
         let mut stream = selection.execute_stream().await?;
         phases.set("sending dead letters");
         while let Some(b) = stream.next().await {
-            let part = split(&b?, &out_schema, &s.run_id, s.again, detected_at_us)?;
+            let b = b.map_err(|e| while_selecting(&s.predicate, e))?;
+            let part = split(&b, &out_schema, &s.run_id, s.again, detected_at_us)?;
             figures.selected += part.selected;
             figures.without_event_id += part.without_id;
             figures.already_redriven += part.redriven_before;
@@ -788,6 +789,28 @@ pub async fn redrive(args: RedriveArgs) -> Result<RunOutcome, Error> {
         report,
         stdout_taken,
     })
+}
+
+/// An error while the selection runs. What the predicate computes can
+/// fail only on the rows it meets (a division by zero, a cast, a scalar
+/// subquery of several rows): the user's to fix, so exit 2 naming
+/// `--where`, not 1, which a scheduler retries to the same end. Reading
+/// (I/O, the store, Parquet, memory) stays what it is.
+fn while_selecting(predicate: &str, e: datafusion::error::DataFusionError) -> Error {
+    use datafusion::error::DataFusionError as D;
+    let theirs = match e.find_root() {
+        D::ArrowError(a, _) => !matches!(
+            a.as_ref(),
+            arrow::error::ArrowError::IoError(..) | arrow::error::ArrowError::ExternalError(_)
+        ),
+        D::Execution(_) => true,
+        _ => false,
+    };
+    if theirs {
+        Error::Usage(format!("--where \"{predicate}\": {}", e.find_root()))
+    } else {
+        e.into()
+    }
 }
 
 /// The columns a dry run lists of each dead letter it would send.

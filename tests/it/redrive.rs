@@ -387,6 +387,15 @@ fn a_bad_predicate_or_dlq_is_refused_and_commits_nothing() {
             &["one expression expected, found `;`"][..],
         ),
         ("count(*) > 1", &["Aggregate functions are not allowed"][..]),
+        // Failing only on the rows it meets: still the predicate's fault.
+        (
+            "attempt / 0 = 1",
+            &["--where \"attempt / 0 = 1\"", "Divide by zero"][..],
+        ),
+        (
+            "cast(error as int) = 1",
+            &["--where \"cast(error as int) = 1\"", "Cast error"][..],
+        ),
     ] {
         refused(&f.redrive("bad", predicate, &["--to", &to]), 2, needles);
     }
