@@ -304,8 +304,22 @@ async fn register_dead_letters(
     } else {
         let state = ctx.state();
         let mut schemas = vec![];
+        // Each file a committed run listed must read as a dead-letter file:
+        // one that does not (emptied, cut short, replaced) is damage to the
+        // state's outputs, exit 1 naming the file, not the user's mistake.
         for u in &urls {
-            schemas.push(options.infer_schema(&state, u).await?.as_ref().clone());
+            let damaged = |why: String| Error::Io {
+                what: crate::redact::url(u.as_str()),
+                message: format!("a dead-letter file a committed run wrote is damaged: {why}"),
+            };
+            let schema = options
+                .infer_schema(&state, u)
+                .await
+                .map_err(|e| damaged(e.find_root().to_string()))?;
+            if schema.index_of(out_columns::RUN_ID).is_err() {
+                return Err(damaged(format!("no column {}", out_columns::RUN_ID)));
+            }
+            schemas.push(schema.as_ref().clone());
         }
         Arc::new(Schema::try_merge(schemas).map_err(|e| {
             Error::Usage(format!(

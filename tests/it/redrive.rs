@@ -669,3 +669,31 @@ async fn a_redrive_to_kafka_carries_redrive_of() {
         again.describe()
     );
 }
+
+/// A dead-letter file a committed run listed that no longer reads as one
+/// (emptied, cut short) is damage to the state's outputs: exit 1, the line
+/// naming the file, nothing committed; restored, the redrive goes through.
+#[test]
+fn a_damaged_dead_letter_file_is_named_and_commits_nothing() {
+    let f = Fixture::new();
+    let to = f.to();
+    let log = f.log();
+    let file = std::fs::read_dir(f.path("dlq/run_id=r1"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .expect("a dead-letter file of r1");
+    let name = file.file_name().unwrap().to_string_lossy().into_owned();
+    let original = std::fs::read(&file).unwrap();
+    for damaged in [&[][..], &original[..100]] {
+        std::fs::write(&file, damaged).unwrap();
+        refused(
+            &f.redrive("dmg", "true", &["--to", &to]),
+            1,
+            &[&name, "is damaged"],
+        );
+        assert_eq!(f.log(), log, "nothing committed");
+    }
+    std::fs::write(&file, &original).unwrap();
+    f.redrive("dmg", "true", &["--to", &to]).ok();
+}
