@@ -47,7 +47,8 @@ async fn committed_runs(args: &StateLocArgs, what: &str) -> Result<(State, Vec<M
     let manifests = st.manifests().await?;
     if manifests.is_empty() && st.is_empty().await? {
         return Err(Error::Usage(format!(
-            "{what}: there is no backfill state at {state} (no commit log): check --out / --state"
+            "{what}: there is no backfill state at {} (no commit log): check --out / --state",
+            st.loc.display_path(&st.loc.prefix)
         )));
     }
     Ok((st, manifests))

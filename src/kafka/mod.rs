@@ -515,7 +515,7 @@ fn validate_topic(topic: &str) -> Result<(), String> {
         // Nothing after the bad character is echoed: whatever follows it
         // was not meant as a topic.
         return Err(format!(
-            "topic '{}' contains '{c}'; Kafka topics use only letters, digits, '.', '_' and '-'",
+            "the topic name contains '{c}' (after '{}'); Kafka topics use only letters, digits, '.', '_' and '-'",
             &topic[..at]
         ));
     }

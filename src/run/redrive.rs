@@ -412,6 +412,30 @@ async fn selection(
     // Planned now, so that a predicate that names no column, or is not a
     // boolean, fails here (exit 2) and not in the middle of sending.
     selected.clone().create_physical_plan().await.map_err(bad)?;
+    // A volatile predicate (`random() < 0.5`, `now()`-relative ones are
+    // stable, not volatile) would select one set in a dry run and another
+    // in the redrive it previews, and another again in a rerun.
+    let mut volatile = false;
+    {
+        use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+        selected
+            .logical_plan()
+            .apply(|node| {
+                if let datafusion::logical_expr::LogicalPlan::Filter(f) = node
+                    && f.predicate.is_volatile()
+                {
+                    volatile = true;
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+            .map_err(bad)?;
+    }
+    if volatile {
+        return Err(Error::Usage(format!(
+            "--where \"{predicate}\": a volatile function (random() ...) would select other rows in each run and in its dry run; select by the dead letters' columns"
+        )));
+    }
     ctx.register_table("selected", selected.into_view())?;
     let own: Vec<String> = dlq_schema
         .fields()
@@ -622,6 +646,13 @@ pub async fn redrive(args: RedriveArgs) -> Result<RunOutcome, Error> {
         });
     }
     let runs: Vec<Manifest> = snapshot.runs().cloned().collect();
+    // A typo in --out / --state must not read as "no dead letters there".
+    if runs.is_empty() && state.is_empty().await? {
+        return Err(Error::Usage(format!(
+            "redrive: there is no backfill state at {} (no commit log): check --out / --state",
+            state.loc.display_path(&state.loc.prefix)
+        )));
+    }
     state.verify_ledgers(&runs).await?;
     if !s.dry_run
         && let Some(mut r) = commit::recover_prepared(&state, &id).await?

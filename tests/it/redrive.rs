@@ -387,6 +387,7 @@ fn a_bad_predicate_or_dlq_is_refused_and_commits_nothing() {
             &["one expression expected, found `;`"][..],
         ),
         ("count(*) > 1", &["Aggregate functions are not allowed"][..]),
+        ("random() < 0.5", &["--where", "volatile function"][..]),
         // Failing only on the rows it meets: still the predicate's fault.
         (
             "attempt / 0 = 1",
