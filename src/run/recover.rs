@@ -142,7 +142,7 @@ pub async fn recover(
     // One row per event: a message the producer sent twice is one event. A
     // message without an event id recovers nothing (no ledger entry could
     // ever say it was sent).
-    let mut seen: HashSet<String> = HashSet::new();
+    let mut seen: HashSet<(String, (usize, i64))> = HashSet::new();
     let mut inside: Vec<(RecordBatch, Vec<(usize, i64)>)> = vec![];
     let mut ids: Vec<String> = vec![];
     for b in &events {
@@ -161,7 +161,7 @@ pub async fn recover(
                     (s <= list[g].last).then_some((g, s))
                 })
                 .flatten();
-            let new = hit.is_some() && seen.insert(id.value(i).to_string());
+            let new = hit.is_some_and(|place| seen.insert((id.value(i).to_string(), place)));
             if let (true, Some(place)) = (new, hit) {
                 ids.push(id.value(i).to_string());
                 places.push(place);
@@ -174,18 +174,20 @@ pub async fn recover(
         }
     }
     // Not recovered: an id the archive already holds (that event is decided
-    // from its archived rows: replaying it would send it twice), and a
-    // missing seq the topic holds under two ids (a conflict nobody can
-    // settle: the seq stays missing, as an archived conflict is not
-    // replayed either).
+    // from its archived rows: replaying it would send it twice), a missing
+    // seq the topic holds under two ids, and an id the topic holds under
+    // two missing seqs (conflicts nobody can settle: the seqs stay missing,
+    // as an archived conflict is not replayed either). Every message counts
+    // in the contest, whatever else excludes it: one dropped for another
+    // reason must not leave its rival looking uncontested.
     let known = ids_in(ctx, "events", None, &ids).await?;
     let mut per_seq: HashMap<(usize, i64), u32> = HashMap::new();
+    let mut per_id: HashMap<String, u32> = HashMap::new();
     for (b, places) in &inside {
         let id = string_column(b, "event_id")?;
         for (i, place) in places.iter().enumerate() {
-            if !known.contains(id.value(i)) {
-                *per_seq.entry(*place).or_default() += 1;
-            }
+            *per_seq.entry(*place).or_default() += 1;
+            *per_id.entry(id.value(i).to_string()).or_default() += 1;
         }
     }
     let mut kept: Vec<RecordBatch> = vec![];
@@ -196,7 +198,9 @@ pub async fn recover(
             .iter()
             .enumerate()
             .map(|(i, place)| {
-                let ok = !known.contains(id.value(i)) && per_seq.get(place) == Some(&1);
+                let ok = !known.contains(id.value(i))
+                    && per_seq.get(place) == Some(&1)
+                    && per_id.get(id.value(i)) == Some(&1);
                 if ok {
                     found[place.0].insert(place.1);
                     ids.push(id.value(i).to_string());

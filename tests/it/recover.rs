@@ -455,10 +455,11 @@ fn recover_from_needs_a_kafka_url_and_gap_detection() {
 }
 
 /// What a topic may hold besides the missing events, none of which may be
-/// replayed: a missing seq under two event ids (a conflict nobody can
-/// settle), the id of an event the archive already holds (processed) under
-/// a missing seq, and a message without an event id. Only d2 comes back;
-/// d's gap (2-4) is partial, and d1 is counted once.
+/// replayed: a missing seq under two event ids (3), a missing seq under an
+/// id the archive already holds and another (4: the archived id, dropped,
+/// still contests it), a message without an event id (5), and one id under
+/// two missing seqs (5 and 6). Only d2 comes back; d's gap (2-6) is
+/// partial, and d1 is counted once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflicting_known_and_idless_messages_recover_nothing() {
     let server = services::kafka();
@@ -473,7 +474,10 @@ async fn conflicting_known_and_idless_messages_recover_nothing() {
         (Some("d3"), 3, 32),
         (Some("x3"), 3, 32),
         (Some("d1"), 4, 33),
-        (None, 4, 33),
+        (Some("z4"), 4, 33),
+        (None, 5, 34),
+        (Some("w6"), 5, 34),
+        (Some("w6"), 6, 35),
     ];
     for (id, seq, min) in messages {
         let mut value = serde_json::json!({
@@ -498,7 +502,7 @@ async fn conflicting_known_and_idless_messages_recover_nothing() {
         "part-0.parquet",
         &[
             Row::new("d1", "d", 1, &t(30), Some("processed")),
-            Row::new("d5", "d", 5, &t(34), Some("failed")).error("timeout"),
+            Row::new("d7", "d", 7, &t(36), Some("failed")).error("timeout"),
         ],
     );
     let work = tempfile::tempdir().unwrap();
@@ -509,7 +513,7 @@ async fn conflicting_known_and_idless_messages_recover_nothing() {
         &recover_args(&server.url(&topic), &[]),
     )
     .await;
-    assert_eq!(ids(&out.replay), ["d2", "d5"], "{}", out.run.describe());
+    assert_eq!(ids(&out.replay), ["d2", "d7"], "{}", out.run.describe());
     assert_eq!(
         classes(&out.gaps),
         BTreeMap::from([("d".to_string(), "partial".to_string())])
