@@ -55,6 +55,19 @@ impl Run {
         self.expect_code(0)
     }
 
+    /// Exit `code`, and the `error: ` line on stderr contains `want`.
+    #[track_caller]
+    pub fn expect_error(&self, code: i32, want: &str) -> &Run {
+        self.expect_code(code);
+        let line = self
+            .stderr
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or("");
+        assert!(line.contains(want), "want {want}\n{}", self.describe());
+        self
+    }
+
     /// The non-empty lines of stderr that are not log records: the
     /// `error:` line, a `-` sink's summary.
     pub fn stderr_lines(&self) -> Vec<&str> {

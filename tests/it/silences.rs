@@ -404,13 +404,7 @@ fn bad_silence_settings_name_the_key() {
     ];
     for (args, want) in cases {
         let run = backfill(&args);
-        run.expect_code(2);
-        let line = run
-            .stderr
-            .lines()
-            .find(|l| l.starts_with("error: "))
-            .unwrap_or("");
-        assert!(line.contains(want), "want {want}\n{}", run.describe());
+        run.expect_error(2, want);
     }
     for (section, want) in [
         ("by = [\"nope\"]", "detect.silence.by: no column 'nope'"),
@@ -425,13 +419,7 @@ fn bad_silence_settings_name_the_key() {
         )
         .unwrap();
         let run = backfill(&["silences", "--job", job.to_str().unwrap()]);
-        run.expect_code(2);
-        let line = run
-            .stderr
-            .lines()
-            .find(|l| l.starts_with("error: "))
-            .unwrap_or("");
-        assert!(line.contains(want), "want {want}\n{}", run.describe());
+        run.expect_error(2, want);
     }
     assert!(!Path::new(out).exists());
 }

@@ -247,13 +247,7 @@ fn bad_volume_settings_name_the_key() {
     ];
     for (args, want) in cases {
         let run = backfill(&args);
-        run.expect_code(2);
-        let line = run
-            .stderr
-            .lines()
-            .find(|l| l.starts_with("error: "))
-            .unwrap_or("");
-        assert!(line.contains(want), "want {want}\n{}", run.describe());
+        run.expect_error(2, want);
     }
     for (section, want) in [
         ("bucket = \"0h\"", "detect.volume.bucket: '0h'"),
@@ -268,12 +262,6 @@ fn bad_volume_settings_name_the_key() {
         )
         .unwrap();
         let run = backfill(&["anomalies", "--job", job.to_str().unwrap()]);
-        run.expect_code(2);
-        let line = run
-            .stderr
-            .lines()
-            .find(|l| l.starts_with("error: "))
-            .unwrap_or("");
-        assert!(line.contains(want), "want {want}\n{}", run.describe());
+        run.expect_error(2, want);
     }
 }
