@@ -129,20 +129,7 @@ pub async fn read_topic(
     tokio::task::spawn_blocking(move || {
         let result = fetch(&url, from, to, &settings)
             .and_then(|raws| decode(&url, raws, &settings, schema_hint));
-        // Broker and librdkafka messages are not ours to trust: scrub every
-        // configured property value from them, whatever its name.
-        result.map_err(|e| match e {
-            KafkaError::Broker {
-                url,
-                operation,
-                message,
-            } => KafkaError::Broker {
-                url,
-                operation,
-                message: crate::kafka::scrub_message(&message, &settings),
-            },
-            other => other,
-        })
+        result.map_err(|e| scrubbed(e, &settings))
     })
     .await
     .map_err(|e| KafkaError::Broker {
@@ -150,6 +137,23 @@ pub async fn read_topic(
         operation: "read",
         message: format!("the reader did not complete: {e}"),
     })?
+}
+
+/// Broker and librdkafka messages are not ours to trust: every configured
+/// property value is scrubbed from them, whatever its name.
+fn scrubbed(e: KafkaError, settings: &KafkaSettings) -> KafkaError {
+    match e {
+        KafkaError::Broker {
+            url,
+            operation,
+            message,
+        } => KafkaError::Broker {
+            url,
+            operation,
+            message: crate::kafka::scrub_message(&message, settings),
+        },
+        other => other,
+    }
 }
 
 #[derive(Debug)]
@@ -290,18 +294,7 @@ pub async fn check_topic(url: &str, settings: &KafkaSettings) -> Result<(), Kafk
         })?;
         partitions_of(&consumer, &url)
             .map(|_| ())
-            .map_err(|e| match e {
-                KafkaError::Broker {
-                    url,
-                    operation,
-                    message,
-                } => KafkaError::Broker {
-                    url,
-                    operation,
-                    message: crate::kafka::scrub_message(&message, &settings),
-                },
-                other => other,
-            })
+            .map_err(|e| scrubbed(e, &settings))
     })
     .await
     .map_err(|e| KafkaError::Broker {
