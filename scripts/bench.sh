@@ -7,6 +7,7 @@
 #   scripts/bench.sh                          # 1M, 10M, 50M events
 #   SIZES=10000000 ROUNDS=1 scripts/bench.sh  # one size, one round
 #   SKIP_KAFKA=1 scripts/bench.sh             # the scan/decide part only
+#   BENCH_BIN=path/to/backfill scripts/bench.sh  # no build, that binary
 #
 # Per size and round: backfill run (default memory limit), the same run
 # with --memory-limit 1G (its outputs must equal the first's), DuckDB's full
@@ -29,8 +30,14 @@ RESULTS=bench/results
 mkdir -p "$RESULTS" "$WORK"
 
 python3 -c "import duckdb" 2>/dev/null || pip install --quiet duckdb
-cargo build --release --bin backfill
-BIN="$CARGO_TARGET_DIR/release/backfill"
+# BENCH_BIN: measure a binary already built (e.g. while a newer commit's
+# release build would take longer than the measurement).
+if [ -n "${BENCH_BIN:-}" ]; then
+  BIN="$BENCH_BIN"
+else
+  cargo build --release --bin backfill
+  BIN="$CARGO_TARGET_DIR/release/backfill"
+fi
 
 measure() { # name, command...
   local name="$1"; shift

@@ -124,6 +124,8 @@ pub enum Command {
     StateAt(StateAtArgs),
     /// Lost transactions inferred from two snapshots of per-key totals.
     Infer(InferArgs),
+    /// Per key, a snapshot of the downstream against what the archive says it should hold.
+    Reconcile(ReconcileArgs),
     /// Inspect or clean the state (ledger and manifests).
     State(StateArgs),
     /// Work with run reports: merge the reports of shard runs into one.
@@ -377,6 +379,36 @@ pub struct RunArgs {
         help_heading = "Silences and volume anomalies"
     )]
     pub anomalies_sink: Option<String>,
+    /// Compare the downstream's snapshot with the archive first (as
+    /// `[reconcile] snapshot`): keys whose snapshot already reflects their
+    /// unresolved events have those replays held; the keys that disagree
+    /// go to OUT/reconcile.
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_RECONCILE_SNAPSHOT",
+        hide_env_values = true,
+        help_heading = "Reconciliation"
+    )]
+    pub reconcile_snapshot: Option<String>,
+    /// What the downstream holds per key (as `[reconcile] expected`), e.g.
+    /// "sum(amount)".
+    #[arg(
+        long,
+        value_name = "SQL",
+        env = "BACKFILL_RECONCILE_EXPECTED",
+        help_heading = "Reconciliation"
+    )]
+    pub reconcile_expected: Option<String>,
+    /// Where the disagreeing keys go (default OUT/reconcile).
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_RECONCILE_SINK",
+        hide_env_values = true,
+        help_heading = "Reconciliation"
+    )]
+    pub reconcile_sink: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -702,6 +734,55 @@ pub struct InferArgs {
     )]
     pub emit_inferred: Option<String>,
     /// Format of the per-key report on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReconcileArgs {
+    #[command(flatten)]
+    pub scan: ScanArgs,
+    /// The downstream's snapshot: a Parquet or .csv file with key, value
+    /// and as_of columns (other names: `[reconcile.columns]`).
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_SNAPSHOT",
+        hide_env_values = true
+    )]
+    pub snapshot: Option<String>,
+    /// What the downstream holds per key: an SQL aggregate over the key's
+    /// processed events up to as_of, e.g. "sum(amount)", "count(*)",
+    /// "max(seq)" (as `[reconcile] expected`).
+    #[arg(long, value_name = "SQL", env = "BACKFILL_EXPECTED")]
+    pub expected: Option<String>,
+    /// The snapshot's time for rows without an as_of (or a file without
+    /// the column), RFC 3339.
+    #[arg(
+        long,
+        value_name = "TIME",
+        allow_hyphen_values = true,
+        env = "BACKFILL_AS_OF"
+    )]
+    pub as_of: Option<String>,
+    /// The largest |actual - expected| that still agrees (default 0).
+    #[arg(
+        long,
+        value_name = "X",
+        allow_hyphen_values = true,
+        env = "BACKFILL_TOLERANCE"
+    )]
+    pub tolerance: Option<f64>,
+    /// Show every key, agreeing ones too.
+    #[arg(long, env = "BACKFILL_ALL", value_parser = BoolishValueParser::new())]
+    pub all: bool,
+    /// Exit 3 when a key disagrees (or is missing on either side).
+    #[arg(long, env = "BACKFILL_FAIL_ON_DISAGREE", value_parser = BoolishValueParser::new())]
+    pub fail_on_disagree: bool,
+    /// Output root: the keys shown also go to OUT/reconcile/ (Parquet).
+    #[arg(long, value_name = "DIR", env = "BACKFILL_OUT", hide_env_values = true)]
+    pub out: Option<String>,
+    /// Format on stdout.
     #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
     pub format: Format,
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use datafusion::dataframe::DataFrame;
-use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
+use datafusion::prelude::SessionContext;
 
 use crate::cli::InferArgs;
 use crate::error::Error;
@@ -33,8 +33,7 @@ const INFERRED_SQL: &str = "SELECT arrow_cast(key, 'Utf8') AS key, first_missing
 const INFERRED_OUT_SQL: &str = "SELECT key, seq_from, seq_to, amount, inferred, \
     arrow_cast(derivation_text, 'Utf8') AS derivation FROM inferred_raw";
 
-/// Register a snapshot file (Parquet, or CSV by its extension) as `name`;
-/// it must have `key` and `total`.
+/// Register a snapshot of totals (`key`, `total`) as `name`.
 async fn register_snapshot(
     ctx: &SessionContext,
     name: &str,
@@ -42,44 +41,24 @@ async fn register_snapshot(
     loc: &str,
     storage: &crate::location::StorageSettings,
 ) -> Result<(), Error> {
-    let resolved = crate::location::resolve(loc, storage)?;
-    resolved.register(ctx);
-    // Registered above for its scheme: DataFusion reads the URL as given.
-    let url = loc.to_string();
-    let bad = |e: datafusion::error::DataFusionError| {
-        Error::Usage(format!(
-            "{flag} {}: cannot read it as a snapshot: {}",
-            crate::redact::url(loc),
-            e.strip_backtrace().lines().next().unwrap_or_default()
-        ))
-    };
-    if loc.ends_with(".csv") {
-        ctx.register_csv(name, &url, CsvReadOptions::new().has_header(true))
-            .await
-            .map_err(bad)?;
-    } else {
-        ctx.register_parquet(name, &url, ParquetReadOptions::default())
-            .await
-            .map_err(bad)?;
-    }
-    let schema = ctx.table(name).await?.schema().clone();
-    for col in ["key", "total"] {
-        if schema.field_with_unqualified_name(col).is_err() {
-            return Err(Error::Usage(format!(
-                "{flag} {}: the snapshot has no `{col}` column (a snapshot is key, total)",
-                crate::redact::url(loc)
-            )));
-        }
-    }
-    // The key compared as text, whatever its type in the file.
-    let df = ctx
-        .sql(&format!(
-            "SELECT CAST(key AS VARCHAR) AS key, total FROM {name}"
-        ))
-        .await?;
-    ctx.deregister_table(name)?;
-    ctx.register_table(name, df.into_view())?;
-    Ok(())
+    use crate::snapshot::Column;
+    let columns = [
+        Column {
+            name: "key",
+            source: "key",
+            text: true,
+            optional: false,
+            hint: "",
+        },
+        Column {
+            name: "total",
+            source: "total",
+            text: false,
+            optional: false,
+            hint: "",
+        },
+    ];
+    crate::snapshot::register(ctx, name, flag, loc, storage, &columns).await
 }
 
 /// The per-key report over the registered `events`, `gaps` and snapshots.
@@ -142,53 +121,76 @@ pub async fn infer(args: InferArgs) -> Result<(), Error> {
     if let Some(t) = &args.emit_inferred {
         targets.push(t.clone());
     }
-    let run_id = format!("infer-{}", Utc::now().format("%Y%m%dT%H%M%S%.3fZ"));
+    let batches = inferred.clone().collect().await?;
+    let schema = Arc::new(inferred.schema().as_arrow().clone());
     for target in targets {
-        let batches = inferred.clone().collect().await?;
-        let schema = Arc::new(inferred.schema().as_arrow().clone());
-        let ctx_sink = SinkContext {
-            run_id: run_id.clone(),
-            nonce: format!(
-                "{}-{}",
-                Utc::now().timestamp_nanos_opt().unwrap_or_default(),
-                std::process::id()
-            ),
-            kind: SinkKind::Inferred,
-            schema,
-            columns: Arc::new(RowColumns {
-                event_id: "event_id".into(),
-                key: "key".into(),
-                seq: "seq_from".into(),
-                event_time: "event_time".into(),
-                status: "status".into(),
-                error: "error".into(),
-                payload: "payload".into(),
-            }),
-            storage: scan.storage.clone(),
-            kafka: job.kafka.clone(),
-        };
-        let mut out = sink::open(&target, ctx_sink)?;
-        let delivered = async {
-            out.check().await?;
-            for b in &batches {
-                out.write(b).await?;
-            }
-            let r = out.finish().await?;
-            out.precommit().await?;
-            out.publish().await?;
-            Ok::<_, Error>(r.rows)
-        }
-        .await;
-        match delivered {
-            Ok(n) => tracing::info!(
-                "{}",
-                crate::redact::line(&format!("{n} inferred event(s) written to {target}"))
-            ),
-            Err(e) => {
-                out.abort().await;
-                return Err(e);
-            }
-        }
+        let n = write_all(
+            &target,
+            SinkKind::Inferred,
+            schema.clone(),
+            &batches,
+            &scan,
+            job.kafka.clone(),
+        )
+        .await?;
+        tracing::info!(
+            "{}",
+            crate::redact::line(&format!("{n} inferred event(s) written to {target}"))
+        );
     }
     Ok(())
+}
+
+/// Write `batches` to the sink at `target` (check, write, finish,
+/// precommit, publish; abort on failure) for a command that records
+/// nothing in the state (`infer`, `reconcile`): the rows delivered.
+pub async fn write_all(
+    target: &str,
+    kind: SinkKind,
+    schema: arrow::datatypes::SchemaRef,
+    batches: &[arrow::record_batch::RecordBatch],
+    scan: &crate::job::Scan,
+    kafka: Option<crate::kafka::KafkaSettings>,
+) -> Result<u64, Error> {
+    let ctx_sink = SinkContext {
+        run_id: format!(
+            "{}-{}",
+            kind.name(),
+            Utc::now().format("%Y%m%dT%H%M%S%.3fZ")
+        ),
+        nonce: format!(
+            "{}-{}",
+            Utc::now().timestamp_nanos_opt().unwrap_or_default(),
+            std::process::id()
+        ),
+        kind,
+        schema,
+        columns: Arc::new(RowColumns {
+            event_id: "event_id".into(),
+            key: "key".into(),
+            seq: "seq_from".into(),
+            event_time: "event_time".into(),
+            status: "status".into(),
+            error: "error".into(),
+            payload: "payload".into(),
+        }),
+        storage: scan.storage.clone(),
+        kafka,
+    };
+    let mut out = sink::open(target, ctx_sink)?;
+    let delivered = async {
+        out.check().await?;
+        for b in batches {
+            out.write(b).await?;
+        }
+        let r = out.finish().await?;
+        out.precommit().await?;
+        out.publish().await?;
+        Ok::<_, Error>(r.rows)
+    }
+    .await;
+    if delivered.is_err() {
+        out.abort().await;
+    }
+    delivered
 }

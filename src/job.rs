@@ -108,6 +108,9 @@ pub struct JobFile {
     /// `backfill state-at`: the state as aggregates, and the statuses that
     /// mean a key was deleted.
     pub state_at: Option<crate::state_at::StateAtSettings>,
+    /// `backfill reconcile`, `run --reconcile-snapshot`: the downstream's
+    /// snapshot and what it holds per key.
+    pub reconcile: Option<crate::reconcile::ReconcileFile>,
 }
 
 /// A string or a list of strings.
@@ -152,6 +155,8 @@ pub struct SinkTargets {
     pub silences: Option<String>,
     /// Volume anomalies (`[detect.volume]`), default `<out>/anomalies`.
     pub anomalies: Option<String>,
+    /// Keys whose downstream snapshot disagrees (`run --reconcile-snapshot`).
+    pub reconcile: Option<String>,
 }
 
 /// `[[partitions]]`: one hive folder level, e.g. `name = "dt"`,
@@ -276,6 +281,9 @@ pub struct RunSettings {
     /// Volume anomalies to find and where they go; `None`: not asked for.
     pub volume: Option<detect::Volume>,
     pub anomalies_sink: Option<String>,
+    /// The downstream's snapshot to reconcile with first; `None`: not asked.
+    pub reconcile: Option<crate::reconcile::Reconcile>,
+    pub reconcile_sink: Option<String>,
     pub max_attempts: i64,
     pub permanent_errors: Vec<String>,
     pub run_id: String,
@@ -761,6 +769,17 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
     )?;
     let silences_sink = args.silences_sink.clone().or(sinks.silences);
     let anomalies_sink = args.anomalies_sink.clone().or(sinks.anomalies);
+    let reconcile = crate::reconcile::settings(
+        job.reconcile.as_ref(),
+        &crate::reconcile::Flags {
+            snapshot: args.reconcile_snapshot.as_deref(),
+            expected: args.reconcile_expected.as_deref(),
+            ..Default::default()
+        },
+        "--reconcile-snapshot",
+        "--reconcile-expected",
+    )?;
+    let reconcile_sink = args.reconcile_sink.clone().or(sinks.reconcile);
     let state = args.state.clone().or(job.state.clone());
     let state = match (state, &out) {
         (Some(s), _) => s,
@@ -779,8 +798,10 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
             ("--gaps-sink", &gaps_sink),
             ("--silences-sink", &silences_sink),
             ("--anomalies-sink", &anomalies_sink),
+            ("--reconcile-sink", &reconcile_sink),
         ] {
             let needed = match flag {
+                "--reconcile-sink" => reconcile.is_some(),
                 "--gaps-sink" => scan.detect_gaps,
                 "--silences-sink" => silence.is_some(),
                 "--anomalies-sink" => volume.is_some(),
@@ -832,6 +853,12 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
             return Err(invalid(
                 "--shard",
                 "silences and volume anomalies are found over the whole window, not per shard: run them without --shard (or with `backfill silences` / `backfill anomalies`)",
+            ));
+        }
+        if reconcile.is_some() {
+            return Err(invalid(
+                "--shard",
+                "reconciliation compares every key of the snapshot, not a shard's: run it without --shard (or with `backfill reconcile`)",
             ));
         }
     }
@@ -889,6 +916,7 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
         &gaps_sink,
         &silences_sink,
         &anomalies_sink,
+        &reconcile_sink,
     ]
     .into_iter()
     .flatten()
@@ -906,6 +934,8 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
         silences_sink,
         volume,
         anomalies_sink,
+        reconcile,
+        reconcile_sink,
         max_attempts,
         permanent_errors,
         run_id,

@@ -200,6 +200,7 @@ fn start_logs(cli: &Cli) -> Result<event_backfill::log::Settings, String> {
         Command::Runs(_) => ("warn", Progress::Off),
         Command::StateAt(a) => ("warn", a.scan.progress),
         Command::Infer(a) => ("warn", a.scan.progress),
+        Command::Reconcile(a) => ("warn", a.scan.progress),
         Command::Redrive(a) => ("info", a.progress),
         _ => ("info", Progress::Off),
     };
@@ -410,6 +411,7 @@ async fn dispatch(cmd: Command) -> Result<u8, Error> {
         Command::Runs(a) => event_backfill::runs::runs(a.command).await.map(|_| EXIT_OK),
         Command::StateAt(a) => event_backfill::state_at::state_at(a).await.map(|_| EXIT_OK),
         Command::Infer(a) => event_backfill::infer::infer(a).await.map(|_| EXIT_OK),
+        Command::Reconcile(a) => event_backfill::reconcile::reconcile(a).await,
         Command::Redrive(args) => {
             let outcome = run::redrive::redrive(args).await?;
             let r = &outcome.report;

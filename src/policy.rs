@@ -19,7 +19,7 @@
 //! cannot be a retry count is dead-lettered rather than carried into the
 //! Int32 `backfill_attempt` column.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arrow::array::{
@@ -60,6 +60,9 @@ pub const REASON_AFTER_CONFLICT: &str = "after_conflict";
 /// never written, not in the ledger.
 pub const HELD_BY_GAP: &str = "held_by_gap";
 pub const HELD_BY_CONFLICT: &str = "held_by_conflict";
+/// A would-be replay of a key whose downstream snapshot already reflects
+/// its unresolved events (`run --reconcile-snapshot`, [`crate::reconcile`]).
+pub const HELD_BY_RECONCILE: &str = "held_by_reconcile";
 
 /// What a run does with the events of a key that would be replayed after
 /// the key's first gap (or first conflicting seq): consumers that need
@@ -107,6 +110,19 @@ pub struct Policy {
     pub on_gap: OnBarrier,
     /// Replays after the key's first conflicting seq.
     pub on_conflict: OnBarrier,
+    /// Keys whose downstream already reflects their unresolved events, each
+    /// with the snapshot's time (µs since the epoch, UTC): their would-be
+    /// replays at or before it are held.
+    pub reconciled: Option<Reconciled>,
+}
+
+/// The keys a reconciliation holds, and the candidates' columns (the
+/// source's names) that hold the key and the event time.
+#[derive(Debug, Clone)]
+pub struct Reconciled {
+    pub keys: Arc<HashMap<String, i64>>,
+    pub key_column: String,
+    pub time_column: String,
 }
 
 /// Counts of one or more decided batches.
@@ -324,7 +340,12 @@ impl Policy {
         let after_gap = barred(&rest, self.on_gap, internal::AFTER_GAP)?;
         let rest = boolean::and_not(&rest, &after_gap)?;
         let after_conflict = barred(&rest, self.on_conflict, internal::AFTER_CONFLICT)?;
-        let is_replay = boolean::and_not(&rest, &after_conflict)?;
+        let rest = boolean::and_not(&rest, &after_conflict)?;
+        let held_by_reconcile = match &self.reconciled {
+            Some(r) if !r.keys.is_empty() => boolean::and(&rest, &reconciled(batch, r)?)?,
+            _ => none.clone(),
+        };
+        let is_replay = boolean::and_not(&rest, &held_by_reconcile)?;
         let pick = |m: &BooleanArray, on: OnBarrier, want: OnBarrier| {
             if on == want { m.clone() } else { none.clone() }
         };
@@ -416,6 +437,7 @@ impl Policy {
         for (name, m) in [
             (HELD_BY_GAP, &held_by_gap),
             (HELD_BY_CONFLICT, &held_by_conflict),
+            (HELD_BY_RECONCILE, &held_by_reconcile),
         ] {
             if count(m) > 0 {
                 held_by_reason.insert(name.to_string(), count(m));
@@ -431,7 +453,7 @@ impl Policy {
                 dead_lettered: count(&is_dlq),
                 skipped_dead_lettered: count(&skipped),
                 dead_lettered_by_reason: by_reason,
-                held: count(&held_by_gap) + count(&held_by_conflict),
+                held: count(&held_by_gap) + count(&held_by_conflict) + count(&held_by_reconcile),
                 held_by_reason,
             },
         })
@@ -531,6 +553,34 @@ pub fn undecodable(
     Ok((dlq, ledger))
 }
 
+/// Rows whose `key` is one of `keys` and whose `event_time` is at or
+/// before that key's snapshot time (a row without either: false).
+fn reconciled(batch: &RecordBatch, r: &Reconciled) -> Result<BooleanArray, PolicyError> {
+    let n = batch.num_rows();
+    let keys = &r.keys;
+    let (Some(key), Some(time)) = (
+        batch.column_by_name(&r.key_column),
+        batch.column_by_name(&r.time_column),
+    ) else {
+        return Ok(BooleanArray::from(vec![false; n]));
+    };
+    let key = cast(key, &DataType::Utf8)?;
+    let key = key.as_string::<i32>();
+    let time = cast(time, &DataType::Timestamp(TimeUnit::Microsecond, None))?;
+    let time = time.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+    Ok((0..n)
+        .map(|i| {
+            Some(
+                key.is_valid(i)
+                    && time.is_valid(i)
+                    && keys
+                        .get(key.value(i))
+                        .is_some_and(|at| time.value(i) <= *at),
+            )
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -598,6 +648,7 @@ mod tests {
             detected_at_us: 1_700_000_000_000_000,
             on_gap: OnBarrier::Replay,
             on_conflict: OnBarrier::Replay,
+            reconciled: None,
         }
     }
 

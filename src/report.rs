@@ -71,6 +71,10 @@ pub struct Report {
     pub silences: u64,
     /// Flagged volume buckets (`[detect.volume]`; 0 when not asked).
     pub anomalies: u64,
+    /// `--reconcile-snapshot`: the snapshot's keys by status (absent when
+    /// not asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconcile: Option<crate::reconcile::Counts>,
     /// Kafka-source messages that did not decode, dead-lettered as
     /// `undecodable` (not events: outside the balance above).
     pub undecodable_dead_lettered: u64,
@@ -341,6 +345,19 @@ impl Report {
         if self.outputs.contains_key("anomalies") || self.anomalies > 0 {
             figures.push(("anomalies", self.anomalies, String::new()));
         }
+        if let Some(r) = &self.reconcile {
+            figures.push((
+                "disagree",
+                r.disagreeing(),
+                format!(
+                    "of {} in the snapshot's comparison ({} missing downstream, {} missing in the archive); {} explained by unresolved events",
+                    count(r.keys),
+                    count(r.missing_downstream),
+                    count(r.missing_archive),
+                    count(r.explained)
+                ),
+            ));
+        }
         if self.kafka_messages > 0 {
             figures.push((
                 "kafka messages",
@@ -384,6 +401,7 @@ impl Report {
                 "gaps" => "gap records",
                 "silences" => "silences",
                 "anomalies" => "anomalies",
+                "reconcile" => "keys",
                 other => other,
             };
             let place = match r.outputs.as_slice() {

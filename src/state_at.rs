@@ -68,27 +68,51 @@ pub async fn validate_fold(
                 "{what}: the name is empty or taken by the output's own `key`/`last_event_time`; choose another"
             )));
         }
-        let sql = format!("SELECT {expr} AS x FROM events GROUP BY key");
-        let plan = ctx.state().create_logical_plan(&sql).await.map_err(|e| {
-            let m = e.strip_backtrace();
-            let first = m.lines().next().unwrap_or_default().to_string();
-            if first.contains("No field named") {
-                Error::Usage(format!("{what}: unknown column ({first})"))
-            } else if first.contains("GROUP BY") || first.contains("aggregate") {
-                Error::Usage(format!(
-                    "{what}: not an aggregate; write an aggregate such as sum(amount), max(status), count(*)"
-                ))
-            } else {
-                Error::Usage(format!("{what}: {first}"))
-            }
-        })?;
-        if !has_aggregate(&plan) {
-            return Err(Error::Usage(format!(
-                "{what}: not an aggregate; write an aggregate such as sum(amount), max(status), count(*)"
-            )));
-        }
+        check_aggregate(ctx, &what, expr).await?;
     }
     Ok(())
+}
+
+/// `expr` planned alone over `events`, per key: it must be one aggregate
+/// expression (an unknown column, SQL that does not parse, `amount + 1`,
+/// `key`, or two expressions are refused, named by `what`). The plan's one
+/// output column is the expression's.
+pub async fn check_aggregate(
+    ctx: &SessionContext,
+    what: &str,
+    expr: &str,
+) -> Result<LogicalPlan, Error> {
+    // The expression is placed inside larger queries: a comment or a `;`
+    // could end it early and change what the query means.
+    if expr.contains("--") || expr.contains("/*") || expr.contains(';') {
+        return Err(Error::Usage(format!(
+            "{what}: comments and `;` are not allowed in an expression"
+        )));
+    }
+    let sql = format!("SELECT {expr} AS x FROM events GROUP BY key");
+    let not_aggregate = || {
+        Error::Usage(format!(
+            "{what}: not an aggregate; write an aggregate such as sum(amount), max(status), count(*)"
+        ))
+    };
+    let plan = ctx.state().create_logical_plan(&sql).await.map_err(|e| {
+        let m = e.strip_backtrace();
+        let first = m.lines().next().unwrap_or_default().to_string();
+        if first.contains("No field named") {
+            Error::Usage(format!("{what}: unknown column ({first})"))
+        } else if first.contains("GROUP BY") || first.contains("aggregate") {
+            not_aggregate()
+        } else {
+            Error::Usage(format!("{what}: {first}"))
+        }
+    })?;
+    if plan.schema().fields().len() != 1 {
+        return Err(Error::Usage(format!("{what}: one expression, not a list")));
+    }
+    if !has_aggregate(&plan) {
+        return Err(not_aggregate());
+    }
+    Ok(plan)
 }
 
 /// Whether the plan aggregates something besides its group key.

@@ -3509,6 +3509,7 @@ mod tests {
                 detected_at_us: 0,
                 on_gap: barrier(rng.below(3)),
                 on_conflict: barrier(rng.below(3)),
+                reconciled: None,
             };
             let est_rows = if rng.chance(50) { 0 } else { 1 << 30 };
             COLLIDE.store(rng.chance(30), Ordering::Relaxed);

@@ -120,11 +120,16 @@ impl Layout {
         // Replay and DLQ rows keep the source's column names; gap rows name
         // their key `key` whatever the source calls it.
         let key_column = match kind {
-            SinkKind::Gaps | SinkKind::Silences | SinkKind::Anomalies => GAPS_KEY_COLUMN,
+            SinkKind::Gaps | SinkKind::Silences | SinkKind::Anomalies | SinkKind::Reconcile => {
+                GAPS_KEY_COLUMN
+            }
             _ => columns.key.as_str(),
         };
         let payload = match (kind, settings.value) {
-            (SinkKind::Gaps | SinkKind::Silences | SinkKind::Anomalies, _)
+            (
+                SinkKind::Gaps | SinkKind::Silences | SinkKind::Anomalies | SinkKind::Reconcile,
+                _,
+            )
             | (_, Some(ValueFormat::Json)) => None,
             (_, Some(ValueFormat::Payload)) => Some(idx(&columns.payload).ok_or_else(|| {
                 format!(

@@ -148,6 +148,18 @@ pub(super) fn decision_settings(settings: &RunSettings) -> serde_json::Value {
             }),
         );
     }
+    if let (Some(r), Some(map)) = (&settings.reconcile, v.as_object_mut()) {
+        map.insert(
+            "reconcile".into(),
+            serde_json::json!({
+                "snapshot": crate::redact::url(&r.snapshot),
+                "expected": r.expected,
+                "as_of": r.as_of.map(|t| t.to_rfc3339()),
+                "tolerance": r.tolerance,
+                "sink": sink(&settings.reconcile_sink, crate::sink::SinkKind::Reconcile),
+            }),
+        );
+    }
     v
 }
 

@@ -169,6 +169,14 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
         }
         None => None,
     };
+    let reconcile_schema = match &settings.reconcile {
+        Some(r) => {
+            crate::reconcile::register(&ctx, r, &scan.storage).await?;
+            let df = crate::reconcile::report(&ctx, r).await?;
+            Some(gaps_output_schema(df.schema().as_arrow(), false))
+        }
+        None => None,
+    };
 
     // The plan: the outputs' schemas, known before anything is read (the
     // views' shapes; the one-pass detection produces the same).
@@ -217,6 +225,11 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
             SinkKind::Anomalies,
             &settings.anomalies_sink,
             anomalies_schema.clone(),
+        ),
+        (
+            SinkKind::Reconcile,
+            &settings.reconcile_sink,
+            reconcile_schema.clone(),
         ),
     ] {
         if kind == SinkKind::Gaps && !scan.detect_gaps {
@@ -455,13 +468,14 @@ async fn execute(
         ..
     } = *attempt;
     let detected_at_us = Utc::now().timestamp_micros();
-    let policy = Policy {
+    let mut policy = Policy {
         max_attempts: settings.max_attempts,
         permanent_errors: settings.permanent_errors.clone(),
         run_id: settings.run_id.clone(),
         detected_at_us,
         on_gap: settings.on_gap,
         on_conflict: settings.on_conflict,
+        reconciled: None,
     };
 
     phases.set("scanning the archive");
@@ -644,6 +658,39 @@ async fn execute(
         }
         lap(report, "anomalies");
     }
+    // Reconciliation: the keys that disagree to their sink; the keys whose
+    // downstream already reflects their unresolved events hold those
+    // replays (the policy's `reconciled`).
+    if let Some(r) = &settings.reconcile {
+        phases.set("reconciling with the downstream's snapshot");
+        let full = crate::reconcile::report(ctx, r).await?;
+        let rows = full
+            .collect()
+            .await
+            .map_err(|e| spill_full(e, &spill_dir))?;
+        let mut counts = crate::reconcile::Counts::default();
+        for b in &rows {
+            counts.count(b)?;
+        }
+        let table = ctx.read_batches(rows)?;
+        let keys = crate::reconcile::explained_keys(table.clone()).await?;
+        let mut shown = crate::reconcile::shown(table, false)?
+            .execute_stream()
+            .await?;
+        while let Some(b) = shown.next().await {
+            let b = with_run_columns(&b?, &settings.run_id, detected_at_us, None)?;
+            for s in sinks.iter_mut().filter(|s| s.kind == SinkKind::Reconcile) {
+                s.sink.write(&b).await?;
+            }
+        }
+        report.reconcile = Some(counts);
+        policy.reconciled = Some(crate::policy::Reconciled {
+            keys: Arc::new(keys),
+            key_column: settings.scan.columns.key.clone(),
+            time_column: settings.scan.columns.event_time.clone(),
+        });
+        lap(report, "reconcile");
+    }
 
     // Candidates → policy → replay / DLQ / ledger.
     phases.set("deciding");
@@ -704,7 +751,8 @@ async fn execute(
                 | SinkKind::Silences
                 | SinkKind::Anomalies
                 | SinkKind::State
-                | SinkKind::Inferred => {}
+                | SinkKind::Inferred
+                | SinkKind::Reconcile => {}
             }
         }
         if let Some(l) = ledger.as_mut() {
@@ -769,6 +817,10 @@ async fn execute(
             (SinkKind::Gaps, report.gaps),
             (SinkKind::Silences, report.silences),
             (SinkKind::Anomalies, report.anomalies),
+            (
+                SinkKind::Reconcile,
+                report.reconcile.as_ref().map_or(0, |c| c.disagreeing()),
+            ),
         ] {
             if let Some(r) = report.outputs.get_mut(kind.name()) {
                 r.rows = rows;

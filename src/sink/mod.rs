@@ -39,6 +39,8 @@ pub enum SinkKind {
     State,
     /// Compensating events `backfill infer` inferred from snapshots.
     Inferred,
+    /// Keys whose downstream snapshot disagrees ([`crate::reconcile`]).
+    Reconcile,
 }
 
 impl SinkKind {
@@ -51,6 +53,7 @@ impl SinkKind {
             SinkKind::Anomalies => "anomalies",
             SinkKind::State => "state",
             SinkKind::Inferred => "inferred",
+            SinkKind::Reconcile => "reconcile",
         }
     }
 }

@@ -1117,6 +1117,11 @@ fn unify(a: &DataType, b: &DataType) -> Option<DataType> {
     }
 }
 
+/// Text of any Arrow string type.
+pub fn is_text(t: &DataType) -> bool {
+    is_string(t)
+}
+
 fn is_string(t: &DataType) -> bool {
     matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
 }

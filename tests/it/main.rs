@@ -15,6 +15,7 @@ mod kafka;
 mod kafka_e2e;
 mod logs;
 mod memory;
+mod reconcile;
 mod recover;
 mod redis;
 mod redrive;

@@ -1,0 +1,112 @@
+-- reconcile: per key, a snapshot of the downstream store against what the
+-- archive says the downstream should hold at the snapshot's time.
+--
+-- `snapshot` holds (__bf_key, __bf_actual, __bf_as_of): one row per key,
+-- the value the downstream holds and when it was read. A key the archive
+-- has processed events for but the snapshot lacks is compared at the
+-- snapshot's latest as_of.
+--
+--   expected         the job's aggregate (`sum(amount) /*expected*/`, which
+--                    the binary replaces with the job's: count(*),
+--                    max(seq), ...) over the key's processed
+--                    events at or before as_of, each event once: its
+--                    first processed row (a duplicate delivery the archive
+--                    holds twice is one event to an idempotent consumer)
+--   with_unresolved  the same aggregate with the key's unresolved events at
+--                    or before as_of added (their chosen rows, as a replay
+--                    would carry them): what the downstream would hold had
+--                    they been applied
+--   status           agree               |actual - expected| <= tolerance
+--                    disagree            otherwise
+--                    missing_downstream  processed events, no snapshot row
+--                    missing_archive     a snapshot row, no processed event
+--                                        of the key up to as_of
+--   explained        the status is not agree, and with_unresolved matches
+--                    actual (within the tolerance): the downstream already
+--                    reflects the unresolved events (what was lost is their
+--                    status, not their effect), so replaying them would
+--                    apply them twice
+--
+-- Events without an event_time (or one after as_of) count on neither side.
+-- `0 /*tolerance*/` is replaced by the job's tolerance (a non-negative
+-- number).
+CREATE OR REPLACE VIEW reconcile AS
+WITH horizon AS (
+    SELECT max(__bf_as_of) AS __bf_as_of FROM snapshot
+),
+scope AS (
+    SELECT __bf_key, __bf_as_of, true AS __bf_in_snapshot FROM snapshot
+    UNION ALL
+    SELECT DISTINCT e.key AS __bf_key, h.__bf_as_of, false AS __bf_in_snapshot
+    FROM events e CROSS JOIN horizon h
+    WHERE e.backfill_done AND e.key IS NOT NULL AND e.event_time <= h.__bf_as_of
+      AND NOT EXISTS (SELECT 1 FROM snapshot s WHERE s.__bf_key = e.key)
+),
+done AS (
+    SELECT * EXCLUDE (__bf_first, __bf_key, __bf_as_of, __bf_in_snapshot)
+    FROM (
+        SELECT e.*, s.*,
+               row_number() OVER (
+                   PARTITION BY e.event_id
+                   ORDER BY e.event_time, e.seq NULLS LAST, e.status
+               ) AS __bf_first
+        FROM events e JOIN scope s ON e.key = s.__bf_key
+        WHERE e.backfill_done AND e.event_time <= s.__bf_as_of
+    )
+    WHERE __bf_first = 1
+),
+open AS (
+    SELECT * EXCLUDE (archived_attempts, archived_rows, __bf_key, __bf_as_of, __bf_in_snapshot)
+    FROM (
+        SELECT u.*, s.*
+        FROM unprocessed u JOIN scope s ON u.key = s.__bf_key
+        WHERE u.event_time <= s.__bf_as_of
+    )
+),
+expected AS (
+    SELECT key AS __bf_k, sum(amount) /*expected*/ AS __bf_expected, count(*) AS __bf_processed
+    FROM done
+    GROUP BY key
+),
+unresolved AS (
+    SELECT key AS __bf_k, count(*) AS __bf_unresolved,
+           array_to_string(
+               array_slice(array_agg(event_id ORDER BY seq NULLS LAST, event_id), 1, 20), ' '
+           ) AS __bf_ids
+    FROM open
+    GROUP BY key
+),
+with_open AS (
+    SELECT key AS __bf_k, sum(amount) /*expected*/ AS __bf_with_unresolved
+    FROM (SELECT * FROM done UNION ALL SELECT * FROM open)
+    GROUP BY key
+),
+joined AS (
+    SELECT s.__bf_key AS key,
+           s.__bf_as_of AS as_of,
+           s.__bf_in_snapshot,
+           sn.__bf_actual AS actual,
+           x.__bf_expected AS expected,
+           coalesce(x.__bf_processed, 0) AS processed_events,
+           coalesce(u.__bf_unresolved, 0) AS unresolved_events,
+           u.__bf_ids AS unresolved_event_ids,
+           w.__bf_with_unresolved AS with_unresolved
+    FROM scope s
+    LEFT JOIN snapshot sn ON s.__bf_in_snapshot AND s.__bf_key = sn.__bf_key
+    LEFT JOIN expected x ON s.__bf_key = x.__bf_k
+    LEFT JOIN unresolved u ON s.__bf_key = u.__bf_k
+    LEFT JOIN with_open w ON s.__bf_key = w.__bf_k
+),
+judged AS (
+    SELECT *,
+           CASE WHEN NOT __bf_in_snapshot THEN 'missing_downstream'
+                WHEN processed_events = 0 THEN 'missing_archive'
+                WHEN abs(actual - expected) <= 0 /*tolerance*/ THEN 'agree'
+                ELSE 'disagree' END AS status
+    FROM joined
+)
+SELECT key, as_of, status, actual, expected, actual - expected AS difference,
+       processed_events, unresolved_events, unresolved_event_ids, with_unresolved,
+       coalesce(status <> 'agree' AND __bf_in_snapshot AND unresolved_events > 0
+                AND abs(actual - with_unresolved) <= 0 /*tolerance*/, false) AS explained
+FROM judged
