@@ -6,7 +6,7 @@
 -- "Latest" is the highest event_time, then the highest seq, then the
 -- highest event_id (a deterministic pick among exact ties). Unprocessed
 -- rows (backfill_done false) never count: state is what the processed
--- events imply. A `key = 'K'` filter on the result is pushed below the
+-- events imply; rows without a key are no key's state. A `key = 'K'` filter on the result is pushed below the
 -- window (it partitions by key) into the Parquet scan.
 SELECT * EXCLUDE (backfill_done, backfill_missing_event_id, __bf_rank)
 FROM (
@@ -16,6 +16,6 @@ FROM (
                ORDER BY event_time DESC NULLS LAST, seq DESC NULLS LAST, event_id DESC
            ) AS __bf_rank
     FROM events
-    WHERE backfill_done AND event_time <= $1
+    WHERE backfill_done AND event_time <= $1 AND key IS NOT NULL
 )
 WHERE __bf_rank = 1

@@ -733,6 +733,15 @@ pub struct InferArgs {
         hide_env_values = true
     )]
     pub emit_inferred: Option<String>,
+    /// The largest |missing amount| that is nothing missing (default 0;
+    /// float amounts seldom add up exactly).
+    #[arg(
+        long,
+        value_name = "X",
+        allow_hyphen_values = true,
+        env = "BACKFILL_TOLERANCE"
+    )]
+    pub tolerance: Option<f64>,
     /// Format of the per-key report on stdout.
     #[arg(long, value_enum, default_value_t = Format::Table, env = "BACKFILL_FORMAT")]
     pub format: Format,

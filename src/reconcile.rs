@@ -183,6 +183,7 @@ pub async fn register(
             name: "__bf_key",
             source: &r.key_column,
             text: true,
+            number: false,
             optional: false,
             hint: "; name it in [reconcile.columns] key",
         },
@@ -190,6 +191,7 @@ pub async fn register(
             name: "__bf_actual",
             source: &r.value_column,
             text: false,
+            number: true,
             optional: false,
             hint: "; name it in [reconcile.columns] value",
         },
@@ -197,6 +199,7 @@ pub async fn register(
             name: "__bf_as_of",
             source: &r.as_of_column,
             text: false,
+            number: false,
             optional: r.as_of.is_some(),
             hint: "; give the snapshot's time with --as-of, or name its column in [reconcile.columns] as_of",
         },
@@ -212,17 +215,6 @@ pub async fn register(
     .await?;
     let shown = crate::redact::url(&r.snapshot);
     let file = ctx.table("snapshot_file").await?;
-    let actual_type = file
-        .schema()
-        .field_with_unqualified_name("__bf_actual")?
-        .data_type()
-        .clone();
-    if !is_number(&actual_type) {
-        return Err(Error::Usage(format!(
-            "{} {shown}: the column `{}` is {actual_type}, not a number",
-            r.snapshot_origin, r.value_column
-        )));
-    }
     let fallback = match r.as_of {
         Some(t) => format!(
             "CAST('{}' AS TIMESTAMP)",
@@ -429,7 +421,13 @@ impl Counts {
 
 /// `backfill reconcile`.
 pub async fn reconcile(args: crate::cli::ReconcileArgs) -> Result<u8, Error> {
-    let (scan, job) = crate::job::scan_settings(&args.scan)?;
+    let (mut scan, job) = crate::job::scan_settings(&args.scan)?;
+    let out = args.out.clone().or(job.out.clone());
+    let target = out
+        .as_ref()
+        .map(|o| format!("{}/reconcile", o.trim_end_matches('/')));
+    // As for a run: the output is never read back as events.
+    scan.exclude.extend(target.clone());
     let flags = Flags {
         snapshot: args.snapshot.as_deref(),
         expected: args.expected.as_deref(),
@@ -457,10 +455,9 @@ pub async fn reconcile(args: crate::cli::ReconcileArgs) -> Result<u8, Error> {
     let schema = Arc::new(shown_df.schema().as_arrow().clone());
     let batches = shown_df.clone().collect().await?;
     crate::commands::print_batches(schema.clone(), &batches, args.format)?;
-    if let Some(out) = args.out.clone().or(job.out.clone()) {
-        let target = format!("{}/reconcile", out.trim_end_matches('/'));
+    if let Some(target) = target {
         crate::infer::write_all(
-            &target,
+            &[target],
             crate::sink::SinkKind::Reconcile,
             schema,
             &batches,

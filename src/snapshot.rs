@@ -47,6 +47,16 @@ pub async fn register(
     let mut select = vec![];
     for c in columns {
         let present = schema.field_with_unqualified_name(c.source).is_ok();
+        if c.number
+            && let Ok(f) = schema.field_with_unqualified_name(c.source)
+            && !(f.data_type().is_numeric() || f.data_type().is_null())
+        {
+            return Err(Error::Usage(format!(
+                "{flag} {shown}: the column `{}` is {}, not a number",
+                c.source,
+                f.data_type()
+            )));
+        }
         let expr = match (present, c.optional) {
             (true, _) if c.text => format!("CAST({} AS VARCHAR)", crate::source::quoted(c.source)),
             (true, _) => crate::source::quoted(c.source),
@@ -85,8 +95,8 @@ pub async fn register(
         .collect()
         .await
         .map_err(bad)?;
+    use arrow::array::{Array, AsArray};
     if let Some(b) = rows.iter().find(|b| b.num_rows() > 0) {
-        use arrow::array::{Array, AsArray};
         let k = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8)?;
         let k = k.as_string::<i32>();
         let n = b
@@ -105,6 +115,32 @@ pub async fn register(
             )
         }));
     }
+    // A value the file leaves NULL (beside a column it may lack): no value
+    // to compare, and never a silent 0.
+    for c in columns.iter().skip(1).filter(|c| !c.optional) {
+        let name = crate::source::quoted(c.name);
+        let n = ctx
+            .sql(&format!(
+                "SELECT count(*) FROM {table} WHERE {name} IS NULL"
+            ))
+            .await?
+            .collect()
+            .await
+            .map_err(bad)?
+            .first()
+            .map(|b| {
+                b.column(0)
+                    .as_primitive::<arrow::datatypes::Int64Type>()
+                    .value(0)
+            })
+            .unwrap_or(0);
+        if n > 0 {
+            return Err(Error::Usage(format!(
+                "{flag} {shown}: {n} row(s) with no `{}`{}",
+                c.source, c.hint
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -116,6 +152,8 @@ pub struct Column<'a> {
     pub source: &'a str,
     /// Cast to text (keys compare as text with the archive's).
     pub text: bool,
+    /// Must be a number (a total, a value compared by difference).
+    pub number: bool,
     /// May be absent from the file (NULL then).
     pub optional: bool,
     /// Appended to the line of a missing column: what else would do.

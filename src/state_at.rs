@@ -265,6 +265,11 @@ pub async fn state_at(args: StateAtArgs) -> Result<(), Error> {
         ));
     }
 
+    // As for a run: the sink is never read back as events, and the archive
+    // itself is refused as one.
+    if !crate::sink::outside_the_lake(&target) {
+        scan.exclude.push(target.clone());
+    }
     let ctx = crate::source::session(&scan)?;
     // Row-level filtering in the Parquet reader, so that `--key` decodes
     // only the rows of that key in the row groups statistics did not prune.

@@ -494,6 +494,13 @@ impl KafkaSink {
             message: scrub_message(&message, &settings),
         };
         let url = parse_url(target).map_err(|e| config_err(e.to_string()))?;
+        // One message per key would drop rows the run records as delivered:
+        // a replay or dead letter the ledger says was sent, never sent.
+        if settings.compact && ctx.kind != SinkKind::State {
+            return Err(config_err(format!(
+                "[kafka] compact = true sends one message per key, but every {kind} row must arrive (the run records each as delivered); compaction is for state-at's per-key state: use `state-at --compact`, or keep `compact` in a job file used by state-at alone"
+            )));
+        }
         Layout::resolve(&ctx.schema, ctx.kind, &ctx.columns, &settings).map_err(&config_err)?;
         let mut cfg = client_config(&url, &settings, Role::Producer)
             .map_err(|e| config_err(e.to_string()))?;

@@ -63,6 +63,10 @@ fn kind_of(settings: &serde_json::Value) -> &str {
 /// URL with a query is refused before anything is committed; in the
 /// message of a rerun refused for other settings it is shown without it.
 pub(super) fn location_meaning(s: &str, storage: &crate::location::StorageSettings) -> String {
+    // Its query is settings (the stream, maxlen), not a signature.
+    if crate::sink::redis::is_redis(s) {
+        return crate::sink::redis::shown(s);
+    }
     if let Some(shown) = crate::redact::hide_query(s) {
         return shown;
     }

@@ -26,10 +26,45 @@ use super::{Sink, SinkContext, SinkError, SinkKind, SinkReceipt};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_BATCH: usize = 1000;
+/// A hundred years: far past any recovery, well inside Redis's limit.
+const MAX_TTL_SECONDS: u64 = 100 * 365 * 24 * 3600;
 
 /// A `redis://` (or `rediss://`, refused: no TLS in this build) target.
 pub fn is_redis(target: &str) -> bool {
     target.starts_with("redis://") || target.starts_with("rediss://")
+}
+
+/// The options of our query; their values are settings, never secrets.
+const OPTIONS: [&str; 5] = ["stream", "maxlen", "hash_prefix", "ttl", "batch"];
+
+/// The target as messages and the run's recorded settings show it: user
+/// info redacted, our options with their values in a fixed order (so that
+/// `?stream=a&maxlen=9` and `?maxlen=9&stream=a` are one setting, and
+/// another stream is another), and any other option by its name alone: its
+/// value may be a password under any name (`auth=`, `user=`).
+pub fn shown(target: &str) -> String {
+    let Ok(mut url) = url::Url::parse(target) else {
+        return crate::redact::hide_query(target).unwrap_or_else(|| crate::redact::url(target));
+    };
+    let mut pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(k, v)| {
+            let v = if OPTIONS.contains(&k.as_ref()) {
+                v.into_owned()
+            } else {
+                crate::redact::REDACTED.to_string()
+            };
+            (k.into_owned(), v)
+        })
+        .collect();
+    pairs.sort();
+    url.set_query(None);
+    let base = crate::redact::url(url.as_str());
+    if pairs.is_empty() {
+        return base;
+    }
+    let query: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{base}?{}", query.join("&"))
 }
 
 /// Where and how rows go.
@@ -51,24 +86,34 @@ fn parse_target(target: &str, kind: SinkKind) -> Result<Target, String> {
     if target.starts_with("rediss://") {
         return Err("rediss:// (TLS) is not supported by this build; use redis://".into());
     }
-    let mut url = url::Url::parse(target).map_err(|e| format!("not a URL: {e}"))?;
+    let mut url = url::Url::parse(target).map_err(|e| {
+        format!("not a URL: {e} (in a password, write `/` as %2F, `@` as %40, `:` as %3A)")
+    })?;
     if url.host_str().is_none_or(str::is_empty) {
         return Err("missing host: expected redis://HOST:PORT[/DB]?stream=NAME".into());
     }
     let (mut stream, mut maxlen, mut prefix, mut ttl, mut batch) = (None, None, None, None, None);
-    let number = |name: &str, v: &str| {
+    // Bounded by what Redis takes (a TTL in seconds that its milliseconds
+    // still hold; MAXLEN a signed 64-bit count) and by a batch a pipeline
+    // can carry: refused before any connection, not after writes.
+    let number = |name: &str, v: &str, max: u64| {
         v.parse::<u64>()
             .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| format!("`{name}` must be a positive whole number"))
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| format!("`{name}` must be a whole number from 1 to {max}"))
     };
+    let mut seen: Vec<String> = vec![];
     for (k, v) in url.query_pairs() {
+        if seen.contains(&k.to_string()) {
+            return Err(format!("option `{k}` given twice"));
+        }
+        seen.push(k.to_string());
         match k.as_ref() {
             "stream" => stream = Some(v.into_owned()),
-            "maxlen" => maxlen = Some(number("maxlen", &v)?),
+            "maxlen" => maxlen = Some(number("maxlen", &v, i64::MAX as u64)?),
             "hash_prefix" => prefix = Some(v.into_owned()),
-            "ttl" => ttl = Some(number("ttl", &v)?),
-            "batch" => batch = Some(number("batch", &v)?),
+            "ttl" => ttl = Some(number("ttl", &v, MAX_TTL_SECONDS)?),
+            "batch" => batch = Some(number("batch", &v, 100_000)?),
             // The name alone: a value may be anything, a secret included.
             other => {
                 return Err(format!(
@@ -87,6 +132,11 @@ fn parse_target(target: &str, kind: SinkKind) -> Result<Target, String> {
             }
             Mode::Stream { name, maxlen }
         }
+        (None, Some(prefix)) if prefix.is_empty() => {
+            return Err(
+                "`hash_prefix` is empty: each hash would be named by the bare key, beside whatever else the database holds".into(),
+            );
+        }
         (None, Some(prefix)) if kind == SinkKind::State => {
             if maxlen.is_some() {
                 return Err("`maxlen` applies to a stream, not to hashes".into());
@@ -95,7 +145,7 @@ fn parse_target(target: &str, kind: SinkKind) -> Result<Target, String> {
         }
         (None, Some(_)) => {
             return Err(format!(
-                "`hash_prefix` is for `state-at` (one hash per key); a {} sink appends to a stream: ?stream=NAME",
+                "`hash_prefix` is for `state-at` (one hash per key); the {} sink appends to a stream: ?stream=NAME",
                 kind.name()
             ));
         }
@@ -147,7 +197,7 @@ impl RedisSink {
                 crate::redact::register(&p);
             }
         }
-        let shown = crate::redact::url(target);
+        let shown = shown(target);
         let parsed = parse_target(target, ctx.kind).map_err(|message| SinkError::Config {
             kind: ctx.kind.name(),
             target: shown.clone(),
@@ -165,6 +215,31 @@ impl RedisSink {
             last_id: None,
             batches: 0,
         })
+    }
+
+    /// A refusal that names the URL's settings (a wrong password, a
+    /// missing one, a database the server does not have) is the job's
+    /// fault (exit 2: retrying cannot help); anything else is the
+    /// server's or the network's.
+    fn classify(&self, operation: &'static str, e: redis::RedisError) -> SinkError {
+        let text = e.to_string();
+        let settings = e.kind() == redis::ErrorKind::AuthenticationFailed
+            || [
+                "NOAUTH",
+                "WRONGPASS",
+                "invalid password",
+                "DB index is out of range",
+            ]
+            .iter()
+            .any(|m| text.contains(m));
+        if settings {
+            self.config(format!(
+                "the server refused the URL's settings: {}",
+                crate::redact::line(&text)
+            ))
+        } else {
+            self.io(operation, e)
+        }
     }
 
     fn io(&self, operation: &'static str, e: impl std::fmt::Display) -> SinkError {
@@ -196,7 +271,7 @@ impl RedisSink {
         let conn = client
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .map_err(|e| self.io("connect", e))?;
+            .map_err(|e| self.classify("connect", e))?;
         self.conn = Some(conn.clone());
         Ok(conn)
     }
@@ -345,7 +420,7 @@ impl Sink for RedisSink {
         let pong: String = redis::cmd("PING")
             .query_async(&mut conn)
             .await
-            .map_err(|e| self.io("health check", e))?;
+            .map_err(|e| self.classify("health check", e))?;
         if pong != "PONG" {
             return Err(self.io("health check", format!("PING answered {pong:?}")));
         }
@@ -455,10 +530,55 @@ mod tests {
                 "`ttl` applies to hashes",
             ),
             ("rediss://h:1?stream=s", SinkKind::Replay, "not supported"),
+            (
+                "redis://h:1?stream=s&maxlen=18446744073709551615",
+                SinkKind::Replay,
+                "`maxlen` must be a whole number from 1 to 9223372036854775807",
+            ),
+            (
+                "redis://h:1?hash_prefix=p&ttl=9223372036854775807",
+                SinkKind::State,
+                "`ttl` must be a whole number from 1 to 3153600000",
+            ),
+            (
+                "redis://h:1?stream=a&stream=b",
+                SinkKind::Replay,
+                "option `stream` given twice",
+            ),
+            (
+                "redis://h:1?hash_prefix=",
+                SinkKind::State,
+                "`hash_prefix` is empty",
+            ),
         ] {
             let e = parse_target(url, kind).expect_err(url);
             assert!(e.contains(want), "{url}: {e}");
             assert!(!e.contains("SECRET"), "{e}");
+        }
+    }
+
+    /// Our options keep their values, in one order (one setting however
+    /// spelled); any other option and the user info are hidden.
+    #[test]
+    fn shown_hides_secrets_and_keeps_settings() {
+        assert_eq!(
+            shown("redis://h:1/2?maxlen=9&stream=s"),
+            shown("redis://h:1/2?stream=s&maxlen=9")
+        );
+        assert_eq!(
+            shown("redis://h:1/2?stream=s&maxlen=9"),
+            "redis://h:1/2?maxlen=9&stream=s"
+        );
+        assert_ne!(shown("redis://h:1?stream=a"), shown("redis://h:1?stream=b"));
+        for url in [
+            "redis://h:1?stream=s&auth=TOPSECRET",
+            "redis://h:1?stream=s&user=TOPSECRET",
+            "redis://:TOPSECRET@h:1?stream=s",
+            "redis://u:TOP%2FSECRET@h:1?stream=s",
+        ] {
+            let s = shown(url);
+            assert!(!s.contains("TOP"), "{url}: {s}");
+            assert!(s.contains("stream=s"), "{url}: {s}");
         }
     }
 

@@ -1315,8 +1315,15 @@ async fn register_events(
 ) -> Result<(), SourceError> {
     let df = events_frame(ctx.table("archive").await?, scan, archive, vec![])?;
     ctx.register_table("events", df.into_view())?;
+    // A view: planned only by the queries that read it.
+    ctx.sql(PROCESSED_SQL)
+        .await
+        .map_err(SourceError::DataFusion)?;
     Ok(())
 }
+
+/// `processed` (`sql/processed.sql`): one row per processed event.
+pub const PROCESSED_SQL: &str = include_str!("../../sql/processed.sql");
 
 /// `events` with each row's place in the archive: `backfill_file`, the
 /// file's ordinal by `file_ordinal` (a function of the file's path, as

@@ -245,3 +245,111 @@ fn infer_needs_the_interval_and_snapshots_with_key_and_total() {
         run.describe()
     );
 }
+
+/// Each event once (a duplicate delivery is one event), a NULL amount
+/// never a silent 0 (ambiguous), an inferred event named by its key and
+/// range; a NULL total or a key twice in a snapshot refused; every sink
+/// checked before any is written.
+#[test]
+fn duplicates_once_null_amounts_ambiguous_and_sinks_checked_first() {
+    let layout = Layout::default()
+        .with(Col::Shard)
+        .renamed(Col::Shard, "amount");
+    let row = |key: &str, seq: i64, amount: Option<i32>| {
+        let mut r = Row::new(
+            &format!("{key}-{seq}"),
+            key,
+            seq,
+            &format!("2024-05-01T{:02}:00:00Z", seq + 2),
+            Some("processed"),
+        );
+        r.shard = amount;
+        r
+    };
+    // d: seq 1..3 of 5 each, seq 2 archived twice, nothing lost.
+    // n: seq 1 NULL, seq 3 of 5; seq 2 lost (one gap) and 5 missing.
+    // g: seq 1 and 3 of 5; seq 2 (amount 7) lost: inferred.
+    let rows = vec![
+        row("d", 1, Some(5)),
+        row("d", 2, Some(5)),
+        row("d", 2, Some(5)),
+        row("d", 3, Some(5)),
+        row("n", 1, None),
+        row("n", 3, Some(5)),
+        row("g", 1, Some(5)),
+        row("g", 3, Some(5)),
+    ];
+    let mut a = Archive::new();
+    a.file("dt=2024-05-01/part-0.parquet", &layout, &rows);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, text).expect("snapshot");
+        p.display().to_string()
+    };
+    let before = write("before.csv", "key,total\nd,0\nn,0\ng,0\n");
+    let after = write("after.csv", "key,total\nd,15\nn,10\ng,17\n");
+    let src = a.source();
+    let out = tmp.path().join("out");
+    let infer = |after: &str, extra: &[&str]| {
+        let mut args = vec![
+            "infer", "--source", &src, "--from", T1, "--to", T2, "--before", &before, "--after",
+            after,
+        ];
+        args.extend_from_slice(extra);
+        backfill(&args)
+    };
+    let run = infer(
+        &after,
+        &["--format", "json", "--out", out.to_str().unwrap()],
+    );
+    run.ok();
+    let report: Vec<Json> = serde_json::from_str(run.stdout.trim()).expect("json");
+    let by_key: BTreeMap<&str, &Json> = report
+        .iter()
+        .map(|r| (r["key"].as_str().unwrap(), r))
+        .collect();
+    assert_eq!(by_key["d"]["archived"], 15, "{}", run.describe());
+    assert_eq!(by_key["d"]["verdict"], "consistent", "{}", run.describe());
+    assert_eq!(by_key["n"]["verdict"], "ambiguous", "{}", run.describe());
+    assert_eq!(by_key["g"]["verdict"], "inferred", "{}", run.describe());
+    let ids: Vec<String> = read_parquet_dir(&out.join("inferred"))
+        .iter()
+        .flat_map(|b| {
+            let c = b
+                .column_by_name("event_id")
+                .expect("event_id")
+                .as_string::<i32>();
+            (0..b.num_rows())
+                .map(|i| c.value(i).to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(ids, vec!["inferred:g:2-2".to_string()]);
+
+    let null_total = write("nulltotal.csv", "key,total\nd,15\nn,\ng,17\n");
+    infer(&null_total, &[]).expect_error(2, "1 row(s) with no `total`");
+    let twice = write("twice.csv", "key,total\nd,15\nd,16\ng,17\n");
+    infer(&twice, &[]).expect_error(2, "the key \"d\" appears 2 times");
+    let text = write("text.csv", "key,total\nd,abc\n");
+    infer(&text, &[]).expect_error(2, "the column `total` is Utf8, not a number");
+
+    // A sink that cannot take them (nothing listens on port 1): nothing is
+    // written to the folder either.
+    let out2 = tmp.path().join("out2");
+    infer(
+        &after,
+        &[
+            "--out",
+            out2.to_str().unwrap(),
+            "--emit-inferred",
+            "redis://127.0.0.1:1?stream=inferred",
+        ],
+    )
+    .expect_code(1);
+    let inferred = out2.join("inferred");
+    assert!(
+        !inferred.exists() || read_parquet_dir(&inferred).is_empty(),
+        "nothing written before every sink was checked"
+    );
+}

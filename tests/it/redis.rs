@@ -243,6 +243,41 @@ fn a_redis_killed_mid_run_fails_the_run_and_a_rerun_delivers() {
     assert_eq!(xlen(&mut conn, stream), 40, "{}", rerun.describe());
 }
 
+/// The stream and maxlen are settings of the run: a committed run id rerun
+/// to another stream is another run under a taken name (exit 2), not
+/// "already done" with nothing sent.
+#[test]
+fn a_rerun_to_another_stream_is_refused() {
+    let server = services::redis();
+    let a = failing_archive(5);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("out").display().to_string();
+    let stream = unique_name("rerun");
+    let run = |sink: &str| {
+        backfill(&[
+            "run",
+            "--source",
+            &a.source(),
+            "--out",
+            &out,
+            "--replay-sink",
+            sink,
+            "--run-id",
+            "redis-rerun",
+            "--no-gaps",
+        ])
+    };
+    run(&format!("{}?stream={stream}&maxlen=100", server.url())).ok();
+    // The same settings however spelled: already done, nothing sent.
+    run(&format!("{}?maxlen=100&stream={stream}", server.url())).ok();
+    run(&format!("{}?stream={stream}-2&maxlen=100", server.url()))
+        .expect_error(2, "this run has --replay-sink");
+    run(&format!("{}?stream={stream}&maxlen=10", server.url()))
+        .expect_error(2, "this run has --replay-sink");
+    assert_eq!(xlen(&mut server.client(), &format!("{stream}-2")), 0);
+    assert_eq!(xlen(&mut server.client(), &stream), 5);
+}
+
 #[test]
 fn credentials_in_the_url_are_never_shown() {
     let server = services::redis();
@@ -264,8 +299,9 @@ fn credentials_in_the_url_are_never_shown() {
         "--log-format",
         "json",
     ]);
-    // No such user: the health check fails, before anything is read.
-    run.expect_code(1);
+    // No such user: the health check fails, before anything is read, and
+    // the URL's settings are at fault (exit 2).
+    run.expect_code(2);
     assert!(
         run.stderr.contains("error: replay sink redis://"),
         "{}",
@@ -278,9 +314,19 @@ fn credentials_in_the_url_are_never_shown() {
 
 #[test]
 fn bad_redis_urls_are_usage_errors() {
+    let server = services::redis();
     let a = failing_archive(3);
     let tmp = tempfile::tempdir().expect("tempdir");
+    // Refused by the server for the URL's settings: the job's fault too.
+    let no_db = format!("{}/99?stream=s", server.url());
+    let password = format!(
+        "redis://:wrong@{}?stream=s",
+        server.url().trim_start_matches("redis://")
+    );
     for (sink, want) in [
+        (no_db.as_str(), "the server refused the URL's settings"),
+        (password.as_str(), "the server refused the URL's settings"),
+        ("redis://us:pa/ss@127.0.0.1:1?stream=s", "write `/` as %2F"),
         ("redis://127.0.0.1:1", "missing `?stream=NAME`"),
         (
             "redis://127.0.0.1:1?stream=s&password=x",
@@ -303,5 +349,6 @@ fn bad_redis_urls_are_usage_errors() {
         ]);
         run.expect_code(2);
         assert!(run.stderr.contains(want), "{}", run.describe());
+        assert!(!run.stderr.contains("wrong"), "{}", run.describe());
     }
 }

@@ -194,6 +194,47 @@ fn fold_of_aggregates() {
     );
 }
 
+/// A duplicate delivery the archive holds twice is one event to the fold;
+/// a processed row without a key is no key's state (in the latest state
+/// and in the fold); the archive itself as the sink is refused.
+#[test]
+fn each_event_once_and_no_keyless_state() {
+    let p = Some("processed");
+    let mut keyless = Row::new("x-1", "x", 1, "2024-05-01T10:00:00Z", p);
+    keyless.key = None;
+    let mut a = Archive::new();
+    a.rows(
+        "dt=2024-05-01/part-0.parquet",
+        &[
+            Row::new("a-1", "a", 1, "2024-05-01T10:00:00Z", p),
+            Row::new("a-1", "a", 1, "2024-05-01T10:00:00Z", p),
+            Row::new("a-2", "a", 2, "2024-05-01T11:00:00Z", p),
+            keyless,
+        ],
+    );
+    let src = a.source();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = fold_job(tmp.path(), r#"events = "count(*)", total = "sum(seq)""#);
+    let run = backfill(&[
+        "state-at", "--job", &job, "--source", &src, "--at", T, "--format", "json",
+    ]);
+    run.ok();
+    let rows = json_rows(&run.stdout);
+    assert_eq!(rows.len(), 1, "{}", run.describe());
+    assert_eq!(rows[0]["key"], "a");
+    assert_eq!(rows[0]["events"], 2, "{}", run.describe());
+    assert_eq!(rows[0]["total"], 3, "{}", run.describe());
+    let run = backfill(&["state-at", "--source", &src, "--at", T, "--format", "json"]);
+    run.ok();
+    let rows = json_rows(&run.stdout);
+    assert_eq!(
+        ids(&rows).into_iter().collect::<Vec<_>>(),
+        vec![("a".to_string(), "a-2".to_string())]
+    );
+    backfill(&["state-at", "--source", &src, "--at", T, "--sink", &src])
+        .expect_error(2, "is the archive itself");
+}
+
 #[test]
 fn table_function_in_sql_matches_the_command() {
     let a = archive();
