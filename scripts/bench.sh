@@ -88,6 +88,9 @@ for EVENTS in $SIZES; do
     # State as of the middle of the 7 days, every key, then one key (pruned).
     measure "stateat-$EVENTS-$i" "$BIN" state-at --source "$ARCHIVE" --at 2024-01-04T12:00:00Z --format csv --progress off
     measure "stateatkey-$EVENTS-$i" "$BIN" state-at --source "$ARCHIVE" --at 2024-01-04T12:00:00Z --key key-00042 --format csv --progress off
+    # The detections beside the run's (issue 11): each one narrow pass.
+    measure "silences-$EVENTS-$i" "$BIN" silences --source "$ARCHIVE" --format csv --progress off
+    measure "anomalies-$EVENTS-$i" "$BIN" anomalies --source "$ARCHIVE" --format csv --progress off
     a=$(checksum "$WORK/out-backfill"); b=$(checksum "$WORK/out-limited")
     if [ "$a" != "$b" ]; then
       echo "outputs differ between the unlimited and the $LIMIT run: $a / $b" >&2

@@ -31,15 +31,18 @@
 -- `0 /*tolerance*/` is replaced by the job's tolerance (a non-negative
 -- number).
 CREATE OR REPLACE VIEW reconcile AS
-WITH horizon AS (
-    SELECT max(__bf_as_of) AS __bf_as_of FROM snapshot
-),
-scope AS (
+-- The horizon (the snapshot's latest as_of) is a scalar subquery, not a
+-- join: a join with a one-row table would gather the events into one
+-- partition.
+WITH scope AS (
     SELECT __bf_key, __bf_as_of, true AS __bf_in_snapshot FROM snapshot
     UNION ALL
-    SELECT DISTINCT e.key AS __bf_key, h.__bf_as_of, false AS __bf_in_snapshot
-    FROM events e CROSS JOIN horizon h
-    WHERE e.backfill_done AND e.key IS NOT NULL AND e.event_time <= h.__bf_as_of
+    SELECT DISTINCT e.key AS __bf_key,
+           (SELECT max(__bf_as_of) FROM snapshot) AS __bf_as_of,
+           false AS __bf_in_snapshot
+    FROM events e
+    WHERE e.backfill_done AND e.key IS NOT NULL
+      AND e.event_time <= (SELECT max(__bf_as_of) FROM snapshot)
       AND NOT EXISTS (SELECT 1 FROM snapshot s WHERE s.__bf_key = e.key)
 ),
 done AS (

@@ -33,14 +33,16 @@ intervals AS (
     FROM arrivals
     WINDOW w AS (PARTITION BY key /*by*/ ORDER BY event_time, event_id)
 ),
+-- The settings as scalar subqueries, not a join: a join with the one-row
+-- table would gather every interval into one partition.
 bounded AS (
     SELECT i.*,
            coalesce(i.next_time,
-                    s.silence_window_end,
+                    (SELECT silence_window_end FROM silence_settings),
                     (SELECT max(event_time) FROM events)) AS silent_to,
-           s.silence_threshold_us,
-           s.silence_median_factor
-    FROM intervals i CROSS JOIN silence_settings s
+           (SELECT silence_threshold_us FROM silence_settings) AS silence_threshold_us,
+           (SELECT silence_median_factor FROM silence_settings) AS silence_median_factor
+    FROM intervals i
 ),
 measured AS (
     SELECT *,
