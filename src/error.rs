@@ -126,7 +126,7 @@ fn datafusion_line(e: &datafusion::error::DataFusionError) -> String {
             .unwrap_or_default()
             .trim_end_matches([':', ' ']);
         return format!(
-            "out of memory under --memory-limit (memory_limit in the job file): {first}; raise it: the detection spills, but each sort must hold a batch of the widest rows and its merge buffers"
+            "out of memory under --memory-limit (memory_limit in the job file): {first}; raise it: sorts and aggregates spill to disk, but each must still hold a batch of the widest rows and its merge buffers"
         );
     }
     let s = e.to_string();
