@@ -30,45 +30,61 @@
 -- Events without an event_time (or one after as_of) count on neither side.
 -- `0 /*tolerance*/` is replaced by the job's tolerance (a non-negative
 -- number).
+--
+-- Three views, each planned over the one before: `src/reconcile.rs`
+-- materializes the first two (the keys, and the narrow columns of one row
+-- per event) so that the archive is read and sorted once.
+--
+-- reconcile_scope: every key compared, with its as_of. The horizon (the
+-- snapshot's latest as_of) is a scalar subquery, not a join: a join with a
+-- one-row table would gather the events into one partition.
+CREATE OR REPLACE VIEW reconcile_scope AS
+SELECT __bf_key, __bf_as_of, true AS __bf_in_snapshot FROM snapshot
+UNION ALL
+SELECT DISTINCT e.key AS __bf_key,
+       (SELECT max(__bf_as_of) FROM snapshot) AS __bf_as_of,
+       false AS __bf_in_snapshot
+FROM events e
+WHERE e.backfill_done AND e.key IS NOT NULL
+  AND e.event_time <= (SELECT max(__bf_as_of) FROM snapshot)
+  AND NOT EXISTS (SELECT 1 FROM snapshot s WHERE s.__bf_key = e.key);
+
+-- reconcile_facts: one row per event of a compared key as it stood at the
+-- key's as_of, ranked in one sort by event id. An event is processed at
+-- as_of when its first processed row is at or before it (`__bf_done`;
+-- a duplicate delivery is one event), unresolved when its first row is at
+-- or before it and it was not processed by then (an event processed later
+-- was unresolved at as_of), and not yet seen otherwise (left out). The row
+-- kept is a processed event's first processed row, else the chosen row
+-- (the highest attempts, the latest event_time, as `unprocessed`
+-- chooses).
+CREATE OR REPLACE VIEW reconcile_facts AS
+SELECT * EXCLUDE (__bf_rank, __bf_done_at, __bf_seen_at)
+FROM (
+    SELECT e.*, s.__bf_as_of,
+           min(CASE WHEN e.backfill_done THEN e.event_time END)
+               OVER (PARTITION BY e.event_id) AS __bf_done_at,
+           min(e.event_time) OVER (PARTITION BY e.event_id) AS __bf_seen_at,
+           coalesce(min(CASE WHEN e.backfill_done THEN e.event_time END)
+                        OVER (PARTITION BY e.event_id) <= s.__bf_as_of, false) AS __bf_done,
+           row_number() OVER (
+               PARTITION BY e.event_id
+               ORDER BY e.backfill_done DESC,
+                        CASE WHEN e.backfill_done THEN e.event_time END ASC,
+                        coalesce(e.attempts, 0) DESC,
+                        e.event_time DESC NULLS LAST,
+                        e.seq NULLS LAST, e.status, e.error
+           ) AS __bf_rank
+    FROM events e JOIN reconcile_scope s ON e.key = s.__bf_key
+)
+WHERE __bf_rank = 1 AND __bf_seen_at <= __bf_as_of;
+
+-- reconcile: per key, the judgement.
 CREATE OR REPLACE VIEW reconcile AS
--- The horizon (the snapshot's latest as_of) is a scalar subquery, not a
--- join: a join with a one-row table would gather the events into one
--- partition.
-WITH scope AS (
-    SELECT __bf_key, __bf_as_of, true AS __bf_in_snapshot FROM snapshot
-    UNION ALL
-    SELECT DISTINCT e.key AS __bf_key,
-           (SELECT max(__bf_as_of) FROM snapshot) AS __bf_as_of,
-           false AS __bf_in_snapshot
-    FROM events e
-    WHERE e.backfill_done AND e.key IS NOT NULL
-      AND e.event_time <= (SELECT max(__bf_as_of) FROM snapshot)
-      AND NOT EXISTS (SELECT 1 FROM snapshot s WHERE s.__bf_key = e.key)
-),
-done AS (
-    SELECT * EXCLUDE (__bf_first, __bf_key, __bf_as_of, __bf_in_snapshot)
-    FROM (
-        SELECT e.*, s.*,
-               row_number() OVER (
-                   PARTITION BY e.event_id
-                   ORDER BY e.event_time, e.seq NULLS LAST, e.status
-               ) AS __bf_first
-        FROM events e JOIN scope s ON e.key = s.__bf_key
-        WHERE e.backfill_done AND e.event_time <= s.__bf_as_of
-    )
-    WHERE __bf_first = 1
-),
-open AS (
-    SELECT * EXCLUDE (archived_attempts, archived_rows, __bf_key, __bf_as_of, __bf_in_snapshot)
-    FROM (
-        SELECT u.*, s.*
-        FROM unprocessed u JOIN scope s ON u.key = s.__bf_key
-        WHERE u.event_time <= s.__bf_as_of
-    )
-),
-expected AS (
+WITH expected AS (
     SELECT key AS __bf_k, sum(amount) /*expected*/ AS __bf_expected, count(*) AS __bf_processed
-    FROM done
+    FROM reconcile_facts
+    WHERE __bf_done
     GROUP BY key
 ),
 unresolved AS (
@@ -76,12 +92,13 @@ unresolved AS (
            array_to_string(
                array_slice(array_agg(event_id ORDER BY seq NULLS LAST, event_id), 1, 20), ' '
            ) AS __bf_ids
-    FROM open
+    FROM reconcile_facts
+    WHERE NOT __bf_done
     GROUP BY key
 ),
 with_open AS (
     SELECT key AS __bf_k, sum(amount) /*expected*/ AS __bf_with_unresolved
-    FROM (SELECT * FROM done UNION ALL SELECT * FROM open)
+    FROM reconcile_facts
     GROUP BY key
 ),
 joined AS (
@@ -94,7 +111,7 @@ joined AS (
            coalesce(u.__bf_unresolved, 0) AS unresolved_events,
            u.__bf_ids AS unresolved_event_ids,
            w.__bf_with_unresolved AS with_unresolved
-    FROM scope s
+    FROM reconcile_scope s
     LEFT JOIN snapshot sn ON s.__bf_in_snapshot AND s.__bf_key = sn.__bf_key
     LEFT JOIN expected x ON s.__bf_key = x.__bf_k
     LEFT JOIN unresolved u ON s.__bf_key = u.__bf_k
@@ -112,4 +129,4 @@ SELECT key, as_of, status, actual, expected, actual - expected AS difference,
        processed_events, unresolved_events, unresolved_event_ids, with_unresolved,
        coalesce(status <> 'agree' AND __bf_in_snapshot AND unresolved_events > 0
                 AND abs(actual - with_unresolved) <= 0 /*tolerance*/, false) AS explained
-FROM judged
+FROM judged;

@@ -70,16 +70,19 @@ pub async fn report(
     amount: &str,
     tolerance: f64,
 ) -> Result<DataFrame, Error> {
-    if amount.contains("--") || amount.contains("/*") || amount.contains(';') {
-        return Err(Error::Usage(format!(
-            "--amount {amount:?}: comments and `;` are not allowed in an expression"
-        )));
-    }
     if !tolerance.is_finite() || tolerance < 0.0 {
         return Err(Error::Usage(format!(
             "--tolerance {tolerance}: not a non-negative number"
         )));
     }
+    // One value per event: planned alone first, so that a subquery, a
+    // volatile function or an aggregate is named as --amount's fault.
+    crate::state_at::check_aggregate(
+        ctx,
+        &format!("--amount {amount:?}"),
+        &format!("sum(({amount}))"),
+    )
+    .await?;
     let sql = INFER_SQL
         .replace("/*amount*/", &format!("({amount})"))
         .replace("0 /*tolerance*/", &format!("{tolerance:?}"));
@@ -108,6 +111,10 @@ pub async fn infer(args: InferArgs) -> Result<(), Error> {
     let mut targets = vec![];
     if let Some(out) = args.out.clone().or(job.out.clone()) {
         targets.push(format!("{}/inferred", out.trim_end_matches('/')));
+        // The root too: the archive itself is refused as one.
+        if !crate::sink::outside_the_lake(&out) {
+            scan.exclude.push(out);
+        }
     }
     if let Some(t) = &args.emit_inferred {
         targets.push(t.clone());

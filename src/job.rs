@@ -780,6 +780,9 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
         "--reconcile-expected",
     )?;
     let reconcile_sink = args.reconcile_sink.clone().or(sinks.reconcile);
+    if reconcile.is_some() {
+        crate::reconcile::check_window(&scan, "--reconcile-snapshot")?;
+    }
     let state = args.state.clone().or(job.state.clone());
     let state = match (state, &out) {
         (Some(s), _) => s,

@@ -19,7 +19,7 @@
 //! cannot be a retry count is dead-lettered rather than carried into the
 //! Int32 `backfill_attempt` column.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use arrow::array::{
@@ -110,19 +110,9 @@ pub struct Policy {
     pub on_gap: OnBarrier,
     /// Replays after the key's first conflicting seq.
     pub on_conflict: OnBarrier,
-    /// Keys whose downstream already reflects their unresolved events, each
-    /// with the snapshot's time (µs since the epoch, UTC): their would-be
-    /// replays at or before it are held.
-    pub reconciled: Option<Reconciled>,
-}
-
-/// The keys a reconciliation holds, and the candidates' columns (the
-/// source's names) that hold the key and the event time.
-#[derive(Debug, Clone)]
-pub struct Reconciled {
-    pub keys: Arc<HashMap<String, i64>>,
-    pub key_column: String,
-    pub time_column: String,
+    /// The unresolved events a downstream snapshot already reflects
+    /// (`run --reconcile-snapshot`): their would-be replays are held.
+    pub reconciled: Option<Arc<HashSet<String>>>,
 }
 
 /// Counts of one or more decided batches.
@@ -342,7 +332,7 @@ impl Policy {
         let after_conflict = barred(&rest, self.on_conflict, internal::AFTER_CONFLICT)?;
         let rest = boolean::and_not(&rest, &after_conflict)?;
         let held_by_reconcile = match &self.reconciled {
-            Some(r) if !r.keys.is_empty() => boolean::and(&rest, &reconciled(batch, r)?)?,
+            Some(ids) if !ids.is_empty() => boolean::and(&rest, &reconciled(batch, ids)?)?,
             _ => none.clone(),
         };
         let is_replay = boolean::and_not(&rest, &held_by_reconcile)?;
@@ -553,31 +543,12 @@ pub fn undecodable(
     Ok((dlq, ledger))
 }
 
-/// Rows whose `key` is one of `keys` and whose `event_time` is at or
-/// before that key's snapshot time (a row without either: false).
-fn reconciled(batch: &RecordBatch, r: &Reconciled) -> Result<BooleanArray, PolicyError> {
-    let n = batch.num_rows();
-    let keys = &r.keys;
-    let (Some(key), Some(time)) = (
-        batch.column_by_name(&r.key_column),
-        batch.column_by_name(&r.time_column),
-    ) else {
-        return Ok(BooleanArray::from(vec![false; n]));
-    };
-    let key = cast(key, &DataType::Utf8)?;
-    let key = key.as_string::<i32>();
-    let time = cast(time, &DataType::Timestamp(TimeUnit::Microsecond, None))?;
-    let time = time.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
-    Ok((0..n)
-        .map(|i| {
-            Some(
-                key.is_valid(i)
-                    && time.is_valid(i)
-                    && keys
-                        .get(key.value(i))
-                        .is_some_and(|at| time.value(i) <= *at),
-            )
-        })
+/// Rows whose event id is one of `ids`.
+fn reconciled(batch: &RecordBatch, ids: &HashSet<String>) -> Result<BooleanArray, PolicyError> {
+    let id = cast(column(batch, internal::EVENT_ID)?, &DataType::Utf8)?;
+    let id = id.as_string::<i32>();
+    Ok((0..batch.num_rows())
+        .map(|i| Some(id.is_valid(i) && ids.contains(id.value(i))))
         .collect())
 }
 

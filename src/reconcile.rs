@@ -15,11 +15,11 @@
 //! `reconcile` output. Reads the archive and the snapshot; records nothing
 //! of its own in the state.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray};
-use arrow::datatypes::{DataType, TimeUnit};
+use arrow::datatypes::DataType;
 use chrono::{DateTime, SecondsFormat, Utc};
 use datafusion::dataframe::DataFrame;
 use datafusion::logical_expr::{col, lit};
@@ -103,7 +103,17 @@ pub fn settings(
     let (snapshot, snapshot_origin) = match (flags.snapshot, &file.snapshot) {
         (Some(s), _) => (s.to_string(), snapshot_flag),
         (None, Some(s)) => (s.clone(), "[reconcile] snapshot"),
-        (None, None) => return Ok(None),
+        (None, None) => {
+            if flags.expected.is_some() {
+                return Err(invalid(
+                    expected_flag,
+                    format!(
+                        "without {snapshot_flag} there is nothing to reconcile; give the downstream's snapshot too"
+                    ),
+                ));
+            }
+            return Ok(None);
+        }
     };
     if snapshot.trim().is_empty() {
         return Err(invalid(
@@ -167,6 +177,21 @@ pub fn settings(
         value_column: name(columns.value, "value", "value")?,
         as_of_column: name(columns.as_of, "as_of", "as_of")?,
     }))
+}
+
+/// The window must start at the archive's start: the downstream's value is
+/// everything applied since it began, so a `--from` would leave out events
+/// it holds (and their keys would look short, their events replayed again).
+pub fn check_window(scan: &crate::job::Scan, what: &str) -> Result<(), JobError> {
+    match scan.from {
+        Some(from) => Err(invalid(
+            format!("--from {}", from.to_rfc3339()),
+            format!(
+                "{what} compares the downstream's totals with every processed event up to the snapshot's time; a window that starts later leaves out events the downstream holds: drop --from (or from in the job file)"
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Register the snapshot as `snapshot` (`__bf_key`, `__bf_actual`,
@@ -248,6 +273,23 @@ pub async fn register(
     .collect()
     .await
     .map_err(|e| unreadable(r, &shown, e))?;
+    let rows = ctx
+        .sql("SELECT count(*) FROM snapshot")
+        .await?
+        .collect()
+        .await
+        .map_err(|e| unreadable(r, &shown, e))?;
+    if rows.first().is_none_or(|b| {
+        b.column(0)
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .value(0)
+            == 0
+    }) {
+        return Err(Error::Usage(format!(
+            "{} {shown}: the snapshot has no rows: nothing to compare",
+            r.snapshot_origin
+        )));
+    }
     let missing = ctx
         .sql("SELECT count(*) FROM snapshot WHERE __bf_as_of IS NULL")
         .await?
@@ -296,8 +338,55 @@ async fn check_expected(ctx: &SessionContext, r: &Reconcile) -> Result<(), Error
     Ok(())
 }
 
-/// The per-key report (every key; `status` says which agree).
-pub async fn report(ctx: &SessionContext, r: &Reconcile) -> Result<DataFrame, Error> {
+/// The per-key report (every key; `status` says which agree). The three
+/// views of `sql/reconcile.sql` are created in turn; the keys compared and
+/// the one row per event are written to a folder under the spill
+/// directory (the facts narrowed to the columns the report reads), so
+/// that the archive is read and sorted once and the report's three
+/// aggregates read that file. The folder goes when `scratch` does.
+pub async fn report(
+    ctx: &SessionContext,
+    r: &Reconcile,
+    scan: &crate::job::Scan,
+    scratch: &mut Option<tempfile::TempDir>,
+) -> Result<DataFrame, Error> {
+    let dir = match scratch {
+        Some(d) => d.path().to_path_buf(),
+        None => {
+            let d = tempfile::Builder::new()
+                .prefix("backfill-reconcile-")
+                .tempdir_in(crate::job::spill_dir(scan))
+                .map_err(|e| {
+                    Error::Usage(format!(
+                        "spill directory {}: cannot create a folder in it: {e}",
+                        crate::job::spill_dir(scan).display()
+                    ))
+                })?;
+            let p = d.path().to_path_buf();
+            *scratch = Some(d);
+            p
+        }
+    };
+    views(ctx, r, Some(&dir)).await
+}
+
+/// The report's schema, from the views planned without reading anything
+/// (a run opens its sinks before it scans).
+pub async fn output_schema(
+    ctx: &SessionContext,
+    r: &Reconcile,
+) -> Result<arrow::datatypes::Schema, Error> {
+    Ok(views(ctx, r, None).await?.schema().as_arrow().clone())
+}
+
+/// Create the three views; with `dir`, the first two are materialized
+/// there. The report over them, strings plain.
+async fn views(
+    ctx: &SessionContext,
+    r: &Reconcile,
+    dir: Option<&std::path::Path>,
+) -> Result<DataFrame, Error> {
+    use datafusion::sql::parser::DFParser;
     let sql = RECONCILE_SQL
         .replace("sum(amount) /*expected*/", &format!("({})", r.expected))
         .replace("0 /*tolerance*/", &format!("{:?}", r.tolerance));
@@ -309,12 +398,37 @@ pub async fn report(ctx: &SessionContext, r: &Reconcile) -> Result<DataFrame, Er
             e.strip_backtrace().lines().next().unwrap_or_default()
         ))
     };
-    ctx.sql(&sql)
-        .await
-        .map_err(bad)?
-        .collect()
-        .await
-        .map_err(bad)?;
+    let mut facts_columns: Vec<String> = ["key", "event_id", "seq", "__bf_done"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    for c in expression_columns(ctx, r).await? {
+        if !facts_columns.contains(&c) {
+            facts_columns.push(c);
+        }
+    }
+    let statements = DFParser::parse_sql(&sql).map_err(bad)?;
+    for (i, statement) in statements.into_iter().enumerate() {
+        let plan = ctx
+            .state()
+            .statement_to_plan(statement)
+            .await
+            .map_err(bad)?;
+        ctx.execute_logical_plan(plan)
+            .await
+            .map_err(bad)?
+            .collect()
+            .await
+            .map_err(bad)?;
+        let (name, columns) = match i {
+            0 => ("reconcile_scope", None),
+            1 => ("reconcile_facts", Some(&facts_columns)),
+            _ => continue,
+        };
+        if let Some(dir) = dir {
+            materialize(ctx, name, columns, &dir.join(name)).await?;
+        }
+    }
     let df = ctx
         .sql("SELECT * FROM reconcile ORDER BY key")
         .await
@@ -341,6 +455,60 @@ pub async fn report(ctx: &SessionContext, r: &Reconcile) -> Result<DataFrame, Er
     Ok(df.select(exprs)?)
 }
 
+/// The columns of `events` the expected aggregate reads.
+async fn expression_columns(ctx: &SessionContext, r: &Reconcile) -> Result<Vec<String>, Error> {
+    let what = format!("{} = {:?}", r.expected_origin, r.expected);
+    let plan = crate::state_at::check_aggregate(ctx, &what, &r.expected).await?;
+    let mut out = vec![];
+    let mut stack = vec![&plan];
+    while let Some(p) = stack.pop() {
+        if let datafusion::logical_expr::LogicalPlan::Aggregate(a) = p {
+            for e in &a.aggr_expr {
+                for c in e.column_refs() {
+                    if !out.contains(&c.name) {
+                        out.push(c.name.clone());
+                    }
+                }
+            }
+        }
+        stack.extend(p.inputs());
+    }
+    Ok(out)
+}
+
+/// Replace the view `name` by a Parquet folder of its rows at `dir`
+/// (`columns` only, when given).
+async fn materialize(
+    ctx: &SessionContext,
+    name: &str,
+    columns: Option<&Vec<String>>,
+    dir: &std::path::Path,
+) -> Result<(), Error> {
+    let mut df = ctx.table(name).await?;
+    if let Some(cols) = columns {
+        df = df.select(
+            cols.iter()
+                .map(|c| col(crate::source::quoted(c)))
+                .collect::<Vec<_>>(),
+        )?;
+    }
+    let path = format!("{}/", dir.display());
+    df.write_parquet(
+        &path,
+        datafusion::dataframe::DataFrameWriteOptions::new(),
+        None,
+    )
+    .await?;
+    ctx.deregister_table(name)?;
+    ctx.register_parquet(
+        name,
+        &path,
+        datafusion::prelude::ParquetReadOptions::default(),
+    )
+    .await?;
+    Ok(())
+}
+
 /// The rows a user is shown: those that do not agree (`all`: every key).
 pub fn shown(report: DataFrame, all: bool) -> Result<DataFrame, Error> {
     Ok(if all {
@@ -350,26 +518,29 @@ pub fn shown(report: DataFrame, all: bool) -> Result<DataFrame, Error> {
     })
 }
 
-/// The keys whose snapshot already reflects their unresolved events, each
-/// with its as_of in microseconds (UTC): a run holds their replays up to
-/// then ([`crate::policy::Policy::reconciled`]).
-pub async fn explained_keys(report: DataFrame) -> Result<HashMap<String, i64>, Error> {
-    let rows = report
-        .filter(col("explained"))?
-        .select(vec![col("key"), col("as_of")])?
+/// The unresolved events of the keys whose snapshot already reflects them
+/// (`explained`), from the report's rows and the materialized facts: a run
+/// holds their replays ([`crate::policy::Policy::reconciled`]).
+pub async fn explained_events(
+    ctx: &SessionContext,
+    report: DataFrame,
+) -> Result<HashSet<String>, Error> {
+    ctx.register_table("reconcile_report", report.into_view())?;
+    let rows = ctx
+        .sql(
+            "SELECT arrow_cast(f.event_id, 'Utf8') FROM reconcile_facts f \
+             JOIN reconcile_report r ON f.key = r.key \
+             WHERE r.explained AND NOT f.__bf_done",
+        )
+        .await?
         .collect()
         .await?;
-    let mut out = HashMap::new();
+    let mut out = HashSet::new();
     for b in rows {
-        let keys = b.column(0).as_string::<i32>();
-        let at = arrow::compute::cast(
-            b.column(1),
-            &DataType::Timestamp(TimeUnit::Microsecond, None),
-        )?;
-        let at = at.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+        let ids = b.column(0).as_string::<i32>();
         for i in 0..b.num_rows() {
-            if keys.is_valid(i) && at.is_valid(i) {
-                out.insert(keys.value(i).to_string(), at.value(i));
+            if ids.is_valid(i) {
+                out.insert(ids.value(i).to_string());
             }
         }
     }
@@ -426,7 +597,9 @@ pub async fn reconcile(args: crate::cli::ReconcileArgs) -> Result<u8, Error> {
     let target = out
         .as_ref()
         .map(|o| format!("{}/reconcile", o.trim_end_matches('/')));
-    // As for a run: the output is never read back as events.
+    // As for a run: the output is never read back as events, and the
+    // archive itself is refused as the output root.
+    scan.exclude.extend(out.clone());
     scan.exclude.extend(target.clone());
     let flags = Flags {
         snapshot: args.snapshot.as_deref(),
@@ -440,11 +613,13 @@ pub async fn reconcile(args: crate::cli::ReconcileArgs) -> Result<u8, Error> {
                 .into(),
         )
     })?;
+    check_window(&scan, "reconcile")?;
     let ctx = crate::source::session(&scan)?;
     crate::source::register(&ctx, &scan).await?;
     crate::detect::register_views(&ctx, &scan).await?;
     register(&ctx, &r, &scan.storage).await?;
-    let full = report(&ctx, &r).await?;
+    let mut scratch = None;
+    let full = report(&ctx, &r, &scan, &mut scratch).await?;
     let rows = full.clone().collect().await?;
     let mut counts = Counts::default();
     for b in &rows {

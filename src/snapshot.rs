@@ -136,8 +136,41 @@ pub async fn register(
             .unwrap_or(0);
         if n > 0 {
             return Err(Error::Usage(format!(
-                "{flag} {shown}: {n} row(s) with no `{}`{}",
-                c.source, c.hint
+                "{flag} {shown}: {n} row(s) with no `{}`; every row needs one",
+                c.source
+            )));
+        }
+    }
+    // NaN and infinities compare with nothing: not a value either.
+    for c in columns.iter().filter(|c| c.number) {
+        let t = ctx.table(name).await?;
+        let float = t
+            .schema()
+            .field_with_unqualified_name(c.name)
+            .is_ok_and(|f| f.data_type().is_floating());
+        if !float {
+            continue;
+        }
+        let name = crate::source::quoted(c.name);
+        let n = ctx
+            .sql(&format!(
+                "SELECT count(*) FROM {table} WHERE isnan({name}) OR abs({name}) = CAST('inf' AS DOUBLE)"
+            ))
+            .await?
+            .collect()
+            .await
+            .map_err(bad)?
+            .first()
+            .map(|b| {
+                b.column(0)
+                    .as_primitive::<arrow::datatypes::Int64Type>()
+                    .value(0)
+            })
+            .unwrap_or(0);
+        if n > 0 {
+            return Err(Error::Usage(format!(
+                "{flag} {shown}: {n} row(s) whose `{}` is NaN or infinite, not a number",
+                c.source
             )));
         }
     }

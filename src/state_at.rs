@@ -17,6 +17,7 @@ use arrow::datatypes::{DataType, TimeUnit};
 use chrono::{DateTime, Utc};
 use datafusion::catalog::{TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::ScalarValue;
+use datafusion::common::tree_node::TreeNode;
 use datafusion::dataframe::DataFrame;
 use datafusion::datasource::ViewTable;
 use datafusion::execution::SessionState;
@@ -92,7 +93,7 @@ pub async fn check_aggregate(
     let sql = format!("SELECT {expr} AS x FROM events GROUP BY key");
     let not_aggregate = || {
         Error::Usage(format!(
-            "{what}: not an aggregate; write an aggregate such as sum(amount), max(status), count(*)"
+            "{what}: not an aggregate; write an aggregate such as sum(amount), count(*), max(seq)"
         ))
     };
     let plan = ctx.state().create_logical_plan(&sql).await.map_err(|e| {
@@ -111,6 +112,37 @@ pub async fn check_aggregate(
     }
     if !has_aggregate(&plan) {
         return Err(not_aggregate());
+    }
+    // Per key, over that key's events, the same at every read: a subquery
+    // would read other keys' events (or the whole table) into each key's
+    // value, and `random()` or `now()` would differ between the report and
+    // what is written.
+    let mut subquery = false;
+    let mut volatile = false;
+    plan.apply_with_subqueries(|p| {
+        if matches!(p, LogicalPlan::Subquery(_)) {
+            subquery = true;
+        }
+        p.apply_expressions(|e| {
+            subquery |= e.exists(|x| {
+                Ok(matches!(
+                    x,
+                    Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_)
+                ))
+            })?;
+            volatile |= e.is_volatile();
+            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+        })
+    })?;
+    if subquery {
+        return Err(Error::Usage(format!(
+            "{what}: a subquery is not allowed: the value is computed per key over that key's events"
+        )));
+    }
+    if volatile {
+        return Err(Error::Usage(format!(
+            "{what}: a volatile function (random(), now(), ...) is not allowed: the value must be the same at every read"
+        )));
     }
     Ok(plan)
 }

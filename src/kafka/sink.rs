@@ -498,7 +498,7 @@ impl KafkaSink {
         // a replay or dead letter the ledger says was sent, never sent.
         if settings.compact && ctx.kind != SinkKind::State {
             return Err(config_err(format!(
-                "[kafka] compact = true sends one message per key, but every {kind} row must arrive (the run records each as delivered); compaction is for state-at's per-key state: use `state-at --compact`, or keep `compact` in a job file used by state-at alone"
+                "[kafka] compact = true sends one message per key, but every {kind} row must arrive (a run records each as delivered); compaction is for state-at's per-key state: use `state-at --compact`, or keep `compact` in a job file used by state-at alone"
             )));
         }
         Layout::resolve(&ctx.schema, ctx.kind, &ctx.columns, &settings).map_err(&config_err)?;

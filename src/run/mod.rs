@@ -172,8 +172,10 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     let reconcile_schema = match &settings.reconcile {
         Some(r) => {
             crate::reconcile::register(&ctx, r, &scan.storage).await?;
-            let df = crate::reconcile::report(&ctx, r).await?;
-            Some(gaps_output_schema(df.schema().as_arrow(), false))
+            Some(gaps_output_schema(
+                &crate::reconcile::output_schema(&ctx, r).await?,
+                false,
+            ))
         }
         None => None,
     };
@@ -663,7 +665,8 @@ async fn execute(
     // replays (the policy's `reconciled`).
     if let Some(r) = &settings.reconcile {
         phases.set("reconciling with the downstream's snapshot");
-        let full = crate::reconcile::report(ctx, r).await?;
+        let mut scratch = None;
+        let full = crate::reconcile::report(ctx, r, &settings.scan, &mut scratch).await?;
         let rows = full
             .collect()
             .await
@@ -673,7 +676,7 @@ async fn execute(
             counts.count(b)?;
         }
         let table = ctx.read_batches(rows)?;
-        let keys = crate::reconcile::explained_keys(table.clone()).await?;
+        let held = crate::reconcile::explained_events(ctx, table.clone()).await?;
         let mut shown = crate::reconcile::shown(table, false)?
             .execute_stream()
             .await?;
@@ -684,11 +687,7 @@ async fn execute(
             }
         }
         report.reconcile = Some(counts);
-        policy.reconciled = Some(crate::policy::Reconciled {
-            keys: Arc::new(keys),
-            key_column: settings.scan.columns.key.clone(),
-            time_column: settings.scan.columns.event_time.clone(),
-        });
+        policy.reconciled = Some(Arc::new(held));
         lap(report, "reconcile");
     }
 

@@ -44,7 +44,19 @@ const OPTIONS: [&str; 5] = ["stream", "maxlen", "hash_prefix", "ttl", "batch"];
 /// value may be a password under any name (`auth=`, `user=`).
 pub fn shown(target: &str) -> String {
     let Ok(mut url) = url::Url::parse(target) else {
-        return crate::redact::hide_query(target).unwrap_or_else(|| crate::redact::url(target));
+        // Not a URL: a password may hold `#`, `?` or `/` unencoded, which
+        // would end the user info early for any parser. Everything up to
+        // the last `@` is hidden, and everything after the host too.
+        let (scheme, rest) = target.split_once("://").unwrap_or(("redis", target));
+        let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        let host = host.split(['/', '?', '#']).next().unwrap_or_default();
+        let userinfo = if rest.contains('@') { "***@" } else { "" };
+        let more = if host.len() + userinfo.len() < rest.len() {
+            "/***"
+        } else {
+            ""
+        };
+        return format!("{scheme}://{userinfo}{host}{more}");
     };
     let mut pairs: Vec<(String, String)> = url
         .query_pairs()
@@ -87,7 +99,7 @@ fn parse_target(target: &str, kind: SinkKind) -> Result<Target, String> {
         return Err("rediss:// (TLS) is not supported by this build; use redis://".into());
     }
     let mut url = url::Url::parse(target).map_err(|e| {
-        format!("not a URL: {e} (in a password, write `/` as %2F, `@` as %40, `:` as %3A)")
+        format!("not a URL: {e} (in a password, write `/` as %2F, `@` as %40, `:` as %3A, `#` as %23, `?` as %3F)")
     })?;
     if url.host_str().is_none_or(str::is_empty) {
         return Err("missing host: expected redis://HOST:PORT[/DB]?stream=NAME".into());
@@ -148,6 +160,12 @@ fn parse_target(target: &str, kind: SinkKind) -> Result<Target, String> {
                 "`hash_prefix` is for `state-at` (one hash per key); the {} sink appends to a stream: ?stream=NAME",
                 kind.name()
             ));
+        }
+        _ if kind == SinkKind::State => {
+            return Err(
+                "missing `?hash_prefix=P` (a hash per key) or `?stream=NAME` (a stream to append to)"
+                    .into(),
+            );
         }
         _ => return Err("missing `?stream=NAME` (the stream to append to)".into()),
     };
@@ -575,10 +593,13 @@ mod tests {
             "redis://h:1?stream=s&user=TOPSECRET",
             "redis://:TOPSECRET@h:1?stream=s",
             "redis://u:TOP%2FSECRET@h:1?stream=s",
+            "redis://u:TOPSECRET#XYZ@h:1?stream=s",
+            "redis://u:TOPSECRET?XYZ@h:1?stream=s",
+            "redis://u:TOP/SECRET@h:1?stream=s",
         ] {
             let s = shown(url);
-            assert!(!s.contains("TOP"), "{url}: {s}");
-            assert!(s.contains("stream=s"), "{url}: {s}");
+            assert!(!s.contains("TOP") && !s.contains("XYZ"), "{url}: {s}");
+            assert!(s.contains("h:1"), "{url}: {s}");
         }
     }
 

@@ -331,6 +331,13 @@ fn duplicates_once_null_amounts_ambiguous_and_sinks_checked_first() {
     infer(&null_total, &[]).expect_error(2, "1 row(s) with no `total`");
     let twice = write("twice.csv", "key,total\nd,15\nd,16\ng,17\n");
     infer(&twice, &[]).expect_error(2, "the key \"d\" appears 2 times");
+    let nan = write("nan.csv", "key,total\nd,15.0\nn,NaN\ng,17.0\n");
+    infer(&nan, &[]).expect_error(2, "NaN or infinite");
+    infer(&after, &["--amount", "(SELECT max(amount) FROM events)"])
+        .expect_error(2, "a subquery is not allowed");
+    infer(&after, &["--amount", "amount * random()"]).expect_error(2, "a volatile function");
+    // The archive itself as the output root.
+    infer(&after, &["--out", &src]).expect_error(2, "is the archive itself");
     let text = write("text.csv", "key,total\nd,abc\n");
     infer(&text, &[]).expect_error(2, "the column `total` is Utf8, not a number");
 

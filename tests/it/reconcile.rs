@@ -354,6 +354,39 @@ fn bad_snapshots_and_settings_are_named_and_exit_2() {
     )
     .expect_error(2, "not a non-negative number");
     reconcile(&dir.join("absent.csv").display().to_string(), &sum).expect_error(2, "absent.csv");
+    let empty = write("empty.csv", "key,value,as_of\n");
+    reconcile(&empty, &sum).expect_error(2, "the snapshot has no rows");
+    let nan = write(
+        "nan.csv",
+        "key,value,as_of\nacct-01,NaN,2024-05-01T12:00:00Z\n",
+    );
+    reconcile(&nan, &sum).expect_error(2, "NaN or infinite");
+    let null = write(
+        "null.csv",
+        "key,value,as_of\nacct-01,,2024-05-01T12:00:00Z\nacct-02,2,2024-05-01T12:00:00Z\n",
+    );
+    reconcile(&null, &sum).expect_error(2, "1 row(s) with no `value`");
+    reconcile(
+        &l.snapshot,
+        &["--expected", "sum(amount) + (SELECT count(*) FROM events)"],
+    )
+    .expect_error(2, "a subquery is not allowed");
+    reconcile(&l.snapshot, &["--expected", "sum(amount) * random()"])
+        .expect_error(2, "a volatile function");
+    // A window that starts later would leave out events the downstream holds.
+    reconcile(
+        &l.snapshot,
+        &[
+            "--expected",
+            "sum(amount)",
+            "--from",
+            "2024-05-01T05:00:00Z",
+        ],
+    )
+    .expect_error(2, "drop --from");
+    // The archive itself as the output root.
+    reconcile(&l.snapshot, &["--expected", "sum(amount)", "--out", &src])
+        .expect_error(2, "is the archive itself");
     let out = dir.join("out");
     backfill(&[
         "run",
@@ -369,5 +402,32 @@ fn bad_snapshots_and_settings_are_named_and_exit_2() {
         "0/2",
     ])
     .expect_error(2, "reconciliation compares every key");
+    backfill(&[
+        "run",
+        "--source",
+        &src,
+        "--out",
+        out.to_str().unwrap(),
+        "--reconcile-expected",
+        "sum(amount)",
+    ])
+    .expect_error(
+        2,
+        "without --reconcile-snapshot there is nothing to reconcile",
+    );
+    backfill(&[
+        "run",
+        "--source",
+        &src,
+        "--out",
+        out.to_str().unwrap(),
+        "--reconcile-snapshot",
+        &l.snapshot,
+        "--reconcile-expected",
+        "sum(amount)",
+        "--from",
+        "2024-05-01T05:00:00Z",
+    ])
+    .expect_error(2, "drop --from");
     assert!(!out.join("_state").exists(), "nothing committed");
 }
