@@ -174,6 +174,7 @@ fn settings(args: &SqlArgs) -> Result<ShellSettings, Error> {
         sinks.gaps,
         sinks.silences,
         sinks.anomalies,
+        sinks.contradicted,
     ]
     .into_iter()
     .flatten()
