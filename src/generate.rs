@@ -970,6 +970,9 @@ struct LogWriter {
     /// The day (from the start) whose file `buf` holds.
     day: Option<i64>,
     buf: Vec<u8>,
+    /// Lines written, and those at ERROR level.
+    lines: u64,
+    error_lines: u64,
 }
 
 impl LogWriter {
@@ -981,7 +984,6 @@ impl LogWriter {
         event_id: Option<&str>,
         message: &str,
         error: Option<&str>,
-        summary: &mut GenerateSummary,
     ) {
         let timestamp = if rng.chance(LOG_EPOCH_MILLIS) {
             serde_json::Value::from(time.div_euclid(1000))
@@ -995,7 +997,7 @@ impl LogWriter {
             level.to_string()
         };
         if level.eq_ignore_ascii_case("ERROR") {
-            summary.log_error_lines += 1;
+            self.error_lines += 1;
         }
         let mut obj = serde_json::Map::new();
         obj.insert("timestamp".into(), timestamp);
@@ -1009,7 +1011,7 @@ impl LogWriter {
         }
         let _ = serde_json::to_writer(&mut self.buf, &serde_json::Value::Object(obj));
         self.buf.push(b'\n');
-        summary.log_lines += 1;
+        self.lines += 1;
     }
 
     /// The lines of one archived row (once, however many copies).
@@ -1026,15 +1028,7 @@ impl LogWriter {
             self.day = Some(day);
             let mut rng = SplitMix64::at(plan.seed, STREAM_LOGS, u64::MAX, day as u64);
             let start = plan.start_us + day * MICROS_PER_DAY;
-            self.line(
-                &mut rng,
-                start,
-                "INFO",
-                None,
-                "worker started",
-                None,
-                summary,
-            );
+            self.line(&mut rng, start, "INFO", None, "worker started", None);
         }
         let mut rng = SplitMix64::at(plan.seed, STREAM_LOGS, row.event, row.order);
         let id = Some(event_id);
@@ -1046,10 +1040,9 @@ impl LogWriter {
                 id,
                 "processing failed",
                 row.error,
-                summary,
             ),
             Status::Processed => {
-                self.line(&mut rng, row.time, "INFO", id, "processed", None, summary);
+                self.line(&mut rng, row.time, "INFO", id, "processed", None);
                 let later = row.time + rng.micros(MICROS_PER_SECOND, 600 * MICROS_PER_SECOND);
                 if rng.chance(LOG_CONTRADICTING) {
                     summary.logs_contradicting += 1;
@@ -1060,14 +1053,13 @@ impl LogWriter {
                         id,
                         "post-commit hook failed",
                         Some("publishing order-confirmed: broker unavailable"),
-                        summary,
                     );
                 } else if rng.chance(LOG_WARN_AFTER) {
-                    self.line(&mut rng, later, "WARN", id, "slow commit", None, summary);
+                    self.line(&mut rng, later, "WARN", id, "slow commit", None);
                 }
             }
             Status::Pending | Status::Null => {
-                self.line(&mut rng, row.time, "INFO", id, "received", None, summary)
+                self.line(&mut rng, row.time, "INFO", id, "received", None)
             }
         }
         if row.last && !row.conflict && row.status != Status::Processed {
@@ -1084,7 +1076,6 @@ impl LogWriter {
                         id,
                         "retry failed",
                         Some(row.error.unwrap_or(TRANSIENT_ERRORS[0])),
-                        summary,
                     );
                 }
             }
@@ -1138,7 +1129,10 @@ impl LogWriter {
         plan: &Plan,
         summary: &mut GenerateSummary,
     ) -> Result<(), GenerateError> {
-        self.flush(plan, summary).await
+        self.flush(plan, summary).await?;
+        summary.log_lines = self.lines;
+        summary.log_error_lines = self.error_lines;
+        Ok(())
     }
 }
 
@@ -1168,6 +1162,8 @@ pub async fn generate(
             out,
             day: None,
             buf: Vec::new(),
+            lines: 0,
+            error_lines: 0,
         });
     }
     let rfc = |us: i64| {
