@@ -29,7 +29,9 @@ GROUP BY event_id;
 -- whose done rows have no event_time is never contradicted.
 --
 -- The archive side is narrow and joined to the events the logs name
--- before it is grouped, so only those events' done rows are held.
+-- before it is grouped, so only those events' done rows are held; only
+-- events with an error line after their latest done row meet the lines
+-- again.
 CREATE OR REPLACE VIEW contradicted AS
 WITH processed AS (
     SELECT e.event_id,
@@ -40,6 +42,9 @@ WITH processed AS (
     JOIN events e ON e.event_id = a.event_id
     WHERE e.backfill_done
     GROUP BY e.event_id
+    -- No error line after the latest done row: not contradicted, and no
+    -- need to look at its lines again.
+    HAVING max(e.event_time) < max(a.last_error_at)
 ),
 later AS (
     SELECT p.event_id, p.key, p.seq, p.processed_at,

@@ -386,7 +386,7 @@ pub struct Shape {
 }
 
 /// Per event named by an error-level log line, how many there are.
-pub type LoggedErrors = datafusion::common::HashMap<String, u64>;
+pub type LoggedErrors = datafusion::common::HashMap<String, crate::source::logs::Logged>;
 
 /// The retries the policy sees (`sql/candidates.sql`): the archive's, or
 /// the error lines' less the first try where they show more. Greatest,
@@ -2766,7 +2766,7 @@ impl Shared {
                 slot.attempts,
                 self.logged
                     .as_ref()
-                    .and_then(|m| m.get(id.value(r)).copied()),
+                    .and_then(|m| m.get(id.value(r)).map(|l| l.lines)),
             ));
             let (in_c, ac, ag) = match (opt_str(key, r), opt_i64(seq, r)) {
                 (Some(k), Some(s)) => self.marks.flags(k, s),

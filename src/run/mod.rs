@@ -521,6 +521,7 @@ async fn execute(
                 error_lines: counts.error_lines,
                 error_events: counts.by_event.len() as u64,
             });
+            detect::logs::use_counts(ctx, &counts).await?;
             lap(report, "logs");
             Some(Arc::new(counts.by_event))
         }

@@ -546,6 +546,9 @@ impl ErrorCounts {
     pub fn add(&mut self, b: &RecordBatch, error_levels: &[String]) {
         self.lines += b.num_rows() as u64;
         let id = b.column(0).as_string::<i32>();
+        let time = b
+            .column(1)
+            .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
         let level = b.column(2).as_string::<i32>();
         for r in 0..b.num_rows() {
             if id.is_valid(r)
@@ -555,7 +558,13 @@ impl ErrorCounts {
                     .any(|l| l.eq_ignore_ascii_case(level.value(r)))
             {
                 self.error_lines += 1;
-                *self.by_event.entry(id.value(r).to_string()).or_default() += 1;
+                let e = self.by_event.entry(id.value(r).to_string()).or_default();
+                e.lines += 1;
+                if time.is_valid(r) {
+                    let t = time.value(r);
+                    e.first_us = Some(e.first_us.map_or(t, |f| f.min(t)));
+                    e.last_us = Some(e.last_us.map_or(t, |l| l.max(t)));
+                }
             }
         }
     }
@@ -569,7 +578,47 @@ pub struct ErrorCounts {
     /// Lines at an error level that name an event.
     pub error_lines: u64,
     /// Per event: its error-level lines.
-    pub by_event: datafusion::common::HashMap<String, u64>,
+    pub by_event: datafusion::common::HashMap<String, Logged>,
+}
+
+/// One event's error-level lines: how many, the first and the last (µs).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Logged {
+    pub lines: u64,
+    pub first_us: Option<i64>,
+    pub last_us: Option<i64>,
+}
+
+impl ErrorCounts {
+    /// The counts as the `log_attempts` view's rows.
+    pub fn log_attempts(&self) -> Result<RecordBatch, arrow::error::ArrowError> {
+        let mut ids = Vec::with_capacity(self.by_event.len());
+        let (mut n, mut first, mut last) = (vec![], vec![], vec![]);
+        for (id, l) in &self.by_event {
+            ids.push(id.as_str());
+            n.push(i64::try_from(l.lines).unwrap_or(i64::MAX));
+            first.push(l.first_us);
+            last.push(l.last_us);
+        }
+        let ts = |v: Vec<Option<i64>>| -> ArrayRef {
+            Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
+        };
+        let utc = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+        RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("event_id", DataType::Utf8, true),
+                Field::new("error_lines", DataType::Int64, false),
+                Field::new("first_error_at", utc(), true),
+                Field::new("last_error_at", utc(), true),
+            ])),
+            vec![
+                Arc::new(StringArray::from(ids)),
+                Arc::new(arrow::array::Int64Array::from(n)),
+                ts(first),
+                ts(last),
+            ],
+        )
+    }
 }
 
 /// `logs`: the files' lines as a table (read again by each query that
