@@ -423,7 +423,7 @@ impl Report {
                 "silences" => "silences",
                 "anomalies" => "anomalies",
                 "reconcile" => "keys",
-                "contradicted" => "contradicted events",
+                "contradicted" => "contradicted",
                 other => other,
             };
             let place = match r.outputs.as_slice() {
@@ -445,14 +445,23 @@ impl Report {
         if let Some(st) = &self.state {
             let _ = writeln!(s, "  {:<LABEL$}{}", "state", location(st));
         }
-        let phases: Vec<String> = ["list", "scan", "gaps", "decide", "commit", "publish"]
-            .into_iter()
-            .filter_map(|p| {
-                self.phase_ms
-                    .get(p)
-                    .map(|ms| format!("{p} {}", millis(*ms)))
-            })
-            .collect();
+        let phases: Vec<String> = [
+            "list",
+            "logs",
+            "scan",
+            "gaps",
+            "contradicted",
+            "decide",
+            "commit",
+            "publish",
+        ]
+        .into_iter()
+        .filter_map(|p| {
+            self.phase_ms
+                .get(p)
+                .map(|ms| format!("{p} {}", millis(*ms)))
+        })
+        .collect();
         let detail = if phases.is_empty() {
             String::new()
         } else {
