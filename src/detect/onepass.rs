@@ -355,6 +355,19 @@ impl Detection {
         self.shared.marks.flags(key, seq)
     }
 
+    /// The retries the policy sees for an event with `attempts` of its
+    /// own, as the fetch computes them (`--logs`): for rows that come from
+    /// elsewhere (recovered from a topic).
+    pub fn with_logs(&self, event_id: Option<&str>, attempts: i64) -> i64 {
+        let lines = self
+            .shared
+            .logged
+            .as_ref()
+            .zip(event_id)
+            .and_then(|(m, id)| m.get(id).map(|l| l.lines));
+        with_logged(attempts, lines)
+    }
+
     /// After the fetch stream ended: every candidate was found. Anything
     /// else means the archive changed between the two scans.
     pub fn check_fetched(&self) -> Result<()> {
