@@ -113,6 +113,15 @@ pub enum LogsError {
         message: String,
     },
     #[error(
+        "logs file {file}, lines {first}-{last}: {message} (a mapped field holds text, a number or a boolean, not an object or an array)"
+    )]
+    BadValue {
+        file: String,
+        first: u64,
+        last: u64,
+        message: String,
+    },
+    #[error(
         "logs file {file}: no line has the field '{field}' ({role}); set [logs] {role} to the field that holds it"
     )]
     FieldAbsent {
@@ -362,9 +371,12 @@ fn decode(
                  lines: &mut Vec<u64>,
                  seen_id: &mut bool|
      -> Result<bool, LogsError> {
-        let batch = decoder.flush().map_err(|e| LogsError::NotJson {
+        // Values become columns here, a batch at a time: the error names
+        // the batch's lines.
+        let batch = decoder.flush().map_err(|e| LogsError::BadValue {
             file: file.to_string(),
-            line: lines.first().copied().unwrap_or(0),
+            first: lines.first().copied().unwrap_or(0),
+            last: lines.last().copied().unwrap_or(0),
             message: e.to_string(),
         })?;
         let Some(batch) = batch else {
@@ -775,6 +787,12 @@ mod tests {
         assert!(e.to_string().contains("no line has the field 'evt'"), "{e}");
         let e = decode_all("{\"evt\":\"e1\",\"ts\":1,\n\"level\":\"E\"}\n").unwrap_err();
         assert!(matches!(e, LogsError::NotJson { line: 1, .. }), "{e}");
+        let e = decode_all(
+            "{\"evt\":\"a\",\"ts\":1,\"level\":\"E\"}\n{\"evt\":\"b\",\"ts\":1,\"level\":\"E\",\"error\":{\"x\":1}}\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("lines 1-2: "), "{e}");
+        assert!(e.to_string().contains("field 'error'"), "{e}");
         // An empty file is no error.
         assert!(decode_all("").unwrap().is_empty());
     }
