@@ -228,6 +228,16 @@ pub struct ScanArgs {
     /// Directory the query engine spills to (default: the system temp dir).
     #[arg(long, value_name = "DIR", env = "BACKFILL_SPILL_DIR")]
     pub spill_dir: Option<PathBuf>,
+    /// Application logs as evidence: NDJSON/JSON-lines files (plain or
+    /// .gz), a folder of them or a glob, local or s3://... (repeatable;
+    /// replaces `[logs] paths`; fields as `[logs]` maps them).
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_LOGS",
+        hide_env_values = true
+    )]
+    pub logs: Vec<String>,
     /// Progress on stderr.
     #[arg(long, value_enum, default_value_t = Progress::Auto, env = "BACKFILL_PROGRESS")]
     pub progress: Progress,
@@ -409,6 +419,15 @@ pub struct RunArgs {
         help_heading = "Reconciliation"
     )]
     pub reconcile_sink: Option<String>,
+    /// Where processed events that a later error log line contradicts go
+    /// (with --logs; default OUT/contradicted).
+    #[arg(
+        long,
+        value_name = "LOC",
+        env = "BACKFILL_CONTRADICTED_SINK",
+        hide_env_values = true
+    )]
+    pub contradicted_sink: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -576,6 +595,16 @@ pub struct GenerateArgs {
     /// doubling) in the last three days; needs --sources 3 or more.
     #[arg(long, env = "BACKFILL_OUTAGES", value_parser = BoolishValueParser::new())]
     pub outages: bool,
+    /// Also write the worker's application logs (NDJSON, a file a day) to
+    /// this folder: they agree with the archive but for injected errors
+    /// after processing (contradicted) and unarchived failures.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "BACKFILL_GENERATE_LOGS",
+        hide_env_values = true
+    )]
+    pub logs: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

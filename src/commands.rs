@@ -129,6 +129,7 @@ pub async fn generate(args: GenerateArgs) -> Result<(), Error> {
         sources: args.sources,
         seasonal: args.seasonal,
         outages: args.outages,
+        logs: args.logs.clone(),
         ..Default::default()
     };
     let summary = crate::generate::generate(&out, &opts).await?;

@@ -30,6 +30,8 @@ pub enum Error {
     #[error(transparent)]
     Source(Box<SourceError>),
     #[error(transparent)]
+    Logs(#[from] crate::source::logs::LogsError),
+    #[error(transparent)]
     Sink(#[from] SinkError),
     #[error(transparent)]
     State(#[from] StateError),
@@ -71,6 +73,18 @@ impl From<SourceError> for Error {
 
 impl From<datafusion::error::DataFusionError> for Error {
     fn from(e: datafusion::error::DataFusionError) -> Self {
+        // A logs file that failed a query over `logs` is named as itself
+        // (and is the user's to fix), not as a query error.
+        if let Some(l) = crate::source::logs::find_in(&e) {
+            return if l.is_config() {
+                Error::Usage(l.to_string())
+            } else {
+                Error::Io {
+                    what: "reading the logs".into(),
+                    message: l.to_string(),
+                }
+            };
+        }
         Error::DataFusion(Box::new(e))
     }
 }
@@ -95,6 +109,7 @@ impl Error {
             Error::Job(_) | Error::Location(_) | Error::Usage(_) => EXIT_USAGE,
             Error::State(e) if e.is_conflict() => EXIT_CONFLICT,
             Error::Source(e) if e.is_config() => EXIT_USAGE,
+            Error::Logs(e) if e.is_config() => EXIT_USAGE,
             Error::Sink(e) if e.is_config() => EXIT_USAGE,
             Error::Generate(crate::generate::GenerateError::Invalid { .. }) => EXIT_USAGE,
             Error::DataFusion(e) if is_plan_error(e) => EXIT_USAGE,

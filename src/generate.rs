@@ -67,6 +67,8 @@ pub struct GenerateOptions {
     /// Inject volume outages (`--outages`; needs 3 sources and 3 days):
     /// [`OUTAGES`], recorded in [`GenerateSummary::outages`].
     pub outages: bool,
+    /// Also write application logs here (`--logs DIR`): see [`LogWriter`].
+    pub logs: Option<String>,
 }
 
 impl Default for GenerateOptions {
@@ -82,6 +84,7 @@ impl Default for GenerateOptions {
             sources: 1,
             seasonal: false,
             outages: false,
+            logs: None,
         }
     }
 }
@@ -115,6 +118,19 @@ pub struct GenerateSummary {
     /// Events an outage kept from being written (a drop or a stop).
     #[serde(skip_serializing_if = "is_zero")]
     pub outage_dropped_events: u64,
+    /// `--logs`: log files and lines written, and the lines at ERROR level.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub log_files: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub log_lines: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub log_error_lines: u64,
+    /// Processed events given an ERROR line after their processing.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub logs_contradicting: u64,
+    /// Unprocessed events given 1-3 ERROR lines beyond their archived rows.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub logs_extra_failures: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -155,6 +171,9 @@ pub enum GenerateError {
         #[source]
         source: parquet::errors::ParquetError,
     },
+    /// Writing a log file failed.
+    #[error("cannot write '{path}': {message}")]
+    WriteLogs { path: String, message: String },
     /// Assembling a record batch failed (a bug, reported with its file).
     #[error("cannot build a record batch for '{path}': {source}")]
     Batch {
@@ -232,6 +251,17 @@ const STREAM_GAP: u64 = 0x6761_7073; // "gaps"
 const STREAM_EVENT: u64 = 0x6576_656e; // "even"
 const STREAM_OUTAGE: u64 = 0x6f75_7461; // "outa"
 const STREAM_SEASON: u64 = 0x7365_6173; // "seas"
+const STREAM_LOGS: u64 = 0x6c6f_6773; // "logs"
+
+/// Processed events whose worker logged an ERROR after marking them done.
+const LOG_CONTRADICTING: f64 = 0.02;
+/// Processed events with a WARN line after processing (no contradiction).
+const LOG_WARN_AFTER: f64 = 0.05;
+/// Unprocessed events (failed or never attempted) with 1-3 ERROR lines
+/// beyond the rows the archive holds.
+const LOG_EXTRA_FAILURES: f64 = 0.10;
+/// Lines whose timestamp is epoch milliseconds (a number), not RFC 3339.
+const LOG_EPOCH_MILLIS: f64 = 0.2;
 
 /// The weight of hour `h` of the span (starting at `hour_start`, UTC) in a
 /// seasonal archive: a daily curve (0.2 at night, up to 1.0 mid-day), 0.6
@@ -324,6 +354,8 @@ struct Row {
     amount_cents: u64,
     /// 2 for a row archived twice.
     copies: u8,
+    /// The last row of its event (not of a conflicting copy).
+    last: bool,
 }
 
 impl PartialEq for Row {
@@ -652,6 +684,7 @@ impl Plan {
                 error,
                 amount_cents,
                 copies: storm * if duplicate == Some(k) { 2 } else { 1 },
+                last: k + 1 == n,
             });
         }
 
@@ -672,6 +705,7 @@ impl Plan {
                 error: Some(error),
                 amount_cents: 100 + rng.below(100_000),
                 copies: storm,
+                last: false,
             });
         }
     }
@@ -756,6 +790,8 @@ struct Writer<'a> {
     key: String,
     payload: String,
     summary: GenerateSummary,
+    /// `--logs`: the worker's log lines.
+    logs: Option<LogWriter>,
 }
 
 impl<'a> Writer<'a> {
@@ -787,6 +823,7 @@ impl<'a> Writer<'a> {
             key: String::with_capacity(16),
             payload: String::with_capacity(96),
             summary: GenerateSummary::default(),
+            logs: None,
         }
     }
 
@@ -843,6 +880,10 @@ impl<'a> Writer<'a> {
             row.amount_cents / 100,
             row.amount_cents % 100
         );
+        if let Some(l) = self.logs.as_mut() {
+            l.row(row, &self.event_id, self.plan, &mut self.summary)
+                .await?;
+        }
         for _ in 0..row.copies {
             let c = &mut self.cols;
             c.event_id.append_value(&self.event_id);
@@ -912,6 +953,193 @@ impl<'a> Writer<'a> {
     }
 }
 
+/// The worker's application logs (`--logs DIR`): one NDJSON file per day
+/// of the archive, `app-YYYY-MM-DD.ndjson` for the first day and
+/// `app-YYYY-MM-DD.jsonl.gz` after it (so that both are read), with the
+/// fields `timestamp` (RFC 3339, or epoch milliseconds on a fifth of the
+/// lines), `level`, `event_id`, `message`, `error`. They agree with the
+/// archive: one `ERROR` line per failed row (archived twice: still one),
+/// one `INFO` line per processed or pending row, a first line naming no
+/// event. Injected disagreements ([`GenerateSummary`] counts them): an
+/// `ERROR` line after the processed row of 2% of processed events
+/// (contradicted), and 1-3 `ERROR` lines after the last row of 10% of
+/// unprocessed events (failures the archive missed). Decoys: a `WARN`
+/// line after 5% of processed events, some levels in lower case.
+struct LogWriter {
+    out: Location,
+    /// The day (from the start) whose file `buf` holds.
+    day: Option<i64>,
+    buf: Vec<u8>,
+    /// Lines written, and those at ERROR level.
+    lines: u64,
+    error_lines: u64,
+}
+
+impl LogWriter {
+    fn line(
+        &mut self,
+        rng: &mut SplitMix64,
+        time: i64,
+        level: &str,
+        event_id: Option<&str>,
+        message: &str,
+        error: Option<&str>,
+    ) {
+        let timestamp = if rng.chance(LOG_EPOCH_MILLIS) {
+            serde_json::Value::from(time.div_euclid(1000))
+        } else {
+            let t = chrono::DateTime::from_timestamp_micros(time).unwrap_or_default();
+            serde_json::Value::from(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+        };
+        let level = if rng.chance(0.1) {
+            level.to_lowercase()
+        } else {
+            level.to_string()
+        };
+        if level.eq_ignore_ascii_case("ERROR") {
+            self.error_lines += 1;
+        }
+        let mut obj = serde_json::Map::new();
+        obj.insert("timestamp".into(), timestamp);
+        obj.insert("level".into(), level.into());
+        if let Some(id) = event_id {
+            obj.insert("event_id".into(), id.into());
+        }
+        obj.insert("message".into(), message.into());
+        if let Some(e) = error {
+            obj.insert("error".into(), e.into());
+        }
+        let _ = serde_json::to_writer(&mut self.buf, &serde_json::Value::Object(obj));
+        self.buf.push(b'\n');
+        self.lines += 1;
+    }
+
+    /// The lines of one archived row (once, however many copies).
+    async fn row(
+        &mut self,
+        row: &Row,
+        event_id: &str,
+        plan: &Plan,
+        summary: &mut GenerateSummary,
+    ) -> Result<(), GenerateError> {
+        let day = (row.time - plan.start_us).div_euclid(MICROS_PER_DAY);
+        if self.day != Some(day) {
+            self.flush(plan, summary).await?;
+            self.day = Some(day);
+            let mut rng = SplitMix64::at(plan.seed, STREAM_LOGS, u64::MAX, day as u64);
+            let start = plan.start_us + day * MICROS_PER_DAY;
+            self.line(&mut rng, start, "INFO", None, "worker started", None);
+        }
+        let mut rng = SplitMix64::at(plan.seed, STREAM_LOGS, row.event, row.order);
+        let id = Some(event_id);
+        match row.status {
+            Status::Failed => self.line(
+                &mut rng,
+                row.time,
+                "ERROR",
+                id,
+                "processing failed",
+                row.error,
+            ),
+            Status::Processed => {
+                self.line(&mut rng, row.time, "INFO", id, "processed", None);
+                let later = row.time + rng.micros(MICROS_PER_SECOND, 600 * MICROS_PER_SECOND);
+                if rng.chance(LOG_CONTRADICTING) {
+                    summary.logs_contradicting += 1;
+                    self.line(
+                        &mut rng,
+                        later,
+                        "ERROR",
+                        id,
+                        "post-commit hook failed",
+                        Some("publishing order-confirmed: broker unavailable"),
+                    );
+                } else if rng.chance(LOG_WARN_AFTER) {
+                    self.line(&mut rng, later, "WARN", id, "slow commit", None);
+                }
+            }
+            Status::Pending | Status::Null => {
+                self.line(&mut rng, row.time, "INFO", id, "received", None)
+            }
+        }
+        if row.last && !row.conflict && row.status != Status::Processed {
+            let mut extra = SplitMix64::at(plan.seed, STREAM_LOGS, row.event, u64::MAX);
+            if extra.chance(LOG_EXTRA_FAILURES) {
+                summary.logs_extra_failures += 1;
+                let mut time = row.time;
+                for _ in 0..1 + extra.below(3) {
+                    time += extra.micros(30 * MICROS_PER_SECOND, 300 * MICROS_PER_SECOND);
+                    self.line(
+                        &mut extra,
+                        time,
+                        "ERROR",
+                        id,
+                        "retry failed",
+                        Some(row.error.unwrap_or(TRANSIENT_ERRORS[0])),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the day's file.
+    async fn flush(
+        &mut self,
+        plan: &Plan,
+        summary: &mut GenerateSummary,
+    ) -> Result<(), GenerateError> {
+        let Some(day) = self.day else {
+            return Ok(());
+        };
+        let date = plan
+            .start
+            .checked_add_days(Days::new(day.max(0) as u64))
+            .unwrap_or(plan.start);
+        let (name, bytes) = if day == 0 {
+            (format!("app-{date}.ndjson"), std::mem::take(&mut self.buf))
+        } else {
+            use std::io::Write;
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            let gz = gz
+                .write_all(&self.buf)
+                .and_then(|_| gz.finish())
+                .map_err(|e| GenerateError::WriteLogs {
+                    path: name_of(&self.out, &format!("app-{date}.jsonl.gz")),
+                    message: e.to_string(),
+                })?;
+            self.buf.clear();
+            (format!("app-{date}.jsonl.gz"), gz)
+        };
+        use object_store::ObjectStoreExt;
+        self.out
+            .store
+            .put(&self.out.path(&name), bytes.into())
+            .await
+            .map_err(|e| GenerateError::WriteLogs {
+                path: name_of(&self.out, &name),
+                message: crate::location::store_error_line(&e),
+            })?;
+        summary.log_files += 1;
+        Ok(())
+    }
+
+    async fn close(
+        mut self,
+        plan: &Plan,
+        summary: &mut GenerateSummary,
+    ) -> Result<(), GenerateError> {
+        self.flush(plan, summary).await?;
+        summary.log_lines = self.lines;
+        summary.log_error_lines = self.error_lines;
+        Ok(())
+    }
+}
+
+fn name_of(out: &Location, name: &str) -> String {
+    out.display_path(&out.path(name))
+}
+
 /// Writes a synthetic archive below `out` and returns what it injected.
 ///
 /// Files that exist under the same names are overwritten; other files
@@ -923,6 +1151,21 @@ pub async fn generate(
     let plan = Plan::new(opts)?;
     let mut writer = Writer::new(out, &plan);
     writer.summary.events = plan.events;
+    if let Some(dir) = &opts.logs {
+        let out = crate::location::resolve(dir, &Default::default()).map_err(|e| {
+            GenerateError::Invalid {
+                flag: "--logs",
+                reason: e.to_string(),
+            }
+        })?;
+        writer.logs = Some(LogWriter {
+            out,
+            day: None,
+            buf: Vec::new(),
+            lines: 0,
+            error_lines: 0,
+        });
+    }
     let rfc = |us: i64| {
         chrono::DateTime::from_timestamp_micros(us)
             .unwrap_or_default()
@@ -957,6 +1200,9 @@ pub async fn generate(
         writer.emit(&row).await?;
     }
     writer.close().await?;
+    if let Some(l) = writer.logs.take() {
+        l.close(&plan, &mut writer.summary).await?;
+    }
     Ok(writer.summary)
 }
 

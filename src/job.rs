@@ -111,6 +111,33 @@ pub struct JobFile {
     /// `backfill reconcile`, `run --reconcile-snapshot`: the downstream's
     /// snapshot and what it holds per key.
     pub reconcile: Option<crate::reconcile::ReconcileFile>,
+    /// `[logs]`: application logs as evidence (NDJSON files and the field
+    /// of each column of `logs`).
+    pub logs: Option<LogsFile>,
+}
+
+/// `[logs]`: NDJSON / JSON-lines files (plain or `.gz`) whose error-level
+/// lines count as failed attempts and contradict processed events
+/// (docs/reference.md, "Application logs").
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsFile {
+    /// Files, folders or globs (`logs/app-*.jsonl.gz`), local or in an
+    /// object store; `--logs` replaces them.
+    pub paths: Option<OneOrMany>,
+    /// The JSON field naming the event (default `event_id`).
+    pub event_id: Option<String>,
+    /// The line's time: RFC 3339 or epoch milliseconds (default `timestamp`).
+    pub timestamp: Option<String>,
+    /// The line's level (default `level`).
+    pub level: Option<String>,
+    /// The message (default `message`).
+    pub message: Option<String>,
+    /// The error or stack trace (default `error`).
+    pub error: Option<String>,
+    /// Levels that mean a failed attempt, case-insensitive (default
+    /// `["ERROR", "FATAL"]`).
+    pub error_levels: Option<Vec<String>>,
 }
 
 /// A string or a list of strings.
@@ -157,6 +184,9 @@ pub struct SinkTargets {
     pub anomalies: Option<String>,
     /// Keys whose downstream snapshot disagrees (`run --reconcile-snapshot`).
     pub reconcile: Option<String>,
+    /// Processed events contradicted by a later error log line (`[logs]`),
+    /// default `<out>/contradicted`.
+    pub contradicted: Option<String>,
 }
 
 /// `[[partitions]]`: one hive folder level, e.g. `name = "dt"`,
@@ -264,6 +294,8 @@ pub struct Scan {
     /// coordinate columns, NULL for archived rows, so that the sinks, opened
     /// before any gap is known, can carry a recovered event's coordinates.
     pub recover_from: Option<String>,
+    /// `--logs` / `[logs]`: application logs as evidence; `None`: none.
+    pub logs: Option<crate::source::logs::LogSettings>,
 }
 
 /// Validated settings of `backfill run`.
@@ -284,6 +316,8 @@ pub struct RunSettings {
     /// The downstream's snapshot to reconcile with first; `None`: not asked.
     pub reconcile: Option<crate::reconcile::Reconcile>,
     pub reconcile_sink: Option<String>,
+    /// Where contradicted events go (`--logs` runs only).
+    pub contradicted_sink: Option<String>,
     pub max_attempts: i64,
     pub permanent_errors: Vec<String>,
     pub run_id: String,
@@ -733,7 +767,73 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
         exclude: vec![],
         gap_barrier: !args.no_gaps && job.detect_gaps.unwrap_or(true),
         recover_from: None,
+        logs: log_settings(args, job)?,
     })
+}
+
+/// `--logs` over `[logs] paths`, with the job file's field mapping.
+fn log_settings(
+    args: &ScanArgs,
+    job: &JobFile,
+) -> Result<Option<crate::source::logs::LogSettings>, JobError> {
+    let file = job.logs.clone().unwrap_or_default();
+    let paths = if !args.logs.is_empty() {
+        args.logs.clone()
+    } else {
+        file.paths
+            .clone()
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default()
+    };
+    if paths.is_empty() {
+        if job.logs.is_some() {
+            return Err(invalid(
+                "logs.paths",
+                "[logs] names no files: set `paths = [\"logs/\"]` or pass --logs LOC",
+            ));
+        }
+        return Ok(None);
+    }
+    if let Some(p) = paths.iter().find(|p| p.trim().is_empty()) {
+        return Err(invalid("--logs", format!("'{p}' is not a location")));
+    }
+    let defaults = crate::source::logs::LogFields::default();
+    let fields = crate::source::logs::LogFields {
+        event_id: file.event_id.unwrap_or(defaults.event_id),
+        timestamp: file.timestamp.unwrap_or(defaults.timestamp),
+        level: file.level.unwrap_or(defaults.level),
+        message: file.message.unwrap_or(defaults.message),
+        error: file.error.unwrap_or(defaults.error),
+    };
+    let mut seen = BTreeMap::new();
+    for (role, field) in fields.pairs() {
+        if field.is_empty() {
+            return Err(invalid(format!("logs.{role}"), "the field name is empty"));
+        }
+        if let Some(other) = seen.insert(field.to_string(), role) {
+            return Err(invalid(
+                format!("logs.{role}"),
+                format!("the field '{field}' is mapped to both {other} and {role}"),
+            ));
+        }
+    }
+    let error_levels: Vec<String> = file
+        .error_levels
+        .unwrap_or_else(crate::source::logs::default_error_levels)
+        .into_iter()
+        .map(|l| l.trim().to_uppercase())
+        .collect();
+    if error_levels.is_empty() || error_levels.iter().any(String::is_empty) {
+        return Err(invalid(
+            "logs.error_levels",
+            "name at least one level, none empty (default [\"ERROR\", \"FATAL\"])",
+        ));
+    }
+    Ok(Some(crate::source::logs::LogSettings {
+        paths,
+        fields,
+        error_levels,
+    }))
 }
 
 /// Layer flags over the job file into validated run settings.
@@ -783,6 +883,13 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
     if reconcile.is_some() {
         crate::reconcile::check_window(&scan, "--reconcile-snapshot")?;
     }
+    let contradicted_sink = args.contradicted_sink.clone().or(sinks.contradicted);
+    if args.contradicted_sink.is_some() && scan.logs.is_none() {
+        return Err(invalid(
+            "--contradicted-sink",
+            "contradicted events come from application logs: pass --logs LOC or set [logs] paths",
+        ));
+    }
     let state = args.state.clone().or(job.state.clone());
     let state = match (state, &out) {
         (Some(s), _) => s,
@@ -802,9 +909,11 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
             ("--silences-sink", &silences_sink),
             ("--anomalies-sink", &anomalies_sink),
             ("--reconcile-sink", &reconcile_sink),
+            ("--contradicted-sink", &contradicted_sink),
         ] {
             let needed = match flag {
                 "--reconcile-sink" => reconcile.is_some(),
+                "--contradicted-sink" => scan.logs.is_some(),
                 "--gaps-sink" => scan.detect_gaps,
                 "--silences-sink" => silence.is_some(),
                 "--anomalies-sink" => volume.is_some(),
@@ -920,6 +1029,7 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
         &silences_sink,
         &anomalies_sink,
         &reconcile_sink,
+        &contradicted_sink,
     ]
     .into_iter()
     .flatten()
@@ -939,6 +1049,7 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
         anomalies_sink,
         reconcile,
         reconcile_sink,
+        contradicted_sink,
         max_attempts,
         permanent_errors,
         run_id,

@@ -485,6 +485,7 @@ fn refuse_two_on_stdout(settings: &job::RunSettings) -> Result<(), Error> {
         ("gaps", &settings.gaps_sink),
         ("silences", &settings.silences_sink),
         ("anomalies", &settings.anomalies_sink),
+        ("contradicted", &settings.contradicted_sink),
     ]
     .into_iter()
     .find(|(_, t)| t.as_deref() == Some("-"));

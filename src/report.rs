@@ -75,6 +75,14 @@ pub struct Report {
     /// not asked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reconcile: Option<crate::reconcile::Counts>,
+    /// Resolved events with an error-level log line after their processed
+    /// row (`--logs`; 0 without logs). Outside the balance: they are
+    /// resolved, and reported, never replayed.
+    #[serde(default)]
+    pub contradicted: u64,
+    /// What the logs held (`--logs`), absent without them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<LogFigures>,
     /// Kafka-source messages that did not decode, dead-lettered as
     /// `undecodable` (not events: outside the balance above).
     pub undecodable_dead_lettered: u64,
@@ -358,6 +366,19 @@ impl Report {
                 ),
             ));
         }
+        if let Some(l) = &self.logs {
+            figures.push((
+                "contradicted",
+                self.contradicted,
+                format!(
+                    "processed, then an error logged; from {} log lines in {} files, {} at an error level naming {} events",
+                    count(l.lines),
+                    count(l.files),
+                    count(l.error_lines),
+                    count(l.error_events)
+                ),
+            ));
+        }
         if self.kafka_messages > 0 {
             figures.push((
                 "kafka messages",
@@ -402,6 +423,7 @@ impl Report {
                 "silences" => "silences",
                 "anomalies" => "anomalies",
                 "reconcile" => "keys",
+                "contradicted" => "contradicted",
                 other => other,
             };
             let place = match r.outputs.as_slice() {
@@ -423,14 +445,23 @@ impl Report {
         if let Some(st) = &self.state {
             let _ = writeln!(s, "  {:<LABEL$}{}", "state", location(st));
         }
-        let phases: Vec<String> = ["list", "scan", "gaps", "decide", "commit", "publish"]
-            .into_iter()
-            .filter_map(|p| {
-                self.phase_ms
-                    .get(p)
-                    .map(|ms| format!("{p} {}", millis(*ms)))
-            })
-            .collect();
+        let phases: Vec<String> = [
+            "list",
+            "logs",
+            "scan",
+            "gaps",
+            "contradicted",
+            "decide",
+            "commit",
+            "publish",
+        ]
+        .into_iter()
+        .filter_map(|p| {
+            self.phase_ms
+                .get(p)
+                .map(|ms| format!("{p} {}", millis(*ms)))
+        })
+        .collect();
         let detail = if phases.is_empty() {
             String::new()
         } else {
@@ -824,6 +855,11 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
         }
         m.missing_events = m.missing_events.saturating_add(r.missing_events);
         add(&mut m.conflicts, r.conflicts)?;
+        add(&mut m.contradicted, r.contradicted)?;
+        // Every shard reads all of the logs.
+        if m.logs.is_none() {
+            m.logs = r.logs.clone();
+        }
         add(
             &mut m.undecodable_dead_lettered,
             r.undecodable_dead_lettered,
@@ -854,4 +890,14 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
         )));
     }
     Ok(m)
+}
+
+/// What a run's logs held (`--logs`): files and lines read, the lines at an
+/// error level that name an event, and the events they name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct LogFigures {
+    pub files: u64,
+    pub lines: u64,
+    pub error_lines: u64,
+    pub error_events: u64,
 }

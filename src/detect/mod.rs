@@ -14,6 +14,7 @@ use datafusion::prelude::SessionContext;
 use crate::job::Scan;
 use crate::source::{Archive, quoted};
 
+pub mod logs;
 pub mod onepass;
 pub mod silences;
 pub mod volume;
@@ -75,6 +76,7 @@ pub async fn register_views(ctx: &SessionContext, scan: &Scan) -> datafusion::er
     } else {
         exec(ctx, &empty_view(GAPS_SQL)).await?;
     }
+    logs::register(ctx, scan).await?;
     exec(ctx, &candidates_sql(scan)).await?;
     Ok(())
 }
@@ -100,6 +102,13 @@ pub fn candidates_sql(scan: &Scan) -> String {
         sql = sql.replace(
             "FROM gaps GROUP BY",
             "FROM (SELECT * FROM gaps WHERE false) ng GROUP BY",
+        );
+    }
+    // Without logs the join is planned away, as the switched-off sides are.
+    if scan.logs.is_none() {
+        sql = sql.replace(
+            "LEFT JOIN log_attempts la",
+            "LEFT JOIN (SELECT * FROM log_attempts WHERE false) la",
         );
     }
     sql
@@ -210,6 +219,10 @@ pub async fn explain(
         ),
         ("gaps", gaps(ctx).await?),
     ];
+    let mut plans = plans.to_vec();
+    if scan.logs.is_some() {
+        plans.push(("contradicted (logs)", logs::contradicted(ctx, scan).await?));
+    }
     for (name, df) in plans {
         let plan = df.create_physical_plan().await?;
         out.push_str(&format!("== {name} ==\n"));
@@ -242,6 +255,11 @@ mod tests {
             exclude: vec![],
             gap_barrier: true,
             recover_from: None,
+            logs: Some(crate::source::logs::LogSettings {
+                paths: vec!["logs/".into()],
+                fields: Default::default(),
+                error_levels: vec!["ERROR".into()],
+            }),
         };
         assert!(candidates_sql(&scan).contains("FROM conflicts WHERE false"));
         assert!(!candidates_sql(&scan).contains("FROM gaps WHERE false"));
@@ -249,6 +267,9 @@ mod tests {
         assert_eq!(candidates_sql(&scan), CANDIDATES_SQL);
         scan.gap_barrier = false;
         assert!(candidates_sql(&scan).contains("FROM gaps WHERE false"));
+        assert!(!candidates_sql(&scan).contains("FROM log_attempts WHERE false"));
+        scan.logs = None;
+        assert!(candidates_sql(&scan).contains("FROM log_attempts WHERE false"));
     }
 
     #[test]

@@ -355,6 +355,19 @@ impl Detection {
         self.shared.marks.flags(key, seq)
     }
 
+    /// The retries the policy sees for an event with `attempts` of its
+    /// own, as the fetch computes them (`--logs`): for rows that come from
+    /// elsewhere (recovered from a topic).
+    pub fn with_logs(&self, event_id: Option<&str>, attempts: i64) -> i64 {
+        let lines = self
+            .shared
+            .logged
+            .as_ref()
+            .zip(event_id)
+            .and_then(|(m, id)| m.get(id).map(|l| l.lines));
+        with_logged(attempts, lines)
+    }
+
     /// After the fetch stream ended: every candidate was found. Anything
     /// else means the archive changed between the two scans.
     pub fn check_fetched(&self) -> Result<()> {
@@ -380,6 +393,22 @@ pub struct Shape {
     /// ([`crate::source::events_at`]); None reads `events` and fetches by
     /// id.
     pub positioned: Option<(Arc<Positions>, DataFrame)>,
+    /// `--logs`: per event, its error-level log lines
+    /// ([`crate::source::logs::error_counts`]), read before the archive.
+    pub logged: Option<Arc<LoggedErrors>>,
+}
+
+/// Per event named by an error-level log line, how many there are.
+pub type LoggedErrors = datafusion::common::HashMap<String, crate::source::logs::Logged>;
+
+/// The retries the policy sees (`sql/candidates.sql`): the archive's, or
+/// the error lines' less the first try where they show more. Greatest,
+/// not a sum: one failure archived and logged is one failure.
+fn with_logged(archived: i64, error_lines: Option<u64>) -> i64 {
+    match error_lines {
+        Some(n) => archived.max(i64::try_from(n).unwrap_or(i64::MAX).saturating_sub(1)),
+        None => archived,
+    }
 }
 
 /// Run the narrow pass and decide every bucket; `gaps_schema` is the
@@ -396,6 +425,7 @@ pub async fn detect(
         est_rows,
         row_bytes,
         positioned,
+        logged,
     } = shape;
     let (positions, events) = match positioned {
         Some((p, events)) => (Some(p), events),
@@ -694,6 +724,7 @@ pub async fn detect(
             scan: Mutex::new(None),
             scanned: Mutex::new(Default::default()),
             generation_floor: floor,
+            logged,
         }),
     })
 }
@@ -2573,6 +2604,8 @@ struct Shared {
     /// What each generation of candidates holds at least
     /// ([`Candidates::floor`]).
     generation_floor: usize,
+    /// Error-level log lines per event (`--logs`).
+    logged: Option<Arc<LoggedErrors>>,
 }
 
 /// The error for a lock a panicking thread left behind.
@@ -2742,7 +2775,12 @@ impl Shared {
                 continue;
             }
             keep.append_value(true);
-            archived.push(slot.attempts);
+            archived.push(with_logged(
+                slot.attempts,
+                self.logged
+                    .as_ref()
+                    .and_then(|m| m.get(id.value(r)).map(|l| l.lines)),
+            ));
             let (in_c, ac, ag) = match (opt_str(key, r), opt_i64(seq, r)) {
                 (Some(k), Some(s)) => self.marks.flags(k, s),
                 _ => (false, false, false),
@@ -3210,6 +3248,7 @@ mod tests {
             spill_dir: None,
             gap_barrier: true,
             recover_from: None,
+            logs: None,
         }
     }
 
@@ -3273,6 +3312,15 @@ mod tests {
                     Some(format!("k{}", rng.below(n_keys)))
                 } else {
                     key.clone()
+                };
+                // Such a row names its key in its error, so that it never
+                // ties exactly with a row of another key: the views break
+                // an exact tie arbitrarily (their plan's row order; the
+                // logs' join changes it), the fast path by the fetch's.
+                let error = if row_key != key {
+                    row_key.as_ref().map(|k| format!("moved to {k}"))
+                } else {
+                    error
                 };
                 rows.push((
                     event_name(e),
@@ -3488,7 +3536,8 @@ mod tests {
         // What the rounds covered, so that the test cannot pass vacuously.
         let (mut seen_conflicts, mut seen_gaps, mut seen_spills, mut seen_ledger) = (0, 0, 0, 0);
         let (mut seen_generations, mut seen_positions, mut seen_shards) = (0, 0, 0);
-        let (mut seen_after_gap, mut seen_after_conflict) = (0, 0);
+        let (mut seen_after_gap, mut seen_after_conflict, mut seen_logs) = (0, 0, 0);
+        let mut seen_raised = 0;
         let mut seen_barriers: BTreeMap<String, u64> = BTreeMap::new();
         let barrier = |n: u64| match n {
             0 => crate::policy::OnBarrier::Replay,
@@ -3571,7 +3620,58 @@ mod tests {
             let lt = datafusion::datasource::MemTable::try_new(ledger.schema(), vec![vec![ledger]])
                 .unwrap();
             ctx.register_table("ledger_entries", Arc::new(lt)).unwrap();
+            // Half the rounds have application logs: error lines raise the
+            // attempts, in the views (sql/candidates.sql) and in the fetch
+            // (the counts of the logs' narrow pass).
+            let logged = if rng.chance(50) {
+                let levels: Vec<String> = if rng.chance(25) {
+                    vec!["WARN".into()]
+                } else {
+                    vec!["ERROR".into(), "FATAL".into()]
+                };
+                let lines = random_logs(&mut rng, &batches_ids(&ctx).await);
+                let mut counts = crate::source::logs::ErrorCounts::default();
+                counts.add(&lines, &levels);
+                seen_logs += counts.by_event.len();
+                let t = datafusion::datasource::MemTable::try_new(
+                    crate::source::logs::schema(),
+                    vec![vec![lines]],
+                )
+                .unwrap();
+                ctx.register_table("logs", Arc::new(t)).unwrap();
+                let values: Vec<String> = levels.iter().map(|l| format!("('{l}')")).collect();
+                ctx.sql(&format!(
+                    "CREATE TABLE log_error_levels AS SELECT * FROM (VALUES {}) AS t(level)",
+                    values.join(", ")
+                ))
+                .await
+                .unwrap();
+                scan.logs = Some(crate::source::logs::LogSettings {
+                    paths: vec!["memory".into()],
+                    fields: Default::default(),
+                    error_levels: levels,
+                });
+                Some(Arc::new(counts.by_event))
+            } else {
+                None
+            };
             super::super::register_views(&ctx, &scan).await.unwrap();
+            if logged.is_some() {
+                // Events whose logs show more retries than the archive.
+                seen_raised += ctx
+                    .sql(
+                        "SELECT count(*) FROM candidates c JOIN unprocessed u \
+                         ON c.event_id = u.event_id WHERE c.archived_attempts > u.archived_attempts",
+                    )
+                    .await
+                    .unwrap()
+                    .collect()
+                    .await
+                    .unwrap()[0]
+                    .column(0)
+                    .as_primitive::<Int64Type>()
+                    .value(0);
+            }
 
             let view_rows = ctx
                 .table("candidates")
@@ -3643,6 +3743,7 @@ mod tests {
                     est_rows,
                     row_bytes: RowBytes::default(),
                     positioned: positions.clone(),
+                    logged: logged.clone(),
                 };
                 let d = detect(&ctx, &scan, shape, dir.path(), gaps_schema.clone(), None)
                     .await
@@ -3766,9 +3867,69 @@ mod tests {
                 && seen_ledger > 0
                 && seen_generations > 0
                 && seen_positions > 0
-                && seen_shards > 0,
-            "coverage: {seen_conflicts} conflicts, {seen_gaps} gaps, {seen_spills} spills, {seen_ledger} ledger, {seen_generations} in generations, {seen_positions} by position, {seen_shards} sharded"
+                && seen_shards > 0
+                && seen_logs > 0
+                && seen_raised > 0,
+            "coverage: {seen_conflicts} conflicts, {seen_gaps} gaps, {seen_spills} spills, {seen_ledger} ledger, {seen_generations} in generations, {seen_positions} by position, {seen_shards} sharded, {seen_logs} logged events, {seen_raised} with more retries logged than archived"
         );
+    }
+
+    /// The distinct event ids of `events` (synthetic ones included).
+    async fn batches_ids(ctx: &SessionContext) -> Vec<String> {
+        let b = ctx
+            .sql("SELECT DISTINCT event_id FROM events ORDER BY event_id")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let mut out = vec![];
+        for b in &b {
+            let ids = cast(b.column(0), &DataType::Utf8).unwrap();
+            let ids = ids.as_string::<i32>();
+            out.extend(
+                (0..ids.len())
+                    .filter(|&i| ids.is_valid(i))
+                    .map(|i| ids.value(i).to_string()),
+            );
+        }
+        out
+    }
+
+    /// `logs` rows naming about a third of `ids` (1-6 lines each, of mixed
+    /// levels and cases), ids the archive lacks, and lines naming none.
+    fn random_logs(rng: &mut Rng, ids: &[String]) -> RecordBatch {
+        const LEVELS: [&str; 7] = ["ERROR", "error", "FATAL", "Fatal", "WARN", "INFO", "debug"];
+        let mut id: Vec<Option<String>> = vec![];
+        let mut level: Vec<Option<&str>> = vec![];
+        let mut push = |rng: &mut Rng, e: Option<String>| {
+            id.push(e);
+            level.push((!rng.chance(5)).then(|| LEVELS[rng.below(LEVELS.len() as u64) as usize]));
+        };
+        for e in ids {
+            if rng.chance(35) {
+                for _ in 0..1 + rng.below(6) {
+                    push(rng, Some(e.clone()));
+                }
+            }
+        }
+        for i in 0..rng.below(4) {
+            push(rng, Some(format!("not-archived-{i}")));
+            push(rng, None);
+        }
+        let n = id.len();
+        let times: Vec<Option<i64>> = (0..n).map(|_| Some(1_000 + rng.below(5) as i64)).collect();
+        RecordBatch::try_new(
+            crate::source::logs::schema(),
+            vec![
+                Arc::new(StringArray::from(id)),
+                Arc::new(arrow::array::TimestampMicrosecondArray::from(times).with_timezone("UTC")),
+                Arc::new(StringArray::from(level)),
+                Arc::new(StringArray::from(vec![Some("m"); n])),
+                Arc::new(StringArray::from(vec![None::<&str>; n])),
+            ],
+        )
+        .unwrap()
     }
 
     /// `batches` as one to three Parquet files in `dir`, in row groups and

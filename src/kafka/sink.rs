@@ -120,14 +120,20 @@ impl Layout {
         // Replay and DLQ rows keep the source's column names; gap rows name
         // their key `key` whatever the source calls it.
         let key_column = match kind {
-            SinkKind::Gaps | SinkKind::Silences | SinkKind::Anomalies | SinkKind::Reconcile => {
-                GAPS_KEY_COLUMN
-            }
+            SinkKind::Gaps
+            | SinkKind::Silences
+            | SinkKind::Anomalies
+            | SinkKind::Reconcile
+            | SinkKind::Contradicted => GAPS_KEY_COLUMN,
             _ => columns.key.as_str(),
         };
         let payload = match (kind, settings.value) {
             (
-                SinkKind::Gaps | SinkKind::Silences | SinkKind::Anomalies | SinkKind::Reconcile,
+                SinkKind::Gaps
+                | SinkKind::Silences
+                | SinkKind::Anomalies
+                | SinkKind::Reconcile
+                | SinkKind::Contradicted,
                 _,
             )
             | (_, Some(ValueFormat::Json)) => None,

@@ -141,6 +141,19 @@ pub(super) fn decision_settings(settings: &RunSettings) -> serde_json::Value {
             }),
         );
     }
+    // Logs change decisions (attempts): a rerun with other logs or another
+    // mapping is another run.
+    if let (Some(l), Some(map)) = (&scan.logs, v.as_object_mut()) {
+        map.insert(
+            "logs".into(),
+            serde_json::json!({
+                "paths": l.paths.iter().map(|p| meaning(p)).collect::<Vec<_>>(),
+                "fields": l.fields,
+                "error_levels": l.error_levels,
+                "sink": sink(&settings.contradicted_sink, crate::sink::SinkKind::Contradicted),
+            }),
+        );
+    }
     if let (Some(s), Some(map)) = (&settings.volume, v.as_object_mut()) {
         map.insert(
             "volume".into(),

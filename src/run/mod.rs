@@ -151,12 +151,28 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     report.kafka_messages = archive.stats.kafka_messages;
     let manifests: Vec<Manifest> = snapshot.runs().cloned().collect();
     state.register_ledger(&ctx, &manifests).await?;
+    // The logs are listed before the views need them (a missing file
+    // fails here, before any sink is opened).
+    let log_files = match &scan.logs {
+        Some(l) => {
+            phases.set("listing the logs");
+            crate::source::logs::register(&ctx, Some(l), &scan.storage).await?
+        }
+        None => vec![],
+    };
     detect::register_views(&ctx, scan).await?;
     // Separate plans over the narrow columns, only when asked.
     let silences_schema = match &settings.silence {
         Some(s) => {
             detect::silences::register(&ctx, s, scan.to).await?;
             let df = detect::silences::silences(&ctx, s).await?;
+            Some(gaps_output_schema(df.schema().as_arrow(), false))
+        }
+        None => None,
+    };
+    let contradicted_schema = match &scan.logs {
+        Some(_) => {
+            let df = detect::logs::contradicted(&ctx, scan).await?;
             Some(gaps_output_schema(df.schema().as_arrow(), false))
         }
         None => None,
@@ -232,6 +248,11 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
             SinkKind::Reconcile,
             &settings.reconcile_sink,
             reconcile_schema.clone(),
+        ),
+        (
+            SinkKind::Contradicted,
+            &settings.contradicted_sink,
+            contradicted_schema.clone(),
         ),
     ] {
         if kind == SinkKind::Gaps && !scan.detect_gaps {
@@ -335,6 +356,7 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
             archive: &archive,
             out_schema: &out_schema,
             gaps_view_schema,
+            log_files: &log_files,
         };
         let attempt = Attempt {
             state: &state,
@@ -436,6 +458,8 @@ struct Plan<'a> {
     out_schema: &'a SchemaRef,
     /// The `gaps` view's rows (before the run's columns are added).
     gaps_view_schema: SchemaRef,
+    /// `--logs`: the files listed.
+    log_files: &'a [crate::source::logs::LogFile],
 }
 
 /// This attempt at the run id: where it commits, under which nonce, and
@@ -480,7 +504,6 @@ async fn execute(
         reconciled: None,
     };
 
-    phases.set("scanning the archive");
     let mut t = Instant::now();
     let mut lap = |report: &mut Report, name: &str| {
         report
@@ -488,6 +511,25 @@ async fn execute(
             .insert(name.to_string(), t.elapsed().as_millis() as u64);
         t = Instant::now();
     };
+    // The logs' one narrow pass, before the archive's: per event, its
+    // error-level lines (the candidates' attempts read them).
+    let logged = match &settings.scan.logs {
+        Some(l) => {
+            phases.set("reading the logs");
+            let counts = crate::source::logs::error_counts(plan.log_files, l).await?;
+            report.logs = Some(crate::report::LogFigures {
+                files: plan.log_files.len() as u64,
+                lines: counts.lines,
+                error_lines: counts.error_lines,
+                error_events: counts.by_event.len() as u64,
+            });
+            detect::logs::use_counts(ctx, &counts).await?;
+            lap(report, "logs");
+            Some(Arc::new(counts.by_event))
+        }
+        None => None,
+    };
+    phases.set("scanning the archive");
     // One narrow pass decides resolution, conflicts and gaps (the views'
     // rules, detect::onepass); the candidates' wide rows are read after.
     let est_rows: u64 = archive
@@ -518,6 +560,7 @@ async fn execute(
         est_rows,
         row_bytes: archive.row_bytes(),
         positioned,
+        logged,
     };
     let mut detection = detect::onepass::detect(
         ctx,
@@ -645,6 +688,25 @@ async fn execute(
         }
         lap(report, "silences");
     }
+    // Contradicted events: a plan of their own (the events the logs name,
+    // their done rows, the logs' later error lines), to their sink.
+    if settings.scan.logs.is_some() {
+        phases.set("finding contradicted events");
+        let df = detect::logs::contradicted(ctx, &settings.scan).await?;
+        let mut stream = df.execute_stream().await?;
+        while let Some(b) = stream.next().await {
+            let b = &b.map_err(|e| spill_full(e, &spill_dir))?;
+            report.contradicted += b.num_rows() as u64;
+            let b = with_run_columns(b, &settings.run_id, detected_at_us, None)?;
+            for s in sinks
+                .iter_mut()
+                .filter(|s| s.kind == SinkKind::Contradicted)
+            {
+                s.sink.write(&b).await?;
+            }
+        }
+        lap(report, "contradicted");
+    }
     // Volume anomalies: the flagged buckets, to their sink.
     if let Some(volume) = &settings.volume {
         phases.set("finding volume anomalies");
@@ -749,6 +811,7 @@ async fn execute(
                 SinkKind::Gaps
                 | SinkKind::Silences
                 | SinkKind::Anomalies
+                | SinkKind::Contradicted
                 | SinkKind::State
                 | SinkKind::Inferred
                 | SinkKind::Reconcile => {}
@@ -820,6 +883,7 @@ async fn execute(
                 SinkKind::Reconcile,
                 report.reconcile.as_ref().map_or(0, |c| c.disagreeing()),
             ),
+            (SinkKind::Contradicted, report.contradicted),
         ] {
             if let Some(r) = report.outputs.get_mut(kind.name()) {
                 r.rows = rows;

@@ -314,10 +314,18 @@ impl Recovered {
                                 .map(|c| arrow::compute::cast(c, &DataType::Int64))
                                 .transpose()?;
                             let a = a.as_ref().map(|a| a.as_primitive::<Int64Type>());
-                            Arc::new(Int64Array::from_iter_values(
-                                (0..n)
-                                    .map(|i| a.filter(|a| !a.is_null(i)).map_or(0, |a| a.value(i))),
-                            ))
+                            // The logs' error lines raise them as for
+                            // archived events (`--logs`).
+                            let id = b
+                                .column_by_name("event_id")
+                                .map(|c| arrow::compute::cast(c, &DataType::Utf8))
+                                .transpose()?;
+                            let id = id.as_ref().map(|c| c.as_string::<i32>());
+                            Arc::new(Int64Array::from_iter_values((0..n).map(|i| {
+                                let own = a.filter(|a| !a.is_null(i)).map_or(0, |a| a.value(i));
+                                let id = id.filter(|c| c.is_valid(i)).map(|c| c.value(i));
+                                detection.with_logs(id, own)
+                            })))
                         }
                         IN_CONFLICT => {
                             Arc::new(BooleanArray::from_iter(flags.iter().map(|f| Some(f.0))))

@@ -174,6 +174,7 @@ fn settings(args: &SqlArgs) -> Result<ShellSettings, Error> {
         sinks.gaps,
         sinks.silences,
         sinks.anomalies,
+        sinks.contradicted,
     ]
     .into_iter()
     .flatten()
@@ -1048,6 +1049,7 @@ Statements end with ';' and may span lines. Commands:
   \\? or \\h         this help
   \\q, quit, exit   leave (also Ctrl-D); Ctrl-C cancels a running statement
 Tables: archive, events, unprocessed, conflicts, gaps, silences, volume, candidates,
+logs, log_attempts, contradicted (with --logs or [logs]; empty without),
 ledger, ledger_entries and runs (from the job's state: --state, --out or
 the job file), information_schema; files by path, e.g. SELECT * FROM 'out/dlq/'.
 ";
@@ -1071,6 +1073,14 @@ fn describe(table: &str) -> Option<&'static str> {
         "silence_settings" => "the threshold and window end the silences view uses",
         "volume" => "per group and time bucket, the count against its seasonal baseline",
         "volume_settings" => "the bucket, threshold and window the volume view uses",
+        "logs" => {
+            "every line of the application logs (--logs, [logs]): event_id, log_time, level, message, error"
+        }
+        "log_error_levels" => "the levels that mean a failed attempt, upper case",
+        "log_attempts" => "per event an error-level log line names: how many, first and last",
+        "contradicted" => {
+            "resolved events with an error-level log line after their latest done row"
+        }
         _ => return None,
     })
 }

@@ -35,6 +35,9 @@ pub enum SinkKind {
     Silences,
     /// Volume anomalies ([`crate::detect::volume`]).
     Anomalies,
+    /// Processed events a later error log line contradicts
+    /// ([`crate::detect::logs`]).
+    Contradicted,
     /// Per-key state (`backfill state-at`): one row per key.
     State,
     /// Compensating events `backfill infer` inferred from snapshots.
@@ -51,6 +54,7 @@ impl SinkKind {
             SinkKind::Gaps => "gaps",
             SinkKind::Silences => "silences",
             SinkKind::Anomalies => "anomalies",
+            SinkKind::Contradicted => "contradicted",
             SinkKind::State => "state",
             SinkKind::Inferred => "inferred",
             SinkKind::Reconcile => "reconcile",

@@ -12,6 +12,7 @@
 //! Never reads data with std::fs: every byte comes through the location's
 //! object store.
 
+pub mod logs;
 pub mod named;
 pub mod partitions;
 

@@ -1,6 +1,7 @@
 //! The one integration-test binary: a module per area (link time matters on
 //! two cores).
 
+mod app_logs;
 mod archive;
 mod bad_input;
 mod barrier;

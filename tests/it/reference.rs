@@ -310,6 +310,126 @@ pub struct Config {
     pub conflicts: bool,
     pub max_attempts: i64,
     pub permanent: Vec<String>,
+    /// Application logs (`--logs`) and the levels that mean a failure.
+    pub logs: Option<Logs>,
+}
+
+/// Application log lines (docs/reference.md, "Application logs"), read
+/// here with serde_json and flate2, line by line.
+#[derive(Clone, Debug, Default)]
+pub struct Logs {
+    pub lines: Vec<LogLine>,
+    /// Upper case.
+    pub error_levels: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogLine {
+    pub event_id: Option<String>,
+    /// Nanoseconds since the epoch.
+    pub time: Option<i64>,
+    pub level: Option<String>,
+    pub message: Option<String>,
+    pub error: Option<String>,
+}
+
+impl Logs {
+    /// Every `*.ndjson`, `*.jsonl`, `*.json` (and `.gz`) file below `dir`,
+    /// with the default field names.
+    pub fn read(dir: &Path) -> Logs {
+        let mut files = vec![];
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    files.push(p);
+                }
+            }
+        }
+        files.sort();
+        let mut lines = vec![];
+        for f in files {
+            let name = f.file_name().unwrap().to_string_lossy().to_string();
+            let plain = name.trim_end_matches(".gz");
+            if ![".ndjson", ".jsonl", ".json"]
+                .iter()
+                .any(|e| plain.ends_with(e))
+            {
+                continue;
+            }
+            let mut text = String::new();
+            let file = File::open(&f).unwrap();
+            if name.ends_with(".gz") {
+                std::io::Read::read_to_string(
+                    &mut flate2::read::MultiGzDecoder::new(file),
+                    &mut text,
+                )
+                .unwrap();
+            } else {
+                std::io::Read::read_to_string(&mut { file }, &mut text).unwrap();
+            }
+            for l in text.lines().filter(|l| !l.trim().is_empty()) {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let s = |k: &str| match &v[k] {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Null => None,
+                    other => Some(other.to_string()),
+                };
+                let time = match &v["timestamp"] {
+                    serde_json::Value::Number(n) => Some(n.as_i64().unwrap() * 1_000_000),
+                    serde_json::Value::String(t) => Some(
+                        chrono::DateTime::parse_from_rfc3339(t)
+                            .unwrap()
+                            .timestamp_nanos_opt()
+                            .unwrap(),
+                    ),
+                    _ => None,
+                };
+                lines.push(LogLine {
+                    event_id: s("event_id"),
+                    time,
+                    level: s("level"),
+                    message: s("message"),
+                    error: s("error"),
+                });
+            }
+        }
+        Logs {
+            lines,
+            error_levels: vec!["ERROR".into(), "FATAL".into()],
+        }
+    }
+
+    fn is_error(&self, l: &LogLine) -> bool {
+        l.level
+            .as_deref()
+            .is_some_and(|v| self.error_levels.contains(&v.to_uppercase()))
+    }
+
+    /// Per event id: its error-level lines.
+    pub fn errors(&self) -> HashMap<String, Vec<&LogLine>> {
+        let mut m: HashMap<String, Vec<&LogLine>> = HashMap::new();
+        for l in &self.lines {
+            if let (Some(id), true) = (&l.event_id, self.is_error(l)) {
+                m.entry(id.clone()).or_default().push(l);
+            }
+        }
+        m
+    }
+}
+
+/// One expected contradicted event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Contradicted {
+    pub key: Value,
+    pub seq: Value,
+    /// Nanoseconds.
+    pub processed_at: i64,
+    pub first: LogLine,
+    pub log_lines: i64,
 }
 
 impl Default for Config {
@@ -323,6 +443,7 @@ impl Default for Config {
             conflicts: true,
             max_attempts: 3,
             permanent: Vec::new(),
+            logs: None,
         }
     }
 }
@@ -380,6 +501,9 @@ pub struct Expected {
     pub skipped: BTreeSet<String>,
     pub gaps: Vec<Gap>,
     pub conflicts: usize,
+    /// Resolved events an error log line after their processed row
+    /// contradicts (with logs).
+    pub contradicted: BTreeMap<String, Contradicted>,
 }
 
 impl Expected {
@@ -493,14 +617,67 @@ pub fn decide(source: &Source, cfg: &Config, ledger: &Ledger) -> Expected {
         ..Expected::default()
     };
 
+    let log_errors = cfg.logs.as_ref().map(Logs::errors).unwrap_or_default();
+    let is_done = |r: &Record| match get(r, &c.status) {
+        Value::Str(s) => cfg.done.contains(s),
+        _ => false,
+    };
     for (id, event_rows) in &by_event {
         // 2. resolved
-        let resolved = event_rows.iter().any(|r| match get(r, &c.status) {
-            Value::Str(s) => cfg.done.contains(s),
-            _ => false,
-        });
+        let resolved = event_rows.iter().any(|r| is_done(r));
         if resolved {
             exp.resolved += 1;
+            // Contradicted: an error line after the latest done row.
+            let done: Vec<&&Record> = event_rows
+                .iter()
+                .filter(|r| is_done(r) && get(r, &c.event_time).as_ts().is_some())
+                .collect();
+            let latest = done
+                .iter()
+                .filter_map(|r| get(r, &c.event_time).as_ts())
+                .max();
+            if let (Some(at), Some(lines)) = (latest, log_errors.get(id)) {
+                let mut later: Vec<&&LogLine> = lines
+                    .iter()
+                    .filter(|l| l.time.is_some_and(|t| t > at))
+                    .collect();
+                let nulls_last = |a: &Option<String>, b: &Option<String>| match (a, b) {
+                    (Some(a), Some(b)) => a.cmp(b),
+                    (Some(_), None) => std::cmp::Ordering::Less,
+                    (None, Some(_)) => std::cmp::Ordering::Greater,
+                    (None, None) => std::cmp::Ordering::Equal,
+                };
+                later.sort_by(|a, b| {
+                    a.time
+                        .cmp(&b.time)
+                        .then_with(|| a.level.cmp(&b.level))
+                        .then_with(|| nulls_last(&a.message, &b.message))
+                        .then_with(|| nulls_last(&a.error, &b.error))
+                });
+                if let Some(first) = later.first() {
+                    let row = done
+                        .iter()
+                        .filter(|r| get(r, &c.event_time).as_ts() == Some(at))
+                        .min_by(|a, b| {
+                            let k = |r: &Record| {
+                                let key = get(r, &c.key).as_str().map(str::to_string);
+                                (key.is_none(), key, get(r, &c.seq).as_int())
+                            };
+                            k(a).cmp(&k(b))
+                        })
+                        .unwrap();
+                    exp.contradicted.insert(
+                        id.clone(),
+                        Contradicted {
+                            key: get(row, &c.key).clone(),
+                            seq: get(row, &c.seq).clone(),
+                            processed_at: at,
+                            first: (**first).clone(),
+                            log_lines: later.len() as i64,
+                        },
+                    );
+                }
+            }
             continue;
         }
         // 5. dead-lettered before
@@ -512,12 +689,18 @@ pub fn decide(source: &Source, cfg: &Config, ledger: &Ledger) -> Expected {
         let attempts = |r: &Record| get(r, &c.attempts).as_int().unwrap_or(0);
         let time = |r: &Record| get(r, &c.event_time).as_ts().unwrap_or(i64::MIN);
         let max_attempts = event_rows.iter().map(|r| attempts(r)).max().unwrap_or(0);
-        let invalid = !(0..=1_000_000).contains(&max_attempts);
+        // Logs: each error line is a failed attempt; the first was the
+        // first try, so they show lines - 1 retries; the greater counts.
+        let retries_seen = match log_errors.get(id) {
+            Some(lines) => max_attempts.max(lines.len() as i64 - 1),
+            None => max_attempts,
+        };
+        let invalid = !(0..=1_000_000).contains(&retries_seen);
         let replays = ledger.replayed.get(id).copied().unwrap_or(0);
         let retries = if invalid {
             replays
         } else {
-            max_attempts + replays
+            retries_seen + replays
         };
         let best_time = event_rows
             .iter()

@@ -1,0 +1,420 @@
+//! Application logs as evidence (`--logs`, `[logs]`): on a generated
+//! archive whose worker logs agree with it but for injected disagreements
+//! (errors logged after processing, failures the archive missed), the run's
+//! replays, dead letters and contradicted events are the reference model's
+//! (tests/it/reference.rs, which reads the NDJSON itself); logs that only
+//! agree change nothing; the `logs` table and the views in `backfill sql`;
+//! a field mapping, gzip and a glob through a job file; bad input is one
+//! line naming the file and field, exit 2, nothing committed.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value as Json;
+
+use crate::cli::backfill;
+use crate::e2e::{Job, strings};
+use crate::reference::{Config, Ledger, Logs, Value, read_output, read_source};
+
+/// A generated archive and its worker's logs.
+struct Generated {
+    dir: tempfile::TempDir,
+    summary: Json,
+}
+
+impl Generated {
+    fn new(seed: u64) -> Generated {
+        let dir = tempfile::tempdir().unwrap();
+        let run = backfill(&[
+            "generate",
+            "--out",
+            dir.path().join("archive").to_str().unwrap(),
+            "--events",
+            "20000",
+            "--keys",
+            "50",
+            "--seed",
+            &seed.to_string(),
+            "--logs",
+            dir.path().join("logs").to_str().unwrap(),
+        ]);
+        run.ok();
+        let json = run.stdout.split_once('\n').map(|(_, j)| j).unwrap_or("");
+        let summary: Json = serde_json::from_str(json).expect("generate's summary");
+        Generated { dir, summary }
+    }
+
+    fn archive(&self) -> PathBuf {
+        self.dir.path().join("archive")
+    }
+
+    fn logs(&self) -> PathBuf {
+        self.dir.path().join("logs")
+    }
+}
+
+fn report(path: &Path) -> Json {
+    serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The contradicted rows a run wrote, checked against the reference's.
+fn check_contradicted(
+    out: &Path,
+    run_id: &str,
+    exp: &std::collections::BTreeMap<String, crate::reference::Contradicted>,
+) {
+    let got = read_output(&out.join("contradicted"), run_id);
+    let mut errs = vec![];
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &got.rows {
+        let Some(Value::Str(id)) = r.get("event_id") else {
+            errs.push(format!("a row without event_id: {r:?}"));
+            continue;
+        };
+        seen.insert(id.clone());
+        let Some(want) = exp.get(id) else {
+            errs.push(format!("{id} is not contradicted: {r:?}"));
+            continue;
+        };
+        let text = |v: &Option<String>| v.clone().map_or(Value::Null, Value::Str);
+        for (col, want) in [
+            ("key", want.key.clone()),
+            ("seq", want.seq.clone()),
+            ("processed_at", Value::Ts(want.processed_at)),
+            ("error_at", Value::Ts(want.first.time.unwrap())),
+            ("level", text(&want.first.level)),
+            ("message", text(&want.first.message)),
+            ("error", text(&want.first.error)),
+            ("log_lines", Value::Int(want.log_lines)),
+            ("backfill_run_id", Value::Str(run_id.into())),
+        ] {
+            if r.get(col) != Some(&want) {
+                errs.push(format!("{id}: {col} is {:?}, want {want:?}", r.get(col)));
+            }
+        }
+    }
+    for id in exp.keys().filter(|id| !seen.contains(*id)) {
+        errs.push(format!("{id} is contradicted but not written"));
+    }
+    assert!(
+        errs.is_empty(),
+        "contradicted differs:\n  {}",
+        errs.join("\n  ")
+    );
+}
+
+/// Two runs over the generated archive and its logs: the replays, dead
+/// letters, gaps (tests/it/e2e.rs's checks) and contradicted events are
+/// the reference's, which counts each error line as a failed attempt; the
+/// injected disagreements are all found, and they send more events to the
+/// DLQ than the archive alone.
+#[test]
+fn generated_logs_decide_like_the_reference() {
+    let g = Generated::new(5);
+    let (archive, logs) = (g.archive(), g.logs());
+    let source = read_source(&archive);
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let cfg = Config {
+        logs: Some(Logs::read(&logs)),
+        ..Config::default()
+    };
+    let job =
+        Job::under(&archive, &source, &out).with(cfg, strings(&["--logs", logs.to_str().unwrap()]));
+    let mut ledger = Ledger::default();
+    let (_, exp) = job.run("logs-1", &mut ledger, 0);
+    check_contradicted(&out, "logs-1", &exp.contradicted);
+    let injected = g.summary["logs_contradicting"].as_u64().unwrap();
+    assert!(injected > 0, "{}", g.summary);
+    assert_eq!(exp.contradicted.len() as u64, injected, "{}", g.summary);
+    let r = report(&work.path().join("report-logs-1.json"));
+    assert_eq!(r["contradicted"].as_u64(), Some(injected), "{r}");
+    assert_eq!(
+        r["logs"]["lines"].as_u64(),
+        g.summary["log_lines"].as_u64(),
+        "{r}"
+    );
+    assert_eq!(
+        r["outputs"]["contradicted"]["rows"].as_u64(),
+        Some(injected),
+        "{r}"
+    );
+    // Resolved events stay in the balance once.
+    let n = |k: &str| r[k].as_u64().unwrap();
+    assert_eq!(
+        n("resolved") + n("replayed") + n("dead_lettered") + n("skipped_dead_lettered") + n("held"),
+        n("events"),
+        "{r}"
+    );
+
+    // The logs' extra failures: more dead letters than the archive alone.
+    let without = Job::under(&archive, &source, &work.path().join("plain"));
+    let (_, plain) = without.run("plain-1", &mut Ledger::default(), 0);
+    assert!(
+        exp.dlq.len() > plain.dlq.len(),
+        "with logs {} dead letters, without {}",
+        exp.dlq.len(),
+        plain.dlq.len()
+    );
+
+    // The second run: the ledger's replays on top of the logs' retries.
+    let (_, exp2) = job.run("logs-2", &mut ledger, 0);
+    check_contradicted(&out, "logs-2", &exp2.contradicted);
+}
+
+/// Logs that agree with the archive (an ERROR line per failed row, INFO
+/// otherwise) decide nothing differently, and contradict nothing.
+#[test]
+fn agreeing_logs_change_nothing() {
+    let g = Generated::new(8);
+    let agreeing = g.dir.path().join("agreeing");
+    fs::create_dir(&agreeing).unwrap();
+    let all = Logs::read(&g.logs());
+    let mut f = fs::File::create(agreeing.join("app.jsonl")).unwrap();
+    let mut kept = 0;
+    for l in &all.lines {
+        // The injected lines: after processing, and beyond the archive.
+        if matches!(
+            l.message.as_deref(),
+            Some("post-commit hook failed" | "retry failed")
+        ) {
+            continue;
+        }
+        let mut o = serde_json::Map::new();
+        if let Some(id) = &l.event_id {
+            o.insert("event_id".into(), id.clone().into());
+        }
+        o.insert("timestamp".into(), (l.time.unwrap() / 1_000_000).into());
+        o.insert("level".into(), l.level.clone().into());
+        o.insert("message".into(), l.message.clone().into());
+        writeln!(f, "{}", Json::Object(o)).unwrap();
+        kept += 1;
+    }
+    drop(f);
+    assert!(kept > 0);
+    let work = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| -> Json {
+        let report = work.path().join(format!("{name}.json"));
+        let mut args = vec![
+            "run",
+            "--source",
+            g.dir.path().join("archive").to_str().unwrap(),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(strings(&[
+            "--out",
+            work.path().join(name).to_str().unwrap(),
+            "--run-id",
+            name,
+            "--report",
+            report.to_str().unwrap(),
+        ]));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        backfill(&args).ok();
+        self::report(&report)
+    };
+    let plain = run("plain", &[]);
+    let logged = run("logged", &["--logs", agreeing.to_str().unwrap()]);
+    for k in ["replayed", "dead_lettered", "resolved", "gaps", "conflicts"] {
+        assert_eq!(plain[k], logged[k], "{k}: {plain}\n{logged}");
+    }
+    assert_eq!(
+        plain["dead_lettered_by_reason"],
+        logged["dead_lettered_by_reason"]
+    );
+    assert_eq!(logged["contradicted"].as_u64(), Some(0), "{logged}");
+    assert_eq!(logged["logs"]["lines"].as_u64(), Some(kept), "{logged}");
+}
+
+/// A job file maps other field names; gzip and a glob; `backfill sql`
+/// shows `logs`, `log_attempts` and `contradicted`; `explain` plans
+/// `contradicted`; `--contradicted-sink -` prints the rows.
+#[test]
+fn mapped_fields_gzip_glob_and_sql() {
+    let g = Generated::new(3);
+    let src = read_source(&g.archive());
+    // The first processed event, and a failed one.
+    let processed = src
+        .rows
+        .iter()
+        .find(|r| r.get("status") == Some(&Value::Str("processed".into())))
+        .unwrap();
+    let (Some(Value::Str(done_id)), Some(Value::Ts(done_at))) =
+        (processed.get("event_id"), processed.get("event_time"))
+    else {
+        panic!("no processed row")
+    };
+    let dir = g.dir.path().join("mapped");
+    fs::create_dir(&dir).unwrap();
+    let later = chrono::DateTime::from_timestamp_nanos(done_at + 60_000_000_000)
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let lines = format!(
+        "{{\"evt\":\"{done_id}\",\"ts\":\"{later}\",\"lvl\":\"Fatal\",\"msg\":\"lost\",\"stack\":\"at x\"}}\n\
+         {{\"evt\":\"{done_id}\",\"ts\":\"{later}\",\"lvl\":\"INFO\",\"msg\":\"fine\"}}\n"
+    );
+    let mut gz = flate2::write::GzEncoder::new(
+        fs::File::create(dir.join("app-1.jsonl.gz")).unwrap(),
+        flate2::Compression::fast(),
+    );
+    gz.write_all(lines.as_bytes()).unwrap();
+    gz.finish().unwrap();
+    // Not matched by the glob: read, it would fail.
+    fs::write(dir.join("other.jsonl"), "not json\n").unwrap();
+    let job = g.dir.path().join("job.toml");
+    fs::write(
+        &job,
+        format!(
+            "source = \"{}\"\n\n[logs]\npaths = [\"{}/app-*.jsonl.gz\"]\nevent_id = \"evt\"\ntimestamp = \"ts\"\nlevel = \"lvl\"\nmessage = \"msg\"\nerror = \"stack\"\n",
+            g.archive().display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let job = job.to_str().unwrap();
+    let run = backfill(&[
+        "sql",
+        "--job",
+        job,
+        "--format",
+        "csv",
+        "SELECT count(*) AS n FROM logs; SELECT event_id, level, message, error, log_lines FROM contradicted; SELECT error_lines FROM log_attempts",
+    ]);
+    run.ok();
+    assert!(run.stdout.contains("n\n2\n"), "{}", run.describe());
+    assert!(
+        run.stdout.contains(&format!("{done_id},Fatal,lost,at x,1")),
+        "{}",
+        run.describe()
+    );
+    let explain = backfill(&["explain", "--job", job]);
+    explain.ok();
+    assert!(
+        explain.stdout.contains("== contradicted"),
+        "{}",
+        explain.describe()
+    );
+    // The run prints the contradicted rows on stdout.
+    let out = g.dir.path().join("out");
+    let run = backfill(&[
+        "run",
+        "--job",
+        job,
+        "--out",
+        out.to_str().unwrap(),
+        "--contradicted-sink",
+        "-",
+    ]);
+    run.ok();
+    assert!(run.stdout.contains(done_id.as_str()), "{}", run.describe());
+}
+
+/// Bad logs: one `error:` line naming the file (and line and field), exit
+/// 2, nothing committed.
+#[test]
+fn bad_logs_are_named_and_nothing_is_committed() {
+    let g = Generated::new(4);
+    let dir = g.dir.path().join("bad");
+    fs::create_dir(&dir).unwrap();
+    let cases: [(&str, &str, &str, &str); 5] = [
+        (
+            "not-json.ndjson",
+            "{\"event_id\":\"a\",\"timestamp\":1,\"level\":\"ERROR\"}\nhello world\n",
+            "",
+            "not-json.ndjson, line 2: not a JSON object per line",
+        ),
+        (
+            "bad-time.jsonl",
+            "{\"event_id\":\"a\",\"timestamp\":\"yesterday\",\"level\":\"ERROR\"}\n",
+            "",
+            "bad-time.jsonl, line 1: field 'timestamp' (timestamp) is 'yesterday'",
+        ),
+        (
+            "no-level.jsonl",
+            "{\"event_id\":\"a\",\"timestamp\":1}\n",
+            "",
+            "no-level.jsonl, line 1: the line names event a but has no 'level' (level)",
+        ),
+        (
+            "mapped.jsonl",
+            "{\"event_id\":\"a\",\"timestamp\":1,\"level\":\"ERROR\"}\n",
+            "[logs]\nevent_id = \"evt\"\n",
+            "mapped.jsonl: no line has the field 'evt' (event_id)",
+        ),
+        (
+            "typo.jsonl",
+            "{\"event_id\":\"a\",\"timestamp\":1,\"level\":\"ERROR\"}\n",
+            "[logs]\nevent = \"evt\"\n",
+            "unknown field `event`",
+        ),
+    ];
+    for (name, text, job_text, want) in cases {
+        let file = dir.join(name);
+        fs::write(&file, text).unwrap();
+        let job = dir.join(format!("{name}.toml"));
+        fs::write(&job, job_text).unwrap();
+        let out = dir.join(format!("out-{name}"));
+        let run = backfill(&[
+            "run",
+            "--job",
+            job.to_str().unwrap(),
+            "--source",
+            g.archive().to_str().unwrap(),
+            "--logs",
+            file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        run.expect_error(2, want);
+        assert!(
+            !out.join("_state").join("log").exists()
+                || fs::read_dir(out.join("_state").join("log"))
+                    .unwrap()
+                    .count()
+                    == 0,
+            "{name}: something was committed"
+        );
+        assert!(!out.join("replay").join("run_id=").exists());
+    }
+    // A location with no logs in it, and one that does not exist.
+    let empty = dir.join("empty");
+    fs::create_dir(&empty).unwrap();
+    for (loc, want) in [
+        (empty.clone(), "no log files found"),
+        (dir.join("nope"), "no such file or directory"),
+    ] {
+        backfill(&[
+            "gaps",
+            "--source",
+            g.archive().to_str().unwrap(),
+            "--logs",
+            loc.to_str().unwrap(),
+        ])
+        .expect_error(2, want);
+    }
+    // `sql` names the file too.
+    fs::write(dir.join("q.ndjson"), "[1, 2]\n").unwrap();
+    backfill(&[
+        "sql",
+        "--source",
+        g.archive().to_str().unwrap(),
+        "--logs",
+        dir.join("q.ndjson").to_str().unwrap(),
+        "SELECT count(*) FROM logs",
+    ])
+    .expect_error(2, "q.ndjson");
+    // --contradicted-sink without logs.
+    backfill(&[
+        "run",
+        "--source",
+        g.archive().to_str().unwrap(),
+        "--out",
+        dir.join("o").to_str().unwrap(),
+        "--contradicted-sink",
+        dir.join("c").to_str().unwrap(),
+    ])
+    .expect_error(2, "--contradicted-sink");
+}
