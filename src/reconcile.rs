@@ -273,37 +273,18 @@ pub async fn register(
     .collect()
     .await
     .map_err(|e| unreadable(r, &shown, e))?;
-    let rows = ctx
-        .sql("SELECT count(*) FROM snapshot")
-        .await?
-        .collect()
+    let rows = crate::snapshot::count(ctx, "snapshot")
         .await
         .map_err(|e| unreadable(r, &shown, e))?;
-    if rows.first().is_none_or(|b| {
-        b.column(0)
-            .as_primitive::<arrow::datatypes::Int64Type>()
-            .value(0)
-            == 0
-    }) {
+    if rows == 0 {
         return Err(Error::Usage(format!(
             "{} {shown}: the snapshot has no rows: nothing to compare",
             r.snapshot_origin
         )));
     }
-    let missing = ctx
-        .sql("SELECT count(*) FROM snapshot WHERE __bf_as_of IS NULL")
-        .await?
-        .collect()
+    let n = crate::snapshot::count(ctx, "snapshot WHERE __bf_as_of IS NULL")
         .await
         .map_err(|e| unreadable(r, &shown, e))?;
-    let n = missing
-        .first()
-        .map(|b| {
-            b.column(0)
-                .as_primitive::<arrow::datatypes::Int64Type>()
-                .value(0)
-        })
-        .unwrap_or(0);
     if n > 0 {
         return Err(Error::Usage(format!(
             "{} {shown}: {n} row(s) without `{}`; give the snapshot's time with --as-of (or [reconcile] as_of)",

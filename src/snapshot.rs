@@ -119,21 +119,9 @@ pub async fn register(
     // to compare, and never a silent 0.
     for c in columns.iter().skip(1).filter(|c| !c.optional) {
         let name = crate::source::quoted(c.name);
-        let n = ctx
-            .sql(&format!(
-                "SELECT count(*) FROM {table} WHERE {name} IS NULL"
-            ))
-            .await?
-            .collect()
+        let n = count(ctx, &format!("{table} WHERE {name} IS NULL"))
             .await
-            .map_err(bad)?
-            .first()
-            .map(|b| {
-                b.column(0)
-                    .as_primitive::<arrow::datatypes::Int64Type>()
-                    .value(0)
-            })
-            .unwrap_or(0);
+            .map_err(bad)?;
         if n > 0 {
             return Err(Error::Usage(format!(
                 "{flag} {shown}: {n} row(s) with no `{}`; every row needs one",
@@ -152,21 +140,12 @@ pub async fn register(
             continue;
         }
         let name = crate::source::quoted(c.name);
-        let n = ctx
-            .sql(&format!(
-                "SELECT count(*) FROM {table} WHERE isnan({name}) OR abs({name}) = CAST('inf' AS DOUBLE)"
-            ))
-            .await?
-            .collect()
-            .await
-            .map_err(bad)?
-            .first()
-            .map(|b| {
-                b.column(0)
-                    .as_primitive::<arrow::datatypes::Int64Type>()
-                    .value(0)
-            })
-            .unwrap_or(0);
+        let n = count(
+            ctx,
+            &format!("{table} WHERE isnan({name}) OR abs({name}) = CAST('inf' AS DOUBLE)"),
+        )
+        .await
+        .map_err(bad)?;
         if n > 0 {
             return Err(Error::Usage(format!(
                 "{flag} {shown}: {n} row(s) whose `{}` is NaN or infinite, not a number",
@@ -175,6 +154,23 @@ pub async fn register(
         }
     }
     Ok(())
+}
+
+/// `SELECT count(*) FROM {from}`: the rows of a table (and a condition).
+pub async fn count(ctx: &SessionContext, from: &str) -> datafusion::error::Result<i64> {
+    use arrow::array::AsArray;
+    Ok(ctx
+        .sql(&format!("SELECT count(*) FROM {from}"))
+        .await?
+        .collect()
+        .await?
+        .first()
+        .map(|b| {
+            b.column(0)
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .value(0)
+        })
+        .unwrap_or(0))
 }
 
 /// One column of a registered snapshot.

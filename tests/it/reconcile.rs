@@ -388,46 +388,24 @@ fn bad_snapshots_and_settings_are_named_and_exit_2() {
     reconcile(&l.snapshot, &["--expected", "sum(amount)", "--out", &src])
         .expect_error(2, "is the archive itself");
     let out = dir.join("out");
-    backfill(&[
-        "run",
-        "--source",
-        &src,
-        "--out",
-        out.to_str().unwrap(),
+    let out_s = out.display().to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--source", &src, "--out", &out_s];
+        args.extend_from_slice(extra);
+        backfill(&args)
+    };
+    let both = [
         "--reconcile-snapshot",
-        &l.snapshot,
+        l.snapshot.as_str(),
         "--reconcile-expected",
         "sum(amount)",
-        "--shard",
-        "0/2",
-    ])
-    .expect_error(2, "reconciliation compares every key");
-    backfill(&[
-        "run",
-        "--source",
-        &src,
-        "--out",
-        out.to_str().unwrap(),
-        "--reconcile-expected",
-        "sum(amount)",
-    ])
-    .expect_error(
+    ];
+    run(&[&both[..], &["--shard", "0/2"]].concat())
+        .expect_error(2, "reconciliation compares every key");
+    run(&both[2..]).expect_error(
         2,
         "without --reconcile-snapshot there is nothing to reconcile",
     );
-    backfill(&[
-        "run",
-        "--source",
-        &src,
-        "--out",
-        out.to_str().unwrap(),
-        "--reconcile-snapshot",
-        &l.snapshot,
-        "--reconcile-expected",
-        "sum(amount)",
-        "--from",
-        "2024-05-01T05:00:00Z",
-    ])
-    .expect_error(2, "drop --from");
+    run(&[&both[..], &["--from", "2024-05-01T05:00:00Z"]].concat()).expect_error(2, "drop --from");
     assert!(!out.join("_state").exists(), "nothing committed");
 }
