@@ -239,6 +239,21 @@ pub async fn register(
     )
     .await?;
     let shown = crate::redact::url(&r.snapshot);
+    // --as-of stands in for a missing column; beside one it would be
+    // silently ignored, which a user who meant to override it would not see.
+    if r.as_of.is_some()
+        && ctx
+            .table("snapshot_file__file")
+            .await?
+            .schema()
+            .field_with_unqualified_name(&r.as_of_column)
+            .is_ok()
+    {
+        return Err(Error::Usage(format!(
+            "{} {shown}: the snapshot has its own `{}` column; --as-of (or [reconcile] as_of) is for a snapshot without one",
+            r.snapshot_origin, r.as_of_column
+        )));
+    }
     let file = ctx.table("snapshot_file").await?;
     let fallback = match r.as_of {
         Some(t) => format!(

@@ -338,6 +338,11 @@ fn bad_snapshots_and_settings_are_named_and_exit_2() {
         "no `as_of` column (it has key, value); give the snapshot's time with --as-of",
     );
     reconcile(&no_as_of, &["--expected", "sum(amount)", "--as-of", AS_OF]).ok();
+    reconcile(
+        &l.snapshot,
+        &["--expected", "sum(amount)", "--as-of", AS_OF],
+    )
+    .expect_error(2, "the snapshot has its own `as_of` column");
     reconcile(&text_value, &sum).expect_error(2, "is Utf8, not a number");
     reconcile(&l.snapshot, &[]).expect_error(2, "--expected");
     reconcile(&l.snapshot, &["--expected", "amount + 1"]).expect_error(2, "not an aggregate");
