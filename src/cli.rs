@@ -794,8 +794,8 @@ pub struct ReconcileArgs {
     /// "max(seq)" (as `[reconcile] expected`).
     #[arg(long, value_name = "SQL", env = "BACKFILL_EXPECTED")]
     pub expected: Option<String>,
-    /// The snapshot's time for rows without an as_of (or a file without
-    /// the column), RFC 3339.
+    /// The snapshot's time, RFC 3339, for a snapshot without an as_of
+    /// column.
     #[arg(
         long,
         value_name = "TIME",

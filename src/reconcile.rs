@@ -41,8 +41,7 @@ pub struct ReconcileFile {
     /// What the downstream holds per key, as an SQL aggregate over the
     /// key's processed events: `sum(amount)`, `count(*)`, `max(seq)`.
     pub expected: Option<String>,
-    /// The snapshot's time for rows without an as_of (or a file without
-    /// the column).
+    /// The snapshot's time, for a snapshot without an as_of column.
     pub as_of: Option<String>,
     /// The largest |actual − expected| that still agrees (default 0).
     pub tolerance: Option<f64>,
