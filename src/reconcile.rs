@@ -253,35 +253,36 @@ pub async fn register(
             r.snapshot_origin, r.as_of_column
         )));
     }
-    let file = ctx.table("snapshot_file").await?;
-    let fallback = match r.as_of {
+    // The file's column (a timestamp as it is, text parsed as RFC 3339,
+    // anything else refused; NULLs the snapshot module refused), or --as-of
+    // for a file without one.
+    let as_of = match r.as_of {
         Some(t) => format!(
             "CAST('{}' AS TIMESTAMP)",
             t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
         ),
-        None => "NULL".into(),
-    };
-    let as_of_type = file
-        .schema()
-        .field_with_unqualified_name("__bf_as_of")?
-        .data_type()
-        .clone();
-    // A timestamp as it is, text parsed as RFC 3339, anything else refused.
-    let as_of = match &as_of_type {
-        DataType::Timestamp(..) | DataType::Date32 | DataType::Date64 | DataType::Null => {
+        None => {
+            let file = ctx.table("snapshot_file").await?;
+            match file
+                .schema()
+                .field_with_unqualified_name("__bf_as_of")?
+                .data_type()
+            {
+                DataType::Timestamp(..) | DataType::Date32 | DataType::Date64 | DataType::Null => {}
+                t if crate::source::is_text(t) => {}
+                other => {
+                    return Err(Error::Usage(format!(
+                        "{} {shown}: the column `{}` is {other}, not a time (a timestamp, or RFC 3339 text)",
+                        r.snapshot_origin, r.as_of_column
+                    )));
+                }
+            }
             "CAST(__bf_as_of AS TIMESTAMP)".to_string()
-        }
-        t if crate::source::is_text(t) => "CAST(__bf_as_of AS TIMESTAMP)".to_string(),
-        other => {
-            return Err(Error::Usage(format!(
-                "{} {shown}: the column `{}` is {other}, not a time (a timestamp, or RFC 3339 text)",
-                r.snapshot_origin, r.as_of_column
-            )));
         }
     };
     ctx.sql(&format!(
         "CREATE OR REPLACE VIEW snapshot AS \
-         SELECT __bf_key, __bf_actual, coalesce({as_of}, {fallback}) AS __bf_as_of FROM snapshot_file"
+         SELECT __bf_key, __bf_actual, {as_of} AS __bf_as_of FROM snapshot_file"
     ))
     .await?
     .collect()
@@ -296,15 +297,6 @@ pub async fn register(
             r.snapshot_origin
         )));
     }
-    let n = crate::snapshot::count(ctx, "snapshot WHERE __bf_as_of IS NULL")
-        .await
-        .map_err(|e| unreadable(r, &shown, e))?;
-    if n > 0 {
-        return Err(Error::Usage(format!(
-            "{} {shown}: {n} row(s) without `{}`; give the snapshot's time with --as-of (or [reconcile] as_of)",
-            r.snapshot_origin, r.as_of_column
-        )));
-    }
     check_expected(ctx, r).await
 }
 
@@ -316,16 +308,12 @@ fn unreadable(r: &Reconcile, shown: &str, e: datafusion::error::DataFusionError)
     ))
 }
 
-fn is_number(t: &DataType) -> bool {
-    t.is_numeric() || matches!(t, DataType::Null)
-}
-
 /// `expected` must be one numeric aggregate over `events`.
 async fn check_expected(ctx: &SessionContext, r: &Reconcile) -> Result<(), Error> {
     let what = format!("{} = {:?}", r.expected_origin, r.expected);
     let plan = crate::state_at::check_aggregate(ctx, &what, &r.expected).await?;
     let t = plan.schema().field(0).data_type().clone();
-    if !is_number(&t) {
+    if !crate::snapshot::is_number(&t) {
         return Err(Error::Usage(format!(
             "{what}: gives {t}, not a number; the snapshot's value is compared by difference"
         )));
@@ -333,36 +321,47 @@ async fn check_expected(ctx: &SessionContext, r: &Reconcile) -> Result<(), Error
     Ok(())
 }
 
-/// The per-key report (every key; `status` says which agree). The three
-/// views of `sql/reconcile.sql` are created in turn; the keys compared and
-/// the one row per event are written to a folder under the spill
-/// directory (the facts narrowed to the columns the report reads), so
-/// that the archive is read and sorted once and the report's three
-/// aggregates read that file. The folder goes when `scratch` does.
-pub async fn report(
+/// The per-key report, judged and held in memory (one row per key
+/// compared; `status` says which agree), with its counts.
+pub struct Judged {
+    pub table: DataFrame,
+    pub counts: Counts,
+    /// The materialized views the report was computed from; the run reads
+    /// the facts again for the held event ids ([`explained_events`]).
+    /// Removed when this is dropped.
+    _scratch: tempfile::TempDir,
+}
+
+/// The three views of `sql/reconcile.sql` are created in turn; the keys
+/// compared and the one row per event are written to a folder under the
+/// spill directory (the facts narrowed to the columns the report reads),
+/// so that the archive is read and sorted once and the report's three
+/// aggregates read that file. `reconcile` and `run --reconcile-snapshot`.
+pub async fn judge(
     ctx: &SessionContext,
     r: &Reconcile,
     scan: &crate::job::Scan,
-    scratch: &mut Option<tempfile::TempDir>,
-) -> Result<DataFrame, Error> {
-    let dir = match scratch {
-        Some(d) => d.path().to_path_buf(),
-        None => {
-            let d = tempfile::Builder::new()
-                .prefix("backfill-reconcile-")
-                .tempdir_in(crate::job::spill_dir(scan))
-                .map_err(|e| {
-                    Error::Usage(format!(
-                        "spill directory {}: cannot create a folder in it: {e}",
-                        crate::job::spill_dir(scan).display()
-                    ))
-                })?;
-            let p = d.path().to_path_buf();
-            *scratch = Some(d);
-            p
-        }
-    };
-    views(ctx, r, Some(&dir)).await
+) -> Result<Judged, Error> {
+    let spill = crate::job::spill_dir(scan);
+    let scratch = tempfile::Builder::new()
+        .prefix("backfill-reconcile-")
+        .tempdir_in(&spill)
+        .map_err(|e| {
+            Error::Usage(format!(
+                "spill directory {}: cannot create a folder in it: {e}",
+                spill.display()
+            ))
+        })?;
+    let rows = views(ctx, r, Some(scratch.path())).await?.collect().await?;
+    let mut counts = Counts::default();
+    for b in &rows {
+        counts.count(b)?;
+    }
+    Ok(Judged {
+        table: ctx.read_batches(rows)?,
+        counts,
+        _scratch: scratch,
+    })
 }
 
 /// The report's schema, from the views planned without reading anything
@@ -613,14 +612,7 @@ pub async fn reconcile(args: crate::cli::ReconcileArgs) -> Result<u8, Error> {
     crate::source::register(&ctx, &scan).await?;
     crate::detect::register_views(&ctx, &scan).await?;
     register(&ctx, &r, &scan.storage).await?;
-    let mut scratch = None;
-    let full = report(&ctx, &r, &scan, &mut scratch).await?;
-    let rows = full.clone().collect().await?;
-    let mut counts = Counts::default();
-    for b in &rows {
-        counts.count(b)?;
-    }
-    let table = ctx.read_batches(rows)?;
+    let Judged { table, counts, .. } = judge(&ctx, &r, &scan).await?;
     let shown_df = shown(table, args.all)?;
     let schema = Arc::new(shown_df.schema().as_arrow().clone());
     let batches = shown_df.clone().collect().await?;

@@ -49,7 +49,7 @@ pub async fn register(
         let present = schema.field_with_unqualified_name(c.source).is_ok();
         if c.number
             && let Ok(f) = schema.field_with_unqualified_name(c.source)
-            && !(f.data_type().is_numeric() || f.data_type().is_null())
+            && !is_number(f.data_type())
         {
             return Err(Error::Usage(format!(
                 "{flag} {shown}: the column `{}` is {}, not a number",
@@ -154,6 +154,12 @@ pub async fn register(
         }
     }
     Ok(())
+}
+
+/// A number a value can be compared by difference with (NULL: a column
+/// with no value at all, refused row by row).
+pub fn is_number(t: &arrow::datatypes::DataType) -> bool {
+    t.is_numeric() || t.is_null()
 }
 
 /// `SELECT count(*) FROM {from}`: the rows of a table (and a condition).

@@ -727,19 +727,14 @@ async fn execute(
     // replays (the policy's `reconciled`).
     if let Some(r) = &settings.reconcile {
         phases.set("reconciling with the downstream's snapshot");
-        let mut scratch = None;
-        let full = crate::reconcile::report(ctx, r, &settings.scan, &mut scratch).await?;
-        let rows = full
-            .collect()
+        let judged = crate::reconcile::judge(ctx, r, &settings.scan)
             .await
-            .map_err(|e| spill_full(e, &spill_dir))?;
-        let mut counts = crate::reconcile::Counts::default();
-        for b in &rows {
-            counts.count(b)?;
-        }
-        let table = ctx.read_batches(rows)?;
-        let held = crate::reconcile::explained_events(ctx, table.clone()).await?;
-        let mut shown = crate::reconcile::shown(table, false)?
+            .map_err(|e| match e {
+                Error::DataFusion(d) => spill_full(*d, &spill_dir),
+                other => other,
+            })?;
+        let held = crate::reconcile::explained_events(ctx, judged.table.clone()).await?;
+        let mut shown = crate::reconcile::shown(judged.table.clone(), false)?
             .execute_stream()
             .await?;
         while let Some(b) = shown.next().await {
@@ -748,7 +743,7 @@ async fn execute(
                 s.sink.write(&b).await?;
             }
         }
-        report.reconcile = Some(counts);
+        report.reconcile = Some(judged.counts.clone());
         policy.reconciled = Some(Arc::new(held));
         lap(report, "reconcile");
     }
