@@ -144,21 +144,30 @@ fn expected(k: usize) -> (&'static str, Option<i64>, i64, Vec<String>, bool) {
     }
 }
 
+/// The keys the model says do not agree: its own, and the snapshot's
+/// ghost key the archive never saw.
+fn disagreeing_keys() -> usize {
+    (0..KEYS).filter(|k| expected(*k).0 != "agree").count() + 1
+}
+
 #[test]
 fn every_injected_disagreement_is_found_and_explained_where_the_data_says() {
     let l = ledger();
-    let run = backfill(&[
-        "reconcile",
-        "--source",
-        &l.archive.source(),
-        "--snapshot",
-        &l.snapshot,
-        "--expected",
-        "sum(amount)",
-        "--all",
-        "--format",
-        "json",
-    ]);
+    let src = l.archive.source();
+    let reconcile = |extra: &[&str]| {
+        let mut args = vec![
+            "reconcile",
+            "--source",
+            &src,
+            "--snapshot",
+            &l.snapshot,
+            "--expected",
+            "sum(amount)",
+        ];
+        args.extend_from_slice(extra);
+        backfill(&args)
+    };
+    let run = reconcile(&["--all", "--format", "json"]);
     run.ok();
     let rows: Vec<Json> =
         serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", run.stdout));
@@ -195,37 +204,13 @@ fn every_injected_disagreement_is_found_and_explained_where_the_data_says() {
 
     // Without --all: only the keys that do not agree; --fail-on-disagree
     // makes that exit 3.
-    let run = backfill(&[
-        "reconcile",
-        "--source",
-        &l.archive.source(),
-        "--snapshot",
-        &l.snapshot,
-        "--expected",
-        "sum(amount)",
-        "--format",
-        "csv",
-        "--fail-on-disagree",
-    ]);
+    let run = reconcile(&["--format", "csv", "--fail-on-disagree"]);
     run.expect_code(3);
     let shown = run.stdout.lines().count() - 1;
-    let disagreeing = (0..KEYS).filter(|k| expected(*k).0 != "agree").count() + 1;
-    assert_eq!(shown, disagreeing, "{}", run.stdout);
+    assert_eq!(shown, disagreeing_keys(), "{}", run.stdout);
 
     // A tolerance as wide as the lost amounts makes the lost keys agree.
-    let run = backfill(&[
-        "reconcile",
-        "--source",
-        &l.archive.source(),
-        "--snapshot",
-        &l.snapshot,
-        "--expected",
-        "sum(amount)",
-        "--tolerance",
-        "10000",
-        "--format",
-        "json",
-    ]);
+    let run = reconcile(&["--tolerance", "10000", "--format", "json"]);
     run.ok();
     let rows: Vec<Json> = serde_json::from_str(run.stdout.trim()).unwrap();
     assert!(
@@ -297,8 +282,7 @@ fn a_run_holds_the_replays_the_downstream_already_applied() {
         .iter()
         .map(|b| b.num_rows())
         .sum();
-    let disagreeing = (0..KEYS).filter(|k| expected(*k).0 != "agree").count() + 1;
-    assert_eq!(rows, disagreeing);
+    assert_eq!(rows, disagreeing_keys());
     assert_eq!(report["reconcile"]["keys"], KEYS + 1, "{report}");
 }
 
