@@ -32,41 +32,27 @@
 -- number).
 --
 -- Three views, each planned over the one before: `src/reconcile.rs`
--- materializes the first two (the keys, and the narrow columns of one row
--- per event) so that the archive is read and sorted once.
+-- materializes the first two (the narrow columns of one row per event,
+-- then the keys) so that the archive is read and sorted once.
 --
--- reconcile_scope: every key compared, with its as_of. The horizon (the
--- snapshot's latest as_of) is a scalar subquery, not a join: a join with a
--- one-row table would gather the events into one partition.
-CREATE OR REPLACE VIEW reconcile_scope AS
-SELECT __bf_key, __bf_as_of, true AS __bf_in_snapshot FROM snapshot
-UNION ALL
-SELECT DISTINCT e.key AS __bf_key,
-       (SELECT max(__bf_as_of) FROM snapshot) AS __bf_as_of,
-       false AS __bf_in_snapshot
-FROM events e
-WHERE e.backfill_done AND e.key IS NOT NULL
-  AND e.event_time <= (SELECT max(__bf_as_of) FROM snapshot)
-  AND NOT EXISTS (SELECT 1 FROM snapshot s WHERE s.__bf_key = e.key);
-
--- reconcile_facts: one row per event of a compared key as it stood at the
--- key's as_of, ranked in one sort by event id. An event is processed at
--- as_of when its first processed row is at or before it (`__bf_done`;
--- a duplicate delivery is one event), unresolved when its first row is at
--- or before it and it was not processed by then (an event processed later
--- was unresolved at as_of), and not yet seen otherwise (left out). The row
--- kept is a processed event's first processed row, else the chosen row
--- (the highest attempts, the latest event_time, as `unprocessed`
--- chooses).
+-- reconcile_facts: one row per event with a key as it stood at its key's
+-- as_of (the snapshot's; for a key the snapshot lacks, the horizon: the
+-- snapshot's latest as_of, a scalar subquery, not a join, which would
+-- gather the events into one partition), ranked in one sort by event id.
+-- An event is processed at as_of when its first processed row is at or
+-- before it (`__bf_done`; a duplicate delivery is one event), unresolved
+-- when its first row is at or before it and it was not processed by then
+-- (an event processed later was unresolved at as_of), and not yet seen
+-- otherwise (left out). The row kept is a processed event's first
+-- processed row, else the chosen row (the highest attempts, the latest
+-- event_time, as `unprocessed` chooses).
 CREATE OR REPLACE VIEW reconcile_facts AS
-SELECT * EXCLUDE (__bf_rank, __bf_done_at, __bf_seen_at)
+SELECT * EXCLUDE (__bf_rank, __bf_seen_at)
 FROM (
-    SELECT e.*, s.__bf_as_of,
-           min(CASE WHEN e.backfill_done THEN e.event_time END)
-               OVER (PARTITION BY e.event_id) AS __bf_done_at,
+    SELECT e.*,
            min(e.event_time) OVER (PARTITION BY e.event_id) AS __bf_seen_at,
            coalesce(min(CASE WHEN e.backfill_done THEN e.event_time END)
-                        OVER (PARTITION BY e.event_id) <= s.__bf_as_of, false) AS __bf_done,
+                        OVER (PARTITION BY e.event_id) <= e.__bf_as_of, false) AS __bf_done,
            row_number() OVER (
                PARTITION BY e.event_id
                ORDER BY e.backfill_done DESC,
@@ -75,9 +61,24 @@ FROM (
                         e.event_time DESC NULLS LAST,
                         e.seq NULLS LAST, e.status, e.error
            ) AS __bf_rank
-    FROM events e JOIN reconcile_scope s ON e.key = s.__bf_key
+    FROM (
+        SELECT e.*,
+               coalesce(s.__bf_as_of, (SELECT max(__bf_as_of) FROM snapshot)) AS __bf_as_of,
+               s.__bf_key IS NOT NULL AS __bf_in_snapshot
+        FROM events e LEFT JOIN snapshot s ON e.key = s.__bf_key
+        WHERE e.key IS NOT NULL
+    ) e
 )
 WHERE __bf_rank = 1 AND __bf_seen_at <= __bf_as_of;
+
+-- reconcile_scope: every key compared, with its as_of: the snapshot's
+-- keys, and the keys it lacks that have a processed event by the horizon.
+CREATE OR REPLACE VIEW reconcile_scope AS
+SELECT __bf_key, __bf_as_of, true AS __bf_in_snapshot FROM snapshot
+UNION ALL
+SELECT DISTINCT key AS __bf_key, __bf_as_of, false AS __bf_in_snapshot
+FROM reconcile_facts
+WHERE __bf_done AND NOT __bf_in_snapshot;
 
 -- reconcile: per key, the judgement.
 CREATE OR REPLACE VIEW reconcile AS

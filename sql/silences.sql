@@ -7,15 +7,16 @@
 -- one-row table the binary registers:
 --   silence_threshold_us  BIGINT  a fixed threshold (`threshold = "15m"`), or NULL
 --   silence_median_factor DOUBLE  a relative one (`"5x median"`: 5.0), or NULL
---   silence_window_end    TIMESTAMP  the window's end (`--to`), or NULL
+--   silence_window_end    TIMESTAMP  the window's end: `--to`, else the
+--                         archive's last event time (in the window), which
+--                         the footers' statistics answer for a whole archive
 --
 -- An event arrives once: several archived rows of one event_id (retries)
 -- count at its earliest event_time, and rows without an event_id of their
 -- own are left out. The group's cadence is the median of the intervals
 -- between its consecutive arrivals; a group whose last arrival is followed
--- by nothing gets a last interval to the window's end (`--to`, else the
--- archive's last event time), so a producer that stopped shows up, with no
--- event after it. The relative threshold needs a cadence: a group with a
+-- by nothing gets a last interval to the window's end, so a producer that
+-- stopped shows up, with no event after it. The relative threshold needs a cadence: a group with a
 -- single arrival, or a median of 0 (bursts of equal times), gets none.
 CREATE OR REPLACE VIEW silences AS
 WITH arrivals AS (
@@ -37,9 +38,7 @@ intervals AS (
 -- table would gather every interval into one partition.
 bounded AS (
     SELECT i.*,
-           coalesce(i.next_time,
-                    (SELECT silence_window_end FROM silence_settings),
-                    (SELECT max(event_time) FROM events)) AS silent_to,
+           coalesce(i.next_time, (SELECT silence_window_end FROM silence_settings)) AS silent_to,
            (SELECT silence_threshold_us FROM silence_settings) AS silence_threshold_us,
            (SELECT silence_median_factor FROM silence_settings) AS silence_median_factor
     FROM intervals i

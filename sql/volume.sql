@@ -10,8 +10,21 @@
 -- `volume_settings`, a one-row table the binary registers:
 --   volume_bucket_us     BIGINT     the bucket width (divides a day)
 --   volume_threshold     DOUBLE     |score| above which a bucket is flagged
---   volume_window_start  TIMESTAMP  `--from`, or NULL: the first event
---   volume_window_end    TIMESTAMP  `--to`, or NULL: just after the last event
+--   volume_window_start  TIMESTAMP  `--from`, or NULL: the first event's bucket
+--   volume_window_end    TIMESTAMP  `--to`, or NULL: the last event's bucket
+--
+-- Two views: `volume_counts` is the one pass over the archive (the rows
+-- per group and bucket); `volume` reads it several times (the grid, each
+-- bucket's references), so the binary materializes it first.
+CREATE OR REPLACE VIEW volume_counts AS
+SELECT key /*by*/, idx, count(*) AS observed
+FROM (
+    SELECT key /*by*/, CAST(event_time AS BIGINT) / (SELECT volume_bucket_us FROM volume_settings) AS idx
+    FROM events
+    WHERE event_time IS NOT NULL
+) timed
+GROUP BY key /*by*/, idx;
+
 CREATE OR REPLACE VIEW volume AS
 WITH settings AS (
     SELECT volume_bucket_us AS b,
@@ -20,15 +33,14 @@ WITH settings AS (
            volume_window_end
     FROM volume_settings
 ),
--- The buckets, numbered from the epoch: bucket i is [i*b, (i+1)*b).
+-- The buckets, numbered from the epoch: bucket i is [i*b, (i+1)*b); from
+-- the window's (`--from`, `--to` exclusive), else the first and the last
+-- event's.
 span AS (
-    SELECT CAST(coalesce(s.volume_window_start, e.first_time) AS BIGINT) / s.b AS first_idx,
-           (CAST(coalesce(s.volume_window_end, e.last_time) AS BIGINT) - 1) / s.b AS last_idx
+    SELECT coalesce(CAST(s.volume_window_start AS BIGINT) / s.b, c.first_idx) AS first_idx,
+           coalesce((CAST(s.volume_window_end AS BIGINT) - 1) / s.b, c.last_idx) AS last_idx
     FROM settings s
-    CROSS JOIN (SELECT min(event_time) AS first_time,
-                       -- exclusive: one microsecond after the last event
-                       max(event_time) + INTERVAL '1 microsecond' AS last_time
-                FROM events) e
+    CROSS JOIN (SELECT min(idx) AS first_idx, max(idx) AS last_idx FROM volume_counts) c
 ),
 -- Weekly references when the buckets cover 4 weeks, else daily ones.
 season AS (
@@ -42,17 +54,16 @@ season AS (
 buckets AS (
     SELECT unnest(generate_series(first_idx, last_idx)) AS idx FROM season
 ),
--- Every group in every bucket: a bucket without rows counts 0, so that a
--- full stop shows.
+-- Every group (with a timed event) in every bucket: a bucket without rows
+-- counts 0, so that a full stop shows.
 grid AS (
     SELECT key /*by*/, idx, sum(n) AS observed
     FROM (
-        SELECT key /*by*/, CAST(event_time AS BIGINT) / (SELECT b FROM settings) AS idx, 1 AS n
-        FROM events
-        WHERE event_time IS NOT NULL
+        SELECT key /*by*/, idx, observed AS n
+        FROM volume_counts
         UNION ALL
         SELECT key /*by*/, idx, 0 AS n
-        FROM (SELECT DISTINCT key /*by*/, 1 AS one FROM events) g CROSS JOIN buckets
+        FROM (SELECT DISTINCT key /*by*/, 1 AS one FROM volume_counts) g CROSS JOIN buckets
     ) rows_and_zeros
     WHERE idx BETWEEN (SELECT first_idx FROM season) AND (SELECT last_idx FROM season)
     GROUP BY key /*by*/, idx

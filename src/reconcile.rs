@@ -392,10 +392,17 @@ async fn views(
             e.strip_backtrace().lines().next().unwrap_or_default()
         ))
     };
-    let mut facts_columns: Vec<String> = ["key", "event_id", "seq", "__bf_done"]
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let mut facts_columns: Vec<String> = [
+        "key",
+        "event_id",
+        "seq",
+        "__bf_done",
+        "__bf_as_of",
+        "__bf_in_snapshot",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     for c in expression_columns(ctx, r).await? {
         if !facts_columns.contains(&c) {
             facts_columns.push(c);
@@ -415,8 +422,8 @@ async fn views(
             .await
             .map_err(bad)?;
         let (name, columns) = match i {
-            0 => ("reconcile_scope", None),
-            1 => ("reconcile_facts", Some(&facts_columns)),
+            0 => ("reconcile_facts", Some(&facts_columns)),
+            1 => ("reconcile_scope", None),
             _ => continue,
         };
         if let Some(dir) = dir {
@@ -648,4 +655,37 @@ pub async fn reconcile(args: crate::cli::ReconcileArgs) -> Result<u8, Error> {
     } else {
         crate::error::EXIT_OK
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RECONCILE_SQL;
+
+    /// The archive is read once: only `reconcile_facts` names `events`
+    /// (the scope and the judgement read the facts, which the command
+    /// materializes), and it names it once.
+    #[test]
+    fn only_the_facts_read_the_archive_once() {
+        let code: Vec<&str> = RECONCILE_SQL
+            .lines()
+            .map(|l| l.split("--").next().unwrap_or(""))
+            .collect();
+        let reads: Vec<&str> = code
+            .iter()
+            .copied()
+            .filter(|l| l.split_whitespace().any(|w| w == "events"))
+            .collect();
+        assert_eq!(
+            reads,
+            ["        FROM events e LEFT JOIN snapshot s ON e.key = s.__bf_key"]
+        );
+        let facts = RECONCILE_SQL
+            .find("VIEW reconcile_facts")
+            .zip(RECONCILE_SQL.find("VIEW reconcile_scope"));
+        let at = RECONCILE_SQL.find("FROM events e");
+        assert!(
+            matches!((facts, at), (Some((f, s)), Some(a)) if f < a && a < s),
+            "the read of events is not in reconcile_facts"
+        );
+    }
 }

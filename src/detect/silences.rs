@@ -37,9 +37,11 @@ pub async fn register(
         Threshold::Fixed(us) => (us.to_string(), "NULL".to_string()),
         Threshold::MedianMultiple(f) => ("NULL".to_string(), format!("{f:?}")),
     };
+    // Without `--to`, the archive's last event time: from the footers'
+    // statistics when the whole archive is read, else one column's pass.
     let end = match window_end {
         Some(t) => format!("'{}'", t.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
-        None => "NULL".into(),
+        None => "(SELECT max(event_time) FROM events)".into(),
     };
     let settings = format!(
         "CREATE OR REPLACE VIEW silence_settings AS \

@@ -45,10 +45,28 @@ pub async fn register(ctx: &SessionContext, volume: &Volume, scan: &Scan) -> Res
         time(scan.to)
     );
     ctx.sql(&settings).await?.collect().await?;
-    ctx.sql(&with_columns(VOLUME_SQL, &volume.by))
-        .await?
-        .collect()
-        .await?;
+    let sql = with_columns(VOLUME_SQL, &volume.by);
+    for statement in sql.split_inclusive(";\n") {
+        if statement.contains("CREATE") {
+            ctx.sql(statement).await?.collect().await?;
+        }
+    }
+    Ok(())
+}
+
+/// Count the archive's rows per group and bucket (`volume_counts`, the
+/// one pass over the archive) and keep the counts in memory in place of
+/// the view: `volume` reads them several times, and each read of the view
+/// would scan the archive again. Called just before `volume` runs, so that
+/// planning and `--dry-run` read nothing. The counts are small: one row
+/// per group and bucket that has events.
+pub async fn count(ctx: &SessionContext) -> datafusion::error::Result<()> {
+    let df = ctx.table("volume_counts").await?;
+    let schema = df.schema().inner().clone();
+    let partitions = df.collect_partitioned().await?;
+    let table = datafusion::datasource::MemTable::try_new(schema, partitions)?;
+    ctx.deregister_table("volume_counts")?;
+    ctx.register_table("volume_counts", std::sync::Arc::new(table))?;
     Ok(())
 }
 

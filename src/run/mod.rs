@@ -710,6 +710,7 @@ async fn execute(
     // Volume anomalies: the flagged buckets, to their sink.
     if let Some(volume) = &settings.volume {
         phases.set("finding volume anomalies");
+        detect::volume::count(ctx).await?;
         let df = detect::volume::anomalies(ctx, volume, false).await?;
         let mut stream = df.execute_stream().await?;
         while let Some(b) = stream.next().await {

@@ -306,7 +306,7 @@ pub async fn list(
 
 /// Read one file, sending its rows in the `logs` schema, batch by batch.
 /// The bytes are decoded on a blocking thread; a local file is read as it
-/// goes, an object store's is fetched whole first (one file at a time).
+/// goes, an object store's is fetched whole first.
 async fn read_file(
     f: &LogFile,
     fields: &LogFields,
@@ -515,16 +515,30 @@ fn convert(
     })
 }
 
-/// Every file's rows, in order, through one channel (the `logs` table's
-/// stream and [`error_counts`] read it).
+/// Every file's rows through one channel (the `logs` table's stream and
+/// [`error_counts`] read it). Files are decoded side by side, one per
+/// core: decoding JSON is the logs' whole cost, and a worker's logs are
+/// many files (one per day, per pod). Rows of different files interleave:
+/// nothing downstream depends on their order. The first file that fails
+/// ends the stream with its error; the others stop at their next batch.
 fn rows(
     files: Arc<Vec<LogFile>>,
     fields: LogFields,
 ) -> tokio::sync::mpsc::Receiver<Result<RecordBatch, LogsError>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    use futures::StreamExt;
+    let width = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .clamp(1, files.len().max(1));
+    let (tx, rx) = tokio::sync::mpsc::channel(2 * width);
     tokio::spawn(async move {
-        for f in files.iter() {
-            if let Err(e) = read_file(f, &fields, tx.clone()).await {
+        let mut decoding = futures::stream::iter(0..files.len())
+            .map(|i| {
+                let (files, fields, tx) = (files.clone(), fields.clone(), tx.clone());
+                async move { read_file(&files[i], &fields, tx).await }
+            })
+            .buffer_unordered(width);
+        while let Some(done) = decoding.next().await {
+            if let Err(e) = done {
                 let _ = tx.send(Err(e)).await;
                 return;
             }
@@ -570,7 +584,14 @@ impl ErrorCounts {
                     .any(|l| l.eq_ignore_ascii_case(level.value(r)))
             {
                 self.error_lines += 1;
-                let e = self.by_event.entry(id.value(r).to_string()).or_default();
+                let id = id.value(r);
+                // An event's later lines find its entry without a copy of the id.
+                if !self.by_event.contains_key(id) {
+                    self.by_event.insert(id.to_string(), Logged::default());
+                }
+                let Some(e) = self.by_event.get_mut(id) else {
+                    continue;
+                };
                 e.lines += 1;
                 if time.is_valid(r) {
                     let t = time.value(r);
@@ -691,7 +712,7 @@ pub fn default_error_levels() -> Vec<String> {
     vec!["ERROR".into(), "FATAL".into()]
 }
 
-/// The `logs` table's one partition: every file, in order.
+/// The `logs` table's one partition: every file, decoded side by side.
 struct LogsTable {
     files: Arc<Vec<LogFile>>,
     fields: LogFields,

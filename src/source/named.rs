@@ -319,6 +319,27 @@ impl ExecutionPlan for NamedScanExec {
         vec![true]
     }
 
+    /// The scan's statistics, so that `max(event_time)` and `count(*)` over
+    /// the whole archive are answered from the footers, as without the
+    /// wrapper, not by reading a column.
+    fn child_stats_requests(
+        &self,
+        partition: Option<usize>,
+    ) -> Vec<datafusion::physical_plan::ChildStats> {
+        vec![datafusion::physical_plan::ChildStats::At(partition)]
+    }
+
+    fn statistics_from_inputs(
+        &self,
+        input_stats: &[Arc<datafusion::common::Statistics>],
+        _args: &datafusion::physical_plan::StatisticsArgs,
+    ) -> Result<Arc<datafusion::common::Statistics>> {
+        Ok(match input_stats.first() {
+            Some(s) => s.clone(),
+            None => Arc::new(datafusion::common::Statistics::new_unknown(&self.schema())),
+        })
+    }
+
     fn benefits_from_input_partitioning(&self) -> Vec<bool> {
         vec![false]
     }

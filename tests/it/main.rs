@@ -16,6 +16,7 @@ mod kafka;
 mod kafka_e2e;
 mod logs;
 mod memory;
+mod passes;
 mod reconcile;
 mod recover;
 mod redis;
