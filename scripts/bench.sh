@@ -76,6 +76,13 @@ for EVENTS in $SIZES; do
     "$BIN" generate --out "$ARCHIVE" --events "$EVENTS" --keys "$KEYS" --seed 1 --days 7 --files-per-day 4
   fi
   echo "== $EVENTS events: $(du -sh "$ARCHIVE" | cut -f1), load $(cut -d' ' -f1-3 /proc/loadavg)"
+  # A downstream snapshot for reconcile: each key's processed events up to
+  # the middle of the 7 days, one less for the keys ending in 7 (a tenth
+  # of them disagree).
+  SNAPSHOT="$WORK/snapshot-$EVENTS.parquet"
+  if [ ! -f "$SNAPSHOT" ]; then
+    "$BIN" sql --allow-writes --source "$ARCHIVE" "COPY (SELECT key, count(*) - CASE WHEN right(key, 1) = '7' THEN 1 ELSE 0 END AS value, TIMESTAMP '2024-01-04T12:00:00Z' AS as_of FROM processed WHERE event_time <= TIMESTAMP '2024-01-04T12:00:00Z' GROUP BY key) TO '$SNAPSHOT' STORED AS PARQUET" > /dev/null
+  fi
   rounds=$ROUNDS
   [ "$EVENTS" -ge 50000000 ] && rounds=$ROUNDS_LARGE
   for i in $(seq 1 "$rounds"); do
@@ -88,9 +95,14 @@ for EVENTS in $SIZES; do
     # State as of the middle of the 7 days, every key, then one key (pruned).
     measure "stateat-$EVENTS-$i" "$BIN" state-at --source "$ARCHIVE" --at 2024-01-04T12:00:00Z --format csv --progress off
     measure "stateatkey-$EVENTS-$i" "$BIN" state-at --source "$ARCHIVE" --at 2024-01-04T12:00:00Z --key key-00042 --format csv --progress off
-    # The detections beside the run's (issue 11): each one narrow pass.
+    # The detections beside the run's (issue 11): each one narrow pass of
+    # its own, alone and added to a run (the run's outputs go elsewhere).
     measure "silences-$EVENTS-$i" "$BIN" silences --source "$ARCHIVE" --format csv --progress off
     measure "anomalies-$EVENTS-$i" "$BIN" anomalies --source "$ARCHIVE" --format csv --progress off
+    measure "reconcile-$EVENTS-$i" "$BIN" reconcile --source "$ARCHIVE" --snapshot "$SNAPSHOT" --expected "count(*)" --format csv --progress off
+    rm -rf "$WORK/out-detections"
+    measure "detections-$EVENTS-$i" "$BIN" run --source "$ARCHIVE" --out "$WORK/out-detections" --run-id "bench-$i" --progress off \
+      --silences --anomalies --reconcile-snapshot "$SNAPSHOT" --reconcile-expected "count(*)"
     a=$(checksum "$WORK/out-backfill"); b=$(checksum "$WORK/out-limited")
     if [ "$a" != "$b" ]; then
       echo "outputs differ between the unlimited and the $LIMIT run: $a / $b" >&2
@@ -101,10 +113,28 @@ for EVENTS in $SIZES; do
   cp "$WORK/report-$EVENTS-1.json" "$RESULTS/backfill-report-$EVENTS.json"
   cp "$WORK/duckdb-$EVENTS-1.out" "$RESULTS/duckdb-report-$EVENTS.json"
 done
+# Application logs (issue 11): a run with and without the worker's logs,
+# on an archive generated with them (LOGS_EVENTS, default 5M; 0 skips).
+LOGS_EVENTS="${LOGS_EVENTS:-5000000}"
+if [ "$LOGS_EVENTS" -gt 0 ]; then
+  EVENTS=$LOGS_EVENTS
+  LARCHIVE="$WORK/logs-archive-$EVENTS"
+  if [ ! -d "$LARCHIVE/archive" ]; then
+    "$BIN" generate --out "$LARCHIVE/archive" --logs "$LARCHIVE/logs" --events "$EVENTS" --keys 5000 --seed 1 > /dev/null
+  fi
+  echo "== logs: $EVENTS events, $(du -sh "$LARCHIVE/archive" | cut -f1) of archive, $(du -sh "$LARCHIVE/logs" | cut -f1) of logs"
+  for i in $(seq 1 "$ROUNDS"); do
+    rm -rf "$WORK/out-logs"
+    measure "nologs-$EVENTS-$i" "$BIN" run --source "$LARCHIVE/archive" --out "$WORK/out-logs" --run-id "a-$i" --progress off
+    rm -rf "$WORK/out-logs"
+    measure "logs-$EVENTS-$i" "$BIN" run --source "$LARCHIVE/archive" --logs "$LARCHIVE/logs" --out "$WORK/out-logs" --run-id "b-$i" --progress off
+  done
+fi
+
 python3 - "$RESULTS/scan.jsonl" <<'PY'
 import json, sys, statistics
 rows = [json.loads(l) for l in open(sys.argv[1])]
-sizes = sorted({r["events"] for r in rows})
+sizes = sorted({r["events"] for r in rows if r["name"].startswith("backfill-")})
 def med(kind, n, key):
     v = [r[key] for r in rows if r["name"].startswith(kind + "-") and r["events"] == n]
     return statistics.median(v) if v else float("nan")
@@ -115,6 +145,17 @@ for n in sizes:
     print(f"{n:>10} {b:>8.2f}s {l:>8.2f}s {d:>7.2f}s {dd:>7.2f}s {s:>5.2f}s {b/d:>6.2f} {b/n*1e6:>8.3f} "
           f"{b/s:>6.2f} {med('backfill', n, 'peak_rss_mib'):>8} {med('limited', n, 'peak_rss_mib'):>7} "
           f"{med('duckdb', n, 'peak_rss_mib'):>7}")
+print()
+# The detections of issue 11: alone, and a run with silences, anomalies
+# and reconcile against the same run without them.
+print(f"{'events':>10} {'scan':>6} {'silences':>9} {'anomalies':>9} {'reconcile':>9} {'run':>7} {'run+3':>7} {'added':>7}")
+for n in sizes:
+    s, si, an, rc, b, d = (med(k, n, "seconds") for k in ("scan", "silences", "anomalies", "reconcile", "backfill", "detections"))
+    print(f"{n:>10} {s:>5.2f}s {si:>8.2f}s {an:>8.2f}s {rc:>8.2f}s {b:>6.2f}s {d:>6.2f}s {d-b:>6.2f}s")
+for n in sorted({r["events"] for r in rows if r["name"].startswith("logs-")}):
+    nl, lg = med("nologs", n, "seconds"), med("logs", n, "seconds")
+    print(f"logs, {n} events: run {nl:.2f}s, run --logs {lg:.2f}s (+{lg - nl:.2f}s), "
+          f"{med('logs', n, 'peak_rss_mib')} MiB peak")
 PY
 
 if [ -z "${SKIP_KAFKA:-}" ] && [ -x scripts/bench-kafka.sh ]; then

@@ -47,20 +47,13 @@
 -- processed row, else the chosen row (the highest attempts, the latest
 -- event_time, as `unprocessed` chooses).
 CREATE OR REPLACE VIEW reconcile_facts AS
-SELECT * EXCLUDE (__bf_rank, __bf_seen_at)
+SELECT * EXCLUDE (__bf_last, __bf_seen_at, __bf_done_at),
+       coalesce(__bf_done_at <= __bf_as_of, false) AS __bf_done
 FROM (
     SELECT e.*,
-           min(e.event_time) OVER (PARTITION BY e.event_id) AS __bf_seen_at,
-           coalesce(min(CASE WHEN e.backfill_done THEN e.event_time END)
-                        OVER (PARTITION BY e.event_id) <= e.__bf_as_of, false) AS __bf_done,
-           row_number() OVER (
-               PARTITION BY e.event_id
-               ORDER BY e.backfill_done DESC,
-                        CASE WHEN e.backfill_done THEN e.event_time END ASC,
-                        coalesce(e.attempts, 0) DESC,
-                        e.event_time DESC NULLS LAST,
-                        e.seq NULLS LAST, e.status, e.error
-           ) AS __bf_rank
+           min(e.event_time) OVER w AS __bf_seen_at,
+           min(CASE WHEN e.backfill_done THEN e.event_time END) OVER w AS __bf_done_at,
+           lead(1) OVER w IS NULL AS __bf_last
     FROM (
         SELECT e.*,
                coalesce(s.__bf_as_of, (SELECT max(__bf_as_of) FROM snapshot)) AS __bf_as_of,
@@ -68,8 +61,25 @@ FROM (
         FROM events e LEFT JOIN snapshot s ON e.key = s.__bf_key
         WHERE e.key IS NOT NULL
     ) e
+    -- The rank order reversed (the processed rows by time, else the
+    -- highest attempts, the latest event_time, then seq, status and error,
+    -- each flipped): the kept row comes last, where the running minimums
+    -- are the event's. A window that streams through the sort; the
+    -- unordered `min(...) OVER (PARTITION BY event_id)` would hold every
+    -- row of a partition in memory at once.
+    WINDOW w AS (
+        PARTITION BY e.event_id
+        ORDER BY e.backfill_done ASC NULLS LAST,
+                 CASE WHEN e.backfill_done THEN e.event_time END DESC NULLS FIRST,
+                 coalesce(e.attempts, 0) ASC NULLS LAST,
+                 e.event_time ASC NULLS FIRST,
+                 e.seq DESC NULLS FIRST,
+                 e.status DESC NULLS FIRST,
+                 e.error DESC NULLS FIRST
+        ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW
+    )
 )
-WHERE __bf_rank = 1 AND __bf_seen_at <= __bf_as_of;
+WHERE __bf_last AND __bf_seen_at <= __bf_as_of;
 
 -- reconcile_scope: every key compared, with its as_of: the snapshot's
 -- keys, and the keys it lacks that have a processed event by the horizon.
