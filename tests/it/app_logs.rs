@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value as Json;
 
-use crate::cli::backfill;
+use crate::cli::{backfill, backfill_in};
 use crate::e2e::{Job, strings};
 use crate::reference::{Config, Ledger, Logs, Value, read_output, read_source};
 
@@ -417,4 +417,49 @@ fn bad_logs_are_named_and_nothing_is_committed() {
         dir.join("c").to_str().unwrap(),
     ])
     .expect_error(2, "--contradicted-sink");
+}
+
+/// `run` over the generated archive, in its folder (relative paths are
+/// below it), with `--logs` for each of `logs`, then `args`; the report
+/// goes to `report-NAME.json` there.
+fn run_in(g: &Generated, name: &str, logs: &[&str], args: &[&str]) -> crate::cli::Run {
+    let dir = g.dir.path();
+    let report = dir.join(format!("report-{name}.json"));
+    let mut all = strings(&[
+        "run",
+        "--source",
+        g.archive().to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    for l in logs {
+        all.extend(strings(&["--logs", l]));
+    }
+    all.extend(strings(args));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    backfill_in(&all, &[], Some(dir))
+}
+
+/// A committed run id rerun with logs added or dropped is another run:
+/// refused, exit 2, naming `--logs`; with the same logs it is done.
+#[test]
+fn a_rerun_that_adds_or_drops_logs_is_refused() {
+    let g = Generated::new(9);
+    let logs = g.logs();
+    let logs = logs.to_str().unwrap();
+    let run = |id: &str, logs: &[&str]| run_in(&g, id, logs, &["--out", "out", "--run-id", id]);
+    run("plain", &[]).ok();
+    run("plain", &[logs]).expect_error(
+        2,
+        "run id plain was committed with no --logs; this run has logs = ",
+    );
+    run("logged", &[logs]).ok();
+    run("logged", &[]).expect_error(2, "; this run has no --logs;");
+    let again = run("logged", &[logs]);
+    again.ok();
+    assert!(
+        again.stdout.contains("already committed"),
+        "{}",
+        again.describe()
+    );
 }
