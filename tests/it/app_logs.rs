@@ -477,7 +477,7 @@ fn bad_logs_are_named_and_nothing_is_committed() {
         "SELECT count(*) FROM logs",
     ])
     .expect_error(2, "q.ndjson");
-    // --contradicted-sink without logs.
+    // --contradicted-sink without logs, and its key in a job file.
     backfill(&[
         "run",
         "--source",
@@ -488,6 +488,25 @@ fn bad_logs_are_named_and_nothing_is_committed() {
         dir.join("c").to_str().unwrap(),
     ])
     .expect_error(2, "--contradicted-sink");
+    let job = dir.join("sink.toml");
+    fs::write(
+        &job,
+        format!("[sinks]\ncontradicted = \"{}\"\n", dir.join("c").display()),
+    )
+    .unwrap();
+    backfill(&[
+        "run",
+        "--job",
+        job.to_str().unwrap(),
+        "--source",
+        g.archive().to_str().unwrap(),
+        "--out",
+        dir.join("o").to_str().unwrap(),
+    ])
+    .expect_error(
+        2,
+        "[sinks] contradicted: contradicted events come from application logs",
+    );
     // A gzip file cut short is a read that failed (exit 1: it may still
     // be being written), not a file that is not gzip.
     let whole = gz(&ok_line.repeat(1000));
@@ -507,6 +526,26 @@ fn bad_logs_are_named_and_nothing_is_committed() {
     };
     run(&cut, &["--out", dir.join("o").to_str().unwrap()])
         .expect_error(1, "cut.jsonl.gz: cannot read: the gzip stream ends early");
+    // A sink may not be the logs' folder, as it may not be the archive.
+    let logs = dir.join("logs");
+    fs::create_dir(&logs).unwrap();
+    fs::write(logs.join("a.ndjson"), ok_line).unwrap();
+    run(
+        &logs,
+        &[
+            "--out",
+            dir.join("o").to_str().unwrap(),
+            "--contradicted-sink",
+            logs.to_str().unwrap(),
+        ],
+    )
+    .expect_error(
+        2,
+        &format!(
+            "the contradicted sink {} is the logs folder",
+            logs.display()
+        ),
+    );
     // A URL with user info is named with its glob (after redaction).
     backfill(&[
         "sql",
