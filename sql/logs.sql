@@ -4,8 +4,9 @@
 -- `logs` holds every line of the log files: event_id, log_time, level,
 -- message, error (the fields the job maps; a line that names no event has
 -- a NULL event_id). `log_error_levels` holds the levels that mean a failed
--- attempt, upper case (default ERROR and FATAL); levels compare
--- case-insensitively. Without logs both are there, `logs` empty.
+-- attempt, upper case (default ERROR and FATAL); a line's level is
+-- compared upper-cased (Unicode, as the run's count does:
+-- source/logs.rs, is_error_level). Without logs both are there, `logs` empty.
 
 -- log_attempts: per event named by an error-level line, how many such
 -- lines there are (each one failed attempt) and the first and last. The

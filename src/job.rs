@@ -884,11 +884,20 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
         crate::reconcile::check_window(&scan, "--reconcile-snapshot")?;
     }
     let contradicted_sink = args.contradicted_sink.clone().or(sinks.contradicted);
-    if args.contradicted_sink.is_some() && scan.logs.is_none() {
-        return Err(invalid(
-            "--contradicted-sink",
-            "contradicted events come from application logs: pass --logs LOC or set [logs] paths",
-        ));
+    if scan.logs.is_none() {
+        // The job file's key too: a sink that is never written is a
+        // mistake to point out, not a setting to ignore.
+        let given = if args.contradicted_sink.is_some() {
+            Some("--contradicted-sink")
+        } else {
+            contradicted_sink.as_ref().map(|_| "[sinks] contradicted")
+        };
+        if let Some(what) = given {
+            return Err(invalid(
+                what,
+                "contradicted events come from application logs: pass --logs LOC or set [logs] paths",
+            ));
+        }
     }
     let state = args.state.clone().or(job.state.clone());
     let state = match (state, &out) {

@@ -298,16 +298,38 @@ fn fingerprint(
     out
 }
 
+/// The settings [`decision_settings`] records only when they are asked
+/// for (`--logs`, silences, volume anomalies, reconciliation), each so
+/// since the version that added it: an entry without one ran without it,
+/// whichever version wrote it.
+const RECORDED_WHEN_ASKED: [&str; 4] = ["silence", "logs", "volume", "reconcile"];
+
 /// The settings that differ, as (committed, this run) phrases written as
-/// the flags that set them. Only keys both sides record are compared: a key
-/// a later version added is unknown for an earlier entry, not different.
+/// the flags that set them. Which keys are compared:
+/// - a key both sides record, always;
+/// - a key of [`RECORDED_WHEN_ASKED`] one side lacks: absent is off, so
+///   a rerun that adds or drops logs (or silences, ...) differs;
+/// - any other key one side lacks is not compared: the others are recorded
+///   always (null when unset), so an entry without one was written before
+///   the key existed (`on_gap`, `fail_on_dlq`'s outcome), and its value
+///   then is unknown, not different.
 fn differences(
     theirs: &BTreeMap<String, serde_json::Value>,
     ours: &BTreeMap<String, serde_json::Value>,
 ) -> Vec<(String, String)> {
     let mut out = vec![];
-    for (key, then) in theirs {
-        let Some(now) = ours.get(key) else { continue };
+    let mut keys: Vec<&String> = theirs.keys().chain(ours.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let off = serde_json::Value::Null;
+    for key in keys {
+        let (then, now) = match (theirs.get(key), ours.get(key)) {
+            (Some(t), Some(n)) => (t, n),
+            (t, n) if RECORDED_WHEN_ASKED.contains(&key.as_str()) => {
+                (t.unwrap_or(&off), n.unwrap_or(&off))
+            }
+            _ => continue,
+        };
         if then == now {
             continue;
         }
@@ -358,6 +380,16 @@ fn as_flag(key: &str, value: &serde_json::Value) -> String {
         "dlq" => "--dlq",
         "where" => "--where",
         "again" => "--again",
+        // Switched on as a whole: shown as off, or by the recorded value.
+        "logs" | "silence" | "volume" | "reconcile" if value.is_null() => {
+            let flag = match key {
+                "logs" => "--logs",
+                "silence" => "--silences",
+                "volume" => "--anomalies",
+                _ => "--reconcile-snapshot",
+            };
+            return format!("no {flag}");
+        }
         // Negative flags: the setting is on unless the flag is given.
         "detect_gaps" | "detect_conflicts" => {
             let flag = if key == "detect_gaps" {
@@ -716,6 +748,18 @@ mod tests {
             ]
         );
         assert_eq!(as_flag("from", &serde_json::Value::Null), "no --from");
+        // A setting recorded only when asked: absent is off, and differs.
+        let logs = json!({"paths": ["/l"]});
+        let with = fingerprint(&json!({"to": null, "logs": logs}), None);
+        let without = fingerprint(&json!({"to": null}), None);
+        assert_eq!(
+            differences(&without, &with),
+            vec![("no --logs".into(), format!("logs = {logs}"))]
+        );
+        assert_eq!(
+            differences(&with, &without),
+            vec![(format!("logs = {logs}"), "no --logs".into())]
+        );
         assert_eq!(
             as_flag("sources", &json!(["a", "b"])),
             "--source a --source b"

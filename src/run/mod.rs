@@ -219,6 +219,15 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
         state.loc.display_path(&state.loc.prefix),
         folder_key(&state.loc),
     )];
+    // The logs' folders, as the archive is: a sink may lie below one (its
+    // Parquet files are never read as logs) but may not be one.
+    let log_folders: Vec<(String, String)> = match &scan.logs {
+        Some(l) => crate::source::logs::folders(l, &scan.storage)?
+            .iter()
+            .map(|loc| (loc.display_path(&loc.prefix), folder_key(loc)))
+            .collect(),
+        None => vec![],
+    };
     let mut stdout_taken = false;
     // Every sink is checked in a dry run too (a scheduler's
     // preflight): nothing is created, and the opened sinks are dropped.
@@ -292,6 +301,12 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
                         kind.name(),
                     )));
                 }
+            }
+            if let Some((logs, _)) = log_folders.iter().find(|(_, k)| *k == key) {
+                return Err(Error::Usage(format!(
+                    "the {} sink {target} is the logs folder {logs}; write outputs outside it or in a folder below it",
+                    kind.name(),
+                )));
             }
             file_kinds.push((format!("{} sink", kind.name()), here, key));
         }

@@ -33,6 +33,11 @@ use crate::location::{self, LocationError, StorageSettings};
 /// Rows per batch of the `logs` table.
 const BATCH_ROWS: usize = 8192;
 
+/// The longest line read, in bytes (without its newline): 16 MiB. A line
+/// is held whole while it is decoded; a longer one is refused as it is
+/// read, not buffered first (a file without newlines would be one line).
+pub const MAX_LINE_BYTES: usize = 16 << 20;
+
 /// The file name endings read as logs.
 pub const EXTENSIONS: [&str; 6] = [
     ".ndjson",
@@ -86,8 +91,8 @@ pub struct LogSettings {
     /// last part of the path).
     pub paths: Vec<String>,
     pub fields: LogFields,
-    /// Levels that mean a failed attempt, upper case (compared
-    /// case-insensitively).
+    /// Levels that mean a failed attempt, upper case (Unicode): a line's
+    /// level is one when upper-cased it equals one ([`is_error_level`]).
     pub error_levels: Vec<String>,
 }
 
@@ -112,6 +117,16 @@ pub enum LogsError {
         line: u64,
         message: String,
     },
+    #[error("logs file {file}, line {line}: not UTF-8")]
+    NotUtf8 { file: String, line: u64 },
+    #[error(
+        "logs file {file}, line {line}: more than one JSON object (NDJSON: one object per line)"
+    )]
+    Several { file: String, line: u64 },
+    #[error("logs file {file}: line {line} is longer than {} MiB", MAX_LINE_BYTES >> 20)]
+    TooLong { file: String, line: u64 },
+    #[error("logs file {file}: not valid gzip: {reason}")]
+    NotGzip { file: String, reason: String },
     #[error(
         "logs file {file}, lines {first}-{last}: {message} (a mapped field holds text, a number or a boolean, not an object or an array)"
     )]
@@ -209,22 +224,67 @@ fn wildcard(pattern: &str, name: &str) -> bool {
     p[i..].iter().all(|c| *c == '*')
 }
 
+/// A `--logs` location as the folder (or file) to list and the glob of
+/// its last part, if it has one.
+fn split_glob(original: &str) -> (&str, Option<&str>) {
+    match original.rsplit_once('/') {
+        Some((dir, last)) if last.contains(['*', '?']) => {
+            (if dir.is_empty() { "/" } else { dir }, Some(last))
+        }
+        None if original.contains(['*', '?']) => (".", Some(original)),
+        _ => (original, None),
+    }
+}
+
+/// The locations the settings list (a glob's folder), resolved: no sink
+/// may be one of them.
+pub fn folders(
+    settings: &LogSettings,
+    storage: &StorageSettings,
+) -> Result<Vec<location::Location>, LogsError> {
+    settings
+        .paths
+        .iter()
+        .map(|p| resolve_base(p, storage).map(|(loc, _)| loc))
+        .collect()
+}
+
+/// [`split_glob`], the folder resolved. An error names the location as
+/// given, glob included (after the folder's redaction: a glob holds no
+/// user info, unless an `@` in it says the split fell inside the URL's).
+fn resolve_base<'a>(
+    original: &'a str,
+    storage: &StorageSettings,
+) -> Result<(location::Location, Option<&'a str>), LogsError> {
+    let (base, pattern) = split_glob(original);
+    match location::resolve(base, storage) {
+        Ok(loc) => Ok((loc, pattern)),
+        Err(mut e) => {
+            if let Some(pat) = pattern.filter(|p| !p.contains('@') && base.contains("://")) {
+                let (LocationError::Invalid { location, .. }
+                | LocationError::Store { location, .. }) = &mut e;
+                if *location == crate::redact::url(base) {
+                    location.push('/');
+                    location.push_str(pat);
+                }
+            }
+            Err(e.into())
+        }
+    }
+}
+
 /// Every log file the settings name, in path order within each location.
+/// A file named twice (two paths, a folder and a glob in it) is listed
+/// once, where it is first named: each line counts once.
 pub async fn list(
     settings: &LogSettings,
     storage: &StorageSettings,
 ) -> Result<Vec<LogFile>, LogsError> {
     let mut out = vec![];
+    let mut seen = std::collections::HashSet::new();
     for original in &settings.paths {
         // A glob in the last part: list its folder and match names.
-        let (base, pattern) = match original.rsplit_once('/') {
-            Some((dir, last)) if last.contains(['*', '?']) => {
-                (if dir.is_empty() { "/" } else { dir }, Some(last))
-            }
-            None if original.contains(['*', '?']) => (".", Some(original.as_str())),
-            _ => (original.as_str(), None),
-        };
-        let loc = location::resolve(base, storage)?;
+        let (loc, pattern) = resolve_base(original, storage)?;
         let list_err = |e: object_store::Error| LogsError::List {
             location: original.clone(),
             message: location::store_error_line(&e),
@@ -299,7 +359,12 @@ pub async fn list(
                 location: original.clone(),
             });
         }
-        out.extend(found);
+        // The same store and object path: the same file.
+        out.extend(
+            found
+                .into_iter()
+                .filter(|f| seen.insert((loc.store_url.clone(), f.path.clone()))),
+        );
     }
     Ok(out)
 }
@@ -323,27 +388,105 @@ async fn read_file(
             Box::new(std::io::Cursor::new(got.bytes().await.map_err(read_err)?))
         }
     };
-    let source: Box<dyn Read + Send> = if f.gz {
-        Box::new(flate2::read::MultiGzDecoder::new(source))
-    } else {
-        source
-    };
-    let display = f.display.clone();
+    let (display, gz) = (f.display.clone(), f.gz);
     let fields = fields.clone();
-    tokio::task::spawn_blocking(move || decode(BufReader::new(source), &display, &fields, &tx))
-        .await
-        .map_err(|e| LogsError::Read {
-            file: f.display.clone(),
-            message: e.to_string(),
-        })?
+    tokio::task::spawn_blocking(move || {
+        let source = if gz {
+            gunzip(source, &display)?
+        } else {
+            source
+        };
+        decode(BufReader::new(source), &display, &fields, &tx, gz)
+    })
+    .await
+    .map_err(|e| LogsError::Read {
+        file: f.display.clone(),
+        message: e.to_string(),
+    })?
 }
 
-/// The blocking half of [`read_file`].
+/// A `.gz` file's text. A file that does not start as gzip does (empty,
+/// plain text) is refused here, as the user's file (exit 2), not as a
+/// failed read.
+fn gunzip(mut source: Box<dyn Read + Send>, file: &str) -> Result<Box<dyn Read + Send>, LogsError> {
+    let mut head = [0u8; 2];
+    let mut n = 0;
+    while n < head.len() {
+        match source.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(read_error(file, e, false)),
+        }
+    }
+    if head[..n] != [0x1f, 0x8b] {
+        return Err(LogsError::NotGzip {
+            file: file.to_string(),
+            reason: if n == 0 {
+                "the file is empty".into()
+            } else {
+                "it does not start with gzip's magic bytes (1f 8b)".into()
+            },
+        });
+    }
+    let source = std::io::Cursor::new(head).chain(source);
+    Ok(Box::new(flate2::read::MultiGzDecoder::new(source)))
+}
+
+/// A failed read of a log file. In a gzip file, a header or deflate
+/// stream that does not decode (flate2's InvalidInput / InvalidData) is
+/// the file's fault (exit 2); one that ends early stays a read failure
+/// (exit 1): a local file may still be being written or compressed, and
+/// a rerun reads it whole.
+fn read_error(file: &str, e: std::io::Error, gz: bool) -> LogsError {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::InvalidInput | ErrorKind::InvalidData if gz => LogsError::NotGzip {
+            file: file.to_string(),
+            reason: e.to_string(),
+        },
+        ErrorKind::UnexpectedEof if gz => LogsError::Read {
+            file: file.to_string(),
+            message: format!("the gzip stream ends early ({e}): truncated, or still being written"),
+        },
+        _ => LogsError::Read {
+            file: file.to_string(),
+            message: e.to_string(),
+        },
+    }
+}
+
+/// What a line that is not a JSON object holds, from its first byte.
+fn not_an_object(first: &[u8]) -> String {
+    match first.first() {
+        Some(b'[') => "the line holds an array".into(),
+        Some(b'"') => "the line holds a string".into(),
+        Some(b'-' | b'0'..=b'9') => "the line holds a number".into(),
+        Some(b't' | b'f') if first.starts_with(b"true") || first.starts_with(b"false") => {
+            "the line holds a boolean".into()
+        }
+        Some(b'n') if first.starts_with(b"null") => "the line holds null".into(),
+        _ if first.starts_with("\u{feff}".as_bytes()) => {
+            "the line starts with a byte-order mark (write UTF-8 without BOM)".into()
+        }
+        _ => format!(
+            "the line starts with '{}'",
+            String::from_utf8_lossy(first)
+                .chars()
+                .take(20)
+                .collect::<String>()
+        ),
+    }
+}
+
+/// The blocking half of [`read_file`]. Each non-blank line must be one
+/// JSON object, UTF-8, at most [`MAX_LINE_BYTES`] long.
 fn decode(
     mut r: impl BufRead,
     file: &str,
     fields: &LogFields,
     tx: &tokio::sync::mpsc::Sender<Result<RecordBatch, LogsError>>,
+    gz: bool,
 ) -> Result<(), LogsError> {
     let raw = Arc::new(Schema::new(
         fields
@@ -389,35 +532,59 @@ fn decode(
     };
     loop {
         line.clear();
+        // At most one byte past the cap: a longer line is refused unread.
         let n = r
+            .by_ref()
+            .take(MAX_LINE_BYTES as u64 + 1)
             .read_until(b'\n', &mut line)
-            .map_err(|e| LogsError::Read {
-                file: file.to_string(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| read_error(file, e, gz))?;
         if n == 0 {
             break;
         }
         line_no += 1;
-        if line.iter().all(u8::is_ascii_whitespace) {
+        if n > MAX_LINE_BYTES && line.last() != Some(&b'\n') {
+            return Err(LogsError::TooLong {
+                file: file.to_string(),
+                line: line_no,
+            });
+        }
+        let Some(start) = line.iter().position(|b| !b.is_ascii_whitespace()) else {
             continue;
+        };
+        if std::str::from_utf8(&line).is_err() {
+            return Err(LogsError::NotUtf8 {
+                file: file.to_string(),
+                line: line_no,
+            });
+        }
+        // The decoder takes any JSON value as a row, and refuses one that
+        // is not an object only a batch later (naming the batch's lines).
+        if line[start] != b'{' {
+            return Err(LogsError::NotJson {
+                file: file.to_string(),
+                line: line_no,
+                message: not_an_object(&line[start..]),
+            });
         }
         any = true;
-        // Batches end between lines, so that each row keeps its line.
+        // Batches end between lines, so that each row keeps its line: the
+        // decoder has room for this line's row.
         if decoder.len() >= BATCH_ROWS && !flush(&mut decoder, &mut lines, &mut seen_id)? {
             return Ok(());
         }
-        let mut buf = &line[..];
-        while !buf.is_empty() {
-            let used = decoder.decode(buf).map_err(|e| LogsError::NotJson {
+        let before = decoder.len();
+        let used = decoder.decode(&line).map_err(|e| LogsError::NotJson {
+            file: file.to_string(),
+            line: line_no,
+            message: e.to_string(),
+        })?;
+        // One line, one row: a second value on the line started another
+        // (or, the batch full, was left unread).
+        if used < line.len() || decoder.len() > before + 1 {
+            return Err(LogsError::Several {
                 file: file.to_string(),
                 line: line_no,
-                message: e.to_string(),
-            })?;
-            if used == 0 && !flush(&mut decoder, &mut lines, &mut seen_id)? {
-                return Ok(());
-            }
-            buf = &buf[used..];
+            });
         }
         // A line is one object: a line that ends inside one is refused
         // here, not at the next line, so that the error names it.
@@ -428,9 +595,7 @@ fn decode(
                 message: "the line ends inside a JSON value".into(),
             });
         }
-        while lines.len() < decoder.len() {
-            lines.push(line_no);
-        }
+        lines.push(line_no);
     }
     if !flush(&mut decoder, &mut lines, &mut seen_id)? {
         return Ok(());
@@ -453,7 +618,10 @@ fn parse_time(s: &str) -> Option<i64> {
             .bytes()
             .all(|b| b.is_ascii_digit())
     {
-        return t.parse::<i64>().ok()?.checked_mul(1000);
+        // Within chrono's range, as an RFC 3339 time is: the engine turns
+        // log_time into dates (casts, display) through chrono.
+        let us = t.parse::<i64>().ok()?.checked_mul(1000)?;
+        return chrono::DateTime::from_timestamp_micros(us).map(|_| us);
     }
     chrono::DateTime::parse_from_rfc3339(t)
         .ok()
@@ -577,12 +745,7 @@ impl ErrorCounts {
             .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
         let level = b.column(2).as_string::<i32>();
         for r in 0..b.num_rows() {
-            if id.is_valid(r)
-                && level.is_valid(r)
-                && error_levels
-                    .iter()
-                    .any(|l| l.eq_ignore_ascii_case(level.value(r)))
-            {
+            if id.is_valid(r) && level.is_valid(r) && is_error_level(level.value(r), error_levels) {
                 self.error_lines += 1;
                 let id = id.value(r);
                 // An event's later lines find its entry without a copy of the id.
@@ -600,6 +763,24 @@ impl ErrorCounts {
                 }
             }
         }
+    }
+}
+
+/// `upper(level) IN (SELECT level FROM log_error_levels)`, as
+/// `sql/logs.sql` has it: the level in Unicode upper case (Rust's
+/// `to_uppercase`, which DataFusion's `upper` is) equals one of the levels,
+/// which are stored upper case. An ASCII level (nearly every one) is
+/// compared byte by byte, without upper-casing it into a new string.
+fn is_error_level(level: &str, error_levels: &[String]) -> bool {
+    if level.is_ascii() {
+        error_levels.iter().any(|l| {
+            l.len() == level.len()
+                && l.bytes()
+                    .zip(level.bytes())
+                    .all(|(a, b)| a == b.to_ascii_uppercase())
+        })
+    } else {
+        error_levels.contains(&level.to_uppercase())
     }
 }
 
@@ -764,7 +945,7 @@ mod tests {
 
     fn decode_all(text: &str) -> Result<Vec<RecordBatch>, LogsError> {
         let (tx, mut rx) = tokio::sync::mpsc::channel(100);
-        decode(text.as_bytes(), "f.ndjson", &fields(), &tx)?;
+        decode(text.as_bytes(), "f.ndjson", &fields(), &tx, false)?;
         drop(tx);
         let mut out = vec![];
         while let Ok(b) = rx.try_recv() {
@@ -816,6 +997,78 @@ mod tests {
         assert!(e.to_string().contains("field 'error'"), "{e}");
         // An empty file is no error.
         assert!(decode_all("").unwrap().is_empty());
+    }
+
+    /// One object per line, UTF-8, at most [`MAX_LINE_BYTES`]; epoch
+    /// milliseconds within chrono's range.
+    #[test]
+    fn a_line_is_one_object() {
+        let ok = "{\"evt\":\"e1\",\"ts\":1,\"level\":\"E\"}";
+        for (text, want) in [
+            (
+                "5",
+                "line 2: not a JSON object per line (NDJSON): the line holds a number",
+            ),
+            ("null", "the line holds null"),
+            ("\"s\"", "the line holds a string"),
+            ("  [1,2]", "the line holds an array"),
+            ("\u{feff}{}", "byte-order mark"),
+            (&format!("{ok} {ok}"), "line 2: more than one JSON object"),
+            (&format!("{ok} 5"), "line 2: more than one JSON object"),
+        ] {
+            let e = decode_all(&format!("{ok}\n{text}\n")).unwrap_err();
+            assert!(e.to_string().contains(want), "{text}: {e}");
+        }
+        // The second object of a line that fills the batch is left unread.
+        let full = format!("{ok}\n").repeat(BATCH_ROWS - 1);
+        let e = decode_all(&format!("{full}{ok}{ok}\n")).unwrap_err();
+        assert!(
+            matches!(e, LogsError::Several { line, .. } if line == BATCH_ROWS as u64),
+            "{e}"
+        );
+        let rows: usize = decode_all(&format!("{full}{ok}\r\n{ok}\n"))
+            .unwrap()
+            .iter()
+            .map(RecordBatch::num_rows)
+            .sum();
+        assert_eq!(rows, BATCH_ROWS + 1);
+        let (tx, _rx) = tokio::sync::mpsc::channel(100);
+        let e = decode(&b"{\"evt\":\"\xff\"}\n"[..], "f", &fields(), &tx, false).unwrap_err();
+        assert_eq!(e.to_string(), "logs file f, line 1: not UTF-8");
+        // The longest line passes; one byte more does not.
+        let line = |n: usize| format!("{{\"evt\":\"{}\",\"ts\":1,\"level\":\"E\"}}", "x".repeat(n));
+        let longest = line(MAX_LINE_BYTES - line(0).len());
+        assert_eq!(longest.len(), MAX_LINE_BYTES);
+        assert_eq!(
+            decode_all(&format!("{longest}\n")).unwrap()[0].num_rows(),
+            1
+        );
+        assert_eq!(decode_all(&longest).unwrap()[0].num_rows(), 1);
+        let e = decode_all(&format!("\n{longest}x\n")).unwrap_err();
+        assert!(matches!(e, LogsError::TooLong { line: 2, .. }), "{e}");
+        // Epoch milliseconds: within chrono's range, as RFC 3339 is.
+        assert_eq!(parse_time("1704103200000"), Some(1_704_103_200_000_000));
+        assert_eq!(parse_time("-1"), Some(-1000));
+        assert_eq!(parse_time("9223372036854775"), None);
+        assert_eq!(parse_time("-9223372036854775"), None);
+    }
+
+    /// `upper(level) IN levels`, ASCII or not.
+    #[test]
+    fn error_levels_are_upper_case_matches() {
+        let levels = ["ERROR".to_string(), "ÉCHEC".into(), "STRASSE".into()];
+        for (level, is) in [
+            ("error", true),
+            ("Error", true),
+            ("errors", false),
+            ("échec", true),
+            ("Straße", true),
+            ("strasse", true),
+            ("echec", false),
+            ("ERROR ", false),
+        ] {
+            assert_eq!(is_error_level(level, &levels), is, "{level}");
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value as Json;
 
-use crate::cli::backfill;
+use crate::cli::{backfill, backfill_in};
 use crate::e2e::{Job, strings};
 use crate::reference::{Config, Ledger, Logs, Value, read_output, read_source};
 
@@ -319,36 +319,107 @@ fn bad_logs_are_named_and_nothing_is_committed() {
     let g = Generated::new(4);
     let dir = g.dir.path().join("bad");
     fs::create_dir(&dir).unwrap();
-    let cases: [(&str, &str, &str, &str); 5] = [
+    let ok_line = "{\"event_id\":\"a\",\"timestamp\":1,\"level\":\"ERROR\"}\n";
+    let gz = |text: &str| {
+        let mut e = flate2::write::GzEncoder::new(vec![], flate2::Compression::fast());
+        e.write_all(text.as_bytes()).unwrap();
+        e.finish().unwrap()
+    };
+    // A gzip file whose deflate stream is damaged past its header.
+    let mut corrupt = gz(&ok_line.repeat(100));
+    let mid = corrupt.len() / 2;
+    corrupt[12..mid].fill(0xff);
+    // One byte past the longest line read.
+    let long = format!(
+        "{ok_line}{{\"event_id\":\"a\",\"timestamp\":1,\"level\":\"INFO\",\"message\":\"{}\"}}\n",
+        "x".repeat(16 << 20)
+    );
+    let mut latin1 = ok_line.as_bytes().to_vec();
+    latin1.extend(b"{\"event_id\":\"caf\xe9\",\"timestamp\":1,\"level\":\"ERROR\"}\n");
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
         (
             "not-json.ndjson",
-            "{\"event_id\":\"a\",\"timestamp\":1,\"level\":\"ERROR\"}\nhello world\n",
+            "{\"event_id\":\"a\",\"timestamp\":1,\"level\":\"ERROR\"}\nhello world\n".into(),
             "",
             "not-json.ndjson, line 2: not a JSON object per line",
         ),
         (
             "bad-time.jsonl",
-            "{\"event_id\":\"a\",\"timestamp\":\"yesterday\",\"level\":\"ERROR\"}\n",
+            "{\"event_id\":\"a\",\"timestamp\":\"yesterday\",\"level\":\"ERROR\"}\n".into(),
             "",
             "bad-time.jsonl, line 1: field 'timestamp' (timestamp) is 'yesterday'",
         ),
         (
             "no-level.jsonl",
-            "{\"event_id\":\"a\",\"timestamp\":1}\n",
+            "{\"event_id\":\"a\",\"timestamp\":1}\n".into(),
             "",
             "no-level.jsonl, line 1: the line names event a but has no 'level' (level)",
         ),
         (
             "mapped.jsonl",
-            "{\"event_id\":\"a\",\"timestamp\":1,\"level\":\"ERROR\"}\n",
+            "{\"event_id\":\"a\",\"timestamp\":1,\"level\":\"ERROR\"}\n".into(),
             "[logs]\nevent_id = \"evt\"\n",
             "mapped.jsonl: no line has the field 'evt' (event_id)",
         ),
         (
             "typo.jsonl",
-            "{\"event_id\":\"a\",\"timestamp\":1,\"level\":\"ERROR\"}\n",
+            "{\"event_id\":\"a\",\"timestamp\":1,\"level\":\"ERROR\"}\n".into(),
             "[logs]\nevent = \"evt\"\n",
             "unknown field `event`",
+        ),
+        (
+            "array.ndjson",
+            format!("{ok_line}[1, 2]\n").into(),
+            "",
+            "array.ndjson, line 2: not a JSON object per line (NDJSON): the line holds an array",
+        ),
+        (
+            "null.ndjson",
+            "\n  null\n".into(),
+            "",
+            "null.ndjson, line 2: not a JSON object",
+        ),
+        (
+            "two.ndjson",
+            format!("{}\n", ok_line.trim_end().repeat(2)).into(),
+            "",
+            "two.ndjson, line 1: more than one JSON object",
+        ),
+        (
+            "latin1.ndjson",
+            latin1,
+            "",
+            "latin1.ndjson, line 2: not UTF-8",
+        ),
+        (
+            "far.ndjson",
+            "{\"event_id\":\"a\",\"timestamp\":9223372036854775,\"level\":\"ERROR\"}\n".into(),
+            "",
+            "far.ndjson, line 1: field 'timestamp' (timestamp) is '9223372036854775'",
+        ),
+        (
+            "long.ndjson",
+            long.into(),
+            "",
+            "long.ndjson: line 2 is longer than 16 MiB",
+        ),
+        (
+            "empty.jsonl.gz",
+            vec![],
+            "",
+            "empty.jsonl.gz: not valid gzip: the file is empty",
+        ),
+        (
+            "plain.jsonl.gz",
+            ok_line.into(),
+            "",
+            "plain.jsonl.gz: not valid gzip: it does not start with gzip's magic bytes",
+        ),
+        (
+            "corrupt.jsonl.gz",
+            corrupt,
+            "",
+            "corrupt.jsonl.gz: not valid gzip: ",
         ),
     ];
     for (name, text, job_text, want) in cases {
@@ -406,7 +477,7 @@ fn bad_logs_are_named_and_nothing_is_committed() {
         "SELECT count(*) FROM logs",
     ])
     .expect_error(2, "q.ndjson");
-    // --contradicted-sink without logs.
+    // --contradicted-sink without logs, and its key in a job file.
     backfill(&[
         "run",
         "--source",
@@ -417,4 +488,194 @@ fn bad_logs_are_named_and_nothing_is_committed() {
         dir.join("c").to_str().unwrap(),
     ])
     .expect_error(2, "--contradicted-sink");
+    let job = dir.join("sink.toml");
+    fs::write(
+        &job,
+        format!("[sinks]\ncontradicted = \"{}\"\n", dir.join("c").display()),
+    )
+    .unwrap();
+    backfill(&[
+        "run",
+        "--job",
+        job.to_str().unwrap(),
+        "--source",
+        g.archive().to_str().unwrap(),
+        "--out",
+        dir.join("o").to_str().unwrap(),
+    ])
+    .expect_error(
+        2,
+        "[sinks] contradicted: contradicted events come from application logs",
+    );
+    // A gzip file cut short is a read that failed (exit 1: it may still
+    // be being written), not a file that is not gzip.
+    let whole = gz(&ok_line.repeat(1000));
+    let cut = dir.join("cut.jsonl.gz");
+    fs::write(&cut, &whole[..whole.len() / 2]).unwrap();
+    let archive = g.archive();
+    let run = |logs: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--source",
+            archive.to_str().unwrap(),
+            "--logs",
+            logs.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        backfill(&args)
+    };
+    run(&cut, &["--out", dir.join("o").to_str().unwrap()])
+        .expect_error(1, "cut.jsonl.gz: cannot read: the gzip stream ends early");
+    // A sink may not be the logs' folder, as it may not be the archive.
+    let logs = dir.join("logs");
+    fs::create_dir(&logs).unwrap();
+    fs::write(logs.join("a.ndjson"), ok_line).unwrap();
+    run(
+        &logs,
+        &[
+            "--out",
+            dir.join("o").to_str().unwrap(),
+            "--contradicted-sink",
+            logs.to_str().unwrap(),
+        ],
+    )
+    .expect_error(
+        2,
+        &format!(
+            "the contradicted sink {} is the logs folder",
+            logs.display()
+        ),
+    );
+    // A URL with user info is named with its glob (after redaction).
+    backfill(&[
+        "sql",
+        "--source",
+        g.archive().to_str().unwrap(),
+        "--logs",
+        "s3://user:secret@bucket/logs/app-*.jsonl",
+        "SELECT count(*) FROM logs",
+    ])
+    .expect_error(
+        2,
+        "'s3://***@bucket/logs/app-*.jsonl': credentials in the URL",
+    );
+}
+
+/// `run` over the generated archive, in its folder (relative paths are
+/// below it), with `--logs` for each of `logs`, then `args`; the report
+/// goes to `report-NAME.json` there.
+fn run_in(g: &Generated, name: &str, logs: &[&str], args: &[&str]) -> crate::cli::Run {
+    let dir = g.dir.path();
+    let report = dir.join(format!("report-{name}.json"));
+    let mut all = strings(&[
+        "run",
+        "--source",
+        g.archive().to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    for l in logs {
+        all.extend(strings(&["--logs", l]));
+    }
+    all.extend(strings(args));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    backfill_in(&all, &[], Some(dir))
+}
+
+/// A file named twice (the folder twice, a glob in it, another spelling
+/// of it) is read once: the same files, lines, error lines and decisions
+/// as the folder named once.
+#[test]
+fn a_file_named_twice_is_read_once() {
+    let g = Generated::new(6);
+    let logs = g.logs();
+    let logs = logs.to_str().unwrap();
+    let report = |name: &str, given: &[&str]| -> Json {
+        run_in(&g, name, given, &["--out", name, "--run-id", name]).ok();
+        self::report(&g.dir.path().join(format!("report-{name}.json")))
+    };
+    let once = report("once", &[logs]);
+    let twice = report("twice", &[logs, logs, "logs/*.ndjson", "./logs/"]);
+    assert!(once["logs"]["error_lines"].as_u64() > Some(0), "{once}");
+    for k in ["replayed", "dead_lettered", "resolved", "contradicted"] {
+        assert_eq!(once[k], twice[k], "{k}: {once}\n{twice}");
+    }
+    assert_eq!(once["logs"], twice["logs"]);
+}
+
+/// `run` and `sql` fold a level's case by one rule (Unicode upper case,
+/// as SQL's `upper`): `échec` and `straße` are `ÉCHEC` and `STRASSE`.
+#[test]
+fn error_levels_fold_case_as_sql_upper_does() {
+    let g = Generated::new(7);
+    let dir = g.dir.path().join("unicode");
+    fs::create_dir(&dir).unwrap();
+    let mut text = String::new();
+    for (i, level) in [
+        "échec", "Échec", "ÉCHEC", "straße", "STRASSE", "info", "ECHEC",
+    ]
+    .iter()
+    .enumerate()
+    {
+        text.push_str(&format!(
+            "{{\"event_id\":\"u{i}\",\"timestamp\":1,\"level\":\"{level}\"}}\n"
+        ));
+    }
+    fs::write(dir.join("app.ndjson"), text).unwrap();
+    let job = dir.join("job.toml");
+    fs::write(
+        &job,
+        format!(
+            "source = \"{}\"\n\n[logs]\npaths = [\"{}\"]\nerror_levels = [\"ÉCHEC\", \"straße\"]\n",
+            g.archive().display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let job = job.to_str().unwrap();
+    let sql = backfill(&[
+        "sql",
+        "--job",
+        job,
+        "--format",
+        "csv",
+        "SELECT sum(error_lines) AS n FROM log_attempts",
+    ]);
+    sql.ok();
+    assert!(sql.stdout.contains("n\n5\n"), "{}", sql.describe());
+    let out = g.dir.path().join("out");
+    run_in(
+        &g,
+        "u",
+        &[],
+        &["--job", job, "--out", out.to_str().unwrap()],
+    )
+    .ok();
+    let r = report(&g.dir.path().join("report-u.json"));
+    assert_eq!(r["logs"]["error_lines"].as_u64(), Some(5), "{r}");
+    assert_eq!(r["logs"]["error_events"].as_u64(), Some(5), "{r}");
+}
+
+/// A committed run id rerun with logs added or dropped is another run:
+/// refused, exit 2, naming `--logs`; with the same logs it is done.
+#[test]
+fn a_rerun_that_adds_or_drops_logs_is_refused() {
+    let g = Generated::new(9);
+    let logs = g.logs();
+    let logs = logs.to_str().unwrap();
+    let run = |id: &str, logs: &[&str]| run_in(&g, id, logs, &["--out", "out", "--run-id", id]);
+    run("plain", &[]).ok();
+    run("plain", &[logs]).expect_error(
+        2,
+        "run id plain was committed with no --logs; this run has logs = ",
+    );
+    run("logged", &[logs]).ok();
+    run("logged", &[]).expect_error(2, "; this run has no --logs;");
+    let again = run("logged", &[logs]);
+    again.ok();
+    assert!(
+        again.stdout.contains("already committed"),
+        "{}",
+        again.describe()
+    );
 }
