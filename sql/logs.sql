@@ -29,6 +29,10 @@ GROUP BY event_id;
 -- level, message, error) and how many there are (log_lines). An event
 -- whose done rows have no event_time is never contradicted.
 --
+-- Times compare in microseconds, the logs' unit: an archive in
+-- nanoseconds cannot hold a log time past 2262 (and a line's time has no
+-- finer part to compare).
+--
 -- The archive side is narrow and joined to the events the logs name
 -- before it is grouped, so only those events' done rows are held; only
 -- events with an error line after their latest done row meet the lines
@@ -45,7 +49,7 @@ WITH processed AS (
     GROUP BY e.event_id
     -- No error line after the latest done row: not contradicted, and no
     -- need to look at its lines again.
-    HAVING max(e.event_time) < max(a.last_error_at)
+    HAVING arrow_cast(max(e.event_time), 'Timestamp(µs, "UTC")') < max(a.last_error_at)
 ),
 later AS (
     SELECT p.event_id, p.key, p.seq, p.processed_at,
@@ -56,7 +60,8 @@ later AS (
                ORDER BY l.log_time, l.level, l.message NULLS LAST, l.error NULLS LAST
            ) AS line_rank
     FROM processed p
-    JOIN logs l ON l.event_id = p.event_id AND l.log_time > p.processed_at
+    JOIN logs l ON l.event_id = p.event_id
+                AND l.log_time > arrow_cast(p.processed_at, 'Timestamp(µs, "UTC")')
     WHERE upper(l.level) IN (SELECT level FROM log_error_levels)
 )
 SELECT event_id, key, seq, processed_at, error_at, level, message, error, log_lines

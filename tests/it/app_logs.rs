@@ -679,3 +679,54 @@ fn a_rerun_that_adds_or_drops_logs_is_refused() {
         again.describe()
     );
 }
+
+/// An archive in nanoseconds and an error line past 2262 (what
+/// nanoseconds can hold): the times compare in microseconds, so the
+/// processed event is contradicted instead of the run failing on a cast.
+#[test]
+fn a_log_time_past_what_nanoseconds_hold_compares_in_microseconds() {
+    use crate::archive::{Archive, Layout, Row};
+    use arrow::datatypes::TimeUnit;
+    let mut a = Archive::new();
+    a.file(
+        "dt=2024-01-01/part-0.parquet",
+        &Layout::default().time(TimeUnit::Nanosecond, Some("UTC")),
+        &[
+            Row::new("e1", "k1", 1, "2024-01-01T01:00:00Z", Some("processed")),
+            Row::new("e2", "k1", 2, "2024-01-01T02:00:00Z", Some("processed")),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    fs::create_dir_all(&logs).unwrap();
+    fs::write(
+        logs.join("w.ndjson"),
+        "{\"event_id\":\"e1\",\"timestamp\":\"3000-01-01T00:00:00Z\",\"level\":\"ERROR\",\"message\":\"late\"}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let run = backfill(&[
+        "run",
+        "--source",
+        &a.source(),
+        "--logs",
+        logs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--run-id",
+        "far",
+        "--progress",
+        "off",
+    ]);
+    run.ok();
+    let got = read_output(&out.join("contradicted"), "far");
+    let ids: Vec<String> = got
+        .rows
+        .iter()
+        .filter_map(|r| match r.get("event_id") {
+            Some(Value::Str(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids, ["e1"], "{}", run.describe());
+}
