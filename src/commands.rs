@@ -93,8 +93,8 @@ pub async fn anomalies(args: AnomaliesArgs) -> Result<(), Error> {
     )?
     .ok_or_else(|| Error::Internal("anomalies: no settings".into()))?;
     let (ctx, scan, _) = prepare_with(&args.scan, scan).await?;
-    crate::detect::volume::register(&ctx, &volume, &scan).await?;
-    crate::detect::volume::count(&ctx).await?;
+    crate::detect::volume::register(&ctx, &volume, scan.from, scan.to).await?;
+    crate::detect::volume::count(&ctx, &volume).await?;
     let df = crate::detect::volume::anomalies(&ctx, &volume, args.all).await?;
     let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
     let batches = df.collect().await?;

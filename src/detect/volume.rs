@@ -9,7 +9,6 @@ use datafusion::dataframe::DataFrame;
 use datafusion::prelude::SessionContext;
 
 use crate::error::Error;
-use crate::job::Scan;
 use crate::job::detect::Volume;
 use crate::source::quoted;
 
@@ -25,7 +24,12 @@ const RESERVED: [&str; 5] = ["idx", "observed", "phase", "ref_idx", "ref_observe
 
 /// Register `volume_settings` and `volume`; an unknown grouping column is
 /// the settings' fault (exit 2), named with its key or flag.
-pub async fn register(ctx: &SessionContext, volume: &Volume, scan: &Scan) -> Result<(), Error> {
+pub async fn register(
+    ctx: &SessionContext,
+    volume: &Volume,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+) -> Result<(), Error> {
     let mut reserved: Vec<&str> = RESERVED.to_vec();
     reserved.push("event_time");
     super::silences::check_columns(ctx, &volume.by, &volume.by_origin, &reserved).await?;
@@ -41,8 +45,8 @@ pub async fn register(ctx: &SessionContext, volume: &Volume, scan: &Scan) -> Res
                 arrow_cast({}, 'Timestamp(µs, \"UTC\")') AS volume_window_end",
         volume.bucket_us,
         volume.threshold,
-        time(scan.from),
-        time(scan.to)
+        time(from),
+        time(to)
     );
     ctx.sql(&settings).await?.collect().await?;
     let sql = with_columns(VOLUME_SQL, &volume.by);
@@ -55,18 +59,26 @@ pub async fn register(ctx: &SessionContext, volume: &Volume, scan: &Scan) -> Res
 }
 
 /// Count the archive's rows per group and bucket (`volume_counts`, the
-/// one pass over the archive) and keep the counts in memory in place of
-/// the view: `volume` reads them several times, and each read of the view
-/// would scan the archive again. Called just before `volume` runs, so that
-/// planning and `--dry-run` read nothing. The counts are small: one row
-/// per group and bucket that has events.
-pub async fn count(ctx: &SessionContext) -> datafusion::error::Result<()> {
+/// one pass over the archive), keep the counts in memory in place of the
+/// view, and create `volume` again over them: it reads them several times,
+/// and each read of the view would scan the archive again. (A view holds
+/// the plans of the tables it named when it was created, so replacing
+/// `volume_counts` alone would change nothing.) Called just before
+/// `volume` runs, so that planning and `--dry-run` read nothing. The
+/// counts are small: one row per group and bucket that has events.
+pub async fn count(ctx: &SessionContext, volume: &Volume) -> datafusion::error::Result<()> {
     let df = ctx.table("volume_counts").await?;
     let schema = df.schema().inner().clone();
     let partitions = df.collect_partitioned().await?;
     let table = datafusion::datasource::MemTable::try_new(schema, partitions)?;
     ctx.deregister_table("volume_counts")?;
     ctx.register_table("volume_counts", std::sync::Arc::new(table))?;
+    let sql = with_columns(VOLUME_SQL, &volume.by);
+    for statement in sql.split_inclusive(";\n") {
+        if statement.contains("VIEW volume AS") {
+            ctx.sql(statement).await?.collect().await?;
+        }
+    }
     Ok(())
 }
 
@@ -94,6 +106,66 @@ pub async fn anomalies(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After [`count`], `volume` reads the counts, not the archive: the
+    /// table under `events` is gone from its plan.
+    #[tokio::test]
+    async fn volume_reads_the_counts_once_counted() {
+        let ctx = SessionContext::new();
+        ctx.sql(
+            "CREATE TABLE raw AS SELECT 's' AS source, \
+             arrow_cast(to_timestamp_micros(h * 3600000000), 'Timestamp(µs, \"UTC\")') AS event_time \
+             FROM (SELECT unnest(generate_series(0, 500)) AS h)",
+        )
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+        ctx.sql("CREATE VIEW events AS SELECT * FROM raw")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let volume = Volume {
+            by: vec!["source".into()],
+            by_origin: "[detect.volume] by".into(),
+            bucket_us: 3_600_000_000,
+            threshold: 5.0,
+        };
+        register(&ctx, &volume, None, None).await.unwrap();
+        let scans = |plan: String| plan.matches("TableScan: raw").count();
+        let plan = |ctx: SessionContext| async move {
+            let df = ctx.table("volume").await.unwrap();
+            let plan = df.into_optimized_plan().unwrap();
+            plan.display_indent().to_string()
+        };
+        let before = scans(plan(ctx.clone()).await);
+        assert!(before >= 1, "{before}");
+        let rows_before: usize = anomalies(&ctx, &volume, true)
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap()
+            .iter()
+            .map(|b| b.num_rows())
+            .sum();
+        count(&ctx, &volume).await.unwrap();
+        assert_eq!(scans(plan(ctx.clone()).await), 0);
+        let rows_after: usize = anomalies(&ctx, &volume, true)
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap()
+            .iter()
+            .map(|b| b.num_rows())
+            .sum();
+        assert_eq!(rows_before, rows_after);
+        assert!(rows_after > 0);
+    }
 
     /// Every grouping place is marked: no bare `key` is left, and no
     /// grouping leaves a dangling comma.

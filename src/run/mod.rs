@@ -179,7 +179,7 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     };
     let anomalies_schema = match &settings.volume {
         Some(v) => {
-            detect::volume::register(&ctx, v, scan).await?;
+            detect::volume::register(&ctx, v, scan.from, scan.to).await?;
             let df = detect::volume::anomalies(&ctx, v, false).await?;
             Some(gaps_output_schema(df.schema().as_arrow(), false))
         }
@@ -725,7 +725,7 @@ async fn execute(
     // Volume anomalies: the flagged buckets, to their sink.
     if let Some(volume) = &settings.volume {
         phases.set("finding volume anomalies");
-        detect::volume::count(ctx).await?;
+        detect::volume::count(ctx, volume).await?;
         let df = detect::volume::anomalies(ctx, volume, false).await?;
         let mut stream = df.execute_stream().await?;
         while let Some(b) = stream.next().await {

@@ -225,7 +225,7 @@ impl Detections {
             }
         }
         if let Some(volume) = &self.volume {
-            match crate::detect::volume::register(ctx, volume, scan).await {
+            match crate::detect::volume::register(ctx, volume, scan.from, scan.to).await {
                 Err(Error::Usage(_)) if !self.volume_configured => {}
                 other => other?,
             }
