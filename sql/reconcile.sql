@@ -31,21 +31,40 @@
 -- `0 /*tolerance*/` is replaced by the job's tolerance (a non-negative
 -- number).
 --
--- Three views, each planned over the one before: `src/reconcile.rs`
--- materializes the first two (the narrow columns of one row per event,
--- then the keys) so that the archive is read and sorted once.
+-- Four views, each planned over the one before: `src/reconcile.rs`
+-- materializes `reconcile_facts` (the narrow columns of one row per
+-- event, computed from `reconcile_rows` in one sort by event id, the
+-- same rule in Rust: DataFusion's windows cost microseconds per
+-- partition, and here every event is one) and `reconcile_scope`, so that
+-- the archive is read and sorted once.
 --
--- reconcile_facts: one row per event with a key as it stood at its key's
--- as_of (the snapshot's; for a key the snapshot lacks, the horizon: the
--- snapshot's latest as_of, a scalar subquery, not a join, which would
--- gather the events into one partition), ranked in one sort by event id.
--- An event is processed at as_of when its first processed row is at or
+-- reconcile_rows: every archived row of an event with a key, with its
+-- key's as_of (the snapshot's; for a key the snapshot lacks, the horizon:
+-- the snapshot's latest as_of, a scalar subquery, not a join, which would
+-- gather the events into one partition).
+CREATE OR REPLACE VIEW reconcile_rows AS
+SELECT e.*,
+       coalesce(s.__bf_as_of, (SELECT max(__bf_as_of) FROM snapshot)) AS __bf_as_of,
+       s.__bf_key IS NOT NULL AS __bf_in_snapshot
+FROM events e LEFT JOIN snapshot s ON e.key = s.__bf_key
+WHERE e.key IS NOT NULL;
+
+-- reconcile_facts: one row per event as it stood at its key's as_of. An
+-- event is processed at as_of when its first processed row is at or
 -- before it (`__bf_done`; a duplicate delivery is one event), unresolved
 -- when its first row is at or before it and it was not processed by then
 -- (an event processed later was unresolved at as_of), and not yet seen
 -- otherwise (left out). The row kept is a processed event's first
 -- processed row, else the chosen row (the highest attempts, the latest
--- event_time, as `unprocessed` chooses).
+-- event_time, as `unprocessed` chooses): the first in the order
+--   backfill_done DESC, CASE WHEN backfill_done THEN event_time END,
+--   coalesce(attempts, 0) DESC, event_time DESC NULLS LAST,
+--   seq NULLS LAST, status, error
+-- (`src/reconcile.rs` sorts by it). Here the window runs in that order
+-- reversed, so that the kept row comes last, where the running minimums
+-- are the event's: a window that streams through the sort, where an
+-- unordered `min(...) OVER (PARTITION BY event_id)` would hold every row
+-- of a partition in memory at once.
 CREATE OR REPLACE VIEW reconcile_facts AS
 SELECT * EXCLUDE (__bf_last, __bf_seen_at, __bf_done_at),
        coalesce(__bf_done_at <= __bf_as_of, false) AS __bf_done
@@ -54,19 +73,7 @@ FROM (
            min(e.event_time) OVER w AS __bf_seen_at,
            min(CASE WHEN e.backfill_done THEN e.event_time END) OVER w AS __bf_done_at,
            lead(1) OVER w IS NULL AS __bf_last
-    FROM (
-        SELECT e.*,
-               coalesce(s.__bf_as_of, (SELECT max(__bf_as_of) FROM snapshot)) AS __bf_as_of,
-               s.__bf_key IS NOT NULL AS __bf_in_snapshot
-        FROM events e LEFT JOIN snapshot s ON e.key = s.__bf_key
-        WHERE e.key IS NOT NULL
-    ) e
-    -- The rank order reversed (the processed rows by time, else the
-    -- highest attempts, the latest event_time, then seq, status and error,
-    -- each flipped): the kept row comes last, where the running minimums
-    -- are the event's. A window that streams through the sort; the
-    -- unordered `min(...) OVER (PARTITION BY event_id)` would hold every
-    -- row of a partition in memory at once.
+    FROM reconcile_rows e
     WINDOW w AS (
         PARTITION BY e.event_id
         ORDER BY e.backfill_done ASC NULLS LAST,

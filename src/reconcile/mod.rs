@@ -30,7 +30,9 @@ use crate::error::Error;
 use crate::job::JobError;
 use crate::location::StorageSettings;
 
-pub const RECONCILE_SQL: &str = include_str!("../sql/reconcile.sql");
+mod facts;
+
+pub const RECONCILE_SQL: &str = include_str!("../../sql/reconcile.sql");
 
 /// The job file's `[reconcile]` section.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -421,13 +423,15 @@ async fn views(
             .collect()
             .await
             .map_err(bad)?;
-        let (name, columns) = match i {
-            0 => ("reconcile_facts", Some(&facts_columns)),
-            1 => ("reconcile_scope", None),
-            _ => continue,
-        };
-        if let Some(dir) = dir {
-            materialize(ctx, name, columns, &dir.join(name)).await?;
+        let Some(dir) = dir else { continue };
+        match i {
+            1 => {
+                let at = dir.join("reconcile_facts");
+                facts::write(ctx, &facts_columns, &at).await?;
+                use_folder(ctx, "reconcile_facts", &at).await?;
+            }
+            2 => materialize(ctx, "reconcile_scope", None, &dir.join("reconcile_scope")).await?,
+            _ => {}
         }
     }
     let df = ctx
@@ -500,10 +504,15 @@ async fn materialize(
         None,
     )
     .await?;
+    use_folder(ctx, name, dir).await
+}
+
+/// Replace the view `name` by the Parquet folder at `dir`.
+async fn use_folder(ctx: &SessionContext, name: &str, dir: &std::path::Path) -> Result<(), Error> {
     ctx.deregister_table(name)?;
     ctx.register_parquet(
         name,
-        &path,
+        &format!("{}/", dir.display()),
         datafusion::prelude::ParquetReadOptions::default(),
     )
     .await?;
@@ -661,11 +670,11 @@ pub async fn reconcile(args: crate::cli::ReconcileArgs) -> Result<u8, Error> {
 mod tests {
     use super::RECONCILE_SQL;
 
-    /// The archive is read once: only `reconcile_facts` names `events`
-    /// (the scope and the judgement read the facts, which the command
-    /// materializes), and it names it once.
+    /// The archive is read once: only `reconcile_rows` names `events` (the
+    /// facts are computed from it in one sort and materialized; the scope
+    /// and the judgement read the facts), and it names it once.
     #[test]
-    fn only_the_facts_read_the_archive_once() {
+    fn only_the_rows_read_the_archive_once() {
         let code: Vec<&str> = RECONCILE_SQL
             .lines()
             .map(|l| l.split("--").next().unwrap_or(""))
@@ -677,15 +686,15 @@ mod tests {
             .collect();
         assert_eq!(
             reads,
-            ["        FROM events e LEFT JOIN snapshot s ON e.key = s.__bf_key"]
+            ["FROM events e LEFT JOIN snapshot s ON e.key = s.__bf_key"]
         );
-        let facts = RECONCILE_SQL
-            .find("VIEW reconcile_facts")
-            .zip(RECONCILE_SQL.find("VIEW reconcile_scope"));
+        let rows = RECONCILE_SQL
+            .find("VIEW reconcile_rows")
+            .zip(RECONCILE_SQL.find("VIEW reconcile_facts"));
         let at = RECONCILE_SQL.find("FROM events e");
         assert!(
-            matches!((facts, at), (Some((f, s)), Some(a)) if f < a && a < s),
-            "the read of events is not in reconcile_facts"
+            matches!((rows, at), (Some((r, f)), Some(a)) if r < a && a < f),
+            "the read of events is not in reconcile_rows"
         );
     }
 }
