@@ -11,6 +11,9 @@
 --                         archive's last event time (in the window), which
 --                         the footers' statistics answer for a whole archive
 --
+-- Times are microseconds whatever the archive's unit (the threshold and
+-- the window's end are).
+--
 -- An event arrives once: several archived rows of one event_id (retries)
 -- count at its earliest event_time, and rows without an event_id of their
 -- own are left out. The group's cadence is the median of the intervals
@@ -20,7 +23,7 @@
 -- single arrival, or a median of 0 (bursts of equal times), gets none.
 CREATE OR REPLACE VIEW silences AS
 WITH arrivals AS (
-    SELECT key /*by*/, event_id, min(event_time) AS event_time
+    SELECT key /*by*/, event_id, arrow_cast(min(event_time), 'Timestamp(µs, "UTC")') AS event_time
     FROM events
     WHERE event_time IS NOT NULL AND NOT backfill_missing_event_id
     GROUP BY key /*by*/, event_id

@@ -13,13 +13,17 @@
 --   volume_window_start  TIMESTAMP  `--from`, or NULL: the first event's bucket
 --   volume_window_end    TIMESTAMP  `--to`, or NULL: the last event's bucket
 --
+-- Times are microseconds whatever the archive's unit (a bucket is in µs).
+--
 -- Two views: `volume_counts` is the one pass over the archive (the rows
 -- per group and bucket); `volume` reads it several times (the grid, each
 -- bucket's references), so the binary materializes it first.
 CREATE OR REPLACE VIEW volume_counts AS
 SELECT key /*by*/, idx, count(*) AS observed
 FROM (
-    SELECT key /*by*/, CAST(event_time AS BIGINT) / (SELECT volume_bucket_us FROM volume_settings) AS idx
+    SELECT key /*by*/,
+           CAST(arrow_cast(event_time, 'Timestamp(µs, "UTC")') AS BIGINT)
+               / (SELECT volume_bucket_us FROM volume_settings) AS idx
     FROM events
     WHERE event_time IS NOT NULL
 ) timed

@@ -423,3 +423,84 @@ fn bad_silence_settings_name_the_key() {
     }
     assert!(!Path::new(out).exists());
 }
+
+/// The same rows with event times in nanoseconds and in microseconds give
+/// the same silences and the same anomalies: the views measure in
+/// microseconds whatever the archive's unit (they once subtracted raw
+/// nanoseconds from a threshold in microseconds, and bucketed a
+/// nanosecond archive in the year 55969).
+#[test]
+fn the_archive_time_unit_changes_nothing() {
+    use crate::archive::{Archive, Layout, Row};
+    use arrow::datatypes::TimeUnit;
+    let start = chrono::DateTime::parse_from_rfc3339("2024-01-01T00:00:00Z")
+        .unwrap()
+        .timestamp();
+    let mut rows = vec![];
+    for key in ["k1", "k2"] {
+        for i in 0..(9 * 24 * 6) {
+            // k1 stops for three hours on day 5, from 10:00.
+            let minutes = i * 10;
+            if key == "k1" && (4 * 1440 + 600..4 * 1440 + 780).contains(&minutes) {
+                continue;
+            }
+            let t = chrono::DateTime::from_timestamp(start + minutes * 60 + 7, 123_456_789)
+                .unwrap()
+                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+            rows.push(Row::new(
+                &format!("{key}-{i}"),
+                key,
+                i,
+                &t,
+                Some("processed"),
+            ));
+        }
+    }
+    let outputs = |unit: TimeUnit| {
+        let mut a = Archive::new();
+        a.file(
+            "dt=2024-01-01/part-0.parquet",
+            &Layout::default().time(unit, Some("UTC")),
+            &rows,
+        );
+        let s = a.source();
+        let silences = backfill(&[
+            "silences",
+            "--source",
+            &s,
+            "--by",
+            "key",
+            "--threshold",
+            "1h",
+            "--format",
+            "csv",
+        ]);
+        silences.ok();
+        let anomalies = backfill(&[
+            "anomalies",
+            "--source",
+            &s,
+            "--by",
+            "key",
+            "--all",
+            "--format",
+            "csv",
+        ]);
+        anomalies.ok();
+        (silences.stdout.clone(), anomalies.stdout.clone())
+    };
+    let (ns_silences, ns_anomalies) = outputs(TimeUnit::Nanosecond);
+    let (us_silences, us_anomalies) = outputs(TimeUnit::Microsecond);
+    assert_eq!(ns_silences, us_silences);
+    assert_eq!(ns_anomalies, us_anomalies);
+    let found: Vec<&str> = us_silences.lines().skip(1).collect();
+    assert_eq!(found.len(), 1, "{us_silences}");
+    assert!(
+        found[0].starts_with("k1,2024-01-05T09:50:07.123456Z,2024-01-05T13:00:07.123456Z,11400.0,"),
+        "{us_silences}"
+    );
+    assert!(
+        us_anomalies.lines().count() > 100 && us_anomalies.contains("k1,2024-01-05T10:00:00Z"),
+        "{us_anomalies}"
+    );
+}
