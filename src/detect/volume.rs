@@ -135,34 +135,28 @@ mod tests {
             threshold: 5.0,
         };
         register(&ctx, &volume, None, None).await.unwrap();
-        let scans = |plan: String| plan.matches("TableScan: raw").count();
-        let plan = |ctx: SessionContext| async move {
-            let df = ctx.table("volume").await.unwrap();
-            let plan = df.into_optimized_plan().unwrap();
-            plan.display_indent().to_string()
+        // The archive's scans in `volume`'s plan, and the rows it gives.
+        let probe = |ctx: SessionContext, volume: Volume| async move {
+            let plan = ctx.table("volume").await.unwrap().into_optimized_plan();
+            let scans = plan
+                .unwrap()
+                .display_indent()
+                .to_string()
+                .matches("TableScan: raw")
+                .count();
+            let batches = anomalies(&ctx, &volume, true)
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+            (scans, batches.iter().map(|b| b.num_rows()).sum::<usize>())
         };
-        let before = scans(plan(ctx.clone()).await);
-        assert!(before >= 1, "{before}");
-        let rows_before: usize = anomalies(&ctx, &volume, true)
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap()
-            .iter()
-            .map(|b| b.num_rows())
-            .sum();
+        let (scans_before, rows_before) = probe(ctx.clone(), volume.clone()).await;
+        assert!(scans_before >= 1, "{scans_before}");
         count(&ctx, &volume).await.unwrap();
-        assert_eq!(scans(plan(ctx.clone()).await), 0);
-        let rows_after: usize = anomalies(&ctx, &volume, true)
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap()
-            .iter()
-            .map(|b| b.num_rows())
-            .sum();
+        let (scans_after, rows_after) = probe(ctx.clone(), volume.clone()).await;
+        assert_eq!(scans_after, 0);
         assert_eq!(rows_before, rows_after);
         assert!(rows_after > 0);
     }
