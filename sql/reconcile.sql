@@ -38,25 +38,31 @@
 -- partition, and here every event is one) and `reconcile_scope`, so that
 -- the archive is read and sorted once.
 --
--- reconcile_rows: every archived row of an event with a key, with its
--- key's as_of (the snapshot's; for a key the snapshot lacks, the horizon:
--- the snapshot's latest as_of, a scalar subquery, not a join, which would
--- gather the events into one partition).
+-- reconcile_rows: every archived row with a key at or before its key's
+-- as_of (the snapshot's; for a key the snapshot lacks, the horizon: the
+-- snapshot's latest as_of, a scalar subquery, not a join, which would
+-- gather the events into one partition). A row written after as_of (a
+-- retry, a later processing, the event under another key) is not what
+-- stood at as_of and plays no part.
 CREATE OR REPLACE VIEW reconcile_rows AS
-SELECT e.*,
-       coalesce(s.__bf_as_of, (SELECT max(__bf_as_of) FROM snapshot)) AS __bf_as_of,
-       s.__bf_key IS NOT NULL AS __bf_in_snapshot
-FROM events e LEFT JOIN snapshot s ON e.key = s.__bf_key
-WHERE e.key IS NOT NULL;
+SELECT * FROM (
+    SELECT e.*,
+           coalesce(s.__bf_as_of, (SELECT max(__bf_as_of) FROM snapshot)) AS __bf_as_of,
+           s.__bf_key IS NOT NULL AS __bf_in_snapshot
+    FROM events e LEFT JOIN snapshot s ON e.key = s.__bf_key
+    WHERE e.key IS NOT NULL
+)
+WHERE event_time <= __bf_as_of;
 
 -- reconcile_facts: one row per event as it stood at its key's as_of. An
 -- event is processed at as_of when its first processed row is at or
 -- before it (`__bf_done`; a duplicate delivery is one event), unresolved
 -- when its first row is at or before it and it was not processed by then
 -- (an event processed later was unresolved at as_of), and not yet seen
--- otherwise (left out). The row kept is a processed event's first
--- processed row, else the chosen row (the highest attempts, the latest
--- event_time, as `unprocessed` chooses): the first in the order
+-- otherwise (left out). The row kept, among the rows up to as_of, is a
+-- processed event's first processed row, else the chosen row (the
+-- highest attempts, the latest event_time, as `unprocessed` chooses): the
+-- first in the order
 --   backfill_done DESC, CASE WHEN backfill_done THEN event_time END,
 --   coalesce(attempts, 0) DESC, event_time DESC NULLS LAST,
 --   seq NULLS LAST, status, error

@@ -21,11 +21,16 @@
 CREATE OR REPLACE VIEW volume_counts AS
 SELECT key /*by*/, idx, count(*) AS observed
 FROM (
-    SELECT key /*by*/,
-           CAST(arrow_cast(event_time, 'Timestamp(µs, "UTC")') AS BIGINT)
-               / (SELECT volume_bucket_us FROM volume_settings) AS idx
-    FROM events
-    WHERE event_time IS NOT NULL
+    -- floor(t / b), exact for times before 1970 too (t / b truncates
+    -- toward zero, which would put the last bucket before 1970 into 1970)
+    SELECT key /*by*/, (t - ((t % b) + b) % b) / b AS idx
+    FROM (
+        SELECT key /*by*/,
+               CAST(arrow_cast(event_time, 'Timestamp(µs, "UTC")') AS BIGINT) AS t,
+               (SELECT volume_bucket_us FROM volume_settings) AS b
+        FROM events
+        WHERE event_time IS NOT NULL
+    ) micros
 ) timed
 GROUP BY key /*by*/, idx;
 
@@ -41,9 +46,12 @@ WITH settings AS (
 -- the window's (`--from`, `--to` exclusive), else the first and the last
 -- event's.
 span AS (
-    SELECT coalesce(CAST(s.volume_window_start AS BIGINT) / s.b, c.first_idx) AS first_idx,
-           coalesce((CAST(s.volume_window_end AS BIGINT) - 1) / s.b, c.last_idx) AS last_idx
+    SELECT coalesce((w.start_us - ((w.start_us % s.b) + s.b) % s.b) / s.b, c.first_idx) AS first_idx,
+           coalesce((w.end_us - ((w.end_us % s.b) + s.b) % s.b) / s.b, c.last_idx) AS last_idx
     FROM settings s
+    CROSS JOIN (SELECT CAST(volume_window_start AS BIGINT) AS start_us,
+                       CAST(volume_window_end AS BIGINT) - 1 AS end_us
+                FROM volume_settings) w
     CROSS JOIN (SELECT min(idx) AS first_idx, max(idx) AS last_idx FROM volume_counts) c
 ),
 -- Weekly references when the buckets cover 4 weeks, else daily ones.

@@ -38,6 +38,31 @@ pub async fn register(
         ctx.register_csv(&raw, loc, CsvReadOptions::new().has_header(true))
             .await
             .map_err(bad)?;
+        // A text column (the key) is read as text, not as the number its
+        // values look like: `007` stays `007`, the archive's key.
+        let inferred = ctx.table(&raw).await?.schema().inner().clone();
+        let fields: Vec<arrow::datatypes::Field> = inferred
+            .fields()
+            .iter()
+            .map(|f| {
+                if columns.iter().any(|c| c.text && c.source == f.name()) {
+                    f.as_ref()
+                        .clone()
+                        .with_data_type(arrow::datatypes::DataType::Utf8)
+                } else {
+                    f.as_ref().clone()
+                }
+            })
+            .collect();
+        let text_schema = arrow::datatypes::Schema::new(fields);
+        ctx.deregister_table(&raw)?;
+        ctx.register_csv(
+            &raw,
+            loc,
+            CsvReadOptions::new().has_header(true).schema(&text_schema),
+        )
+        .await
+        .map_err(bad)?;
     } else {
         ctx.register_parquet(&raw, loc, ParquetReadOptions::default())
             .await

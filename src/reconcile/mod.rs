@@ -686,7 +686,7 @@ mod tests {
             .collect();
         assert_eq!(
             reads,
-            ["FROM events e LEFT JOIN snapshot s ON e.key = s.__bf_key"]
+            ["    FROM events e LEFT JOIN snapshot s ON e.key = s.__bf_key"]
         );
         let rows = RECONCILE_SQL
             .find("VIEW reconcile_rows")

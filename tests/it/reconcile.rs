@@ -398,3 +398,40 @@ fn bad_snapshots_and_settings_are_named_and_exit_2() {
     run(&[&both[..], &["--from", "2024-05-01T05:00:00Z"]].concat()).expect_error(2, "drop --from");
     assert!(!out.join("_state").exists(), "nothing committed");
 }
+
+/// A CSV snapshot's keys are text: `007` is the archive's key `007`, not
+/// the number 7 (which would make one key missing on each side).
+#[test]
+fn csv_keys_that_look_like_numbers_stay_text() {
+    let mut a = Archive::new();
+    a.rows(
+        "dt=2024-01-01/part-0.parquet",
+        &[
+            Row::new("e1", "007", 1, "2024-01-01T01:00:00Z", Some("processed")),
+            Row::new("e2", "007", 2, "2024-01-01T02:00:00Z", Some("processed")),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("snapshot.csv");
+    std::fs::write(&snapshot, "key,value,as_of\n007,2,2024-01-01T12:00:00Z\n").unwrap();
+    let run = backfill(&[
+        "reconcile",
+        "--source",
+        &a.source(),
+        "--snapshot",
+        snapshot.to_str().unwrap(),
+        "--expected",
+        "count(*)",
+        "--all",
+        "--format",
+        "csv",
+    ]);
+    run.ok();
+    let rows: Vec<&str> = run.stdout.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{}", run.stdout);
+    assert!(
+        rows[0].starts_with("007,2024-01-01T12:00:00Z,agree,2,2,0,"),
+        "{}",
+        run.stdout
+    );
+}
