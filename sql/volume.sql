@@ -10,8 +10,8 @@
 -- `volume_settings`, a one-row table the binary registers:
 --   volume_bucket_us     BIGINT     the bucket width (divides a day)
 --   volume_threshold     DOUBLE     |score| above which a bucket is flagged
---   volume_window_start  TIMESTAMP  `--from`, or NULL: the first event's bucket
---   volume_window_end    TIMESTAMP  `--to`, or NULL: the last event's bucket
+--   volume_window_start  TIMESTAMP  `--from`, or NULL: the first event
+--   volume_window_end    TIMESTAMP  `--to`, or NULL: the last event
 --
 -- Times are microseconds whatever the archive's unit (a bucket is in µs).
 --
@@ -19,11 +19,11 @@
 -- per group and bucket); `volume` reads it several times (the grid, each
 -- bucket's references), so the binary materializes it first.
 CREATE OR REPLACE VIEW volume_counts AS
-SELECT key /*by*/, idx, count(*) AS observed
+SELECT key /*by*/, idx, count(*) AS observed, min(t) AS first_us, max(t) AS last_us
 FROM (
     -- floor(t / b), exact for times before 1970 too (t / b truncates
     -- toward zero, which would put the last bucket before 1970 into 1970)
-    SELECT key /*by*/, (t - ((t % b) + b) % b) / b AS idx
+    SELECT key /*by*/, t, (t - ((t % b) + b) % b) / b AS idx
     FROM (
         SELECT key /*by*/,
                CAST(arrow_cast(event_time, 'Timestamp(µs, "UTC")') AS BIGINT) AS t,
@@ -42,17 +42,22 @@ WITH settings AS (
            volume_window_end
     FROM volume_settings
 ),
--- The buckets, numbered from the epoch: bucket i is [i*b, (i+1)*b); from
--- the window's (`--from`, `--to` exclusive), else the first and the last
--- event's.
+-- The buckets, numbered from the epoch: bucket i is [i*b, (i+1)*b). Only
+-- the buckets the window covers whole are counted: from `--from` (else
+-- the first event) to `--to` (exclusive; else just after the last event).
+-- A bucket the window cuts holds part of its events only (the last hour
+-- of a live archive, still filling), and would read as a drop.
 span AS (
-    SELECT coalesce((w.start_us - ((w.start_us % s.b) + s.b) % s.b) / s.b, c.first_idx) AS first_idx,
-           coalesce((w.end_us - ((w.end_us % s.b) + s.b) % s.b) / s.b, c.last_idx) AS last_idx
+    SELECT -((-w.start_us - ((-w.start_us % s.b) + s.b) % s.b) / s.b) AS first_idx,
+           (w.end_us - ((w.end_us % s.b) + s.b) % s.b) / s.b - 1 AS last_idx
     FROM settings s
-    CROSS JOIN (SELECT CAST(volume_window_start AS BIGINT) AS start_us,
-                       CAST(volume_window_end AS BIGINT) - 1 AS end_us
-                FROM volume_settings) w
-    CROSS JOIN (SELECT min(idx) AS first_idx, max(idx) AS last_idx FROM volume_counts) c
+    CROSS JOIN (
+        SELECT coalesce(CAST(v.volume_window_start AS BIGINT), c.first_us) AS start_us,
+               coalesce(CAST(v.volume_window_end AS BIGINT), c.last_us + 1) AS end_us
+        FROM volume_settings v
+        CROSS JOIN (SELECT min(first_us) AS first_us, max(last_us) AS last_us
+                    FROM volume_counts) c
+    ) w
 ),
 -- Weekly references when the buckets cover 4 weeks, else daily ones.
 season AS (
