@@ -345,15 +345,21 @@ pub async fn judge(
     scan: &crate::job::Scan,
 ) -> Result<Judged, Error> {
     let spill = crate::job::spill_dir(scan);
+    // A spill folder like the run's (`crate::spill`): claimed by this
+    // process, so that a reconcile killed before it could remove its
+    // folder leaves one the next run or reconcile sweeps away.
+    crate::spill::sweep(&spill);
+    let cannot = |e: std::io::Error| {
+        Error::Usage(format!(
+            "spill directory {}: cannot create a folder in it: {e}",
+            spill.display()
+        ))
+    };
     let scratch = tempfile::Builder::new()
-        .prefix("backfill-reconcile-")
+        .prefix("backfill-spill-reconcile-")
         .tempdir_in(&spill)
-        .map_err(|e| {
-            Error::Usage(format!(
-                "spill directory {}: cannot create a folder in it: {e}",
-                spill.display()
-            ))
-        })?;
+        .map_err(cannot)?;
+    crate::spill::claim(scratch.path()).map_err(cannot)?;
     let rows = views(ctx, r, Some(scratch.path())).await?.collect().await?;
     let mut counts = Counts::default();
     for b in &rows {

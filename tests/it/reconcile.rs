@@ -435,3 +435,47 @@ fn csv_keys_that_look_like_numbers_stay_text() {
         run.stdout
     );
 }
+
+/// Reconcile's folder in the spill directory is a claimed spill folder: a
+/// reconcile killed before it removed its folder leaves one (its lock
+/// free) that the next reconcile sweeps away, and its own goes at the end.
+#[test]
+fn a_killed_reconciles_folder_is_swept() {
+    let mut a = Archive::new();
+    a.rows(
+        "dt=2024-01-01/part-0.parquet",
+        &[Row::new(
+            "e1",
+            "k",
+            1,
+            "2024-01-01T01:00:00Z",
+            Some("processed"),
+        )],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let spill = dir.path().join("spill");
+    // What a killed reconcile leaves: its folder, the owner's lock file
+    // held by nobody.
+    let stale = spill.join("backfill-spill-reconcile-dead");
+    std::fs::create_dir_all(stale.join("reconcile_facts")).unwrap();
+    std::fs::write(stale.join(".backfill-owner"), "").unwrap();
+    let snapshot = dir.path().join("snapshot.csv");
+    std::fs::write(&snapshot, "key,value,as_of\nk,1,2024-01-01T12:00:00Z\n").unwrap();
+    backfill(&[
+        "reconcile",
+        "--source",
+        &a.source(),
+        "--snapshot",
+        snapshot.to_str().unwrap(),
+        "--expected",
+        "count(*)",
+        "--spill-dir",
+        spill.to_str().unwrap(),
+    ])
+    .ok();
+    let left: Vec<String> = std::fs::read_dir(&spill)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
