@@ -96,11 +96,31 @@ pub async fn anomalies(
     let mut order: Vec<String> = volume.by.iter().map(|c| quoted(c)).collect();
     order.push("bucket_start".into());
     let filter = if all { "" } else { " WHERE flagged" };
-    ctx.sql(&format!(
-        "SELECT * FROM volume{filter} ORDER BY {}",
-        order.join(", ")
-    ))
-    .await
+    // Planned for one partition: past the counts the tables are small (a
+    // row per group and bucket), and DataFusion 55's repartitioning
+    // panics ("partition not used yet") when its spilling meets a memory
+    // limit, as a grid of minute buckets under `--memory-limit 128M` did.
+    // The frame keeps a copy of the session's state as it is now: one
+    // partition for it, the session's own setting back at once.
+    let shared = ctx.state_ref();
+    let was = {
+        let mut state = shared.write();
+        let options = state.config_mut().options_mut();
+        std::mem::replace(&mut options.execution.target_partitions, 1)
+    };
+    let df = ctx
+        .sql(&format!(
+            "SELECT * FROM volume{filter} ORDER BY {}",
+            order.join(", ")
+        ))
+        .await;
+    shared
+        .write()
+        .config_mut()
+        .options_mut()
+        .execution
+        .target_partitions = was;
+    df
 }
 
 #[cfg(test)]
