@@ -28,12 +28,7 @@ pub async fn register(ctx: &SessionContext, scan: &Scan) -> datafusion::error::R
             .await
             .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
     }
-    for statement in LOGS_SQL.split_inclusive(";\n") {
-        if statement.contains("CREATE") {
-            ctx.sql(statement).await?.collect().await?;
-        }
-    }
-    Ok(())
+    super::create_views(ctx, LOGS_SQL, "CREATE").await
 }
 
 /// The run's `log_attempts`: the counts its narrow pass over the logs
@@ -46,14 +41,14 @@ pub async fn use_counts(
 ) -> datafusion::error::Result<()> {
     let batch = counts.log_attempts()?;
     let table = datafusion::datasource::MemTable::try_new(batch.schema(), vec![vec![batch]])?;
-    ctx.deregister_table("log_attempts")?;
-    ctx.register_table("log_attempts", Arc::new(table))?;
-    for statement in LOGS_SQL.split_inclusive(";\n") {
-        if statement.contains("VIEW contradicted") {
-            ctx.sql(statement).await?.collect().await?;
-        }
-    }
-    Ok(())
+    super::swap_in(
+        ctx,
+        "log_attempts",
+        Arc::new(table),
+        LOGS_SQL,
+        "contradicted",
+    )
+    .await
 }
 
 /// The contradicted events, ordered by key, seq and event_id; in a sharded

@@ -135,6 +135,38 @@ async fn exec(ctx: &SessionContext, sql: &str) -> datafusion::error::Result<()> 
     Ok(())
 }
 
+/// Run the statements of a `.sql` file of several (each ending with `;` at
+/// the end of a line) whose text contains `only`: `"CREATE"` for all its
+/// views, `"VIEW x AS"` for one.
+pub(crate) async fn create_views(
+    ctx: &SessionContext,
+    sql: &str,
+    only: &str,
+) -> datafusion::error::Result<()> {
+    for statement in sql.split_inclusive(";\n") {
+        if statement.contains(only) {
+            exec(ctx, statement).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Put `table` in place of the table or view `name`, then create the view
+/// `view` of `sql` again over it. A view holds the plans of the tables it
+/// named when it was created: replacing `name` alone would leave `view`
+/// reading what was there before (a view over the archive, read again).
+pub(crate) async fn swap_in(
+    ctx: &SessionContext,
+    name: &str,
+    table: Arc<dyn datafusion::catalog::TableProvider>,
+    sql: &str,
+    view: &str,
+) -> datafusion::error::Result<()> {
+    ctx.deregister_table(name)?;
+    ctx.register_table(name, table)?;
+    create_views(ctx, sql, &format!("VIEW {view} AS")).await
+}
+
 /// The candidates in output shape: every source column under its source
 /// name and type, then the internal columns, ordered by key, seq, event_id
 /// (the order replays must reach Kafka in).

@@ -49,21 +49,15 @@ pub async fn register(
         time(to)
     );
     ctx.sql(&settings).await?.collect().await?;
-    let sql = with_columns(VOLUME_SQL, &volume.by);
-    for statement in sql.split_inclusive(";\n") {
-        if statement.contains("CREATE") {
-            ctx.sql(statement).await?.collect().await?;
-        }
-    }
+    super::create_views(ctx, &with_columns(VOLUME_SQL, &volume.by), "CREATE").await?;
     Ok(())
 }
 
 /// Count the archive's rows per group and bucket (`volume_counts`, the
-/// one pass over the archive), keep the counts in memory in place of the
-/// view, and create `volume` again over them: it reads them several times,
-/// and each read of the view would scan the archive again. (A view holds
-/// the plans of the tables it named when it was created, so replacing
-/// `volume_counts` alone would change nothing.) Called just before
+/// one pass over the archive) and keep the counts in memory in place of the
+/// view, `volume` created again over them ([`super::swap_in`]): it reads
+/// them several times, and each read of the view would scan the archive
+/// again. Called just before
 /// `volume` runs, so that planning and `--dry-run` read nothing. The
 /// counts are small: one row per group and bucket that has events.
 pub async fn count(ctx: &SessionContext, volume: &Volume) -> datafusion::error::Result<()> {
@@ -71,15 +65,14 @@ pub async fn count(ctx: &SessionContext, volume: &Volume) -> datafusion::error::
     let schema = df.schema().inner().clone();
     let partitions = df.collect_partitioned().await?;
     let table = datafusion::datasource::MemTable::try_new(schema, partitions)?;
-    ctx.deregister_table("volume_counts")?;
-    ctx.register_table("volume_counts", std::sync::Arc::new(table))?;
-    let sql = with_columns(VOLUME_SQL, &volume.by);
-    for statement in sql.split_inclusive(";\n") {
-        if statement.contains("VIEW volume AS") {
-            ctx.sql(statement).await?.collect().await?;
-        }
-    }
-    Ok(())
+    super::swap_in(
+        ctx,
+        "volume_counts",
+        std::sync::Arc::new(table),
+        &with_columns(VOLUME_SQL, &volume.by),
+        "volume",
+    )
+    .await
 }
 
 fn with_columns(sql: &str, columns: &[String]) -> String {
