@@ -360,17 +360,8 @@ mod tests {
             let ctx = session(seed, unit).await;
             let want = rows(&ctx, "reconcile_facts").await;
             let dir = tempfile::tempdir().unwrap();
-            let columns: Vec<String> = [
-                "key",
-                "event_id",
-                "seq",
-                "__bf_done",
-                "__bf_as_of",
-                "__bf_in_snapshot",
-                "amount",
-            ]
-            .map(String::from)
-            .to_vec();
+            let mut columns: Vec<String> = super::super::FACT_COLUMNS.map(String::from).to_vec();
+            columns.push("amount".into());
             write(&ctx, &columns, dir.path()).await.unwrap();
             ctx.register_parquet(
                 "swept",

@@ -32,6 +32,17 @@ use crate::location::StorageSettings;
 
 mod facts;
 
+/// The columns of `reconcile_facts` the scope and the judgement read,
+/// before those of the expected aggregate.
+const FACT_COLUMNS: [&str; 6] = [
+    "key",
+    "event_id",
+    "seq",
+    "__bf_done",
+    "__bf_as_of",
+    "__bf_in_snapshot",
+];
+
 pub const RECONCILE_SQL: &str = include_str!("../../sql/reconcile.sql");
 
 /// The job file's `[reconcile]` section.
@@ -400,17 +411,7 @@ async fn views(
             e.strip_backtrace().lines().next().unwrap_or_default()
         ))
     };
-    let mut facts_columns: Vec<String> = [
-        "key",
-        "event_id",
-        "seq",
-        "__bf_done",
-        "__bf_as_of",
-        "__bf_in_snapshot",
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect();
+    let mut facts_columns: Vec<String> = FACT_COLUMNS.into_iter().map(String::from).collect();
     for c in expression_columns(ctx, r).await? {
         if !facts_columns.contains(&c) {
             facts_columns.push(c);

@@ -399,21 +399,32 @@ fn bad_snapshots_and_settings_are_named_and_exit_2() {
     assert!(!out.join("_state").exists(), "nothing committed");
 }
 
+/// An archive of `n` processed events of `key` on 2024-01-01 and a CSV
+/// snapshot in `dir` saying the downstream holds `n` of them at noon.
+fn one_key(dir: &std::path::Path, key: &str, n: i64) -> (Archive, std::path::PathBuf) {
+    let mut a = Archive::new();
+    let rows: Vec<Row> = (1..=n)
+        .map(|i| {
+            let time = format!("2024-01-01T0{i}:00:00Z");
+            Row::new(&format!("e{i}"), key, i, &time, Some("processed"))
+        })
+        .collect();
+    a.rows("dt=2024-01-01/part-0.parquet", &rows);
+    let snapshot = dir.join("snapshot.csv");
+    std::fs::write(
+        &snapshot,
+        format!("key,value,as_of\n{key},{n},2024-01-01T12:00:00Z\n"),
+    )
+    .unwrap();
+    (a, snapshot)
+}
+
 /// A CSV snapshot's keys are text: `007` is the archive's key `007`, not
 /// the number 7 (which would make one key missing on each side).
 #[test]
 fn csv_keys_that_look_like_numbers_stay_text() {
-    let mut a = Archive::new();
-    a.rows(
-        "dt=2024-01-01/part-0.parquet",
-        &[
-            Row::new("e1", "007", 1, "2024-01-01T01:00:00Z", Some("processed")),
-            Row::new("e2", "007", 2, "2024-01-01T02:00:00Z", Some("processed")),
-        ],
-    );
     let dir = tempfile::tempdir().unwrap();
-    let snapshot = dir.path().join("snapshot.csv");
-    std::fs::write(&snapshot, "key,value,as_of\n007,2,2024-01-01T12:00:00Z\n").unwrap();
+    let (a, snapshot) = one_key(dir.path(), "007", 2);
     let run = backfill(&[
         "reconcile",
         "--source",
@@ -441,26 +452,14 @@ fn csv_keys_that_look_like_numbers_stay_text() {
 /// free) that the next reconcile sweeps away, and its own goes at the end.
 #[test]
 fn a_killed_reconciles_folder_is_swept() {
-    let mut a = Archive::new();
-    a.rows(
-        "dt=2024-01-01/part-0.parquet",
-        &[Row::new(
-            "e1",
-            "k",
-            1,
-            "2024-01-01T01:00:00Z",
-            Some("processed"),
-        )],
-    );
     let dir = tempfile::tempdir().unwrap();
+    let (a, snapshot) = one_key(dir.path(), "k", 1);
     let spill = dir.path().join("spill");
     // What a killed reconcile leaves: its folder, the owner's lock file
     // held by nobody.
     let stale = spill.join("backfill-spill-reconcile-dead");
     std::fs::create_dir_all(stale.join("reconcile_facts")).unwrap();
     std::fs::write(stale.join(".backfill-owner"), "").unwrap();
-    let snapshot = dir.path().join("snapshot.csv");
-    std::fs::write(&snapshot, "key,value,as_of\nk,1,2024-01-01T12:00:00Z\n").unwrap();
     backfill(&[
         "reconcile",
         "--source",
