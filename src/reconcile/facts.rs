@@ -96,30 +96,45 @@ struct Columns {
     carried: usize,
 }
 
-/// The event being swept: the batch and row of its first (kept) row, and
-/// the minimum event time of its rows so far.
+/// The event being swept: where its first (kept) row is, what that row
+/// says, and the minimum event time of its rows so far.
 struct Group {
-    batch: RecordBatch,
-    /// The batch's number in the stream.
-    seq: u64,
+    /// The kept row in the batch being swept, while `carried` is None.
     row: usize,
+    /// The kept row alone, once the batch it is in has ended with the
+    /// event still open.
+    carried: Option<RecordBatch>,
     id: String,
     seen: Option<i128>,
+    as_of: Option<i128>,
+    /// The kept row's event time when it is a processed row: the event's
+    /// first processed row, as the kept row comes first.
+    done_at: Option<i128>,
+}
+
+impl Group {
+    /// Whether the event is kept (it was seen by its as_of), and then
+    /// whether it was processed by then.
+    fn kept(&self) -> Option<bool> {
+        let as_of = self.as_of?;
+        if self.seen? > as_of {
+            return None;
+        }
+        Some(self.done_at.is_some_and(|d| d <= as_of))
+    }
 }
 
 #[derive(Default)]
 struct Sweep {
     group: Option<Group>,
-    batches: u64,
 }
 
 impl Sweep {
     /// The kept rows of the events this batch ends.
     fn batch(&mut self, b: &RecordBatch, c: &Columns, out: &SchemaRef) -> Result<Vec<RecordBatch>> {
-        self.batches += 1;
-        let seq = self.batches;
         let ids = cast(b.column(c.id), &DataType::Utf8)?;
         let ids = ids.as_string::<i32>();
+        let done = b.column(c.done).as_boolean();
         let mut here: (Vec<u32>, Vec<bool>) = (vec![], vec![]);
         let mut earlier = vec![];
         for r in 0..b.num_rows() {
@@ -133,22 +148,31 @@ impl Sweep {
                 _ => {}
             }
             if let Some(g) = self.group.take()
-                && let Some(done) = kept(&g, c)
+                && let Some(kept_done) = g.kept()
             {
-                if g.seq == seq {
-                    here.0.push(g.row as u32);
-                    here.1.push(done);
-                } else {
-                    earlier.push(rows(&g.batch, vec![g.row as u32], vec![done], c, out)?);
+                match &g.carried {
+                    None => {
+                        here.0.push(g.row as u32);
+                        here.1.push(kept_done);
+                    }
+                    Some(one) => earlier.push(rows(one, vec![0], vec![kept_done], c, out)?),
                 }
             }
+            let row_done = done.is_valid(r) && done.value(r);
             self.group = Some(Group {
-                batch: b.clone(),
-                seq,
                 row: r,
+                carried: None,
                 id: id.to_string(),
                 seen: t,
+                as_of: nanos(b.column(c.as_of), r),
+                done_at: if row_done { t } else { None },
             });
+        }
+        // The event still open keeps its kept row past this batch.
+        if let Some(g) = &mut self.group
+            && g.carried.is_none()
+        {
+            g.carried = Some(b.slice(g.row, 1));
         }
         if !here.0.is_empty() {
             earlier.push(rows(b, here.0, here.1, c, out)?);
@@ -158,38 +182,14 @@ impl Sweep {
 
     /// The last event's kept row, if it is kept.
     fn finish(&mut self, c: &Columns, out: &SchemaRef) -> Result<Option<RecordBatch>> {
-        match self.group.take() {
-            Some(g) => match kept(&g, c) {
-                Some(done) => Ok(Some(rows(
-                    &g.batch,
-                    vec![g.row as u32],
-                    vec![done],
-                    c,
-                    out,
-                )?)),
-                None => Ok(None),
-            },
-            None => Ok(None),
+        let Some(g) = self.group.take() else {
+            return Ok(None);
+        };
+        match (g.kept(), &g.carried) {
+            (Some(done), Some(one)) => Ok(Some(rows(one, vec![0], vec![done], c, out)?)),
+            _ => Ok(None),
         }
     }
-}
-
-/// Whether the event is kept (it was seen by its as_of), and then whether
-/// it was processed by then (its kept row is a processed row at or before
-/// as_of: the first processed row, when it has one).
-fn kept(g: &Group, c: &Columns) -> Option<bool> {
-    let as_of = nanos(g.batch.column(c.as_of), g.row)?;
-    if g.seen? > as_of {
-        return None;
-    }
-    let done_row = g.batch.column(c.done).as_boolean();
-    let row_done = done_row.is_valid(g.row) && done_row.value(g.row);
-    let done_at = if row_done {
-        nanos(g.batch.column(c.time), g.row)
-    } else {
-        None
-    };
-    Some(done_at.is_some_and(|d| d <= as_of))
 }
 
 /// The kept columns of `rows` of `b`, with `__bf_done`.
@@ -249,7 +249,7 @@ mod tests {
     /// time, NULL times, attempts and seqs, processed rows before and
     /// after the snapshot's as_of, an event under two keys, a key the
     /// snapshot lacks, and event times in `unit`.
-    async fn session(seed: u64, unit: &str) -> SessionContext {
+    async fn session(seed: u64, unit: &str, batch_rows: usize) -> SessionContext {
         let mut x = seed | 1;
         let mut next = |n: u64| {
             x ^= x << 13;
@@ -291,7 +291,9 @@ mod tests {
                 ));
             }
         }
-        let ctx = SessionContext::new();
+        let ctx = SessionContext::new_with_config(
+            datafusion::prelude::SessionConfig::new().with_batch_size(batch_rows),
+        );
         for sql in [
             format!(
                 "CREATE TABLE raw (event_id VARCHAR, \"key\" VARCHAR, seq BIGINT, t VARCHAR, \
@@ -356,8 +358,15 @@ mod tests {
 
     #[tokio::test]
     async fn the_sweep_keeps_what_the_view_keeps() {
-        for (seed, unit) in [(1, "µs"), (7, "ns"), (42, "ms"), (99, "s")] {
-            let ctx = session(seed, unit).await;
+        // Batches of 3 rows: events straddle batches, their kept row
+        // carried past the batch it is in.
+        for (seed, unit, batch_rows) in [
+            (1, "µs", 8192),
+            (7, "ns", 3),
+            (42, "ms", 8192),
+            (99, "s", 3),
+        ] {
+            let ctx = session(seed, unit, batch_rows).await;
             let want = rows(&ctx, "reconcile_facts").await;
             let dir = tempfile::tempdir().unwrap();
             let mut columns: Vec<String> = super::super::FACT_COLUMNS.map(String::from).to_vec();
