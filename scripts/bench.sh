@@ -7,6 +7,7 @@
 #   scripts/bench.sh                          # 1M, 10M, 50M events
 #   SIZES=10000000 ROUNDS=1 scripts/bench.sh  # one size, one round
 #   SKIP_KAFKA=1 scripts/bench.sh             # the scan/decide part only
+#   SKIP_CLUSTER=1 scripts/bench.sh           # without the cluster-mode comparison
 #   BENCH_BIN=path/to/backfill scripts/bench.sh  # no build, that binary
 #
 # Per size and round: backfill run (default memory limit), the same run
@@ -157,6 +158,13 @@ for n in sorted({r["events"] for r in rows if r["name"].startswith("logs-")}):
     print(f"logs, {n} events: run {nl:.2f}s, run --logs {lg:.2f}s (+{lg - nl:.2f}s), "
           f"{med('logs', n, 'peak_rss_mib')} MiB peak")
 PY
+
+# Cluster mode (issue 10): on the 10M archive, or the largest measured.
+if [ -z "${SKIP_CLUSTER:-}" ]; then
+  CEVENTS="${CLUSTER_EVENTS:-10000000}"
+  [ -d "$WORK/archive-$CEVENTS" ] || CEVENTS=$(echo $SIZES | tr ' ' '\n' | sort -n | tail -1)
+  BIN="$BIN" ARCHIVE="$WORK/archive-$CEVENTS" WORK="$WORK/cluster" scripts/bench-cluster.sh | tee "$RESULTS/cluster.txt"
+fi
 
 if [ -z "${SKIP_KAFKA:-}" ] && [ -x scripts/bench-kafka.sh ]; then
   scripts/bench-kafka.sh

@@ -130,6 +130,10 @@ pub enum Command {
     State(StateArgs),
     /// Work with run reports: merge the reports of shard runs into one.
     Report(ReportArgs),
+    /// Serve a Ballista scheduler for `--cluster` runs.
+    Scheduler(SchedulerArgs),
+    /// Serve a Ballista executor: register with a scheduler, run its tasks.
+    Executor(ExecutorArgs),
     /// Print a completion script for SHELL: `source <(backfill completions bash)`.
     Completions(CompletionsArgs),
     /// Print a man page (roff): `backfill man | man -l -`, `backfill man run`.
@@ -241,6 +245,102 @@ pub struct ScanArgs {
     /// Progress on stderr.
     #[arg(long, value_enum, default_value_t = Progress::Auto, env = "BACKFILL_PROGRESS")]
     pub progress: Progress,
+    /// Run the detection plan on a Ballista cluster: its scheduler's
+    /// address, df://HOST:PORT (`backfill scheduler`, `backfill executor`).
+    #[arg(long, value_name = "URL", env = "BACKFILL_CLUSTER")]
+    pub cluster: Option<String>,
+    /// In cluster mode, local paths (archive, state) are the same on every
+    /// executor (a shared file system): read them there instead of refusing.
+    #[arg(long, env = "BACKFILL_CLUSTER_SHARED_FS", value_parser = BoolishValueParser::new())]
+    pub cluster_shared_fs: bool,
+}
+
+/// `backfill scheduler`: a Ballista scheduler for `--cluster` runs.
+#[derive(Debug, Clone, Args)]
+pub struct SchedulerArgs {
+    /// Address to listen on (0.0.0.0:50050 to take executors and clients
+    /// from other machines; there is no authentication: keep it inside
+    /// the cluster's network).
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        default_value = "127.0.0.1:50050",
+        env = "BACKFILL_SCHEDULER_BIND"
+    )]
+    pub bind: String,
+    /// The host executors and clients reach it at (default: the bind host).
+    #[arg(long, value_name = "HOST", env = "BACKFILL_SCHEDULER_EXTERNAL_HOST")]
+    pub external_host: Option<String>,
+    /// An executor silent this long is dead: its tasks run again elsewhere
+    /// (and a query waits this long for a first executor). A few of the
+    /// executors' --heartbeat-interval.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 180,
+        env = "BACKFILL_SCHEDULER_EXECUTOR_TIMEOUT"
+    )]
+    pub executor_timeout: u64,
+}
+
+/// `backfill executor`: a Ballista executor that registers with a scheduler.
+#[derive(Debug, Clone, Args)]
+pub struct ExecutorArgs {
+    /// The scheduler, df://HOST:PORT.
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "df://127.0.0.1:50050",
+        env = "BACKFILL_EXECUTOR_SCHEDULER"
+    )]
+    pub scheduler: String,
+    /// Address the executor's services listen on.
+    #[arg(
+        long,
+        value_name = "HOST",
+        default_value = "127.0.0.1",
+        env = "BACKFILL_EXECUTOR_BIND"
+    )]
+    pub bind: String,
+    /// The host the scheduler and other executors reach it at (default:
+    /// the bind host).
+    #[arg(long, value_name = "HOST", env = "BACKFILL_EXECUTOR_EXTERNAL_HOST")]
+    pub external_host: Option<String>,
+    /// Port of its Arrow Flight service (shuffle reads, results).
+    #[arg(
+        long,
+        value_name = "PORT",
+        default_value_t = 50051,
+        env = "BACKFILL_EXECUTOR_PORT"
+    )]
+    pub port: u16,
+    /// Port of its gRPC service.
+    #[arg(
+        long,
+        value_name = "PORT",
+        default_value_t = 50052,
+        env = "BACKFILL_EXECUTOR_GRPC_PORT"
+    )]
+    pub grpc_port: u16,
+    /// Tasks run at once (default: the cores).
+    #[arg(long, value_name = "N", env = "BACKFILL_EXECUTOR_CONCURRENT_TASKS")]
+    pub concurrent_tasks: Option<usize>,
+    /// Directory for shuffle files (default: a temporary one).
+    #[arg(long, value_name = "DIR", env = "BACKFILL_EXECUTOR_WORK_DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// Seconds between its heartbeats to the scheduler (keep the
+    /// scheduler's --executor-timeout a few of them).
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 60,
+        env = "BACKFILL_EXECUTOR_HEARTBEAT_INTERVAL"
+    )]
+    pub heartbeat_interval: u64,
+    /// Memory pool shared by its tasks, e.g. 4G (default: Ballista's, a
+    /// share of the machine's).
+    #[arg(long, value_name = "SIZE", env = "BACKFILL_EXECUTOR_MEMORY_LIMIT")]
+    pub memory_limit: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -54,6 +54,7 @@ pub async fn gaps(args: GapsArgs) -> Result<(), Error> {
 /// `backfill silences`: the silences alone, printed as `gaps` prints.
 pub async fn silences(args: SilencesArgs) -> Result<(), Error> {
     let (scan, job) = job::scan_settings(&args.scan)?;
+    job::no_cluster(&args.scan, &scan, "silences")?;
     let file = job.detect.as_ref().and_then(|d| d.silence.as_ref());
     let silence = job::detect::silence(
         file,
@@ -78,6 +79,7 @@ pub async fn silences(args: SilencesArgs) -> Result<(), Error> {
 /// scored bucket), printed as `gaps` prints.
 pub async fn anomalies(args: AnomaliesArgs) -> Result<(), Error> {
     let (scan, job) = job::scan_settings(&args.scan)?;
+    job::no_cluster(&args.scan, &scan, "anomalies")?;
     let file = job.detect.as_ref().and_then(|d| d.volume.as_ref());
     let volume = job::detect::volume(
         file,

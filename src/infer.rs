@@ -98,6 +98,7 @@ pub async fn report(
 /// `backfill infer`.
 pub async fn infer(args: InferArgs) -> Result<(), Error> {
     let (mut scan, job) = crate::job::scan_settings(&args.scan)?;
+    crate::job::no_cluster(&args.scan, &scan, "infer")?;
     if scan.from.is_none() || scan.to.is_none() {
         return Err(Error::Usage(
             "infer: give the interval between the snapshots: --from T1 (the first snapshot's time) and --to T2".into(),

@@ -54,6 +54,10 @@ pub struct JobFile {
     pub source: Option<OneOrMany>,
     /// Output root: replay/, dlq/, gaps/ and _state/ go below it.
     pub out: Option<String>,
+    /// Run the detection plan on a Ballista cluster (df://HOST:PORT).
+    pub cluster: Option<String>,
+    /// In cluster mode, local paths are the same on every executor.
+    pub cluster_shared_fs: Option<bool>,
     /// Where the ledger and run manifests live (default `<out>/_state`).
     pub state: Option<String>,
     /// Window start, RFC 3339, inclusive.
@@ -260,6 +264,25 @@ impl Columns {
     }
 }
 
+/// `command` runs in-process only: `--cluster` (or `cluster` in the job
+/// file) is refused, naming it.
+pub fn no_cluster(args: &ScanArgs, scan: &Scan, command: &str) -> Result<(), JobError> {
+    if scan.cluster.is_none() {
+        return Ok(());
+    }
+    let flag = if args.cluster.is_some() {
+        "--cluster"
+    } else {
+        "cluster"
+    };
+    Err(invalid(
+        flag,
+        format!(
+            "`backfill {command}` does not run on a cluster yet (run, gaps, sql and explain do): run it without one"
+        ),
+    ))
+}
+
 /// Validated settings for reading and detecting (every subcommand but generate).
 #[derive(Debug, Clone)]
 pub struct Scan {
@@ -296,6 +319,9 @@ pub struct Scan {
     pub recover_from: Option<String>,
     /// `--logs` / `[logs]`: application logs as evidence; `None`: none.
     pub logs: Option<crate::source::logs::LogSettings>,
+    /// `--cluster` / `cluster`: the Ballista scheduler the plans run on;
+    /// `None`: in-process.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 /// Validated settings of `backfill run`.
@@ -750,6 +776,19 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
             )
         })?;
     }
+    let cluster = match (args.cluster.as_deref(), job.cluster.as_deref()) {
+        (Some(u), _) => {
+            Some(crate::cluster::Cluster::parse(u).map_err(|m| invalid("--cluster", m))?)
+        }
+        (None, Some(u)) => {
+            Some(crate::cluster::Cluster::parse(u).map_err(|m| invalid("cluster", m))?)
+        }
+        (None, None) => None,
+    }
+    .map(|mut c| {
+        c.shared_fs = args.cluster_shared_fs || job.cluster_shared_fs.unwrap_or(false);
+        c
+    });
     Ok(Scan {
         sources,
         from,
@@ -768,6 +807,7 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
         gap_barrier: !args.no_gaps && job.detect_gaps.unwrap_or(true),
         recover_from: None,
         logs: log_settings(args, job)?,
+        cluster,
     })
 }
 
@@ -1028,6 +1068,46 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
         }
     }
     scan.recover_from = recover_from;
+    if scan.cluster.is_some() {
+        let flag = if args.scan.cluster.is_some() {
+            "--cluster"
+        } else {
+            "cluster"
+        };
+        // What the views on a cluster do not cover yet: each is planned
+        // in-process over data the executors cannot see (the logs' counts,
+        // a Kafka topic's reads, the snapshot's facts) or needs the
+        // one-pass detection (shards, recovery).
+        let refused = [
+            (
+                scan.shard.is_some(),
+                "--shard splits a run into independent runs; a cluster splits one run across executors: use one or the other",
+            ),
+            (
+                scan.recover_from.is_some(),
+                "--recover-from (recover_from) reads Kafka from this machine and is not supported on a cluster yet: run it in-process",
+            ),
+            (
+                scan.logs.is_some(),
+                "--logs ([logs]) is not supported on a cluster yet: run it in-process",
+            ),
+            (
+                silence.is_some() || volume.is_some(),
+                "silences and volume anomalies are not supported on a cluster yet: run them in-process (`backfill silences`, `backfill anomalies`)",
+            ),
+            (
+                reconcile.is_some(),
+                "reconciliation is not supported on a cluster yet: run it in-process (`backfill reconcile`)",
+            ),
+            (
+                scan.sources.iter().any(|s| s.starts_with("kafka://")),
+                "a kafka:// source is read by this machine, not the executors: not supported on a cluster yet",
+            ),
+        ];
+        if let Some((_, why)) = refused.iter().find(|(on, _)| *on) {
+            return Err(invalid(flag, *why));
+        }
+    }
     // Outputs written into the archive must not be read back as events.
     scan.exclude = [
         &out,

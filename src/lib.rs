@@ -7,6 +7,7 @@
 //! (outputs) → [`state`] (ledger + manifest, the commit) → [`report`].
 
 pub mod cli;
+pub mod cluster;
 pub mod commands;
 pub mod detect;
 pub mod error;

@@ -28,6 +28,13 @@ pub const FILTER_VAR: &str = "BACKFILL_LOG";
 const OURS: [&str; 2] = ["event_backfill", "backfill"];
 const STORE_RETRIES: &str = "object_store::client::retry";
 const RDKAFKA_ECHO: &str = "rdkafka::client";
+/// Ballista's crates, kept below trace ([`filter`]).
+const BALLISTA: [&str; 4] = [
+    "ballista",
+    "ballista_core",
+    "ballista_scheduler",
+    "ballista_executor",
+];
 
 /// What [`init`] settled on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +110,14 @@ pub fn filter(spec: Option<&str>, default: &str, progress: bool) -> Result<EnvFi
     };
     if progress {
         directives.push_str(&format!(",{}=info", crate::progress::TARGET));
+    }
+    if directives.to_ascii_lowercase().contains("trace") {
+        // Ballista prints a query's session options at trace level, and
+        // with them `backfill.storage`, credentials included, before this
+        // process has parsed them (and so before redaction knows them).
+        for t in BALLISTA {
+            directives.push_str(&format!(",{t}=debug"));
+        }
     }
     EnvFilter::builder()
         .with_regex(false)

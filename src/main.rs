@@ -424,6 +424,12 @@ async fn dispatch(cmd: Command) -> Result<u8, Error> {
             Ok(code)
         }
         Command::Report(a) => commands::report(a.command).map(|_| EXIT_OK),
+        Command::Scheduler(a) => event_backfill::cluster::serve::scheduler(a)
+            .await
+            .map(|_| EXIT_OK),
+        Command::Executor(a) => event_backfill::cluster::serve::executor(a)
+            .await
+            .map(|_| EXIT_OK),
         Command::Completions(a) => completions(a.shell).map(|_| EXIT_OK),
         Command::Man(a) => man_page(&a.command).map(|_| EXIT_OK),
     }

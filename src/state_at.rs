@@ -259,6 +259,7 @@ pub async fn state_at(args: StateAtArgs) -> Result<(), Error> {
     // bound in the column's unit does the rest.
     let after_t = at + chrono::Duration::nanoseconds(1);
     let (mut scan, job) = crate::job::scan_settings(&scan_args)?;
+    crate::job::no_cluster(&scan_args, &scan, "state-at")?;
     if let Some(to) = scan.to
         && to <= at
     {

@@ -255,7 +255,29 @@ pub async fn explain(
     if scan.logs.is_some() {
         plans.push(("contradicted (logs)", logs::contradicted(ctx, scan).await?));
     }
+    let on_cluster = crate::source::on_cluster(ctx);
     for (name, df) in plans {
+        if on_cluster {
+            // The scheduler's answer to EXPLAIN: the physical plan and its
+            // stages (what each executor task runs, where they shuffle).
+            out.push_str(&format!("== {name} ==\n"));
+            for b in df.explain(false, false)?.collect().await? {
+                use arrow::array::AsArray;
+                let (kinds, texts) = (
+                    b.column(0).as_string::<i32>(),
+                    b.column(1).as_string::<i32>(),
+                );
+                for i in 0..b.num_rows() {
+                    let kind = kinds.value(i);
+                    if kind.contains("logical") {
+                        continue;
+                    }
+                    out.push_str(&format!("-- {kind}\n{}\n", texts.value(i).trim_end()));
+                }
+            }
+            out.push('\n');
+            continue;
+        }
         let plan = df.create_physical_plan().await?;
         out.push_str(&format!("== {name} ==\n"));
         out.push_str(&displayable(plan.as_ref()).indent(true).to_string());
@@ -292,6 +314,7 @@ mod tests {
                 fields: Default::default(),
                 error_levels: vec!["ERROR".into()],
             }),
+            cluster: None,
         };
         assert!(candidates_sql(&scan).contains("FROM conflicts WHERE false"));
         assert!(!candidates_sql(&scan).contains("FROM gaps WHERE false"));

@@ -3249,6 +3249,7 @@ mod tests {
             gap_barrier: true,
             recover_from: None,
             logs: None,
+            cluster: None,
         }
     }
 

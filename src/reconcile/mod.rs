@@ -610,6 +610,7 @@ impl Counts {
 /// `backfill reconcile`.
 pub async fn reconcile(args: crate::cli::ReconcileArgs) -> Result<u8, Error> {
     let (mut scan, job) = crate::job::scan_settings(&args.scan)?;
+    crate::job::no_cluster(&args.scan, &scan, "reconcile")?;
     let out = args.out.clone().or(job.out.clone());
     let target = out
         .as_ref()

@@ -58,6 +58,104 @@ fn nonce() -> String {
     )
 }
 
+/// What the scan found: by the one-pass detection in-process, or by the
+/// `sql/` views on a cluster (`--cluster`), which decide the same.
+enum Found {
+    Here(Box<detect::onepass::Detection>),
+    Cluster(crate::cluster::Detection),
+}
+
+/// The figures of [`Found`] the report takes.
+struct FoundFigures {
+    rows: u64,
+    events: u64,
+    conflicts: u64,
+    spilled_bytes: u64,
+    narrow_ms: u64,
+    buckets_ms: u64,
+    generations: u64,
+    candidates: u64,
+}
+
+impl Found {
+    fn figures(&self) -> FoundFigures {
+        match self {
+            Found::Here(d) => FoundFigures {
+                rows: d.rows,
+                events: d.events,
+                conflicts: d.conflicts,
+                spilled_bytes: d.spilled_bytes,
+                narrow_ms: d.narrow_ms,
+                buckets_ms: d.buckets_ms,
+                generations: d.generations,
+                candidates: d.candidates,
+            },
+            Found::Cluster(d) => FoundFigures {
+                rows: d.rows,
+                events: d.events,
+                conflicts: d.conflicts,
+                spilled_bytes: 0,
+                narrow_ms: d.count_ms,
+                buckets_ms: 0,
+                generations: 1,
+                candidates: 0,
+            },
+        }
+    }
+
+    fn narrow_plan(&self) -> &dyn datafusion::physical_plan::ExecutionPlan {
+        match self {
+            Found::Here(d) => d.narrow_plan.as_ref(),
+            Found::Cluster(d) => d.plan.as_ref(),
+        }
+    }
+
+    /// The one-pass detection, which `--recover-from` works with (refused
+    /// with `--cluster`).
+    fn here(&mut self) -> Result<&mut detect::onepass::Detection, Error> {
+        match self {
+            Found::Here(d) => Ok(d),
+            Found::Cluster(_) => Err(Error::Internal(
+                "a cluster run has no in-process detection".into(),
+            )),
+        }
+    }
+
+    async fn gaps(
+        &self,
+        ctx: &SessionContext,
+    ) -> datafusion::error::Result<datafusion::physical_plan::SendableRecordBatchStream> {
+        match self {
+            Found::Here(d) => d.gaps(ctx).await,
+            Found::Cluster(_) => detect::gaps(ctx).await?.execute_stream().await,
+        }
+    }
+
+    async fn fetch(
+        &self,
+        ctx: &SessionContext,
+    ) -> datafusion::error::Result<datafusion::dataframe::DataFrame> {
+        match self {
+            Found::Here(d) => d.fetch(ctx).await,
+            Found::Cluster(_) => ctx.table("candidates").await,
+        }
+    }
+
+    fn check_fetched(&self) -> datafusion::error::Result<()> {
+        match self {
+            Found::Here(d) => d.check_fetched(),
+            Found::Cluster(_) => Ok(()),
+        }
+    }
+
+    fn fetch_metrics(&self) -> datafusion::error::Result<detect::ScanMetrics> {
+        match self {
+            Found::Here(d) => d.fetch_metrics(),
+            Found::Cluster(_) => Ok(detect::ScanMetrics::default()),
+        }
+    }
+}
+
 pub(super) struct OpenSink {
     kind: SinkKind,
     sink: Box<dyn Sink>,
@@ -77,6 +175,8 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
     };
 
     let state = State::new(location::resolve(&settings.state, &scan.storage)?);
+    // The executors read the ledger's files.
+    source::check_cluster_reads(scan, &state.loc, "state (its ledger)")?;
     report.state = Some(state.loc.original.clone());
     // A state that cannot be written is the settings' fault (exit 2), found
     // before anything is read; a dry run, a scheduler's preflight, too.
@@ -577,23 +677,31 @@ async fn execute(
         positioned,
         logged,
     };
-    let mut detection = detect::onepass::detect(
-        ctx,
-        &settings.scan,
-        shape,
-        &spill_dir,
-        plan.gaps_view_schema.clone(),
-        phases.rows_bar(est_rows),
-    )
-    .await
-    .map_err(|e| spill_full(e, &spill_dir))?;
+    let mut detection = if source::on_cluster(ctx) {
+        // The views themselves, planned by the cluster's scheduler.
+        Found::Cluster(crate::cluster::Detection::count(ctx, &settings.scan).await?)
+    } else {
+        Found::Here(Box::new(
+            detect::onepass::detect(
+                ctx,
+                &settings.scan,
+                shape,
+                &spill_dir,
+                plan.gaps_view_schema.clone(),
+                phases.rows_bar(est_rows),
+            )
+            .await
+            .map_err(|e| spill_full(e, &spill_dir))?,
+        ))
+    };
     let mut scan_metrics = detect::ScanMetrics::default();
-    scan_metrics.add(detection.narrow_plan.as_ref());
-    report.rows = detection.rows;
-    report.events = detection.events;
-    report.spilled_bytes = detection.spilled_bytes;
+    scan_metrics.add(detection.narrow_plan());
+    let detection_figures = detection.figures();
+    report.rows = detection_figures.rows;
+    report.events = detection_figures.events;
+    report.spilled_bytes = detection_figures.spilled_bytes;
     if settings.scan.detect_conflicts {
-        report.conflicts = detection.conflicts;
+        report.conflicts = detection_figures.conflicts;
     }
     lap(report, "scan");
     let narrow_bytes = scan_metrics.bytes_scanned;
@@ -623,10 +731,10 @@ async fn execute(
     );
     report
         .phase_ms
-        .insert("scan_narrow".into(), detection.narrow_ms);
+        .insert("scan_narrow".into(), detection_figures.narrow_ms);
     report
         .phase_ms
-        .insert("scan_buckets".into(), detection.buckets_ms);
+        .insert("scan_buckets".into(), detection_figures.buckets_ms);
 
     // Gaps: to their sink.
     let mut recovered = None;
@@ -776,19 +884,21 @@ async fn execute(
     // written yet, so a crash here is a crash during the scan): between the
     // two scans, where a test rewrites the archive under the run.
     failpoint::hit("between_scans").await?;
-    if detection.generations > 1 {
+    if detection_figures.generations > 1 {
         tracing::info!(
-            generations = detection.generations,
+            generations = detection_figures.generations,
             "the table of {} unresolved events is larger than half the memory pool: the fetch reads the archive in {} passes, one per part of it",
-            human::count(detection.candidates),
-            detection.generations
+            human::count(detection_figures.candidates),
+            detection_figures.generations
         );
     }
     if let Some(r) = &recovered {
         // Only a gap that stays open holds its key: the barrier moves to
         // the first seq the topic did not give back.
         if settings.scan.gap_barrier {
-            detection.reset_first_gaps(r.first_missing.iter().cloned())?;
+            detection
+                .here()?
+                .reset_first_gaps(r.first_missing.iter().cloned())?;
         }
         report.events += r.decided();
     }
@@ -798,7 +908,7 @@ async fn execute(
     {
         // The recovered events join the archive's candidates before the one
         // sort, so that a key's replays reach the sinks in seq order.
-        let (schema, rows) = r.candidates(fetched.schema().as_arrow(), &detection)?;
+        let (schema, rows) = r.candidates(fetched.schema().as_arrow(), detection.here()?)?;
         let table = datafusion::datasource::MemTable::try_new(schema, vec![rows])?;
         fetched = fetched.union(ctx.read_table(Arc::new(table))?)?;
     }

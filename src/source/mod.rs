@@ -115,6 +115,10 @@ pub enum SourceError {
     Kafka(#[from] crate::kafka::KafkaError),
     #[error("query engine: {0}")]
     DataFusion(#[from] datafusion::error::DataFusionError),
+    /// The cluster of `--cluster` does not answer (exit 1: it may be back
+    /// for a retry).
+    #[error("{0}")]
+    Cluster(String),
 }
 
 impl SourceError {
@@ -348,14 +352,49 @@ pub fn session(scan: &Scan) -> Result<SessionContext, SourceError> {
     for dir in runtime.disk_manager.temp_dir_paths() {
         let _ = crate::spill::claim(&dir);
     }
-    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    let ctx = match &scan.cluster {
+        Some(cluster) => SessionContext::new_with_state(crate::cluster::client_state(
+            cluster,
+            config,
+            runtime,
+            &scan.storage,
+        )?),
+        None => SessionContext::new_with_config_rt(config, runtime),
+    };
     ctx.register_udf(crate::shard::udf());
     Ok(ctx)
+}
+
+/// The session plans on a cluster (`--cluster`).
+pub fn on_cluster(ctx: &SessionContext) -> bool {
+    ctx.state()
+        .config()
+        .options()
+        .extensions
+        .get::<crate::cluster::ClusterOptions>()
+        .is_some()
+}
+
+/// In cluster mode, a location the executors must read: refused when it
+/// is on this machine's disk, unless every executor sees the same paths.
+pub fn check_cluster_reads(scan: &Scan, loc: &Location, what: &str) -> Result<(), SourceError> {
+    match &scan.cluster {
+        Some(c) if loc.is_local && !c.shared_fs => Err(SourceError::Unsupported {
+            location: loc.original.clone(),
+            message: format!(
+                "the {what} is on this machine's disk, and a cluster's executors read it themselves: put it in an object store (s3://, gs://, az://), or pass --cluster-shared-fs (cluster_shared_fs = true) if every executor sees the same path"
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// List, footer-read, merge and validate the archive; register `archive`
 /// and `events` in `ctx`.
 pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, SourceError> {
+    if let Some(cluster) = &scan.cluster {
+        cluster.probe().await.map_err(SourceError::Cluster)?;
+    }
     let listing_started = std::time::Instant::now();
     let mut all_files = Vec::new();
     let mut stats = ScanStats::default();
@@ -368,6 +407,7 @@ pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, Sour
             continue;
         }
         let loc = location::resolve(src, &scan.storage)?;
+        check_cluster_reads(scan, &loc, "archive")?;
         loc.register(ctx);
         let excluded = excluded_prefixes(&loc, &scan.exclude, &scan.storage)?;
         let mut listing =
@@ -553,7 +593,7 @@ pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, Sour
 
 /// The `archive` table over an explicit file list and the merged schema.
 fn archive_table(
-    _ctx: &SessionContext,
+    ctx: &SessionContext,
     schema: &SchemaRef,
     files: &[ArchiveFile],
     positions: Option<datafusion::logical_expr::ScalarUDF>,
@@ -572,6 +612,12 @@ fn archive_table(
         .with_listing_options(options)
         .with_schema(schema.clone());
     let listing = Arc::new(ListingTable::try_new(config)?);
+    if on_cluster(ctx) && positions.is_none() {
+        // A listing table travels to the cluster as its file list; the
+        // wrapper that names a failing file would not (stock DataFusion
+        // cannot serialize it): a cluster's scan errors name the stage.
+        return Ok(listing);
+    }
     let named = files
         .iter()
         .map(|f| named::NamedFile {
@@ -1417,14 +1463,10 @@ pub(crate) fn events_frame(
             if let Some(v) = scan.to.and_then(|t| widen(t, true)) {
                 df = df.filter(time().lt(lit(v)))?;
             }
-            let udf = datafusion::logical_expr::ScalarUDF::new_from_impl(InWindow {
-                from: value(&from).as_ref().and_then(timestamp_value),
-                to: value(&to).as_ref().and_then(timestamp_value),
-                signature: datafusion::logical_expr::Signature::any(
-                    1,
-                    datafusion::logical_expr::Volatility::Immutable,
-                ),
-            });
+            let udf = in_window_udf(
+                value(&from).as_ref().and_then(timestamp_value),
+                value(&to).as_ref().and_then(timestamp_value),
+            );
             df = df.filter(udf.call(vec![time()]))?;
         }
     }
@@ -1514,6 +1556,28 @@ fn timestamp_value(v: &ScalarValue) -> Option<i64> {
         | ScalarValue::TimestampNanosecond(v, _) => *v,
         _ => None,
     }
+}
+
+/// `backfill_in_window(t)`: `from <= t < to` in the archive's unit, as
+/// [`InWindow`] (a cluster's codec rebuilds it from its bounds).
+pub fn in_window_udf(from: Option<i64>, to: Option<i64>) -> datafusion::logical_expr::ScalarUDF {
+    datafusion::logical_expr::ScalarUDF::new_from_impl(InWindow {
+        from,
+        to,
+        signature: datafusion::logical_expr::Signature::any(
+            1,
+            datafusion::logical_expr::Volatility::Immutable,
+        ),
+    })
+}
+
+/// The bounds of a [`in_window_udf`] function; None for any other.
+pub fn in_window_bounds(
+    udf: &datafusion::logical_expr::ScalarUDF,
+) -> Option<(Option<i64>, Option<i64>)> {
+    udf.inner()
+        .downcast_ref::<InWindow>()
+        .map(|w| (w.from, w.to))
 }
 
 /// `backfill_in_window(event_time)`: the exact window over the raw values

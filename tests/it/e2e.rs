@@ -522,7 +522,7 @@ const FROM: &str = "2024-01-01T00:00:00Z";
 const TO: &str = "2024-01-03T00:00:00Z";
 
 /// Every tricky case, spread over files with different schemas.
-fn tricky_archive() -> Archive {
+pub(crate) fn tricky_archive() -> Archive {
     let mut a = Archive::new();
     let failed = Some("failed");
     let done = Some("processed");
@@ -654,7 +654,7 @@ fn tricky_config() -> Config {
     }
 }
 
-fn tricky_flags() -> Vec<String> {
+pub(crate) fn tricky_flags() -> Vec<String> {
     strings(&[
         "--from",
         FROM,

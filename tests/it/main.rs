@@ -6,6 +6,7 @@ mod archive;
 mod bad_input;
 mod barrier;
 mod cli;
+mod cluster;
 mod commit;
 mod compact;
 mod crash;

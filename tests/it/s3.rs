@@ -34,14 +34,14 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Endpoint and credentials, as the binary gets them: the standard AWS
 /// environment variables.
 #[derive(Clone, Debug)]
-struct S3Env {
+pub(crate) struct S3Env {
     endpoint: String,
     access_key: String,
     secret_key: String,
 }
 
 impl S3Env {
-    fn of(s: &S3Server) -> S3Env {
+    pub(crate) fn of(s: &S3Server) -> S3Env {
         S3Env {
             endpoint: s.endpoint.clone(),
             access_key: s.access_key.clone(),
@@ -56,7 +56,7 @@ impl S3Env {
         }
     }
 
-    fn vars(&self) -> Vec<(String, String)> {
+    pub(crate) fn vars(&self) -> Vec<(String, String)> {
         vec![
             ("AWS_ENDPOINT_URL".into(), self.endpoint.clone()),
             ("AWS_ACCESS_KEY_ID".into(), self.access_key.clone()),
@@ -157,12 +157,12 @@ impl Drop for Spawned {
 }
 
 /// Run the binary against `env` and wait for it.
-fn bf(env: &S3Env, args: &[&str]) -> Run {
+pub(crate) fn bf(env: &S3Env, args: &[&str]) -> Run {
     Spawned::start(args, &env.vars()).wait()
 }
 
 /// `backfill generate` straight into a location.
-fn generate(env: &S3Env, out: &str, events: u64, keys: u64, seed: u64, days: u32) {
+pub(crate) fn generate(env: &S3Env, out: &str, events: u64, keys: u64, seed: u64, days: u32) {
     bf(
         env,
         &[
@@ -183,19 +183,19 @@ fn generate(env: &S3Env, out: &str, events: u64, keys: u64, seed: u64, days: u32
 }
 
 /// A fresh bucket on the shared server.
-fn bucket(s3: &S3Server, prefix: &str) -> String {
+pub(crate) fn bucket(s3: &S3Server, prefix: &str) -> String {
     let name = services::unique_name(prefix).to_ascii_lowercase();
     s3.create_bucket(&name);
     name
 }
 
-fn read_json(path: &Path) -> Json {
+pub(crate) fn read_json(path: &Path) -> Json {
     let text =
         std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
 }
 
-fn num(report: &Json, key: &str) -> u64 {
+pub(crate) fn num(report: &Json, key: &str) -> u64 {
     report
         .get(key)
         .and_then(Json::as_u64)
@@ -204,7 +204,7 @@ fn num(report: &Json, key: &str) -> u64 {
 
 /// The report's counts, without what legitimately differs between two
 /// places or two runs: timing, where the outputs and state went.
-fn counts(report: &Json, also_drop: &[&str]) -> BTreeMap<String, Json> {
+pub(crate) fn counts(report: &Json, also_drop: &[&str]) -> BTreeMap<String, Json> {
     let mut m: BTreeMap<String, Json> = report
         .as_object()
         .expect("the report is a JSON object")
@@ -237,7 +237,7 @@ const SCAN_FIGURES: &[&str] = &[
 
 /// One sink's rows of one run, without the columns that name the run
 /// (`backfill_run_id`, `backfill_detected_at`), in a canonical order.
-fn rows(sink_dir: &Path, run_id: &str) -> Vec<Record> {
+pub(crate) fn rows(sink_dir: &Path, run_id: &str) -> Vec<Record> {
     let mut rows: Vec<Record> = read_output(sink_dir, run_id)
         .rows
         .into_iter()
@@ -252,7 +252,7 @@ fn rows(sink_dir: &Path, run_id: &str) -> Vec<Record> {
 }
 
 /// Compare replay, DLQ and gap rows of two output roots.
-fn assert_same_rows(a: &Path, run_a: &str, b: &Path, run_b: &str) {
+pub(crate) fn assert_same_rows(a: &Path, run_a: &str, b: &Path, run_b: &str) {
     for sink in ["replay", "dlq", "gaps"] {
         let (ra, rb) = (rows(&a.join(sink), run_a), rows(&b.join(sink), run_b));
         assert!(!ra.is_empty(), "{sink} of {} is empty", a.display());
@@ -278,7 +278,7 @@ fn assert_same_rows(a: &Path, run_a: &str, b: &Path, run_b: &str) {
 }
 
 /// Every file below `dir`, as paths relative to it.
-fn files_below(dir: &Path) -> BTreeSet<String> {
+pub(crate) fn files_below(dir: &Path) -> BTreeSet<String> {
     fn walk(base: &Path, dir: &Path, out: &mut BTreeSet<String>) {
         let Ok(rd) = std::fs::read_dir(dir) else {
             return;
@@ -299,7 +299,7 @@ fn files_below(dir: &Path) -> BTreeSet<String> {
 
 /// The committed runs under a state folder on the server's disk, as
 /// `<run_id>.json`, in log order.
-fn manifests(state_dir: &Path) -> Vec<String> {
+pub(crate) fn manifests(state_dir: &Path) -> Vec<String> {
     crate::e2e::manifests(state_dir)
         .iter()
         .filter_map(|p| {
@@ -319,7 +319,7 @@ fn manifest_json(state_dir: &Path, run_id: &str) -> Json {
     })
 }
 
-fn error_lines(run: &Run) -> Vec<&str> {
+pub(crate) fn error_lines(run: &Run) -> Vec<&str> {
     run.stderr_lines()
         .into_iter()
         .filter(|l| l.starts_with("error:"))
@@ -328,7 +328,7 @@ fn error_lines(run: &Run) -> Vec<&str> {
 
 /// Exactly one `error:` line, and nothing else on stderr but warnings.
 #[track_caller]
-fn the_error_line(run: &Run) -> String {
+pub(crate) fn the_error_line(run: &Run) -> String {
     let errors = error_lines(run);
     assert_eq!(
         errors.len(),
@@ -347,7 +347,7 @@ fn the_error_line(run: &Run) -> String {
 }
 
 /// A job file in `dir`.
-fn job_file(dir: &Path, name: &str, text: &str) -> String {
+pub(crate) fn job_file(dir: &Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
     p.display().to_string()
@@ -828,7 +828,12 @@ fn s3_with_archive(
 }
 
 /// `run --source SOURCE --out OUT --run-id RUN_ID --report REPORT`.
-fn run_args<'a>(source: &'a str, out: &'a str, run_id: &'a str, report: &'a Path) -> Vec<&'a str> {
+pub(crate) fn run_args<'a>(
+    source: &'a str,
+    out: &'a str,
+    run_id: &'a str,
+    report: &'a Path,
+) -> Vec<&'a str> {
     vec![
         "run",
         "--source",

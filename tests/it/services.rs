@@ -437,6 +437,120 @@ pub fn start_redis_private() -> RedisServer {
     RedisServer::start_on(free_port())
 }
 
+/// A Ballista cluster of this binary's own `backfill scheduler` and
+/// `backfill executor` processes on 127.0.0.1. The executors start
+/// without any `AWS_*` variable: what they read from S3 they read with the
+/// settings the client's query carries.
+pub struct BallistaCluster {
+    /// `df://127.0.0.1:PORT`.
+    pub url: String,
+    scheduler: Option<Watched>,
+    executors: Vec<Option<Watched>>,
+}
+
+impl BallistaCluster {
+    /// A scheduler that declares an executor dead after
+    /// `executor_timeout` seconds of silence, and `executors` executors of
+    /// two task slots each, beating three times as often.
+    pub fn start(executors: usize, executor_timeout: u64) -> BallistaCluster {
+        let bin = Path::new(env!("CARGO_BIN_EXE_backfill"));
+        let port = free_port();
+        let args = vec![
+            "scheduler".to_string(),
+            "--bind".into(),
+            format!("127.0.0.1:{port}"),
+            "--executor-timeout".into(),
+            executor_timeout.to_string(),
+            "--log-level".into(),
+            "info".into(),
+        ];
+        let scheduler = Watched::spawn(
+            "backfill scheduler",
+            bin,
+            &args,
+            port,
+            scratch_dir("scheduler"),
+        );
+        let url = format!("df://127.0.0.1:{port}");
+        // Three heartbeats per timeout: a live executor is never taken
+        // for dead.
+        let heartbeat = (executor_timeout / 3).max(1);
+        let executors = (0..executors)
+            .map(|_| {
+                let (flight, grpc) = (free_port(), free_port());
+                let dir = scratch_dir("executor");
+                let work = dir.join("work");
+                std::fs::create_dir_all(&work).expect("executor work dir");
+                let mut args: Vec<String> = [
+                    "AWS_ACCESS_KEY_ID",
+                    "AWS_SECRET_ACCESS_KEY",
+                    "AWS_ENDPOINT_URL",
+                    "AWS_REGION",
+                    "AWS_ALLOW_HTTP",
+                    "AWS_SESSION_TOKEN",
+                ]
+                .iter()
+                .flat_map(|v| ["-u".to_string(), v.to_string()])
+                .collect();
+                args.extend([
+                    bin.display().to_string(),
+                    "executor".into(),
+                    "--scheduler".into(),
+                    url.clone(),
+                    "--port".into(),
+                    flight.to_string(),
+                    "--grpc-port".into(),
+                    grpc.to_string(),
+                    "--concurrent-tasks".into(),
+                    "2".into(),
+                    "--heartbeat-interval".into(),
+                    heartbeat.to_string(),
+                    "--work-dir".into(),
+                    work.display().to_string(),
+                    "--log-level".into(),
+                    "warn,event_backfill=info,ballista_executor=info".into(),
+                ]);
+                Some(Watched::spawn(
+                    "backfill executor",
+                    Path::new("/usr/bin/env"),
+                    &args,
+                    flight,
+                    dir,
+                ))
+            })
+            .collect();
+        BallistaCluster {
+            url,
+            scheduler: Some(scheduler),
+            executors,
+        }
+    }
+
+    /// Kill executor `i` (SIGKILL).
+    pub fn kill_executor(&mut self, i: usize) {
+        if let Some(mut e) = self.executors[i].take() {
+            e.kill();
+        }
+    }
+
+    /// The last lines of every process's log.
+    pub fn log_tail(&self) -> String {
+        std::iter::once(&self.scheduler)
+            .chain(self.executors.iter())
+            .flatten()
+            .map(|w| format!("--- {}\n{}", w.name, w.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+static CLUSTER: OnceLock<BallistaCluster> = OnceLock::new();
+
+/// The shared cluster (a scheduler and two executors), started on first use.
+pub fn cluster() -> &'static BallistaCluster {
+    CLUSTER.get_or_init(|| BallistaCluster::start(2, 180))
+}
+
 static KAFKA: OnceLock<KafkaServer> = OnceLock::new();
 static S3: OnceLock<S3Server> = OnceLock::new();
 

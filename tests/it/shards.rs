@@ -86,7 +86,7 @@ fn generate(dir: &Path, seed: &str) {
 /// unsharded run on each state, decides the same again (the ledger of the
 /// shards is the unsharded run's), and a third round as two shards too.
 #[test]
-fn three_shards_are_the_unsharded_run_event_by_event() {
+fn one_three_and_seven_shards_are_the_unsharded_run_event_by_event() {
     let archive = tempfile::tempdir().unwrap();
     generate(archive.path(), "5");
     let work = tempfile::tempdir().unwrap();
@@ -106,7 +106,9 @@ fn three_shards_are_the_unsharded_run_event_by_event() {
         run(&args).ok();
         report
     };
-    for (round, n) in [("r1", 3), ("r2", 0), ("r3", 2)] {
+    // N = 3, unsharded, 2, 7 and 1, on one state each side: every round
+    // also reads the ledger the earlier rounds left.
+    for (round, n) in [("r1", 3), ("r2", 0), ("r3", 2), ("r4", 7), ("r5", 1)] {
         let whole_report = report(&go(&whole, round, &[]));
         let (ids, reports): (Vec<String>, Vec<std::path::PathBuf>) = if n == 0 {
             (vec![round.to_string()], vec![go(&sharded, round, &[])])

@@ -1,0 +1,348 @@
+//! Cluster mode against a real Ballista cluster: a `backfill scheduler`
+//! and two `backfill executor` processes on 127.0.0.1 (services), the
+//! archive and the state on s3s-fs. The executors start without any
+//! `AWS_*` variable: they read S3 with what the client's query carries.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::cli::Run;
+use crate::s3::{
+    S3Env, Spawned, assert_same_rows, bf, bucket, counts, generate, manifests, num, read_json,
+    rows, run_args, the_error_line,
+};
+use crate::services::{self, BallistaCluster};
+
+/// Report fields a cluster cannot fill as the in-process run does: the
+/// executors' scan metrics stay on the executors, nothing spills on the
+/// client.
+const NOT_COMPARED: [&str; 3] = ["bytes_scanned", "row_groups_pruned", "spilled_bytes"];
+
+fn with_cluster<'a>(mut args: Vec<&'a str>, url: &'a str) -> Vec<&'a str> {
+    args.extend(["--cluster", url]);
+    args
+}
+
+/// The same archive, in-process and on the cluster, twice (the second run
+/// reads the first one's ledger from S3 on the executors): the same
+/// replays, dead letters and gaps, row for row, and the same report.
+#[test]
+fn a_cluster_run_is_the_in_process_run_event_by_event() {
+    let s3 = services::s3();
+    let cluster = services::cluster();
+    let env = S3Env::of(s3);
+    let b = bucket(s3, "cluster-run");
+    generate(&env, &format!("s3://{b}/archive"), 4000, 40, 21, 3);
+    let work = tempfile::tempdir().unwrap();
+    let src = format!("s3://{b}/archive/");
+    for run_id in ["first", "second"] {
+        let (here, there) = (format!("s3://{b}/here"), format!("s3://{b}/there"));
+        let (hr, tr) = (
+            work.path().join(format!("here-{run_id}.json")),
+            work.path().join(format!("there-{run_id}.json")),
+        );
+        bf(&env, &run_args(&src, &here, run_id, &hr)).ok();
+        let on_cluster = bf(
+            &env,
+            &with_cluster(run_args(&src, &there, run_id, &tr), &cluster.url),
+        );
+        assert_eq!(
+            on_cluster.code,
+            Some(0),
+            "{}\n{}",
+            on_cluster.describe(),
+            cluster.log_tail()
+        );
+        let (h, t) = (read_json(&hr), read_json(&tr));
+        assert_eq!(
+            counts(&h, &NOT_COMPARED),
+            counts(&t, &NOT_COMPARED),
+            "reports differ for {run_id}"
+        );
+        assert!(
+            num(&t, "replayed") > 0 && num(&t, "dead_lettered") > 0,
+            "{t}"
+        );
+        assert!(num(&t, "gaps") > 0 && num(&t, "conflicts") > 0, "{t}");
+        let root = s3.root.join(&b);
+        assert_same_rows(&root.join("here"), run_id, &root.join("there"), run_id);
+    }
+    let second = read_json(&work.path().join("there-second.json"));
+    assert!(num(&second, "skipped_dead_lettered") > 0, "{second}");
+    assert_eq!(
+        manifests(&s3.root.join(&b).join("there/_state")),
+        vec!["first.json".to_string(), "second.json".to_string()]
+    );
+    // A rerun of a committed id writes nothing, on the cluster too.
+    let again = bf(
+        &env,
+        &with_cluster(
+            run_args(
+                &src,
+                &format!("s3://{b}/there"),
+                "second",
+                &work.path().join("r.json"),
+            ),
+            &cluster.url,
+        ),
+    );
+    again.ok();
+}
+
+/// Copy a folder tree (an archive made on local disk) into a bucket.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+/// The e2e suite's tricky archive (files of four schemas: reordered
+/// columns, Int32 seq and attempts, ms, µs and ns times, an empty file,
+/// files outside the window) with its exact window bounds, whose
+/// comparison on mixed units is our own function: the cluster decides as
+/// in-process, twice over the ledger.
+#[test]
+fn schema_merge_and_exact_windows_on_a_cluster() {
+    let s3 = services::s3();
+    let cluster = services::cluster();
+    let env = S3Env::of(s3);
+    let b = bucket(s3, "cluster-tricky");
+    let archive = crate::e2e::tricky_archive();
+    copy_tree(&archive.path(), &s3.root.join(&b).join("archive"));
+    let flags = crate::e2e::tricky_flags();
+    let work = tempfile::tempdir().unwrap();
+    let src = format!("s3://{b}/archive/");
+    for run_id in ["one", "two"] {
+        let mut reports = vec![];
+        for (name, on_cluster) in [("here", false), ("there", true)] {
+            let out = format!("s3://{b}/{name}");
+            let report = work.path().join(format!("{name}-{run_id}.json"));
+            let mut args = run_args(&src, &out, run_id, &report);
+            args.extend(flags.iter().map(String::as_str));
+            if on_cluster {
+                args.extend(["--cluster", &cluster.url]);
+            }
+            let r = bf(&env, &args);
+            assert_eq!(r.code, Some(0), "{}\n{}", r.describe(), cluster.log_tail());
+            reports.push(read_json(&report));
+        }
+        assert_eq!(
+            counts(&reports[0], &NOT_COMPARED),
+            counts(&reports[1], &NOT_COMPARED),
+            "reports differ for {run_id}"
+        );
+        let root = s3.root.join(&b);
+        for sink in ["replay", "dlq", "gaps"] {
+            let (h, t) = (
+                rows(&root.join("here").join(sink), run_id),
+                rows(&root.join("there").join(sink), run_id),
+            );
+            assert!(
+                run_id == "two" || !h.is_empty(),
+                "{sink} of {run_id} is empty"
+            );
+            assert_eq!(h, t, "{sink} of {run_id}");
+        }
+    }
+}
+
+/// `gaps`, `sql` and `explain` on the cluster: the same answers as
+/// in-process, and the plan shown as the cluster's stages.
+#[test]
+fn gaps_sql_and_explain_run_on_the_cluster() {
+    let s3 = services::s3();
+    let cluster = services::cluster();
+    let env = S3Env::of(s3);
+    let b = bucket(s3, "cluster-sql");
+    generate(&env, &format!("s3://{b}/archive"), 1500, 15, 5, 2);
+    let src = format!("s3://{b}/archive/");
+    let both = |args: &[&str]| -> (Run, Run) {
+        let here = bf(&env, args);
+        let mut c = args.to_vec();
+        c.extend(["--cluster", &cluster.url]);
+        let there = bf(&env, &c);
+        here.ok();
+        assert_eq!(
+            there.code,
+            Some(0),
+            "{}\n{}",
+            there.describe(),
+            cluster.log_tail()
+        );
+        (here, there)
+    };
+    let (h, t) = both(&["gaps", "--source", &src, "--format", "csv"]);
+    assert!(h.stdout.lines().count() > 2, "{}", h.describe());
+    assert_eq!(h.stdout, t.stdout);
+    let q = "SELECT status, count(*) AS n, count(DISTINCT key) AS keys FROM events GROUP BY status ORDER BY status";
+    let (h, t) = both(&["sql", "--source", &src, "--format", "csv", "-c", q]);
+    assert!(h.stdout.contains("processed"), "{}", h.describe());
+    assert_eq!(h.stdout, t.stdout);
+    let (_, t) = both(&["explain", "--source", &src]);
+    assert!(
+        t.stdout.contains("ShuffleWriterExec") || t.stdout.contains("Stage"),
+        "no stages in the cluster's plan:\n{}",
+        t.stdout
+    );
+}
+
+/// A wrong scheduler address fails in seconds with one line; what a
+/// cluster cannot read or do is refused before anything runs.
+#[test]
+fn what_a_cluster_cannot_reach_or_do_is_refused_in_one_line() {
+    let s3 = services::s3();
+    let env = S3Env::of(s3);
+    let b = bucket(s3, "cluster-refused");
+    generate(&env, &format!("s3://{b}/archive"), 300, 5, 3, 1);
+    let src = format!("s3://{b}/archive/");
+    let out = format!("s3://{b}/out");
+    let work = tempfile::tempdir().unwrap();
+    let report = work.path().join("r.json");
+
+    let nobody = format!("df://127.0.0.1:{}", services::free_port());
+    let started = Instant::now();
+    let r = bf(
+        &env,
+        &with_cluster(run_args(&src, &out, "x", &report), &nobody),
+    );
+    r.expect_code(1);
+    let line = the_error_line(&r);
+    assert!(
+        line.contains(&nobody) && line.contains("backfill scheduler"),
+        "{line}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!s3.root.join(&b).join("out/_state/log").exists());
+
+    for (url, says) in [
+        ("http://127.0.0.1:1", "df://HOST:PORT"),
+        ("df://u:pa/ss@127.0.0.1:1", "no user or password"),
+    ] {
+        let r = bf(&env, &with_cluster(run_args(&src, &out, "x", &report), url));
+        r.expect_code(2);
+        let line = the_error_line(&r);
+        assert!(line.contains("--cluster") && line.contains(says), "{line}");
+        assert!(!line.contains("pa/ss"), "{line}");
+    }
+
+    // Nothing below needs the cluster to answer: refused before it is asked.
+    let url = &services::cluster().url;
+    let local = work.path().join("archive");
+    generate(&env, local.to_str().unwrap(), 100, 5, 3, 1);
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "run".into(),
+                "--source".into(),
+                local.display().to_string(),
+                "--out".into(),
+                out.clone(),
+            ],
+            "on this machine's disk",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--source".into(),
+                src.clone(),
+                "--out".into(),
+                work.path().join("out").display().to_string(),
+            ],
+            "on this machine's disk",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--source".into(),
+                src.clone(),
+                "--out".into(),
+                out.clone(),
+                "--shard".into(),
+                "0/2".into(),
+            ],
+            "--shard",
+        ),
+        (
+            vec!["silences".into(), "--source".into(), src.clone()],
+            "does not run on a cluster",
+        ),
+    ];
+    for (args, says) in cases {
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.extend(["--cluster", url]);
+        let r = bf(&env, &args);
+        r.expect_code(2);
+        let line = the_error_line(&r);
+        assert!(line.contains(says), "{says}: {line}");
+    }
+    // With a shared file system declared, a local archive is read there
+    // (here every executor is on this machine).
+    let mut args = run_args(local.to_str().unwrap(), &out, "shared", &report);
+    args.extend(["--cluster", url, "--cluster-shared-fs"]);
+    bf(&env, &args).ok();
+}
+
+/// An executor killed while the run's tasks are under way: Ballista runs
+/// them again on the other one and the run is the in-process run, or the
+/// run fails with exit 1 and commits nothing. Never a partial commit.
+#[test]
+fn an_executor_killed_mid_run_is_recovered_or_commits_nothing() {
+    let s3 = services::s3();
+    let env = S3Env::of(s3);
+    let b = bucket(s3, "cluster-kill");
+    generate(&env, &format!("s3://{b}/archive"), 20000, 50, 8, 4);
+    let mut cluster = BallistaCluster::start(2, 3);
+    let work = tempfile::tempdir().unwrap();
+    let src = format!("s3://{b}/archive/");
+    let (here, there) = (format!("s3://{b}/here"), format!("s3://{b}/there"));
+    bf(
+        &env,
+        &run_args(&src, &here, "k", &work.path().join("h.json")),
+    )
+    .ok();
+    let report = work.path().join("t.json");
+    let args = with_cluster(run_args(&src, &there, "k", &report), &cluster.url);
+    let run = Spawned::start(&args, &env.vars());
+    // Kill the first executor as soon as it runs a task.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let running = |log: &str| log.contains("Execute task") || log.contains("Received task");
+    while !running(&cluster.log_tail()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        running(&cluster.log_tail()),
+        "no task ran within a minute\n{}",
+        cluster.log_tail()
+    );
+    cluster.kill_executor(0);
+    let r = run.wait();
+    let committed = manifests(&s3.root.join(&b).join("there/_state"));
+    eprintln!(
+        "after the kill: exit {:?}, committed {committed:?}: {}",
+        r.code,
+        r.stderr.lines().last().unwrap_or_default()
+    );
+    match r.code {
+        Some(0) => {
+            assert_eq!(committed, vec!["k.json".to_string()]);
+            let root = s3.root.join(&b);
+            assert_same_rows(&root.join("here"), "k", &root.join("there"), "k");
+        }
+        Some(1) => {
+            assert!(committed.is_empty(), "{committed:?}\n{}", r.describe());
+            assert!(!Path::new(&report).exists() || read_json(&report)["replayed"].is_number());
+        }
+        _ => panic!("{}\n{}", r.describe(), cluster.log_tail()),
+    }
+}
