@@ -38,6 +38,10 @@ pub struct Report {
     /// conflicts are that shard's alone (see [`merge`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<crate::shard::Shard>,
+    /// The Ballista scheduler the detection ran on (`--cluster`); its
+    /// executors' reads are not in `bytes_scanned`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
     /// The shard runs a merged report sums ([`merge`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub merged_from: Vec<String>,
@@ -297,7 +301,10 @@ impl Report {
             "  {:<LABEL$}{} rows, {}, in {} files ({} pruned by the window)",
             "scanned",
             count(self.rows),
-            bytes(self.bytes_scanned),
+            match &self.cluster {
+                Some(c) => format!("by the executors of {c}"),
+                None => bytes(self.bytes_scanned),
+            },
             count(self.files_scanned),
             count(self.files_pruned)
         );

@@ -170,6 +170,7 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
         dry_run: settings.dry_run,
         window_from: scan.from.map(|t| t.to_rfc3339()),
         shard: scan.shard,
+        cluster: scan.cluster.as_ref().map(|c| c.url()),
         window_to: scan.to.map(|t| t.to_rfc3339()),
         ..Default::default()
     };
@@ -719,7 +720,10 @@ async fn execute(
         &format!(
             "scanned {} rows, {} ({} events, {} conflicts{})",
             human::count(report.rows),
-            human::bytes(narrow_bytes),
+            match &report.cluster {
+                Some(c) => format!("on {c}"),
+                None => human::bytes(narrow_bytes),
+            },
             human::count(report.events),
             human::count(report.conflicts),
             if report.spilled_bytes > 0 {

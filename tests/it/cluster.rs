@@ -16,7 +16,12 @@ use crate::services::{self, BallistaCluster};
 /// Report fields a cluster cannot fill as the in-process run does: the
 /// executors' scan metrics stay on the executors, nothing spills on the
 /// client.
-const NOT_COMPARED: [&str; 3] = ["bytes_scanned", "row_groups_pruned", "spilled_bytes"];
+const NOT_COMPARED: [&str; 4] = [
+    "bytes_scanned",
+    "row_groups_pruned",
+    "spilled_bytes",
+    "cluster",
+];
 
 fn with_cluster<'a>(mut args: Vec<&'a str>, url: &'a str) -> Vec<&'a str> {
     args.extend(["--cluster", url]);
