@@ -31,19 +31,7 @@ sleep 2
 
 # Bytes read by the executors (rchar: files and sockets, shuffles included).
 read_bytes() { local t=0; for p in "${PIDS[@]:1}"; do t=$((t + $(awk '/^rchar/ {print $2}' "/proc/$p/io"))); done; echo "$t"; }
-checksum() {
-  python3 - "$1" <<'PY'
-import duckdb, sys
-d = sys.argv[1]
-con = duckdb.connect()
-for kind, cols in [("replay", "event_id, backfill_reason, backfill_attempt, payload"),
-                   ("dlq", "event_id, backfill_reason, backfill_attempt, payload"),
-                   ("gaps", "key, first_missing_seq, last_missing_seq, before_event_id, after_event_id")]:
-    n, h = con.execute(f"SELECT count(*), bit_xor(hash({cols})) FROM read_parquet('{d}/{kind}/**/*.parquet')").fetchone()
-    print(f"{kind}={n}:{h}", end=" ")
-print()
-PY
-}
+checksum() { python3 bench/checksum.py "$1"; }
 
 echo "== cluster vs in-process vs 2 shards: $(du -sh "$ARCHIVE" | cut -f1), load $(cut -d' ' -f1-3 /proc/loadavg)"
 for r in $(seq 1 "$ROUNDS"); do

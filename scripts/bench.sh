@@ -60,19 +60,7 @@ measure() { # name, command...
 # A checksum of an output folder that ignores the columns a run stamps
 # (run id, detection time) and the file layout: two runs that decided the
 # same thing print the same line.
-checksum() {
-  python3 - "$1" <<'PY'
-import duckdb, sys
-d = sys.argv[1]
-con = duckdb.connect()
-for kind, cols in [("replay", "event_id, backfill_reason, backfill_attempt, payload"),
-                   ("dlq", "event_id, backfill_reason, backfill_attempt, payload"),
-                   ("gaps", "key, first_missing_seq, last_missing_seq, before_event_id, after_event_id")]:
-    n, h = con.execute(f"SELECT count(*), bit_xor(hash({cols})) FROM read_parquet('{d}/{kind}/**/*.parquet')").fetchone()
-    print(f"{kind}={n}:{h}", end=" ")
-print()
-PY
-}
+checksum() { python3 bench/checksum.py "$1"; }
 
 # The narrow columns detection reads, decoded and summed and nothing else:
 # the floor for any one-pass design on this engine. (Sums, not counts: a
