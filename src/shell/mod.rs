@@ -305,13 +305,16 @@ async fn session(args: SqlArgs) -> Result<(), Error> {
     let input = input(&args)?;
     let (scan, state_loc, detections, fold) = settings(&args)?;
     let ctx = source::session(&scan)?;
-    // SHOW TABLES, SHOW COLUMNS and `\d` read information_schema.
+    // SHOW TABLES, SHOW COLUMNS and `\d` read information_schema. Not on
+    // a cluster: there the session options carry the storage credentials
+    // to the executors (`backfill.storage`), and information_schema's
+    // df_settings and SHOW ALL would print them.
     ctx.state_ref()
         .write()
         .config_mut()
         .options_mut()
         .catalog
-        .information_schema = true;
+        .information_schema = !source::on_cluster(&ctx);
     // Parsed before the archive is listed: a typo costs no listing.
     let script = match &input {
         Input::Script(origin, text) => {

@@ -190,6 +190,21 @@ fn gaps_sql_and_explain_run_on_the_cluster() {
     let (h, t) = both(&["sql", "--source", &src, "--format", "csv", "-c", q]);
     assert!(h.stdout.contains("processed"), "{}", h.describe());
     assert_eq!(h.stdout, t.stdout);
+    // The credentials the session carries to the executors are not
+    // readable from SQL.
+    for q in [
+        "SHOW ALL",
+        "SELECT value FROM information_schema.df_settings WHERE name = 'backfill.storage'",
+    ] {
+        let mut args = vec!["sql", "--source", &src, "-c", q, "--cluster"];
+        args.push(&cluster.url);
+        let r = bf(&env, &args);
+        assert!(
+            !r.stdout.contains(&s3.secret_key) && !r.stderr.contains(&s3.secret_key),
+            "{q} printed the secret\n{}",
+            r.describe()
+        );
+    }
     let (_, t) = both(&["explain", "--source", &src]);
     assert!(
         t.stdout.contains("ShuffleWriterExec") || t.stdout.contains("Stage"),
