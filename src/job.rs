@@ -264,19 +264,24 @@ impl Columns {
     }
 }
 
+/// The name of the setting that asked for a cluster, for messages: the
+/// flag (or its variable), else the job file's key.
+fn cluster_setting(args: &ScanArgs) -> &'static str {
+    if args.cluster.is_some() {
+        "--cluster"
+    } else {
+        "cluster"
+    }
+}
+
 /// `command` runs in-process only: `--cluster` (or `cluster` in the job
 /// file) is refused, naming it.
 pub fn no_cluster(args: &ScanArgs, scan: &Scan, command: &str) -> Result<(), JobError> {
     if scan.cluster.is_none() {
         return Ok(());
     }
-    let flag = if args.cluster.is_some() {
-        "--cluster"
-    } else {
-        "cluster"
-    };
     Err(invalid(
-        flag,
+        cluster_setting(args),
         format!(
             "`backfill {command}` does not run on a cluster yet (run, gaps, sql and explain do): run it without one"
         ),
@@ -776,14 +781,11 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
             )
         })?;
     }
-    let cluster = match (args.cluster.as_deref(), job.cluster.as_deref()) {
-        (Some(u), _) => {
-            Some(crate::cluster::Cluster::parse(u).map_err(|m| invalid("--cluster", m))?)
+    let cluster = match args.cluster.as_deref().or(job.cluster.as_deref()) {
+        Some(u) => {
+            Some(crate::cluster::Cluster::parse(u).map_err(|m| invalid(cluster_setting(args), m))?)
         }
-        (None, Some(u)) => {
-            Some(crate::cluster::Cluster::parse(u).map_err(|m| invalid("cluster", m))?)
-        }
-        (None, None) => None,
+        None => None,
     }
     .map(|mut c| {
         c.shared_fs = args.cluster_shared_fs || job.cluster_shared_fs.unwrap_or(false);
@@ -1069,11 +1071,7 @@ pub fn run_settings(args: &RunArgs, now: DateTime<Utc>) -> Result<RunSettings, J
     }
     scan.recover_from = recover_from;
     if scan.cluster.is_some() {
-        let flag = if args.scan.cluster.is_some() {
-            "--cluster"
-        } else {
-            "cluster"
-        };
+        let flag = cluster_setting(&args.scan);
         // What the views on a cluster do not cover yet: each is planned
         // in-process over data the executors cannot see (the logs' counts,
         // a Kafka topic's reads, the snapshot's facts) or needs the
