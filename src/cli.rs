@@ -253,6 +253,12 @@ pub struct ScanArgs {
     /// executor (a shared file system): read them there instead of refusing.
     #[arg(long, env = "BACKFILL_CLUSTER_SHARED_FS", value_parser = BoolishValueParser::new())]
     pub cluster_shared_fs: bool,
+    /// In cluster mode, the longest to wait for the cluster's answer to a
+    /// query (its job, then each batch of the result), e.g. 30m: past it
+    /// the job is cancelled and the run fails (exit 1, nothing committed).
+    /// Default: no limit.
+    #[arg(long, value_name = "DURATION", env = "BACKFILL_CLUSTER_TIMEOUT")]
+    pub cluster_timeout: Option<String>,
 }
 
 /// `backfill scheduler`: a Ballista scheduler for `--cluster` runs.
@@ -271,9 +277,9 @@ pub struct SchedulerArgs {
     /// The host executors and clients reach it at (default: the bind host).
     #[arg(long, value_name = "HOST", env = "BACKFILL_SCHEDULER_EXTERNAL_HOST")]
     pub external_host: Option<String>,
-    /// An executor silent this long is dead: its tasks run again elsewhere
-    /// (and a query waits this long for a first executor). A few of the
-    /// executors' --heartbeat-interval.
+    /// An executor silent this long is dead: its tasks run again elsewhere;
+    /// a job without any live executor this long is cancelled. A few of
+    /// the executors' --heartbeat-interval.
     #[arg(
         long,
         value_name = "SECS",

@@ -58,6 +58,8 @@ pub struct JobFile {
     pub cluster: Option<String>,
     /// In cluster mode, local paths are the same on every executor.
     pub cluster_shared_fs: Option<bool>,
+    /// In cluster mode, the longest to wait for an answer (e.g. "30m").
+    pub cluster_timeout: Option<String>,
     /// Where the ledger and run manifests live (default `<out>/_state`).
     pub state: Option<String>,
     /// Window start, RFC 3339, inclusive.
@@ -787,10 +789,20 @@ fn build_scan(args: &ScanArgs, job: &JobFile) -> Result<Scan, JobError> {
         }
         None => None,
     }
-    .map(|mut c| {
+    .map(|mut c| -> Result<_, JobError> {
         c.shared_fs = args.cluster_shared_fs || job.cluster_shared_fs.unwrap_or(false);
-        c
-    });
+        c.timeout = match (&args.cluster_timeout, &job.cluster_timeout) {
+            (Some(t), _) => Some(("--cluster-timeout", t)),
+            (None, Some(t)) => Some(("cluster_timeout", t)),
+            (None, None) => None,
+        }
+        .map(|(what, t)| {
+            detect::parse_duration(what, t).map(|us| std::time::Duration::from_micros(us as u64))
+        })
+        .transpose()?;
+        Ok(c)
+    })
+    .transpose()?;
     Ok(Scan {
         sources,
         from,

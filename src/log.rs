@@ -13,6 +13,7 @@
 use std::io::Write;
 
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -28,13 +29,10 @@ pub const FILTER_VAR: &str = "BACKFILL_LOG";
 const OURS: [&str; 2] = ["event_backfill", "backfill"];
 const STORE_RETRIES: &str = "object_store::client::retry";
 const RDKAFKA_ECHO: &str = "rdkafka::client";
-/// Ballista's crates, kept below trace ([`filter`]).
-const BALLISTA: [&str; 4] = [
-    "ballista",
-    "ballista_core",
-    "ballista_scheduler",
-    "ballista_executor",
-];
+/// Ballista's crates (targets `ballista`, `ballista_core::…`,
+/// `ballista_scheduler::…`, `ballista_executor::…`): never below info
+/// ([`shown`]).
+const BALLISTA: &str = "ballista";
 
 /// What [`init`] settled on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,14 +109,6 @@ pub fn filter(spec: Option<&str>, default: &str, progress: bool) -> Result<EnvFi
     if progress {
         directives.push_str(&format!(",{}=info", crate::progress::TARGET));
     }
-    if directives.to_ascii_lowercase().contains("trace") {
-        // Ballista prints a query's session options at trace level, and
-        // with them `backfill.storage`, credentials included, before this
-        // process has parsed them (and so before redaction knows them).
-        for t in BALLISTA {
-            directives.push_str(&format!(",{t}=debug"));
-        }
-    }
     EnvFilter::builder()
         .with_regex(false)
         .parse(&directives)
@@ -127,6 +117,21 @@ pub fn filter(spec: Option<&str>, default: &str, progress: bool) -> Result<EnvFi
                 "--log-level / {FILTER_VAR} `{spec}`: {e}; give a level (error, warn, info, debug, trace, off) or a filter such as info,object_store=debug"
             )
         })
+}
+
+/// Whether an event at `level` from `target` may be written at all, whatever
+/// the filter asks for. Ballista prints a query's session options (and with
+/// them `backfill.storage`, credentials included) at trace when it applies
+/// them and at debug when one does not parse (an executor of another
+/// version), before this process has parsed them, so before redaction
+/// knows the secrets. A directive can only add to an `EnvFilter` (the more
+/// specific one wins: `ballista_core::extension=trace` beat an appended
+/// `ballista_core=debug`), so the cap is a filter of its own on the layer.
+pub fn shown(target: &str, level: &tracing::Level) -> bool {
+    let ballista = target
+        .strip_prefix(BALLISTA)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with("::") || rest.starts_with('_'));
+    !ballista || *level <= tracing::Level::INFO
 }
 
 /// Install the process's subscriber: `format` (auto resolved), `filter`.
@@ -140,6 +145,7 @@ pub fn init(format: LogFormat, filter: EnvFilter) -> Settings {
         && std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let registry = tracing_subscriber::registry().with(filter);
+    let cap = tracing_subscriber::filter::filter_fn(|m| shown(m.target(), m.level()));
     let _ = if json {
         registry
             .with(
@@ -148,7 +154,8 @@ pub fn init(format: LogFormat, filter: EnvFilter) -> Settings {
                     .flatten_event(true)
                     .with_current_span(false)
                     .with_span_list(false)
-                    .with_writer(writer),
+                    .with_writer(writer)
+                    .with_filter(cap),
             )
             .try_init()
     } else {
@@ -157,7 +164,8 @@ pub fn init(format: LogFormat, filter: EnvFilter) -> Settings {
                 tracing_subscriber::fmt::layer()
                     .with_target(false)
                     .with_ansi(color)
-                    .with_writer(writer),
+                    .with_writer(writer)
+                    .with_filter(cap),
             )
             .try_init()
     };
@@ -307,6 +315,30 @@ fn scrub_value(v: &mut serde_json::Value, changes: &mut Vec<(String, String)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ballista_never_logs_below_info_whatever_the_filter() {
+        use tracing::Level;
+        for t in [
+            "ballista",
+            "ballista_core::extension",
+            "ballista_executor::executor_process",
+            "ballista_scheduler",
+        ] {
+            assert!(!shown(t, &Level::TRACE), "{t}");
+            assert!(!shown(t, &Level::DEBUG), "{t}");
+            assert!(shown(t, &Level::INFO), "{t}");
+            assert!(shown(t, &Level::WARN), "{t}");
+        }
+        for t in [
+            "event_backfill::run",
+            "datafusion",
+            "ballistic",
+            "object_store",
+        ] {
+            assert!(shown(t, &Level::TRACE), "{t}");
+        }
+    }
 
     #[test]
     fn a_bare_level_is_ours_and_the_retries() {

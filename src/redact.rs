@@ -302,15 +302,20 @@ pub fn is_harmless_value(v: &str) -> bool {
 /// as `${KAFKA_PASSWORD}`, ...
 pub fn register_env() {
     for (name, value) in std::env::vars_os() {
-        // Key *ids* name a key, they are not one (`AWS_ACCESS_KEY_ID` is
-        // printed by every AWS tool); scrubbing a short one such as
-        // `backfill` would blank that word in every message.
-        if let (Some(name), Some(value)) = (name.to_str(), value.to_str())
-            && is_secret_name(name)
-            && !name.to_ascii_uppercase().ends_with("KEY_ID")
-        {
-            register(value);
+        if let (Some(name), Some(value)) = (name.to_str(), value.to_str()) {
+            register_variable(name, value);
         }
+    }
+}
+
+/// Register `value` if the variable `name` holds a secret: its name looks
+/// secret, and it is not a key *id*, which names a key and is not one
+/// (`AWS_ACCESS_KEY_ID` is printed by every AWS tool; scrubbing a short one
+/// such as `backfill` would blank that word in every message). A region or
+/// an endpoint stays readable.
+pub fn register_variable(name: &str, value: &str) {
+    if is_secret_name(name) && !name.to_ascii_uppercase().ends_with("KEY_ID") {
+        register(value);
     }
 }
 

@@ -48,6 +48,7 @@ use crate::location::StorageSettings;
 
 pub mod codec;
 pub mod serve;
+pub mod watch;
 
 /// The scheme of a scheduler's address, as Ballista writes it.
 pub const SCHEME: &str = "df";
@@ -65,6 +66,9 @@ pub struct Cluster {
     /// Local paths are the same on every executor (a shared file system):
     /// a local archive or state is read there instead of refused.
     pub shared_fs: bool,
+    /// `--cluster-timeout`: the longest the client waits for an answer to
+    /// a query (its job, then each batch of its result); none: no limit.
+    pub timeout: Option<Duration>,
 }
 
 impl Cluster {
@@ -91,9 +95,12 @@ impl Cluster {
             Some(h) if !h.is_empty() => h.to_string(),
             _ => return Err(format!("'{url}' names no host: write df://HOST:PORT")),
         };
-        if !matches!(parsed.path(), "" | "/") || parsed.query().is_some() {
+        if !matches!(parsed.path(), "" | "/")
+            || parsed.query().is_some()
+            || parsed.fragment().is_some()
+        {
             return Err(format!(
-                "'{}' has a path or query: a scheduler address is df://HOST:PORT",
+                "'{}' has a path, query or fragment: a scheduler address is df://HOST:PORT",
                 crate::redact::url(url)
             ));
         }
@@ -101,6 +108,7 @@ impl Cluster {
             host,
             port: parsed.port().unwrap_or(DEFAULT_PORT),
             shared_fs: false,
+            timeout: None,
         })
     }
 
@@ -240,10 +248,10 @@ pub fn storage_from_wire(s: &str) -> Result<Wire> {
             "backfill.storage is not backfill's storage settings: {e}"
         ))
     })?;
-    for v in raw.env.values() {
-        if !crate::redact::is_harmless_value(v) {
-            crate::redact::register(v);
-        }
+    // The client's variables, judged by name as the client judged its own
+    // (a region or an endpoint is not a secret).
+    for (k, v) in &raw.env {
+        crate::redact::register_variable(k, v);
     }
     Ok(Wire {
         storage: raw.storage,
@@ -443,6 +451,12 @@ pub fn client_state(
         // not implemented"): an archive without gaps hung `run` at the gap
         // report. The static planner runs every stage it plans.
         .with_ballista_adaptive_query_planner(false)
+        // The client asks for the job's status (pull) instead of waiting
+        // for the scheduler to push it: then it knows the job's id as soon
+        // as the scheduler accepts it, and can cancel a job it gives up on
+        // ([`watch`]); pushed, the id came with the first status change,
+        // which a job waiting for executors never had.
+        .set_bool("ballista.client.pull", true)
         // Ballista's join selection swaps a hash join's inputs after
         // DataFusion has built the join's dynamic filter, which DataFusion
         // refuses ("Cannot swap HashJoinExec inputs after dynamic filters
@@ -450,6 +464,23 @@ pub fn client_state(
         // cluster, plans run without dynamic filters (the switch for joins
         // alone is overridden by this one, which is on by default).
         .set_bool("datafusion.optimizer.enable_dynamic_filter_pushdown", false);
+    // Ballista's planner, as `upgrade_for_ballista` would make it, watched
+    // ([`watch`]): the override is what that upgrade installs instead.
+    let ballista = {
+        use ballista_core::extension::SessionConfigExt as _;
+        config.clone().upgrade_for_ballista().ballista_config()
+    };
+    let planner = ballista_core::planner::BallistaQueryPlanner::<
+        datafusion_proto::protobuf::LogicalPlanNode,
+    >::with_extension(
+        cluster.endpoint(),
+        ballista,
+        Arc::new(codec::Logical::default()),
+    );
+    let config = config.with_ballista_query_planner(Arc::new(watch::Planner {
+        inner: Arc::new(planner),
+        cluster: cluster.clone(),
+    }));
     let state = SessionStateBuilder::new()
         .with_config(config)
         .with_runtime_env(runtime)
@@ -533,6 +564,8 @@ mod tests {
             "h:1",
             "df://",
             "df://h:1/x",
+            "df://h:1#frag",
+            "df://h:1?x=1",
             "df://u:p@h:1",
             "df://h:99999",
         ] {

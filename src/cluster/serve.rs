@@ -3,13 +3,16 @@
 //! ([`super::codec`], the stores of [`super::Stores`]). One release gives
 //! the client and the cluster, built on the same DataFusion.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
 use ballista_scheduler::cluster::BallistaCluster;
 use ballista_scheduler::config::SchedulerConfig;
-use ballista_scheduler::scheduler_process::start_server;
+use ballista_scheduler::scheduler_process::{create_scheduler, start_grpc_service};
+use ballista_scheduler::scheduler_server::SchedulerServer;
+use datafusion_proto::protobuf::{LogicalPlanNode, PhysicalPlanNode};
 
 use super::{Cluster, base_config, codec, runtime, scheduler_state};
 use crate::cli::{ExecutorArgs, SchedulerArgs};
@@ -19,12 +22,23 @@ fn usage(what: &str, message: impl std::fmt::Display) -> Error {
     Error::Usage(format!("{what}: {message}"))
 }
 
+/// `HOST:PORT` (a name such as `localhost` resolved), with a port given:
+/// port 0 would make the scheduler advertise a port nobody listens on.
+fn bind_address(flag: &str, bind: &str) -> Result<SocketAddr, Error> {
+    let addr = bind
+        .to_socket_addrs()
+        .map_err(|e| usage(flag, format!("'{bind}' is not HOST:PORT ({e})")))?
+        .next()
+        .ok_or_else(|| usage(flag, format!("'{bind}' resolves to no address")))?;
+    if addr.port() == 0 {
+        return Err(usage(flag, format!("'{bind}': give a port (not 0)")));
+    }
+    Ok(addr)
+}
+
 /// `backfill scheduler`: serve until interrupted.
 pub async fn scheduler(args: SchedulerArgs) -> Result<(), Error> {
-    let addr: SocketAddr = args
-        .bind
-        .parse()
-        .map_err(|e| usage("--bind", format!("'{}' is not HOST:PORT ({e})", args.bind)))?;
+    let addr = bind_address("--bind", &args.bind)?;
     let config = SchedulerConfig {
         bind_host: addr.ip().to_string(),
         bind_port: addr.port(),
@@ -51,13 +65,61 @@ pub async fn scheduler(args: SchedulerArgs) -> Result<(), Error> {
             what: "the scheduler".into(),
             message: format!("did not start: {e}"),
         })?;
-    tracing::info!("Ballista scheduler listening on df://{addr}");
-    start_server(cluster, addr, Arc::new(config))
+    let stopped = |e: ballista_core::error::BallistaError| Error::Io {
+        what: "the scheduler".into(),
+        message: format!("stopped: {e}"),
+    };
+    let config = Arc::new(config);
+    config.validate().map_err(stopped)?;
+    let server = create_scheduler::<LogicalPlanNode, PhysicalPlanNode>(cluster, config)
         .await
-        .map_err(|e| Error::Io {
-            what: "the scheduler".into(),
-            message: format!("stopped: {e}"),
-        })
+        .map_err(stopped)?;
+    tokio::spawn(fail_jobs_without_executors(
+        server.clone(),
+        Duration::from_secs(args.executor_timeout.max(1)),
+    ));
+    tracing::info!("Ballista scheduler listening on df://{addr}");
+    start_grpc_service(addr, server).await.map_err(stopped)
+}
+
+/// Ballista fails a job when its cluster *loses* its last executor, but
+/// leaves one submitted to a scheduler that never had an executor queued
+/// forever (it waits for autoscaling), and its client with it. A run from
+/// cron has nobody to notice: cancel what has waited `grace` with no
+/// executor alive, and say so.
+async fn fail_jobs_without_executors(
+    server: SchedulerServer<LogicalPlanNode, PhysicalPlanNode>,
+    grace: Duration,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut empty_since: Option<Instant> = None;
+    loop {
+        tick.tick().await;
+        let jobs: Vec<_> = server
+            .state
+            .task_manager
+            .get_running_job_cache()
+            .keys()
+            .cloned()
+            .collect();
+        if jobs.is_empty() || server.is_ready() {
+            empty_since = None;
+            continue;
+        }
+        if empty_since.get_or_insert_with(Instant::now).elapsed() < grace {
+            continue;
+        }
+        for job in jobs {
+            tracing::warn!(
+                "cancelling job {job}: no executor has been registered for {} s (--executor-timeout); start `backfill executor --scheduler df://...`",
+                grace.as_secs()
+            );
+            if let Err(e) = server.cancel_job(job.clone()).await {
+                tracing::warn!("could not cancel job {job}: {e}");
+            }
+        }
+        empty_since = None;
+    }
 }
 
 /// `backfill executor`: register with the scheduler, run its tasks until
@@ -79,8 +141,25 @@ pub async fn executor(args: ExecutorArgs) -> Result<(), Error> {
     let vcores = args
         .concurrent_tasks
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    if vcores == 0 {
-        return Err(usage("--concurrent-tasks", "must be at least 1"));
+    if !(1..=MAX_CONCURRENT_TASKS).contains(&vcores) {
+        return Err(usage(
+            "--concurrent-tasks",
+            format!("{vcores}: give 1 to {MAX_CONCURRENT_TASKS}"),
+        ));
+    }
+    // Both services' ports, before anything starts: Ballista logs a port in
+    // use and carries on, then stops with status 0.
+    for (flag, port) in [("--port", args.port), ("--grpc-port", args.grpc_port)] {
+        let bind = format!("{}:{port}", args.bind);
+        let addr = bind_address(flag, &bind)?;
+        std::net::TcpListener::bind(addr)
+            .map_err(|e| usage(flag, format!("cannot listen on {bind}: {e}")))?;
+    }
+    if args.port == args.grpc_port {
+        return Err(usage(
+            "--grpc-port",
+            format!("{} is also --port: give each service its own", args.port),
+        ));
     }
     // Exit 1, not 2: a scheduler that is not up yet may be for a retry.
     scheduler
@@ -113,10 +192,51 @@ pub async fn executor(args: ExecutorArgs) -> Result<(), Error> {
         args.grpc_port,
         scheduler.url()
     );
+    // Ballista's executor returns the same `Ok` whether it was interrupted,
+    // told to stop by its scheduler or lost a service: only a signal is a
+    // clean stop (exit 0), anything else is for its supervisor to see.
+    let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(record_stop_signal(asked.clone()));
     start_executor_process(Arc::new(config))
         .await
         .map_err(|e| Error::Io {
             what: "the executor".into(),
             message: format!("stopped: {e}"),
+        })?;
+    // The signal reached Ballista's listener and ours at once; give ours
+    // the moment it may still need.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if asked.load(std::sync::atomic::Ordering::SeqCst) {
+        Ok(())
+    } else {
+        Err(Error::Io {
+            what: "the executor".into(),
+            message: format!(
+                "stopped without being asked: its scheduler {} told it to stop, or one of its services failed (see the lines above)",
+                scheduler.url()
+            ),
         })
+    }
+}
+
+/// The most task slots an executor takes (Ballista counts them in 32 bits;
+/// a larger number wrapped to 0 slots).
+const MAX_CONCURRENT_TASKS: usize = 4096;
+
+/// Set `asked` when the process gets SIGINT or SIGTERM (Ballista's executor
+/// stops on either; this only records that it was asked to).
+async fn record_stop_signal(asked: Arc<std::sync::atomic::AtomicBool>) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    asked.store(true, std::sync::atomic::Ordering::SeqCst);
 }

@@ -177,7 +177,7 @@ pub async fn run(settings: RunSettings, progress: Progress) -> Result<RunOutcome
 
     let state = State::new(location::resolve(&settings.state, &scan.storage)?);
     // The executors read the ledger's files.
-    source::check_cluster_reads(scan, &state.loc, "state (its ledger)")?;
+    source::check_cluster_reads(scan, &state.loc, "state")?;
     report.state = Some(state.loc.original.clone());
     // A state that cannot be written is the settings' fault (exit 2), found
     // before anything is read; a dry run, a scheduler's preflight, too.

@@ -102,6 +102,14 @@ pub enum SourceError {
     },
     #[error("source {location}: {message}")]
     Unsupported { location: String, message: String },
+    /// A local path in cluster mode, which the executors cannot read.
+    #[error(
+        "{what} {location}: on this machine's disk, and a cluster's executors read it themselves: put it in an object store (s3://, gs://, az://), or pass --cluster-shared-fs (cluster_shared_fs = true) if every executor sees the same path"
+    )]
+    NotShared {
+        what: &'static str,
+        location: String,
+    },
     #[error(
         "{file}: column '{column}' holds {value} {unit} since the epoch, beyond what the archive's microsecond timestamps can hold (about ±292,000 years)"
     )]
@@ -132,6 +140,7 @@ impl SourceError {
                 | SourceError::MissingColumn { .. }
                 | SourceError::WrongType { .. }
                 | SourceError::Unsupported { .. }
+                | SourceError::NotShared { .. }
         ) || matches!(self, SourceError::Kafka(k) if k.is_config())
     }
 }
@@ -377,13 +386,15 @@ pub fn on_cluster(ctx: &SessionContext) -> bool {
 
 /// In cluster mode, a location the executors must read: refused when it
 /// is on this machine's disk, unless every executor sees the same paths.
-pub fn check_cluster_reads(scan: &Scan, loc: &Location, what: &str) -> Result<(), SourceError> {
+pub fn check_cluster_reads(
+    scan: &Scan,
+    loc: &Location,
+    what: &'static str,
+) -> Result<(), SourceError> {
     match &scan.cluster {
-        Some(c) if loc.is_local && !c.shared_fs => Err(SourceError::Unsupported {
+        Some(c) if loc.is_local && !c.shared_fs => Err(SourceError::NotShared {
+            what,
             location: loc.original.clone(),
-            message: format!(
-                "the {what} is on this machine's disk, and a cluster's executors read it themselves: put it in an object store (s3://, gs://, az://), or pass --cluster-shared-fs (cluster_shared_fs = true) if every executor sees the same path"
-            ),
         }),
         _ => Ok(()),
     }
@@ -407,7 +418,7 @@ pub async fn register(ctx: &SessionContext, scan: &Scan) -> Result<Archive, Sour
             continue;
         }
         let loc = location::resolve(src, &scan.storage)?;
-        check_cluster_reads(scan, &loc, "archive")?;
+        check_cluster_reads(scan, &loc, "source")?;
         loc.register(ctx);
         let excluded = excluded_prefixes(&loc, &scan.exclude, &scan.storage)?;
         let mut listing =

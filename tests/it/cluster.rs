@@ -366,3 +366,222 @@ fn an_executor_killed_mid_run_is_recovered_or_commits_nothing() {
         _ => panic!("{}\n{}", r.describe(), cluster.log_tail()),
     }
 }
+
+/// A cluster that cannot run a job fails the run in seconds, exit 1,
+/// naming the scheduler, and commits nothing: a scheduler that never had
+/// an executor (it cancels the job after its --executor-timeout), the
+/// client's own --cluster-timeout (which cancels the job on the
+/// scheduler), and an address where something else answers.
+#[test]
+fn a_cluster_that_cannot_answer_fails_the_run_in_seconds() {
+    let s3 = services::s3();
+    let env = S3Env::of(s3);
+    let b = bucket(s3, "cluster-stuck");
+    generate(&env, &format!("s3://{b}/archive"), 300, 5, 3, 1);
+    let src = format!("s3://{b}/archive/");
+    let work = tempfile::tempdir().unwrap();
+    let report = work.path().join("r.json");
+    let fails_fast = |url: &str, extra: &[&str], says: &[&str]| {
+        let out = format!("s3://{b}/out-{}", services::free_port());
+        let mut args = with_cluster(run_args(&src, &out, "x", &report), url);
+        args.extend(extra);
+        let started = Instant::now();
+        let r = bf(&env, &args);
+        r.expect_code(1);
+        let line = the_error_line(&r);
+        for s in says {
+            assert!(line.contains(s), "{s}: {line}\n{}", r.describe());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "{:?}: {line}",
+            started.elapsed()
+        );
+        let state = s3.root.join(&b).join(out.rsplit('/').next().unwrap());
+        assert!(manifests(&state.join("_state")).is_empty(), "{line}");
+        line
+    };
+
+    // No executor ever: the scheduler cancels the job after 3 s.
+    let lonely = BallistaCluster::start(0, 3);
+    fails_fast(&lonely.url, &[], &[&lonely.url, "Cancelled", "no executor"]);
+    assert!(
+        lonely.logs().contains("no executor has been registered"),
+        "{}",
+        lonely.log_tail()
+    );
+
+    // The client's bound, with a scheduler that would wait three minutes:
+    // the job is cancelled on the scheduler, not left running.
+    let patient = BallistaCluster::start_logging(0, 180, "info,ballista_scheduler=info", "info");
+    fails_fast(
+        &patient.url,
+        &["--cluster-timeout", "2s"],
+        &[&patient.url, "--cluster-timeout"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !patient.logs().contains("Job cancelled") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        patient.logs().contains("Job cancelled"),
+        "{}",
+        patient.log_tail()
+    );
+
+    // Not a scheduler: the S3 server's port.
+    let s3_url = format!("df://127.0.0.1:{}", s3.port);
+    fails_fast(&s3_url, &[], &[&s3_url]);
+
+    // A bad timeout is the setting's fault (exit 2).
+    let r = bf(
+        &env,
+        &with_cluster(
+            ["gaps", "--source", &src, "--cluster-timeout", "soon"].to_vec(),
+            &patient.url,
+        ),
+    );
+    r.expect_code(2);
+    assert!(
+        the_error_line(&r).contains("--cluster-timeout"),
+        "{}",
+        r.describe()
+    );
+}
+
+/// Whatever `--log-level` asks of Ballista's crates, the storage
+/// credentials the session carries never reach the scheduler's or the
+/// executors' logs (Ballista prints session options at trace and debug).
+#[test]
+fn credentials_stay_out_of_the_clusters_logs_at_any_level() {
+    let s3 = services::s3();
+    let env = S3Env::of(s3);
+    let b = bucket(s3, "cluster-logs");
+    generate(&env, &format!("s3://{b}/archive"), 300, 5, 3, 1);
+    let src = format!("s3://{b}/archive/");
+    let loud = "info,ballista_core::extension=trace,ballista_core=trace,ballista_scheduler=trace,ballista_executor=debug";
+    let cluster = BallistaCluster::start_logging(1, 30, loud, loud);
+    let r = bf(
+        &env,
+        &[
+            "sql",
+            "--source",
+            &src,
+            "--format",
+            "csv",
+            "-c",
+            "SELECT count(*) AS n FROM events",
+            "--cluster",
+            &cluster.url,
+            "--log-level",
+            loud,
+        ],
+    );
+    r.ok();
+    assert!(r.stdout.contains('n'), "{}", r.describe());
+    let logs = cluster.logs();
+    assert!(
+        logs.contains("Ballista executor") && logs.len() > 1000,
+        "the processes logged nothing to look in:\n{}",
+        cluster.log_tail()
+    );
+    for (who, text) in [("client", r.stderr.as_str()), ("cluster", logs.as_str())] {
+        assert!(
+            !text.contains(&s3.secret_key),
+            "the secret is in the {who}'s log"
+        );
+    }
+}
+
+/// What the cluster would write on its executors' own disks is refused,
+/// and a scheduler or an executor that cannot serve as asked says so in one
+/// line instead of starting half-way (or exiting 0).
+#[test]
+fn cluster_processes_and_writes_refuse_what_they_cannot_do() {
+    let s3 = services::s3();
+    let env = S3Env::of(s3);
+    let b = bucket(s3, "cluster-writes");
+    generate(&env, &format!("s3://{b}/archive"), 300, 5, 3, 1);
+    let src = format!("s3://{b}/archive/");
+    let work = tempfile::tempdir().unwrap();
+    let target = work.path().join("copy.parquet");
+    let url = &services::cluster().url;
+    let copy = format!(
+        "COPY (SELECT * FROM events) TO '{}' STORED AS PARQUET",
+        target.display()
+    );
+    let r = bf(
+        &env,
+        &[
+            "sql",
+            "--source",
+            &src,
+            "--allow-writes",
+            "-c",
+            &copy,
+            "--cluster",
+            url,
+        ],
+    );
+    r.expect_code(2);
+    assert!(
+        the_error_line(&r).contains("--cluster-shared-fs"),
+        "{}",
+        r.describe()
+    );
+    assert!(!target.exists());
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let free = services::free_port().to_string();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &[
+                "executor",
+                "--scheduler",
+                url,
+                "--port",
+                &port,
+                "--grpc-port",
+                &free,
+            ],
+            "--port",
+        ),
+        (
+            &[
+                "executor",
+                "--scheduler",
+                url,
+                "--port",
+                &free,
+                "--grpc-port",
+                &port,
+            ],
+            "--grpc-port",
+        ),
+        (
+            &[
+                "executor",
+                "--scheduler",
+                url,
+                "--concurrent-tasks",
+                "4294967297",
+            ],
+            "--concurrent-tasks",
+        ),
+        (&["scheduler", "--bind", "127.0.0.1:0"], "--bind"),
+        (
+            &["scheduler", "--bind", &format!("127.0.0.1:{port}")],
+            "--bind",
+        ),
+    ];
+    for (args, says) in cases {
+        let r = bf(&env, args);
+        r.expect_code(2);
+        assert!(
+            the_error_line(&r).contains(says),
+            "{says}: {}",
+            r.describe()
+        );
+    }
+}

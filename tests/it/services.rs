@@ -453,6 +453,22 @@ impl BallistaCluster {
     /// `executor_timeout` seconds of silence, and `executors` executors of
     /// two task slots each, beating three times as often.
     pub fn start(executors: usize, executor_timeout: u64) -> BallistaCluster {
+        Self::start_logging(
+            executors,
+            executor_timeout,
+            "info",
+            "warn,event_backfill=info,ballista_executor=info",
+        )
+    }
+
+    /// [`BallistaCluster::start`] with the scheduler's and the executors'
+    /// `--log-level`.
+    pub fn start_logging(
+        executors: usize,
+        executor_timeout: u64,
+        scheduler_log: &str,
+        executor_log: &str,
+    ) -> BallistaCluster {
         let bin = Path::new(env!("CARGO_BIN_EXE_backfill"));
         let port = free_port();
         let args = vec![
@@ -462,7 +478,7 @@ impl BallistaCluster {
             "--executor-timeout".into(),
             executor_timeout.to_string(),
             "--log-level".into(),
-            "info".into(),
+            scheduler_log.into(),
         ];
         let scheduler = Watched::spawn(
             "backfill scheduler",
@@ -508,7 +524,7 @@ impl BallistaCluster {
                     "--work-dir".into(),
                     work.display().to_string(),
                     "--log-level".into(),
-                    "warn,event_backfill=info,ballista_executor=info".into(),
+                    executor_log.into(),
                 ]);
                 Some(Watched::spawn(
                     "backfill executor",
@@ -531,6 +547,16 @@ impl BallistaCluster {
         if let Some(mut e) = self.executors[i].take() {
             e.kill();
         }
+    }
+
+    /// Every process's whole log.
+    pub fn logs(&self) -> String {
+        std::iter::once(&self.scheduler)
+            .chain(self.executors.iter())
+            .flatten()
+            .map(|w| std::fs::read_to_string(&w.log).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// The last lines of every process's log.
