@@ -184,7 +184,19 @@ impl TableProvider for NamedFiles {
             (Some(_), Some(p)) => Some(p.iter().copied().filter(|i| *i < n).collect()),
             (Some(_), None) => Some((0..n).collect()),
         };
-        let mut inner = self.inner.scan(state, own.as_ref(), filters, limit).await?;
+        // Planning reads each file's metadata again, page index included
+        // (statistics for pruning): a corrupt index fails here, before any
+        // stream exists, and is named the same way.
+        let mut inner = match self.inner.scan(state, own.as_ref(), filters, limit).await {
+            Ok(p) => p,
+            Err(e) if is_data_error(&e) => {
+                return Err(match find_corrupt_metadata(&self.files).await {
+                    Some(named) => DataFusionError::External(Box::new(named)),
+                    None => e,
+                });
+            }
+            Err(e) => return Err(e),
+        };
         if let Some((file_ordinal, _)) = &self.positions {
             let wanted = projection.cloned().unwrap_or_else(|| (0..n + 2).collect());
             inner = self.positions_projected(state, file_ordinal, inner, &wanted)?;
@@ -439,6 +451,29 @@ fn is_data_error(e: &DataFusionError) -> bool {
     }
 }
 
+/// The first of `files` whose metadata (footer and page index) fails to
+/// read, as an error naming it.
+#[allow(deprecated)]
+pub async fn find_corrupt_metadata(files: &[NamedFile]) -> Option<SourceError> {
+    use parquet::arrow::async_reader::ParquetObjectReader;
+    use parquet::file::metadata::{PageIndexPolicy, ParquetMetaDataReader};
+    for f in files {
+        let mut reader = ParquetObjectReader::new(f.store.clone(), f.meta.location.clone())
+            .with_file_size(f.meta.size);
+        let read = ParquetMetaDataReader::new()
+            .with_page_index_policy(PageIndexPolicy::Optional)
+            .load_and_finish(&mut reader, f.meta.size)
+            .await;
+        if let Err(e) = read {
+            return Some(SourceError::Corrupt {
+                file: f.display.clone(),
+                message: e.to_string().replace('\n', " "),
+            });
+        }
+    }
+    None
+}
+
 /// The first of `files` that fails to read on its own (`columns` only),
 /// as an error naming it.
 #[allow(deprecated)]
@@ -452,7 +487,13 @@ pub async fn find_corrupt(files: &[NamedFile], columns: &[String]) -> Option<Sou
         };
         let reader = ParquetObjectReader::new(f.store.clone(), f.meta.location.clone())
             .with_file_size(f.meta.size);
-        let builder = match ParquetRecordBatchStreamBuilder::new(reader).await {
+        // With the page index, as the scan reads it: a corrupt index is
+        // found here too (it failed the scan, and this reader without it
+        // read the file fine).
+        let options = parquet::arrow::arrow_reader::ArrowReaderOptions::new()
+            .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Optional);
+        let builder = match ParquetRecordBatchStreamBuilder::new_with_options(reader, options).await
+        {
             Ok(b) => b,
             Err(e) => return Some(corrupt(&e)),
         };

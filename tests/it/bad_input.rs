@@ -444,6 +444,39 @@ fn corrupt_data_page_names_its_file() {
     assert_error(&run, 1, &["corrupt-page.parquet"], &out);
 }
 
+/// A page index that fails to decode (footer intact) failed every command
+/// while planning, before any scan, with "Required field boundary_order is
+/// missing" and no file. The error names the file now.
+#[test]
+fn corrupt_page_index_names_its_file() {
+    use parquet::arrow::ArrowWriter;
+
+    let archive = archive_with(&Layout::default());
+    let rows: Vec<Row> = (0..500)
+        .map(|i| Row::new(&format!("ev-{i}"), "k3", i, "2024-01-01T00:00:00Z", None))
+        .collect();
+    let batch = Layout::default().batch(&rows);
+    let path = archive.path().join("dt=2024-01-01/corrupt-index.parquet");
+    let mut w =
+        ArrowWriter::try_new(fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    let md = w.close().unwrap();
+    let col = md.row_group(0).column(0);
+    let (Some(start), Some(len)) = (col.column_index_offset(), col.column_index_length()) else {
+        panic!("the writer wrote no column index");
+    };
+    let mut bytes = fs::read(&path).unwrap();
+    for b in &mut bytes[start as usize..(start + len as i64) as usize] {
+        *b = 0;
+    }
+    fs::write(&path, bytes).unwrap();
+
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let run = run_job(&archive.source(), &out, &[]);
+    assert_error(&run, 1, &["corrupt-index.parquet"], &out);
+}
+
 /// A spill directory that is missing, or a file, is refused before the
 /// scan: exit 2, one line naming the path and the flag or key. DataFusion
 /// would create a missing one silently.
