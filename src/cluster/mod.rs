@@ -477,10 +477,10 @@ pub fn client_state(
         ballista,
         Arc::new(codec::Logical::default()),
     );
-    let config = config.with_ballista_query_planner(Arc::new(watch::Planner {
-        inner: Arc::new(planner),
-        cluster: cluster.clone(),
-    }));
+    let config = config.with_ballista_query_planner(Arc::new(watch::Planner::new(
+        Arc::new(planner),
+        cluster.clone(),
+    )));
     let state = SessionStateBuilder::new()
         .with_config(config)
         .with_runtime_env(runtime)

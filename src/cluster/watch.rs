@@ -37,11 +37,38 @@ use datafusion_proto::protobuf::LogicalPlanNode;
 use futures::StreamExt;
 
 use super::Cluster;
+use crate::source::named::{NamedFile, find_corrupt_metadata};
 
 /// Ballista's planner, watched.
 pub struct Planner {
     pub inner: Arc<dyn QueryPlanner + Send + Sync>,
     pub cluster: Cluster,
+    /// The archive's files ([`remember_files`]), for naming the one whose
+    /// metadata fails when a query fails with a Parquet error.
+    pub files: Arc<std::sync::RwLock<Arc<Vec<NamedFile>>>>,
+}
+
+impl Planner {
+    pub fn new(inner: Arc<dyn QueryPlanner + Send + Sync>, cluster: Cluster) -> Planner {
+        Planner {
+            inner,
+            cluster,
+            files: Default::default(),
+        }
+    }
+}
+
+/// Let the cluster session `ctx` name a corrupt file of `files` (the
+/// archive's): the cluster reads them through a plain listing table, whose
+/// errors name no file.
+pub fn remember_files(ctx: &datafusion::prelude::SessionContext, files: Vec<NamedFile>) {
+    let state = ctx.state();
+    let planner: &dyn std::any::Any = state.query_planner().as_ref();
+    if let Some(p) = planner.downcast_ref::<Planner>()
+        && let Ok(mut slot) = p.files.write()
+    {
+        *slot = Arc::new(files);
+    }
 }
 
 impl fmt::Debug for Planner {
@@ -74,9 +101,11 @@ impl QueryPlanner for Planner {
                 .downcast_ref::<DistributedExplainAnalyzeExec<LogicalPlanNode>>()
                 .is_some()
         {
+            let files = self.files.read().map(|f| f.clone()).unwrap_or_default();
             Ok(Arc::new(Watched {
                 inner: physical,
                 cluster: self.cluster.clone(),
+                files,
             }))
         } else {
             Ok(physical)
@@ -126,6 +155,7 @@ fn at(cluster: &Cluster, e: DataFusionError) -> DataFusionError {
 struct Watched {
     inner: Arc<dyn ExecutionPlan>,
     cluster: Cluster,
+    files: Arc<Vec<NamedFile>>,
 }
 
 impl DisplayAs for Watched {
@@ -166,6 +196,7 @@ impl ExecutionPlan for Watched {
             (Some(inner), true) => Ok(Arc::new(Watched {
                 inner,
                 cluster: self.cluster.clone(),
+                files: self.files.clone(),
             })),
             _ => Err(DataFusionError::Internal(
                 "ClusterQuery takes one child".into(),
@@ -185,6 +216,7 @@ impl ExecutionPlan for Watched {
         let schema = stream.schema();
         let state = Reading {
             stream,
+            files: self.files.clone(),
             job: Job {
                 plan: self.inner.clone(),
                 cluster: self.cluster.clone(),
@@ -213,9 +245,18 @@ impl ExecutionPlan for Watched {
             match next {
                 Some(Ok(b)) => Some((Ok(b), st)),
                 Some(Err(e)) => {
-                    let e = at(&st.job.cluster, e);
                     st.job.cancel().await;
-                    Some((Err(e), st))
+                    // A file the cluster could not read: name it if its
+                    // footer or page index is what fails (reading every
+                    // data page from the client is the cluster's work).
+                    let e = match e.to_string().to_ascii_lowercase().contains("parquet") {
+                        true => match find_corrupt_metadata(&st.files).await {
+                            Some(named) => DataFusionError::External(Box::new(named)),
+                            None => e,
+                        },
+                        false => e,
+                    };
+                    Some((Err(at(&st.job.cluster, e)), st))
                 }
                 None => {
                     // Read to its end: nothing left to cancel.
@@ -232,6 +273,7 @@ impl ExecutionPlan for Watched {
 /// The stream of a watched query and its job.
 struct Reading {
     stream: SendableRecordBatchStream,
+    files: Arc<Vec<NamedFile>>,
     job: Job,
 }
 

@@ -623,13 +623,7 @@ fn archive_table(
         .with_listing_options(options)
         .with_schema(schema.clone());
     let listing = Arc::new(ListingTable::try_new(config)?);
-    if on_cluster(ctx) && positions.is_none() {
-        // A listing table travels to the cluster as its file list; the
-        // wrapper that names a failing file would not (stock DataFusion
-        // cannot serialize it): a cluster's scan errors name the stage.
-        return Ok(listing);
-    }
-    let named = files
+    let named: Vec<named::NamedFile> = files
         .iter()
         .map(|f| named::NamedFile {
             store: f.store.clone(),
@@ -637,6 +631,14 @@ fn archive_table(
             display: f.display.clone(),
         })
         .collect();
+    if on_cluster(ctx) && positions.is_none() {
+        // A listing table travels to the cluster as its file list; the
+        // wrapper that names a failing file would not (stock DataFusion
+        // cannot serialize it): the client's watch over the cluster's
+        // queries names a file whose metadata fails instead.
+        crate::cluster::watch::remember_files(ctx, named);
+        return Ok(listing);
+    }
     let table = named::NamedFiles::new(listing, named);
     Ok(Arc::new(match positions {
         Some(file_ordinal) => table.with_positions(file_ordinal),

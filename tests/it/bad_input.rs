@@ -444,11 +444,9 @@ fn corrupt_data_page_names_its_file() {
     assert_error(&run, 1, &["corrupt-page.parquet"], &out);
 }
 
-/// A page index that fails to decode (footer intact) failed every command
-/// while planning, before any scan, with "Required field boundary_order is
-/// missing" and no file. The error names the file now.
-#[test]
-fn corrupt_page_index_names_its_file() {
+/// An archive with a file, `dt=2024-01-01/corrupt-index.parquet`, whose
+/// page index fails to decode while its footer reads fine.
+pub(crate) fn archive_with_corrupt_page_index() -> Archive {
     use parquet::arrow::ArrowWriter;
 
     let archive = archive_with(&Layout::default());
@@ -470,7 +468,15 @@ fn corrupt_page_index_names_its_file() {
         *b = 0;
     }
     fs::write(&path, bytes).unwrap();
+    archive
+}
 
+/// A page index that fails to decode (footer intact) failed every command
+/// while planning, before any scan, with "Required field boundary_order is
+/// missing" and no file. The error names the file now.
+#[test]
+fn corrupt_page_index_names_its_file() {
+    let archive = archive_with_corrupt_page_index();
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("out");
     let run = run_job(&archive.source(), &out, &[]);

@@ -306,6 +306,27 @@ fn what_a_cluster_cannot_reach_or_do_is_refused_in_one_line() {
         let line = the_error_line(&r);
         assert!(line.contains(says), "{says}: {line}");
     }
+    // A file whose page index is corrupt fails the run (on the scheduler,
+    // while planning), and the line names the file and the scheduler.
+    let corrupt = crate::bad_input::archive_with_corrupt_page_index();
+    let r = bf(
+        &env,
+        &[
+            "gaps",
+            "--source",
+            &corrupt.source(),
+            "--cluster",
+            url,
+            "--cluster-shared-fs",
+        ],
+    );
+    r.expect_code(1);
+    let line = the_error_line(&r);
+    assert!(
+        line.contains("corrupt-index.parquet") && line.contains(url.as_str()),
+        "{line}"
+    );
+
     // With a shared file system declared, a local archive is read there
     // (here every executor is on this machine).
     let mut args = run_args(local.to_str().unwrap(), &out, "shared", &report);
