@@ -284,7 +284,8 @@ pub struct SchedulerArgs {
         long,
         value_name = "SECS",
         default_value_t = 180,
-        env = "BACKFILL_SCHEDULER_EXECUTOR_TIMEOUT"
+        env = "BACKFILL_SCHEDULER_EXECUTOR_TIMEOUT",
+        value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub executor_timeout: u64,
 }
@@ -340,7 +341,8 @@ pub struct ExecutorArgs {
         long,
         value_name = "SECS",
         default_value_t = 60,
-        env = "BACKFILL_EXECUTOR_HEARTBEAT_INTERVAL"
+        env = "BACKFILL_EXECUTOR_HEARTBEAT_INTERVAL",
+        value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub heartbeat_interval: u64,
     /// Memory pool shared by its tasks, e.g. 4G (default: Ballista's, a

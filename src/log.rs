@@ -33,6 +33,8 @@ const RDKAFKA_ECHO: &str = "rdkafka::client";
 /// `ballista_scheduler::…`, `ballista_executor::…`): never below info
 /// ([`shown`]).
 const BALLISTA: &str = "ballista";
+/// Ballista's client side of a query (its job status and errors).
+const BALLISTA_CLIENT: &str = "ballista_core::execution_plans::distributed_query";
 
 /// What [`init`] settled on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +89,10 @@ pub fn filter(spec: Option<&str>, default: &str, progress: bool) -> Result<EnvFi
             let mut d = vec![others.to_string()];
             d.extend(OURS.iter().map(|t| format!("{t}={level}")));
             d.push(format!("{STORE_RETRIES}={retries}"));
+            // Ballista's client logs a failed job at error before it
+            // returns the error, which this process then reports itself:
+            // two lines for one failure.
+            d.push(format!("{BALLISTA_CLIENT}=off"));
             if !matches!(level.as_str(), "debug" | "trace") {
                 // rdkafka echoes every librdkafka error callback at error
                 // level, AllBrokersDown every 50 ms while a broker is

@@ -36,6 +36,15 @@ fn bind_address(flag: &str, bind: &str) -> Result<SocketAddr, Error> {
     Ok(addr)
 }
 
+/// `HOST:PORT`, an IPv6 literal host in brackets.
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// `backfill scheduler`: serve until interrupted.
 pub async fn scheduler(args: SchedulerArgs) -> Result<(), Error> {
     let addr = bind_address("--bind", &args.bind)?;
@@ -79,7 +88,16 @@ pub async fn scheduler(args: SchedulerArgs) -> Result<(), Error> {
         Duration::from_secs(args.executor_timeout.max(1)),
     ));
     tracing::info!("Ballista scheduler listening on df://{addr}");
-    start_grpc_service(addr, server).await.map_err(stopped)
+    // SIGINT or SIGTERM is how a scheduler is stopped: exit 0 (its jobs
+    // fail on their clients, which commit nothing).
+    let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::select! {
+        served = start_grpc_service(addr, server) => served.map_err(stopped),
+        _ = record_stop_signal(asked) => {
+            tracing::info!("scheduler stopped");
+            Ok(())
+        }
+    }
 }
 
 /// Ballista fails a job when its cluster *loses* its last executor, but
@@ -150,7 +168,7 @@ pub async fn executor(args: ExecutorArgs) -> Result<(), Error> {
     // Both services' ports, before anything starts: Ballista logs a port in
     // use and carries on, then stops with status 0.
     for (flag, port) in [("--port", args.port), ("--grpc-port", args.grpc_port)] {
-        let bind = format!("{}:{port}", args.bind);
+        let bind = host_port(&args.bind, port);
         let addr = bind_address(flag, &bind)?;
         std::net::TcpListener::bind(addr)
             .map_err(|e| usage(flag, format!("cannot listen on {bind}: {e}")))?;
@@ -161,13 +179,28 @@ pub async fn executor(args: ExecutorArgs) -> Result<(), Error> {
             format!("{} is also --port: give each service its own", args.port),
         ));
     }
-    // Exit 1, not 2: a scheduler that is not up yet may be for a retry.
-    scheduler
-        .probe()
-        .await
-        .map_err(|m| Error::from(crate::source::SourceError::Cluster(m)))?;
+    // Executors and their scheduler start together (compose, Kubernetes):
+    // wait a while for it to listen. Then exit 1, not 2: a supervisor's
+    // retry may find it.
+    let waiting = Instant::now();
+    while let Err(m) = scheduler.probe().await {
+        if waiting.elapsed() >= SCHEDULER_WAIT {
+            return Err(Error::from(crate::source::SourceError::Cluster(format!(
+                "{m} (waited {} s)",
+                SCHEDULER_WAIT.as_secs()
+            ))));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Ballista wants an address, not a name (`localhost`), and IPv6 in
+    // brackets.
+    let bind_ip = bind_address("--bind", &host_port(&args.bind, args.port))?.ip();
+    let bind_host = match bind_ip {
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+    };
     let mut config = ExecutorProcessConfig {
-        bind_host: args.bind.clone(),
+        bind_host,
         external_host: args.external_host.clone(),
         port: args.port,
         grpc_port: args.grpc_port,
@@ -197,11 +230,12 @@ pub async fn executor(args: ExecutorArgs) -> Result<(), Error> {
     // clean stop (exit 0), anything else is for its supervisor to see.
     let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(record_stop_signal(asked.clone()));
+    let url = scheduler.url();
     start_executor_process(Arc::new(config))
         .await
         .map_err(|e| Error::Io {
             what: "the executor".into(),
-            message: format!("stopped: {e}"),
+            message: format!("stopped (scheduler {url}): {e}"),
         })?;
     // The signal reached Ballista's listener and ours at once; give ours
     // the moment it may still need.
@@ -218,6 +252,9 @@ pub async fn executor(args: ExecutorArgs) -> Result<(), Error> {
         })
     }
 }
+
+/// How long an executor waits for its scheduler to listen.
+const SCHEDULER_WAIT: Duration = Duration::from_secs(30);
 
 /// The most task slots an executor takes (Ballista counts them in 32 bits;
 /// a larger number wrapped to 0 slots).

@@ -113,19 +113,61 @@ impl QueryPlanner for Planner {
     }
 }
 
-/// A `COPY ... TO` whose target is a path on this machine: each executor
-/// would write its part in its own working folder, on its own disk.
+/// What would make the executors read or write their own disks: a
+/// `COPY ... TO` a local path, and a scan of or an insert into a table at a
+/// local `LOCATION` (`CREATE EXTERNAL TABLE` registers it on the client;
+/// its files are the executors' business). Each executor would see its own
+/// folder, not the client's.
 fn refuse_local_writes(plan: &LogicalPlan, cluster: &Cluster) -> Result<()> {
+    if cluster.shared_fs {
+        return Ok(());
+    }
+    let refuse = |what: String| {
+        DataFusionError::Plan(format!(
+            "{what}: a path on this machine's disk, which the cluster's executors would each read or write on theirs; use the object store (s3://, gs://, az://) or, when every executor shares the path, pass --cluster-shared-fs"
+        ))
+    };
     if let LogicalPlan::Copy(copy) = plan
-        && !cluster.shared_fs
         && is_local(&copy.output_url)
     {
-        return Err(DataFusionError::Plan(format!(
-            "COPY TO '{}': a path on this machine's disk, which the cluster's executors would each write on theirs; write to the object store (s3://, gs://, az://) or, when every executor shares the path, pass --cluster-shared-fs",
+        return Err(refuse(format!(
+            "COPY TO '{}'",
             crate::redact::url(&copy.output_url)
         )));
     }
-    Ok(())
+    let mut found = None;
+    plan.apply_with_subqueries(|node| {
+        let table = match node {
+            LogicalPlan::TableScan(scan) => Some((&scan.table_name, &scan.source)),
+            LogicalPlan::Dml(dml) => Some((&dml.table_name, &dml.target)),
+            _ => None,
+        };
+        if let Some((name, source)) = table
+            && let Some(path) = local_location(source)
+        {
+            found = Some(format!("table {name} at '{path}'"));
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    match found {
+        Some(what) => Err(refuse(what)),
+        None => Ok(()),
+    }
+}
+
+/// The local path of a listing table (`CREATE EXTERNAL TABLE ... LOCATION`),
+/// if it has one.
+fn local_location(source: &Arc<dyn datafusion::logical_expr::TableSource>) -> Option<String> {
+    use datafusion::datasource::listing::ListingTable;
+    let provider = datafusion::datasource::source_as_provider(source).ok()?;
+    let any: &dyn std::any::Any = provider.as_ref();
+    let listing = any.downcast_ref::<ListingTable>()?;
+    listing
+        .table_paths()
+        .iter()
+        .find(|u| u.scheme() == "file")
+        .map(|u| u.as_str().to_string())
 }
 
 /// No scheme, or `file://`.
@@ -231,12 +273,12 @@ impl ExecutionPlan for Watched {
                 Some(t) => match tokio::time::timeout(t, st.stream.next()).await {
                     Ok(next) => next,
                     Err(_) => {
+                        let outcome = st.job.cancel().await;
                         let e = DataFusionError::Execution(format!(
-                            "the cluster at {} gave no answer within --cluster-timeout ({}); its job was cancelled",
+                            "the cluster at {} gave no answer within the cluster timeout of {} (--cluster-timeout, cluster_timeout); {outcome}",
                             st.job.cluster.url(),
                             crate::human::duration(t)
                         ));
-                        st.job.cancel().await;
                         return Some((Err(e), st));
                     }
                 },
@@ -296,11 +338,35 @@ impl Job {
 
     /// Cancel the job on the scheduler (best effort: a job that already
     /// ended ignores it; a scheduler that does not answer in seconds is
-    /// left, the client is already failing).
-    async fn cancel(&mut self) {
+    /// left, the client is already failing), and say what came of it.
+    async fn cancel(&mut self) -> Cancel {
         self.open = false;
-        if let Some(id) = self.id() {
-            cancel(self.cluster.endpoint(), id).await;
+        match self.id() {
+            Some(id) => match cancel(self.cluster.endpoint(), id.clone()).await {
+                Ok(()) => Cancel::Done(id),
+                Err(e) => Cancel::Failed(id, e),
+            },
+            None => Cancel::NoJob,
+        }
+    }
+}
+
+/// What [`Job::cancel`] did, as the end of an error message.
+enum Cancel {
+    Done(String),
+    NoJob,
+    Failed(String, String),
+}
+
+impl fmt::Display for Cancel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cancel::Done(id) => write!(f, "its job {id} was cancelled"),
+            Cancel::NoJob => write!(f, "the scheduler had not accepted a job"),
+            Cancel::Failed(id, e) => write!(
+                f,
+                "its job {id} could not be cancelled ({e}): cancel it on the scheduler"
+            ),
         }
     }
 }
@@ -311,7 +377,10 @@ impl Drop for Job {
             return;
         }
         if let (Some(id), Ok(rt)) = (self.id(), tokio::runtime::Handle::try_current()) {
-            rt.spawn(cancel(self.cluster.endpoint(), id));
+            let endpoint = self.cluster.endpoint();
+            rt.spawn(async move {
+                let _ = cancel(endpoint, id).await;
+            });
         }
     }
 }
@@ -319,7 +388,7 @@ impl Drop for Job {
 /// How long a cancellation may take before the client gives up on it.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn cancel(endpoint: String, job_id: String) {
+async fn cancel(endpoint: String, job_id: String) -> std::result::Result<(), String> {
     use ballista_core::serde::protobuf::CancelJobParams;
     use ballista_core::serde::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
     let sent = tokio::time::timeout(CANCEL_TIMEOUT, async {
@@ -336,14 +405,16 @@ async fn cancel(endpoint: String, job_id: String) {
             .map_err(|e| e.message().to_string())
     })
     .await;
-    match sent {
-        Ok(Ok(_)) => tracing::info!("cancelled job {job_id} on the cluster"),
-        Ok(Err(e)) => tracing::warn!("could not cancel job {job_id} on the cluster: {e}"),
-        Err(_) => tracing::warn!(
-            "could not cancel job {job_id} on the cluster: no answer in {} s",
-            CANCEL_TIMEOUT.as_secs()
-        ),
+    let outcome = match sent {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!("no answer in {} s", CANCEL_TIMEOUT.as_secs())),
+    };
+    match &outcome {
+        Ok(()) => tracing::info!("cancelled job {job_id} on the cluster"),
+        Err(e) => tracing::warn!("could not cancel job {job_id} on the cluster: {e}"),
     }
+    outcome
 }
 
 #[cfg(test)]

@@ -551,11 +551,50 @@ fn cluster_processes_and_writes_refuse_what_they_cannot_do() {
         r.describe()
     );
     assert!(!target.exists());
+    // Nor through a table at a local LOCATION: an insert, or a read.
+    let dir = work.path().join("ext");
+    let local = work.path().join("local");
+    generate(&env, local.to_str().unwrap(), 100, 5, 3, 1);
+    for q in [
+        format!(
+            "CREATE EXTERNAL TABLE t (a BIGINT) STORED AS CSV LOCATION '{}/'; INSERT INTO t VALUES (9)",
+            dir.display()
+        ),
+        format!(
+            "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '{}/'; SELECT count(*) FROM t",
+            local.display()
+        ),
+    ] {
+        let r = bf(
+            &env,
+            &[
+                "sql",
+                "--source",
+                &src,
+                "--allow-writes",
+                "-c",
+                &q,
+                "--cluster",
+                url,
+            ],
+        );
+        r.expect_code(2);
+        assert!(
+            the_error_line(&r).contains("--cluster-shared-fs"),
+            "{q}: {}",
+            r.describe()
+        );
+    }
+    assert!(
+        std::fs::read_dir(&dir).map_or(true, |d| d.count() == 0),
+        "an executor wrote into {}",
+        dir.display()
+    );
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
     let free = services::free_port().to_string();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &[
                 "executor",
@@ -591,6 +630,10 @@ fn cluster_processes_and_writes_refuse_what_they_cannot_do() {
             "--concurrent-tasks",
         ),
         (&["scheduler", "--bind", "127.0.0.1:0"], "--bind"),
+        (
+            &["scheduler", "--executor-timeout", "0"],
+            "--executor-timeout",
+        ),
         (
             &["scheduler", "--bind", &format!("127.0.0.1:{port}")],
             "--bind",
