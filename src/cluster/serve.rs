@@ -182,8 +182,13 @@ pub async fn executor(args: ExecutorArgs) -> Result<(), Error> {
     // Executors and their scheduler start together (compose, Kubernetes):
     // wait a while for it to listen. Then exit 1, not 2: a supervisor's
     // retry may find it.
+    let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(record_stop_signal(asked.clone()));
     let waiting = Instant::now();
     while let Err(m) = scheduler.probe().await {
+        if asked.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
         if waiting.elapsed() >= SCHEDULER_WAIT {
             return Err(Error::from(crate::source::SourceError::Cluster(format!(
                 "{m} (waited {} s)",
@@ -228,8 +233,6 @@ pub async fn executor(args: ExecutorArgs) -> Result<(), Error> {
     // Ballista's executor returns the same `Ok` whether it was interrupted,
     // told to stop by its scheduler or lost a service: only a signal is a
     // clean stop (exit 0), anything else is for its supervisor to see.
-    let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    tokio::spawn(record_stop_signal(asked.clone()));
     let url = scheduler.url();
     start_executor_process(Arc::new(config))
         .await
@@ -246,7 +249,7 @@ pub async fn executor(args: ExecutorArgs) -> Result<(), Error> {
         Err(Error::Io {
             what: "the executor".into(),
             message: format!(
-                "stopped without being asked: its scheduler {} told it to stop, or one of its services failed (see the lines above)",
+                "stopped without being asked: it lost its scheduler {} or was told to stop by it, or one of its services failed (see the lines above)",
                 scheduler.url()
             ),
         })

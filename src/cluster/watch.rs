@@ -87,6 +87,14 @@ impl QueryPlanner for Planner {
         session: &dyn Session,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         refuse_local_writes(plan, &self.cluster)?;
+        // DESCRIBE reads a table's schema, which the client has: planned
+        // here (Ballista cannot serialize it).
+        if matches!(plan, LogicalPlan::DescribeTable(_)) {
+            use datafusion::physical_planner::{DefaultPhysicalPlanner, PhysicalPlanner};
+            return DefaultPhysicalPlanner::default()
+                .create_physical_plan(plan, session)
+                .await;
+        }
         let physical = self
             .inner
             .create_physical_plan(plan, session)

@@ -205,6 +205,18 @@ fn gaps_sql_and_explain_run_on_the_cluster() {
             r.describe()
         );
     }
+    // DESCRIBE is answered by the client (Ballista cannot serialize it).
+    let (h, t) = both(&[
+        "sql",
+        "--source",
+        &src,
+        "--format",
+        "csv",
+        "-c",
+        "DESCRIBE events",
+    ]);
+    assert!(h.stdout.contains("event_id"), "{}", h.describe());
+    assert_eq!(h.stdout, t.stdout);
     let (_, t) = both(&["explain", "--source", &src]);
     assert!(
         t.stdout.contains("ShuffleWriterExec") || t.stdout.contains("Stage"),
@@ -527,35 +539,16 @@ fn cluster_processes_and_writes_refuse_what_they_cannot_do() {
     let work = tempfile::tempdir().unwrap();
     let target = work.path().join("copy.parquet");
     let url = &services::cluster().url;
-    let copy = format!(
-        "COPY (SELECT * FROM events) TO '{}' STORED AS PARQUET",
-        target.display()
-    );
-    let r = bf(
-        &env,
-        &[
-            "sql",
-            "--source",
-            &src,
-            "--allow-writes",
-            "-c",
-            &copy,
-            "--cluster",
-            url,
-        ],
-    );
-    r.expect_code(2);
-    assert!(
-        the_error_line(&r).contains("--cluster-shared-fs"),
-        "{}",
-        r.describe()
-    );
-    assert!(!target.exists());
-    // Nor through a table at a local LOCATION: an insert, or a read.
+    // A COPY to a local path, and a table at a local LOCATION (an insert,
+    // a read): each executor would use its own disk.
     let dir = work.path().join("ext");
     let local = work.path().join("local");
     generate(&env, local.to_str().unwrap(), 100, 5, 3, 1);
     for q in [
+        format!(
+            "COPY (SELECT * FROM events) TO '{}' STORED AS PARQUET",
+            target.display()
+        ),
         format!(
             "CREATE EXTERNAL TABLE t (a BIGINT) STORED AS CSV LOCATION '{}/'; INSERT INTO t VALUES (9)",
             dir.display()
@@ -565,19 +558,8 @@ fn cluster_processes_and_writes_refuse_what_they_cannot_do() {
             local.display()
         ),
     ] {
-        let r = bf(
-            &env,
-            &[
-                "sql",
-                "--source",
-                &src,
-                "--allow-writes",
-                "-c",
-                &q,
-                "--cluster",
-                url,
-            ],
-        );
+        let args = ["sql", "--source", &src, "--allow-writes", "-c", &q];
+        let r = bf(&env, &with_cluster(args.to_vec(), url));
         r.expect_code(2);
         assert!(
             the_error_line(&r).contains("--cluster-shared-fs"),
@@ -585,10 +567,32 @@ fn cluster_processes_and_writes_refuse_what_they_cannot_do() {
             r.describe()
         );
     }
+    assert!(!target.exists());
     assert!(
         std::fs::read_dir(&dir).map_or(true, |d| d.count() == 0),
         "an executor wrote into {}",
         dir.display()
+    );
+
+    // An executor waiting for a scheduler that is not there yet stops at
+    // once, exit 0, when asked to.
+    let mut waiting = std::process::Command::new(env!("CARGO_BIN_EXE_backfill"))
+        .args(["executor", "--scheduler"])
+        .arg(format!("df://127.0.0.1:{}", services::free_port()))
+        .args(["--port", &services::free_port().to_string()])
+        .args(["--grpc-port", &services::free_port().to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let asked = Instant::now();
+    unsafe { libc::kill(waiting.id() as i32, libc::SIGTERM) };
+    let status = waiting.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
     );
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
