@@ -464,11 +464,12 @@ impl Shell {
         // does not parse) the statement is at fault, not the data.
         let catalog_only = catalog_only(&plan);
         let plan = limited(plan, self.maxrows).map_err(|e| self.failed(&p.name(), e))?;
-        let df = self
-            .ctx
-            .execute_logical_plan(plan)
-            .await
-            .map_err(|e| self.error(&p.name(), e, catalog_only))?;
+        let df = self.ctx.execute_logical_plan(plan).await.map_err(|e| {
+            // A CREATE TABLE AS plans its query here: a plan it refuses
+            // (a local path on a cluster) is the statement's fault too.
+            let usage = catalog_only || matches!(e, DataFusionError::Plan(_));
+            self.error(&p.name(), e, usage)
+        })?;
         self.show(df, &p.name(), started).await
     }
 

@@ -557,6 +557,10 @@ fn cluster_processes_and_writes_refuse_what_they_cannot_do() {
             "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '{}/'; SELECT count(*) FROM t",
             local.display()
         ),
+        format!(
+            "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '{}/'; CREATE TABLE m AS SELECT * FROM t",
+            local.display()
+        ),
     ] {
         let args = ["sql", "--source", &src, "--allow-writes", "-c", &q];
         let r = bf(&env, &with_cluster(args.to_vec(), url));
