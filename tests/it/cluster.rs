@@ -23,6 +23,17 @@ const NOT_COMPARED: [&str; 4] = [
     "cluster",
 ];
 
+/// A small generated archive on the shared S3 server, in a bucket of its
+/// own: the server, the client's environment, the bucket and the source.
+fn small_archive(name: &str) -> (&'static services::S3Server, S3Env, String, String) {
+    let s3 = services::s3();
+    let env = S3Env::of(s3);
+    let b = bucket(s3, name);
+    generate(&env, &format!("s3://{b}/archive"), 300, 5, 3, 1);
+    let src = format!("s3://{b}/archive/");
+    (s3, env, b, src)
+}
+
 fn with_cluster<'a>(mut args: Vec<&'a str>, url: &'a str) -> Vec<&'a str> {
     args.extend(["--cluster", url]);
     args
@@ -229,11 +240,7 @@ fn gaps_sql_and_explain_run_on_the_cluster() {
 /// cluster cannot read or do is refused before anything runs.
 #[test]
 fn what_a_cluster_cannot_reach_or_do_is_refused_in_one_line() {
-    let s3 = services::s3();
-    let env = S3Env::of(s3);
-    let b = bucket(s3, "cluster-refused");
-    generate(&env, &format!("s3://{b}/archive"), 300, 5, 3, 1);
-    let src = format!("s3://{b}/archive/");
+    let (s3, env, b, src) = small_archive("cluster-refused");
     let out = format!("s3://{b}/out");
     let work = tempfile::tempdir().unwrap();
     let report = work.path().join("r.json");
@@ -407,11 +414,7 @@ fn an_executor_killed_mid_run_is_recovered_or_commits_nothing() {
 /// scheduler), and an address where something else answers.
 #[test]
 fn a_cluster_that_cannot_answer_fails_the_run_in_seconds() {
-    let s3 = services::s3();
-    let env = S3Env::of(s3);
-    let b = bucket(s3, "cluster-stuck");
-    generate(&env, &format!("s3://{b}/archive"), 300, 5, 3, 1);
-    let src = format!("s3://{b}/archive/");
+    let (s3, env, b, src) = small_archive("cluster-stuck");
     let work = tempfile::tempdir().unwrap();
     let report = work.path().join("r.json");
     let fails_fast = |url: &str, extra: &[&str], says: &[&str]| {
@@ -487,11 +490,7 @@ fn a_cluster_that_cannot_answer_fails_the_run_in_seconds() {
 /// executors' logs (Ballista prints session options at trace and debug).
 #[test]
 fn credentials_stay_out_of_the_clusters_logs_at_any_level() {
-    let s3 = services::s3();
-    let env = S3Env::of(s3);
-    let b = bucket(s3, "cluster-logs");
-    generate(&env, &format!("s3://{b}/archive"), 300, 5, 3, 1);
-    let src = format!("s3://{b}/archive/");
+    let (s3, env, _, src) = small_archive("cluster-logs");
     let loud = "info,ballista_core::extension=trace,ballista_core=trace,ballista_scheduler=trace,ballista_executor=debug";
     let cluster = BallistaCluster::start_logging(1, 30, loud, loud);
     let r = bf(
@@ -531,11 +530,7 @@ fn credentials_stay_out_of_the_clusters_logs_at_any_level() {
 /// line instead of starting half-way (or exiting 0).
 #[test]
 fn cluster_processes_and_writes_refuse_what_they_cannot_do() {
-    let s3 = services::s3();
-    let env = S3Env::of(s3);
-    let b = bucket(s3, "cluster-writes");
-    generate(&env, &format!("s3://{b}/archive"), 300, 5, 3, 1);
-    let src = format!("s3://{b}/archive/");
+    let (_, env, _, src) = small_archive("cluster-writes");
     let work = tempfile::tempdir().unwrap();
     let target = work.path().join("copy.parquet");
     let url = &services::cluster().url;
