@@ -25,15 +25,19 @@ fn usage(what: &str, message: impl std::fmt::Display) -> Error {
 /// `HOST:PORT` (a name such as `localhost` resolved), with a port given:
 /// port 0 would make the scheduler advertise a port nobody listens on.
 fn bind_address(flag: &str, bind: &str) -> Result<SocketAddr, Error> {
-    let addr = bind
-        .to_socket_addrs()
-        .map_err(|e| usage(flag, format!("'{bind}' is not HOST:PORT ({e})")))?
-        .next()
-        .ok_or_else(|| usage(flag, format!("'{bind}' resolves to no address")))?;
+    let addr = resolve(flag, bind)?;
     if addr.port() == 0 {
         return Err(usage(flag, format!("'{bind}': give a port (not 0)")));
     }
     Ok(addr)
+}
+
+/// `bind` (`HOST:PORT`, a name resolved) as an address.
+fn resolve(flag: &str, bind: &str) -> Result<SocketAddr, Error> {
+    bind.to_socket_addrs()
+        .map_err(|e| usage(flag, format!("'{bind}' is not HOST:PORT ({e})")))?
+        .next()
+        .ok_or_else(|| usage(flag, format!("'{bind}' resolves to no address")))
 }
 
 /// `HOST:PORT`, an IPv6 literal host in brackets.
@@ -55,8 +59,8 @@ pub async fn scheduler(args: SchedulerArgs) -> Result<(), Error> {
             .external_host
             .clone()
             .unwrap_or_else(|| addr.ip().to_string()),
-        executor_timeout_seconds: args.executor_timeout.max(1),
-        no_executors_grace_period_seconds: args.executor_timeout.max(1),
+        executor_timeout_seconds: args.executor_timeout,
+        no_executors_grace_period_seconds: args.executor_timeout,
         expire_dead_executor_interval_seconds: (args.executor_timeout / 4).clamp(1, 15),
         override_config_producer: Some(Arc::new(base_config)),
         override_session_builder: Some(Arc::new(scheduler_state)),
@@ -85,15 +89,14 @@ pub async fn scheduler(args: SchedulerArgs) -> Result<(), Error> {
         .map_err(stopped)?;
     tokio::spawn(fail_jobs_without_executors(
         server.clone(),
-        Duration::from_secs(args.executor_timeout.max(1)),
+        Duration::from_secs(args.executor_timeout),
     ));
     tracing::info!("Ballista scheduler listening on df://{addr}");
     // SIGINT or SIGTERM is how a scheduler is stopped: exit 0 (its jobs
     // fail on their clients, which commit nothing).
-    let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::select! {
         served = start_grpc_service(addr, server) => served.map_err(stopped),
-        _ = record_stop_signal(asked) => {
+        _ = stop_signal() => {
             tracing::info!("scheduler stopped");
             Ok(())
         }
@@ -167,11 +170,14 @@ pub async fn executor(args: ExecutorArgs) -> Result<(), Error> {
     }
     // Both services' ports, before anything starts: Ballista logs a port in
     // use and carries on, then stops with status 0.
+    let bind_ip = resolve("--bind", &host_port(&args.bind, 0))?.ip();
     for (flag, port) in [("--port", args.port), ("--grpc-port", args.grpc_port)] {
-        let bind = host_port(&args.bind, port);
-        let addr = bind_address(flag, &bind)?;
+        if port == 0 {
+            return Err(usage(flag, "give a port (not 0)"));
+        }
+        let addr = SocketAddr::new(bind_ip, port);
         std::net::TcpListener::bind(addr)
-            .map_err(|e| usage(flag, format!("cannot listen on {bind}: {e}")))?;
+            .map_err(|e| usage(flag, format!("cannot listen on {addr}: {e}")))?;
     }
     if args.port == args.grpc_port {
         return Err(usage(
@@ -183,7 +189,13 @@ pub async fn executor(args: ExecutorArgs) -> Result<(), Error> {
     // wait a while for it to listen. Then exit 1, not 2: a supervisor's
     // retry may find it.
     let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    tokio::spawn(record_stop_signal(asked.clone()));
+    tokio::spawn({
+        let asked = asked.clone();
+        async move {
+            stop_signal().await;
+            asked.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
     let waiting = Instant::now();
     while let Err(m) = scheduler.probe().await {
         if asked.load(std::sync::atomic::Ordering::SeqCst) {
@@ -199,7 +211,6 @@ pub async fn executor(args: ExecutorArgs) -> Result<(), Error> {
     }
     // Ballista wants an address, not a name (`localhost`), and IPv6 in
     // brackets.
-    let bind_ip = bind_address("--bind", &host_port(&args.bind, args.port))?.ip();
     let bind_host = match bind_ip {
         std::net::IpAddr::V4(ip) => ip.to_string(),
         std::net::IpAddr::V6(ip) => format!("[{ip}]"),
@@ -212,7 +223,7 @@ pub async fn executor(args: ExecutorArgs) -> Result<(), Error> {
         scheduler_host: scheduler.host.clone(),
         scheduler_port: scheduler.port,
         vcores,
-        executor_heartbeat_interval_seconds: args.heartbeat_interval.max(1),
+        executor_heartbeat_interval_seconds: args.heartbeat_interval,
         work_dir: args.work_dir.as_ref().map(|d| d.display().to_string()),
         override_config_producer: Some(Arc::new(base_config)),
         override_runtime_producer: Some(Arc::new(runtime)),
@@ -263,9 +274,9 @@ const SCHEDULER_WAIT: Duration = Duration::from_secs(30);
 /// a larger number wrapped to 0 slots).
 const MAX_CONCURRENT_TASKS: usize = 4096;
 
-/// Set `asked` when the process gets SIGINT or SIGTERM (Ballista's executor
-/// stops on either; this only records that it was asked to).
-async fn record_stop_signal(asked: Arc<std::sync::atomic::AtomicBool>) {
+/// Returns when the process gets SIGINT or SIGTERM, how a scheduler or an
+/// executor is asked to stop (Ballista's executor listens for both too).
+async fn stop_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
@@ -278,5 +289,4 @@ async fn record_stop_signal(asked: Arc<std::sync::atomic::AtomicBool>) {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
     }
-    asked.store(true, std::sync::atomic::Ordering::SeqCst);
 }

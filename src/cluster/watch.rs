@@ -37,7 +37,7 @@ use datafusion_proto::protobuf::LogicalPlanNode;
 use futures::StreamExt;
 
 use super::Cluster;
-use crate::source::named::{NamedFile, find_corrupt_metadata};
+use crate::source::named::{NamedFile, find_corrupt};
 
 /// Ballista's planner, watched.
 pub struct Planner {
@@ -45,7 +45,7 @@ pub struct Planner {
     pub cluster: Cluster,
     /// The archive's files ([`remember_files`]), for naming the one whose
     /// metadata fails when a query fails with a Parquet error.
-    pub files: Arc<std::sync::RwLock<Arc<Vec<NamedFile>>>>,
+    pub files: std::sync::RwLock<Arc<Vec<NamedFile>>>,
 }
 
 impl Planner {
@@ -86,7 +86,7 @@ impl QueryPlanner for Planner {
         plan: &LogicalPlan,
         session: &dyn Session,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        refuse_local_writes(plan, &self.cluster)?;
+        refuse_local_paths(plan, &self.cluster)?;
         // DESCRIBE reads a table's schema, which the client has: planned
         // here (Ballista cannot serialize it).
         if matches!(plan, LogicalPlan::DescribeTable(_)) {
@@ -126,7 +126,7 @@ impl QueryPlanner for Planner {
 /// local `LOCATION` (`CREATE EXTERNAL TABLE` registers it on the client;
 /// its files are the executors' business). Each executor would see its own
 /// folder, not the client's.
-fn refuse_local_writes(plan: &LogicalPlan, cluster: &Cluster) -> Result<()> {
+fn refuse_local_paths(plan: &LogicalPlan, cluster: &Cluster) -> Result<()> {
     if cluster.shared_fs {
         return Ok(());
     }
@@ -299,12 +299,11 @@ impl ExecutionPlan for Watched {
                     // A file the cluster could not read: name it if its
                     // footer or page index is what fails (reading every
                     // data page from the client is the cluster's work).
-                    let e = match e.to_string().to_ascii_lowercase().contains("parquet") {
-                        true => match find_corrupt_metadata(&st.files).await {
-                            Some(named) => DataFusionError::External(Box::new(named)),
-                            None => e,
-                        },
-                        false => e,
+                    let parquet = e.to_string().to_ascii_lowercase().contains("parquet");
+                    let e = if parquet && let Some(named) = find_corrupt(&st.files, &[]).await {
+                        DataFusionError::External(Box::new(named))
+                    } else {
+                        e
                     };
                     Some((Err(at(&st.job.cluster, e)), st))
                 }

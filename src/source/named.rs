@@ -190,7 +190,8 @@ impl TableProvider for NamedFiles {
         let mut inner = match self.inner.scan(state, own.as_ref(), filters, limit).await {
             Ok(p) => p,
             Err(e) if is_data_error(&e) => {
-                return Err(match find_corrupt_metadata(&self.files).await {
+                // No columns: the metadata alone is read again.
+                return Err(match find_corrupt(&self.files, &[]).await {
                     Some(named) => DataFusionError::External(Box::new(named)),
                     None => e,
                 });
@@ -451,31 +452,9 @@ fn is_data_error(e: &DataFusionError) -> bool {
     }
 }
 
-/// The first of `files` whose metadata (footer and page index) fails to
-/// read, as an error naming it.
-#[allow(deprecated)]
-pub async fn find_corrupt_metadata(files: &[NamedFile]) -> Option<SourceError> {
-    use parquet::arrow::async_reader::ParquetObjectReader;
-    use parquet::file::metadata::{PageIndexPolicy, ParquetMetaDataReader};
-    for f in files {
-        let mut reader = ParquetObjectReader::new(f.store.clone(), f.meta.location.clone())
-            .with_file_size(f.meta.size);
-        let read = ParquetMetaDataReader::new()
-            .with_page_index_policy(PageIndexPolicy::Optional)
-            .load_and_finish(&mut reader, f.meta.size)
-            .await;
-        if let Err(e) = read {
-            return Some(SourceError::Corrupt {
-                file: f.display.clone(),
-                message: e.to_string().replace('\n', " "),
-            });
-        }
-    }
-    None
-}
-
-/// The first of `files` that fails to read on its own (`columns` only),
-/// as an error naming it.
+/// The first of `files` that fails to read on its own (its footer and page
+/// index, then `columns` only; none: the metadata alone), as an error
+/// naming it.
 #[allow(deprecated)]
 pub async fn find_corrupt(files: &[NamedFile], columns: &[String]) -> Option<SourceError> {
     use parquet::arrow::ProjectionMask;

@@ -279,48 +279,27 @@ fn what_a_cluster_cannot_reach_or_do_is_refused_in_one_line() {
     let url = &services::cluster().url;
     let local = work.path().join("archive");
     generate(&env, local.to_str().unwrap(), 100, 5, 3, 1);
-    let cases: Vec<(Vec<String>, &str)> = vec![
+    let (local_src, local_out) = (
+        local.display().to_string(),
+        work.path().join("out").display().to_string(),
+    );
+    let cases: [(&[&str], &str); 4] = [
         (
-            vec![
-                "run".into(),
-                "--source".into(),
-                local.display().to_string(),
-                "--out".into(),
-                out.clone(),
-            ],
+            &["run", "--source", &local_src, "--out", &out],
             "on this machine's disk",
         ),
         (
-            vec![
-                "run".into(),
-                "--source".into(),
-                src.clone(),
-                "--out".into(),
-                work.path().join("out").display().to_string(),
-            ],
+            &["run", "--source", &src, "--out", &local_out],
             "on this machine's disk",
         ),
         (
-            vec![
-                "run".into(),
-                "--source".into(),
-                src.clone(),
-                "--out".into(),
-                out.clone(),
-                "--shard".into(),
-                "0/2".into(),
-            ],
+            &["run", "--source", &src, "--out", &out, "--shard", "0/2"],
             "--shard",
         ),
-        (
-            vec!["silences".into(), "--source".into(), src.clone()],
-            "does not run on a cluster",
-        ),
+        (&["silences", "--source", &src], "does not run on a cluster"),
     ];
     for (args, says) in cases {
-        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
-        args.extend(["--cluster", url]);
-        let r = bf(&env, &args);
+        let r = bf(&env, &with_cluster(args.to_vec(), url));
         r.expect_code(2);
         let line = the_error_line(&r);
         assert!(line.contains(says), "{says}: {line}");
